@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, on a GPU host without registry access (runs from source):
+# every GPU test (a skip counts as a failure here) and every benchmark, with 2 ranks and
+# with one rank per GPU. Logs and result JSON go to OUTDIR.
+#   bash bench/gpu_suite.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: bench/gpu_suite.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 MOECOMM_REQUIRE_GPU=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export MOECOMM_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo "${MOECOMM_COMMIT:-unknown}")
+
+mpi=(mpiexec)
+if mpiexec --version 2>&1 | grep -q "Open MPI"; then
+  mpi+=(--oversubscribe --bind-to none)
+  [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
+fi
+ngpu=$(nvidia-smi -L | wc -l)
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+nvidia-smi topo -m >> "$out/nvidia-smi.txt" 2>&1
+
+status=0
+python3 -m pytest tests -q -rA -p no:cacheprovider 2>&1 | tee "$out/tests.log" || status=1
+
+ranks="2"
+[ "$ngpu" -gt 2 ] && ranks="2 $ngpu"
+for n in $ranks; do
+  for suite in p2p; do
+    "${mpi[@]}" -n "$n" python3 -m moecomm.bench "$suite" --out "$out" 2>&1 \
+      | tee "$out/bench-$suite-r$n.log" || status=1
+  done
+done
+"${mpi[@]}" -n 1 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1
+echo "gpu_suite: exit $status"
+exit $status

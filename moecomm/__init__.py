@@ -1,0 +1,28 @@
+"""moecomm: GPU communication for MoE and tensor-parallel inference, without PyTorch.
+
+Arrays go in through DLPack (CuPy, PyTorch, JAX) and come out as ``cupy.ndarray``.
+"""
+
+from .group import ProcessGroup, default_group, init
+from .mapping import Mapping
+
+__version__ = "0.1.0"
+
+__all__ = ["ProcessGroup", "Mapping", "init", "default_group", "__version__"]
+
+
+def __getattr__(name):
+    # CUDA-facing parts import CuPy; load them on first use so `import moecomm` (and the
+    # pure-Python Mapping, group and reference) work on machines without a CUDA driver.
+    lazy = {
+        "SymmetricBuffer": "symmetric",
+        "create_shared_buffer": "symmetric",
+        "free_shared_buffer": "symmetric",
+        "NcclCommunicator": "nccl",
+        "as_array": "tensors",
+    }
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
+    raise AttributeError(f"module 'moecomm' has no attribute {name!r}")

@@ -1,0 +1,113 @@
+"""Shared benchmark machinery: GPU check, CUDA-event timing, graph replay, JSON results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+
+class NoGpuError(RuntimeError):
+    """No CUDA device (or no CuPy): the benchmark cannot run on this machine."""
+
+
+def require_gpu():
+    """Initialise the process group and this rank's device, or raise NoGpuError."""
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, or CuPy's "no driver/no device" errors
+        raise NoGpuError(f"no CUDA GPU is available here ({type(exc).__name__}: {exc})") from None
+    if count == 0:
+        raise NoGpuError("no CUDA GPU is available here (0 devices)")
+    import moecomm
+
+    return moecomm.init()
+
+
+def median_us(fn: Callable[[], None], *, iters: int = 50, warmup: int = 10, stream=None) -> float:
+    """Median time of ``fn()`` in microseconds: CUDA events around each call on ``stream``."""
+    import cupy
+    import numpy as np
+
+    stream = stream or cupy.cuda.get_current_stream()
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    times = []
+    for _ in range(iters):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        fn()
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return float(np.median(times))
+
+
+def graph_median_us(fn: Callable[[], None], *, calls: int = 10, iters: int = 50,
+                    warmup: int = 5, stream=None) -> float:
+    """Median time per ``fn()`` of a captured graph of ``calls`` calls, replayed."""
+    import cupy
+
+    stream = stream or cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()  # compile and load outside the capture
+        stream.begin_capture()
+        for _ in range(calls):
+            fn()
+        graph = stream.end_capture()
+    graph.upload(stream)
+    return median_us(lambda: graph.launch(stream), iters=iters, warmup=warmup,
+                     stream=stream) / calls
+
+
+def environment(group) -> dict:
+    """Device, GPU count, host, date and commit, for the result file."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("MOECOMM_COMMIT", "unknown")
+    gpus = sorted(set(group.allgather((group.host, cupy.cuda.Device().pci_bus_id))))
+    return {
+        "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        "gpu_count": len(gpus),
+        "ranks": group.size,
+        "host": platform.node(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "cupy": cupy.__version__,
+    }
+
+
+def write_result(out_dir: str, name: str, env: dict, rows: list[dict], **extra) -> Path:
+    """Write ``{env, rows, extra}`` as ``<out_dir>/<name>-<gpus>x<device>-<date>.json``."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = env["device"].replace(" ", "_")
+    stamp = env["date"][:19].replace(":", "").replace("-", "")
+    path = folder / f"{name}-r{env['ranks']}-{env['gpu_count']}x{device}-{stamp}.json"
+    path.write_text(json.dumps({"benchmark": name, **env, **extra, "rows": rows}, indent=1))
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return "-" if v is None else str(v)

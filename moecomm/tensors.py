@@ -1,0 +1,161 @@
+"""The DLPack boundary: caller arrays in, ``cupy.ndarray`` out, zero-copy, validated.
+
+Any object with ``__dlpack__`` on this rank's CUDA device is accepted (CuPy, PyTorch,
+JAX, ...). Checks happen here, before any kernel launch, and raise ``TypeError`` (not an
+array, wrong dtype) or ``ValueError`` (wrong device, shape, layout) naming the argument.
+Results are ``cupy.ndarray`` objects, which ``torch.from_dlpack`` and
+``jax.dlpack.from_dlpack`` import zero-copy.
+
+Streams: every op takes ``stream=`` as a ``cupy.cuda.Stream``, a raw ``cudaStream_t``
+integer, or any object with ``cuda_stream`` / ``ptr`` / ``__cuda_stream__`` (PyTorch
+streams among them); ``None`` means CuPy's current stream. An imported array is made
+visible on that stream by the DLPack producer (the ``stream`` argument of
+``__dlpack__``), so no host synchronisation is ever needed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import cupy
+import numpy as np
+
+try:  # bf16 as a NumPy/CuPy dtype comes from ml_dtypes
+    import ml_dtypes
+
+    bfloat16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml-dtypes is a core dependency
+    bfloat16 = None
+
+_KDL_CUDA = 2
+_KDL_CUDA_MANAGED = 13
+_KDL_NAMES = {1: "cpu", 2: "cuda", 3: "cuda pinned host", 4: "opencl", 7: "vulkan",
+              8: "metal", 10: "rocm", 13: "cuda managed"}
+
+FLOAT_DTYPES = tuple(d for d in (np.dtype(np.float16), bfloat16, np.dtype(np.float32)) if d)
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def _device_of(x, name: str) -> int:
+    """CUDA device id of a DLPack producer; raises if it is not on a CUDA device."""
+    try:
+        kind, device_id = x.__dlpack_device__()
+    except AttributeError:
+        raise TypeError(
+            f"{name}: expected an array with __dlpack__ (CuPy, PyTorch, JAX), got "
+            f"{type(x).__name__}"
+        ) from None
+    if int(kind) not in (_KDL_CUDA, _KDL_CUDA_MANAGED):
+        where = _KDL_NAMES.get(int(kind), f"DLPack device type {int(kind)}")
+        raise ValueError(f"{name}: array is on {where}; moecomm needs CUDA device memory")
+    return int(device_id)
+
+
+def as_array(
+    x,
+    name: str,
+    *,
+    dtype=None,
+    shape: Sequence[int | None] | None = None,
+    ndim: int | None = None,
+    device: int | None = None,
+    stream=None,
+) -> cupy.ndarray:
+    """Import ``x`` zero-copy as a C-contiguous ``cupy.ndarray`` on ``device``.
+
+    Args:
+        x: a CuPy array or any ``__dlpack__`` producer.
+        name: the argument's name, used in error messages.
+        dtype: allowed dtype, or an iterable of allowed dtypes (None: any).
+        shape: required shape; ``None`` entries match any extent.
+        ndim: required number of dimensions (implied by ``shape``).
+        device: required CUDA device id (default: CuPy's current device).
+        stream: the stream the caller will use ``x`` on (passed to the producer).
+    """
+    if isinstance(x, cupy.ndarray):
+        arr = x
+        if device is None:
+            device = cupy.cuda.runtime.getDevice()
+        if arr.device.id != device:
+            raise ValueError(f"{name}: array is on cuda:{arr.device.id}, expected cuda:{device}")
+    else:
+        on = _device_of(x, name)  # before any CUDA call: a CPU array fails here
+        if device is None:
+            device = cupy.cuda.runtime.getDevice()
+        if on != device:
+            raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
+        if stream is None:
+            arr = cupy.from_dlpack(x)
+        else:
+            with as_stream(stream):
+                arr = cupy.from_dlpack(x)
+    check(arr, name, dtype=dtype, shape=shape, ndim=ndim)
+    return arr
+
+
+def check(arr: cupy.ndarray, name: str, *, dtype=None, shape=None, ndim=None) -> None:
+    """Validate dtype, shape and C-contiguity of an imported array (see ``as_array``)."""
+    if dtype is not None:
+        allowed = (dtype,) if not isinstance(dtype, (tuple, list, set, frozenset)) else dtype
+        if arr.dtype not in allowed:
+            want = " or ".join(dtype_name(d) for d in allowed)
+            raise TypeError(f"{name}: dtype {arr.dtype.name} is not supported, expected {want}")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(arr.shape)}")
+    if shape is not None:
+        for axis, (have, want) in enumerate(zip(arr.shape, shape)):
+            if want is not None and have != want:
+                expected = tuple("*" if w is None else w for w in shape)
+                raise ValueError(
+                    f"{name}: shape {tuple(arr.shape)} does not match {expected} (axis {axis})"
+                )
+    if not arr.flags.c_contiguous:
+        raise ValueError(
+            f"{name}: array must be C-contiguous (strides {arr.strides}); pass a contiguous copy"
+        )
+
+
+def as_arrays(xs: Iterable, name: str, **kwargs) -> list[cupy.ndarray]:
+    """``as_array`` on each element of a list, naming them ``name[i]``."""
+    return [as_array(x, f"{name}[{i}]", **kwargs) for i, x in enumerate(xs)]
+
+
+_external: dict[int, cupy.cuda.ExternalStream] = {}
+
+
+def as_stream(stream=None):
+    """A CuPy stream object for ``stream`` (see the module doc for what is accepted)."""
+    if stream is None:
+        return cupy.cuda.get_current_stream()
+    if isinstance(stream, cupy.cuda.Stream) or isinstance(stream, cupy.cuda.ExternalStream):
+        return stream
+    handle = stream_handle(stream)
+    ext = _external.get(handle)
+    if ext is None:
+        if len(_external) > 256:
+            _external.clear()
+        ext = _external[handle] = cupy.cuda.ExternalStream(handle)
+    return ext
+
+
+def stream_handle(stream=None) -> int:
+    """The raw ``cudaStream_t`` of ``stream`` as an int (0 is the legacy default stream)."""
+    if stream is None:
+        return cupy.cuda.get_current_stream().ptr
+    if isinstance(stream, (int, np.integer)):
+        return int(stream)
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    for attr in ("ptr", "cuda_stream"):
+        value = getattr(stream, attr, None)
+        if value is not None:
+            return int(value)
+    raise TypeError(
+        f"stream: expected a cupy.cuda.Stream, an int handle or an object with cuda_stream/"
+        f"ptr, got {type(stream).__name__}"
+    )

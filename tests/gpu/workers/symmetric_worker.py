@@ -1,0 +1,102 @@
+"""SymmetricBuffer end to end on every rank: every byte written by one rank read by all."""
+
+import cupy
+import numpy as np
+
+import moecomm
+from moecomm.kernels import get_kernel
+from moecomm.symmetric import SymmetricBuffer, create_shared_buffer, free_shared_buffer
+from tests.mpi import report_pass
+
+group = moecomm.init()
+rank, n = group.local_rank, group.local_size
+gather = get_kernel("symmetric.cu", "gather_peers")
+copy = get_kernel("symmetric.cu", "copy_bytes")
+
+
+def expect_raises(exc_type, text, fn):
+    try:
+        fn()
+    except exc_type as exc:
+        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
+    else:
+        raise AssertionError(f"no {exc_type.__name__} ({text})")
+
+
+def rank_bytes(seed: int, r: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, r]).integers(0, 256, size, dtype=np.uint8)
+
+
+# Odd sizes, a large one, and a second round on the same buffer (rewritten data).
+for size in (1, 15, 4097, (3 << 20) + 5):
+    with SymmetricBuffer(group, size) as buf:
+        assert buf.view(np.uint8, (size,)).get().max() == 0, "buffer is not zero-initialised"
+        assert buf.ptrs[rank] == buf.ptr and buf.ptr % 256 == 0
+        assert buf.peer_ptrs.get().tolist() == buf.ptrs
+        for round_ in range(2):
+            seed = group.bcast(int(np.random.SeedSequence().entropy % (1 << 63)))
+            buf.view(np.uint8, (size,))[...] = cupy.asarray(rank_bytes(seed, rank, size))
+            cupy.cuda.runtime.deviceSynchronize()
+            group.local_barrier()
+            expected = np.concatenate([rank_bytes(seed, r, size) for r in range(n)])
+            # (a) a kernel reading every peer through the device pointer table
+            out = cupy.full(n * size, 0xAB, np.uint8)
+            gather((64,), (256,), (buf.peer_ptrs, np.int32(n), np.uint64(0), np.uint64(size), out))
+            assert np.array_equal(out.get(), expected), f"gather_peers size={size} round={round_}"
+            # (b) host views of each peer's memory, and the copy kernel from each peer
+            for r in range(n):
+                assert np.array_equal(buf.view(np.uint8, (size,), rank=r).get(),
+                                      expected[r * size:(r + 1) * size])
+                dst = cupy.full(size, 0xCD, np.uint8)
+                copy((8,), (128,), (np.uint64(buf.ptrs[r]), dst, np.uint64(size)))
+                assert np.array_equal(dst.get(), expected[r * size:(r + 1) * size]), "copy_bytes"
+            # (c) an unaligned sub-range through the kernel
+            if size > 64:
+                out = cupy.full(n * (size - 37), 0xEF, np.uint8)
+                gather((64,), (256,), (buf.peer_ptrs, np.int32(n), np.uint64(37),
+                                       np.uint64(size - 37), out))
+                sub = np.concatenate([rank_bytes(seed, r, size)[37:] for r in range(n)])
+                assert np.array_equal(out.get(), sub), "offset gather"
+            cupy.cuda.runtime.deviceSynchronize()
+            group.local_barrier()  # nobody rewrites before every peer has read
+        # typed views
+        floats = buf.view(np.float32, (size // 4,))
+        assert floats.shape == (size // 4,)
+        expect_raises(ValueError, "exceeds", lambda: buf.view(np.uint8, (size + 1,)))
+        expect_raises(ValueError, "multiple of 4", lambda: buf.view(np.float32, (1,), offset=2))
+        expect_raises(ValueError, "rank", lambda: buf.view(np.uint8, (1,), rank=n))
+    expect_raises(RuntimeError, "closed", lambda: buf.view(np.uint8, (1,)))
+    buf.close()  # closing twice is harmless
+
+# The pointer-list API of the reference documents.
+ptrs = create_shared_buffer(1 << 16, group)
+assert len(ptrs) == n and all(p % 256 == 0 for p in ptrs)
+free_shared_buffer(ptrs, group)
+expect_raises(ValueError, "not a buffer", lambda: free_shared_buffer(ptrs, group))
+
+# Bad input: clear errors, raised on every rank, before anything is allocated.
+expect_raises(ValueError, "nbytes must be > 0", lambda: SymmetricBuffer(group, 0))
+expect_raises(ValueError, "differs across ranks", lambda: SymmetricBuffer(group, 1024 + rank))
+
+# No leak: repeated create/close returns the device memory.
+cupy.get_default_memory_pool().free_all_blocks()
+cupy.cuda.runtime.deviceSynchronize()
+group.barrier()
+free_before = cupy.cuda.runtime.memGetInfo()[0]
+for _ in range(5):
+    with SymmetricBuffer(group, 64 << 20):
+        pass
+cupy.get_default_memory_pool().free_all_blocks()
+group.barrier()
+free_after = cupy.cuda.runtime.memGetInfo()[0]
+# Ranks sharing a GPU see each other's allocations; allow one buffer per rank of slack.
+assert free_before - free_after < n * (64 << 20) // 2, (free_before, free_after)
+
+# A group that spans (declared) nodes cannot use CUDA IPC.
+if group.size > 1:
+    split = moecomm.ProcessGroup(gpus_per_node=1)
+    split.device_id = group.device_id
+    expect_raises(ValueError, "spans", lambda: SymmetricBuffer(split, 1024))
+    split.close()
+
+report_pass(group.rank)
