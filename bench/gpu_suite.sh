@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MOECOMM_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo "${MOECOMM_COMMIT:-unknown}")
 
 mpi=(mpiexec)
-if mpiexec --version 2>&1 | grep -q "Open MPI"; then
+if mpiexec --version 2>&1 | grep -qE "Open MPI|OpenRTE"; then
   mpi+=(--oversubscribe --bind-to none)
   [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
 fi

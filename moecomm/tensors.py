@@ -8,13 +8,16 @@ Results are ``cupy.ndarray`` objects, which ``torch.from_dlpack`` and
 
 Streams: every op takes ``stream=`` as a ``cupy.cuda.Stream``, a raw ``cudaStream_t``
 integer, or any object with ``cuda_stream`` / ``ptr`` / ``__cuda_stream__`` (PyTorch
-streams among them); ``None`` means CuPy's current stream. An imported array is made
-visible on that stream by the DLPack producer (the ``stream`` argument of
-``__dlpack__``), so no host synchronisation is ever needed.
+streams among them); ``None`` means CuPy's current stream (the legacy default stream
+unless changed, which is also PyTorch's default). An imported array is made visible on
+that stream by its producer (the ``stream`` argument of ``__dlpack__``), so no host
+synchronisation is ever needed. A PyTorch tensor whose current torch stream already is
+the op's stream skips the capsule exchange (nothing to order) and is viewed directly.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Sequence
 
 import cupy
@@ -87,13 +90,50 @@ def as_array(
             device = cupy.cuda.runtime.getDevice()
         if on != device:
             raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
-        if stream is None:
-            arr = cupy.from_dlpack(x)
-        else:
-            with as_stream(stream):
+        arr = _torch_view(x, name, device, stream)
+        if arr is None:
+            if stream is None:
                 arr = cupy.from_dlpack(x)
+            else:
+                with as_stream(stream):
+                    arr = cupy.from_dlpack(x)
     check(arr, name, dtype=dtype, shape=shape, ndim=ndim)
     return arr
+
+
+_torch_dtypes: dict | None = None
+
+
+def _torch_view(x, name: str, device: int, stream) -> cupy.ndarray | None:
+    """Fast path for a PyTorch tensor already ordered on the op's stream.
+
+    A tensor whose producer stream (torch's current stream) is the op's stream needs no
+    event: a view over its memory is built directly, a few microseconds cheaper than the
+    DLPack capsule exchange. Otherwise (another stream, an unmapped dtype) returns None
+    and the caller takes the DLPack path, where torch orders the streams itself.
+    """
+    global _torch_dtypes
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor):
+        return None
+    if _torch_dtypes is None:
+        _torch_dtypes = {getattr(torch, t): np.dtype(t) for t in (
+            "float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
+        if bfloat16 is not None:
+            _torch_dtypes[torch.bfloat16] = bfloat16
+    dtype = _torch_dtypes.get(x.dtype)
+    if dtype is None:
+        return None
+    if torch.cuda.current_stream(device).cuda_stream != stream_handle(stream):
+        return None
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{name}: array must be C-contiguous (strides {tuple(x.stride())}); pass a contiguous copy"
+        )
+    shape = tuple(x.shape)
+    nbytes = x.numel() * dtype.itemsize
+    mem = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, device)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
 
 
 def check(arr: cupy.ndarray, name: str, *, dtype=None, shape=None, ndim=None) -> None:
@@ -110,9 +150,9 @@ def check(arr: cupy.ndarray, name: str, *, dtype=None, shape=None, ndim=None) ->
     if shape is not None:
         for axis, (have, want) in enumerate(zip(arr.shape, shape)):
             if want is not None and have != want:
-                expected = tuple("*" if w is None else w for w in shape)
+                expected = ", ".join("*" if w is None else str(w) for w in shape)
                 raise ValueError(
-                    f"{name}: shape {tuple(arr.shape)} does not match {expected} (axis {axis})"
+                    f"{name}: shape {tuple(arr.shape)} does not match ({expected}) (axis {axis})"
                 )
     if not arr.flags.c_contiguous:
         raise ValueError(
