@@ -27,9 +27,11 @@ python3 -m pytest tests -q -rA -p no:cacheprovider 2>&1 | tee "$out/tests.log" |
 ranks="2"
 [ "$ngpu" -gt 2 ] && ranks="2 $ngpu"
 for n in $ranks; do
-  for suite in p2p; do
-    "${mpi[@]}" -n "$n" python3 -m moecomm.bench "$suite" --out "$out" 2>&1 \
-      | tee "$out/bench-$suite-r$n.log" || status=1
+  for suite in p2p "allreduce --plot"; do
+    name=${suite%% *}
+    # shellcheck disable=SC2086  # the suite's options are meant to split
+    "${mpi[@]}" -n "$n" python3 -m moecomm.bench $suite --out "$out" 2>&1 \
+      | tee "$out/bench-$name-r$n.log" || status=1
   done
 done
 "${mpi[@]}" -n 1 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1

@@ -57,6 +57,15 @@ __device__ __forceinline__ void st_vec16_volatile(void* p, const Vec16& v) {
                : "memory");
 }
 
+// Streams through L2 only: for data a peer wrote before a flag we acquired.
+__device__ __forceinline__ Vec16 ld_vec16_cg(const void* p) {
+  Vec16 v;
+  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 // ---------------------------------------------------------------- element conversion
 template <typename T>
 struct Convert;
@@ -92,6 +101,46 @@ template <typename T>
 __device__ __forceinline__ T from_float(float v) {
   return Convert<T>::from_float(v);
 }
+
+// A 16-byte vector seen as elements of T (8 x 16-bit or 4 x fp32).
+template <typename T>
+union Pack16 {
+  static constexpr int kLanes = 16 / sizeof(T);
+  Vec16 vec;
+  T lane[kLanes];
+};
+
+// ---------------------------------------------------------------- Lamport sentinel
+// Lamport buffers hold -0.0 ("not yet written") until a peer's data lands; writers turn
+// -0.0 into +0.0 so real data never looks unwritten. Checked on 32-bit words.
+template <typename T>
+struct Lamport {
+  static constexpr uint32_t kWord = sizeof(T) == 2 ? 0x80008000u : 0x80000000u;
+
+  static __device__ __forceinline__ bool word_pending(uint32_t w) {
+    if (sizeof(T) == 2) return (w & 0xFFFFu) == 0x8000u || (w >> 16) == 0x8000u;
+    return w == 0x80000000u;
+  }
+  static __device__ __forceinline__ bool pending(const Vec16& v) {
+    return word_pending(v.x) | word_pending(v.y) | word_pending(v.z) | word_pending(v.w);
+  }
+  static __device__ __forceinline__ uint32_t word_canonical(uint32_t w) {
+    if (sizeof(T) == 2) {
+      if ((w & 0xFFFFu) == 0x8000u) w &= 0xFFFF0000u;
+      if ((w >> 16) == 0x8000u) w &= 0x0000FFFFu;
+      return w;
+    }
+    return w == 0x80000000u ? 0u : w;
+  }
+  static __device__ __forceinline__ Vec16 canonical(Vec16 v) {
+    v.x = word_canonical(v.x);
+    v.y = word_canonical(v.y);
+    v.z = word_canonical(v.z);
+    v.w = word_canonical(v.w);
+    return v;
+  }
+  static __device__ __forceinline__ Vec16 sentinel() { return Vec16{kWord, kWord, kWord, kWord}; }
+};
 
 // ---------------------------------------------------------------- system-scope ordering
 // Flags live in memory that other GPUs read and write (CUDA IPC), so ordering must hold
@@ -135,26 +184,40 @@ __device__ __forceinline__ void record_timeout(uint32_t* error_word, int peer, u
   }
 }
 
-// Spins until *flag >= target (wrapping compare), acquire at system scope. Returns false
-// after timeout_ns (0 = wait forever) or when another thread already recorded an error,
-// so one timeout ends every waiter of the launch quickly.
+// Bookkeeping of one bounded spin-wait. give_up() is cheap on most iterations; every
+// 1024th it reads the clock and the error word. It returns true when the wait must end:
+// the timeout passed (recorded as `peer` never arriving) or another waiter already failed.
+struct SpinTimer {
+  uint64_t timeout_ns;  // 0 = wait forever
+  uint64_t start = 0;
+  uint32_t spin = 0;
+
+  __device__ explicit SpinTimer(uint64_t timeout) : timeout_ns(timeout) {}
+
+  __device__ __forceinline__ bool give_up(uint32_t* error_word, int peer, uint32_t code) {
+    if ((++spin & 1023u) != 0u) return false;
+    if (error_word != nullptr && *(volatile uint32_t*)error_word != 0u) return true;
+    const uint64_t now = global_timer_ns();
+    if (start == 0) {
+      start = now;
+    } else if (timeout_ns != 0 && now - start > timeout_ns) {
+      record_timeout(error_word, peer, code);
+      return true;
+    }
+    return false;
+  }
+};
+
+// Spins until *flag >= target (wrapping compare), acquire at system scope. False when
+// the wait gave up (see SpinTimer).
 __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t target,
                                               uint64_t timeout_ns, int peer,
                                               uint32_t* error_word, uint32_t code) {
-  uint64_t start = 0;
-  for (uint32_t spin = 0;; ++spin) {
-    if ((int32_t)(ld_acquire_sys(flag) - target) >= 0) return true;
-    if ((spin & 1023u) == 1023u) {
-      if (error_word != nullptr && *(volatile uint32_t*)error_word != 0u) return false;
-      uint64_t now = global_timer_ns();
-      if (start == 0) {
-        start = now;
-      } else if (timeout_ns != 0 && now - start > timeout_ns) {
-        record_timeout(error_word, peer, code);
-        return false;
-      }
-    }
+  SpinTimer timer(timeout_ns);
+  while ((int32_t)(ld_acquire_sys(flag) - target) < 0) {
+    if (timer.give_up(error_word, peer, code)) return false;
   }
+  return true;
 }
 
 __device__ __forceinline__ size_t global_thread_id() {
