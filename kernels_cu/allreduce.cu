@@ -1,121 +1,10 @@
-// Custom all-reduce over CUDA IPC: Lamport one-shot and two-shot.
-//
-// Workspace (one SymmetricBuffer per rank, offsets given by the host):
-//   lamport_off: 3 rotating buffers x world slots x lamport_slot bytes, set to -0.0
-//   rs_off:      world slots x rs_slot bytes (two-shot reduce-scatter inbox)
-//   ag_off:      max bytes                  (two-shot all-gather inbox)
-//   flag_off:    uint32 flags[2 stages][kMaxBlocks][kMaxRanks]
-// and a local uint32 state[8]: [0] call counter, [1] blocks done, [2..4] bytes per slot
-// last written into each Lamport buffer (what the next-but-one call must clear).
-//
-// Every call uses Lamport buffer call % 3 and clears buffer (call + 2) % 3 (the one of
-// the previous call) once it knows every peer has started this call. Peers sum in rank
-// order in fp32 and round once, so all ranks and both algorithms agree bit for bit.
-#include "common.cuh"
+// Custom all-reduce over CUDA IPC: Lamport one-shot and two-shot (see allreduce.cuh).
+#include "allreduce.cuh"
 
 using namespace moecomm;
-
-#define MOECOMM_AR_MAX_BLOCKS 256
-#define MOECOMM_AR_MAX_RANKS 16
-#define MOECOMM_AR_CODE_ONESHOT 1u
-#define MOECOMM_AR_CODE_TWOSHOT 2u
+using namespace moecomm::allreduce;
 
 namespace {
-
-constexpr int kMaxBlocks = MOECOMM_AR_MAX_BLOCKS;
-constexpr int kMaxRanks = MOECOMM_AR_MAX_RANKS;
-
-struct Workspace {
-  const uint64_t* peers;  // [world] base pointers of every rank's SymmetricBuffer
-  int rank;
-  int world;
-  size_t lamport_off;
-  size_t lamport_slot;    // bytes of one Lamport slot (the one-shot limit)
-  size_t rs_off;
-  size_t rs_slot;         // bytes of one reduce-scatter slot (a segment's limit)
-  size_t ag_off;
-  size_t flag_off;
-  uint32_t* state;        // local, see the top of the file
-  uint32_t* error_word;   // mapped host memory
-  uint64_t timeout_ns;
-
-  __device__ uint8_t* base(int r) const { return reinterpret_cast<uint8_t*>(peers[r]); }
-  __device__ uint8_t* lamport(int owner, int buf, int slot) const {
-    return base(owner) + lamport_off + ((size_t)buf * world + slot) * lamport_slot;
-  }
-};
-
-// Input vector v of n elements; lanes past the end read as +0.
-template <typename T>
-__device__ __forceinline__ Vec16 load_input(const T* in, size_t v, size_t n) {
-  constexpr int K = Pack16<T>::kLanes;
-  if ((v + 1) * K <= n) return ld_vec16(in + v * K);
-  Pack16<T> p;
-#pragma unroll
-  for (int i = 0; i < K; ++i) p.lane[i] = v * K + i < n ? in[v * K + i] : from_float<T>(0.f);
-  return p.vec;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_output(T* out, size_t v, size_t n, const Vec16& x) {
-  constexpr int K = Pack16<T>::kLanes;
-  if ((v + 1) * K <= n) {
-    st_vec16(out + v * K, x);
-    return;
-  }
-  Pack16<T> p;
-  p.vec = x;
-#pragma unroll
-  for (int i = 0; i < K; ++i)
-    if (v * K + i < n) out[v * K + i] = p.lane[i];
-}
-
-template <typename T>
-__device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], const Vec16& x,
-                                           bool first) {
-  Pack16<T> p;
-  p.vec = x;
-#pragma unroll
-  for (int i = 0; i < Pack16<T>::kLanes; ++i)
-    acc[i] = first ? to_float(p.lane[i]) : acc[i] + to_float(p.lane[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ Vec16 round_pack(const float (&acc)[Pack16<T>::kLanes]) {
-  Pack16<T> p;
-#pragma unroll
-  for (int i = 0; i < Pack16<T>::kLanes; ++i) p.lane[i] = from_float<T>(acc[i]);
-  return p.vec;
-}
-
-// Refill the previous call's Lamport buffer with the sentinel. Called once every peer is
-// known to be in this call (so none still writes there); the grid shares the work.
-template <typename T>
-__device__ void clear_previous(const Workspace& ws, uint32_t call) {
-  const int prev = (call + 2) % 3;
-  const size_t nvec = ws.state[2 + prev] / 16;
-  if (nvec == 0) return;
-  const Vec16 s = Lamport<T>::sentinel();
-  for (size_t i = global_thread_id(); i < nvec * ws.world; i += global_thread_count()) {
-    const int slot = (int)(i / nvec);
-    st_vec16(ws.lamport(ws.rank, prev, slot) + (i % nvec) * 16, s);
-  }
-}
-
-// The last block to finish advances the call counter and records what to clear next.
-__device__ void finish_call(const Workspace& ws, uint32_t call, uint32_t lamport_bytes) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&ws.state[1], 1u) == gridDim.x - 1) {
-      ws.state[2 + (call + 2) % 3] = 0;
-      ws.state[2 + call % 3] = lamport_bytes;
-      ws.state[1] = 0;
-      ws.state[0] = call + 1;
-      __threadfence();
-    }
-  }
-}
 
 // One-shot: push the whole input into slot `rank` of every peer's Lamport buffer, then
 // spin on the own buffer until no slot holds the sentinel, and sum the slots in order.
@@ -125,27 +14,13 @@ __device__ void oneshot(const T* in, T* out, size_t n, const Workspace& ws) {
   const uint32_t call = ws.state[0];
   const int buf = call % 3;
   const size_t nvec = (n + K - 1) / K;
-  for (size_t v = global_thread_id(); v < nvec; v += global_thread_count()) {
-    const Vec16 x = Lamport<T>::canonical(load_input(in, v, n));
-    for (int i = 0; i < ws.world; ++i) {
-      const int peer = (ws.rank + i) % ws.world;
-      st_vec16_volatile(ws.lamport(peer, buf, ws.rank) + v * 16, x);
-    }
-  }
+  push_lamport(in, n, ws, buf);
   bool failed = false;
   for (size_t v = global_thread_id(); v < nvec && !failed; v += global_thread_count()) {
     float acc[K];
     for (int s = 0; s < ws.world && !failed; ++s) {
-      const uint8_t* src = ws.lamport(ws.rank, buf, s) + v * 16;
-      Vec16 x = ld_vec16_volatile(src);
-      SpinTimer timer(ws.timeout_ns);
-      while (Lamport<T>::pending(x)) {
-        if (timer.give_up(ws.error_word, s, MOECOMM_AR_CODE_ONESHOT)) {
-          failed = true;
-          break;
-        }
-        x = ld_vec16_volatile(src);
-      }
+      Vec16 x;
+      failed = !wait_lamport<T>(ws, buf, s, v * 16, x);
       accumulate<T>(acc, x, s == 0);
     }
     if (!failed) store_output(out, v, n, round_pack<T>(acc));
@@ -155,22 +30,6 @@ __device__ void oneshot(const T* in, T* out, size_t n, const Workspace& ws) {
   if (__syncthreads_or(failed)) return;
   clear_previous<T>(ws, call);
   finish_call(ws, call, (uint32_t)(nvec * 16));
-}
-
-// Block-level barrier of stage `stage`: after it, every peer's block blockIdx.x has
-// finished the writes it made before its own barrier. False if a peer never arrived.
-__device__ bool block_barrier(const Workspace& ws, int stage, uint32_t epoch) {
-  __threadfence_system();
-  __syncthreads();
-  const size_t flag = ws.flag_off + (((size_t)stage * kMaxBlocks + blockIdx.x) * kMaxRanks) * 4;
-  bool ok = true;
-  if (threadIdx.x < ws.world) {
-    const int peer = threadIdx.x;
-    st_release_sys(reinterpret_cast<uint32_t*>(ws.base(peer) + flag) + ws.rank, epoch);
-    ok = wait_flag_geq(reinterpret_cast<const uint32_t*>(ws.base(ws.rank) + flag) + peer, epoch,
-                       ws.timeout_ns, peer, ws.error_word, MOECOMM_AR_CODE_TWOSHOT);
-  }
-  return __syncthreads_and(ok);
 }
 
 // Two-shot: scatter segment p of the input to rank p, barrier, reduce the own segment and
@@ -215,14 +74,6 @@ __device__ void twoshot(const T* in, T* out, size_t n, const Workspace& ws) {
 }
 
 }  // namespace
-
-#define MOECOMM_AR_ARGS                                                                    \
-  const uint64_t *peers, int rank, int world, uint64_t lamport_off, uint64_t lamport_slot, \
-      uint64_t rs_off, uint64_t rs_slot, uint64_t ag_off, uint64_t flag_off, uint32_t *state,  \
-      uint32_t *error_word, uint64_t timeout_ns
-#define MOECOMM_AR_WS                                                                       \
-  Workspace{peers,   rank,     world,    lamport_off, lamport_slot, rs_off,    \
-            rs_slot, ag_off, flag_off, state,       error_word,   timeout_ns}
 
 #define MOECOMM_AR_KERNELS(SUFFIX, T)                                                      \
   extern "C" __global__ void allreduce_oneshot_##SUFFIX(const T* in, T* out, uint64_t n,   \

@@ -220,6 +220,34 @@ __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t tar
   return true;
 }
 
+// ---------------------------------------------------------------- block reductions
+// Sum / max of one float per thread over the whole block (every thread gets the result).
+// All threads of the block must call; blockDim.x a multiple of 32, at most 1024.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v) {
+  __shared__ float partial[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `partial` may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x / 32) ? partial[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
+  }
+  return v;
+}
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+// For non-negative values (amax): 0 is the identity.
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
+
 __device__ __forceinline__ size_t global_thread_id() {
   return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 }

@@ -42,6 +42,10 @@ _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", bfloat16:
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
 _CODES = {1: "all_reduce (one-shot)", 2: "all_reduce (two-shot)"}
+# ctypes of MOECOMM_AR_ARGS (allreduce.cuh), the order of AllReduceWorkspace.kernel_args.
+WORKSPACE_ARGTYPES = (ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64,
+                      ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
+                      ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64)
 
 
 class Algorithm(str, enum.Enum):
@@ -79,13 +83,16 @@ class AllReduceWorkspace:
         max_oneshot_bytes: size of the Lamport buffers (default ``min(max_bytes,
             oneshot_max_bytes(world))``); one-shot calls above it are refused.
         timeout_s: how long a kernel waits for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
+        segment_bytes: two-shot inbox size per peer (default ``max_bytes / world``; the
+            fused all-reduce splits by whole rows and needs ``ceil(rows / world)`` rows).
 
     Memory per rank: ``3 * world * max_oneshot_bytes + 2 * max_bytes`` plus 32 KiB of
     flags. Creation and ``close()`` are collective.
     """
 
     def __init__(self, group: ProcessGroup | None, max_bytes: int, dtype, *,
-                 max_oneshot_bytes: int | None = None, timeout_s: float | None = None):
+                 max_oneshot_bytes: int | None = None, timeout_s: float | None = None,
+                 segment_bytes: int | None = None):
         self.group = default_group() if group is None else group
         self.dtype = np.dtype(dtype)
         if self.dtype not in _SUFFIX:
@@ -112,7 +119,8 @@ class AllReduceWorkspace:
             default_oneshot if max_oneshot_bytes is None else int(max_oneshot_bytes))
         lamport_slot = self.max_oneshot_bytes
         self._auto_limit = min(self.max_oneshot_bytes, oneshot_max_bytes(self.world))
-        rs_slot = _round16(-(-_round16(self.max_bytes) // self.world))
+        rs_slot = _round16(segment_bytes if segment_bytes is not None
+                           else -(-_round16(self.max_bytes) // self.world))
         self.flag_off = 0
         self.lamport_off = 2 * MAX_BLOCKS * MAX_RANKS * 4
         self.rs_off = self.lamport_off + 3 * self.world * lamport_slot
@@ -124,17 +132,18 @@ class AllReduceWorkspace:
         self.state = cupy.zeros(8, np.uint32)
         self.error = ErrorWord(self.group.local_comm.allgather(self.rank), _CODES)
         suffix = _SUFFIX[self.dtype]
-        ptr, i32, u64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_uint64
-        # in, out, n, then the workspace (fixed): see MOECOMM_AR_ARGS in allreduce.cu
-        argtypes = [ptr, ptr, u64, ptr, i32, i32, u64, u64, u64, u64, u64, u64, ptr, ptr, u64]
-        fixed = [self.buffer.peer_ptrs.data.ptr, self.rank, self.world, self.lamport_off,
-                 lamport_slot, self.rs_off, rs_slot, self.ag_off, self.flag_off,
-                 self.state.data.ptr, self.error.ptr, self.timeout_ns]
+        # The workspace's kernel parameters (MOECOMM_AR_ARGS in allreduce.cuh), which every
+        # all-reduce kernel takes after its own.
+        self.kernel_args = [self.buffer.peer_ptrs.data.ptr, self.rank, self.world,
+                            self.lamport_off, lamport_slot, self.rs_off, rs_slot, self.ag_off,
+                            self.flag_off, self.state.data.ptr, self.error.ptr, self.timeout_ns]
+        ptr, u64 = ctypes.c_void_p, ctypes.c_uint64
         self._launchers = {}
         for algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
             launcher = kernels.Launcher(
-                kernels.get_kernel("allreduce.cu", f"allreduce_{algo.value}_{suffix}"), argtypes)
-            launcher.set_all([0, 0, 0, *fixed])
+                kernels.get_kernel("allreduce.cu", f"allreduce_{algo.value}_{suffix}"),
+                [ptr, ptr, u64, *WORKSPACE_ARGTYPES])
+            launcher.set_all([0, 0, 0, *self.kernel_args])
             self._launchers[algo] = launcher
         fill = kernels.get_kernel("allreduce.cu", "lamport_fill")
         lamport_bytes = 3 * self.world * lamport_slot

@@ -216,6 +216,10 @@ class Launcher:
     def set(self, index: int, value: int | float) -> None:
         self._slots[index].value = value
 
+    def slot(self, index: int):
+        """The ctypes object of parameter ``index`` (a struct's fields are set on it)."""
+        return self._slots[index]
+
     def set_all(self, values) -> None:
         for slot, value in zip(self._slots, values):
             slot.value = value
