@@ -27,7 +27,10 @@ python3 -m pytest tests -q -rA -p no:cacheprovider 2>&1 | tee "$out/tests.log" |
 ranks="2"
 [ "$ngpu" -gt 2 ] && ranks="2 $ngpu"
 for n in $ranks; do
-  for suite in p2p "allreduce --plot"; do
+  fusion="fusion"
+  # Ranks sharing a GPU time-slice (milliseconds a handshake): a small sweep only.
+  [ "$n" -gt "$ngpu" ] && fusion="fusion --tokens 1,128 --hidden 4096 --iters 5"
+  for suite in p2p "allreduce --plot" "$fusion"; do
     name=${suite%% *}
     # shellcheck disable=SC2086  # the suite's options are meant to split
     "${mpi[@]}" -n "$n" python3 -m moecomm.bench $suite --out "$out" 2>&1 \

@@ -6,6 +6,21 @@ using namespace moecomm::allreduce;
 
 namespace {
 
+// One-shot push: write vectors of the input into slot `rank` of every peer's Lamport
+// buffer `buf` (the grid shares the vectors).
+template <typename T>
+__device__ __forceinline__ void push_lamport(const T* in, size_t n, const Workspace& ws, int buf) {
+  constexpr int K = Pack16<T>::kLanes;
+  const size_t nvec = (n + K - 1) / K;
+  for (size_t v = global_thread_id(); v < nvec; v += global_thread_count()) {
+    const Vec16 x = Lamport<T>::canonical(load_input(in, v, n));
+    for (int i = 0; i < ws.world; ++i) {
+      const int peer = (ws.rank + i) % ws.world;
+      st_vec16_volatile(ws.lamport(peer, buf, ws.rank) + v * 16, x);
+    }
+  }
+}
+
 // One-shot: push the whole input into slot `rank` of every peer's Lamport buffer, then
 // spin on the own buffer until no slot holds the sentinel, and sum the slots in order.
 template <typename T>

@@ -132,21 +132,6 @@ __device__ bool block_barrier(const Workspace& ws, int stage, uint32_t epoch) {
   return __syncthreads_and(ok);
 }
 
-// One-shot push: write vectors of the input into slot `rank` of every peer's Lamport
-// buffer `buf` (the grid shares the vectors).
-template <typename T>
-__device__ __forceinline__ void push_lamport(const T* in, size_t n, const Workspace& ws, int buf) {
-  constexpr int K = Pack16<T>::kLanes;
-  const size_t nvec = (n + K - 1) / K;
-  for (size_t v = global_thread_id(); v < nvec; v += global_thread_count()) {
-    const Vec16 x = Lamport<T>::canonical(load_input(in, v, n));
-    for (int i = 0; i < ws.world; ++i) {
-      const int peer = (ws.rank + i) % ws.world;
-      st_vec16_volatile(ws.lamport(peer, buf, ws.rank) + v * 16, x);
-    }
-  }
-}
-
 // Waits until vector `byte_off` of slot `s` of the own Lamport buffer is written and
 // returns it; false if the wait gave up.
 template <typename T>

@@ -19,6 +19,8 @@ constexpr int kMaxVecs = 4;      // vectors of a row per thread
 constexpr int kMaxThreads = 512;  // block size limit: hidden <= kMaxVecs * 8 * 512 = 16384
 
 enum Quant { kNone = 0, kFp8 = 1, kFp4 = 2, kGroupFp8 = 3, kDynamicFp8 = 4 };
+// What each rank contributes to the all-reduce.
+enum Source { kInput = 0, kMoeReduction = 1, kMoeFinalize = 2 };
 
 // Per-call arguments (by value). Field order and types match _FusionArgs in fusion.py.
 struct FusionArgs {
@@ -31,14 +33,76 @@ struct FusionArgs {
   void* norm_out;
   uint8_t* quant_out;
   void* scale_out;
+  // kMoeReduction: moe_rows = active experts' outputs [E, T, H], moe_scale = [E, T] fp32,
+  //   moe_extra = token_input [T, H].
+  // kMoeFinalize: moe_rows = permuted expert outputs [P, H], moe_index = [T, k] int32
+  //   (< 0: not on this rank), moe_scale = expert_scale_factor [T, k] or null,
+  //   moe_extra = shared_expert_output [T, H] or null.
+  const void* moe_rows;
+  const void* moe_scale;
+  const void* moe_extra;
+  const int32_t* moe_index;
   uint64_t tokens;
   uint32_t hidden;
   float eps;
   float weight_bias;
   uint32_t group_size;      // per-token-group FP8: elements per scale
   uint32_t swizzled;        // NVFP4 scale layout: 1 = 128x4 swizzled, 0 = linear
+  uint32_t source;          // Source
+  uint32_t moe_count;       // experts E (reduction) or top_k (finalize)
+  uint32_t moe_scale_fp32;  // finalize: moe_scale is fp32 (1) or the I/O dtype (0)
+  float routed_scaling;     // finalize: multiplies the routed sum
   uint32_t pad_;
 };
+
+// This rank's contribution to vector v of row `row` (before the all-reduce), rounded
+// once to T as moecomm.reference.moe_reduction / moe_finalize specify.
+template <typename T>
+__device__ __forceinline__ Vec16 contribution(const FusionArgs& a, size_t row, int v) {
+  const size_t h = a.hidden;
+  if (a.source == kInput) return ld_vec16(static_cast<const T*>(a.input) + row * h + v * 8);
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  const T* rows = static_cast<const T*>(a.moe_rows);
+  Pack16<T> x;
+  if (a.source == kMoeReduction) {
+    const float* scale = static_cast<const float*>(a.moe_scale);
+    for (uint32_t e = 0; e < a.moe_count; ++e) {
+      const float s = scale[e * a.tokens + row];
+      x.vec = ld_vec16(rows + (e * a.tokens + row) * h + v * 8);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(to_float(x.lane[i]), s));
+    }
+    x.vec = ld_vec16(static_cast<const T*>(a.moe_extra) + row * h + v * 8);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], to_float(x.lane[i]));
+  } else {
+    for (uint32_t j = 0; j < a.moe_count; ++j) {
+      const int p = a.moe_index[row * a.moe_count + j];
+      if (p < 0) continue;  // adds +0 in the reference: no change to an accumulator >= +0
+      x.vec = ld_vec16(rows + (size_t)p * h + v * 8);
+      float w = 1.f;
+      if (a.moe_scale != nullptr) {
+        const size_t at = row * a.moe_count + j;
+        w = a.moe_scale_fp32 ? static_cast<const float*>(a.moe_scale)[at]
+                             : to_float(static_cast<const T*>(a.moe_scale)[at]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        acc[i] = __fadd_rn(acc[i], a.moe_scale != nullptr ? __fmul_rn(to_float(x.lane[i]), w)
+                                                           : to_float(x.lane[i]));
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = __fmul_rn(acc[i], a.routed_scaling);
+    if (a.moe_extra != nullptr) {
+      x.vec = ld_vec16(static_cast<const T*>(a.moe_extra) + row * h + v * 8);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], to_float(x.lane[i]));
+    }
+  }
+  return round_pack<T>(acc);
+}
 
 template <typename T>
 struct Row {
@@ -201,7 +265,13 @@ __device__ void oneshot(const FusionArgs& a, const Workspace& ws) {
   const int buf = call % 3;
   const int hvec = a.hidden / 8;
   const size_t n = a.tokens * a.hidden;
-  push_lamport(static_cast<const T*>(a.input), n, ws, buf);
+  for (size_t i = global_thread_id(); i < a.tokens * hvec; i += global_thread_count()) {
+    const Vec16 x = Lamport<T>::canonical(contribution<T>(a, i / hvec, (int)(i % hvec)));
+    for (int r = 0; r < ws.world; ++r) {
+      const int peer = (ws.rank + r) % ws.world;
+      st_vec16_volatile(ws.lamport(peer, buf, ws.rank) + i * 16, x);
+    }
+  }
   if (Q == kFp4 && a.swizzled) zero_sf_padding(a);
 
   bool failed = false;
@@ -232,7 +302,6 @@ __device__ void twoshot(const FusionArgs& a, const Workspace& ws) {
   const uint32_t epoch = call + 1;
   const int hvec = a.hidden / 8;
   const size_t seg = (a.tokens + ws.world - 1) / ws.world;  // rows per rank
-  const T* in = static_cast<const T*>(a.input);
   if (Q == kFp4 && a.swizzled) zero_sf_padding(a);
 
   // 1. rows of segment p go to rank p's inbox, slot `rank`
@@ -242,7 +311,7 @@ __device__ void twoshot(const FusionArgs& a, const Workspace& ws) {
     for (size_t j = blockIdx.x; j < seg && peer * seg + j < a.tokens; j += gridDim.x)
       for (int v = threadIdx.x; v < hvec; v += blockDim.x)
         st_vec16(inbox + (j * hvec + v) * 16,
-                 Lamport<T>::canonical(ld_vec16(in + ((peer * seg + j) * hvec + v) * 8)));
+                 Lamport<T>::canonical(contribution<T>(a, peer * seg + j, v)));
   }
   if (!block_barrier(ws, 0, epoch)) return;
   clear_previous<T>(ws, call);
@@ -276,7 +345,38 @@ __device__ void twoshot(const FusionArgs& a, const Workspace& ws) {
   finish_call(ws, call, 0);
 }
 
+// The epilogue alone on rows already reduced (by NCCL, say): residual + RMSNorm (+ quant)
+// as one kernel, no communication.
+template <typename T, int Q>
+__device__ void local(const FusionArgs& a) {
+  const int hvec = a.hidden / 8;
+  if (Q == kFp4 && a.swizzled) zero_sf_padding(a);
+  for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
+    Row<T> x;
+    for (int k = 0; k < kMaxVecs; ++k) {
+      const int v = threadIdx.x + k * blockDim.x;
+      if (v < hvec) x.v[k] = ld_vec16(static_cast<const T*>(a.input) + (row * hvec + v) * 8);
+    }
+    epilogue<T, Q>(a, row, x);
+  }
+}
+
 }  // namespace
+
+#define MOECOMM_LOCAL_KERNEL(SUFFIX, T, QNAME, Q)                                     \
+  extern "C" __global__ void __launch_bounds__(kMaxThreads)                           \
+      fusion_local_##QNAME##_##SUFFIX(FusionArgs a) {                                 \
+    local<T, Q>(a);                                                                   \
+  }
+#define MOECOMM_LOCAL_QUANTS(SUFFIX, T)                         \
+  MOECOMM_LOCAL_KERNEL(SUFFIX, T, none, kNone)                  \
+  MOECOMM_LOCAL_KERNEL(SUFFIX, T, fp8, kFp8)                    \
+  MOECOMM_LOCAL_KERNEL(SUFFIX, T, fp4, kFp4)                    \
+  MOECOMM_LOCAL_KERNEL(SUFFIX, T, group_fp8, kGroupFp8)         \
+  MOECOMM_LOCAL_KERNEL(SUFFIX, T, dynamic_fp8, kDynamicFp8)
+
+MOECOMM_LOCAL_QUANTS(bf16, __nv_bfloat16)
+MOECOMM_LOCAL_QUANTS(fp16, __half)
 
 #define MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, QNAME, Q)                                  \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                \

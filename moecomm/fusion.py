@@ -108,10 +108,17 @@ class _FusionArgs(ctypes.Structure):
                 ("gamma", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("allreduce_out", ctypes.c_void_p), ("residual_out", ctypes.c_void_p),
                 ("norm_out", ctypes.c_void_p), ("quant_out", ctypes.c_void_p),
-                ("scale_out", ctypes.c_void_p), ("tokens", ctypes.c_uint64),
+                ("scale_out", ctypes.c_void_p), ("moe_rows", ctypes.c_void_p),
+                ("moe_scale", ctypes.c_void_p), ("moe_extra", ctypes.c_void_p),
+                ("moe_index", ctypes.c_void_p), ("tokens", ctypes.c_uint64),
                 ("hidden", ctypes.c_uint32), ("eps", ctypes.c_float),
                 ("weight_bias", ctypes.c_float), ("group_size", ctypes.c_uint32),
-                ("swizzled", ctypes.c_uint32), ("pad_", ctypes.c_uint32)]
+                ("swizzled", ctypes.c_uint32), ("source", ctypes.c_uint32),
+                ("moe_count", ctypes.c_uint32), ("moe_scale_fp32", ctypes.c_uint32),
+                ("routed_scaling", ctypes.c_float), ("pad_", ctypes.c_uint32)]
+
+
+_SOURCE_MOE_REDUCTION, _SOURCE_MOE_FINALIZE = 1, 2  # Source in fusion.cu
 
 
 _QUANT_KERNEL = {None: "none", "fp8": "fp8", "fp4": "fp4", "group_fp8": "group_fp8",
@@ -204,64 +211,105 @@ def allreduce_fusion(input, workspace: AllReduceFusionWorkspace,
     shape/dtype off raises ``ValueError``/``TypeError``. Same ``pattern`` and shapes on
     every rank.
     """
-    ws = workspace
+    x = as_array(input, "input", ndim=2, stream=stream)
+    return _run(workspace, x.shape[0], x, pattern, options, outputs, stream, None)
+
+
+def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
+                         workspace: AllReduceFusionWorkspace,
+                         pattern: AllReduceFusionPattern | int = AllReduceFusionPattern.kARResidualRMSNorm,
+                         options: AllReduceFusionOptions | None = None,
+                         outputs: AllReduceFusionOutputs | None = None,
+                         stream=None) -> AllReduceFusionOutputs:
+    """MoE reduction, all-reduce and ``pattern`` in one kernel.
+
+    Each rank contributes ``sum_e active_experts_token_input[e] * scale_input[e] +
+    token_input`` (fp32, experts in order, rounded once), which is all-reduced.
+
+    Args:
+        active_experts_token_input: [E, T, H], the workspace's dtype.
+        scale_input: [E, T] fp32 (expert e's weight of token t).
+        token_input: [T, H], the workspace's dtype.
+    """
+    tok = as_array(token_input, "token_input", ndim=2, stream=stream)
+    tokens, hidden = tok.shape
+    active = as_array(active_experts_token_input, "active_experts_token_input",
+                      dtype=tok.dtype, shape=(None, tokens, hidden), stream=stream)
+    scale = as_array(scale_input, "scale_input", dtype=np.float32,
+                     shape=(active.shape[0], tokens), stream=stream)
+    moe = dict(source=_SOURCE_MOE_REDUCTION, moe_rows=active.data.ptr, moe_scale=scale.data.ptr,
+               moe_extra=tok.data.ptr, moe_count=active.shape[0])
+    return _run(workspace, tokens, tok, pattern, options, outputs, stream, moe, [active])
+
+
+def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
+                                  workspace: AllReduceFusionWorkspace,
+                                  pattern: AllReduceFusionPattern | int = AllReduceFusionPattern.kARResidualRMSNorm,
+                                  options: AllReduceFusionOptions | None = None,
+                                  outputs: AllReduceFusionOutputs | None = None, *,
+                                  expert_scale_factor=None, shared_expert_output=None,
+                                  routed_scaling_factor: float = 1.0,
+                                  stream=None) -> AllReduceFusionOutputs:
+    """MoE finalize (un-permute), all-reduce and ``pattern`` in one kernel.
+
+    Each rank contributes, per token t, ``routed_scaling_factor * sum_k
+    allreduce_in[idx[t, k]] * expert_scale_factor[t, k] + shared_expert_output[t]`` (fp32,
+    k in order, entries with ``idx < 0`` skipped, rounded once), which is all-reduced.
+
+    Args:
+        allreduce_in: [P, H] expert outputs in permuted order, the workspace's dtype.
+        expanded_idx_to_permuted_idx: [T, top_k] int32, rows of ``allreduce_in`` (< P).
+        expert_scale_factor: [T, top_k] fp32 or the workspace's dtype, or None (1).
+        shared_expert_output: [T, H] or None.
+    """
+    rows = as_array(allreduce_in, "allreduce_in", ndim=2, stream=stream)
+    idx = as_array(expanded_idx_to_permuted_idx, "expanded_idx_to_permuted_idx",
+                   dtype=np.int32, ndim=2, stream=stream)
+    tokens, top_k = idx.shape
+    hidden = rows.shape[1]
+    moe = dict(source=_SOURCE_MOE_FINALIZE, moe_rows=rows.data.ptr, moe_index=idx.data.ptr,
+               moe_count=top_k, routed_scaling=float(routed_scaling_factor))
+    keep = [rows]
+    if expert_scale_factor is not None:
+        esf = as_array(expert_scale_factor, "expert_scale_factor",
+                       dtype=(np.dtype(np.float32), rows.dtype), shape=(tokens, top_k),
+                       stream=stream)
+        moe.update(moe_scale=esf.data.ptr, moe_scale_fp32=int(esf.dtype == np.float32))
+    if shared_expert_output is not None:
+        shared = as_array(shared_expert_output, "shared_expert_output", dtype=rows.dtype,
+                          shape=(tokens, hidden), stream=stream)
+        moe.update(moe_extra=shared.data.ptr)
+        keep.append(shared)
+    return _run(workspace, tokens, rows, pattern, options, outputs, stream, moe, keep)
+
+
+def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern, options,
+         outputs, stream, moe: dict | None, aligned=()) -> AllReduceFusionOutputs:
+    """Validate against the workspace, fill FusionArgs and launch (shared by every entry).
+
+    ``like`` is the input (or, for the MoE fusions, an array with its dtype and hidden
+    size); ``moe`` holds the FusionArgs fields of the MoE sources.
+    """
     pattern = AllReduceFusionPattern(pattern)
     options = options or AllReduceFusionOptions()
     outputs = outputs or AllReduceFusionOutputs()
-    do_norm, quant, _ = reference.ALLREDUCE_FUSION_PATTERNS[pattern.name]
-    needed = reference.pattern_outputs(pattern.name)
-    if not options.fp32_acc:
-        raise ValueError("fp32_acc=False is not supported: peers are summed in fp32")
-
-    x = as_array(input, "input", ndim=2, stream=stream)
-    if x.dtype != ws.dtype:
-        raise TypeError(f"input: dtype {x.dtype.name} does not match the workspace's "
+    hidden = like.shape[-1]
+    if like.dtype != ws.dtype:
+        raise TypeError(f"input: dtype {like.dtype.name} does not match the workspace's "
                         f"{dtype_name(ws.dtype)}")
-    tokens, hidden = x.shape
     if hidden != ws.hidden_dim:
         raise ValueError(f"input: hidden size {hidden} does not match the workspace's "
                          f"hidden_dim {ws.hidden_dim}")
     if tokens > ws.max_token_num:
         raise ValueError(f"input: token_num {tokens} exceeds the workspace's max_token_num "
                          f"{ws.max_token_num}")
+    args, quant = _fusion_args(like, tokens, pattern, options, outputs, stream, aligned)
+    if moe is not None:
+        args.input = None
+        for name, value in moe.items():
+            setattr(args, name, value)
 
-    args = _FusionArgs(input=x.data.ptr, tokens=tokens, hidden=hidden,
-                       eps=options.rms_eps, weight_bias=options.weight_bias or 0.0,
-                       group_size=0, swizzled=0)
-    keep = [x]  # arrays read or written with vector accesses (16-byte aligned)
-    for field in ("allreduce_out", "residual_out", "norm_out", "quant_out", "scale_out"):
-        given = getattr(outputs, field)
-        if field in needed and given is None:
-            raise ValueError(f"pattern {pattern.name} writes outputs.{field}: pass an array")
-        if given is not None and field not in needed and field != "allreduce_out":
-            raise ValueError(f"pattern {pattern.name} does not write outputs.{field}"
-                             + ("; use the Out variant" if field == "norm_out" else ""))
-    if outputs.allreduce_out is not None:
-        arr = as_array(outputs.allreduce_out, "outputs.allreduce_out", dtype=ws.dtype,
-                       shape=(tokens, hidden), stream=stream)
-        args.allreduce_out = arr.data.ptr
-        keep.append(arr)
-    if do_norm:
-        res = as_array(_required(options.residual, "options.residual", pattern),
-                       "options.residual", dtype=ws.dtype, shape=(tokens, hidden), stream=stream)
-        gamma = as_array(_required(options.rms_gamma, "options.rms_gamma", pattern),
-                         "options.rms_gamma", dtype=ws.dtype, shape=(hidden,), stream=stream)
-        args.residual_in, args.gamma = res.data.ptr, gamma.data.ptr
-        keep += [res, gamma]
-        for field in ("residual_out", "norm_out"):
-            if getattr(outputs, field) is not None:
-                arr = as_array(getattr(outputs, field), f"outputs.{field}", dtype=ws.dtype,
-                               shape=(tokens, hidden), stream=stream)
-                setattr(args, field, arr.data.ptr)
-                keep.append(arr)
-    if quant is not None:
-        _quant_arguments(args, quant, pattern, options, outputs, tokens, hidden, stream, keep)
-
-    for arr in keep:
-        if arr.data.ptr % 16:
-            raise ValueError(f"arrays must be 16-byte aligned (one is at 0x{arr.data.ptr:x})")
-
-    nbytes = x.nbytes
+    nbytes = tokens * hidden * ws.dtype.itemsize
     if options.use_oneshot is None:
         algo = ws.allreduce.choose(nbytes)
     else:
@@ -272,16 +320,102 @@ def allreduce_fusion(input, workspace: AllReduceFusionWorkspace,
     ws.allreduce.error.check()
     if tokens == 0:
         return outputs
-    hvec = hidden // 8
-    block = min(MAX_THREADS, -(-hvec // 32) * 32)
     if algo == Algorithm.ONESHOT:
         grid = min(ws._sms, tokens)
     else:
         grid = min(ws._sms, 256, -(-tokens // ws.world_size))
     launcher = ws.launcher(algo, quant)
     ctypes.pointer(launcher.slot(0))[0] = args
-    launcher(grid, block, stream_handle(stream))
+    launcher(grid, _block(hidden), stream_handle(stream))
     return outputs
+
+
+_local_launchers: dict = {}
+
+
+def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
+                   options: AllReduceFusionOptions | None = None,
+                   outputs: AllReduceFusionOutputs | None = None,
+                   stream=None) -> AllReduceFusionOutputs:
+    """The epilogue of ``pattern`` alone, one kernel, no communication: ``input`` [T, H]
+    (bf16/fp16) is taken as already all-reduced. The unfused baseline of the benchmark
+    (NCCL all-reduce, then this), and a residual + RMSNorm + quant kernel in its own right.
+    """
+    pattern = AllReduceFusionPattern(pattern)
+    options = options or AllReduceFusionOptions()
+    outputs = outputs or AllReduceFusionOutputs()
+    x = as_array(input, "input", dtype=tuple(_SUFFIX), ndim=2, stream=stream)
+    tokens, hidden = x.shape
+    if hidden % 16 or hidden > MAX_HIDDEN:
+        raise ValueError(f"input: hidden size {hidden} must be a multiple of 16, at most "
+                         f"{MAX_HIDDEN}")
+    args, quant = _fusion_args(x, tokens, pattern, options, outputs, stream)
+    if tokens == 0:
+        return outputs
+    key = (cupy.cuda.Device().id, x.dtype, quant)
+    launcher = _local_launchers.get(key)
+    if launcher is None:
+        name = f"fusion_local_{_QUANT_KERNEL[quant]}_{_SUFFIX[x.dtype]}"
+        launcher = _local_launchers[key] = kernels.Launcher(
+            kernels.get_kernel("fusion.cu", name), [_FusionArgs])
+    ctypes.pointer(launcher.slot(0))[0] = args
+    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    launcher(min(tokens, 4 * sms), _block(hidden), stream_handle(stream))
+    return outputs
+
+
+def _block(hidden: int) -> int:
+    """Threads per row: one 16-byte vector each, up to MAX_THREADS (then several)."""
+    return min(MAX_THREADS, -(-(hidden // 8) // 32) * 32)
+
+
+def _fusion_args(x: cupy.ndarray, tokens: int, pattern: AllReduceFusionPattern, options,
+                 outputs, stream, aligned=()) -> tuple[_FusionArgs, str | None]:
+    """Validate every array ``pattern`` reads or writes; the kernel's FusionArgs.
+
+    ``x``: the input [T, H] (its dtype and hidden size rule the other arrays);
+    ``aligned``: further arrays the kernel reads with 16-byte vector loads.
+    """
+    do_norm, quant, _ = reference.ALLREDUCE_FUSION_PATTERNS[pattern.name]
+    needed = reference.pattern_outputs(pattern.name)
+    if not options.fp32_acc:
+        raise ValueError("fp32_acc=False is not supported: peers are summed in fp32")
+    hidden = x.shape[-1]
+    args = _FusionArgs(input=x.data.ptr, tokens=tokens, hidden=hidden,
+                       eps=options.rms_eps, weight_bias=options.weight_bias or 0.0,
+                       routed_scaling=1.0)
+    keep = [x, *aligned]  # arrays read or written with vector accesses (16-byte aligned)
+    for field in ("allreduce_out", "residual_out", "norm_out", "quant_out", "scale_out"):
+        given = getattr(outputs, field)
+        if field in needed and given is None:
+            raise ValueError(f"pattern {pattern.name} writes outputs.{field}: pass an array")
+        if given is not None and field not in needed and field != "allreduce_out":
+            raise ValueError(f"pattern {pattern.name} does not write outputs.{field}"
+                             + ("; use the Out variant" if field == "norm_out" else ""))
+    if outputs.allreduce_out is not None:
+        arr = as_array(outputs.allreduce_out, "outputs.allreduce_out", dtype=x.dtype,
+                       shape=(tokens, hidden), stream=stream)
+        args.allreduce_out = arr.data.ptr
+        keep.append(arr)
+    if do_norm:
+        res = as_array(_required(options.residual, "options.residual", pattern),
+                       "options.residual", dtype=x.dtype, shape=(tokens, hidden), stream=stream)
+        gamma = as_array(_required(options.rms_gamma, "options.rms_gamma", pattern),
+                         "options.rms_gamma", dtype=x.dtype, shape=(hidden,), stream=stream)
+        args.residual_in, args.gamma = res.data.ptr, gamma.data.ptr
+        keep += [res, gamma]
+        for field in ("residual_out", "norm_out"):
+            if getattr(outputs, field) is not None:
+                arr = as_array(getattr(outputs, field), f"outputs.{field}", dtype=x.dtype,
+                               shape=(tokens, hidden), stream=stream)
+                setattr(args, field, arr.data.ptr)
+                keep.append(arr)
+    if quant is not None:
+        _quant_arguments(args, quant, pattern, options, outputs, tokens, hidden, stream, keep)
+    for arr in keep:
+        if arr.data.ptr % 16:
+            raise ValueError(f"arrays must be 16-byte aligned (one is at 0x{arr.data.ptr:x})")
+    return args, quant
 
 
 def _required(value, name: str, pattern: AllReduceFusionPattern):

@@ -15,7 +15,8 @@ import moecomm
 from moecomm import reference
 from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,
                             AllReduceFusionPattern as P, QuantizationSFLayout,
-                            allreduce_fusion, create_allreduce_fusion_workspace)
+                            allreduce_fusion, create_allreduce_fusion_workspace,
+                            moe_allreduce_fusion, moe_finalize_allreduce_fusion, rmsnorm_fusion)
 from moecomm.tensors import bfloat16
 from tests.mpi import report_pass
 
@@ -181,6 +182,57 @@ for dtype in (bfloat16, np.float16):
                 case.check(P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant, g64, "group 64", group_size=64)
         ws.check()
         ws.close()
+
+# The epilogue alone (rmsnorm_fusion) on rows that are already reduced.
+for dtype in (bfloat16, np.float16):
+    case = Case(33, 3072, dtype, weight_bias=0.0)
+    reduced = cupy.asarray(case.ref["allreduce_out"].view(np.dtype(dtype)))
+    for pattern in (P.kARResidualRMSNorm, *OUT_OF.values()):
+        outs, opts = case.prepare(pattern, None)
+        assert rmsnorm_fusion(reduced, pattern, opts, outs) is outs
+        case.check(pattern, outs, f"rmsnorm_fusion {np.dtype(dtype).name} {pattern.name}")
+
+# The MoE fusions: each rank's contribution is computed in the kernel, then all-reduced.
+ws = create_allreduce_fusion_workspace(group, 16, 1024, bfloat16)
+for dtype_case in range(2):
+    case = Case(7, 1024, bfloat16, weight_bias=0.0)
+    seed = group.bcast(int(np.random.SeedSequence().entropy % (1 << 63)))
+    rng = [np.random.default_rng([seed, r]) for r in range(world)]
+    E, K, PERM = 3, 4, 11
+    active = [r.standard_normal((E, 7, 1024)).astype(bfloat16) for r in rng]
+    scales = [r.random((E, 7)).astype(np.float32) for r in rng]
+    tokens_in = [r.standard_normal((7, 1024)).astype(bfloat16) for r in rng]
+    permuted = [r.standard_normal((PERM, 1024)).astype(bfloat16) for r in rng]
+    index = [np.where(r.random((7, K)) < 0.25, -1, r.integers(0, PERM, (7, K))).astype(np.int32)
+             for r in rng]
+    esf_dtype = np.float32 if dtype_case == 0 else bfloat16
+    esf = [r.random((7, K)).astype(esf_dtype) for r in rng]
+    shared = [r.standard_normal((7, 1024)).astype(bfloat16) for r in rng] if dtype_case else None
+    kw = dict(residual=case.residual, rms_gamma=case.gamma, rms_eps=1e-5, weight_bias=0.0,
+              dtype=bfloat16)
+    for pattern in (P.kARResidualRMSNorm, P.kARResidualRMSNormOutFP4Quant):
+        for oneshot in (True, False):
+            outs, opts = case.prepare(pattern, oneshot)
+            case.ref = reference.moe_allreduce_fusion(active, scales, tokens_in, "kARResidualRMSNorm", **kw)
+            moe_allreduce_fusion(cupy.asarray(active[rank]), cupy.asarray(scales[rank]),
+                                 cupy.asarray(tokens_in[rank]), ws, pattern, opts, outs)
+            case.check(pattern, outs, f"moe_allreduce_fusion {pattern.name} oneshot={oneshot}")
+            outs, opts = case.prepare(pattern, oneshot)
+            case.ref = reference.moe_finalize_allreduce_fusion(
+                permuted, index, esf, shared, 0.75, "kARResidualRMSNorm", **kw)
+            moe_finalize_allreduce_fusion(
+                cupy.asarray(permuted[rank]), cupy.asarray(index[rank]), ws, pattern, opts, outs,
+                expert_scale_factor=cupy.asarray(esf[rank]),
+                shared_expert_output=None if shared is None else cupy.asarray(shared[rank]),
+                routed_scaling_factor=0.75)
+            case.check(pattern, outs, f"moe_finalize_allreduce_fusion {pattern.name} "
+                                      f"oneshot={oneshot} esf={np.dtype(esf_dtype).name}")
+expect_raises(ValueError, "scale_input", lambda: moe_allreduce_fusion(
+    cupy.zeros((3, 7, 1024), bfloat16), cupy.zeros((2, 7), np.float32),
+    cupy.zeros((7, 1024), bfloat16), ws))
+expect_raises(TypeError, "expanded_idx_to_permuted_idx", lambda: moe_finalize_allreduce_fusion(
+    cupy.zeros((5, 1024), bfloat16), cupy.zeros((7, 4), np.int64), ws))
+ws.close()
 
 # Graph capture and replay of every pattern (both algorithms) with fresh inputs.
 ws = create_allreduce_fusion_workspace(group, 16, 2048, bfloat16)
