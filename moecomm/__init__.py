@@ -20,6 +20,12 @@ def __getattr__(name):
         "free_shared_buffer": "symmetric",
         "NcclCommunicator": "nccl",
         "as_array": "tensors",
+        "all_reduce": "allreduce",
+        "create_allreduce_workspace": "allreduce",
+        "allreduce_fusion": "fusion",
+        "create_allreduce_fusion_workspace": "fusion",
+        "AllReduceFusionPattern": "fusion",
+        "MoeAlltoAll": "moe",
     }
     if name in lazy:
         import importlib

@@ -1,0 +1,454 @@
+// MoE all-to-all, static layout (MoeAlltoAll): dispatch, combine, sanitize.
+//
+// Every rank owns one SymmetricBuffer (the workspace), laid out by moecomm/moe/alltoall.py:
+//   [0, 1024)            header: dispatch_flag u32[32] at 0, combine_flag u32[32] at 128,
+//                        recv_count i32[32] at 256; entry s is written by rank s
+//   recv_off[p] ...      payload p's receive tensor [ep, runtime_max, row_bytes[p]]
+//   region_off ...       the combine payload [ep, runtime_max, row_bytes] (after the above)
+// and local (not shared) memory: send_slot i32[T, ep] (token t's row in block `rank` of
+// rank r's receive tensors, -1 if t does not go to r), recv_counts i32[ep] (rows received
+// from each source by the last dispatch) and state u32[8] (counters, kState* below).
+//
+// Dispatch (one kernel). Block b owns tokens [b*chunk, (b+1)*chunk). It counts, per target
+// rank, the routed tokens before its chunk and in total (a ballot scan over all T tokens);
+// warp 0 then gives each chunk token its slot per target (running prefix, source order)
+// and the block writes the token's payload rows straight into each target's receive
+// tensors (16-byte stores when rows and pointers allow, else 4-byte words), sanitising the
+// id payload per target on the way. Block 0 writes this rank's counts into every target's
+// header; all blocks pad the id rows past the count with the invalid id. The last block
+// to finish releases dispatch_flag[rank] = epoch on every target, then waits (bounded)
+// until every source's flag on this rank reached the epoch and copies the counts out.
+//
+// Combine (one kernel, all blocks co-resident: the host sizes the grid to the SM count).
+// Unless the payload already is the workspace's combine region, each rank first copies
+// its valid rows (recv_counts[s] of block s) into that region; the last block then
+// releases combine_flag[rank] on every peer. Every block waits for all peers' flags and
+// pulls, for each of its tokens, the row of every target rank r (ascending r) from r's
+// combine region at [rank, send_slot[t, r]], summing in fp32 from +0, rounding once.
+//
+// Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
+// tensors only after its own combine k saw every peer's combine_flag k, i.e. after every
+// peer finished reading its own receive tensors for call k; a rank rewrites its combine
+// region only after its dispatch k+1 completed, i.e. after every peer finished combine k
+// (a peer sends dispatch k+1 only after its combine k). dispatch and combine must alternate.
+#include "common.cuh"
+
+using namespace moecomm;
+
+#define MOECOMM_A2A_MAX_RANKS 32
+#define MOECOMM_A2A_MAX_PAYLOADS 8
+#define MOECOMM_A2A_CODE_DISPATCH 16u
+#define MOECOMM_A2A_CODE_COMBINE 17u
+
+namespace {
+
+constexpr int kMaxRanks = MOECOMM_A2A_MAX_RANKS;
+constexpr int kSub = 32;  // tokens a block assigns slots to (warp 0) before copying them
+
+// Header byte offsets in every rank's workspace.
+constexpr size_t kDispatchFlagOff = 0;
+constexpr size_t kCombineFlagOff = 128;
+constexpr size_t kRecvCountOff = 256;
+
+// Local state words.
+constexpr int kStateDispatchEpoch = 0;
+constexpr int kStateDispatchDone = 1;
+constexpr int kStateCombineEpoch = 2;
+constexpr int kStateCombineDone = 3;
+
+}  // namespace
+
+// Kernel arguments, passed by value. Every field is 8 bytes, one per line: the NumPy
+// mirror in moecomm/moe/alltoall.py (_DISPATCH_FIELDS / _COMBINE_FIELDS) lists the same
+// names in the same order, and tests/cpu/test_moe_a2a_sizing.py checks that it does.
+struct DispatchParams {
+  const uint64_t* peers;        // [ep] workspace base of every rank
+  const int32_t* experts;       // [T, top_k] token_selected_experts
+  int32_t* send_slot;           // [T, ep] local, written here
+  int32_t* recv_counts;         // [ep] local, written here
+  uint32_t* state;              // [8] local counters
+  uint32_t* error_word;         // mapped host word (errors.ErrorWord)
+  uint64_t timeout_ns;          // 0 = wait forever
+  int64_t num_tokens;           // T
+  int64_t top_k;
+  int64_t num_experts;
+  int64_t experts_per_rank;
+  int64_t ep_size;
+  int64_t rank;
+  int64_t runtime_max;          // rows per source block in the receive tensors
+  int64_t num_payloads;
+  int64_t id_payload;           // payload to sanitise per target, or -1
+  int64_t invalid_id;
+  uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];        // payload p: [T, row_bytes[p]] input
+  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS];  // bytes per token, a multiple of 4
+  uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];   // receive tensor's workspace offset
+};
+
+struct CombineParams {
+  const uint64_t* peers;        // [ep] workspace base of every rank
+  const uint8_t* payload;       // [ep, runtime_max, row_bytes] this rank's expert output
+  uint8_t* out;                 // [T, row_bytes]
+  const int32_t* send_slot;     // [T, ep] from the last dispatch
+  const int32_t* recv_counts;   // [ep] from the last dispatch
+  uint32_t* state;              // [8] local counters
+  uint32_t* error_word;
+  uint64_t timeout_ns;
+  int64_t num_tokens;           // T of the last dispatch
+  int64_t ep_size;
+  int64_t rank;
+  int64_t runtime_max;
+  int64_t row_bytes;            // a multiple of 16
+  int64_t region_off;           // workspace offset of the combine region
+  int64_t stage;                // 1: copy payload into the region first
+};
+
+static_assert(sizeof(DispatchParams) == 8 * (17 + 3 * MOECOMM_A2A_MAX_PAYLOADS),
+              "DispatchParams must be all 8-byte fields");
+static_assert(sizeof(CombineParams) == 8 * 15, "CombineParams must be all 8-byte fields");
+
+namespace {
+
+// ---------------------------------------------------------------- word access
+// A row is moved as 16-byte vectors or, when its size or address is not a multiple of
+// 16, as 4-byte words. Sanitising keeps an int32 id when lo <= id < hi.
+template <typename W>
+struct Word;
+
+template <>
+struct Word<uint32_t> {
+  static __device__ __forceinline__ uint32_t load(const uint8_t* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+  }
+  static __device__ __forceinline__ void store(uint8_t* p, uint32_t v) {
+    *reinterpret_cast<uint32_t*>(p) = v;
+  }
+  static __device__ __forceinline__ uint32_t fill(uint32_t x) { return x; }
+  static __device__ __forceinline__ uint32_t keep(uint32_t v, int lo, int hi, uint32_t bad) {
+    const int id = (int)v;
+    return id >= lo && id < hi ? v : bad;
+  }
+};
+
+template <>
+struct Word<Vec16> {
+  static __device__ __forceinline__ Vec16 load(const uint8_t* p) { return ld_vec16(p); }
+  static __device__ __forceinline__ void store(uint8_t* p, const Vec16& v) { st_vec16(p, v); }
+  static __device__ __forceinline__ Vec16 fill(uint32_t x) { return Vec16{x, x, x, x}; }
+  static __device__ __forceinline__ Vec16 keep(const Vec16& v, int lo, int hi, uint32_t bad) {
+    return Vec16{Word<uint32_t>::keep(v.x, lo, hi, bad), Word<uint32_t>::keep(v.y, lo, hi, bad),
+                 Word<uint32_t>::keep(v.z, lo, hi, bad), Word<uint32_t>::keep(v.w, lo, hi, bad)};
+  }
+};
+
+__device__ __forceinline__ uint8_t* peer_base(const uint64_t* s_peer, int r) {
+  return reinterpret_cast<uint8_t*>(s_peer[r]);
+}
+
+// Bit r set: token t has a valid expert on rank r.
+__device__ __forceinline__ uint32_t route_mask(const DispatchParams& p, int64_t t) {
+  const int32_t* e = p.experts + t * p.top_k;
+  const int num_experts = (int)p.num_experts;
+  const int epr = (int)p.experts_per_rank;
+  uint32_t m = 0;
+  for (int k = 0; k < (int)p.top_k; ++k) {
+    const int x = e[k];
+    if (x >= 0 && x < num_experts) m |= 1u << (x / epr);
+  }
+  return m;
+}
+
+// Copy the rows of n tokens (local indices 0..n-1, slots in s_slot) of one payload to
+// every target, 4 words in flight per thread.
+template <typename W>
+__device__ void copy_rows(const DispatchParams& p, const uint64_t* s_peer,
+                          const int32_t (*s_slot)[kMaxRanks], const uint8_t* src, int64_t row,
+                          size_t dst_off, int n, bool sanitize) {
+  constexpr int kUnroll = 4;
+  const int ep = (int)p.ep_size;
+  const int rank = (int)p.rank;
+  const int epr = (int)p.experts_per_rank;
+  const uint32_t bad = (uint32_t)(int32_t)p.invalid_id;
+  const int per_row = (int)(row / sizeof(W));
+  const int total = n * per_row;
+  for (int base = threadIdx.x; base < total; base += kUnroll * blockDim.x) {
+    W x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < total) {
+        const int tl = i / per_row;
+        x[u] = Word<W>::load(src + tl * row + (size_t)(i - tl * per_row) * sizeof(W));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i >= total) break;
+      const int tl = i / per_row;
+      const size_t col = (size_t)(i - tl * per_row) * sizeof(W);
+      for (int j = 1; j <= ep; ++j) {
+        const int r = (rank + j) % ep;  // peers first, self last
+        const int slot = s_slot[tl][r];
+        if (slot < 0) continue;
+        const W y = sanitize ? Word<W>::keep(x[u], r * epr, (r + 1) * epr, bad) : x[u];
+        Word<W>::store(peer_base(s_peer, r) + dst_off + (size_t)slot * row + col, y);
+      }
+    }
+  }
+}
+
+// Rows [count[r], runtime_max) of block `rank` of every target's id tensor := invalid id.
+template <typename W>
+__device__ void pad_ids(const DispatchParams& p, const uint64_t* s_peer, const int32_t* s_total) {
+  const int64_t row = (int64_t)p.row_bytes[p.id_payload];
+  const int64_t per_row = row / (int64_t)sizeof(W);
+  const W bad = Word<W>::fill((uint32_t)(int32_t)p.invalid_id);
+  const size_t block_off = p.recv_off[p.id_payload] + (size_t)p.rank * p.runtime_max * row;
+  for (int r = 0; r < (int)p.ep_size; ++r) {
+    uint8_t* dst = peer_base(s_peer, r) + block_off + (size_t)s_total[r] * row;
+    const int64_t n = (p.runtime_max - s_total[r]) * per_row;
+    for (int64_t i = global_thread_id(); i < n; i += global_thread_count())
+      Word<W>::store(dst + i * sizeof(W), bad);
+  }
+}
+
+// All blocks: arrive on the local counter; true in the (one) block that arrived last,
+// after which every block's earlier writes are visible at system scope.
+__device__ bool arrive_last(uint32_t* done) {
+  __shared__ int s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(done, 1u) == gridDim.x - 1;
+    if (s_last) {
+      *done = 0;
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  return s_last;
+}
+
+// Threads 0..ep-1 wait for flag s of this rank's header to reach epoch. Block-uniform.
+__device__ bool wait_all(const uint64_t* s_peer, int rank, int ep, size_t flag_off,
+                         uint32_t epoch, const uint64_t timeout, uint32_t* error_word,
+                         uint32_t code) {
+  bool ok = true;
+  if (threadIdx.x < ep) {
+    const uint32_t* flag =
+        reinterpret_cast<const uint32_t*>(peer_base(s_peer, rank) + flag_off) + threadIdx.x;
+    ok = wait_flag_geq(flag, epoch, timeout, (int)threadIdx.x, error_word, code);
+  }
+  return __syncthreads_and(ok);
+}
+
+__device__ void load_peers(uint64_t* s_peer, const uint64_t* peers, int ep) {
+  if (threadIdx.x < ep) s_peer[threadIdx.x] = peers[threadIdx.x];
+}
+
+// ---------------------------------------------------------------- combine
+template <typename T>
+__device__ __forceinline__ void add_row(float (&acc)[Pack16<T>::kLanes], const Vec16& v) {
+  Pack16<T> x;
+  x.vec = v;
+#pragma unroll
+  for (int i = 0; i < Pack16<T>::kLanes; ++i) acc[i] += to_float(x.lane[i]);
+}
+
+template <typename T>
+__device__ void combine(const CombineParams& p) {
+  __shared__ uint64_t s_peer[kMaxRanks];
+  constexpr int K = Pack16<T>::kLanes;
+  const int ep = (int)p.ep_size;
+  const int rank = (int)p.rank;
+  const int64_t row = p.row_bytes;
+  const int64_t block_bytes = p.runtime_max * row;
+  const uint32_t epoch = p.state[kStateCombineEpoch] + 1;
+  load_peers(s_peer, p.peers, ep);
+  __syncthreads();
+
+  // 1. Stage the valid rows of every block into this rank's combine region.
+  if (p.stage) {
+    uint8_t* region = peer_base(s_peer, rank) + p.region_off;
+    for (int s = 0; s < ep; ++s) {
+      const size_t nvec = (size_t)p.recv_counts[s] * row / 16;
+      const uint8_t* from = p.payload + s * block_bytes;
+      uint8_t* to = region + s * block_bytes;
+      for (size_t i = global_thread_id(); i < nvec; i += global_thread_count())
+        st_vec16(to + 16 * i, ld_vec16(from + 16 * i));
+    }
+  }
+
+  // 2. The last block tells every peer that this rank's rows are ready.
+  if (arrive_last(&p.state[kStateCombineDone])) {
+    if (threadIdx.x == 0) p.state[kStateCombineEpoch] = epoch;
+    if (threadIdx.x < ep)
+      st_release_sys(reinterpret_cast<uint32_t*>(peer_base(s_peer, threadIdx.x) + kCombineFlagOff) +
+                         rank,
+                     epoch);
+  }
+
+  // 3. Wait for every peer's rows, then reduce: token t sums row (rank, slot) of every
+  //    target r's region, r ascending, fp32 from +0.
+  if (!wait_all(s_peer, rank, ep, kCombineFlagOff, epoch, p.timeout_ns, p.error_word,
+                MOECOMM_A2A_CODE_COMBINE))
+    return;
+  const int64_t nvec = row / 16;
+  const int64_t units = p.num_tokens * nvec;
+  const size_t src_off = p.region_off + (size_t)rank * block_bytes;
+  for (int64_t u = global_thread_id(); u < units; u += global_thread_count()) {
+    const int64_t t = u / nvec;
+    const int64_t col = (u - t * nvec) * 16;
+    const int32_t* slots = p.send_slot + t * ep;
+    float acc[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) acc[i] = 0.f;
+    for (int r0 = 0; r0 < ep; r0 += 4) {
+      Vec16 x[4];
+      bool have[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int slot = r0 + i < ep ? slots[r0 + i] : -1;
+        have[i] = slot >= 0;
+        if (have[i])
+          x[i] = ld_vec16_cg(peer_base(s_peer, r0 + i) + src_off + (size_t)slot * row + col);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (have[i]) add_row<T>(acc, x[i]);
+    }
+    Pack16<T> y;
+#pragma unroll
+    for (int i = 0; i < K; ++i) y.lane[i] = from_float<T>(acc[i]);
+    st_vec16(p.out + t * row + col, y.vec);
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const DispatchParams p) {
+  __shared__ uint64_t s_peer[kMaxRanks];
+  __shared__ int32_t s_before[kMaxRanks];  // routed tokens before this block's chunk
+  __shared__ int32_t s_total[kMaxRanks];   // routed tokens in all
+  __shared__ int32_t s_slot[kSub][kMaxRanks];
+  const int ep = (int)p.ep_size;
+  const int rank = (int)p.rank;
+  const int64_t T = p.num_tokens;
+  const int64_t chunk = (T + gridDim.x - 1) / gridDim.x;
+  const int64_t t0 = min(T, (int64_t)blockIdx.x * chunk);
+  const int64_t t1 = min(T, t0 + chunk);
+  const uint32_t epoch = p.state[kStateDispatchEpoch] + 1;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+
+  load_peers(s_peer, p.peers, ep);
+  if (threadIdx.x < kMaxRanks) s_before[threadIdx.x] = s_total[threadIdx.x] = 0;
+  __syncthreads();
+
+  // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r.
+  {
+    int before = 0, total = 0;
+    for (int64_t base = (int64_t)warp * 32; base < T; base += (int64_t)nwarps * 32) {
+      const int64_t t = base + lane;
+      const uint32_t m = t < T ? route_mask(p, t) : 0u;
+      const uint32_t pre = __ballot_sync(~0u, t < t0);
+      for (int r = 0; r < ep; ++r) {
+        const uint32_t b = __ballot_sync(~0u, (m >> r) & 1u);
+        if (lane == r) {
+          total += __popc(b);
+          before += __popc(b & pre);
+        }
+      }
+    }
+    if (lane < ep && total) {
+      atomicAdd(&s_before[lane], before);
+      atomicAdd(&s_total[lane], total);
+    }
+  }
+  __syncthreads();
+
+  // 2. The chunk, kSub tokens at a time: warp 0 assigns slots in token order, then the
+  //    whole block copies those tokens' rows.
+  int running = warp == 0 && lane < ep ? s_before[lane] : 0;  // lane r: next slot on r
+  for (int64_t c0 = t0; c0 < t1; c0 += kSub) {
+    const int n = (int)min((int64_t)kSub, t1 - c0);
+    if (warp == 0) {
+      const int64_t t = c0 + lane;
+      const uint32_t m = lane < n ? route_mask(p, t) : 0u;
+      const uint32_t below = (1u << lane) - 1u;
+      for (int r = 0; r < ep; ++r) {
+        const bool go = (m >> r) & 1u;
+        const uint32_t b = __ballot_sync(~0u, go);
+        const int start = __shfl_sync(~0u, running, r);
+        const int slot = go ? start + __popc(b & below) : -1;
+        if (lane < n) {
+          s_slot[lane][r] = slot;
+          p.send_slot[t * ep + r] = slot;
+        }
+        if (lane == r) running += __popc(b);
+      }
+    }
+    __syncthreads();
+    for (int q = 0; q < (int)p.num_payloads; ++q) {
+      const int64_t row = (int64_t)p.row_bytes[q];
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * row;
+      const size_t dst_off = p.recv_off[q] + (size_t)rank * p.runtime_max * row;
+      const bool sanitize = q == p.id_payload;
+      if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
+        copy_rows<Vec16>(p, s_peer, s_slot, src, row, dst_off, n, sanitize);
+      else
+        copy_rows<uint32_t>(p, s_peer, s_slot, src, row, dst_off, n, sanitize);
+    }
+    __syncthreads();
+  }
+
+  // 3. Counts into every target's header; id padding rows.
+  if (blockIdx.x == 0 && threadIdx.x < ep)
+    reinterpret_cast<int32_t*>(peer_base(s_peer, threadIdx.x) + kRecvCountOff)[rank] =
+        s_total[threadIdx.x];
+  if (p.id_payload >= 0) {
+    if ((p.row_bytes[p.id_payload] & 15u) == 0)
+      pad_ids<Vec16>(p, s_peer, s_total);
+    else
+      pad_ids<uint32_t>(p, s_peer, s_total);
+  }
+
+  // 4. The last block: release this call's flag on every target, wait for every source.
+  if (!arrive_last(&p.state[kStateDispatchDone])) return;
+  if (threadIdx.x < ep)
+    st_release_sys(
+        reinterpret_cast<uint32_t*>(peer_base(s_peer, threadIdx.x) + kDispatchFlagOff) + rank,
+        epoch);
+  if (!wait_all(s_peer, rank, ep, kDispatchFlagOff, epoch, p.timeout_ns, p.error_word,
+                MOECOMM_A2A_CODE_DISPATCH))
+    return;
+  if (threadIdx.x < ep)
+    p.recv_counts[threadIdx.x] = *reinterpret_cast<const volatile int32_t*>(
+        peer_base(s_peer, rank) + kRecvCountOff + 4 * threadIdx.x);
+  if (threadIdx.x == 0) p.state[kStateDispatchEpoch] = epoch;
+}
+
+#define MOECOMM_A2A_COMBINE(SUFFIX, T)                                                     \
+  extern "C" __global__ void __launch_bounds__(1024) moe_a2a_combine_##SUFFIX(             \
+      const CombineParams p) {                                                             \
+    combine<T>(p);                                                                         \
+  }
+
+MOECOMM_A2A_COMBINE(bf16, __nv_bfloat16)
+MOECOMM_A2A_COMBINE(fp16, __half)
+MOECOMM_A2A_COMBINE(fp32, float)
+
+// In place on a receive tensor ids [ep, runtime_max, width] (int32): ids outside
+// [lo, hi) and every id of rows past counts[s] in block s become `invalid`.
+extern "C" __global__ void moe_a2a_sanitize(int32_t* ids, const int32_t* counts, int64_t ep,
+                                            int64_t runtime_max, int64_t width, int64_t lo,
+                                            int64_t hi, int32_t invalid) {
+  const int64_t n = ep * runtime_max * width;
+  for (int64_t i = global_thread_id(); i < n; i += global_thread_count()) {
+    const int64_t row = i / width;
+    const int64_t s = row / runtime_max;
+    const int32_t id = ids[i];
+    if (row - s * runtime_max >= counts[s] || id < lo || id >= hi) ids[i] = invalid;
+  }
+}

@@ -1,0 +1,610 @@
+"""MoeAlltoAll: expert-parallel dispatch / combine over CUDA IPC, static layout.
+
+Semantics (DESIGN.md section 3, reference: ``moecomm.reference.moe_a2a_dispatch`` and
+``moe_a2a_combine``): ``dispatch`` sends each token once to every DISTINCT rank owning one
+of its experts (``rank = expert // (num_experts // ep_size)``; ids < 0 or >= num_experts
+route nowhere). On every rank each payload arrives as a workspace-backed
+``[ep_size, runtime_max_tokens_per_rank, *row_shape]`` array whose block ``s`` holds the
+tokens of rank ``s`` routed here, compacted, in source order; ``recv_counts[s]`` says how
+many. ``combine`` returns, for each local token, the sum over its distinct target ranks
+(ascending rank, fp32 accumulation from +0, one rounding) of the row that rank produced at
+the token's slot.
+
+Padding rows (``>= recv_counts[s]`` in block ``s``) hold unspecified bytes (whatever an
+earlier call left), except in the expert-id payload when sanitising is asked for, where
+every padding id is ``invalid_token_expert_id``. combine never reads padding rows.
+
+Rules of use:
+
+* Collective: every rank of the ep group makes the object, calls ``dispatch`` and
+  ``combine`` the same number of times, in strict alternation, with the same
+  ``runtime_max_tokens_per_rank`` and the same payload count, dtypes and row shapes (in
+  dispatch and in combine), and ``close()``s it. Token counts ``T`` may differ per rank
+  (0 included), ``T <= runtime_max_tokens_per_rank <= max_num_tokens``.
+* Arrays returned by ``dispatch`` (and the combine payload view) are views of the
+  workspace: valid until the next ``dispatch``. ``recv_counts`` is likewise rewritten by
+  each dispatch. Use one stream for a dispatch and its combine (or order them).
+* Alignment: each payload's bytes per token (``itemsize * prod(shape[1:])``) and base
+  address must be multiples of 4; rows whose size and address are multiples of 16 move as
+  16-byte vectors (the fast path: use it for hidden states). The combine payload is bf16,
+  fp16 or fp32 with ``hidden * itemsize`` a multiple of 16 and a 16-byte aligned address.
+* No host synchronisation, no device allocation (pass ``out=`` to ``combine``) and no
+  data-dependent Python: dispatch + combine can be captured in a CUDA graph and replayed;
+  the epoch that pairs the ranks' flags is a device-side call counter.
+* Waits for peers are bounded (``timeout_s``, default ``MOECOMM_TIMEOUT_S`` or 10 s). A
+  timeout is recorded on the device and raised as ``PeerTimeoutError`` naming the missing
+  rank by the next call (or ``check_error``); the object is then unusable: close it.
+
+Workspace (one ``SymmetricBuffer`` per rank, bytes): a 1 KiB header (flags, counts), the
+receive tensors of the current dispatch (each at a 256-byte boundary), then the combine
+region ``[ep_size, runtime_max_tokens_per_rank, hidden]`` that peers read during combine.
+Size it with ``get_moe_workspace_size_per_rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import cupy
+import numpy as np
+
+from ..errors import ErrorWord, timeout_ns
+from ..group import ProcessGroup, default_group
+from ..kernels import get_kernel
+from ..mapping import Mapping
+from ..symmetric import SymmetricBuffer
+from ..tensors import as_array, as_stream, bfloat16
+
+__all__ = [
+    "MoeAlltoAll", "DispatchPlan", "plan_dispatch", "moe_a2a_get_workspace_size_per_rank",
+    "moe_a2a_sanitize_expert_ids", "MAX_RANKS", "MAX_PAYLOADS", "HEADER_BYTES",
+]
+
+MAX_RANKS = 32  # ep_size limit (MOECOMM_A2A_MAX_RANKS)
+MAX_PAYLOADS = 8  # payloads per dispatch (MOECOMM_A2A_MAX_PAYLOADS)
+HEADER_BYTES = 1024  # flags and counts at the start of the workspace
+REGION_ALIGN = 256  # every receive tensor and the combine region start on this boundary
+_SOURCE = "moe_a2a.cu"
+_CODES = {16: "MoeAlltoAll.dispatch", 17: "MoeAlltoAll.combine"}
+_DISPATCH_THREADS = 256
+_COMBINE_THREADS = 512
+_COMBINE_KERNELS = {np.dtype(np.float16): "moe_a2a_combine_fp16",
+                    np.dtype(np.float32): "moe_a2a_combine_fp32"}
+if bfloat16 is not None:
+    _COMBINE_KERNELS[bfloat16] = "moe_a2a_combine_bf16"
+
+# The kernels' by-value argument structs, field by field (every field 8 bytes; a count
+# > 1 is an array). Must match DispatchParams / CombineParams in kernels_cu/moe_a2a.cu.
+_DISPATCH_FIELDS = (
+    "peers", "experts", "send_slot", "recv_counts", "state", "error_word", "timeout_ns",
+    "num_tokens", "top_k", "num_experts", "experts_per_rank", "ep_size", "rank",
+    "runtime_max", "num_payloads", "id_payload", "invalid_id",
+    ("src", MAX_PAYLOADS), ("row_bytes", MAX_PAYLOADS), ("recv_off", MAX_PAYLOADS),
+)
+_COMBINE_FIELDS = (
+    "peers", "payload", "out", "send_slot", "recv_counts", "state", "error_word",
+    "timeout_ns", "num_tokens", "ep_size", "rank", "runtime_max", "row_bytes", "region_off",
+    "stage",
+)
+
+
+class _Params:
+    """A kernel's argument struct as a flat int64 array: ``index`` of each field."""
+
+    def __init__(self, fields):
+        self.index: dict[str, int] = {}
+        spec, size = [], 0
+        for f in fields:
+            name, count = (f, 1) if isinstance(f, str) else f
+            self.index[name] = size
+            spec.append((name, "<i8") if count == 1 else (name, "<i8", (count,)))
+            size += count
+        self.fields = tuple((f, 1) if isinstance(f, str) else f for f in fields)
+        self.dtype = np.dtype(spec)
+        self.size = size
+
+    def new(self, **values) -> np.ndarray:
+        flat = np.zeros(self.size, np.int64)
+        for name, value in values.items():
+            flat[self.index[name]] = value
+        return flat
+
+    def struct(self, flat: np.ndarray) -> np.ndarray:
+        """A size-1 structured array; CuPy passes it to the kernel by value."""
+        return flat.view(self.dtype)
+
+
+_DISPATCH = _Params(_DISPATCH_FIELDS)
+_COMBINE = _Params(_COMBINE_FIELDS)
+
+
+def _align(n: int, a: int = REGION_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _int_at_least(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- sizing
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where one dispatch's receive tensors and the combine region sit (byte offsets).
+
+    ``recv_off[p]``: start of payload p's ``[ep_size, runtime_max, row_bytes[p]]`` tensor;
+    ``combine_off``: start of the combine region, right after the receive tensors.
+    """
+
+    ep_size: int
+    runtime_max: int
+    row_bytes: tuple
+    recv_off: tuple
+    combine_off: int
+
+    def combine_end(self, row_bytes: int) -> int:
+        """First byte past a combine region of ``row_bytes`` per token."""
+        return self.combine_off + self.ep_size * self.runtime_max * row_bytes
+
+
+def plan_dispatch(ep_size: int, runtime_max: int, row_bytes: Sequence[int]) -> DispatchPlan:
+    """Lay out the receive tensors of payloads with ``row_bytes`` bytes per token.
+
+    Raises ValueError when a row is empty or not a multiple of 4 bytes, or there are
+    more than ``MAX_PAYLOADS`` payloads.
+    """
+    if not 1 <= len(row_bytes) <= MAX_PAYLOADS:
+        raise ValueError(f"input_payloads: {len(row_bytes)} payloads, expected 1 to {MAX_PAYLOADS}")
+    offs, off = [], HEADER_BYTES
+    for i, rb in enumerate(row_bytes):
+        if rb <= 0 or rb % 4:
+            raise ValueError(
+                f"input_payloads[{i}]: {rb} bytes per token; each payload's bytes per token "
+                "must be a positive multiple of 4 (16 for the vector fast path)")
+        offs.append(off)
+        off += _align(ep_size * runtime_max * rb)
+    return DispatchPlan(ep_size, runtime_max, tuple(int(r) for r in row_bytes), tuple(offs), off)
+
+
+def moe_a2a_get_workspace_size_per_rank(ep_size: int, max_num_tokens: int,
+                                        dispatch_bytes_per_token: int,
+                                        combine_bytes_per_token: int,
+                                        num_payloads: int = MAX_PAYLOADS) -> int:
+    """Workspace bytes per rank for dispatches of ``dispatch_bytes_per_token`` (all
+    payloads together) over up to ``num_payloads`` payloads and combines of
+    ``combine_bytes_per_token``, at up to ``max_num_tokens`` tokens per rank."""
+    ep_size = _int_at_least("ep_size", ep_size)
+    max_num_tokens = _int_at_least("max_num_tokens", max_num_tokens)
+    dispatch = _int_at_least("dispatch_bytes_per_token", dispatch_bytes_per_token)
+    combine = _int_at_least("combine_bytes_per_token", combine_bytes_per_token)
+    num_payloads = _int_at_least("num_payloads", num_payloads)
+    rows = ep_size * max_num_tokens
+    return _align(HEADER_BYTES + num_payloads * REGION_ALIGN + rows * (dispatch + combine))
+
+
+def moe_a2a_sanitize_expert_ids(expert_ids, recv_counts, ep_rank: int, experts_per_rank: int,
+                                invalid_expert_id: int, stream=None):
+    """In place on a received id tensor ``expert_ids`` int32 ``[ep_size, runtime_max, ...]``:
+    ids not owned by ``ep_rank`` (outside ``[ep_rank*experts_per_rank,
+    (ep_rank+1)*experts_per_rank)``) and every id of the padding rows (index >=
+    ``recv_counts[s]`` in block s; ``recv_counts`` int32 ``[ep_size]`` on the device)
+    become ``invalid_expert_id``. Returns ``expert_ids`` (as a cupy array)."""
+    ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream)
+    if ids.ndim < 2:
+        raise ValueError(f"expert_ids: expected [ep_size, runtime_max, ...], got {ids.shape}")
+    ep, rmax = ids.shape[0], ids.shape[1]
+    counts = as_array(recv_counts, "recv_counts", dtype=np.int32, shape=(ep,), stream=stream)
+    invalid = int(invalid_expert_id)
+    if not -(1 << 31) <= invalid < (1 << 31):
+        raise ValueError(f"invalid_expert_id {invalid} does not fit int32")
+    width = math.prod(ids.shape[2:])
+    if ids.size:
+        lo = int(ep_rank) * int(experts_per_rank)
+        blocks = max(1, min(1024, -(-ids.size // 256)))
+        with as_stream(stream):
+            get_kernel(_SOURCE, "moe_a2a_sanitize")(
+                (blocks,), (256,),
+                (ids, counts, np.int64(ep), np.int64(rmax), np.int64(width), np.int64(lo),
+                 np.int64(lo + int(experts_per_rank)), np.int32(invalid)))
+    return ids
+
+
+# ---------------------------------------------------------------------------- the op
+def _ep_group(group) -> tuple[ProcessGroup, bool]:
+    """The ep group and whether this object made it (and must close it)."""
+    if group is None:
+        return default_group(), False
+    if isinstance(group, Mapping):
+        parent = default_group()
+        if (group.world_size, group.rank) != (parent.size, parent.rank):
+            raise ValueError(
+                f"mapping (world_size={group.world_size}, rank={group.rank}) does not match "
+                f"the default group (size={parent.size}, rank={parent.rank})")
+        return parent.split(group.moe_ep_group), True
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"group: expected a ProcessGroup or Mapping, got {type(group).__name__}")
+    return group, False
+
+
+class MoeAlltoAll:
+    """MoE all-to-all with a static receive layout (see the module doc for the rules).
+
+    Args:
+        group: the ep group: a ``ProcessGroup`` whose ranks are all on one node (its
+            local ranks are the ep ranks), a ``Mapping`` (its moe_ep group is split off
+            the default group; collective over that group), or None (default group).
+        max_num_tokens: most tokens any rank dispatches in one call.
+        top_k: experts per token (columns of ``token_selected_experts``).
+        num_experts: total experts, a multiple of the ep size.
+        workspace_size_per_rank: workspace bytes; default sized from ``hidden_size`` by
+            ``get_moe_workspace_size_per_rank``.
+        hidden_size: used only when ``workspace_size_per_rank`` is None.
+        timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s;
+            0: forever).
+
+    Collective over the ep group, like ``close()``. Also a context manager.
+    """
+
+    def __init__(self, group, max_num_tokens: int, top_k: int, num_experts: int,
+                 workspace_size_per_rank: int | None = None, hidden_size: int | None = None,
+                 *, timeout_s: float | None = None):
+        self.max_num_tokens = _int_at_least("max_num_tokens", max_num_tokens)
+        self.top_k = _int_at_least("top_k", top_k)
+        self.num_experts = _int_at_least("num_experts", num_experts)
+        self._timeout_ns = timeout_ns(timeout_s)
+        if workspace_size_per_rank is None and hidden_size is None:
+            raise ValueError("pass workspace_size_per_rank or hidden_size")
+        self._phase = "closed"
+        group, owned = _ep_group(group)
+        try:
+            if group.spans_nodes:
+                raise ValueError(
+                    f"MoeAlltoAll: the ep group spans {group.num_nodes} nodes; CUDA IPC "
+                    "reaches one node only (use an ep group inside a node)")
+            ep = group.local_size
+            if ep > MAX_RANKS:
+                raise ValueError(f"ep size {ep} exceeds the maximum {MAX_RANKS}")
+            if self.num_experts % ep:
+                raise ValueError(f"num_experts={self.num_experts} is not a multiple of the ep "
+                                 f"size {ep}")
+            if workspace_size_per_rank is None:
+                size = self.get_moe_workspace_size_per_rank(
+                    ep, self.top_k, self.max_num_tokens, _int_at_least("hidden_size", hidden_size))
+            else:
+                size = _int_at_least("workspace_size_per_rank", workspace_size_per_rank,
+                                     HEADER_BYTES + REGION_ALIGN)
+            ranks = group.allgather(group.rank)
+            self._ws = SymmetricBuffer(group, size)
+        except BaseException:
+            if owned:
+                group.close()
+            raise
+        self._group, self._owns_group = group, owned
+        self.ep_rank, self.ep_size = group.local_rank, ep
+        self.experts_per_rank = self.num_experts // ep
+        self.workspace_size_per_rank = size
+        self._error = ErrorWord(ranks, _CODES)
+        self._state = cupy.zeros(8, np.uint32)
+        self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
+        self._recv_counts = cupy.zeros(ep, np.int32)
+        self._dispatch_kernel = get_kernel(_SOURCE, "moe_a2a_dispatch")
+        self._combine_kernels = {dt: get_kernel(_SOURCE, name)
+                                 for dt, name in _COMBINE_KERNELS.items()}
+        device = cupy.cuda.Device()
+        self._num_sms = int(device.attributes["MultiProcessorCount"])
+        common = dict(peers=self._ws.peer_ptrs.data.ptr, send_slot=self._send_slot.data.ptr,
+                      recv_counts=self._recv_counts.data.ptr, state=self._state.data.ptr,
+                      error_word=self._error.ptr, timeout_ns=self._timeout_ns,
+                      ep_size=ep, rank=self.ep_rank)
+        self._dispatch_template = _DISPATCH.new(
+            top_k=self.top_k, num_experts=self.num_experts,
+            experts_per_rank=self.experts_per_rank, **common)
+        self._combine_template = _COMBINE.new(**common)
+        self._plan: DispatchPlan | None = None
+        self._num_tokens = 0
+        cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
+        self._phase = "idle"
+
+    # -- sizing -----------------------------------------------------------------------
+    @staticmethod
+    def get_moe_workspace_size_per_rank(ep_size: int, top_k: int, max_num_tokens: int,
+                                        hidden_size: int,
+                                        extra_payload_bytes_per_token: int = 0) -> int:
+        """Workspace bytes per rank for bf16/fp16 hidden states of ``hidden_size`` plus
+        int32 expert ids and fp32 weights (``top_k`` each) per token, and
+        ``extra_payload_bytes_per_token`` more (e.g. fp8 scales); the combine region holds
+        16-bit rows of ``hidden_size``. For other mixes use
+        ``moe_a2a_get_workspace_size_per_rank``."""
+        top_k = _int_at_least("top_k", top_k)
+        hidden_size = _int_at_least("hidden_size", hidden_size)
+        extra = _int_at_least("extra_payload_bytes_per_token", extra_payload_bytes_per_token, 0)
+        return moe_a2a_get_workspace_size_per_rank(
+            ep_size, max_num_tokens, 2 * hidden_size + 8 * top_k + extra, 2 * hidden_size)
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def recv_counts(self) -> cupy.ndarray:
+        """int32 ``[ep_size]`` on the device: rows received from each rank by the last
+        dispatch (rewritten by the next one)."""
+        return self._recv_counts
+
+    def check_error(self, stream=None, *, synchronize: bool = False) -> None:
+        """Raise ``PeerTimeoutError`` if a wait of this workspace timed out (with
+        ``synchronize``, after waiting for ``stream``)."""
+        self._error.check(as_stream(stream), synchronize=synchronize)
+
+    def _usable(self, op: str) -> None:
+        if self._phase == "closed":
+            raise RuntimeError(f"MoeAlltoAll.{op}: the workspace is closed")
+        self._error.check()
+
+    def _dispatched(self, op: str) -> DispatchPlan:
+        if self._phase != "dispatched":
+            raise RuntimeError(f"MoeAlltoAll.{op} needs a dispatch first (dispatch and combine "
+                               "alternate)")
+        return self._plan
+
+    def _runtime_max(self, value) -> int:
+        rmax = _int_at_least("runtime_max_tokens_per_rank", value)
+        if rmax > self.max_num_tokens:
+            raise ValueError(f"runtime_max_tokens_per_rank={rmax} exceeds max_num_tokens="
+                             f"{self.max_num_tokens}")
+        return rmax
+
+    # -- dispatch ---------------------------------------------------------------------
+    def dispatch(self, token_selected_experts, input_payloads, runtime_max_tokens_per_rank: int,
+                 invalid_token_expert_id: int | None = None,
+                 expert_id_payload_index: int | None = None, stream=None) -> list:
+        """Send each token's payload rows to the ranks owning its experts.
+
+        Args:
+            token_selected_experts: int32 ``[T, top_k]``, ``T <= runtime_max``.
+            input_payloads: 1 to 8 arrays ``[T, ...]`` of any dtype (see the alignment
+                rule in the module doc).
+            runtime_max_tokens_per_rank: rows per source block of the receive tensors;
+                the same on every rank, ``>= T`` of every rank, ``<= max_num_tokens``.
+            invalid_token_expert_id: if given, the received ids of payload
+                ``expert_id_payload_index`` (int32) that this rank does not own, and all
+                ids of padding rows, read as this value.
+            stream: the stream to run on (default: CuPy's current stream).
+
+        Returns one workspace view ``[ep_size, runtime_max, *payload.shape[1:]]`` per
+        payload; ``recv_counts`` holds the valid rows per source block.
+        """
+        self._usable("dispatch")
+        if self._phase == "dispatched":
+            raise RuntimeError("MoeAlltoAll.dispatch called twice without combine (dispatch "
+                               "and combine alternate)")
+        rmax = self._runtime_max(runtime_max_tokens_per_rank)
+        ids = as_array(token_selected_experts, "token_selected_experts", dtype=np.int32,
+                       ndim=2, stream=stream)
+        T, k = ids.shape
+        if k != self.top_k:
+            raise ValueError(f"token_selected_experts: {k} experts per token, the workspace "
+                             f"was made for top_k={self.top_k}")
+        if T > self.max_num_tokens:
+            raise ValueError(f"token_selected_experts: {T} tokens exceed max_num_tokens="
+                             f"{self.max_num_tokens}")
+        if T > rmax:
+            raise ValueError(f"token_selected_experts: {T} tokens exceed "
+                             f"runtime_max_tokens_per_rank={rmax}")
+        payloads = self._payloads(input_payloads, T, stream)
+        id_payload, invalid = self._sanitize_option(
+            invalid_token_expert_id, expert_id_payload_index, payloads)
+        plan = plan_dispatch(self.ep_size, rmax, [_row_bytes(a) for a in payloads])
+        if plan.combine_off > self._ws.nbytes:
+            raise ValueError(
+                f"input_payloads: {plan.combine_off} workspace bytes needed at "
+                f"runtime_max_tokens_per_rank={rmax}, the workspace has {self._ws.nbytes} "
+                "(size it with get_moe_workspace_size_per_rank)")
+
+        flat = self._dispatch_template.copy()
+        ix = _DISPATCH.index
+        flat[ix["experts"]] = ids.data.ptr
+        flat[ix["num_tokens"]] = T
+        flat[ix["runtime_max"]] = rmax
+        flat[ix["num_payloads"]] = len(payloads)
+        flat[ix["id_payload"]] = id_payload
+        flat[ix["invalid_id"]] = invalid
+        for i, a in enumerate(payloads):
+            flat[ix["src"] + i] = a.data.ptr
+            flat[ix["row_bytes"] + i] = plan.row_bytes[i]
+            flat[ix["recv_off"] + i] = plan.recv_off[i]
+        grid = max(1, min(T, 2 * self._num_sms))
+        with as_stream(stream):
+            self._dispatch_kernel((grid,), (_DISPATCH_THREADS,), (_DISPATCH.struct(flat),))
+        self._phase, self._plan, self._num_tokens = "dispatched", plan, T
+        return [self._ws.view(a.dtype, (self.ep_size, rmax, *a.shape[1:]), offset=off)
+                for a, off in zip(payloads, plan.recv_off)]
+
+    @staticmethod
+    def _payloads(input_payloads, T: int, stream) -> list[cupy.ndarray]:
+        if not isinstance(input_payloads, (list, tuple)):
+            raise TypeError(f"input_payloads: expected a list of arrays, got "
+                            f"{type(input_payloads).__name__}")
+        if not 1 <= len(input_payloads) <= MAX_PAYLOADS:
+            raise ValueError(f"input_payloads: {len(input_payloads)} payloads, expected 1 to "
+                             f"{MAX_PAYLOADS}")
+        arrays = []
+        for i, x in enumerate(input_payloads):
+            a = as_array(x, f"input_payloads[{i}]", stream=stream)
+            if a.ndim < 1 or a.shape[0] != T:
+                raise ValueError(f"input_payloads[{i}]: shape {tuple(a.shape)}, expected "
+                                 f"[T={T}, ...] like token_selected_experts")
+            if a.data.ptr % 4:
+                raise ValueError(f"input_payloads[{i}]: address 0x{a.data.ptr:x} is not 4-byte "
+                                 "aligned")
+            arrays.append(a)
+        return arrays
+
+    @staticmethod
+    def _sanitize_option(invalid, index, payloads) -> tuple[int, int]:
+        """(payload index to sanitise or -1, invalid id)."""
+        if index is not None and not 0 <= int(index) < len(payloads):
+            raise ValueError(f"expert_id_payload_index={index} is not in [0, {len(payloads)})")
+        if invalid is None:
+            return -1, 0
+        if index is None:
+            raise ValueError("invalid_token_expert_id needs expert_id_payload_index (the payload "
+                             "holding the expert ids)")
+        index, invalid = int(index), int(invalid)
+        if payloads[index].dtype != np.int32:
+            raise TypeError(f"input_payloads[{index}] (expert ids): dtype "
+                            f"{payloads[index].dtype.name}, expected int32")
+        if not -(1 << 31) <= invalid < (1 << 31):
+            raise ValueError(f"invalid_token_expert_id={invalid} does not fit int32")
+        return index, invalid
+
+    def sanitize_expert_ids(self, expert_ids, invalid_expert_id: int, stream=None):
+        """``moe_a2a_sanitize_expert_ids`` for this rank and the last dispatch's counts
+        (in place on a received id tensor ``[ep_size, runtime_max, ...]`` int32)."""
+        self._usable("sanitize_expert_ids")
+        ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream)
+        if ids.ndim < 2 or ids.shape[0] != self.ep_size:
+            raise ValueError(f"expert_ids: shape {tuple(ids.shape)}, expected "
+                             f"[ep_size={self.ep_size}, runtime_max, ...]")
+        return moe_a2a_sanitize_expert_ids(ids, self._recv_counts, self.ep_rank,
+                                           self.experts_per_rank, invalid_expert_id, stream)
+
+    # -- combine ----------------------------------------------------------------------
+    def get_combine_payload_tensor_in_workspace(self, runtime_max_tokens_per_rank: int,
+                                                hidden_size: int, dtype) -> cupy.ndarray:
+        """The combine region as ``[ep_size, runtime_max, hidden_size]`` of ``dtype`` (bf16,
+        fp16, fp32): write the expert outputs here and call ``combine(...,
+        payload_in_workspace=True)`` to skip the staging copy. Only between a dispatch and
+        its combine; valid until the next dispatch."""
+        self._usable("get_combine_payload_tensor_in_workspace")
+        plan = self._dispatched("get_combine_payload_tensor_in_workspace")
+        self._same_runtime_max(runtime_max_tokens_per_rank, plan)
+        dtype = np.dtype(dtype)
+        if dtype not in _COMBINE_KERNELS:
+            raise TypeError(f"dtype {dtype.name} is not supported, expected bfloat16, float16 "
+                            "or float32")
+        hidden = _int_at_least("hidden_size", hidden_size)
+        self._check_combine_row(hidden * dtype.itemsize, plan, "hidden_size")
+        return self._ws.view(dtype, (self.ep_size, plan.runtime_max, hidden),
+                             offset=plan.combine_off)
+
+    def combine(self, payload, runtime_max_tokens_per_rank: int, payload_in_workspace: bool = False,
+                stream=None, *, out=None) -> cupy.ndarray:
+        """Sum, for each local token, the rows its target ranks produced.
+
+        Args:
+            payload: bf16/fp16/fp32 ``[ep_size, runtime_max, H]``: row ``(s, i)`` is this
+                rank's result for the i-th token received from rank s (rows past
+                ``recv_counts[s]`` are ignored).
+            runtime_max_tokens_per_rank: as passed to the dispatch.
+            payload_in_workspace: True when ``payload`` is the array of
+                ``get_combine_payload_tensor_in_workspace`` (no staging copy).
+            out: optional ``[T, H]`` array of the payload's dtype (T of the dispatch);
+                default a new array. Pass it when capturing a CUDA graph.
+
+        Returns ``[T, H]``: per token, the fp32 sum over its distinct target ranks in rank
+        order, rounded once to the payload dtype; +0 for a token routed nowhere.
+        """
+        self._usable("combine")
+        plan = self._dispatched("combine")
+        rmax = self._same_runtime_max(runtime_max_tokens_per_rank, plan)
+        x = as_array(payload, "payload", dtype=tuple(_COMBINE_KERNELS), ndim=3, stream=stream)
+        if x.shape[:2] != (self.ep_size, rmax):
+            raise ValueError(f"payload: shape {tuple(x.shape)}, expected [ep_size={self.ep_size}, "
+                             f"runtime_max_tokens_per_rank={rmax}, hidden]")
+        hidden = x.shape[2]
+        row = hidden * x.itemsize
+        self._check_combine_row(row, plan, "payload")
+        region = self._ws.ptr + plan.combine_off
+        if payload_in_workspace:
+            if x.data.ptr != region:
+                raise ValueError("payload_in_workspace=True but payload is not the array of "
+                                 "get_combine_payload_tensor_in_workspace")
+        elif x.data.ptr % 16:
+            raise ValueError(f"payload: address 0x{x.data.ptr:x} is not 16-byte aligned")
+        elif x.data.ptr != region and _overlaps(x.data.ptr, x.nbytes, region,
+                                                plan.combine_end(row) - plan.combine_off):
+            raise ValueError("payload overlaps the workspace's combine region; pass the array of "
+                             "get_combine_payload_tensor_in_workspace or a separate array")
+        T = self._num_tokens
+        out = self._out(out, (T, hidden), x.dtype, stream)
+
+        flat = self._combine_template.copy()
+        ix = _COMBINE.index
+        flat[ix["payload"]] = x.data.ptr
+        flat[ix["out"]] = out.data.ptr
+        flat[ix["num_tokens"]] = T
+        flat[ix["runtime_max"]] = rmax
+        flat[ix["row_bytes"]] = row
+        flat[ix["region_off"]] = plan.combine_off
+        stage = int(x.data.ptr != region)
+        flat[ix["stage"]] = stage
+        units = max(T, stage * self.ep_size * rmax) * (row // 16)
+        # All blocks wait for the peers, so all must be resident: at most one per SM.
+        grid = max(1, min(self._num_sms, -(-units // _COMBINE_THREADS)))
+        with as_stream(stream):
+            self._combine_kernels[x.dtype]((grid,), (_COMBINE_THREADS,), (_COMBINE.struct(flat),))
+        self._phase = "idle"
+        return out
+
+    def _same_runtime_max(self, value, plan: DispatchPlan) -> int:
+        rmax = _int_at_least("runtime_max_tokens_per_rank", value)
+        if rmax != plan.runtime_max:
+            raise ValueError(f"runtime_max_tokens_per_rank={rmax} differs from the dispatch's "
+                             f"{plan.runtime_max}")
+        return rmax
+
+    def _check_combine_row(self, row: int, plan: DispatchPlan, name: str) -> None:
+        if row % 16:
+            raise ValueError(f"{name}: {row} bytes per token; hidden * itemsize must be a "
+                             "multiple of 16")
+        if plan.combine_end(row) > self._ws.nbytes:
+            raise ValueError(
+                f"{name}: the combine region needs {plan.combine_end(row)} workspace bytes "
+                f"after this dispatch's receive tensors, the workspace has {self._ws.nbytes} "
+                "(size it with get_moe_workspace_size_per_rank)")
+
+    @staticmethod
+    def _out(out, shape, dtype, stream) -> cupy.ndarray:
+        if out is None:
+            with as_stream(stream):
+                raw = cupy.empty(math.prod(shape) * dtype.itemsize, np.uint8)
+            return cupy.ndarray(shape, dtype, raw.data)
+        out = as_array(out, "out", dtype=dtype, shape=shape, stream=stream)
+        if out.data.ptr % 16:
+            raise ValueError(f"out: address 0x{out.data.ptr:x} is not 16-byte aligned")
+        return out
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Collective: wait for the device, free the workspace in order (see
+        ``SymmetricBuffer.close``). Closing twice is harmless."""
+        if self._phase == "closed":
+            return
+        self._phase = "closed"
+        self._ws.close()
+        self._error.close()
+        if self._owns_group:
+            self._group.close()
+
+    def __enter__(self) -> "MoeAlltoAll":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"MoeAlltoAll(ep_rank={getattr(self, 'ep_rank', '?')}/"
+                f"{getattr(self, 'ep_size', '?')}, max_num_tokens={self.max_num_tokens}, "
+                f"top_k={self.top_k}, num_experts={self.num_experts}, {self._phase})")
+
+
+def _row_bytes(a: cupy.ndarray) -> int:
+    return a.itemsize * math.prod(a.shape[1:])
+
+
+def _overlaps(a: int, na: int, b: int, nb: int) -> bool:
+    return a < b + nb and b < a + na

@@ -1,0 +1,112 @@
+"""MoeAlltoAll without a GPU: workspace sizing, receive layout, kernel argument structs."""
+
+import re
+
+import pytest
+
+a2a = pytest.importorskip("moecomm.moe.alltoall", reason="CuPy is not installed")
+from moecomm import kernels  # noqa: E402
+
+MoeAlltoAll = a2a.MoeAlltoAll
+
+
+def test_workspace_size_formula():
+    # header 1024 + 8 payload alignments of 256 + ep*max*(dispatch + combine bytes/token),
+    # dispatch = bf16 hidden + int32 ids + fp32 weights, combine = bf16 hidden.
+    rows = 4 * 128
+    expected = 1024 + 8 * 256 + rows * ((2 * 7168 + 4 * 8 + 4 * 8) + 2 * 7168)
+    assert expected % 256 == 0
+    assert MoeAlltoAll.get_moe_workspace_size_per_rank(4, 8, 128, 7168) == expected
+    extra = MoeAlltoAll.get_moe_workspace_size_per_rank(4, 8, 128, 7168, 7168 + 224)
+    assert extra == expected + rows * (7168 + 224)
+    assert a2a.moe_a2a_get_workspace_size_per_rank(2, 10, 100, 36) % 256 == 0
+
+
+@pytest.mark.parametrize("ep,top_k,max_tokens,hidden", [
+    (1, 1, 1, 8), (2, 8, 1, 7168), (4, 8, 4096, 7168), (8, 6, 333, 2880), (32, 2, 17, 64)])
+def test_size_covers_the_payloads_it_promises(ep, top_k, max_tokens, hidden):
+    size = MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, max_tokens, hidden)
+    rows = [2 * hidden, 4 * top_k, 4 * top_k]
+    for rmax in (1, max_tokens // 2 or 1, max_tokens):
+        plan = a2a.plan_dispatch(ep, rmax, rows)
+        assert plan.combine_end(2 * hidden) <= size
+    # fp8 hidden + fp32 scales per 128 elements, as extra bytes
+    extra = hidden + 4 * -(-hidden // 128)
+    size = MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, max_tokens, hidden, extra)
+    plan = a2a.plan_dispatch(ep, max_tokens, rows + [hidden, 4 * -(-hidden // 128)])
+    assert plan.combine_end(2 * hidden) <= size
+    # eight tiny payloads: the alignment slack is covered too
+    size = a2a.moe_a2a_get_workspace_size_per_rank(ep, max_tokens, 8 * 4, 16)
+    assert a2a.plan_dispatch(ep, max_tokens, [4] * 8).combine_end(16) <= size
+
+
+def test_plan_layout():
+    plan = a2a.plan_dispatch(4, 10, [512, 24, 8, 32])
+    assert plan.recv_off[0] == a2a.HEADER_BYTES
+    for off, nxt, rb in zip(plan.recv_off, plan.recv_off[1:] + (plan.combine_off,), plan.row_bytes):
+        assert off % 256 == 0 and nxt >= off + 4 * 10 * rb
+    assert plan.combine_off % 256 == 0
+    assert plan.combine_end(64) == plan.combine_off + 4 * 10 * 64
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([], "expected 1 to 8"), ([4] * 9, "expected 1 to 8"),
+    ([512, 6], r"input_payloads\[1\]: 6 bytes per token.*multiple of 4"),
+    ([0], r"input_payloads\[0\]: 0 bytes")])
+def test_plan_rejects(rows, match):
+    with pytest.raises(ValueError, match=match):
+        a2a.plan_dispatch(2, 4, rows)
+
+
+def test_sizing_arguments():
+    with pytest.raises(ValueError, match="ep_size must be >= 1"):
+        MoeAlltoAll.get_moe_workspace_size_per_rank(0, 8, 128, 7168)
+    with pytest.raises(ValueError, match="hidden_size must be >= 1"):
+        MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8, 128, 0)
+    with pytest.raises(ValueError, match="extra_payload_bytes_per_token must be >= 0"):
+        MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8, 128, 64, -1)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8.0, 128, 64)
+
+
+def _kernel_source() -> str:
+    return (kernels.source_dir() / "moe_a2a.cu").read_text()
+
+
+def _struct_fields(source: str, name: str, defines: dict) -> list:
+    body = re.search(r"struct %s \{(.*?)\n\};" % name, source, re.S).group(1)
+    fields = []
+    for line in body.splitlines():
+        line = line.split("//")[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(?:const\s+)?(\w+)\s*(\*?)\s*(\w+)(?:\[(\w+)\])?;", line)
+        assert m, f"{name}: cannot read field line {line!r} (one field per line)"
+        ctype, pointer, field, count = m.groups()
+        assert pointer or ctype in ("int64_t", "uint64_t"), f"{name}.{field}: not 8 bytes"
+        fields.append((field, int(defines.get(count, count)) if count else 1))
+    return fields
+
+
+def test_kernel_structs_match_python():
+    source = _kernel_source()
+    defines = dict(re.findall(r"#define (MOECOMM_A2A_\w+) (\d+)u?", source))
+    assert int(defines["MOECOMM_A2A_MAX_RANKS"]) == a2a.MAX_RANKS
+    assert int(defines["MOECOMM_A2A_MAX_PAYLOADS"]) == a2a.MAX_PAYLOADS
+    assert {int(defines["MOECOMM_A2A_CODE_DISPATCH"]), int(defines["MOECOMM_A2A_CODE_COMBINE"])} \
+        == set(a2a._CODES)
+    for struct, params in (("DispatchParams", a2a._DISPATCH), ("CombineParams", a2a._COMBINE)):
+        assert _struct_fields(source, struct, defines) == list(params.fields), struct
+        assert params.dtype.itemsize == 8 * params.size
+    flat = a2a._DISPATCH.new(rank=3, invalid_id=-1)
+    rec = a2a._DISPATCH.struct(flat)
+    assert rec.shape == (1,) and rec["rank"][0] == 3 and rec["invalid_id"][0] == -1
+    flat[a2a._DISPATCH.index["recv_off"] + 2] = 4096
+    assert rec["recv_off"][0][2] == 4096
+
+
+def test_header_fits():
+    source = _kernel_source()
+    offs = dict(re.findall(r"constexpr size_t (k\w+Off) = (\d+);", source))
+    assert int(offs["kRecvCountOff"]) + 4 * a2a.MAX_RANKS <= a2a.HEADER_BYTES
+    assert int(offs["kCombineFlagOff"]) + 4 * a2a.MAX_RANKS <= int(offs["kRecvCountOff"])

@@ -1,0 +1,10 @@
+"""MoeAlltoAll dispatch/combine across real ranks (several ranks may share one GPU)."""
+
+import pytest
+
+from tests.mpi import check_ranks
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_moe_alltoall(n):
+    check_ranks(n, "tests/gpu/workers/moe_a2a_worker.py", timeout=600)
