@@ -72,3 +72,13 @@ def check_ranks(n: int, script: str, *args: str, env: dict | None = None,
 def report_pass(rank: int) -> None:
     """A worker's last line: this rank ran every check."""
     print(f"<PASS {rank}>", flush=True)
+
+
+def expect_raises(exc_type, text: str, fn):
+    """``fn()`` must raise ``exc_type`` with ``text`` in its message; returns the error."""
+    try:
+        fn()
+    except exc_type as exc:
+        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
+        return exc
+    raise AssertionError(f"no {exc_type.__name__} ({text})")

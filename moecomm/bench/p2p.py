@@ -66,7 +66,6 @@ def run(args) -> int:
                 rows.append({"mode": mode, "method": name, "bytes": n,
                              "median_us": max(times),
                              "GB/s": n / (max(times) * 1e-6) / 1e9})
-        del dst
     best_kernel = {m: max(r["GB/s"] for r in rows if r["mode"] == m and r["method"] != "memcpy_peer")
                    for m in ("one", "all")}
     memcpy = {m: next(r["GB/s"] for r in rows if r["mode"] == m and r["method"] == "memcpy_peer")

@@ -15,21 +15,12 @@ from moecomm import reference
 from moecomm.allreduce import Algorithm, all_reduce, create_allreduce_workspace
 from moecomm.errors import PeerTimeoutError
 from moecomm.tensors import bfloat16
-from tests.mpi import report_pass
+from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
 rank, world = group.rank, group.size
 exclusive = cupy.cuda.runtime.getDeviceCount() >= world
 mode = sys.argv[1]
-
-
-def expect_raises(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
-    else:
-        raise AssertionError(f"no {exc_type.__name__} ({text})")
 
 
 def fresh_inputs(shape, dtype):

@@ -5,19 +5,10 @@ import numpy as np
 
 import moecomm
 from moecomm.tensors import as_array, bfloat16
-from tests.mpi import report_pass
+from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
 dev = group.device_id
-
-
-def expect_raises(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
-    else:
-        raise AssertionError(f"no {exc_type.__name__} ({text})")
 
 
 checked = []

@@ -18,7 +18,7 @@ from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,
                             allreduce_fusion, create_allreduce_fusion_workspace,
                             moe_allreduce_fusion, moe_finalize_allreduce_fusion, rmsnorm_fusion)
 from moecomm.tensors import bfloat16
-from tests.mpi import report_pass
+from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
 rank, world = group.rank, group.size
@@ -28,15 +28,6 @@ OUT_OF = {P.kARResidualRMSNormFP8Quant: P.kARResidualRMSNormOutFP8Quant,
           P.kARResidualRMSNormPerTokenGroupFP8PackedQuant:
               P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant,
           P.kARResidualRMSNormDynamicFP8Quant: P.kARResidualRMSNormOutDynamicFP8Quant}
-
-
-def expect_raises(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
-    else:
-        raise AssertionError(f"no {exc_type.__name__} ({text})")
 
 
 def bits(a):

@@ -15,7 +15,7 @@ from moecomm.errors import PeerTimeoutError
 from moecomm.moe import MoeAlltoAll
 from moecomm.moe.alltoall import HEADER_BYTES
 from moecomm.tensors import bfloat16
-from tests.mpi import report_pass
+from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
 N = group.local_size
@@ -28,15 +28,6 @@ INVALID = -5
 ID_PAYLOAD = 3  # [hidden bf16, hidden fp8, scales fp32, ids int32, weights fp32]
 stream = cupy.cuda.Stream(non_blocking=True)
 checked = []
-
-
-def expect_raises(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
-        return exc
-    raise AssertionError(f"no {exc_type.__name__} ({text})")
 
 
 def shared_seed() -> int:

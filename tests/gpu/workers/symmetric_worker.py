@@ -6,21 +6,12 @@ import numpy as np
 import moecomm
 from moecomm.kernels import get_kernel
 from moecomm.symmetric import SymmetricBuffer, create_shared_buffer, free_shared_buffer
-from tests.mpi import report_pass
+from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
 rank, n = group.local_rank, group.local_size
 gather = get_kernel("symmetric.cu", "gather_peers")
 copy = get_kernel("symmetric.cu", "copy_bytes")
-
-
-def expect_raises(exc_type, text, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
-    else:
-        raise AssertionError(f"no {exc_type.__name__} ({text})")
 
 
 def rank_bytes(seed: int, r: int, size: int) -> np.ndarray:
