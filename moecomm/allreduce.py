@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import warnings
 
 import cupy
 import numpy as np
@@ -87,7 +88,8 @@ class AllReduceWorkspace:
             fused all-reduce splits by whole rows and needs ``ceil(rows / world)`` rows).
 
     Memory per rank: ``3 * world * max_oneshot_bytes + 2 * max_bytes`` plus 32 KiB of
-    flags. Creation and ``close()`` are collective.
+    flags. Creation and ``close()`` are collective. If the buffers cannot be shared (CUDA
+    IPC refused on some rank), the workspace warns and serves every call through NCCL.
     """
 
     def __init__(self, group: ProcessGroup | None, max_bytes: int, dtype, *,
@@ -128,7 +130,13 @@ class AllReduceWorkspace:
         total = self.ag_off + _round16(self.max_bytes)
         self.lamport_slot, self.rs_slot = lamport_slot, rs_slot
 
-        self.buffer = SymmetricBuffer(self.group, total)
+        try:
+            self.buffer = SymmetricBuffer(self.group, total)
+        except RuntimeError as exc:  # raised on every rank alike: fall back together
+            warnings.warn(f"CUDA IPC is unavailable ({exc}); all_reduce goes through NCCL",
+                          RuntimeWarning, stacklevel=2)
+            self.ipc, self.max_oneshot_bytes = False, 0
+            return
         self.state = cupy.zeros(8, np.uint32)
         self.error = ErrorWord(self.group.local_comm.allgather(self.rank), _CODES)
         suffix = _SUFFIX[self.dtype]
