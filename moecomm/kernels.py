@@ -28,19 +28,13 @@ class KernelCompileError(RuntimeError):
 
 
 def source_dir() -> Path:
-    """The folder of ``*.cu``/``*.cuh`` files: inside the installed wheel, or the checkout."""
-    try:
-        from importlib.resources import files
-
-        packaged = Path(str(files("moecomm.kernels_cu")))
-        if (packaged / "common.cuh").is_file():
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    checkout = Path(__file__).resolve().parent.parent / "kernels_cu"
-    if (checkout / "common.cuh").is_file():
-        return checkout
-    raise FileNotFoundError("kernels_cu/ not found next to the moecomm package")
+    """The folder of ``*.cu``/``*.cuh`` files: ``moecomm/kernels_cu`` in an installed
+    wheel, the top-level ``kernels_cu/`` in a source checkout (editable install included)."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "kernels_cu", package.parent / "kernels_cu"):
+        if (folder / "common.cuh").is_file():
+            return folder
+    raise FileNotFoundError(f"kernels_cu/ not found in {package} or beside it")
 
 
 def list_sources() -> list[str]:
