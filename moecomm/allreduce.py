@@ -29,6 +29,7 @@ import numpy as np
 
 from . import kernels
 from .errors import ErrorWord, timeout_ns
+from . import group as _group
 from .group import ProcessGroup, default_group
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, as_array, as_stream, bfloat16, dtype_name, stream_handle
@@ -271,6 +272,9 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
         raise TypeError(f"x: dtype {x.dtype.name} does not match the workspace's "
                         f"{dtype_name(ws.dtype)}")
     algo = ws.choose(x.nbytes, algorithm)
+    if _group.DEBUG:
+        ws.group.check_uniform("all_reduce arguments (shape, dtype, algorithm)",
+                               (x.shape, x.dtype.name, algo.value))
     if out is None:
         out = cupy.empty_like(x)
     else:

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import kernels, reference
 from .allreduce import WORKSPACE_ARGTYPES, AllReduceWorkspace, Algorithm
+from . import group as _group
 from .group import ProcessGroup, default_group
 from .tensors import as_array, bfloat16, dtype_name, stream_handle
 
@@ -317,6 +318,9 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
                                    else Algorithm.TWOSHOT)
     if algo == Algorithm.NCCL:
         raise ValueError("allreduce_fusion needs CUDA IPC; the group spans nodes")
+    if _group.DEBUG:
+        ws.group.check_uniform("allreduce_fusion arguments (pattern, tokens, source, algorithm)",
+                               (pattern.name, tokens, args.source, algo.value))
     ws.allreduce.error.check()
     if tokens == 0:
         return outputs

@@ -21,6 +21,9 @@ from typing import Sequence
 from mpi4py import MPI
 
 GPUS_PER_NODE_ENV = "MOECOMM_GPUS_PER_NODE"
+# MOECOMM_DEBUG=1: ops compare their arguments across ranks before each launch (one
+# host allgather per call), turning a mismatch into a ValueError instead of a hang.
+DEBUG = os.environ.get("MOECOMM_DEBUG") == "1"
 
 
 def _env_gpus_per_node() -> int | None:
@@ -138,6 +141,13 @@ class ProcessGroup:
     def bcast(self, obj, root: int = 0):
         """Rank ``root``'s picklable ``obj`` on every rank (small host values only)."""
         return self.comm.bcast(obj, root=root)
+
+    def check_uniform(self, what: str, value) -> None:
+        """Raise ValueError on every rank unless every rank passed an equal ``value``."""
+        values = self.comm.allgather(value)
+        if any(v != values[0] for v in values):
+            detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise ValueError(f"{what} differ across ranks ({detail})")
 
     def split(self, ranks: Sequence[int]) -> "ProcessGroup | None":
         """A new group of ``ranks`` (world ranks of this group, in this order).

@@ -31,6 +31,14 @@ with ProcessGroup() as g:
     root = size - 1
     assert g.bcast_bytes(b"from-root" if rank == root else None, root=root) == b"from-root"
     g.barrier()
+    g.check_uniform("sizes", (4, "bf16"))
+    if size > 1:
+        try:
+            g.check_uniform("sizes", (4 + rank, "bf16"))
+        except ValueError as exc:
+            assert "sizes differ across ranks (rank 0: (4, 'bf16'); rank 1: (5, 'bf16')" in str(exc), exc
+        else:
+            raise AssertionError("differing values went unnoticed")
 
     # Subgroups of even and odd ranks keep node membership of the parent.
     parity = [r for r in range(size) if r % 2 == rank % 2]

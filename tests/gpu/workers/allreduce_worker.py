@@ -160,6 +160,18 @@ elif mode == "timeout":
             expect_raises(PeerTimeoutError, "rank 1", lambda: all_reduce(x, ws, algorithm=algo))
         group.barrier()
         ws.close()
+elif mode == "debug":
+    # MOECOMM_DEBUG=1: arguments that differ across ranks raise on every rank.
+    assert moecomm.group.DEBUG
+    with create_allreduce_workspace(group, max_bytes=1 << 16, dtype=np.float32) as ws:
+        out = all_reduce(cupy.ones(100, np.float32), ws)
+        assert cupy.all(out == world)
+        expect_raises(ValueError, "differ across ranks", lambda: all_reduce(
+            cupy.ones(100 + rank, np.float32), ws))
+        expect_raises(ValueError, "rank 1: ((101,)", lambda: all_reduce(
+            cupy.ones(100 + rank, np.float32), ws))
+        out = all_reduce(cupy.ones(64, np.float32), ws, algorithm="twoshot")
+        assert cupy.all(out == world), "the workspace is usable after a refused call"
 else:
     raise SystemExit(f"unknown mode {mode}")
 
