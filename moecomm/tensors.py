@@ -85,13 +85,13 @@ def as_array(
         if arr.device.id != device:
             raise ValueError(f"{name}: array is on cuda:{arr.device.id}, expected cuda:{device}")
     else:
-        on = _device_of(x, name)  # before any CUDA call: a CPU array fails here
-        if device is None:
-            device = cupy.cuda.runtime.getDevice()
-        if on != device:
-            raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
         arr = _torch_view(x, name, device, stream)
         if arr is None:
+            on = _device_of(x, name)  # before any CUDA call: a CPU array fails here
+            if device is None:
+                device = cupy.cuda.runtime.getDevice()
+            if on != device:
+                raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
             if stream is None:
                 arr = cupy.from_dlpack(x)
             else:
@@ -104,36 +104,49 @@ def as_array(
 _torch_dtypes: dict | None = None
 
 
-def _torch_view(x, name: str, device: int, stream) -> cupy.ndarray | None:
-    """Fast path for a PyTorch tensor already ordered on the op's stream.
+def _torch_view(x, name: str, device: int | None, stream) -> cupy.ndarray | None:
+    """Fast path for a CUDA PyTorch tensor already ordered on the op's stream.
 
-    A tensor whose producer stream (torch's current stream) is the op's stream needs no
-    event: a view over its memory is built directly, a few microseconds cheaper than the
-    DLPack capsule exchange. Otherwise (another stream, an unmapped dtype) returns None
-    and the caller takes the DLPack path, where torch orders the streams itself.
+    A tensor whose producer stream (torch's current stream on its device) is the op's
+    stream needs no event: a view over its memory is built directly, several microseconds
+    cheaper than the DLPack capsule exchange. Anything else (not torch, not on a GPU,
+    another stream, an unmapped dtype) returns None and takes the DLPack path, where the
+    producer orders the streams and devices are checked.
     """
     global _torch_dtypes
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor):
         return None
+    on = x.get_device()  # -1 on the CPU
+    if on < 0:
+        return None
+    if device is None:
+        device = cupy.cuda.runtime.getDevice()
+    if on != device:
+        raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
     if _torch_dtypes is None:
         _torch_dtypes = {getattr(torch, t): np.dtype(t) for t in (
             "float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
         if bfloat16 is not None:
             _torch_dtypes[torch.bfloat16] = bfloat16
     dtype = _torch_dtypes.get(x.dtype)
-    if dtype is None:
-        return None
-    if torch.cuda.current_stream(device).cuda_stream != stream_handle(stream):
+    if dtype is None or _torch_stream(torch, on) != stream_handle(stream):
         return None
     if not x.is_contiguous():
         raise ValueError(
             f"{name}: array must be C-contiguous (strides {tuple(x.stride())}); pass a contiguous copy"
         )
-    shape = tuple(x.shape)
-    nbytes = x.numel() * dtype.itemsize
-    mem = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, device)
-    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
+    mem = cupy.cuda.UnownedMemory(x.data_ptr(), x.numel() * dtype.itemsize, x, on)
+    return cupy.ndarray(tuple(x.shape), dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+
+def _torch_stream(torch, device: int) -> int:
+    """torch's current stream on ``device`` as a raw handle (its private accessor is ten
+    times cheaper than ``torch.cuda.current_stream``; the public one is the fallback)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def check(arr: cupy.ndarray, name: str, *, dtype=None, shape=None, ndim=None) -> None:

@@ -9,6 +9,8 @@ import pytest
 
 from tests.mpi import ROOT
 
+pytestmark = pytest.mark.needs_registry
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
