@@ -134,7 +134,7 @@ class NcclCommunicator:
         recv_counts = self._counts(recv_counts, "recv_counts")
         if sum(send_counts) > x.shape[0]:
             raise ValueError(f"send_counts sum {sum(send_counts)} > x rows {x.shape[0]}")
-        row = x[0:1].nbytes if x.ndim else x.itemsize
+        row = int(np.prod(x.shape[1:], dtype=np.int64)) * x.itemsize  # also when x has no rows
         out = _out(out, "out", (sum(recv_counts), *x.shape[1:]), x.dtype, stream)
         self._exchange(x.data.ptr, [c * row for c in send_counts],
                        out.data.ptr, [c * row for c in recv_counts], stream_handle(stream))

@@ -1,14 +1,15 @@
-"""``python -m moecomm.bench {allreduce,fusion,p2p,dlpack} [options]`` (run under mpiexec)."""
+"""``python -m moecomm.bench {allreduce,fusion,p2p,dlpack,moe} [options]`` (run under mpiexec)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import allreduce, dlpack, fusion, p2p
+from . import allreduce, dlpack, fusion, moe, p2p
 from .common import NoGpuError
 
-SUITES = {"allreduce": allreduce, "fusion": fusion, "p2p": p2p, "dlpack": dlpack}
+SUITES = {"allreduce": allreduce, "fusion": fusion, "p2p": p2p, "dlpack": dlpack,
+          "moe": moe}
 
 
 def main(argv=None) -> int:

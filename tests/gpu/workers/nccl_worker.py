@@ -69,6 +69,14 @@ with NcclCommunicator(group) as comm:
     want = np.concatenate([rows[s][sum(counts[s][:rank]):sum(counts[s][:rank + 1])]
                            for s in range(n)])
     assert np.array_equal(out.get(), want), "all_to_all_v"
+    # a rank with no rows of its own still receives
+    empty = cupy.zeros((0, 6), np.float32)
+    got = comm.all_to_all_v(cupy.asarray(rows[rank]) if rank else empty,
+                            counts[rank] if rank else [0] * n,
+                            [counts[s][rank] if s else 0 for s in range(n)])
+    want = np.concatenate([rows[s][sum(counts[s][:rank]):sum(counts[s][:rank + 1])]
+                           for s in range(1, n)] or [np.zeros((0, 6), np.float32)])
+    assert np.array_equal(got.get(), want), "all_to_all_v with an empty sender"
     sizes = [r + 1 for r in range(n)]
     gv = comm.all_gather_v(cupy.asarray(data(rank, (sizes[rank], 3), np.float32)), sizes)
     assert np.array_equal(gv.get(), np.concatenate([data(r, (sizes[r], 3), np.float32)
