@@ -4,6 +4,7 @@
 //   [0, 1024)            header: dispatch_flag u32[32] at 0, combine_flag u32[32] at 128,
 //                        recv_count i32[32] at 256; entry s is written by rank s
 //   recv_off[p] ...      payload p's receive tensor [ep, runtime_max, row_bytes[p]]
+//   scale_off ...        with FP8 dispatch: the scales [ep, runtime_max, scale_row_bytes]
 //   region_off ...       the combine payload [ep, runtime_max, row_bytes] (after the above)
 // and local (not shared) memory: send_slot i32[T, ep] (token t's row in block `rank` of
 // rank r's receive tensors, -1 if t does not go to r), recv_counts i32[ep] (rows received
@@ -19,6 +20,14 @@
 // to finish releases dispatch_flag[rank] = epoch on every target, then waits (bounded)
 // until every source's flag on this rank reached the epoch and copies the counts out.
 //
+// FP8 dispatch (kernel moe_a2a_dispatch_fp8, the same steps): payload quant_payload is
+// bf16 [T, H], H % 128 == 0. The block quantizes each of its tokens once, in registers,
+// and stores the same e4m3 codes into every target's tensor recv_off[q] ([ep, runtime_max,
+// H] bytes) and the 128-element group scales into the extra tensor scale_off ([ep,
+// runtime_max, scale_row_bytes]): one fp32 per group, or UE8M0 exponent bytes packed four
+// per int32 (group 4j+i in byte i, unused bytes 0), the latter bit-exact with
+// moecomm.reference.quant_fp8_per_token_group (formulas at quant_rows).
+//
 // Combine (one kernel, all blocks co-resident: the host sizes the grid to the SM count).
 // Unless the payload already is the workspace's combine region, each rank first copies
 // its valid rows (recv_counts[s] of block s) into that region; the last block then
@@ -32,6 +41,7 @@
 // region only after its dispatch k+1 completed, i.e. after every peer finished combine k
 // (a peer sends dispatch k+1 only after its combine k). dispatch and combine must alternate.
 #include "common.cuh"
+#include "quant.cuh"
 
 using namespace moecomm;
 
@@ -79,8 +89,12 @@ struct DispatchParams {
   int64_t num_payloads;
   int64_t id_payload;           // payload to sanitise per target, or -1
   int64_t invalid_id;
+  int64_t quant_payload;        // payload quantized to fp8 on the way (bf16 in), or -1
+  int64_t scale_format;         // 0: fp32 scales, 1: UE8M0 packed four per int32
+  int64_t scale_row_bytes;      // bytes of one token's scales
+  int64_t scale_off;            // workspace offset of the scales [ep, runtime_max, ...]
   uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];        // payload p: [T, row_bytes[p]] input
-  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS];  // bytes per token, a multiple of 4
+  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS];  // bytes per token received (fp8: H)
   uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];   // receive tensor's workspace offset
 };
 
@@ -102,7 +116,7 @@ struct CombineParams {
   int64_t stage;                // 1: copy payload into the region first
 };
 
-static_assert(sizeof(DispatchParams) == 8 * (17 + 3 * MOECOMM_A2A_MAX_PAYLOADS),
+static_assert(sizeof(DispatchParams) == 8 * (21 + 3 * MOECOMM_A2A_MAX_PAYLOADS),
               "DispatchParams must be all 8-byte fields");
 static_assert(sizeof(CombineParams) == 8 * 15, "CombineParams must be all 8-byte fields");
 
@@ -193,6 +207,78 @@ __device__ void copy_rows(const DispatchParams& p, const uint64_t* s_peer,
         const W y = sanitize ? Word<W>::keep(x[u], r * epr, (r + 1) * epr, bad) : x[u];
         Word<W>::store(peer_base(s_peer, r) + dst_off + (size_t)slot * row + col, y);
       }
+    }
+  }
+}
+
+// e4m3 codes of x.lane[i..i+3] * mul, packed little-endian.
+__device__ __forceinline__ uint32_t e4m3x4(const Pack16<__nv_bfloat16>& x, int i, float mul) {
+  uint32_t w = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    w |= (uint32_t)e4m3_encode(__fmul_rn(to_float(x.lane[i + k]), mul)) << (8 * k);
+  return w;
+}
+
+// FP8 quantization of n bf16 tokens of `hidden` elements (src 16-byte aligned), once per
+// token, stored into every target: a thread takes 16 elements (two 16-byte loads, one
+// 16-byte store of codes), 8 threads one 128-element group, a warp 4 groups (one packed
+// UE8M0 word). Each token's threads are padded to a multiple of 32 so that no warp
+// straddles two tokens; padding lanes only take part in the shuffles. Per group (fp32):
+//   amax = max |x|;  s = max(amax / 448, 1e-10f)      (correctly rounded division)
+//   fp32:  scale = s,                      q = e4m3_sat(x * fp32(1 / scale))  (RN, RN)
+//   ue8m0: e = ue8m0_ceil(s), scale = 2^(e-127), q = e4m3_sat(x * 2^(127-e)) (= x / scale)
+// (multiplications, not one division per element: x * fp32(1/s) may differ from x / s in
+// the last fp32 bit before the e4m3 rounding; the reference specifies the product).
+// NaN inputs are outside the contract (fmaxf drops them from amax).
+__device__ void quant_rows(const DispatchParams& p, const uint64_t* s_peer,
+                           const int32_t (*s_slot)[kMaxRanks], const uint8_t* src,
+                           int64_t hidden, size_t code_off, size_t scale_off, int n) {
+  const int ep = (int)p.ep_size;
+  const int rank = (int)p.rank;
+  const bool ue8m0 = p.scale_format == 1;
+  const int64_t scale_row = p.scale_row_bytes;
+  const int units = (int)(hidden / 16);
+  const int padded = (units + 31) & ~31;
+  const int lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < n * padded; i += blockDim.x) {  // warp-uniform trips
+    const int tl = i / padded;
+    const int u = i - tl * padded;
+    const bool active = u < units;  // uniform over each 8-lane group
+    Pack16<__nv_bfloat16> x[2];  // kept as bf16: converted twice rather than held in fp32
+    float amax = 0.f;
+    if (active) {
+      x[0].vec = ld_vec16(src + (size_t)tl * hidden * 2 + (size_t)u * 32);
+      x[1].vec = ld_vec16(src + (size_t)tl * hidden * 2 + (size_t)u * 32 + 16);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) amax = fmaxf(amax, fabsf(to_float(x[k / 8].lane[k % 8])));
+    }
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, o));
+    const float s = fmaxf(__fdiv_rn(amax, 448.f), 1e-10f);
+    const uint32_t e = ue8m0_ceil(s);  // 94..254
+    uint32_t word = 0;                 // ue8m0: lane 0 packs the warp's four groups
+    if (ue8m0) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) word |= __shfl_sync(~0u, active ? e : 0u, 8 * g) << (8 * g);
+    }
+    if (!active) continue;
+    // ue8m0: 2^(127-e) exactly (e = 254 gives the subnormal 2^-127); fp32: fp32(1 / s).
+    const float mul = ue8m0 ? __uint_as_float(e < 254u ? (254u - e) << 23 : 0x400000u)
+                            : __frcp_rn(s);
+    const Vec16 q = {e4m3x4(x[0], 0, mul), e4m3x4(x[0], 4, mul), e4m3x4(x[1], 0, mul),
+                     e4m3x4(x[1], 4, mul)};
+    for (int j = 1; j <= ep; ++j) {
+      const int r = (rank + j) % ep;  // peers first, self last
+      const int slot = s_slot[tl][r];
+      if (slot < 0) continue;
+      uint8_t* base = peer_base(s_peer, r);
+      st_vec16(base + code_off + (size_t)slot * hidden + (size_t)u * 16, q);
+      uint8_t* sc = base + scale_off + (size_t)slot * scale_row;
+      if (ue8m0 && lane == 0)
+        *reinterpret_cast<uint32_t*>(sc + (size_t)(u / 32) * 4) = word;
+      else if (!ue8m0 && (lane & 7) == 0)
+        *reinterpret_cast<float*>(sc + (size_t)(u / 8) * 4) = s;
     }
   }
 }
@@ -326,7 +412,12 @@ __device__ void combine(const CombineParams& p) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const DispatchParams p) {
+namespace {
+
+// kFp8: the moe_a2a_dispatch_fp8 instantiation, which quantizes payload quant_payload on
+// the way; a kernel of its own so that the plain dispatch keeps its registers.
+template <bool kFp8>
+__device__ __forceinline__ void dispatch(const DispatchParams& p) {
   __shared__ uint64_t s_peer[kMaxRanks];
   __shared__ int32_t s_before[kMaxRanks];  // routed tokens before this block's chunk
   __shared__ int32_t s_total[kMaxRanks];   // routed tokens in all
@@ -392,8 +483,14 @@ extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const Dispat
     __syncthreads();
     for (int q = 0; q < (int)p.num_payloads; ++q) {
       const int64_t row = (int64_t)p.row_bytes[q];
-      const uint8_t* src = reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * row;
       const size_t dst_off = p.recv_off[q] + (size_t)rank * p.runtime_max * row;
+      if (kFp8 && q == p.quant_payload) {  // bf16 in: 2 * row bytes per token
+        quant_rows(p, s_peer, s_slot, reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * 2 * row,
+                   row, dst_off, p.scale_off + (size_t)rank * p.runtime_max * p.scale_row_bytes,
+                   n);
+        continue;
+      }
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * row;
       const bool sanitize = q == p.id_payload;
       if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
         copy_rows<Vec16>(p, s_peer, s_slot, src, row, dst_off, n, sanitize);
@@ -427,6 +524,17 @@ extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const Dispat
     p.recv_counts[threadIdx.x] = *reinterpret_cast<const volatile int32_t*>(
         peer_base(s_peer, rank) + kRecvCountOff + 4 * threadIdx.x);
   if (threadIdx.x == 0) p.state[kStateDispatchEpoch] = epoch;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const DispatchParams p) {
+  dispatch<false>(p);
+}
+
+// At most 512 threads (the host launches 256): the quantizer needs more than 64 registers.
+extern "C" __global__ void __launch_bounds__(512) moe_a2a_dispatch_fp8(const DispatchParams p) {
+  dispatch<true>(p);
 }
 
 #define MOECOMM_A2A_COMBINE(SUFFIX, T)                                                     \

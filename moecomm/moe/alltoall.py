@@ -35,17 +35,40 @@ Rules of use:
   timeout is recorded on the device and raised as ``PeerTimeoutError`` naming the missing
   rank by the next call (or ``check_error``); the object is then unusable: close it.
 
+FP8 dispatch (``dispatch(..., quantize=Fp8Dispatch(payload_index, scale_format))``, as
+DeepEP's low-latency mode): payload ``payload_index`` must be bf16 ``[T, H]`` with
+``H % 128 == 0`` and a 16-byte aligned address. The dispatch kernel quantizes each token
+once, on the sender, and sends e4m3 codes (H bytes instead of 2H) plus one scale per 128
+elements; that payload arrives as ``Fp8Rows(codes, scales)``: codes uint8
+``[ep_size, runtime_max, H]`` and scales ``[ep_size, runtime_max, H // 128]`` float32
+(``"fp32"``) or ``[ep_size, runtime_max, ceil(H / 512)]`` int32 (``"ue8m0"``). Per group
+of 128 elements, in fp32, ``amax = max |x|`` and ``s = max(fp32(amax / 448), 1e-10)``:
+
+* ``"ue8m0"``: exactly ``reference.quant_fp8_per_token_group(x, 128)``: the scale is
+  the smallest power of two >= s, ``2**(e - 127)`` with ``e`` its UE8M0 byte, and
+  ``q = e4m3_sat(x / scale)``; four exponent bytes per int32, group 4j+i in byte i, unused
+  bytes of the last word 0 (DeepGEMM's packed layout, token-major here).
+* ``"fp32"``: ``scale = s`` (stored as float32), ``q = e4m3_sat(x * fp32(1 / s))``: two
+  round-to-nearest-even steps (reciprocal, product), a multiplication per element as in
+  DeepEP; dequantize as ``decode(q) * scale``.
+
+An all-zero group gets codes 0 and scale 1e-10 (fp32) or 2**-33 (UE8M0 byte 94). NaN
+inputs are outside the contract. The scales take one of the ``MAX_PAYLOADS`` receive
+tensors, so at most 7 payloads go with ``quantize``. Dispatches with and without
+``quantize`` may alternate on one workspace (all ranks alike per call).
+
 Workspace (one ``SymmetricBuffer`` per rank, bytes): a 1 KiB header (flags, counts), the
-receive tensors of the current dispatch (each at a 256-byte boundary), then the combine
-region ``[ep_size, runtime_max_tokens_per_rank, hidden]`` that peers read during combine.
-Size it with ``get_moe_workspace_size_per_rank``.
+receive tensors of the current dispatch (each at a 256-byte boundary; the fp8 scales last),
+then the combine region ``[ep_size, runtime_max_tokens_per_rank, hidden]`` that peers read
+during combine. Size it with ``get_moe_workspace_size_per_rank`` (``quantize=`` for fp8
+dispatch: its rows are H + scale bytes instead of 2H).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cupy
 import numpy as np
@@ -60,6 +83,7 @@ from ..tensors import as_array, as_stream, bfloat16
 __all__ = [
     "MoeAlltoAll", "DispatchPlan", "plan_dispatch", "moe_a2a_get_workspace_size_per_rank",
     "moe_a2a_sanitize_expert_ids", "MAX_RANKS", "MAX_PAYLOADS", "HEADER_BYTES",
+    "Fp8Dispatch", "Fp8Rows", "FP8_GROUP_SIZE",
 ]
 
 MAX_RANKS = 32  # ep_size limit (MOECOMM_A2A_MAX_RANKS)
@@ -68,7 +92,7 @@ HEADER_BYTES = 1024  # flags and counts at the start of the workspace
 REGION_ALIGN = 256  # every receive tensor and the combine region start on this boundary
 _SOURCE = "moe_a2a.cu"
 _CODES = {16: "MoeAlltoAll.dispatch", 17: "MoeAlltoAll.combine"}
-_DISPATCH_THREADS = 256
+_DISPATCH_THREADS = 256  # moe_a2a_dispatch_fp8 takes at most 512
 _COMBINE_THREADS = 512
 _COMBINE_KERNELS = {np.dtype(np.float16): "moe_a2a_combine_fp16",
                     np.dtype(np.float32): "moe_a2a_combine_fp32"}
@@ -81,6 +105,7 @@ _DISPATCH_FIELDS = (
     "peers", "experts", "send_slot", "recv_counts", "state", "error_word", "timeout_ns",
     "num_tokens", "top_k", "num_experts", "experts_per_rank", "ep_size", "rank",
     "runtime_max", "num_payloads", "id_payload", "invalid_id",
+    "quant_payload", "scale_format", "scale_row_bytes", "scale_off",
     ("src", MAX_PAYLOADS), ("row_bytes", MAX_PAYLOADS), ("recv_off", MAX_PAYLOADS),
 )
 _COMBINE_FIELDS = (
@@ -131,6 +156,60 @@ def _int_at_least(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+# ---------------------------------------------------------------------------- fp8
+FP8_GROUP_SIZE = 128  # elements per scale of the fp8 dispatch (the kernel's only size)
+_SCALE_FORMATS = {"fp32": 0, "ue8m0": 1}
+
+
+@dataclass(frozen=True)
+class Fp8Dispatch:
+    """Option of ``MoeAlltoAll.dispatch(..., quantize=...)`` and of the workspace sizing:
+    quantize input payload ``payload_index`` (bf16 ``[T, H]``, ``H % 128 == 0``) to FP8
+    e4m3 inside the dispatch kernel, with one ``scale_format`` scale (``"fp32"`` or
+    ``"ue8m0"``) per ``group_size`` = 128 elements. Formats: see the module doc."""
+
+    payload_index: int = 0
+    scale_format: str = "fp32"
+    group_size: int = FP8_GROUP_SIZE
+
+    def __post_init__(self):
+        _int_at_least("Fp8Dispatch.payload_index", self.payload_index, 0)
+        if self.scale_format not in _SCALE_FORMATS:
+            raise ValueError(f"Fp8Dispatch.scale_format={self.scale_format!r}, expected one of "
+                             f"{sorted(_SCALE_FORMATS)}")
+        if _int_at_least("Fp8Dispatch.group_size", self.group_size) != FP8_GROUP_SIZE:
+            raise ValueError(f"Fp8Dispatch.group_size={self.group_size}: only "
+                             f"{FP8_GROUP_SIZE} is supported")
+
+    @property
+    def scale_dtype(self) -> np.dtype:
+        """float32 (``"fp32"``) or int32 (``"ue8m0"``: four exponent bytes per element)."""
+        return np.dtype(np.float32 if self.scale_format == "fp32" else np.int32)
+
+    def scale_width(self, hidden_size: int, name: str = "hidden_size") -> int:
+        """Scale elements per token for ``hidden_size`` elements (ValueError unless it is a
+        positive multiple of 128; ``name`` names the argument)."""
+        hidden = _int_at_least(name, hidden_size)
+        if hidden % self.group_size:
+            raise ValueError(f"{name}: {hidden} elements per token is not a multiple of "
+                             f"the fp8 group_size={self.group_size}")
+        groups = hidden // self.group_size
+        return groups if self.scale_format == "fp32" else -(-groups // 4)
+
+    def bytes_per_token(self, hidden_size: int) -> int:
+        """Bytes a token's quantized payload takes in the workspace: codes + scales."""
+        return int(hidden_size) + 4 * self.scale_width(hidden_size)
+
+
+class Fp8Rows(NamedTuple):
+    """What an fp8-dispatched payload arrives as (workspace views, valid until the next
+    dispatch): ``codes`` uint8 e4m3 ``[ep_size, runtime_max, H]`` and ``scales``
+    ``[ep_size, runtime_max, Fp8Dispatch.scale_width(H)]`` of ``scale_dtype``."""
+
+    codes: cupy.ndarray
+    scales: cupy.ndarray
 
 
 # ---------------------------------------------------------------------------- sizing
@@ -294,6 +373,7 @@ class MoeAlltoAll:
         self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
         self._recv_counts = cupy.zeros(ep, np.int32)
         self._dispatch_kernel = get_kernel(_SOURCE, "moe_a2a_dispatch")
+        self._dispatch_fp8_kernel = get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")
         self._combine_kernels = {dt: get_kernel(_SOURCE, name)
                                  for dt, name in _COMBINE_KERNELS.items()}
         device = cupy.cuda.Device()
@@ -304,7 +384,7 @@ class MoeAlltoAll:
                       ep_size=ep, rank=self.ep_rank)
         self._dispatch_template = _DISPATCH.new(
             top_k=self.top_k, num_experts=self.num_experts,
-            experts_per_rank=self.experts_per_rank, **common)
+            experts_per_rank=self.experts_per_rank, quant_payload=-1, **common)
         self._combine_template = _COMBINE.new(**common)
         self._plan: DispatchPlan | None = None
         self._num_tokens = 0
@@ -315,17 +395,27 @@ class MoeAlltoAll:
     @staticmethod
     def get_moe_workspace_size_per_rank(ep_size: int, top_k: int, max_num_tokens: int,
                                         hidden_size: int,
-                                        extra_payload_bytes_per_token: int = 0) -> int:
+                                        extra_payload_bytes_per_token: int = 0, *,
+                                        quantize: Fp8Dispatch | None = None) -> int:
         """Workspace bytes per rank for bf16/fp16 hidden states of ``hidden_size`` plus
         int32 expert ids and fp32 weights (``top_k`` each) per token, and
         ``extra_payload_bytes_per_token`` more (e.g. fp8 scales); the combine region holds
-        16-bit rows of ``hidden_size``. For other mixes use
-        ``moe_a2a_get_workspace_size_per_rank``."""
+        16-bit rows of ``hidden_size``. With ``quantize`` the hidden states are dispatched
+        as fp8 codes + scales (``quantize.bytes_per_token(hidden_size)`` instead of
+        ``2 * hidden_size``; such a workspace may be too small for bf16 dispatches). For
+        other mixes use ``moe_a2a_get_workspace_size_per_rank``."""
         top_k = _int_at_least("top_k", top_k)
         hidden_size = _int_at_least("hidden_size", hidden_size)
         extra = _int_at_least("extra_payload_bytes_per_token", extra_payload_bytes_per_token, 0)
+        if quantize is None:
+            hidden_bytes = 2 * hidden_size
+        elif isinstance(quantize, Fp8Dispatch):
+            hidden_bytes = quantize.bytes_per_token(hidden_size)
+        else:
+            raise TypeError(f"quantize: expected an Fp8Dispatch or None, got "
+                            f"{type(quantize).__name__}")
         return moe_a2a_get_workspace_size_per_rank(
-            ep_size, max_num_tokens, 2 * hidden_size + 8 * top_k + extra, 2 * hidden_size)
+            ep_size, max_num_tokens, hidden_bytes + 8 * top_k + extra, 2 * hidden_size)
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -360,7 +450,8 @@ class MoeAlltoAll:
     # -- dispatch ---------------------------------------------------------------------
     def dispatch(self, token_selected_experts, input_payloads, runtime_max_tokens_per_rank: int,
                  invalid_token_expert_id: int | None = None,
-                 expert_id_payload_index: int | None = None, stream=None) -> list:
+                 expert_id_payload_index: int | None = None, stream=None, *,
+                 quantize: Fp8Dispatch | None = None) -> list:
         """Send each token's payload rows to the ranks owning its experts.
 
         Args:
@@ -373,9 +464,13 @@ class MoeAlltoAll:
                 ``expert_id_payload_index`` (int32) that this rank does not own, and all
                 ids of padding rows, read as this value.
             stream: the stream to run on (default: CuPy's current stream).
+            quantize: an ``Fp8Dispatch``: send payload ``quantize.payload_index`` (bf16
+                ``[T, H]``) as fp8 codes + scales, quantized once per token inside the
+                kernel (see the module doc); at most 7 payloads then.
 
         Returns one workspace view ``[ep_size, runtime_max, *payload.shape[1:]]`` per
-        payload; ``recv_counts`` holds the valid rows per source block.
+        payload (for the quantized payload an ``Fp8Rows(codes, scales)``);
+        ``recv_counts`` holds the valid rows per source block.
         """
         self._usable("dispatch")
         if self._phase == "dispatched":
@@ -397,7 +492,12 @@ class MoeAlltoAll:
         payloads = self._payloads(input_payloads, T, stream)
         id_payload, invalid = self._sanitize_option(
             invalid_token_expert_id, expert_id_payload_index, payloads)
-        plan = plan_dispatch(self.ep_size, rmax, [_row_bytes(a) for a in payloads])
+        rows = [_row_bytes(a) for a in payloads]
+        quant = self._quant_option(quantize, payloads)  # (index, hidden) or None
+        if quant is not None:
+            rows[quant[0]] = quant[1]  # codes; the scales go last
+            rows.append(quantize.bytes_per_token(quant[1]) - quant[1])
+        plan = plan_dispatch(self.ep_size, rmax, rows)
         if plan.combine_off > self._ws.nbytes:
             raise ValueError(
                 f"input_payloads: {plan.combine_off} workspace bytes needed at "
@@ -416,12 +516,27 @@ class MoeAlltoAll:
             flat[ix["src"] + i] = a.data.ptr
             flat[ix["row_bytes"] + i] = plan.row_bytes[i]
             flat[ix["recv_off"] + i] = plan.recv_off[i]
+        kernel = self._dispatch_kernel
+        if quant is not None:
+            flat[ix["quant_payload"]] = quant[0]
+            flat[ix["scale_format"]] = _SCALE_FORMATS[quantize.scale_format]
+            flat[ix["scale_row_bytes"]] = plan.row_bytes[-1]
+            flat[ix["scale_off"]] = plan.recv_off[-1]
+            kernel = self._dispatch_fp8_kernel
         grid = max(1, min(T, 2 * self._num_sms))
         with as_stream(stream):
-            self._dispatch_kernel((grid,), (_DISPATCH_THREADS,), (_DISPATCH.struct(flat),))
+            kernel((grid,), (_DISPATCH_THREADS,), (_DISPATCH.struct(flat),))
         self._phase, self._plan, self._num_tokens = "dispatched", plan, T
-        return [self._ws.view(a.dtype, (self.ep_size, rmax, *a.shape[1:]), offset=off)
-                for a, off in zip(payloads, plan.recv_off)]
+        views = [self._ws.view(a.dtype, (self.ep_size, rmax, *a.shape[1:]), offset=off)
+                 for a, off in zip(payloads, plan.recv_off)]
+        if quant is not None:
+            i, hidden = quant
+            views[i] = Fp8Rows(
+                self._ws.view(np.uint8, (self.ep_size, rmax, hidden), offset=plan.recv_off[i]),
+                self._ws.view(quantize.scale_dtype,
+                              (self.ep_size, rmax, quantize.scale_width(hidden)),
+                              offset=plan.recv_off[-1]))
+        return views
 
     @staticmethod
     def _payloads(input_payloads, T: int, stream) -> list[cupy.ndarray]:
@@ -460,6 +575,30 @@ class MoeAlltoAll:
         if not -(1 << 31) <= invalid < (1 << 31):
             raise ValueError(f"invalid_token_expert_id={invalid} does not fit int32")
         return index, invalid
+
+    @staticmethod
+    def _quant_option(quantize, payloads) -> tuple[int, int] | None:
+        """(index of the payload to quantize, its hidden size), or None."""
+        if quantize is None:
+            return None
+        if not isinstance(quantize, Fp8Dispatch):
+            raise TypeError(f"quantize: expected an Fp8Dispatch or None, got "
+                            f"{type(quantize).__name__}")
+        if len(payloads) >= MAX_PAYLOADS:
+            raise ValueError(f"input_payloads: {len(payloads)} payloads; with quantize at most "
+                             f"{MAX_PAYLOADS - 1} (the fp8 scales take a receive tensor)")
+        i = quantize.payload_index
+        if i >= len(payloads):
+            raise ValueError(f"quantize.payload_index={i} is not in [0, {len(payloads)})")
+        a, name = payloads[i], f"input_payloads[{i}] (fp8 dispatch)"
+        if bfloat16 is None or a.dtype != bfloat16:
+            raise TypeError(f"{name}: dtype {a.dtype.name} is not supported, expected bfloat16")
+        if a.ndim != 2:
+            raise ValueError(f"{name}: shape {tuple(a.shape)}, expected [T, hidden]")
+        quantize.scale_width(a.shape[1], name)
+        if a.data.ptr % 16:
+            raise ValueError(f"{name}: address 0x{a.data.ptr:x} is not 16-byte aligned")
+        return i, int(a.shape[1])
 
     def sanitize_expert_ids(self, expert_ids, invalid_expert_id: int, stream=None):
         """``moe_a2a_sanitize_expert_ids`` for this rank and the last dispatch's counts

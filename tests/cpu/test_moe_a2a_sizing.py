@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 a2a = pytest.importorskip("moecomm.moe.alltoall", reason="CuPy is not installed")
@@ -110,3 +111,68 @@ def test_header_fits():
     offs = dict(re.findall(r"constexpr size_t (k\w+Off) = (\d+);", source))
     assert int(offs["kRecvCountOff"]) + 4 * a2a.MAX_RANKS <= a2a.HEADER_BYTES
     assert int(offs["kCombineFlagOff"]) + 4 * a2a.MAX_RANKS <= int(offs["kRecvCountOff"])
+
+
+# ---------------------------------------------------------------- fp8 dispatch
+@pytest.mark.parametrize("fmt,hidden,width", [
+    ("fp32", 128, 1), ("fp32", 7168, 56), ("ue8m0", 128, 1), ("ue8m0", 384, 1),
+    ("ue8m0", 512, 1), ("ue8m0", 640, 2), ("ue8m0", 7168, 14)])
+def test_fp8_scale_layout(fmt, hidden, width):
+    q = a2a.Fp8Dispatch(scale_format=fmt)
+    assert (q.payload_index, q.group_size) == (0, 128)
+    assert q.scale_width(hidden) == width
+    assert q.scale_dtype == (np.float32 if fmt == "fp32" else np.int32)
+    assert q.bytes_per_token(hidden) == hidden + 4 * width  # half the bf16 row, plus scales
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(scale_format="e8m0"), ValueError, "scale_format='e8m0'"),
+    (dict(group_size=64), ValueError, "only 128"),
+    (dict(payload_index=-1), ValueError, "payload_index must be >= 0"),
+    (dict(payload_index=True), TypeError, "payload_index must be an int")])
+def test_fp8_option_rejects(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        a2a.Fp8Dispatch(**kwargs)
+
+
+def test_fp8_hidden_must_be_whole_groups():
+    q = a2a.Fp8Dispatch()
+    with pytest.raises(ValueError, match="200 elements per token is not a multiple of the fp8 "
+                                         "group_size=128"):
+        q.scale_width(200)
+    with pytest.raises(ValueError, match="not a multiple"):
+        MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8, 16, 200, quantize=q)
+    with pytest.raises(TypeError, match="quantize: expected an Fp8Dispatch"):
+        MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8, 16, 256, quantize="fp8")
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("ep,top_k,max_tokens,hidden", [
+    (1, 1, 1, 128), (2, 8, 1, 7168), (4, 8, 4096, 7168), (8, 6, 333, 2944), (32, 2, 17, 384)])
+def test_fp8_workspace_size(fmt, ep, top_k, max_tokens, hidden):
+    q = a2a.Fp8Dispatch(scale_format=fmt)
+    size = MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, max_tokens, hidden, quantize=q)
+    bf16 = MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, max_tokens, hidden)
+    rows = ep * max_tokens
+    per_token = q.bytes_per_token(hidden) + 8 * top_k + 2 * hidden  # fp8 + ids/weights + combine
+    assert size == -(-(1024 + 8 * 256 + rows * per_token) // 256) * 256
+    assert size < bf16
+    # What dispatch lays out: codes in the payload's place, the scales last, each at a
+    # 256-byte boundary; then a bf16 combine region.
+    for rmax in (1, max_tokens // 2 or 1, max_tokens):
+        plan = a2a.plan_dispatch(ep, rmax, [hidden, 4 * top_k, 4 * top_k,
+                                            4 * q.scale_width(hidden)])
+        assert plan.combine_end(2 * hidden) <= size
+    extra = MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, max_tokens, hidden, 64,
+                                                        quantize=q)
+    assert extra == -(-(1024 + 8 * 256 + rows * (per_token + 64)) // 256) * 256
+
+
+def test_fp8_rows_and_kernel():
+    assert a2a.Fp8Rows._fields == ("codes", "scales")
+    source = _kernel_source()
+    bound = re.search(r"__launch_bounds__\((\d+)\) moe_a2a_dispatch_fp8\(", source)
+    assert bound and int(bound.group(1)) >= a2a._DISPATCH_THREADS
+    assert a2a._SCALE_FORMATS == {"fp32": 0, "ue8m0": 1}  # scale_format in DispatchParams
+    flat = a2a._DISPATCH.new(quant_payload=-1)
+    assert a2a._DISPATCH.struct(flat)["quant_payload"][0] == -1
