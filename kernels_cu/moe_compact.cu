@@ -1,0 +1,529 @@
+// MoE all-to-all, compact expert-major layout (moecomm/moe/compact.py, EPAllToAll).
+//
+// The exchange itself is MoeAlltoAll's (moe_a2a.cu): a dispatch of the payloads
+// [x, topk_ids, token index, weights] brings every token once to each rank owning one of
+// its experts, block s of each receive tensor holding source s's tokens in token order.
+// The kernels here are local to a rank:
+//
+// count   (grid G): the received rows (s, i) with i < recv_counts[s], flattened in (s, i)
+//         order, are cut into G equal chunks; block b counts its chunk's entries
+//         (s, i, j) per local expert into hist[b]. The last block to finish turns the
+//         histograms into base[b][e] = offset of expert e + entries of e in chunks < b,
+//         and writes tokens_per_expert, the expert offsets and the overflow stats.
+// scatter (grid G, the same chunks): block b walks its chunk in order; warp 0 gives each
+//         local entry its row pos = base[b][e] + entries of e before it (a stable counting
+//         sort: rows ordered by local expert, then source rank, token, k slot), and the
+//         block copies row (s, i) of the received x to recv_x[pos] with the entry's
+//         (s, token, j) and weight. Rows at pos >= capacity are dropped (counted, never
+//         written). It also records where each (s, i, j) went, for combine: `inv` (local
+//         combine) or the `codes` row of (s, i) in MoeAlltoAll's combine region.
+// pull    (exact combine): after MoeAlltoAll.combine has summed the code rows back to the
+//         source (each slot's code comes from exactly one rank, others add +0, so the fp32
+//         sum is exact), every token pulls its k rows from the owners' y buffers (CUDA
+//         IPC) and sums them in slot order in fp32 - the reference's single sum.
+// reduce  (local combine): each received (s, i) sums its own rows in slot order in fp32
+//         into MoeAlltoAll's combine payload (rounded to y's dtype); MoeAlltoAll.combine
+//         then sums the ranks' partials in rank order.
+// stage   copies the valid rows of y into the symmetric y buffer (exact combine, when y
+//         was not written there directly).
+#include "common.cuh"
+
+using namespace moecomm;
+
+#define MOECOMM_COMPACT_MAX_RANKS 32
+#define MOECOMM_COMPACT_MAX_LOCAL_EXPERTS 1024
+#define MOECOMM_COMPACT_TILE 256
+
+namespace {
+
+constexpr int kMaxRanks = MOECOMM_COMPACT_MAX_RANKS;
+constexpr int kMaxExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
+constexpr int kTile = MOECOMM_COMPACT_TILE;  // entries (row, slot) a scatter step ranks
+
+// Words of the stats array (int32[8]); compact.py reads them by these indices.
+constexpr int kStatArrive = 0;      // arrival counter of the count kernel
+constexpr int kStatRows = 1;        // rows stored by the last dispatch
+constexpr int kStatNeeded = 2;      // rows the last dispatch produced
+constexpr int kStatDropped = 3;     // rows it dropped (needed - capacity, or 0)
+constexpr int kStatMaxNeeded = 4;   // sticky max of kStatNeeded until the host resets it
+constexpr int kStatMaxDropped = 5;  // sticky max of kStatDropped
+
+}  // namespace
+
+// Kernel arguments, passed by value; every field 8 bytes. compact.py mirrors them
+// (_DispatchArgs, _PullArgs, _ReduceArgs) and tests/cpu/test_moe_compact.py checks that.
+struct DispatchParams {
+  const int32_t* ids;          // [ep, rmax, top_k] received expert ids
+  const int32_t* tok;          // [ep, rmax] received token indices
+  const uint8_t* x;            // [ep, rmax, row_bytes] received hidden rows
+  const float* w;              // [ep, rmax, top_k] received weights
+  const int32_t* recv_counts;  // [ep] rows received from each source
+  uint8_t* recv_x;             // [capacity, row_bytes] out
+  float* recv_w;               // [capacity] out
+  int32_t* src;                // [capacity, 3] out: (source rank, token, k slot)
+  int32_t* inv;                // [ep, rmax, top_k] out: row of each entry or -1; or null
+  float* codes;                // [ep, rmax, code_width] out (combine region); or null
+  int32_t* hist;               // [G, epr] scratch
+  int32_t* base;               // [G, epr] scratch
+  int32_t* stats;              // [8]
+  int32_t* tokens_per_expert;  // [epr] out
+  int32_t* offsets;            // [epr + 1] out
+  int64_t ep_size;
+  int64_t rank;
+  int64_t experts_per_rank;
+  int64_t top_k;
+  int64_t runtime_max;
+  int64_t capacity;
+  int64_t row_bytes;           // a multiple of 16
+  int64_t code_width;          // floats per codes row: 2 * top_k rounded up to 4
+};
+
+struct PullParams {
+  const uint64_t* peers;  // [ep] symmetric buffer base of every rank
+  const float* codes;     // [T, code_width] (pos + 1, rank) per slot, 0 when absent
+  uint8_t* out;           // [T, row_bytes]
+  int64_t y_off;          // the y buffer [capacity, row_bytes] in the symmetric buffer
+  int64_t w_off;          // the received weights [capacity] fp32 in it
+  int64_t num_tokens;
+  int64_t top_k;
+  int64_t code_width;
+  int64_t row_bytes;
+  int64_t ep_size;
+  int64_t capacity;
+  int64_t apply_weights;
+};
+
+struct ReduceParams {
+  const uint8_t* y;            // [capacity, row_bytes] expert outputs
+  const float* recv_w;         // [capacity]
+  const int32_t* inv;          // [ep, rmax, top_k]
+  const int32_t* recv_counts;  // [ep]
+  uint8_t* payload;            // [ep, rmax, row_bytes] MoeAlltoAll's combine region
+  int64_t ep_size;
+  int64_t runtime_max;
+  int64_t top_k;
+  int64_t row_bytes;
+  int64_t capacity;
+  int64_t apply_weights;
+};
+
+static_assert(sizeof(DispatchParams) == 8 * 23, "DispatchParams must be all 8-byte fields");
+static_assert(sizeof(PullParams) == 8 * 12, "PullParams must be all 8-byte fields");
+static_assert(sizeof(ReduceParams) == 8 * 11, "ReduceParams must be all 8-byte fields");
+
+namespace {
+
+// s_pref[s] = received rows from sources < s (counts clamped to [0, rmax]); s_pref[ep] = V.
+__device__ void load_prefix(const int32_t* recv_counts, int ep, int64_t rmax, int32_t* s_pref) {
+  if (threadIdx.x == 0) {
+    int32_t acc = 0;
+    s_pref[0] = 0;
+    for (int s = 0; s < ep; ++s) {
+      acc += (int32_t)min((int64_t)max(recv_counts[s], 0), rmax);
+      s_pref[s + 1] = acc;
+    }
+  }
+}
+
+// Source of flattened received row v (< s_pref[ep]).
+__device__ __forceinline__ int source_of(int64_t v, const int32_t* s_pref) {
+  int s = 0;
+  while (v >= s_pref[s + 1]) ++s;
+  return s;
+}
+
+// This block's rows [v0, v1) of V = s_pref[ep], cut into gridDim.x equal chunks.
+__device__ __forceinline__ void block_rows(const int32_t* s_pref, int ep, int64_t& v0,
+                                           int64_t& v1) {
+  const int64_t V = s_pref[ep];
+  const int64_t chunk = (V + gridDim.x - 1) / gridDim.x;
+  v0 = min(V, (int64_t)blockIdx.x * chunk);
+  v1 = min(V, v0 + chunk);
+}
+
+// Local expert of id, or -1 when another rank owns it or it is invalid.
+__device__ __forceinline__ int local_expert(int32_t id, int lo, int epr) {
+  const int e = id - lo;
+  return id >= lo && e < epr ? e : -1;
+}
+
+// True in the one block that arrives last; every block's earlier writes are then visible.
+__device__ bool last_block(uint32_t* counter) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (s_last) *counter = 0;
+  }
+  __syncthreads();
+  if (s_last) __threadfence();
+  return s_last;
+}
+
+// In place: s_val[0..n) := exclusive prefix sums; returns the total. Every thread calls;
+// blockDim.x a multiple of 32.
+__device__ int32_t block_exclusive_scan(int32_t* s_val, int n) {
+  __shared__ int32_t s_warp[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int per = (n + blockDim.x - 1) / blockDim.x;
+  const int b0 = min(n, (int)threadIdx.x * per), b1 = min(n, b0 + per);
+  int32_t own = 0;
+  for (int i = b0; i < b1; ++i) own += s_val[i];
+  int32_t incl = own;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t y = __shfl_up_sync(~0u, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int32_t t = lane < nwarps ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t y = __shfl_up_sync(~0u, t, o);
+      if (lane >= o) t += y;
+    }
+    s_warp[lane] = t;  // inclusive over warps
+  }
+  __syncthreads();
+  int32_t run = incl - own + (warp > 0 ? s_warp[warp - 1] : 0);
+  for (int i = b0; i < b1; ++i) {
+    const int32_t v = s_val[i];
+    s_val[i] = run;
+    run += v;
+  }
+  const int32_t total = s_warp[nwarps - 1];
+  __syncthreads();
+  return total;
+}
+
+// The last count block: hist [G, epr] -> base, tokens_per_expert, offsets, stats.
+// Work item (e, slice) sums hist over the slice's chunks, so all threads share the loads.
+__device__ void finish_counts(const DispatchParams& p) {
+  __shared__ int32_t s_part[kMaxExperts];  // items = epr * slices <= max(epr, blockDim)
+  __shared__ int32_t s_off[kMaxExperts];
+  __shared__ int32_t s_tot[kMaxExperts];
+  const int epr = (int)p.experts_per_rank;
+  const int G = gridDim.x;
+  const int slices = max(1, (int)blockDim.x / epr);
+  const int per = (G + slices - 1) / slices;
+  const int items = epr * slices;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int e = it % epr, sl = it / epr;
+    int32_t sum = 0;
+    for (int b = sl * per; b < min(G, (sl + 1) * per); ++b) sum += __ldcg(p.hist + (size_t)b * epr + e);
+    s_part[it] = sum;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) {
+    int32_t tot = 0;
+    for (int sl = 0; sl < slices; ++sl) tot += s_part[e + sl * epr];
+    s_tot[e] = s_off[e] = tot;
+  }
+  __syncthreads();
+  const int32_t needed = block_exclusive_scan(s_off, epr);
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int e = it % epr, sl = it / epr;
+    int32_t run = s_off[e];
+    for (int q = 0; q < sl; ++q) run += s_part[e + q * epr];
+    for (int b = sl * per; b < min(G, (sl + 1) * per); ++b) {
+      p.base[(size_t)b * epr + e] = run;
+      run += __ldcg(p.hist + (size_t)b * epr + e);
+    }
+  }
+  const int32_t cap = (int32_t)p.capacity;
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) {
+    const int32_t lo = min(s_off[e], cap);
+    p.tokens_per_expert[e] = min(s_off[e] + s_tot[e], cap) - lo;
+    p.offsets[e] = lo;
+  }
+  if (threadIdx.x == 0) {
+    const int32_t stored = min(needed, cap);
+    const int32_t dropped = needed - stored;
+    p.offsets[epr] = stored;
+    p.stats[kStatRows] = stored;
+    p.stats[kStatNeeded] = needed;
+    p.stats[kStatDropped] = dropped;
+    atomicMax(p.stats + kStatMaxNeeded, needed);
+    atomicMax(p.stats + kStatMaxDropped, dropped);
+  }
+}
+
+// ---------------------------------------------------------------- combine helpers
+template <typename T>
+__device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], const Vec16& v,
+                                           bool weighted, float w) {
+  Pack16<T> x;
+  x.vec = v;
+#pragma unroll
+  for (int i = 0; i < Pack16<T>::kLanes; ++i) {
+    const float f = to_float(x.lane[i]);
+    // __fmul_rn: the product is rounded on its own (never fused into the add), as in the
+    // reference's fp32 `row * weight` followed by `acc + product`.
+    acc[i] = __fadd_rn(acc[i], weighted ? __fmul_rn(f, w) : f);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Vec16 pack(const float (&acc)[Pack16<T>::kLanes]) {
+  Pack16<T> y;
+#pragma unroll
+  for (int i = 0; i < Pack16<T>::kLanes; ++i) y.lane[i] = from_float<T>(acc[i]);
+  return y.vec;
+}
+
+// Exact combine: token t sums, slot by slot, the row its slot's owner stored at pos.
+template <typename T>
+__device__ void pull(const PullParams& p) {
+  __shared__ uint64_t s_peer[kMaxRanks];
+  constexpr int K = Pack16<T>::kLanes;
+  const int ep = (int)p.ep_size;
+  if (threadIdx.x < ep) s_peer[threadIdx.x] = p.peers[threadIdx.x];
+  __syncthreads();
+  const int64_t row = p.row_bytes;
+  const int64_t nvec = row / 16;
+  const int64_t units = p.num_tokens * nvec;
+  const int k = (int)p.top_k;
+  const bool weighted = p.apply_weights != 0;
+  const float cap = (float)p.capacity;
+  for (int64_t u = global_thread_id(); u < units; u += global_thread_count()) {
+    const int64_t t = u / nvec;
+    const int64_t col = (u - t * nvec) * 16;
+    const float* code = p.codes + t * p.code_width;
+    float acc[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) acc[i] = 0.f;
+    for (int j0 = 0; j0 < k; j0 += 4) {
+      Vec16 x[4];
+      float w[4];
+      bool have[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + i;
+        const float fp = j < k ? code[2 * j] : 0.f;
+        const float fr = j < k ? code[2 * j + 1] : 0.f;
+        // Codes are exact small integers; anything else (a failed exchange) is skipped,
+        // so no read ever leaves the peers' buffers.
+        have[i] = fp >= 1.f && fp <= cap && fr >= 0.f && fr < (float)ep;
+        if (have[i]) {
+          const int64_t pos = (int64_t)fp - 1;
+          const uint8_t* base = reinterpret_cast<const uint8_t*>(s_peer[(int)fr]);
+          x[i] = ld_vec16_cg(base + p.y_off + pos * row + col);
+          w[i] = weighted ? __ldcg(reinterpret_cast<const float*>(base + p.w_off) + pos) : 1.f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
+    }
+    st_vec16(p.out + t * row + col, pack<T>(acc));
+  }
+}
+
+// Local combine: received row (s, i) sums its own rows (slot order) into the payload.
+template <typename T>
+__device__ void reduce(const ReduceParams& p) {
+  __shared__ int32_t s_pref[kMaxRanks + 1];
+  constexpr int K = Pack16<T>::kLanes;
+  const int ep = (int)p.ep_size;
+  load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
+  __syncthreads();
+  const int64_t row = p.row_bytes;
+  const int64_t nvec = row / 16;
+  const int64_t units = (int64_t)s_pref[ep] * nvec;
+  const int k = (int)p.top_k;
+  const bool weighted = p.apply_weights != 0;
+  for (int64_t u = global_thread_id(); u < units; u += global_thread_count()) {
+    const int64_t v = u / nvec;
+    const int64_t col = (u - v * nvec) * 16;
+    const int s = source_of(v, s_pref);
+    const int64_t flat = (int64_t)s * p.runtime_max + (v - s_pref[s]);
+    const int32_t* where = p.inv + flat * k;
+    float acc[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) acc[i] = 0.f;
+    for (int j0 = 0; j0 < k; j0 += 4) {
+      Vec16 x[4];
+      float w[4];
+      bool have[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int32_t pos = j0 + i < k ? where[j0 + i] : -1;
+        have[i] = pos >= 0 && pos < p.capacity;
+        if (have[i]) {
+          x[i] = ld_vec16(p.y + (int64_t)pos * row + col);
+          w[i] = weighted ? p.recv_w[pos] : 1.f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
+    }
+    st_vec16(p.payload + flat * row + col, pack<T>(acc));
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- dispatch side
+extern "C" __global__ void __launch_bounds__(1024) moe_compact_count(const DispatchParams p) {
+  __shared__ int32_t s_pref[kMaxRanks + 1];
+  __shared__ int32_t s_hist[kMaxExperts];
+  const int ep = (int)p.ep_size;
+  const int epr = (int)p.experts_per_rank;
+  const int k = (int)p.top_k;
+  const int lo = (int)(p.rank * p.experts_per_rank);
+  load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) s_hist[e] = 0;
+  __syncthreads();
+  int64_t v0, v1;
+  block_rows(s_pref, ep, v0, v1);
+  for (int64_t q = v0 * k + threadIdx.x; q < v1 * k; q += blockDim.x) {
+    const int64_t v = q / k;
+    const int j = (int)(q - v * k);
+    const int s = source_of(v, s_pref);
+    const int64_t flat = (int64_t)s * p.runtime_max + (v - s_pref[s]);
+    const int e = local_expert(p.ids[flat * k + j], lo, epr);
+    if (e >= 0) atomicAdd(&s_hist[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < epr; e += blockDim.x)
+    p.hist[(size_t)blockIdx.x * epr + e] = s_hist[e];
+  if (last_block(reinterpret_cast<uint32_t*>(p.stats + kStatArrive))) finish_counts(p);
+}
+
+extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const DispatchParams p) {
+  __shared__ int32_t s_pref[kMaxRanks + 1];
+  __shared__ int32_t s_run[kMaxExperts];  // next row of each local expert
+  __shared__ int32_t s_pos[kTile];        // row of each entry of the tile, -1: not stored
+  __shared__ int16_t s_list[kTile];       // the tile's stored entries, in order
+  __shared__ int64_t s_flat[kTile];       // received row (s * rmax + i) of each tile row
+  __shared__ int32_t s_src[kTile];        // its source rank
+  __shared__ int s_count;
+  const int ep = (int)p.ep_size;
+  const int epr = (int)p.experts_per_rank;
+  const int k = (int)p.top_k;
+  const int lo = (int)(p.rank * p.experts_per_rank);
+  const int32_t cap = (int32_t)p.capacity;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int tile_rows = kTile / k;
+  load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
+  for (int e = threadIdx.x; e < epr; e += blockDim.x)
+    s_run[e] = p.base[(size_t)blockIdx.x * epr + e];
+  __syncthreads();
+  int64_t v0, v1;
+  block_rows(s_pref, ep, v0, v1);
+  const int64_t row = p.row_bytes;
+  const int64_t nvec = row / 16;
+
+  for (int64_t r0 = v0; r0 < v1; r0 += tile_rows) {
+    const int nrows = (int)min((int64_t)tile_rows, v1 - r0);
+    const int nent = nrows * k;
+    for (int r = threadIdx.x; r < nrows; r += blockDim.x) {
+      const int s = source_of(r0 + r, s_pref);
+      s_src[r] = s;
+      s_flat[r] = (int64_t)s * p.runtime_max + (r0 + r - s_pref[s]);
+    }
+    __syncthreads();
+
+    // 1. Warp 0 ranks the tile's entries in order: equal experts within 32 entries are
+    //    found with match_any, earlier lanes first, then the expert's counter advances.
+    if (warp == 0) {
+      int n = 0;
+      for (int q0 = 0; q0 < nent; q0 += 32) {
+        const int q = q0 + lane;
+        int e = -1;
+        if (q < nent) e = local_expert(p.ids[s_flat[q / k] * k + q % k], lo, epr);
+        const uint32_t peers = __match_any_sync(~0u, e);
+        const int before = __popc(peers & ((1u << lane) - 1u));
+        const int32_t pos = e >= 0 ? s_run[e] + before : -1;
+        __syncwarp();
+        if (e >= 0 && before == 0) s_run[e] += __popc(peers);
+        __syncwarp();
+        const bool stored = e >= 0 && pos < cap;
+        const uint32_t ballot = __ballot_sync(~0u, stored);
+        if (stored) s_list[n + __popc(ballot & ((1u << lane) - 1u))] = (int16_t)q;
+        if (q < nent) s_pos[q] = stored ? pos : -1;
+        n += __popc(ballot);
+      }
+      if (lane == 0) s_count = n;
+    }
+    __syncthreads();
+    const int stored = s_count;
+
+    // 2. Where every (s, i, j) of the tile went, for combine.
+    if (p.inv != nullptr)
+      for (int q = threadIdx.x; q < nent; q += blockDim.x)
+        p.inv[s_flat[q / k] * k + q % k] = s_pos[q];
+    if (p.codes != nullptr) {
+      const int cw = (int)p.code_width;
+      for (int u = threadIdx.x; u < nrows * cw; u += blockDim.x) {
+        const int r = u / cw, c = u - r * cw, j = c >> 1;
+        const int32_t pos = j < k ? s_pos[r * k + j] : -1;
+        const float v = pos < 0 ? 0.f : (c & 1) ? (float)p.rank : (float)(pos + 1);
+        p.codes[s_flat[r] * cw + c] = v;
+      }
+    }
+
+    // 3. Each stored entry's source, weight and hidden row.
+    for (int n = threadIdx.x; n < stored; n += blockDim.x) {
+      const int q = s_list[n];
+      const int r = q / k, j = q - r * k;
+      const int32_t pos = s_pos[q];
+      p.src[3 * (size_t)pos] = s_src[r];
+      p.src[3 * (size_t)pos + 1] = p.tok[s_flat[r]];
+      p.src[3 * (size_t)pos + 2] = j;
+      p.recv_w[pos] = p.w[s_flat[r] * k + j];
+    }
+    constexpr int kUnroll = 4;
+    const int64_t total = (int64_t)stored * nvec;
+    for (int64_t b = threadIdx.x; b < total; b += kUnroll * blockDim.x) {
+      Vec16 v[kUnroll];
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        const int64_t u = b + i * blockDim.x;
+        if (u < total) {
+          const int64_t n = u / nvec;
+          const int q = s_list[n];
+          v[i] = ld_vec16(p.x + s_flat[q / k] * row + (u - n * nvec) * 16);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        const int64_t u = b + i * blockDim.x;
+        if (u >= total) break;
+        const int64_t n = u / nvec;
+        st_vec16(p.recv_x + (int64_t)s_pos[s_list[n]] * row + (u - n * nvec) * 16, v[i]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------- combine side
+// Rows [0, min(stats[kStatRows], capacity)) of y (local) to dst (the symmetric y buffer).
+extern "C" __global__ void moe_compact_stage(const uint8_t* y, uint8_t* dst, const int32_t* stats,
+                                             int64_t row_bytes, int64_t capacity) {
+  const int64_t rows = min((int64_t)max(stats[kStatRows], 0), capacity);
+  const int64_t nvec = rows * row_bytes / 16;
+  for (int64_t i = global_thread_id(); i < nvec; i += global_thread_count())
+    st_vec16(dst + 16 * i, ld_vec16(y + 16 * i));
+}
+
+#define MOECOMM_COMPACT_COMBINE(SUFFIX, T)                                                   \
+  extern "C" __global__ void __launch_bounds__(1024) moe_compact_pull_##SUFFIX(              \
+      const PullParams p) {                                                                  \
+    pull<T>(p);                                                                              \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(1024) moe_compact_reduce_##SUFFIX(            \
+      const ReduceParams p) {                                                                \
+    reduce<T>(p);                                                                            \
+  }
+
+MOECOMM_COMPACT_COMBINE(bf16, __nv_bfloat16)
+MOECOMM_COMPACT_COMBINE(fp16, __half)
+MOECOMM_COMPACT_COMBINE(fp32, float)

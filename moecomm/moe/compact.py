@@ -1,0 +1,634 @@
+"""EPAllToAll: expert-parallel dispatch / combine with a compact expert-major layout.
+
+Semantics (DESIGN.md section 3; reference: ``moecomm.reference.ep_dispatch_compact`` and
+``ep_combine_compact``; API after reference document 003, ``EPAll2AllLayer``):
+
+* ``dispatch(x [T, H], topk_ids [T, k] int32, weights [T, k] fp32 = None)`` gives every
+  rank one row per (token, k slot) whose expert it owns (``rank = id // experts_per_rank``;
+  ids < 0 or >= num_experts route nowhere; a token naming one expert in two slots gives
+  two rows). Rows are grouped by local expert (ascending), then ordered by source rank,
+  token index, k slot. ``recv_x [capacity, H]`` holds them from row 0; ``tokens_per_expert``
+  / ``expert_offsets`` say where each expert's rows are; ``recv_weights [capacity]`` is
+  each row's routing weight (1.0 where its source passed ``weights=None``).
+* ``combine(y [capacity, H], layout, apply_weights)`` returns ``[T, H]``: for each local
+  token, the sum over its valid k slots, in slot order, of the row its slot's owner
+  produced (times that row's received weight when ``apply_weights``), accumulated in fp32
+  from +0 and rounded once to y's dtype: exactly ``ep_combine_compact``, bit for bit, and
+  so independent of the ep size. This "exact" combine fetches each slot's row on its own
+  (k rows per token cross the links).
+* ``local_combine=True`` (003's ``enable_local_combine``) trades that for bandwidth: each
+  rank first sums its own rows of a token (slot order, fp32, rounded to y's dtype), then
+  the ranks' partials are summed in rank order in fp32 (one row per (token, rank) on the
+  links, like the static layout). The result then differs from the reference in the last
+  bits wherever a token has several slots on one rank, and depends on the ep size.
+
+Capacity. ``capacity`` rows (``max_recv_rows``, or ``capacity_factor`` times the balanced
+load ``max_num_tokens * top_k``; default the worst case ``ep_size * max_num_tokens * top_k``)
+are allocated at construction. Rows past it (the tail of the expert-major order) are
+dropped: never written, counted on the device (``layout.num_dropped``, the clamped
+``tokens_per_expert``), and raised as ``CapacityError`` by ``layout.check_capacity()`` or by
+the sticky ``EPAllToAll.check_capacity()`` (both synchronise). combine skips dropped rows.
+
+Rules of use (as for ``MoeAlltoAll``, which carries the exchange):
+
+* Collective: every rank of the ep group constructs, calls ``dispatch`` and ``combine`` in
+  strict alternation (same ``runtime_max_tokens_per_rank`` and ``apply_weights`` on every
+  rank), and ``close()``s. Token counts may differ per rank (0 included). ``weights`` may
+  be given on some ranks and not others.
+* ``recv_x``, ``recv_weights`` and the layout's arrays are rewritten by the next dispatch;
+  a layout is only accepted by the combine that follows its dispatch. Use one stream for a
+  dispatch, its combine and the next dispatch (or order them).
+* No host synchronisation, no allocation (pass ``out=`` to ``combine``) and no
+  data-dependent Python: dispatch + combine can be captured in a CUDA graph.
+* ``hidden * itemsize`` must be a multiple of 16 for x and y; experts_per_rank <= 1024,
+  top_k <= 256, capacity <= 2**24.
+* Waits for peers are bounded (``timeout_s``); a timeout surfaces as ``PeerTimeoutError``
+  from the next call or ``check_error``.
+
+Kernels: ``kernels_cu/moe_compact.cu`` (count + scatter after the MoeAlltoAll dispatch;
+pull or reduce around the MoeAlltoAll combine).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import NamedTuple
+
+import cupy
+import numpy as np
+
+from ..group import ProcessGroup, default_group
+from ..kernels import Launcher, get_kernel
+from ..mapping import Mapping
+from ..symmetric import SymmetricBuffer
+from ..tensors import as_array, as_stream, bfloat16, stream_handle
+from .alltoall import MAX_RANKS, MoeAlltoAll, moe_a2a_get_workspace_size_per_rank
+
+__all__ = [
+    "MAX_CAPACITY",
+    "MAX_LOCAL_EXPERTS",
+    "MAX_TOP_K",
+    "CapacityError",
+    "EPAll2AllLayer",
+    "EPAllToAll",
+    "EPDispatchOutput",
+    "EPLayout",
+]
+
+MAX_LOCAL_EXPERTS = 1024  # MOECOMM_COMPACT_MAX_LOCAL_EXPERTS
+MAX_TOP_K = 256  # MOECOMM_COMPACT_TILE: one row's k entries fit a scatter tile
+MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
+_SOURCE = "moe_compact.cu"
+_DISPATCH_THREADS = 512
+_COMBINE_THREADS = 256
+# stats words (kStat* in moe_compact.cu)
+_ROWS, _NEEDED, _DROPPED, _MAX_NEEDED, _MAX_DROPPED = 1, 2, 3, 4, 5
+_SUFFIX = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}
+if bfloat16 is not None:
+    _SUFFIX[bfloat16] = "bf16"
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class _DispatchArgs(ctypes.Structure):
+    """DispatchParams of moe_compact.cu, field for field."""
+
+    _fields_ = [(n, _P) for n in (
+        "ids", "tok", "x", "w", "recv_counts", "recv_x", "recv_w", "src", "inv", "codes",
+        "hist", "base", "stats", "tokens_per_expert", "offsets")] + [(n, _I) for n in (
+            "ep_size", "rank", "experts_per_rank", "top_k", "runtime_max", "capacity",
+            "row_bytes", "code_width")]
+
+
+class _PullArgs(ctypes.Structure):
+    """PullParams of moe_compact.cu."""
+
+    _fields_ = [("peers", _P), ("codes", _P), ("out", _P)] + [(n, _I) for n in (
+        "y_off", "w_off", "num_tokens", "top_k", "code_width", "row_bytes", "ep_size",
+        "capacity", "apply_weights")]
+
+
+class _ReduceArgs(ctypes.Structure):
+    """ReduceParams of moe_compact.cu."""
+
+    _fields_ = [(n, _P) for n in ("y", "recv_w", "inv", "recv_counts", "payload")] + [
+        (n, _I) for n in ("ep_size", "runtime_max", "top_k", "row_bytes", "capacity",
+                          "apply_weights")]
+
+
+class CapacityError(RuntimeError):
+    """A dispatch produced more rows than the layer's capacity; the tail was dropped."""
+
+    def __init__(self, message: str, needed: int, capacity: int):
+        super().__init__(message)
+        self.needed, self.capacity = needed, capacity
+
+
+def _int_at_least(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def _ep_group(group) -> tuple[ProcessGroup, bool]:
+    """The ep group and whether this object made it (and must close it)."""
+    if group is None:
+        return default_group(), False
+    if isinstance(group, Mapping):
+        parent = default_group()
+        if (group.world_size, group.rank) != (parent.size, parent.rank):
+            raise ValueError(f"mapping (world_size={group.world_size}, rank={group.rank}) does "
+                             f"not match the default group (size={parent.size}, "
+                             f"rank={parent.rank})")
+        return parent.split(group.moe_ep_group), True
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"group: expected a ProcessGroup or Mapping, got {type(group).__name__}")
+    return group, False
+
+
+def _empty(shape, dtype) -> cupy.ndarray:
+    """A device array of any dtype CuPy can view (bf16 included)."""
+    dtype = np.dtype(dtype)
+    raw = cupy.empty(max(1, math.prod(shape)) * dtype.itemsize, np.uint8)
+    return cupy.ndarray(shape, dtype, raw.data)
+
+
+def _launch(launcher: Launcher, args: ctypes.Structure, grid: int, block: int, stream: int):
+    ctypes.pointer(launcher.slot(0))[0] = args
+    launcher(grid, block, stream)
+
+
+class EPDispatchOutput(NamedTuple):
+    """What ``dispatch`` returns; unpacks as ``recv_x, recv_weights, layout`` (as in 003).
+
+    recv_x: ``[capacity, H]`` of x's dtype, rows ``[0, layout.num_rows)`` valid.
+    recv_weights: fp32 ``[capacity]``, each row's routing weight.
+    layout: the ``EPLayout`` that ``combine`` takes.
+    """
+
+    recv_x: cupy.ndarray
+    recv_weights: cupy.ndarray
+    layout: EPLayout
+
+    @property
+    def tokens_per_expert(self) -> cupy.ndarray:
+        """int32 ``[experts_per_rank]`` on the device (see ``EPLayout``)."""
+        return self.layout.tokens_per_expert
+
+
+class EPLayout:
+    """The routing of one dispatch, on the device; valid until the next dispatch.
+
+    Attributes (``cupy`` arrays, rewritten by the next dispatch):
+        tokens_per_expert: int32 ``[experts_per_rank]``, rows of each local expert held in
+            recv_x (clamped to the capacity).
+        expert_offsets: int32 ``[experts_per_rank + 1]``: expert e's rows are
+            ``[offsets[e], offsets[e+1])``; ``offsets[-1]`` is ``num_rows``.
+        src: int32 ``[capacity, 3]``: (source rank, token index, k slot) of each row.
+        num_rows: int32 ``[1]``, rows held (<= capacity).
+        num_needed / num_dropped: int32 ``[1]``, rows the routing produced / dropped.
+    Host values: ``num_tokens`` (this rank's T), ``runtime_max_tokens_per_rank``.
+    """
+
+    def __init__(self, owner: EPAllToAll, epoch: int, num_tokens: int, runtime_max: int):
+        self._owner, self._epoch = owner, epoch
+        self.num_tokens, self.runtime_max_tokens_per_rank = num_tokens, runtime_max
+
+    @property
+    def current(self) -> bool:
+        """False once a later dispatch has rewritten the arrays."""
+        return self._owner._epoch == self._epoch and self._owner._phase != "closed"
+
+    def _check(self, what: str) -> EPAllToAll:
+        if not self.current:
+            raise RuntimeError(f"EPLayout.{what}: the layout is stale (a later dispatch, or "
+                               "close(), replaced it)")
+        return self._owner
+
+    @property
+    def tokens_per_expert(self) -> cupy.ndarray:
+        return self._check("tokens_per_expert")._tpe
+
+    @property
+    def expert_offsets(self) -> cupy.ndarray:
+        return self._check("expert_offsets")._offsets
+
+    @property
+    def src(self) -> cupy.ndarray:
+        return self._check("src")._src
+
+    @property
+    def num_rows(self) -> cupy.ndarray:
+        return self._check("num_rows")._stats[_ROWS:_ROWS + 1]
+
+    @property
+    def num_needed(self) -> cupy.ndarray:
+        return self._check("num_needed")._stats[_NEEDED:_NEEDED + 1]
+
+    @property
+    def num_dropped(self) -> cupy.ndarray:
+        return self._check("num_dropped")._stats[_DROPPED:_DROPPED + 1]
+
+    def tokens_per_expert_host(self, stream=None) -> np.ndarray:
+        """``tokens_per_expert`` as a NumPy array. Synchronises ``stream``."""
+        owner = self._check("tokens_per_expert_host")
+        as_stream(stream).synchronize()
+        return owner._tpe.get()
+
+    def num_rows_host(self, stream=None) -> int:
+        """Rows held in recv_x. Synchronises ``stream``."""
+        owner = self._check("num_rows_host")
+        as_stream(stream).synchronize()
+        return int(owner._stats[_ROWS].get())
+
+    def check_capacity(self, stream=None) -> None:
+        """Raise ``CapacityError`` if this dispatch dropped rows. Synchronises ``stream``."""
+        owner = self._check("check_capacity")
+        as_stream(stream).synchronize()
+        needed, dropped = (int(v) for v in owner._stats[_NEEDED:_DROPPED + 1].get())
+        if dropped:
+            raise CapacityError(
+                f"EPAllToAll.dispatch: rank {owner.ep_rank} received {needed} rows, the "
+                f"capacity is {owner.capacity}; the last {dropped} rows (expert-major order) "
+                "were dropped (raise max_recv_rows / capacity_factor)", needed, owner.capacity)
+
+
+class EPAllToAll:
+    """Expert-parallel all-to-all, compact expert-major layout (see the module doc).
+
+    Args:
+        group: the ep group (``ProcessGroup`` inside one node, ``Mapping`` whose moe_ep
+            group is used, or None for the default group).
+        max_num_tokens: most tokens any rank dispatches in one call.
+        top_k: experts per token (columns of ``topk_ids``), <= 256.
+        num_experts: total experts, a multiple of the ep size; experts_per_rank <= 1024.
+        hidden: columns of x and y.
+        dtype: x's dtype (any; ``hidden * itemsize`` a multiple of 16). Default bf16.
+        max_recv_rows: rows of recv_x / y (the capacity) ...
+        capacity_factor: ... or this times ``max_num_tokens * top_k`` (rounded up); default
+            the worst case ``ep_size * max_num_tokens * top_k``, which never drops rows.
+        combine_dtype: y's and combine's output dtype: bf16, fp16 or fp32 (default dtype).
+        local_combine: sum each rank's rows of a token before the exchange (faster, other
+            rounding: see the module doc). Default False: the exact, reference combine.
+        timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
+
+    Collective over the ep group, like ``close()``. Also a context manager.
+    """
+
+    def __init__(self, group, max_num_tokens: int, top_k: int, num_experts: int, hidden: int,
+                 dtype=bfloat16, *, max_recv_rows: int | None = None,
+                 capacity_factor: float | None = None, combine_dtype=None,
+                 local_combine: bool = False, timeout_s: float | None = None):
+        self._phase = "closed"
+        self.max_num_tokens = _int_at_least("max_num_tokens", max_num_tokens)
+        self.top_k = _int_at_least("top_k", top_k)
+        if self.top_k > MAX_TOP_K:
+            raise ValueError(f"top_k={self.top_k} exceeds the supported {MAX_TOP_K}")
+        self.num_experts = _int_at_least("num_experts", num_experts)
+        self.hidden = _int_at_least("hidden", hidden)
+        self.dtype = np.dtype(dtype)
+        self.combine_dtype = self.dtype if combine_dtype is None else np.dtype(combine_dtype)
+        if self.combine_dtype not in _SUFFIX:
+            raise TypeError(f"combine_dtype {self.combine_dtype.name} is not supported, expected "
+                            "bfloat16, float16 or float32")
+        for name, dt in (("dtype", self.dtype), ("combine_dtype", self.combine_dtype)):
+            if self.hidden * dt.itemsize % 16:
+                raise ValueError(f"hidden={self.hidden} with {name} {dt.name}: rows of "
+                                 f"{self.hidden * dt.itemsize} bytes, must be a multiple of 16")
+        if not isinstance(local_combine, (bool, np.bool_)):
+            raise TypeError("local_combine must be a bool")
+        self.local_combine = bool(local_combine)
+        if max_recv_rows is not None and capacity_factor is not None:
+            raise ValueError("pass max_recv_rows or capacity_factor, not both")
+
+        group, owned = _ep_group(group)
+        try:
+            if group.spans_nodes:
+                raise ValueError(f"EPAllToAll: the ep group spans {group.num_nodes} nodes; CUDA "
+                                 "IPC reaches one node only (use an ep group inside a node)")
+            ep = group.local_size
+            if ep > MAX_RANKS:
+                raise ValueError(f"ep size {ep} exceeds the maximum {MAX_RANKS}")
+            if self.num_experts % ep:
+                raise ValueError(f"num_experts={self.num_experts} is not a multiple of the ep "
+                                 f"size {ep}")
+            self.experts_per_rank = self.num_experts // ep
+            if self.experts_per_rank > MAX_LOCAL_EXPERTS:
+                raise ValueError(f"{self.experts_per_rank} experts per rank exceed the "
+                                 f"supported {MAX_LOCAL_EXPERTS}")
+            self.capacity = self._capacity(ep, max_recv_rows, capacity_factor)
+            self._make(group, ep, timeout_s)
+        except BaseException:
+            if owned:
+                group.close()
+            raise
+        self._group, self._owns_group = group, owned
+        self._phase = "idle"
+
+    def _capacity(self, ep: int, max_recv_rows, capacity_factor) -> int:
+        worst = ep * self.max_num_tokens * self.top_k
+        if max_recv_rows is not None:
+            cap = _int_at_least("max_recv_rows", max_recv_rows)
+        elif capacity_factor is not None:
+            factor = float(capacity_factor)
+            if not factor > 0:
+                raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+            cap = max(1, math.ceil(factor * self.max_num_tokens * self.top_k))
+        else:
+            cap = worst
+        cap = min(cap, worst)  # more rows can never arrive
+        if cap > MAX_CAPACITY:
+            raise ValueError(f"capacity of {cap} rows exceeds the supported {MAX_CAPACITY} "
+                             "(pass a smaller max_recv_rows / capacity_factor)")
+        return cap
+
+    def _make(self, group: ProcessGroup, ep: int, timeout_s) -> None:
+        k, H, cap, epr = self.top_k, self.hidden, self.capacity, self.experts_per_rank
+        row_x = H * self.dtype.itemsize
+        row_y = H * self.combine_dtype.itemsize
+        self._code_width = _round_up(2 * k, 4)
+        combine_bytes = row_y if self.local_combine else 4 * self._code_width
+        ws = moe_a2a_get_workspace_size_per_rank(
+            ep, self.max_num_tokens, row_x + 8 * k + 4, combine_bytes, num_payloads=4)
+        self._a2a = MoeAlltoAll(group, self.max_num_tokens, k, self.num_experts,
+                                workspace_size_per_rank=ws, timeout_s=timeout_s)
+        self.ep_rank, self.ep_size = self._a2a.ep_rank, self._a2a.ep_size
+        self._sym = None
+        try:
+            sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+            self._sms, self._max_grid = sms, 2 * sms
+            # One spare row past the capacity in recv_x / src / recv_weights: nothing may
+            # ever be written there (tests poison and check it).
+            self._recv_x_buf = _empty((cap + 1, H), self.dtype)
+            self._src_buf = cupy.zeros((cap + 1, 3), np.int32)
+            if self.local_combine:
+                self._recv_w_buf = cupy.zeros(cap + 1, np.float32)
+                self._inv = cupy.full(ep * self.max_num_tokens * k, -1, np.int32)
+                self._y_local = None
+            else:
+                self._y_off = 0
+                self._w_off = _round_up(cap * row_y, 256)
+                self._sym = SymmetricBuffer(group, self._w_off + _round_up(4 * (cap + 1), 256))
+                self._recv_w_buf = self._sym.view(np.float32, (cap + 1,), offset=self._w_off)
+                self._codes_out = cupy.zeros((self.max_num_tokens, self._code_width), np.float32)
+            self._hist = cupy.zeros(self._max_grid * epr, np.int32)
+            self._base = cupy.zeros(self._max_grid * epr, np.int32)
+            self._stats = cupy.zeros(8, np.int32)
+            self._tpe = cupy.zeros(epr, np.int32)
+            self._offsets = cupy.zeros(epr + 1, np.int32)
+            self._iota = cupy.arange(self.max_num_tokens, dtype=np.int32)
+            self._ones = cupy.ones((self.max_num_tokens, k), np.float32)
+            self._recv_x, self._src = self._recv_x_buf[:cap], self._src_buf[:cap]
+            self._recv_w = self._recv_w_buf[:cap]
+
+            self._dargs = _DispatchArgs(
+                recv_counts=self._a2a.recv_counts.data.ptr, recv_x=self._recv_x_buf.data.ptr,
+                recv_w=self._recv_w_buf.data.ptr, src=self._src_buf.data.ptr,
+                inv=self._inv.data.ptr if self.local_combine else None,
+                hist=self._hist.data.ptr, base=self._base.data.ptr, stats=self._stats.data.ptr,
+                tokens_per_expert=self._tpe.data.ptr, offsets=self._offsets.data.ptr,
+                ep_size=ep, rank=self.ep_rank, experts_per_rank=epr, top_k=k, capacity=cap,
+                row_bytes=row_x, code_width=self._code_width)
+            self._count = Launcher(get_kernel(_SOURCE, "moe_compact_count"), [_DispatchArgs])
+            self._scatter = Launcher(get_kernel(_SOURCE, "moe_compact_scatter"), [_DispatchArgs])
+            suffix = _SUFFIX[self.combine_dtype]
+            if self.local_combine:
+                self._rargs = _ReduceArgs(
+                    recv_w=self._recv_w_buf.data.ptr, inv=self._inv.data.ptr,
+                    recv_counts=self._a2a.recv_counts.data.ptr, ep_size=ep, top_k=k,
+                    row_bytes=row_y, capacity=cap)
+                self._reduce = Launcher(get_kernel(_SOURCE, f"moe_compact_reduce_{suffix}"),
+                                        [_ReduceArgs])
+            else:
+                self._pargs = _PullArgs(
+                    peers=self._sym.peer_ptrs.data.ptr, codes=self._codes_out.data.ptr,
+                    y_off=self._y_off, w_off=self._w_off, top_k=k,
+                    code_width=self._code_width, row_bytes=row_y, ep_size=ep, capacity=cap)
+                self._pull = Launcher(get_kernel(_SOURCE, f"moe_compact_pull_{suffix}"),
+                                      [_PullArgs])
+                self._stage = Launcher(get_kernel(_SOURCE, "moe_compact_stage"),
+                                       [_P, _P, _P, _I, _I])
+                self._stage.set_all([0, self._sym.ptr + self._y_off, self._stats.data.ptr,
+                                     row_y, cap])
+            cupy.cuda.runtime.deviceSynchronize()  # zeroed buffers visible to any stream
+        except BaseException:
+            if self._sym is not None:
+                self._sym.close()
+            self._a2a.close()
+            raise
+        self._epoch = 0
+        self._layout: EPLayout | None = None
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def recv_x(self) -> cupy.ndarray:
+        """``[capacity, H]`` of dtype: the last dispatch's rows (valid: ``num_rows``)."""
+        return self._recv_x
+
+    @property
+    def recv_weights(self) -> cupy.ndarray:
+        """fp32 ``[capacity]``: each row's routing weight (1.0 from ``weights=None``)."""
+        return self._recv_w
+
+    def check_error(self, stream=None, *, synchronize: bool = False) -> None:
+        """Raise ``PeerTimeoutError`` if a wait for a peer timed out."""
+        self._a2a.check_error(stream, synchronize=synchronize)
+
+    def check_capacity(self, stream=None) -> None:
+        """Raise ``CapacityError`` if any dispatch since the last check dropped rows (the
+        largest overflow is reported), and reset that record. Synchronises ``stream``:
+        call it after graph replays or periodically, not on the hot path."""
+        self._usable("check_capacity")
+        as_stream(stream).synchronize()
+        needed, dropped = (int(v) for v in self._stats[_MAX_NEEDED:_MAX_DROPPED + 1].get())
+        if dropped:
+            self._stats[_MAX_NEEDED:_MAX_DROPPED + 1] = 0
+            cupy.cuda.runtime.deviceSynchronize()
+            raise CapacityError(
+                f"EPAllToAll: a dispatch on rank {self.ep_rank} received up to {needed} rows, "
+                f"the capacity is {self.capacity}; up to {dropped} rows were dropped (raise "
+                "max_recv_rows / capacity_factor)", needed, self.capacity)
+
+    def _usable(self, op: str) -> None:
+        if self._phase == "closed":
+            raise RuntimeError(f"EPAllToAll.{op}: the layer is closed")
+        self._a2a.check_error()
+
+    # -- dispatch ---------------------------------------------------------------------
+    def dispatch(self, x, topk_ids, weights=None, stream=None, *,
+                 runtime_max_tokens_per_rank: int | None = None) -> EPDispatchOutput:
+        """Send each (token, k slot) to its expert's rank, grouped by local expert.
+
+        Args:
+            x: ``[T, hidden]`` of the layer's dtype, ``T <= max_num_tokens``.
+            topk_ids: int32 ``[T, top_k]`` global expert ids (invalid ids route nowhere).
+            weights: fp32 ``[T, top_k]`` routing weights, or None (weight 1.0).
+            stream: the stream to run on (default: CuPy's current stream).
+            runtime_max_tokens_per_rank: bound on every rank's T for this call (the same
+                on every rank; default max_num_tokens).
+
+        Returns ``EPDispatchOutput(recv_x, recv_weights, layout)`` (views of the layer's
+        buffers, rewritten by the next dispatch).
+        """
+        self._usable("dispatch")
+        if self._phase == "dispatched":
+            raise RuntimeError("EPAllToAll.dispatch called twice without combine (dispatch and "
+                               "combine alternate)")
+        rmax = self.max_num_tokens
+        if runtime_max_tokens_per_rank is not None:
+            rmax = _int_at_least("runtime_max_tokens_per_rank", runtime_max_tokens_per_rank)
+            if rmax > self.max_num_tokens:
+                raise ValueError(f"runtime_max_tokens_per_rank={rmax} exceeds max_num_tokens="
+                                 f"{self.max_num_tokens}")
+        ids = as_array(topk_ids, "topk_ids", dtype=np.int32, ndim=2, stream=stream)
+        T, k = ids.shape
+        if k != self.top_k:
+            raise ValueError(f"topk_ids: {k} experts per token, the layer was made for "
+                             f"top_k={self.top_k}")
+        if T > self.max_num_tokens:
+            raise ValueError(f"topk_ids: {T} tokens exceed max_num_tokens={self.max_num_tokens}")
+        if T > rmax:
+            raise ValueError(f"topk_ids: {T} tokens exceed runtime_max_tokens_per_rank={rmax}")
+        xa = as_array(x, "x", dtype=self.dtype, shape=(T, self.hidden), stream=stream)
+        if weights is None:
+            w = self._ones[:T]
+        else:
+            w = as_array(weights, "weights", dtype=np.float32, shape=(T, k), stream=stream)
+
+        recv = self._a2a.dispatch(ids, [xa, ids, self._iota[:T], w], rmax, stream=stream)
+        args = self._dargs
+        args.x, args.ids, args.tok, args.w = (a.data.ptr for a in recv)
+        args.runtime_max = rmax
+        self._codes_region = None
+        if not self.local_combine:
+            self._codes_region = self._a2a.get_combine_payload_tensor_in_workspace(
+                rmax, self._code_width, np.float32)
+            args.codes = self._codes_region.data.ptr
+        grid = max(1, min(self._max_grid, -(-self.ep_size * rmax // 8)))
+        handle = stream_handle(stream)
+        _launch(self._count, args, grid, _DISPATCH_THREADS, handle)
+        _launch(self._scatter, args, grid, _DISPATCH_THREADS, handle)
+        self._epoch += 1
+        self._phase, self._rmax = "dispatched", rmax
+        self._layout = EPLayout(self, self._epoch, T, rmax)
+        return EPDispatchOutput(self._recv_x, self._recv_w, self._layout)
+
+    # -- combine ----------------------------------------------------------------------
+    def get_combine_input_tensor_in_workspace(self) -> cupy.ndarray:
+        """A ``[capacity, H]`` array of combine_dtype to write the expert outputs into:
+        ``combine`` of this very array skips the copy into the exchange buffer. Write it
+        on the op's stream, after the dispatch (peers read it until then)."""
+        self._usable("get_combine_input_tensor_in_workspace")
+        if self.local_combine:  # y is read locally: any array will do, this one included
+            if self._y_local is None:
+                self._y_local = _empty((self.capacity, self.hidden), self.combine_dtype)
+            return self._y_local
+        return self._sym.view(self.combine_dtype, (self.capacity, self.hidden),
+                              offset=self._y_off)
+
+    def combine(self, y, layout: EPLayout, apply_weights: bool = False, stream=None, *,
+                out=None) -> cupy.ndarray:
+        """Bring the expert outputs back and sum them per token.
+
+        Args:
+            y: ``[capacity, H]`` of combine_dtype: row i is the expert output of recv_x
+                row i (rows past ``num_rows`` are never read).
+            layout: the layout of the dispatch just before.
+            apply_weights: multiply each row by its ``recv_weights`` entry first.
+            out: optional ``[T, H]`` combine_dtype array (pass it when capturing a graph).
+
+        Returns ``[T, H]``: per token the fp32 sum of its slots' rows in slot order, rounded
+        once (module doc; with ``local_combine`` the two-level sum).
+        """
+        self._usable("combine")
+        if not isinstance(layout, EPLayout) or layout._owner is not self:
+            raise TypeError("layout: expected the EPLayout returned by this layer's dispatch")
+        if layout is not self._layout or self._phase != "dispatched":
+            raise RuntimeError("EPAllToAll.combine needs the layout of the dispatch just before "
+                               "(dispatch and combine alternate)")
+        if not isinstance(apply_weights, (bool, np.bool_)):
+            raise TypeError(f"apply_weights must be a bool, got {type(apply_weights).__name__}")
+        ya = as_array(y, "y", dtype=self.combine_dtype, shape=(self.capacity, self.hidden),
+                      stream=stream)
+        T, rmax = layout.num_tokens, self._rmax
+        out = self._out(out, T, stream)
+        handle = stream_handle(stream)
+        if self.local_combine:
+            region = self._a2a.get_combine_payload_tensor_in_workspace(
+                rmax, self.hidden, self.combine_dtype)
+            args = self._rargs
+            args.y, args.payload = ya.data.ptr, region.data.ptr
+            args.runtime_max, args.apply_weights = rmax, int(apply_weights)
+            units = self.ep_size * rmax * (self.hidden * self.combine_dtype.itemsize // 16)
+            _launch(self._reduce, args, self._combine_grid(units), _COMBINE_THREADS, handle)
+            self._a2a.combine(region, rmax, payload_in_workspace=True, stream=stream, out=out)
+        else:
+            y_region = self._sym.ptr + self._y_off
+            if ya.data.ptr != y_region:
+                if ya.data.ptr < y_region + ya.nbytes and y_region < ya.data.ptr + ya.nbytes:
+                    raise ValueError("y overlaps the layer's combine input buffer; pass the "
+                                     "array of get_combine_input_tensor_in_workspace or a "
+                                     "separate array")
+                self._stage.set(0, ya.data.ptr)
+                units = ya.nbytes // 16
+                self._stage(self._combine_grid(units), _COMBINE_THREADS, handle)
+            self._a2a.combine(self._codes_region, rmax, payload_in_workspace=True, stream=stream,
+                              out=self._codes_out[:T])
+            if T:
+                args = self._pargs
+                args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
+                units = T * (self.hidden * self.combine_dtype.itemsize // 16)
+                _launch(self._pull, args, self._combine_grid(units), _COMBINE_THREADS, handle)
+        self._phase = "idle"
+        return out
+
+    def _combine_grid(self, units: int) -> int:
+        return max(1, min(4 * self._sms, -(-units // _COMBINE_THREADS)))
+
+    def _out(self, out, T: int, stream) -> cupy.ndarray:
+        if out is None:
+            with as_stream(stream):
+                return _empty((T, self.hidden), self.combine_dtype)
+        out = as_array(out, "out", dtype=self.combine_dtype, shape=(T, self.hidden),
+                       stream=stream)
+        if out.data.ptr % 16:
+            raise ValueError(f"out: address 0x{out.data.ptr:x} is not 16-byte aligned")
+        return out
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Collective: wait for the device, free the exchange buffers in order. Closing
+        twice is harmless."""
+        if self._phase == "closed":
+            return
+        self._phase = "closed"
+        self._a2a.close()
+        if self._sym is not None:
+            self._sym.close()
+        if self._owns_group:
+            self._group.close()
+
+    finalize = close  # 003's name
+
+    def __enter__(self) -> EPAllToAll:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"EPAllToAll(ep_rank={getattr(self, 'ep_rank', '?')}/"
+                f"{getattr(self, 'ep_size', '?')}, max_num_tokens={self.max_num_tokens}, "
+                f"top_k={self.top_k}, num_experts={self.num_experts}, "
+                f"capacity={getattr(self, 'capacity', '?')}, "
+                f"{'local' if self.local_combine else 'exact'} combine, {self._phase})")
+
+
+EPAll2AllLayer = EPAllToAll  # the name of reference document 003

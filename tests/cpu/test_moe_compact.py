@@ -1,0 +1,119 @@
+"""EPAllToAll without a GPU: kernel argument structs, constants, constructor checks."""
+
+import ctypes
+import re
+
+import numpy as np
+import pytest
+
+compact = pytest.importorskip("moecomm.moe.compact", reason="CuPy is not installed")
+from moecomm import kernels
+from moecomm import reference as ref
+
+
+def _source() -> str:
+    return (kernels.source_dir() / "moe_compact.cu").read_text()
+
+
+def _struct_fields(source: str, name: str) -> list:
+    body = re.search(r"struct %s \{(.*?)\n\};" % name, source, re.DOTALL).group(1)
+    fields = []
+    for line in body.splitlines():
+        line = line.split("//")[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(?:const\s+)?(\w+)\s*(\*?)\s*(\w+);", line)
+        assert m, f"{name}: cannot read field line {line!r} (one field per line)"
+        ctype, pointer, field = m.groups()
+        assert pointer or ctype in ("int64_t", "uint64_t"), f"{name}.{field}: not 8 bytes"
+        fields.append(field)
+    return fields
+
+
+@pytest.mark.parametrize("struct,mirror", [("DispatchParams", compact._DispatchArgs),
+                                           ("PullParams", compact._PullArgs),
+                                           ("ReduceParams", compact._ReduceArgs)])
+def test_kernel_structs_match_python(struct, mirror):
+    fields = _struct_fields(_source(), struct)
+    assert [f[0] for f in mirror._fields_] == fields
+    assert ctypes.sizeof(mirror) == 8 * len(fields)
+    assert re.search(r"sizeof\(%s\) == 8 \* %d" % (struct, len(fields)), _source())
+
+
+def test_constants_match_kernels():
+    source = _source()
+    defines = {k: int(v) for k, v in re.findall(r"#define (MOECOMM_COMPACT_\w+) (\d+)", source)}
+    assert defines["MOECOMM_COMPACT_MAX_LOCAL_EXPERTS"] == compact.MAX_LOCAL_EXPERTS
+    assert defines["MOECOMM_COMPACT_TILE"] == compact.MAX_TOP_K
+    assert defines["MOECOMM_COMPACT_MAX_RANKS"] >= compact.MAX_RANKS
+    stats = {k: int(v) for k, v in re.findall(r"constexpr int (kStat\w+) = (\d+);", source)}
+    assert stats["kStatRows"] == compact._ROWS and stats["kStatNeeded"] == compact._NEEDED
+    assert stats["kStatDropped"] == compact._DROPPED
+    assert stats["kStatMaxNeeded"] == compact._MAX_NEEDED
+    assert stats["kStatMaxDropped"] == compact._MAX_DROPPED
+    assert max(stats.values()) < 8  # the stats array is int32[8]
+
+
+def test_dispatch_args_by_name():
+    a = compact._DispatchArgs(ids=0x1000, rank=3, code_width=12, inv=None)
+    assert a.ids == 0x1000 and a.rank == 3 and a.code_width == 12 and a.inv is None
+
+
+def _bare(max_num_tokens=16, top_k=4):
+    """An EPAllToAll with only the fields _capacity reads (no group, no GPU)."""
+    obj = object.__new__(compact.EPAllToAll)
+    obj._phase = "closed"
+    obj.max_num_tokens, obj.top_k = max_num_tokens, top_k
+    return obj
+
+
+def test_capacity_rules():
+    obj = _bare(16, 4)
+    assert obj._capacity(4, None, None) == 4 * 16 * 4  # worst case: never drops
+    assert obj._capacity(4, 10, None) == 10
+    assert obj._capacity(4, 10_000, None) == 256  # never more than can arrive
+    assert obj._capacity(4, None, 1.5) == 96
+    assert obj._capacity(4, None, 1e-6) == 1
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        obj._capacity(4, None, 0.0)
+    with pytest.raises(ValueError, match="max_recv_rows must be >= 1"):
+        obj._capacity(4, 0, None)
+    with pytest.raises(TypeError, match="max_recv_rows must be an int"):
+        obj._capacity(4, 2.5, None)
+    big = _bare(1 << 20, 8)
+    with pytest.raises(ValueError, match="exceeds the supported"):
+        big._capacity(8, None, None)
+
+
+def test_constructor_checks_before_any_collective():
+    # Argument errors are raised before the group is touched (none exists here).
+    with pytest.raises(ValueError, match="top_k=300 exceeds"):
+        compact.EPAllToAll(None, 8, 300, 8, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        compact.EPAllToAll(None, 8, 2, 8, 4)  # 4 bf16 = 8 bytes per row
+    with pytest.raises(ValueError, match="combine_dtype float16: rows of 8 bytes"):
+        compact.EPAllToAll(None, 8, 2, 8, 4, np.float32, combine_dtype=np.float16)
+    with pytest.raises(TypeError, match="combine_dtype int32 is not supported"):
+        compact.EPAllToAll(None, 8, 2, 8, 64, np.int32)
+    with pytest.raises(ValueError, match="not both"):
+        compact.EPAllToAll(None, 8, 2, 8, 64, max_recv_rows=4, capacity_factor=1.0)
+    with pytest.raises(TypeError, match="local_combine must be a bool"):
+        compact.EPAllToAll(None, 8, 2, 8, 64, local_combine="yes")
+    with pytest.raises(TypeError, match="max_num_tokens must be an int"):
+        compact.EPAllToAll(None, 8.0, 2, 8, 64)
+
+
+def test_two_level_sum_is_not_the_reference():
+    """Why the default combine fetches every slot's row: summing a rank's slots first
+    (local_combine) rounds differently from the reference's one slot-order sum."""
+    ids = [np.array([[0, 2, 1]], np.int32), np.zeros((0, 3), np.int32)]
+    x = [np.ones((1, 1), np.float32), np.zeros((0, 1), np.float32)]
+    _, _, lay = ref.ep_dispatch_compact(x, ids, None, 4, 2)
+    # slots 0 and 2 (experts 0, 1) are rank 0's rows, slot 1 (expert 2) rank 1's
+    tiny = np.float32(2.0 ** -24)
+    y = [np.array([[tiny], [tiny]], np.float32), np.array([[1.0]], np.float32)]
+    exact = ref.ep_combine_compact(y, lay)[0][0, 0]
+    assert exact == np.float32(1.0)  # (tiny + 1) + tiny: each add ties back to 1
+    partial = np.float32(tiny + tiny)  # rank 0 sums its slots first ...
+    two_level = np.float32(partial + np.float32(1.0))  # ... then the ranks: 1 + 2^-23
+    assert two_level != exact
