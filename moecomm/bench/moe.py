@@ -24,6 +24,10 @@ Timing (microseconds; CUDA events, medians after warm-up; each figure the slowes
   precedes each pair on the stream, so the host has enqueued the pair before the GPU
   reaches it: the events time GPU work, not Python's launch cost. ``eager_us`` is the
   pair.
+* ``compact_graph_us``: the compact expert-major layer (``EPAllToAll``) at the same
+  routing, graph-replayed pairs of ``dispatch(hidden, ids, scales as weights)`` and
+  ``combine`` of its workspace-backed expert outputs; ``compact_vs_static`` is its ratio
+  to ``graph_us`` (``--no-compact`` skips it).
 * Combine takes the zero-copy path (expert outputs already in
   ``get_combine_payload_tensor_in_workspace``, ``payload_in_workspace=True``, ``out=``).
 * ``GBps``: effective bandwidth = (bytes of token rows dispatched to OTHER ranks + bytes
@@ -52,10 +56,12 @@ processes, each cross-process wait costs milliseconds) and NCCL is left out.
 
 from __future__ import annotations
 
+import functools
+
 import cupy
 import numpy as np
 
-from ..moe import MoeAlltoAll
+from ..moe import EPAllToAll, MoeAlltoAll
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
 from .common import environment, graph_median_us, print_table, require_gpu, write_result
@@ -142,6 +148,8 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=30, help="timed iterations per measurement")
     p.add_argument("--seed", type=int, default=0, help="seed of routings and payloads")
     p.add_argument("--plot", action="store_true", help="write a PNG (needs matplotlib)")
+    p.add_argument("--no-compact", action="store_true",
+                   help="skip the compact expert-major layer (EPAllToAll) timing")
 
 
 # ---------------------------------------------------------------------- host routing
@@ -298,6 +306,17 @@ class Case:
         self.dispatch()
         self.combine()
 
+    # -- EPAllToAll (compact expert-major layer) at the same routing -----------------
+    def compact_pair(self, layer):
+        """dispatch(x, ids, weights) + combine of the workspace-backed expert outputs."""
+        if not hasattr(self, "_compact_out"):
+            self._compact_out = cupy.empty((self.T, self.H), bfloat16)
+        weights = getattr(self, "scales", None)
+        _, _, layout = layer.dispatch(_bf16(self.hidden), self.ids, weights, stream=self.stream,
+                                      runtime_max_tokens_per_rank=self.T)
+        layer.combine(layer.get_combine_input_tensor_in_workspace(), layout, stream=self.stream,
+                      out=self._compact_out)
+
     def check(self) -> list[str]:
         """One validated pair; what is wrong on this rank."""
         bad = []
@@ -401,6 +420,8 @@ def run(args) -> int:
         nccl = NcclCommunicator(group)
     kernels = Kernels(stream)
     ep = a2a.ep_size
+    compact = None if args.no_compact else EPAllToAll(
+        group, max(tokens), args.top_k, args.experts, args.hidden, bfloat16)
     rows = []
     with stream:
         for kind in routings:
@@ -426,6 +447,12 @@ def run(args) -> int:
                     (times["nccl_dispatch_us"], times["nccl_combine_us"],
                      times["nccl_eager_us"]) = _eager_us(case.nccl_dispatch, case.nccl_combine,
                                                          kernels.spin, stream, args.iters)
+                if compact is not None:
+                    group.barrier()
+                    times["compact_graph_us"] = graph_median_us(
+                        functools.partial(case.compact_pair, compact), calls=calls, iters=args.iters,
+                        stream=stream)
+                    compact.check_error(stream, synchronize=True)
                 a2a.check_error(stream, synchronize=True)
                 slowest = {key: max(t[key] for t in group.allgather(times)) for key in times}
                 remote = float(np.mean(case.remote_rows))
@@ -435,6 +462,9 @@ def run(args) -> int:
                        **{k: slowest[k] for k in ("dispatch_us", "combine_us", "eager_us",
                                                   "graph_us")},
                        "GBps": mean_bytes / (slowest["graph_us"] * 1e-6) / 1e9}
+                if compact is not None:
+                    row["compact_graph_us"] = slowest["compact_graph_us"]
+                    row["compact_vs_static"] = slowest["compact_graph_us"] / slowest["graph_us"]
                 if nccl is not None:
                     row.update({k: slowest[k] for k in ("nccl_dispatch_us", "nccl_combine_us",
                                                         "nccl_eager_us", "nccl_graph_us")})
@@ -446,6 +476,8 @@ def run(args) -> int:
                 del case
     a2a.check_error(stream, synchronize=True)
     a2a.close()
+    if compact is not None:
+        compact.close()
     if nccl is not None:
         nccl.close()
     if group.rank == 0:
@@ -455,6 +487,8 @@ def run(args) -> int:
               + ("" if exclusive else " (ranks share GPUs: timings are not meaningful, no NCCL)"))
         columns = ["routing", "tokens", "remote_rows", "MB", "dispatch_us", "combine_us",
                    "eager_us", "graph_us", "GBps"]
+        if compact is not None:
+            columns += ["compact_graph_us", "compact_vs_static"]
         if exclusive:
             columns += ["nccl_dispatch_us", "nccl_combine_us", "nccl_graph_us", "nccl_GBps",
                         "vs_nccl"]
