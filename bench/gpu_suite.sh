@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 MOECOMM_REQUIRE_GPU=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export MOECOMM_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo "${MOECOMM_COMMIT:-unknown}")
+# The commit the results belong to: git's, else what the caller exported (a copied tree
+# may carry no history).
+commit=$(git rev-parse --verify -q HEAD 2>/dev/null) || commit=${MOECOMM_COMMIT:-unknown}
+export MOECOMM_COMMIT=$commit
 
 mpi=(mpiexec)
 if mpiexec --version 2>&1 | grep -qE "Open MPI|OpenRTE"; then

@@ -73,8 +73,9 @@ def environment(group) -> dict:
 
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"],
+                                capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("MOECOMM_COMMIT", "unknown")
     gpus = sorted(set(group.allgather((group.host, cupy.cuda.Device().pci_bus_id))))
