@@ -79,14 +79,6 @@ __device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], cons
     acc[i] = first ? to_float(p.lane[i]) : acc[i] + to_float(p.lane[i]);
 }
 
-template <typename T>
-__device__ __forceinline__ Vec16 round_pack(const float (&acc)[Pack16<T>::kLanes]) {
-  Pack16<T> p;
-#pragma unroll
-  for (int i = 0; i < Pack16<T>::kLanes; ++i) p.lane[i] = from_float<T>(acc[i]);
-  return p.vec;
-}
-
 // Refill the previous call's Lamport buffer with the sentinel. Called once every peer is
 // known to be in this call (so none still writes there); the grid shares the work.
 template <typename T>

@@ -110,6 +110,15 @@ union Pack16 {
   T lane[kLanes];
 };
 
+// fp32 lanes rounded (RNE) to T and packed into one 16-byte vector.
+template <typename T>
+__device__ __forceinline__ Vec16 round_pack(const float (&acc)[Pack16<T>::kLanes]) {
+  Pack16<T> p;
+#pragma unroll
+  for (int i = 0; i < Pack16<T>::kLanes; ++i) p.lane[i] = from_float<T>(acc[i]);
+  return p.vec;
+}
+
 // ---------------------------------------------------------------- Lamport sentinel
 // Lamport buffers hold -0.0 ("not yet written") until a peer's data lands; writers turn
 // -0.0 into +0.0 so real data never looks unwritten. Checked on 32-bit words.

@@ -267,14 +267,6 @@ __device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], cons
   }
 }
 
-template <typename T>
-__device__ __forceinline__ Vec16 pack(const float (&acc)[Pack16<T>::kLanes]) {
-  Pack16<T> y;
-#pragma unroll
-  for (int i = 0; i < Pack16<T>::kLanes; ++i) y.lane[i] = from_float<T>(acc[i]);
-  return y.vec;
-}
-
 // Exact combine: token t sums, slot by slot, the row its slot's owner stored at pos.
 template <typename T>
 __device__ void pull(const PullParams& p) {
@@ -319,7 +311,7 @@ __device__ void pull(const PullParams& p) {
       for (int i = 0; i < 4; ++i)
         if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
     }
-    st_vec16(p.out + t * row + col, pack<T>(acc));
+    st_vec16(p.out + t * row + col, round_pack<T>(acc));
   }
 }
 
@@ -362,7 +354,7 @@ __device__ void reduce(const ReduceParams& p) {
       for (int i = 0; i < 4; ++i)
         if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
     }
-    st_vec16(p.payload + flat * row + col, pack<T>(acc));
+    st_vec16(p.payload + flat * row + col, round_pack<T>(acc));
   }
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..allreduce import Algorithm, all_reduce, create_allreduce_workspace
 from ..tensors import bfloat16
-from .common import (environment, graph_median_us, median_us, print_table, require_gpu,
+from .common import (environment, graph_median_us, median_us, print_table, pyplot, require_gpu,
                      write_result)
 
 SIZES = [1 << 10, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -115,13 +115,8 @@ def run(args) -> int:
 
 
 def _plot(rows, path, env) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install moecomm[plot])")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (lat, bw) = plt.subplots(1, 2, figsize=(11, 4))
     for algo in sorted({r["algorithm"] for r in rows}):

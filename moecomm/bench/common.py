@@ -112,3 +112,16 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.2f}"
     return "-" if v is None else str(v)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install moecomm[plot])")
+        return None
+    return plt

@@ -64,7 +64,7 @@ import numpy as np
 from ..moe import EPAllToAll, MoeAlltoAll
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
-from .common import environment, graph_median_us, print_table, require_gpu, write_result
+from .common import environment, graph_median_us, print_table, pyplot, require_gpu, write_result
 
 TOKENS = [1, 32, 128, 512, 1024, 4096]
 ROUTINGS = ("uniform", "skewed")
@@ -506,13 +506,8 @@ def run(args) -> int:
 
 
 def _plot(rows, path, env, ep) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install moecomm[plot])")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (lat, bw) = plt.subplots(1, 2, figsize=(11, 4))
     for kind in sorted({r["routing"] for r in rows}):
