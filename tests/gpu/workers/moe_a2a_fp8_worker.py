@@ -14,8 +14,9 @@ import numpy as np
 import moecomm
 from moecomm import reference as ref
 from moecomm.moe import MoeAlltoAll
-from moecomm.moe.alltoall import HEADER_BYTES, Fp8Dispatch, Fp8Rows
+from moecomm.moe.alltoall import Fp8Dispatch, Fp8Rows
 from moecomm.tensors import bfloat16
+from tests.gpu.workers.moe_io import IO, bits
 from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
@@ -27,11 +28,11 @@ H_MAX = 7168
 INVALID = -5
 G = 128
 stream = cupy.cuda.Stream(non_blocking=True)
+io = IO(group, stream)
+shared_seed, device, host, quiesce = io.shared_seed, io.device, io.host, io.quiesce
 checked = []
 
 
-def shared_seed() -> int:
-    return group.bcast(int(np.random.SeedSequence().entropy % (1 << 63)))
 
 
 # ---------------------------------------------------------------- reference quantizers
@@ -122,34 +123,17 @@ class Case:
                                     self.id_index)
 
 
-def device(a: np.ndarray) -> cupy.ndarray:
-    with stream:
-        d = cupy.asarray(a)
-    return cupy.ndarray(d.shape, bfloat16, d.data) if a.dtype == np.uint16 else d
 
 
-def host(d: cupy.ndarray) -> np.ndarray:
-    stream.synchronize()
-    if d.dtype == bfloat16:
-        d = cupy.ndarray(d.shape, np.uint16, d.data)
-    return d.get()
 
 
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.itemsize])
 
 
-def quiesce():
-    stream.synchronize()
-    cupy.cuda.runtime.deviceSynchronize()
-    group.barrier()
 
 
 def poison(a2a: MoeAlltoAll):
     quiesce()
-    ws = a2a._ws
-    ws.view(np.uint8, (ws.nbytes - HEADER_BYTES,), offset=HEADER_BYTES).fill(0xA5)
-    a2a.recv_counts.fill(-7)
+    io.poison_workspace(a2a)
     quiesce()
 
 

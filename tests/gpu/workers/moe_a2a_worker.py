@@ -13,8 +13,8 @@ import moecomm
 from moecomm import reference as ref
 from moecomm.errors import PeerTimeoutError
 from moecomm.moe import MoeAlltoAll
-from moecomm.moe.alltoall import HEADER_BYTES
 from moecomm.tensors import bfloat16
+from tests.gpu.workers.moe_io import IO, bits
 from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
@@ -27,11 +27,11 @@ MAX_T = 48
 INVALID = -5
 ID_PAYLOAD = 3  # [hidden bf16, hidden fp8, scales fp32, ids int32, weights fp32]
 stream = cupy.cuda.Stream(non_blocking=True)
+io = IO(group, stream)
+shared_seed, device, host, quiesce = io.shared_seed, io.device, io.host, io.quiesce
 checked = []
 
 
-def shared_seed() -> int:
-    return group.bcast(int(np.random.SeedSequence().entropy % (1 << 63)))
 
 
 # ---------------------------------------------------------------- inputs and reference
@@ -72,37 +72,17 @@ class Case:
                                     ID_PAYLOAD if sanitize else None)
 
 
-def device(a: np.ndarray) -> cupy.ndarray:
-    """Upload on `stream`; uint16 arrays become bf16 arrays (bf16 bit patterns)."""
-    with stream:
-        d = cupy.asarray(a)
-    return cupy.ndarray(d.shape, bfloat16, d.data) if a.dtype == np.uint16 else d
 
 
-def host(d: cupy.ndarray) -> np.ndarray:
-    """Download (after `stream`); bf16 comes back as uint16 bit patterns."""
-    stream.synchronize()
-    if d.dtype == bfloat16:
-        d = cupy.ndarray(d.shape, np.uint16, d.data)
-    return d.get()
 
 
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.itemsize])
 
 
-def quiesce():
-    """No rank has work in flight or touches a peer's workspace after this."""
-    stream.synchronize()
-    cupy.cuda.runtime.deviceSynchronize()
-    group.barrier()
 
 
 def poison(a2a: MoeAlltoAll):
     quiesce()
-    ws = a2a._ws
-    ws.view(np.uint8, (ws.nbytes - HEADER_BYTES,), offset=HEADER_BYTES).fill(0xA5)
-    a2a.recv_counts.fill(-7)
+    io.poison_workspace(a2a)
     quiesce()
 
 

@@ -14,6 +14,7 @@ import moecomm
 from moecomm import reference as ref
 from moecomm.moe import CapacityError, EPAll2AllLayer, EPAllToAll
 from moecomm.tensors import bfloat16
+from tests.gpu.workers.moe_io import IO, bits
 from tests.mpi import expect_raises, report_pass
 
 group = moecomm.init()
@@ -23,14 +24,14 @@ TOP_K = 6  # not a multiple of 4: padded code rows, 24-byte id rows (MoeAlltoAll
 H = 128
 MAX_T = 40
 stream = cupy.cuda.Stream(non_blocking=True)
+io = IO(group, stream)
+shared_seed, device, host, quiesce = io.shared_seed, io.device, io.host, io.quiesce
 checked = []
 NAN = {np.dtype(np.uint16): 0x7FC1, np.dtype(np.float16): np.float16(np.nan),
        np.dtype(np.float32): np.float32(np.nan)}
 POISON = {1: 0xA5, 2: 0x7FC1, 4: 0x7FC00001}  # bit patterns: NaN in bf16, fp16 and fp32
 
 
-def shared_seed() -> int:
-    return group.bcast(int(np.random.SeedSequence().entropy % (1 << 63)))
 
 
 def host_dtype(dt) -> np.dtype:
@@ -38,23 +39,10 @@ def host_dtype(dt) -> np.dtype:
     return np.dtype(np.uint16) if np.dtype(dt) == bfloat16 else np.dtype(dt)
 
 
-def device(a: np.ndarray, bf16: bool = True) -> cupy.ndarray:
-    """Upload on `stream`; uint16 arrays become bf16 arrays unless bf16=False."""
-    with stream:
-        d = cupy.asarray(a)
-    return cupy.ndarray(d.shape, bfloat16, d.data) if a.dtype == np.uint16 and bf16 else d
 
 
-def host(d: cupy.ndarray) -> np.ndarray:
-    """Download (after `stream`); bf16 comes back as uint16 bit patterns."""
-    stream.synchronize()
-    if d.dtype == bfloat16:
-        d = cupy.ndarray(d.shape, np.uint16, d.data)
-    return d.get()
 
 
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.itemsize])
 
 
 def raw(d: cupy.ndarray) -> cupy.ndarray:
@@ -69,11 +57,6 @@ def zeros(shape, dtype) -> cupy.ndarray:
     return cupy.ndarray(shape, dtype, d.data)
 
 
-def quiesce():
-    """No rank has work in flight or touches a peer's buffers after this."""
-    stream.synchronize()
-    cupy.cuda.runtime.deviceSynchronize()
-    group.barrier()
 
 
 # ---------------------------------------------------------------- inputs and reference
@@ -170,8 +153,7 @@ def poison(layer):
     layer._tpe.fill(-7)
     layer._offsets.fill(-7)
     layer._stats[1:4] = -7  # not the arrival counter (0) nor the sticky record (4, 5)
-    ws = layer._a2a._ws
-    ws.view(np.uint8, (ws.nbytes - 1024,), offset=1024).fill(0xA5)
+    io.poison_workspace(layer._a2a)
     if not layer.local_combine:
         raw(layer.get_combine_input_tensor_in_workspace()).fill(
             POISON[layer.combine_dtype.itemsize])
