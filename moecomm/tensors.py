@@ -140,13 +140,17 @@ def _torch_view(x, name: str, device: int | None, stream) -> cupy.ndarray | None
     return cupy.ndarray(tuple(x.shape), dtype, cupy.cuda.MemoryPointer(mem, 0))
 
 
+_raw_stream = None
+
+
 def _torch_stream(torch, device: int) -> int:
-    """torch's current stream on ``device`` as a raw handle (its private accessor is ten
-    times cheaper than ``torch.cuda.current_stream``; the public one is the fallback)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device)
-    return torch.cuda.current_stream(device).cuda_stream
+    """torch's current stream on ``device`` as a raw handle. Its private accessor is ten
+    times cheaper than ``torch.cuda.current_stream`` (the fallback); looked up once."""
+    global _raw_stream
+    if _raw_stream is None:
+        _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+            lambda d: torch.cuda.current_stream(d).cuda_stream)
+    return _raw_stream(device)
 
 
 def check(arr: cupy.ndarray, name: str, *, dtype=None, shape=None, ndim=None) -> None:
