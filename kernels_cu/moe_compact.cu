@@ -267,11 +267,30 @@ __device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], cons
   }
 }
 
+// Sums a row's slots j = 0..k-1 in slot order, four loads in flight: fetch(j, x, w) loads
+// slot j's vector and weight and returns false when the slot holds nothing.
+template <typename T, typename Fetch>
+__device__ __forceinline__ Vec16 sum_slots(int k, bool weighted, Fetch fetch) {
+  float acc[Pack16<T>::kLanes];
+#pragma unroll
+  for (int i = 0; i < Pack16<T>::kLanes; ++i) acc[i] = 0.f;
+  for (int j0 = 0; j0 < k; j0 += 4) {
+    Vec16 x[4];
+    float w[4];
+    bool have[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) have[i] = j0 + i < k && fetch(j0 + i, x[i], w[i]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
+  }
+  return round_pack<T>(acc);
+}
+
 // Exact combine: token t sums, slot by slot, the row its slot's owner stored at pos.
 template <typename T>
 __device__ void pull(const PullParams& p) {
   __shared__ uint64_t s_peer[kMaxRanks];
-  constexpr int K = Pack16<T>::kLanes;
   const int ep = (int)p.ep_size;
   if (threadIdx.x < ep) s_peer[threadIdx.x] = p.peers[threadIdx.x];
   __syncthreads();
@@ -285,33 +304,18 @@ __device__ void pull(const PullParams& p) {
     const int64_t t = u / nvec;
     const int64_t col = (u - t * nvec) * 16;
     const float* code = p.codes + t * p.code_width;
-    float acc[K];
-#pragma unroll
-    for (int i = 0; i < K; ++i) acc[i] = 0.f;
-    for (int j0 = 0; j0 < k; j0 += 4) {
-      Vec16 x[4];
-      float w[4];
-      bool have[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int j = j0 + i;
-        const float fp = j < k ? code[2 * j] : 0.f;
-        const float fr = j < k ? code[2 * j + 1] : 0.f;
-        // Codes are exact small integers; anything else (a failed exchange) is skipped,
-        // so no read ever leaves the peers' buffers.
-        have[i] = fp >= 1.f && fp <= cap && fr >= 0.f && fr < (float)ep;
-        if (have[i]) {
-          const int64_t pos = (int64_t)fp - 1;
-          const uint8_t* base = reinterpret_cast<const uint8_t*>(s_peer[(int)fr]);
-          x[i] = ld_vec16_cg(base + p.y_off + pos * row + col);
-          w[i] = weighted ? __ldcg(reinterpret_cast<const float*>(base + p.w_off) + pos) : 1.f;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
-    }
-    st_vec16(p.out + t * row + col, round_pack<T>(acc));
+    const Vec16 sum = sum_slots<T>(k, weighted, [&](int j, Vec16& x, float& w) {
+      const float fp = code[2 * j], fr = code[2 * j + 1];
+      // Codes are exact small integers; anything else (a failed exchange) is skipped,
+      // so no read ever leaves the peers' buffers.
+      if (!(fp >= 1.f && fp <= cap && fr >= 0.f && fr < (float)ep)) return false;
+      const int64_t pos = (int64_t)fp - 1;
+      const uint8_t* base = reinterpret_cast<const uint8_t*>(s_peer[(int)fr]);
+      x = ld_vec16_cg(base + p.y_off + pos * row + col);
+      w = weighted ? __ldcg(reinterpret_cast<const float*>(base + p.w_off) + pos) : 1.f;
+      return true;
+    });
+    st_vec16(p.out + t * row + col, sum);
   }
 }
 
@@ -319,7 +323,6 @@ __device__ void pull(const PullParams& p) {
 template <typename T>
 __device__ void reduce(const ReduceParams& p) {
   __shared__ int32_t s_pref[kMaxRanks + 1];
-  constexpr int K = Pack16<T>::kLanes;
   const int ep = (int)p.ep_size;
   load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
   __syncthreads();
@@ -334,27 +337,14 @@ __device__ void reduce(const ReduceParams& p) {
     const int s = source_of(v, s_pref);
     const int64_t flat = (int64_t)s * p.runtime_max + (v - s_pref[s]);
     const int32_t* where = p.inv + flat * k;
-    float acc[K];
-#pragma unroll
-    for (int i = 0; i < K; ++i) acc[i] = 0.f;
-    for (int j0 = 0; j0 < k; j0 += 4) {
-      Vec16 x[4];
-      float w[4];
-      bool have[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int32_t pos = j0 + i < k ? where[j0 + i] : -1;
-        have[i] = pos >= 0 && pos < p.capacity;
-        if (have[i]) {
-          x[i] = ld_vec16(p.y + (int64_t)pos * row + col);
-          w[i] = weighted ? p.recv_w[pos] : 1.f;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (have[i]) accumulate<T>(acc, x[i], weighted, w[i]);
-    }
-    st_vec16(p.payload + flat * row + col, round_pack<T>(acc));
+    const Vec16 sum = sum_slots<T>(k, weighted, [&](int j, Vec16& x, float& w) {
+      const int32_t pos = where[j];
+      if (pos < 0 || pos >= p.capacity) return false;
+      x = ld_vec16(p.y + (int64_t)pos * row + col);
+      w = weighted ? p.recv_w[pos] : 1.f;
+      return true;
+    });
+    st_vec16(p.payload + flat * row + col, sum);
   }
 }
 
