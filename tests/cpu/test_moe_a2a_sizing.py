@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 a2a = pytest.importorskip("moecomm.moe.alltoall", reason="CuPy is not installed")
-from moecomm import kernels  # noqa: E402
+from tests.cuda_source import kernel_source, struct_fields  # noqa: E402
 
 MoeAlltoAll = a2a.MoeAlltoAll
 
@@ -70,34 +70,15 @@ def test_sizing_arguments():
         MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8.0, 128, 64)
 
 
-def _kernel_source() -> str:
-    return (kernels.source_dir() / "moe_a2a.cu").read_text()
-
-
-def _struct_fields(source: str, name: str, defines: dict) -> list:
-    body = re.search(r"struct %s \{(.*?)\n\};" % name, source, re.S).group(1)
-    fields = []
-    for line in body.splitlines():
-        line = line.split("//")[0].strip()
-        if not line:
-            continue
-        m = re.fullmatch(r"(?:const\s+)?(\w+)\s*(\*?)\s*(\w+)(?:\[(\w+)\])?;", line)
-        assert m, f"{name}: cannot read field line {line!r} (one field per line)"
-        ctype, pointer, field, count = m.groups()
-        assert pointer or ctype in ("int64_t", "uint64_t"), f"{name}.{field}: not 8 bytes"
-        fields.append((field, int(defines.get(count, count)) if count else 1))
-    return fields
-
-
 def test_kernel_structs_match_python():
-    source = _kernel_source()
+    source = kernel_source("moe_a2a.cu")
     defines = dict(re.findall(r"#define (MOECOMM_A2A_\w+) (\d+)u?", source))
     assert int(defines["MOECOMM_A2A_MAX_RANKS"]) == a2a.MAX_RANKS
     assert int(defines["MOECOMM_A2A_MAX_PAYLOADS"]) == a2a.MAX_PAYLOADS
     assert {int(defines["MOECOMM_A2A_CODE_DISPATCH"]), int(defines["MOECOMM_A2A_CODE_COMBINE"])} \
         == set(a2a._CODES)
     for struct, params in (("DispatchParams", a2a._DISPATCH), ("CombineParams", a2a._COMBINE)):
-        assert _struct_fields(source, struct, defines) == list(params.fields), struct
+        assert struct_fields(source, struct, defines) == list(params.fields), struct
         assert params.dtype.itemsize == 8 * params.size
     flat = a2a._DISPATCH.new(rank=3, invalid_id=-1)
     rec = a2a._DISPATCH.struct(flat)
@@ -107,7 +88,7 @@ def test_kernel_structs_match_python():
 
 
 def test_header_fits():
-    source = _kernel_source()
+    source = kernel_source("moe_a2a.cu")
     offs = dict(re.findall(r"constexpr size_t (k\w+Off) = (\d+);", source))
     assert int(offs["kRecvCountOff"]) + 4 * a2a.MAX_RANKS <= a2a.HEADER_BYTES
     assert int(offs["kCombineFlagOff"]) + 4 * a2a.MAX_RANKS <= int(offs["kRecvCountOff"])
@@ -170,7 +151,7 @@ def test_fp8_workspace_size(fmt, ep, top_k, max_tokens, hidden):
 
 def test_fp8_rows_and_kernel():
     assert a2a.Fp8Rows._fields == ("codes", "scales")
-    source = _kernel_source()
+    source = kernel_source("moe_a2a.cu")
     bound = re.search(r"__launch_bounds__\((\d+)\) moe_a2a_dispatch_fp8\(", source)
     assert bound and int(bound.group(1)) >= a2a._DISPATCH_THREADS
     assert a2a._SCALE_FORMATS == {"fp32": 0, "ue8m0": 1}  # scale_format in DispatchParams

@@ -7,41 +7,22 @@ import numpy as np
 import pytest
 
 compact = pytest.importorskip("moecomm.moe.compact", reason="CuPy is not installed")
-from moecomm import kernels
+from tests.cuda_source import kernel_source, struct_fields
 from moecomm import reference as ref
-
-
-def _source() -> str:
-    return (kernels.source_dir() / "moe_compact.cu").read_text()
-
-
-def _struct_fields(source: str, name: str) -> list:
-    body = re.search(r"struct %s \{(.*?)\n\};" % name, source, re.DOTALL).group(1)
-    fields = []
-    for line in body.splitlines():
-        line = line.split("//")[0].strip()
-        if not line:
-            continue
-        m = re.fullmatch(r"(?:const\s+)?(\w+)\s*(\*?)\s*(\w+);", line)
-        assert m, f"{name}: cannot read field line {line!r} (one field per line)"
-        ctype, pointer, field = m.groups()
-        assert pointer or ctype in ("int64_t", "uint64_t"), f"{name}.{field}: not 8 bytes"
-        fields.append(field)
-    return fields
 
 
 @pytest.mark.parametrize("struct,mirror", [("DispatchParams", compact._DispatchArgs),
                                            ("PullParams", compact._PullArgs),
                                            ("ReduceParams", compact._ReduceArgs)])
 def test_kernel_structs_match_python(struct, mirror):
-    fields = _struct_fields(_source(), struct)
+    fields = [f for f, _ in struct_fields(kernel_source("moe_compact.cu"), struct)]
     assert [f[0] for f in mirror._fields_] == fields
     assert ctypes.sizeof(mirror) == 8 * len(fields)
-    assert re.search(r"sizeof\(%s\) == 8 \* %d" % (struct, len(fields)), _source())
+    assert re.search(r"sizeof\(%s\) == 8 \* %d" % (struct, len(fields)), kernel_source("moe_compact.cu"))
 
 
 def test_constants_match_kernels():
-    source = _source()
+    source = kernel_source("moe_compact.cu")
     defines = {k: int(v) for k, v in re.findall(r"#define (MOECOMM_COMPACT_\w+) (\d+)", source)}
     assert defines["MOECOMM_COMPACT_MAX_LOCAL_EXPERTS"] == compact.MAX_LOCAL_EXPERTS
     assert defines["MOECOMM_COMPACT_TILE"] == compact.MAX_TOP_K
