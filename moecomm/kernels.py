@@ -6,8 +6,9 @@ current device and returns a ``cupy.RawKernel``. Compiled cubins are cached in m
 on disk (``MOECOMM_CACHE_DIR``, default ``~/.cache/moecomm``), keyed by a hash of every
 source file, the architecture, the options and the NVRTC version.
 
-Kernels are ``extern "C"`` functions; a source may be specialised with ``defines``
-(name -> int), passed to NVRTC as ``-D`` options.
+Kernels are ``extern "C"`` functions. Every compile gets the shared constants of
+``moecomm.constants`` as ``-D`` options (``kernels_cu/config.cuh`` reads them); a source may
+be specialised further with ``defines`` (name -> int). Launching is ``moecomm.launch``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
+
+from .constants import kernel_defines
 
 SUPPORTED_ARCHS = ("sm_80", "sm_90", "sm_100")
 _BASE_OPTIONS = ("-std=c++17", "--device-as-default-execution-space")
@@ -87,7 +90,7 @@ def normalize_arch(arch: str | int | tuple[int, int]) -> str:
 def _options(arch: str, defines: Mapping[str, int] | None) -> tuple[str, ...]:
     opts = [f"--gpu-architecture={arch}", *_BASE_OPTIONS]
     opts += [f"-I{source_dir()}", f"-I{_cuda_include_dir()}"]
-    for key, value in sorted((defines or {}).items()):
+    for key, value in sorted({**kernel_defines(), **(defines or {})}.items()):
         if not key.isidentifier():
             raise ValueError(f"define name {key!r} is not an identifier")
         opts.append(f"-D{key}={int(value)}")

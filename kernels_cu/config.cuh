@@ -1,0 +1,51 @@
+// The constants shared with Python. Every value comes from moecomm/constants.py as an
+// NVRTC -D option (moecomm.kernels adds them to every compile); nothing is defined twice.
+#pragma once
+
+#ifndef MOECOMM_VECTOR_BYTES
+#error "kernels_cu/ is compiled through moecomm.kernels, which defines the MOECOMM_* constants"
+#endif
+
+namespace moecomm {
+namespace config {
+
+constexpr int kVectorBytes = MOECOMM_VECTOR_BYTES;
+
+constexpr int kArMaxRanks = MOECOMM_AR_MAX_RANKS;
+constexpr int kArMaxBlocks = MOECOMM_AR_MAX_BLOCKS;
+constexpr int kArLamportBuffers = MOECOMM_AR_LAMPORT_BUFFERS;
+constexpr int kFusionMaxHidden = MOECOMM_FUSION_MAX_HIDDEN;
+
+constexpr int kA2aMaxRanks = MOECOMM_A2A_MAX_RANKS;
+constexpr int kA2aMaxPayloads = MOECOMM_A2A_MAX_PAYLOADS;
+constexpr int kA2aHeaderBytes = MOECOMM_A2A_HEADER_BYTES;
+constexpr int kA2aFp8Group = MOECOMM_A2A_FP8_GROUP;
+
+constexpr int kCompactMaxLocalExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
+constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;
+
+// Error codes of the device error word (moecomm.constants.ErrorCode).
+constexpr uint32_t kErrAllreduceOneshot = MOECOMM_ERR_ALLREDUCE_ONESHOT;
+constexpr uint32_t kErrAllreduceTwoshot = MOECOMM_ERR_ALLREDUCE_TWOSHOT;
+constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
+constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
+
+}  // namespace config
+
+// The quantizing epilogue of a fused all-reduce (moecomm.constants.Quant).
+enum Quant : int {
+  kQuantNone = MOECOMM_QUANT_NONE,
+  kQuantFp8 = MOECOMM_QUANT_FP8,
+  kQuantNvfp4 = MOECOMM_QUANT_NVFP4,
+  kQuantGroupFp8 = MOECOMM_QUANT_GROUP_FP8,
+  kQuantDynamicFp8 = MOECOMM_QUANT_DYNAMIC_FP8,
+};
+
+// What each rank contributes to a fused all-reduce (moecomm.constants.Source).
+enum Source : int {
+  kSourceInput = MOECOMM_SOURCE_INPUT,
+  kSourceMoeReduction = MOECOMM_SOURCE_MOE_REDUCTION,
+  kSourceMoeFinalize = MOECOMM_SOURCE_MOE_FINALIZE,
+};
+
+}  // namespace moecomm

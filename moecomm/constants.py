@@ -1,0 +1,186 @@
+"""Facts shared by the runtime, the CUDA kernels and the NumPy reference.
+
+Limits, alignments, enums and error codes live here once. Pure Python (no CuPy), so the
+reference and the CPU tests import it on any machine. ``kernel_defines()`` turns every
+value into an NVRTC ``-D`` option; the kernels read them as ``MOECOMM_*`` macros through
+``kernels_cu/config.cuh`` and have no copy of their own.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# ------------------------------------------------------------------------ alignment
+VECTOR_BYTES = 16    # the kernels' vector access; rows and addresses on the fast paths
+REGION_ALIGN = 256   # every workspace region starts on this boundary
+
+# ------------------------------------------------------------------------ all-reduce
+AR_MAX_RANKS = 16        # ranks of an IPC all-reduce group
+AR_MAX_BLOCKS = 1024     # blocks of one all-reduce launch (flag slots per rank)
+AR_LAMPORT_BUFFERS = 3   # rotating Lamport buffers
+FUSION_MAX_HIDDEN = 16384  # elements of a fused row (kernel register budget)
+
+# ------------------------------------------------------------------------ MoE all-to-all
+A2A_MAX_RANKS = 32       # ep size of MoeAlltoAll / EPAllToAll
+A2A_MAX_PAYLOADS = 8     # payloads of one dispatch
+A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
+A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
+
+COMPACT_MAX_LOCAL_EXPERTS = 1024
+COMPACT_MAX_TOP_K = 256
+COMPACT_MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
+
+
+class ErrorCode(enum.IntEnum):
+    """Which op recorded a timeout in a device error word (``moecomm.errors``)."""
+
+    ALLREDUCE_ONESHOT = 1
+    ALLREDUCE_TWOSHOT = 2
+    A2A_DISPATCH = 16
+    A2A_COMBINE = 17
+
+    @property
+    def op(self) -> str:
+        return _ERROR_OPS[self]
+
+
+_ERROR_OPS = {
+    ErrorCode.ALLREDUCE_ONESHOT: "all_reduce (one-shot)",
+    ErrorCode.ALLREDUCE_TWOSHOT: "all_reduce (two-shot)",
+    ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
+    ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
+}
+
+
+class Quant(enum.IntEnum):
+    """The quantizing epilogue of a fused all-reduce (a compile-time kernel choice)."""
+
+    NONE = 0
+    FP8 = 1          # static per-tensor e4m3: q = sat(v * (1 / scale_factor))
+    NVFP4 = 2        # e2m1 in 16-element blocks, e4m3 block scales
+    GROUP_FP8 = 3    # per-token-group e4m3, UE8M0 scales
+    DYNAMIC_FP8 = 4  # per-token e4m3, fp32 scale per token
+
+
+class Source(enum.IntEnum):
+    """What each rank contributes to a fused all-reduce."""
+
+    INPUT = 0          # the input rows
+    MOE_REDUCTION = 1  # sum_e experts[e] * scale[e] + token_input
+    MOE_FINALIZE = 2   # un-permuted top-k expert rows, scaled, + shared expert output
+
+
+class AllReduceFusionPattern(enum.IntEnum):
+    """Fused all-reduce patterns, with FlashInfer 0.7.2's values: an integer taken from
+    code written for FlashInfer picks the same pattern."""
+
+    kAllReduce = 0
+    kARResidualRMSNorm = 1
+    kARResidualRMSNormFP8Quant = 2
+    kARResidualRMSNormFP4Quant = 3
+    kARResidualRMSNormOutFP8Quant = 4
+    kARResidualRMSNormOutFP4Quant = 5
+    kMoEReductionARResidualRMSNorm = 6
+    kMoEFinalizeARResidualRMSNorm = 7
+    kARResidualRMSNormPerTokenGroupFP8PackedQuant = 8
+    kARResidualRMSNormOutPerTokenGroupFP8PackedQuant = 9
+    kARResidualRMSNormDynamicFP8Quant = 10
+    kARResidualRMSNormOutDynamicFP8Quant = 11
+
+    @property
+    def spec(self) -> "PatternSpec":
+        return PATTERNS[self]
+
+
+class QuantizationSFLayout(enum.IntEnum):
+    """NVFP4 scale-factor layout (FlashInfer's values)."""
+
+    SWIZZLED_128x4 = 0
+    LINEAR = 2
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """What a fused pattern computes.
+
+    norm: residual add + RMSNorm. quant: the quantizer of the norm output.
+    norm_out: the pattern writes ``norm_out`` too. source: the contribution the pattern
+    implies (``Source.INPUT`` for the plain patterns, which the MoE entry points may
+    replace; the MoE patterns name theirs).
+    """
+
+    norm: bool
+    quant: Quant = Quant.NONE
+    norm_out: bool = False
+    source: Source = Source.INPUT
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Outputs the caller must pass (``allreduce_out`` is optional for the others)."""
+        if not self.norm:
+            return ("allreduce_out",)
+        outs = ["residual_out"]
+        if self.norm_out:
+            outs.append("norm_out")
+        if self.quant != Quant.NONE:
+            outs.append("quant_out")
+            if self.quant != Quant.FP8:
+                outs.append("scale_out")
+        return tuple(outs)
+
+
+_P = AllReduceFusionPattern
+PATTERNS: dict[AllReduceFusionPattern, PatternSpec] = {
+    _P.kAllReduce: PatternSpec(norm=False),
+    _P.kARResidualRMSNorm: PatternSpec(norm=True, norm_out=True),
+    _P.kARResidualRMSNormFP8Quant: PatternSpec(norm=True, quant=Quant.FP8),
+    _P.kARResidualRMSNormFP4Quant: PatternSpec(norm=True, quant=Quant.NVFP4),
+    _P.kARResidualRMSNormOutFP8Quant: PatternSpec(norm=True, quant=Quant.FP8, norm_out=True),
+    _P.kARResidualRMSNormOutFP4Quant: PatternSpec(norm=True, quant=Quant.NVFP4, norm_out=True),
+    _P.kMoEReductionARResidualRMSNorm: PatternSpec(norm=True, norm_out=True,
+                                                   source=Source.MOE_REDUCTION),
+    _P.kMoEFinalizeARResidualRMSNorm: PatternSpec(norm=True, norm_out=True,
+                                                  source=Source.MOE_FINALIZE),
+    _P.kARResidualRMSNormPerTokenGroupFP8PackedQuant: PatternSpec(norm=True,
+                                                                  quant=Quant.GROUP_FP8),
+    _P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant: PatternSpec(
+        norm=True, quant=Quant.GROUP_FP8, norm_out=True),
+    _P.kARResidualRMSNormDynamicFP8Quant: PatternSpec(norm=True, quant=Quant.DYNAMIC_FP8),
+    _P.kARResidualRMSNormOutDynamicFP8Quant: PatternSpec(norm=True, quant=Quant.DYNAMIC_FP8,
+                                                         norm_out=True),
+}
+del _P
+
+# Group sizes of the per-token-group FP8 patterns.
+GROUP_FP8_SIZES = (8, 16, 32, 64, 128, 256)
+# Smallest scales: dynamic FP8 max(amax / 448, this); group FP8 max(amax / 448, this).
+DYNAMIC_FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
+GROUP_FP8_MIN_SCALE = 1e-10
+FP8_E4M3_MAX = 448.0
+NVFP4_BLOCK = 16
+
+
+def _enum_defines(prefix: str, members: type[enum.IntEnum]) -> dict[str, int]:
+    return {f"MOECOMM_{prefix}_{m.name.upper()}": int(m) for m in members}
+
+
+def kernel_defines() -> dict[str, int]:
+    """Every constant the kernels use, as NVRTC ``-D`` name -> int."""
+    values = {
+        "MOECOMM_VECTOR_BYTES": VECTOR_BYTES,
+        "MOECOMM_AR_MAX_RANKS": AR_MAX_RANKS,
+        "MOECOMM_AR_MAX_BLOCKS": AR_MAX_BLOCKS,
+        "MOECOMM_AR_LAMPORT_BUFFERS": AR_LAMPORT_BUFFERS,
+        "MOECOMM_FUSION_MAX_HIDDEN": FUSION_MAX_HIDDEN,
+        "MOECOMM_A2A_MAX_RANKS": A2A_MAX_RANKS,
+        "MOECOMM_A2A_MAX_PAYLOADS": A2A_MAX_PAYLOADS,
+        "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
+        "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
+        "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
+        "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
+    }
+    values.update(_enum_defines("ERR", ErrorCode))
+    values.update(_enum_defines("QUANT", Quant))
+    values.update(_enum_defines("SOURCE", Source))
+    return values

@@ -1,0 +1,91 @@
+"""One launch path for every kernel: a by-value argument struct, patched in place.
+
+Every kernel takes a single argument, a struct declared once in ``kernels_cu/args.cuh``
+and mirrored once in ``moecomm.kernel_args`` (a CPU test compares the two). A ``Launcher``
+owns one instance of that struct; an op fills the fixed fields when it is built, patches
+the few that change per call, and launches through the driver's ``cuLaunchKernelEx``
+with a preallocated launch configuration, so an eager call costs one driver call and no
+Python boxing (CuPy's ``RawKernel.__call__`` costs about 1 us per argument).
+
+With ``pdl=True`` the kernel is launched with programmatic stream serialization: it may
+start while the previous kernel on the stream finishes, and must execute
+``griddepcontrol.wait`` (``pdl_wait()`` in ``kernels_cu/common.cuh``) before touching
+memory that kernel writes. CUDA graph capture records the programmatic edge.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_..., cuda.h
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: an id, padding, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4),
+                ("value", ctypes.c_int), ("value_pad", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig."""
+
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
+                ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+@lru_cache(maxsize=1)
+def _launch_kernel_ex():
+    """The driver's cuLaunchKernelEx (libcuda is already loaded by CuPy)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuLaunchKernelEx
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class Launcher:
+    """One kernel and its argument struct.
+
+    Args:
+        kernel: a ``cupy.RawKernel`` (``moecomm.kernels.get_kernel``).
+        args_type: the ``ctypes.Structure`` mirroring the kernel's argument struct.
+        pdl: launch with programmatic dependent launch (see the module doc).
+
+    ``launcher.args`` is the struct: set its fields, then call
+    ``launcher(grid, block, stream)``. Not thread-safe: one Launcher per op object.
+    """
+
+    def __init__(self, kernel, args_type: type[ctypes.Structure], *, pdl: bool = False):
+        self.kernel = kernel
+        self.args = args_type()
+        self._fn = ctypes.c_void_p(kernel.kernel.ptr)
+        self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
+        self._attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self._config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1)
+        if pdl:
+            self._config.attrs = ctypes.pointer(self._attr)
+            self._config.numAttrs = 1
+        self._config_ref = ctypes.byref(self._config)
+        self._launch = _launch_kernel_ex()
+
+    @property
+    def pdl(self) -> bool:
+        return self._config.numAttrs == 1
+
+    def __call__(self, grid: int, block: int, stream: int, shared_mem: int = 0) -> None:
+        config = self._config
+        config.gridDimX = grid
+        config.blockDimX = block
+        config.sharedMemBytes = shared_mem
+        config.hStream = stream
+        status = self._launch(self._config_ref, self._fn, self._params, None)
+        if status:
+            from cupy.cuda.driver import CUDADriverError
+
+            raise CUDADriverError(status)
