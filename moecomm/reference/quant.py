@@ -1,0 +1,157 @@
+"""Quantizers of the fused epilogues and the FP8 dispatch, with their dequantizers.
+
+Static per-tensor FP8, NVFP4 (e2m1 in 16-element blocks with e4m3 block scales),
+per-token-group FP8 with UE8M0 scales, dynamic per-token FP8. Each docstring states the
+operation order; every operation is fp32 and rounded (see ``moecomm.reference``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..constants import DYNAMIC_FP8_MIN_SCALE, FP8_E4M3_MAX, GROUP_FP8_MIN_SCALE, NVFP4_BLOCK
+from .formats import (_as_2d_f32, _scalar_f32, fp4_e2m1_decode, fp4_e2m1_encode,
+                      fp8_e4m3_decode, fp8_e4m3_encode, to_float32, ue8m0_decode,
+                      ue8m0_encode_ceil)
+from .layouts import pack_fp4, pack_ue8m0, swizzle_sf, unpack_fp4, unpack_ue8m0, unswizzle_sf
+
+__all__ = [
+    "quant_fp8", "dequant_fp8",
+    "quant_nvfp4", "dequant_nvfp4",
+    "GROUP_FP8_MIN_SCALE", "quant_fp8_per_token_group", "dequant_fp8_per_token_group",
+    "DYNAMIC_FP8_MIN_SCALE", "quant_fp8_dynamic_per_token", "dequant_fp8_dynamic_per_token",
+]
+
+# --------------------------------------------------------------------------------------
+# static FP8 and NVFP4
+# --------------------------------------------------------------------------------------
+
+def quant_fp8(x: Any, scale_factor: float) -> np.ndarray:
+    """Static FP8: ``q = e4m3_sat(fp32(x) * fp32(scale_factor))`` -> uint8 codes, x's shape.
+
+    ``scale_factor`` multiplies (it is the reciprocal of the dequantization scale).
+    """
+    return fp8_e4m3_encode(to_float32(x) * _scalar_f32(scale_factor, "scale_factor"))
+
+
+def dequant_fp8(q: Any, scale_factor: float) -> np.ndarray:
+    """Inverse of :func:`quant_fp8` up to rounding: ``decode(q) / scale_factor`` (fp32)."""
+    return fp8_e4m3_decode(q) / _scalar_f32(scale_factor, "scale_factor")
+
+
+def quant_nvfp4(x: Any, global_scale: float, layout: str = "swizzled"):
+    """NVFP4 quantization of x [M, N] (N % 16 == 0).
+
+    Per 16-element block along a row (fp32 throughout, each operation rounded):
+
+    * ``amax = max |v|``; ``sf = e4m3_sat((global_scale * amax) / 6)`` (multiply, then
+      divide by 6.0f, then RNE to e4m3; >448 saturates to 448).
+    * each element ``code = e2m1_rne((v * global_scale) / float(sf))`` where
+      ``float(sf)`` is the DECODED e4m3 value. If the block's ``sf`` decodes to 0 (all-zero
+      block, or ``global_scale * amax / 6 < 2**-10``), every code of the block is 0 (+0):
+      the division by zero is never performed.
+
+    Returns ``(packed, sf)``: ``packed`` uint8 [M, N//2] with the even element in the low
+    nibble; ``sf`` uint8 e4m3 codes, either ``layout="swizzled"``: flat
+    [compute_fp4_swizzled_layout_sf_size(M, N//16)] in the 128x4 layout
+    (:func:`swizzled_sf_offset`), padding bytes 0; or ``layout="linear"``: [M, N//16]
+    row-major. ``global_scale`` must be finite and > 0 (usually 448 * 6 / amax(tensor)).
+    """
+    x32 = _as_2d_f32(x, "x")
+    m, n = x32.shape
+    if n % NVFP4_BLOCK:
+        raise ValueError(f"NVFP4 needs N % 16 == 0, got N={n}")
+    if layout not in ("swizzled", "linear"):
+        raise ValueError(f"layout must be 'swizzled' or 'linear', got {layout!r}")
+    gs = _scalar_f32(global_scale, "global_scale")
+    if not (np.isfinite(gs) and gs > 0):
+        raise ValueError(f"global_scale must be finite and > 0, got {global_scale}")
+    blocks = x32.reshape(m, n // NVFP4_BLOCK, NVFP4_BLOCK)
+    amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
+    sf_code = fp8_e4m3_encode((gs * amax) / np.float32(6.0))
+    sf_val = fp8_e4m3_decode(sf_code)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = (blocks * gs) / sf_val
+    scaled = np.where(sf_val == 0, np.float32(0.0), scaled).astype(np.float32)
+    packed = pack_fp4(fp4_e2m1_encode(scaled).reshape(m, n))
+    sf = swizzle_sf(sf_code, n) if layout == "swizzled" else sf_code
+    return packed, sf
+
+
+def dequant_nvfp4(packed: Any, sf: Any, global_scale: float, num_rows: int, num_cols: int,
+                  layout: str = "swizzled") -> np.ndarray:
+    """Dequantize NVFP4: ``e2m1(code) * float(sf) / global_scale`` -> fp32 [M, N]."""
+    codes = unpack_fp4(packed).reshape(num_rows, num_cols)
+    sf2 = unswizzle_sf(sf, num_rows, num_cols) if layout == "swizzled" else np.asarray(sf, np.uint8)
+    sfv = np.repeat(fp8_e4m3_decode(sf2), NVFP4_BLOCK, axis=1)
+    return (fp4_e2m1_decode(codes) * sfv) / _scalar_f32(global_scale, "global_scale")
+
+
+
+# --------------------------------------------------------------------------------------
+# per-token-group FP8 with UE8M0 scales
+# --------------------------------------------------------------------------------------
+# GROUP_FP8_MIN_SCALE (moecomm.constants): lower clamp of amax/448 before the power-of-two
+# ceiling (as DeepGEMM/FlashInfer): an all-zero group gets scale 2**-33 (UE8M0 byte 94).
+
+def quant_fp8_per_token_group(x: Any, group_size: int):
+    """Per-token-group FP8 with packed UE8M0 scales (DeepSeek style), x [M, N], N % g == 0.
+
+    For each group of ``g`` consecutive elements of a row (fp32):
+
+    * ``amax = max |v|``; ``v = max(fp32(amax / 448), 1e-10f)`` (correctly rounded
+      division); ``e = ue8m0_encode_ceil(v)`` - the smallest power of two >= v, computed
+      exactly from the bits; ``scale = 2**(e - 127)``. An all-zero group gets 2**-33
+      (e = 94).
+    * ``q = e4m3_sat(v_elem / scale)`` (exact division by a power of two). Since
+      ``scale >= fp32(amax / 448)``, ``|v / scale| <= 448 * (1 + 2**-23)``, which rounds to
+      448: a finite group never saturates.
+
+    Returns ``(q uint8 [M, N], scale int32 [M, ceil(N/g/4)])``: the logical packed scale
+    array, four exponent bytes per int32, group 4j+i in byte i (little-endian). Device
+    outputs store it MN-major / TMA-aligned: see :func:`ue8m0_to_mn_major_storage`.
+    """
+    x32 = _as_2d_f32(x, "x")
+    m, n = x32.shape
+    g = int(group_size)
+    if g <= 0 or n % g:
+        raise ValueError(f"block_quant_group_size={group_size} must be > 0 and divide N={n}")
+    blocks = x32.reshape(m, n // g, g)
+    amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
+    v = np.maximum(amax / np.float32(FP8_E4M3_MAX), np.float32(GROUP_FP8_MIN_SCALE))
+    e = ue8m0_encode_ceil(v)
+    scale = ue8m0_decode(e)[..., None]
+    q = fp8_e4m3_encode(blocks / scale).reshape(m, n)
+    return q, pack_ue8m0(e)
+
+
+def dequant_fp8_per_token_group(q: Any, packed_scale: Any, group_size: int) -> np.ndarray:
+    """``decode(q) * 2**(e - 127)`` per group -> fp32 [M, N]."""
+    q = np.asarray(q, dtype=np.uint8)
+    m, n = q.shape
+    e = unpack_ue8m0(packed_scale, n // group_size)
+    return fp8_e4m3_decode(q) * np.repeat(ue8m0_decode(e), group_size, axis=1)
+
+
+# --------------------------------------------------------------------------------------
+# dynamic per-token FP8
+# --------------------------------------------------------------------------------------
+# DYNAMIC_FP8_MIN_SCALE (moecomm.constants): lower clamp of the dynamic per-token scale,
+# 2**-9 / 448 (e4m3 smallest subnormal over its max), as vLLM and FlashInfer use; an
+# all-zero row gets this scale and q = 0.
+
+def quant_fp8_dynamic_per_token(x: Any):
+    """Dynamic per-token FP8: per row ``scale = max(fp32(amax / 448), 2**-9/448)``;
+    ``q = e4m3_sat(v / scale)`` (correctly rounded fp32 division, NOT a multiplication by
+    a reciprocal). Returns ``(q uint8 [M, N], scale fp32 [M])`` (device: [M] or [M, 1])."""
+    x32 = _as_2d_f32(x, "x")
+    amax = np.max(np.abs(x32), axis=-1) if x32.shape[1] else np.zeros(x32.shape[0], np.float32)
+    scale = np.maximum(amax / np.float32(FP8_E4M3_MAX), np.float32(DYNAMIC_FP8_MIN_SCALE)).astype(np.float32)
+    return fp8_e4m3_encode(x32 / scale[:, None]), scale
+
+
+def dequant_fp8_dynamic_per_token(q: Any, scale: Any) -> np.ndarray:
+    """``decode(q) * scale[:, None]`` -> fp32."""
+    return fp8_e4m3_decode(q) * np.asarray(scale, np.float32).reshape(-1, 1)

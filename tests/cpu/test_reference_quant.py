@@ -1,0 +1,130 @@
+"""The reference quantizers against ml_dtypes and independent fp32/float64 recomputation."""
+
+import math
+
+import numpy as np
+import pytest
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from moecomm import reference as ref  # noqa: E402
+
+RNG = np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------ NVFP4
+
+def _nvfp4_reference_slow(x, gs):
+    """Straight-line float32 recomputation: nearest e2m1 grid point by brute force."""
+    m, n = x.shape
+    b = x.reshape(m, n // 16, 16).astype(np.float32)
+    amax = np.abs(b).max(-1)
+    sf = ((np.float32(gs) * amax) / np.float32(6)).astype(np.float32)
+    sf = np.clip(sf, 0, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(sf[..., None] == 0, 0, (b * np.float32(gs)) / sf[..., None]).astype(np.float32)
+    s = np.clip(s, -6, 6)
+    return s.astype(ml_dtypes.float4_e2m1fn).astype(np.float32).reshape(m, n), sf
+
+
+@pytest.mark.parametrize("m,n", [(3, 32), (130, 96)])
+def test_nvfp4_quant(m, n):
+    x = (RNG.standard_normal((m, n)) * np.exp(RNG.uniform(-3, 3, (m, 1)))).astype(np.float32)
+    x[0, :16] = 0.0            # an all-zero block -> sf 0, codes 0
+    x[1, 16:32] = 1e-30        # sf rounds to 0 -> codes 0
+    gs = np.float32(448 * 6 / np.abs(x).max())
+    packed, sf_sw = ref.quant_nvfp4(x, gs, "swizzled")
+    packed_lin, sf_lin = ref.quant_nvfp4(x, gs, "linear")
+    assert packed.shape == (m, n // 2) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(packed, packed_lin)
+    assert sf_lin.shape == (m, n // 16)
+    assert sf_sw.shape == (ref.compute_fp4_swizzled_layout_sf_size(m, n // 16),)
+    np.testing.assert_array_equal(ref.unswizzle_sf(sf_sw, m, n), sf_lin)
+    # padding bytes are zero
+    mask = np.ones(sf_sw.size, bool)
+    mm, kk = np.meshgrid(np.arange(m), np.arange(n // 16), indexing="ij")
+    mask[ref.swizzled_sf_offset(mm, kk, n).reshape(-1)] = False
+    assert not sf_sw[mask].any()
+    # nibble order: even element in the low nibble
+    codes = ref.unpack_fp4(packed)
+    np.testing.assert_array_equal(packed[:, 0] & 0xF, codes[:, 0])
+    np.testing.assert_array_equal(packed[:, 0] >> 4, codes[:, 1])
+    # the same thing computed independently with ml_dtypes
+    want_vals, want_sf = _nvfp4_reference_slow(x, gs)
+    np.testing.assert_array_equal(ref.fp8_e4m3_decode(sf_lin), want_sf)
+    np.testing.assert_array_equal(ref.fp4_e2m1_decode(codes), want_vals)
+    assert not codes[0, :16].any() and not codes[1, 16:32].any()
+    assert sf_lin[0, 0] == 0 and sf_lin[1, 1] == 0
+    # decoded back within the format's error: <= one e2m1 unit (1.0) of the block scale
+    deq = ref.dequant_nvfp4(packed, sf_sw, gs, m, n, "swizzled")
+    unit = np.repeat(ref.fp8_e4m3_decode(sf_lin), 16, axis=1) / gs
+    assert np.all(np.abs(deq - x) <= unit * 1.0 + 1e-30)
+    np.testing.assert_allclose(deq, x, rtol=0.5, atol=np.abs(x).max() * 0.1)
+
+
+def test_nvfp4_rejects_bad_args():
+    with pytest.raises(ValueError):
+        ref.quant_nvfp4(np.zeros((2, 24), np.float32), 1.0)
+    with pytest.raises(ValueError):
+        ref.quant_nvfp4(np.zeros((2, 32), np.float32), 0.0)
+
+
+# ------------------------------------------------------------------ FP8 quantizers
+
+def test_quant_fp8_static():
+    x = RNG.standard_normal((4, 64)).astype(np.float32) * 10
+    q = ref.quant_fp8(x, 3.0)
+    np.testing.assert_array_equal(q, np.clip(x * np.float32(3.0), -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    assert ref.quant_fp8(np.float32(1000.0), 1.0) == 0x7E
+    # a device scalar copied to host (one-element array) works as the scale
+    np.testing.assert_array_equal(ref.quant_fp8(x, np.array([3.0], np.float32)), q)
+    with pytest.raises(ValueError):
+        ref.quant_fp8(x, np.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("n,g", [(512, 128), (640, 128), (192, 64)])
+def test_quant_fp8_per_token_group(n, g):
+    m = 5
+    x = (RNG.standard_normal((m, n)) * np.exp(RNG.uniform(-8, 8, (m, n // g))).repeat(g, 1)).astype(np.float32)
+    x[0, :g] = 0.0
+    q, packed = ref.quant_fp8_per_token_group(x, g)
+    G = n // g
+    assert q.shape == (m, n) and packed.shape == (m, -(-G // 4)) and packed.dtype == np.int32
+    e = ref.unpack_ue8m0(packed, G)
+    # exponent = ceil(log2(max(amax/448, 1e-10))), checked in float64 via frexp
+    amax = np.abs(x.reshape(m, G, g)).max(-1)
+    v = np.maximum(amax / np.float32(448), np.float32(1e-10)).astype(np.float32)
+    for (i, j), val in np.ndenumerate(v):
+        fr, ex = math.frexp(float(val))
+        assert e[i, j] == (ex - 1 if fr == 0.5 else ex) + 127
+    assert e[0, 0] == 94  # all-zero group -> 2**-33
+    # q is the e4m3 of x / scale, never saturating
+    scale = np.repeat(ref.ue8m0_decode(e), g, axis=1)
+    np.testing.assert_array_equal(q, (x / scale).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    assert np.all(np.abs(x / scale) <= 448 * (1 + 2 ** -23))
+    deq = ref.dequant_fp8_per_token_group(q, packed, g)
+    assert np.all(np.abs(deq - x) <= np.abs(x) * 2 ** -4 + scale * 2 ** -10)
+    # unused bytes of the last int32 are zero
+    if G % 4:
+        b = packed.view(np.uint8).reshape(m, -1)
+        assert not b[:, G:].any()
+    with pytest.raises(ValueError):
+        ref.quant_fp8_per_token_group(x, 100)
+
+
+def test_quant_fp8_dynamic_per_token():
+    x = (RNG.standard_normal((6, 96)) * np.array([1e-3, 1, 10, 1e3, 1e-12, 0])[:, None]).astype(np.float32)
+    q, s = ref.quant_fp8_dynamic_per_token(x)
+    assert s.dtype == np.float32 and s.shape == (6,)
+    amax = np.abs(x).max(1)
+    np.testing.assert_array_equal(s[:4], (amax[:4] / np.float32(448)).astype(np.float32))
+    assert s[5] == ref.DYNAMIC_FP8_MIN_SCALE == np.float32(2 ** -9 / 448)
+    assert s[4] == ref.DYNAMIC_FP8_MIN_SCALE
+    assert not ref.fp8_e4m3_decode(q[5]).any()
+    np.testing.assert_array_equal(q, np.clip(x / s[:, None], -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    # the row maximum lands on +-448
+    for i in range(4):
+        j = np.argmax(np.abs(x[i]))
+        assert ref.fp8_e4m3_decode(q[i, j]) in (448.0, -448.0)
+    deq = ref.dequant_fp8_dynamic_per_token(q, s)
+    assert np.all(np.abs(deq - x) <= np.abs(x) * 2 ** -4 + s[:, None] * 2 ** -10)
