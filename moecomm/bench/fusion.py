@@ -15,8 +15,9 @@ import numpy as np
 from ..fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,
                       AllReduceFusionPattern as P, allreduce_fusion,
                       create_allreduce_fusion_workspace, rmsnorm_fusion)
-from ..reference import ALLREDUCE_FUSION_PATTERNS, compute_fp4_swizzled_layout_sf_size, \
-    pattern_outputs, ue8m0_mn_major_storage_size
+from ..constants import PATTERNS, Quant
+from ..constants import AllReduceFusionPattern as Pattern
+from ..layouts import compute_fp4_swizzled_layout_sf_size, ue8m0_mn_major_storage_size
 from ..tensors import bfloat16
 from .common import environment, graph_median_us, print_table, require_gpu, write_result
 
@@ -33,21 +34,21 @@ def add_arguments(p) -> None:
 
 def _outputs(pattern: P, tokens: int, hidden: int) -> AllReduceFusionOutputs:
     outs = AllReduceFusionOutputs()
-    needed = pattern_outputs(pattern.name)
-    quant = ALLREDUCE_FUSION_PATTERNS[pattern.name][1]
+    spec = PATTERNS[Pattern[pattern.name]]
+    quant = spec.quant
     for f in ("residual_out", "norm_out"):
-        if f in needed:
+        if f in spec.outputs:
             setattr(outs, f, cupy.empty((tokens, hidden), bfloat16))
-    if quant == "fp4":
+    if quant == Quant.NVFP4:
         outs.quant_out = cupy.empty((tokens, hidden // 2), np.uint8)
         outs.scale_out = cupy.empty(compute_fp4_swizzled_layout_sf_size(tokens, hidden // 16),
                                     np.uint8)
-    elif quant is not None:
+    elif quant != Quant.NONE:
         outs.quant_out = cupy.empty((tokens, hidden), np.uint8)
-        if quant == "group_fp8":
+        if quant == Quant.GROUP_FP8:
             outs.scale_out = cupy.empty(ue8m0_mn_major_storage_size(tokens, hidden // 128),
                                         np.int32)
-        elif quant == "dynamic_fp8":
+        elif quant == Quant.DYNAMIC_FP8:
             outs.scale_out = cupy.empty(tokens, np.float32)
     return outs
 

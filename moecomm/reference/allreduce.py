@@ -23,16 +23,18 @@ Rounding points of the fused all-reduce (the GPU kernels follow these)
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..constants import GROUP_FP8_SIZES, PATTERNS, AllReduceFusionPattern, Quant, Source
 from .formats import _check_same, cast_from_float32, to_float32
 from .quant import quant_fp8, quant_fp8_dynamic_per_token, quant_fp8_per_token_group, quant_nvfp4
 
 __all__ = [
     "all_reduce", "residual_rmsnorm",
-    "ALLREDUCE_FUSION_PATTERNS", "pattern_outputs", "allreduce_fusion",
+    "as_fusion_pattern", "pattern_outputs", "allreduce_fusion",
     "moe_reduction", "moe_finalize", "moe_allreduce_fusion", "moe_finalize_allreduce_fusion",
 ]
 
@@ -92,57 +94,61 @@ def residual_rmsnorm(x: Any, residual: Any, gamma: Any, eps: float = 1e-6,
 # allreduce_fusion
 # --------------------------------------------------------------------------------------
 
-# pattern -> (does residual+RMSNorm, quant kind or None, writes norm_out)
-ALLREDUCE_FUSION_PATTERNS = {
-    "kAllReduce": (False, None, False),
-    "kARResidualRMSNorm": (True, None, True),
-    "kARResidualRMSNormFP8Quant": (True, "fp8", False),
-    "kARResidualRMSNormFP4Quant": (True, "fp4", False),
-    "kARResidualRMSNormOutFP8Quant": (True, "fp8", True),
-    "kARResidualRMSNormOutFP4Quant": (True, "fp4", True),
-    "kARResidualRMSNormPerTokenGroupFP8PackedQuant": (True, "group_fp8", False),
-    "kARResidualRMSNormOutPerTokenGroupFP8PackedQuant": (True, "group_fp8", True),
-    "kARResidualRMSNormDynamicFP8Quant": (True, "dynamic_fp8", False),
-    "kARResidualRMSNormOutDynamicFP8Quant": (True, "dynamic_fp8", True),
-}
+_MOE_ENTRY_POINTS = {Source.MOE_REDUCTION: "moe_allreduce_fusion",
+                     Source.MOE_FINALIZE: "moe_finalize_allreduce_fusion"}
 
 
-def _pattern_name(pattern: Any) -> str:
+def as_fusion_pattern(pattern: Any) -> AllReduceFusionPattern:
+    """The :class:`~moecomm.constants.AllReduceFusionPattern` meant by ``pattern``: a
+    member, its int value (FlashInfer 0.7.2's numbering), its name, or a member of another
+    enum (matched by name, not by value). Unknown patterns raise ValueError."""
+    if isinstance(pattern, AllReduceFusionPattern):
+        return pattern
     name = pattern if isinstance(pattern, str) else getattr(pattern, "name", None)
-    if name not in ALLREDUCE_FUSION_PATTERNS:
+    if isinstance(name, str):
+        if name in AllReduceFusionPattern.__members__:
+            return AllReduceFusionPattern[name]
         raise ValueError(f"unknown allreduce_fusion pattern {pattern!r}; "
-                         f"known: {sorted(ALLREDUCE_FUSION_PATTERNS)}")
-    return name
+                         f"known: {list(AllReduceFusionPattern.__members__)}")
+    if isinstance(pattern, bool):
+        raise TypeError(f"pattern must be an AllReduceFusionPattern, int or name, got {pattern!r}")
+    try:
+        value = operator.index(pattern)
+    except TypeError:
+        raise TypeError(f"pattern must be an AllReduceFusionPattern, int or name, "
+                        f"got {type(pattern).__name__}") from None
+    try:
+        return AllReduceFusionPattern(value)
+    except ValueError:
+        raise ValueError(f"unknown allreduce_fusion pattern value {value}; known: "
+                         f"{[int(p) for p in AllReduceFusionPattern]}") from None
 
 
 def pattern_outputs(pattern: Any) -> tuple:
     """Outputs a pattern must write (the caller must pass them; ``allreduce_out`` is
-    optional for every other pattern). FP8 static quant has no ``scale_out``."""
-    norm, quant, norm_out = ALLREDUCE_FUSION_PATTERNS[_pattern_name(pattern)]
-    if not norm:
-        return ("allreduce_out",)
-    outs = ["residual_out"]
-    if norm_out:
-        outs.append("norm_out")
-    if quant is not None:
-        outs.append("quant_out")
-        if quant != "fp8":
-            outs.append("scale_out")
-    return tuple(outs)
+    optional for every other pattern): ``PATTERNS[pattern].outputs``. FP8 static quant has
+    no ``scale_out``. ``pattern`` as for :func:`as_fusion_pattern`."""
+    return PATTERNS[as_fusion_pattern(pattern)].outputs
 
 
 def allreduce_fusion(inputs: Sequence[Any], pattern: Any, *, residual: Any = None,
                      rms_gamma: Any = None, rms_eps: float = 1e-6, weight_bias: float = 0.0,
-                     scale_factor: float | None = None, layout: str = "swizzled",
+                     scale_factor: float | None = None, layout: Any = "swizzled",
                      block_quant_group_size: int | None = None, dtype: Any = None) -> dict:
     """Fused all-reduce reference. ``inputs``: per-rank [T, H] arrays in the I/O dtype.
 
-    ``pattern`` is a name of :data:`ALLREDUCE_FUSION_PATTERNS` (or an enum member with that
-    ``.name``). ``residual`` [T, H] is this rank's residual input (call once per rank if
-    ranks' residuals differ); ``rms_gamma`` [H]. ``scale_factor``: FP8 static quant
-    multiplier, or the NVFP4 ``global_scale`` (FP4 patterns). ``layout``: NVFP4 scale
-    layout ("swizzled" | "linear"). ``block_quant_group_size``: group size for the
-    per-token-group patterns.
+    ``pattern``: an :class:`~moecomm.constants.AllReduceFusionPattern`, its int value or
+    its name (:func:`as_fusion_pattern`); what it computes is
+    ``moecomm.constants.PATTERNS[pattern]``. The MoE patterns
+    (``kMoEReductionARResidualRMSNorm``, ``kMoEFinalizeARResidualRMSNorm``) need the
+    experts' outputs: they raise ValueError here and are computed by
+    :func:`moe_allreduce_fusion` / :func:`moe_finalize_allreduce_fusion`.
+
+    ``residual`` [T, H] is this rank's residual input (call once per rank if ranks'
+    residuals differ); ``rms_gamma`` [H]. ``scale_factor``: the static FP8 scale
+    (FP8 patterns, :func:`quant_fp8`) or the NVFP4 ``global_scale`` (FP4 patterns).
+    ``layout``: NVFP4 scale layout (:func:`quant_nvfp4`). ``block_quant_group_size``: group
+    size of the per-token-group patterns, one of ``constants.GROUP_FP8_SIZES``.
 
     Returns a dict with ``allreduce_out`` always, plus the pattern's outputs
     (:func:`pattern_outputs`): ``residual_out``, ``norm_out`` (I/O dtype), ``quant_out``
@@ -150,13 +156,17 @@ def allreduce_fusion(inputs: Sequence[Any], pattern: Any, *, residual: Any = Non
     e4m3 per :func:`quant_nvfp4`; group FP8: int32 [T, ceil(H/g/4)] logical packed UE8M0;
     dynamic FP8: fp32 [T]). Rounding points: module docstring.
     """
-    name = _pattern_name(pattern)
-    do_norm, quant, _ = ALLREDUCE_FUSION_PATTERNS[name]
+    p = as_fusion_pattern(pattern)
+    spec = PATTERNS[p]
+    if spec.source != Source.INPUT:
+        raise ValueError(f"pattern {p.name} reduces the experts' outputs before the all-reduce: "
+                         f"use {_MOE_ENTRY_POINTS[spec.source]}")
+    name = p.name
     _check_same(inputs, "allreduce_fusion")
     dtype = np.asarray(inputs[0]).dtype if dtype is None else dtype
     ar = all_reduce(inputs, dtype)
     out = {"allreduce_out": ar}
-    if not do_norm:
+    if not spec.norm:
         return out
     if residual is None:
         raise ValueError(f"pattern {name} needs residual")
@@ -166,26 +176,46 @@ def allreduce_fusion(inputs: Sequence[Any], pattern: Any, *, residual: Any = Non
         raise ValueError(f"residual shape {np.asarray(residual).shape} != input shape {ar.shape}")
     residual_out, norm_out = residual_rmsnorm(ar, residual, rms_gamma, rms_eps, weight_bias, dtype)
     out["residual_out"] = residual_out
-    if "norm_out" in pattern_outputs(name):
+    if spec.norm_out:
         out["norm_out"] = norm_out
-    if quant is None:
+    if spec.quant == Quant.NONE:
         return out
     y = to_float32(norm_out)
-    if quant == "fp8":
+    if spec.quant == Quant.FP8:
         if scale_factor is None:
-            raise ValueError(f"pattern {name} needs scale_factor")
+            raise ValueError(f"pattern {name} needs scale_factor (the static FP8 scale)")
         out["quant_out"] = quant_fp8(y, scale_factor)
-    elif quant == "fp4":
+    elif spec.quant == Quant.NVFP4:
         if scale_factor is None:
             raise ValueError(f"pattern {name} needs scale_factor (the NVFP4 global scale)")
         out["quant_out"], out["scale_out"] = quant_nvfp4(y, scale_factor, layout)
-    elif quant == "group_fp8":
-        if block_quant_group_size is None:
-            raise ValueError(f"pattern {name} needs block_quant_group_size")
+    elif spec.quant == Quant.GROUP_FP8:
+        if block_quant_group_size not in GROUP_FP8_SIZES:
+            raise ValueError(f"pattern {name} needs block_quant_group_size in {GROUP_FP8_SIZES}, "
+                             f"got {block_quant_group_size!r}")
         out["quant_out"], out["scale_out"] = quant_fp8_per_token_group(y, block_quant_group_size)
-    else:  # dynamic_fp8
+    elif spec.quant == Quant.DYNAMIC_FP8:
         out["quant_out"], out["scale_out"] = quant_fp8_dynamic_per_token(y)
+    else:  # a quantizer added to constants.Quant without a reference
+        raise NotImplementedError(f"pattern {name}: no reference for {spec.quant!r}")
     return out
+
+
+# The plain pattern computing the same epilogue as each pattern (MoE patterns included).
+_EPILOGUE = {p: next(q for q, t in PATTERNS.items() if t.source == Source.INPUT
+                     and (t.norm, t.quant, t.norm_out) == (s.norm, s.quant, s.norm_out))
+             for p, s in PATTERNS.items()}
+
+
+def _moe_epilogue(pattern: Any, source: Source) -> AllReduceFusionPattern:
+    """The plain pattern whose epilogue a MoE entry point applies: ``pattern`` itself, or
+    the residual + RMSNorm of the entry point's own MoE pattern."""
+    p = as_fusion_pattern(pattern)
+    spec = PATTERNS[p]
+    if spec.source not in (Source.INPUT, source):
+        raise ValueError(f"pattern {p.name} belongs to {_MOE_ENTRY_POINTS[spec.source]}, "
+                         f"not {_MOE_ENTRY_POINTS[source]}")
+    return _EPILOGUE[p]
 
 
 # --------------------------------------------------------------------------------------
@@ -257,23 +287,39 @@ def moe_finalize(allreduce_in: Any, expanded_idx_to_permuted_idx: Any,
 
 
 def moe_allreduce_fusion(active_experts_token_input: Sequence[Any], scale_input: Sequence[Any],
-                         token_input: Sequence[Any], pattern: Any = "kARResidualRMSNorm",
+                         token_input: Sequence[Any],
+                         pattern: Any = AllReduceFusionPattern.kARResidualRMSNorm,
                          **kwargs) -> dict:
-    """Per-rank :func:`moe_reduction`, then :func:`allreduce_fusion` (same keyword args)."""
+    """Per-rank :func:`moe_reduction`, then the all-reduce and the epilogue of ``pattern``
+    (keyword arguments as for :func:`allreduce_fusion`).
+
+    ``pattern``: ``kMoEReductionARResidualRMSNorm`` (the same as the default
+    ``kARResidualRMSNorm``) or any plain pattern; the MoE finalize pattern raises
+    ValueError.
+    """
+    epilogue = _moe_epilogue(pattern, Source.MOE_REDUCTION)
     contrib = [moe_reduction(a, s, t, kwargs.get("dtype"))
                for a, s, t in zip(active_experts_token_input, scale_input, token_input)]
-    return allreduce_fusion(contrib, pattern, **kwargs)
+    return allreduce_fusion(contrib, epilogue, **kwargs)
 
 
 def moe_finalize_allreduce_fusion(allreduce_in: Sequence[Any], expanded_idx_to_permuted_idx: Sequence[Any],
                                   expert_scale_factor: Sequence[Any] | None = None,
                                   shared_expert_output: Sequence[Any] | None = None,
                                   routed_scaling_factor: float = 1.0,
-                                  pattern: Any = "kARResidualRMSNorm", **kwargs) -> dict:
-    """Per-rank :func:`moe_finalize`, then :func:`allreduce_fusion` (same keyword args)."""
+                                  pattern: Any = AllReduceFusionPattern.kARResidualRMSNorm,
+                                  **kwargs) -> dict:
+    """Per-rank :func:`moe_finalize`, then the all-reduce and the epilogue of ``pattern``
+    (keyword arguments as for :func:`allreduce_fusion`).
+
+    ``pattern``: ``kMoEFinalizeARResidualRMSNorm`` (the same as the default
+    ``kARResidualRMSNorm``) or any plain pattern; the MoE reduction pattern raises
+    ValueError.
+    """
+    epilogue = _moe_epilogue(pattern, Source.MOE_FINALIZE)
     n = len(allreduce_in)
     esf = expert_scale_factor if expert_scale_factor is not None else [None] * n
     seo = shared_expert_output if shared_expert_output is not None else [None] * n
     contrib = [moe_finalize(allreduce_in[r], expanded_idx_to_permuted_idx[r], esf[r], seo[r],
                             routed_scaling_factor, kwargs.get("dtype")) for r in range(n)]
-    return allreduce_fusion(contrib, pattern, **kwargs)
+    return allreduce_fusion(contrib, epilogue, **kwargs)

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import DYNAMIC_FP8_MIN_SCALE, FP8_E4M3_MAX, GROUP_FP8_MIN_SCALE, NVFP4_BLOCK
+from ..constants import (DYNAMIC_FP8_MIN_SCALE, FP8_E4M3_MAX, GROUP_FP8_MIN_SCALE, NVFP4_BLOCK,
+                         QuantizationSFLayout)
 from .formats import (_as_2d_f32, _scalar_f32, fp4_e2m1_decode, fp4_e2m1_encode,
                       fp8_e4m3_decode, fp8_e4m3_encode, to_float32, ue8m0_decode,
                       ue8m0_encode_ceil)
@@ -41,7 +42,21 @@ def dequant_fp8(q: Any, scale_factor: float) -> np.ndarray:
     return fp8_e4m3_decode(q) / _scalar_f32(scale_factor, "scale_factor")
 
 
-def quant_nvfp4(x: Any, global_scale: float, layout: str = "swizzled"):
+_SF_LAYOUTS = {QuantizationSFLayout.SWIZZLED_128x4: "swizzled", QuantizationSFLayout.LINEAR: "linear"}
+
+
+def _sf_layout(layout: Any) -> str:
+    """"swizzled" or "linear", from that string or a ``QuantizationSFLayout`` member (of
+    ``moecomm.constants`` or, by name, of another enum)."""
+    if layout in ("swizzled", "linear"):
+        return layout
+    name = getattr(layout, "name", None)
+    if name in QuantizationSFLayout.__members__:
+        return _SF_LAYOUTS[QuantizationSFLayout[name]]
+    raise ValueError(f"layout must be 'swizzled', 'linear' or a QuantizationSFLayout, got {layout!r}")
+
+
+def quant_nvfp4(x: Any, global_scale: float, layout: Any = "swizzled"):
     """NVFP4 quantization of x [M, N] (N % 16 == 0).
 
     Per 16-element block along a row (fp32 throughout, each operation rounded):
@@ -54,17 +69,18 @@ def quant_nvfp4(x: Any, global_scale: float, layout: str = "swizzled"):
       the division by zero is never performed.
 
     Returns ``(packed, sf)``: ``packed`` uint8 [M, N//2] with the even element in the low
-    nibble; ``sf`` uint8 e4m3 codes, either ``layout="swizzled"``: flat
+    nibble; ``sf`` uint8 e4m3 codes, either ``layout="swizzled"`` (or
+    ``QuantizationSFLayout.SWIZZLED_128x4``): flat
     [compute_fp4_swizzled_layout_sf_size(M, N//16)] in the 128x4 layout
-    (:func:`swizzled_sf_offset`), padding bytes 0; or ``layout="linear"``: [M, N//16]
+    (:func:`swizzled_sf_offset`), padding bytes 0; or ``layout="linear"``
+    (``QuantizationSFLayout.LINEAR``): [M, N//16]
     row-major. ``global_scale`` must be finite and > 0 (usually 448 * 6 / amax(tensor)).
     """
     x32 = _as_2d_f32(x, "x")
     m, n = x32.shape
     if n % NVFP4_BLOCK:
         raise ValueError(f"NVFP4 needs N % 16 == 0, got N={n}")
-    if layout not in ("swizzled", "linear"):
-        raise ValueError(f"layout must be 'swizzled' or 'linear', got {layout!r}")
+    layout = _sf_layout(layout)
     gs = _scalar_f32(global_scale, "global_scale")
     if not (np.isfinite(gs) and gs > 0):
         raise ValueError(f"global_scale must be finite and > 0, got {global_scale}")
@@ -81,10 +97,11 @@ def quant_nvfp4(x: Any, global_scale: float, layout: str = "swizzled"):
 
 
 def dequant_nvfp4(packed: Any, sf: Any, global_scale: float, num_rows: int, num_cols: int,
-                  layout: str = "swizzled") -> np.ndarray:
+                  layout: Any = "swizzled") -> np.ndarray:
     """Dequantize NVFP4: ``e2m1(code) * float(sf) / global_scale`` -> fp32 [M, N]."""
     codes = unpack_fp4(packed).reshape(num_rows, num_cols)
-    sf2 = unswizzle_sf(sf, num_rows, num_cols) if layout == "swizzled" else np.asarray(sf, np.uint8)
+    swizzled = _sf_layout(layout) == "swizzled"
+    sf2 = unswizzle_sf(sf, num_rows, num_cols) if swizzled else np.asarray(sf, np.uint8)
     sfv = np.repeat(fp8_e4m3_decode(sf2), NVFP4_BLOCK, axis=1)
     return (fp4_e2m1_decode(codes) * sfv) / _scalar_f32(global_scale, "global_scale")
 

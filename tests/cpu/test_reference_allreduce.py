@@ -1,11 +1,15 @@
 """All-reduce, residual + RMSNorm, allreduce_fusion and the MoE reductions of the reference."""
 
+import enum
+
 import numpy as np
 import pytest
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from moecomm import reference as ref  # noqa: E402
+from moecomm.constants import PATTERNS, Quant, Source  # noqa: E402
+from moecomm.constants import AllReduceFusionPattern as P  # noqa: E402
 
 RNG = np.random.default_rng(1234)
 
@@ -55,10 +59,11 @@ def test_residual_rmsnorm_vs_float64(dtype, weight_bias):
 
 # ------------------------------------------------------------------ allreduce_fusion
 
-ALL_PATTERNS = sorted(ref.ALLREDUCE_FUSION_PATTERNS)
+PLAIN_PATTERNS = [p for p, spec in PATTERNS.items() if spec.source == Source.INPUT]
+MOE_PATTERNS = [P.kMoEReductionARResidualRMSNorm, P.kMoEFinalizeARResidualRMSNorm]
 
 
-@pytest.mark.parametrize("pattern", ALL_PATTERNS)
+@pytest.mark.parametrize("pattern", PLAIN_PATTERNS, ids=lambda p: p.name)
 def test_allreduce_fusion_is_composition(pattern):
     t, h, world = 5, 128, 3
     xs = [ref.to_bf16_bits(RNG.standard_normal((t, h)).astype(np.float32)) for _ in range(world)]
@@ -68,45 +73,96 @@ def test_allreduce_fusion_is_composition(pattern):
               scale_factor=2.0, layout="swizzled", block_quant_group_size=64)
     out = ref.allreduce_fusion(xs, pattern, **kw)
     assert set(out) == {"allreduce_out", *ref.pattern_outputs(pattern)}
+    # the int value and the name pick the same pattern
+    for alias in (int(pattern), pattern.name):
+        again = ref.allreduce_fusion(xs, alias, **kw)
+        assert again.keys() == out.keys()
+        for key in out:
+            np.testing.assert_array_equal(again[key], out[key])
     ar = ref.all_reduce(xs)
     np.testing.assert_array_equal(out["allreduce_out"], ar)
-    if pattern == "kAllReduce":
+    if pattern == P.kAllReduce:
         return
     r_out, n_out = ref.residual_rmsnorm(ar, res, gamma, 1e-6, 0.0)
     np.testing.assert_array_equal(out["residual_out"], r_out)
     if "norm_out" in out:
         np.testing.assert_array_equal(out["norm_out"], n_out)
     y = ref.from_bf16_bits(n_out)
-    quant = ref.ALLREDUCE_FUSION_PATTERNS[pattern][1]
-    if quant == "fp8":
+    quant = PATTERNS[pattern].quant
+    if quant == Quant.FP8:
         np.testing.assert_array_equal(out["quant_out"], ref.quant_fp8(y, 2.0))
         assert "scale_out" not in out
-    elif quant == "fp4":
+    elif quant == Quant.NVFP4:
         q, s = ref.quant_nvfp4(y, 2.0, "swizzled")
         np.testing.assert_array_equal(out["quant_out"], q)
         np.testing.assert_array_equal(out["scale_out"], s)
-    elif quant == "group_fp8":
+    elif quant == Quant.GROUP_FP8:
         q, s = ref.quant_fp8_per_token_group(y, 64)
         np.testing.assert_array_equal(out["quant_out"], q)
         np.testing.assert_array_equal(out["scale_out"], s)
-    elif quant == "dynamic_fp8":
+    elif quant == Quant.DYNAMIC_FP8:
         q, s = ref.quant_fp8_dynamic_per_token(y)
         np.testing.assert_array_equal(out["quant_out"], q)
         np.testing.assert_array_equal(out["scale_out"], s)
+    else:
+        assert quant == Quant.NONE and "quant_out" not in out
+
+
+def test_as_fusion_pattern():
+    f = ref.as_fusion_pattern
+    for p in P:
+        assert f(p) is p and f(int(p)) is p and f(p.name) is p and f(np.int32(int(p))) is p
+    assert f(6) is P.kMoEReductionARResidualRMSNorm and f(11) is P.kARResidualRMSNormOutDynamicFP8Quant
+
+    class Other(enum.IntEnum):  # another numbering of the same names: matched by name
+        kARResidualRMSNormPerTokenGroupFP8PackedQuant = 6
+    assert f(Other.kARResidualRMSNormPerTokenGroupFP8PackedQuant) is P.kARResidualRMSNormPerTokenGroupFP8PackedQuant
+
+    class FakeEnum:
+        name = "kAllReduce"
+    assert f(FakeEnum()) is P.kAllReduce
+    for bad in ("kNoSuchPattern", 12, -1):
+        with pytest.raises(ValueError):
+            f(bad)
+    for bad in (True, 1.0, None):
+        with pytest.raises(TypeError):
+            f(bad)
+
+
+def test_pattern_outputs_are_the_constants_table():
+    assert not hasattr(ref, "ALLREDUCE_FUSION_PATTERNS")
+    for p, spec in PATTERNS.items():
+        assert ref.pattern_outputs(p) == ref.pattern_outputs(int(p)) == ref.pattern_outputs(p.name) \
+            == spec.outputs
+    assert ref.pattern_outputs(P.kARResidualRMSNormFP8Quant) == ("residual_out", "quant_out")
+    assert ref.pattern_outputs(P.kARResidualRMSNormOutFP4Quant) == (
+        "residual_out", "norm_out", "quant_out", "scale_out")
+    assert ref.pattern_outputs(P.kMoEFinalizeARResidualRMSNorm) == ("residual_out", "norm_out")
 
 
 def test_allreduce_fusion_errors():
     xs = [np.zeros((2, 32), np.float32)] * 2
+    g = np.ones(32, np.float32)
     with pytest.raises(ValueError):
-        ref.allreduce_fusion(xs, "kARResidualRMSNorm", rms_gamma=np.ones(32, np.float32))
+        ref.allreduce_fusion(xs, "kARResidualRMSNorm", rms_gamma=g)
     with pytest.raises(ValueError):
-        ref.allreduce_fusion(xs, "kARResidualRMSNormFP8Quant", residual=xs[0], rms_gamma=np.ones(32, np.float32))
+        ref.allreduce_fusion(xs, "kARResidualRMSNormFP8Quant", residual=xs[0], rms_gamma=g)
     with pytest.raises(ValueError):
         ref.allreduce_fusion(xs, "kNoSuchPattern")
+    for size in (None, 4, 12):  # not one of constants.GROUP_FP8_SIZES
+        with pytest.raises(ValueError, match="block_quant_group_size"):
+            ref.allreduce_fusion(xs, P.kARResidualRMSNormPerTokenGroupFP8PackedQuant,
+                                 residual=xs[0], rms_gamma=g, block_quant_group_size=size)
 
-    class FakeEnum:
-        name = "kAllReduce"
-    assert set(ref.allreduce_fusion(xs, FakeEnum())) == {"allreduce_out"}
+
+@pytest.mark.parametrize("pattern,entry", [(P.kMoEReductionARResidualRMSNorm, "moe_allreduce_fusion"),
+                                           (P.kMoEFinalizeARResidualRMSNorm,
+                                            "moe_finalize_allreduce_fusion")])
+def test_allreduce_fusion_refuses_moe_patterns(pattern, entry):
+    xs = [np.zeros((2, 32), np.float32)] * 2
+    for alias in (pattern, int(pattern), pattern.name):
+        with pytest.raises(ValueError, match=entry):
+            ref.allreduce_fusion(xs, alias, residual=xs[0], rms_gamma=np.ones(32, np.float32))
 
 
 # ------------------------------------------------------------------ MoE reductions
@@ -162,3 +218,35 @@ def test_moe_fusions_compose():
     o2 = ref.moe_allreduce_fusion(act, sc, tok, "kAllReduce")
     np.testing.assert_array_equal(o2["allreduce_out"],
                                   ref.all_reduce([ref.moe_reduction(*z) for z in zip(act, sc, tok)]))
+
+
+def test_moe_fusions_take_their_moe_pattern():
+    world, t, h, k, e = 2, 3, 32, 2, 2
+    res = ref.to_bf16_bits(RNG.standard_normal((t, h)).astype(np.float32))
+    kw = dict(residual=res, rms_gamma=ref.to_bf16_bits(RNG.standard_normal(h).astype(np.float32)))
+    act = [ref.to_bf16_bits(RNG.standard_normal((e, t, h)).astype(np.float32)) for _ in range(world)]
+    sc = [RNG.standard_normal((e, t)).astype(np.float32) for _ in range(world)]
+    tok = [ref.to_bf16_bits(RNG.standard_normal((t, h)).astype(np.float32)) for _ in range(world)]
+    rows = [ref.to_bf16_bits(RNG.standard_normal((t * k, h)).astype(np.float32)) for _ in range(world)]
+    idx = [RNG.permutation(t * k).reshape(t, k).astype(np.int32) for _ in range(world)]
+    red, fin = P.kMoEReductionARResidualRMSNorm, P.kMoEFinalizeARResidualRMSNorm
+    # default (kARResidualRMSNorm) == the MoE pattern, given as member, int or name
+    want = ref.moe_allreduce_fusion(act, sc, tok, **kw)
+    assert set(want) == {"allreduce_out", *ref.pattern_outputs(red)}
+    for alias in (red, int(red), red.name):
+        got = ref.moe_allreduce_fusion(act, sc, tok, alias, **kw)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    want = ref.moe_finalize_allreduce_fusion(rows, idx, **kw)
+    for alias in (fin, int(fin), fin.name):
+        got = ref.moe_finalize_allreduce_fusion(rows, idx, pattern=alias, **kw)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    # each entry point refuses the other's pattern
+    with pytest.raises(ValueError, match="moe_finalize_allreduce_fusion"):
+        ref.moe_allreduce_fusion(act, sc, tok, fin, **kw)
+    with pytest.raises(ValueError, match="moe_allreduce_fusion"):
+        ref.moe_finalize_allreduce_fusion(rows, idx, pattern=int(red), **kw)
+    # a plain quantizing pattern after the MoE reduction
+    q = ref.moe_allreduce_fusion(act, sc, tok, P.kARResidualRMSNormOutFP8Quant, scale_factor=0.5, **kw)
+    assert set(q) == {"allreduce_out", "residual_out", "norm_out", "quant_out"}

@@ -8,6 +8,7 @@ import pytest
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from moecomm import reference as ref  # noqa: E402
+from moecomm.constants import QuantizationSFLayout  # noqa: E402
 
 RNG = np.random.default_rng(1234)
 
@@ -67,6 +68,20 @@ def test_nvfp4_rejects_bad_args():
         ref.quant_nvfp4(np.zeros((2, 24), np.float32), 1.0)
     with pytest.raises(ValueError):
         ref.quant_nvfp4(np.zeros((2, 32), np.float32), 0.0)
+    with pytest.raises(ValueError):
+        ref.quant_nvfp4(np.zeros((2, 32), np.float32), 1.0, "row-major")
+
+
+def test_nvfp4_layout_takes_the_runtime_enum():
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    for name, member in (("swizzled", QuantizationSFLayout.SWIZZLED_128x4),
+                         ("linear", QuantizationSFLayout.LINEAR)):
+        q, sf = ref.quant_nvfp4(x, 100.0, name)
+        q2, sf2 = ref.quant_nvfp4(x, 100.0, member)
+        np.testing.assert_array_equal(q, q2)
+        np.testing.assert_array_equal(sf, sf2)
+        np.testing.assert_array_equal(ref.dequant_nvfp4(q, sf, 100.0, 3, 64, member),
+                                      ref.dequant_nvfp4(q, sf, 100.0, 3, 64, name))
 
 
 # ------------------------------------------------------------------ FP8 quantizers
