@@ -19,6 +19,16 @@ Rounding points of the fused all-reduce (the GPU kernels follow these)
    that do not write ``norm_out``. A GPU ``norm_out`` may differ from this reference by
    one ulp of the I/O dtype (step 4), so GPU tests compare norm/quant outputs with a
    tolerance of one quantization step where the norm is not bit-exact.
+6. The quantizers (``moecomm.reference.quant``), fp32, every operation rounded, ``v`` an
+   element of the rounded ``norm_out``:
+
+   * static FP8: ``inv = fp32(1 / scale_factor)`` once per call (``scale_factor`` is the
+     dequantization scale); ``q = e4m3_rne_satfinite(v * inv)``;
+   * NVFP4, per 16-element block: ``sf = e4m3_rne_satfinite((global_scale * amax) / 6)``;
+     ``code = e2m1_rne_satfinite((v * global_scale) / float(sf))`` (0 where sf is 0);
+   * per-token-group FP8, per group: ``scale = 2**ceil(log2(max(amax / 448, 1e-10)))``
+     (UE8M0); ``q = e4m3(v / scale)`` (exact);
+   * dynamic FP8, per row: ``scale = max(amax / 448, 2**-9 / 448)``; ``q = e4m3(v / scale)``.
 """
 
 from __future__ import annotations
@@ -145,8 +155,8 @@ def allreduce_fusion(inputs: Sequence[Any], pattern: Any, *, residual: Any = Non
     :func:`moe_allreduce_fusion` / :func:`moe_finalize_allreduce_fusion`.
 
     ``residual`` [T, H] is this rank's residual input (call once per rank if ranks'
-    residuals differ); ``rms_gamma`` [H]. ``scale_factor``: the static FP8 scale
-    (FP8 patterns, :func:`quant_fp8`) or the NVFP4 ``global_scale`` (FP4 patterns).
+    residuals differ); ``rms_gamma`` [H]. ``scale_factor``: the static FP8
+    dequantization scale (FP8 patterns; :func:`quant_fp8` multiplies by its reciprocal) or the NVFP4 ``global_scale`` (FP4 patterns).
     ``layout``: NVFP4 scale layout (:func:`quant_nvfp4`). ``block_quant_group_size``: group
     size of the per-token-group patterns, one of ``constants.GROUP_FP8_SIZES``.
 
@@ -183,7 +193,7 @@ def allreduce_fusion(inputs: Sequence[Any], pattern: Any, *, residual: Any = Non
     y = to_float32(norm_out)
     if spec.quant == Quant.FP8:
         if scale_factor is None:
-            raise ValueError(f"pattern {name} needs scale_factor (the static FP8 scale)")
+            raise ValueError(f"pattern {name} needs scale_factor (the FP8 dequantization scale)")
         out["quant_out"] = quant_fp8(y, scale_factor)
     elif spec.quant == Quant.NVFP4:
         if scale_factor is None:

@@ -19,7 +19,7 @@ from .formats import (_as_2d_f32, _scalar_f32, fp4_e2m1_decode, fp4_e2m1_encode,
 from .layouts import pack_fp4, pack_ue8m0, swizzle_sf, unpack_fp4, unpack_ue8m0, unswizzle_sf
 
 __all__ = [
-    "quant_fp8", "dequant_fp8",
+    "fp8_static_inverse_scale", "quant_fp8", "dequant_fp8",
     "quant_nvfp4", "dequant_nvfp4",
     "GROUP_FP8_MIN_SCALE", "quant_fp8_per_token_group", "dequant_fp8_per_token_group",
     "DYNAMIC_FP8_MIN_SCALE", "quant_fp8_dynamic_per_token", "dequant_fp8_dynamic_per_token",
@@ -29,17 +29,41 @@ __all__ = [
 # static FP8 and NVFP4
 # --------------------------------------------------------------------------------------
 
-def quant_fp8(x: Any, scale_factor: float) -> np.ndarray:
-    """Static FP8: ``q = e4m3_sat(fp32(x) * fp32(scale_factor))`` -> uint8 codes, x's shape.
+def fp8_static_inverse_scale(scale_factor: Any) -> np.float32:
+    """``fp32(1 / fp32(scale_factor))``: the reciprocal a static FP8 quantizer multiplies
+    by, correctly rounded, taken once per call. ``scale_factor`` must be finite and > 0,
+    with a finite fp32 reciprocal; otherwise ValueError."""
+    s = _scalar_f32(scale_factor, "scale_factor")
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"scale_factor must be finite and > 0, got {scale_factor}")
+    with np.errstate(over="ignore"):
+        inv = np.float32(1.0) / s
+    if not np.isfinite(inv):
+        raise ValueError(f"scale_factor={scale_factor}: 1/scale_factor overflows fp32")
+    return inv
 
-    ``scale_factor`` multiplies (it is the reciprocal of the dequantization scale).
+
+def quant_fp8(x: Any, scale_factor: Any) -> np.ndarray:
+    """Static per-tensor FP8 -> uint8 e4m3 codes of x's shape.
+
+    ``scale_factor`` is the DEQUANTIZATION scale ``s`` that serving engines keep per
+    tensor (``x ~ decode(q) * s``; vLLM, TensorRT-LLM and FlashInfer divide by it), a
+    number or a one-element array (a device scalar copied to host). In fp32:
+
+    * ``inv = fp32(1 / s)``, correctly rounded, once (:func:`fp8_static_inverse_scale`);
+    * each element ``q = e4m3_rne_satfinite(fp32(x) * inv)``: one fp32 product, then RNE
+      to e4m3, ``|.| > 448`` saturating to +-448.
+
+    Multiplying by the rounded reciprocal is not the same as dividing by ``s``: where
+    ``x / s`` lies next to an e4m3 rounding boundary the two can pick neighbouring codes.
     """
-    return fp8_e4m3_encode(to_float32(x) * _scalar_f32(scale_factor, "scale_factor"))
+    return fp8_e4m3_encode(to_float32(x) * fp8_static_inverse_scale(scale_factor))
 
 
-def dequant_fp8(q: Any, scale_factor: float) -> np.ndarray:
-    """Inverse of :func:`quant_fp8` up to rounding: ``decode(q) / scale_factor`` (fp32)."""
-    return fp8_e4m3_decode(q) / _scalar_f32(scale_factor, "scale_factor")
+def dequant_fp8(q: Any, scale_factor: Any) -> np.ndarray:
+    """Inverse of :func:`quant_fp8` up to rounding: ``decode(q) * fp32(scale_factor)``
+    (one fp32 product) -> fp32."""
+    return fp8_e4m3_decode(q) * _scalar_f32(scale_factor, "scale_factor")
 
 
 _SF_LAYOUTS = {QuantizationSFLayout.SWIZZLED_128x4: "swizzled", QuantizationSFLayout.LINEAR: "linear"}

@@ -86,15 +86,67 @@ def test_nvfp4_layout_takes_the_runtime_enum():
 
 # ------------------------------------------------------------------ FP8 quantizers
 
-def test_quant_fp8_static():
+def _e4m3_codes(v):
+    """ml_dtypes' RNE e4m3fn codes of fp32 values, saturating at +-448."""
+    return np.clip(np.asarray(v, np.float32), -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+
+def _fp8_static_independent(x, s):
+    """q = e4m3_satfinite(fp32(x) * fp32(1/s)) from float64 arithmetic: the reciprocal of
+    the fp32 scale in float64, rounded once to fp32; the product of two fp32 values is
+    exact in float64, so rounding it to fp32 is the fp32 product."""
+    inv = np.float32(1.0 / float(np.float32(s)))
+    return _e4m3_codes((np.asarray(x, np.float32).astype(np.float64) * float(inv)).astype(np.float32))
+
+
+@pytest.mark.parametrize("s", [3.0, 0.1, 7.0, 1 / 448, 2.5e3, 0.0123, 1.0])
+def test_quant_fp8_static_multiplies_by_the_reciprocal(s):
+    x = np.concatenate([RNG.standard_normal(4096) * 10, RNG.standard_normal(4096) * 1e3 * s,
+                        [0.0, -0.0, 1e30, -1e30]]).astype(np.float32)
+    q = ref.quant_fp8(x, s)
+    np.testing.assert_array_equal(q, _fp8_static_independent(x, s))
+    assert ref.fp8_static_inverse_scale(s) == np.float32(1.0 / float(np.float32(s)))
+    # dequantization multiplies by the scale; error within half an e4m3 step (plus the
+    # reciprocal's rounding) where not saturated
+    deq = ref.dequant_fp8(q, s)
+    np.testing.assert_array_equal(deq, ref.fp8_e4m3_decode(q) * np.float32(s))
+    ok = np.abs(x) <= 448 * np.float32(s)
+    assert np.all(np.abs(deq[ok] - x[ok]) <= np.abs(x[ok]) * (2 ** -4 + 2 ** -20) + np.float32(s) * 2 ** -10)
+
+
+def test_quant_fp8_static_is_not_a_division():
+    """Near an e4m3 rounding boundary fp32(x * fp32(1/s)) and fp32(x / s) can pick
+    neighbouring codes; the reciprocal product is the one implemented."""
+    x = np.float32(float.fromhex("0x1.c7fffep-5"))  # just below 57 * 2**-10 = 3 * (19 * 2**-10)
+    assert x / np.float32(3) < 19 * 2 ** -10                    # x / 3: below the tie -> 0x09
+    assert x * np.float32(1 / 3) == 19 * 2 ** -10                # x * fp32(1/3): on the tie -> even
+    assert ref.quant_fp8(x, 3.0) == 0x0A
+    assert _e4m3_codes(x / np.float32(3)) == 0x09
+    # the same over every e4m3 tie scaled by a few scales, and its neighbours
+    vals = ref.fp8_e4m3_decode(np.arange(0x7F, dtype=np.uint8)).astype(np.float64)
+    ties = (vals[:-1] + vals[1:]) / 2
+    differ = 0
+    for s in (3.0, 7.0, 0.1, 1.7):
+        t = (ties * float(np.float32(s))).astype(np.float32)
+        x = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(0))])
+        q = ref.quant_fp8(x, s)
+        np.testing.assert_array_equal(q, _fp8_static_independent(x, s))
+        differ += int(np.count_nonzero(q != _e4m3_codes(x / np.float32(s))))
+    assert differ > 0
+
+
+def test_quant_fp8_static_scale_argument():
     x = RNG.standard_normal((4, 64)).astype(np.float32) * 10
     q = ref.quant_fp8(x, 3.0)
-    np.testing.assert_array_equal(q, np.clip(x * np.float32(3.0), -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    assert ref.quant_fp8(np.float32(448.0), 2.0) == ref.fp8_e4m3_encode(np.float32(224.0))
     assert ref.quant_fp8(np.float32(1000.0), 1.0) == 0x7E
     # a device scalar copied to host (one-element array) works as the scale
     np.testing.assert_array_equal(ref.quant_fp8(x, np.array([3.0], np.float32)), q)
     with pytest.raises(ValueError):
         ref.quant_fp8(x, np.array([1.0, 2.0]))
+    for bad in (0.0, -1.0, np.inf, np.nan, 1e-39):  # 1/1e-39 overflows fp32
+        with pytest.raises(ValueError, match="scale_factor"):
+            ref.quant_fp8(x, bad)
 
 
 @pytest.mark.parametrize("n,g", [(512, 128), (640, 128), (192, 64)])
