@@ -24,8 +24,10 @@ Rounding points of the fused all-reduce (the GPU kernels follow these)
 
    * static FP8: ``inv = fp32(1 / scale_factor)`` once per call (``scale_factor`` is the
      dequantization scale); ``q = e4m3_rne_satfinite(v * inv)``;
-   * NVFP4, per 16-element block: ``sf = e4m3_rne_satfinite((global_scale * amax) / 6)``;
-     ``code = e2m1_rne_satfinite((v * global_scale) / float(sf))`` (0 where sf is 0);
+   * NVFP4, per 16-element block:
+     ``sf = e4m3_rne_satfinite(global_scale * (amax * fp32(1/6)))``;
+     ``out_scale = global_scale / float(sf)`` (IEEE division; 0 where sf decodes to 0);
+     ``code = e2m1_rne_satfinite(v * out_scale)``;
    * per-token-group FP8, per group: ``scale = 2**ceil(log2(max(amax / 448, 1e-10)))``
      (UE8M0); ``q = e4m3(v / scale)`` (exact);
    * dynamic FP8, per row: ``scale = max(amax / 448, 2**-9 / 448)``; ``q = e4m3(v / scale)``.

@@ -20,7 +20,7 @@ from .layouts import pack_fp4, pack_ue8m0, swizzle_sf, unpack_fp4, unpack_ue8m0,
 
 __all__ = [
     "fp8_static_inverse_scale", "quant_fp8", "dequant_fp8",
-    "quant_nvfp4", "dequant_nvfp4",
+    "nvfp4_block_scale", "quant_nvfp4", "dequant_nvfp4",
     "GROUP_FP8_MIN_SCALE", "quant_fp8_per_token_group", "dequant_fp8_per_token_group",
     "DYNAMIC_FP8_MIN_SCALE", "quant_fp8_dynamic_per_token", "dequant_fp8_dynamic_per_token",
 ]
@@ -80,25 +80,51 @@ def _sf_layout(layout: Any) -> str:
     raise ValueError(f"layout must be 'swizzled', 'linear' or a QuantizationSFLayout, got {layout!r}")
 
 
-def quant_nvfp4(x: Any, global_scale: float, layout: Any = "swizzled"):
+_ONE_SIXTH = np.float32(1.0 / 6.0)  # fp32(1/6), 0x3E2AAAAB: amax is multiplied by it
+
+
+def nvfp4_block_scale(amax: Any, global_scale: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Block scales of NVFP4 from the blocks' ``amax`` (fp32 array), in this order:
+
+    ``sf = e4m3_rne_satfinite(global_scale * (amax * fp32(1/6)))`` (two fp32 products);
+    ``out_scale = global_scale / float(sf)`` (IEEE fp32 division by the DECODED scale;
+    0 where ``sf`` decodes to 0). Returns ``(sf codes uint8, out_scale fp32)``, amax's shape.
+    """
+    gs = _scalar_f32(global_scale, "global_scale")
+    amax = np.asarray(amax, dtype=np.float32)
+    sf_code = fp8_e4m3_encode(gs * (amax * _ONE_SIXTH))
+    sf_val = fp8_e4m3_decode(sf_code)
+    zero = sf_val == 0
+    out_scale = np.where(zero, np.float32(0.0), gs / np.where(zero, np.float32(1.0), sf_val))
+    return sf_code, out_scale.astype(np.float32)
+
+
+def quant_nvfp4(x: Any, global_scale: Any, layout: Any = "swizzled"):
     """NVFP4 quantization of x [M, N] (N % 16 == 0).
 
-    Per 16-element block along a row (fp32 throughout, each operation rounded):
+    Per 16-element block along a row, fp32 throughout, each operation rounded, in the
+    operation order of TensorRT-LLM's and FlashInfer's quantizer
+    (:func:`nvfp4_block_scale`):
 
-    * ``amax = max |v|``; ``sf = e4m3_sat((global_scale * amax) / 6)`` (multiply, then
-      divide by 6.0f, then RNE to e4m3; >448 saturates to 448).
-    * each element ``code = e2m1_rne((v * global_scale) / float(sf))`` where
-      ``float(sf)`` is the DECODED e4m3 value. If the block's ``sf`` decodes to 0 (all-zero
-      block, or ``global_scale * amax / 6 < 2**-10``), every code of the block is 0 (+0):
-      the division by zero is never performed.
+    * ``amax = max |v|``; ``sf = e4m3_rne_satfinite(global_scale * (amax * fp32(1/6)))``
+      (``amax`` times the fp32 constant 1/6, then times ``global_scale``; > 448
+      saturates to 448);
+    * ``out_scale = global_scale / float(sf)``: IEEE fp32 division by the DECODED e4m3
+      value; ``out_scale = 0`` when ``sf`` decodes to 0 (all-zero block, or
+      ``global_scale * amax / 6 < 2**-10``), so such a block's codes are +-0;
+    * each element ``code = e2m1_rne_satfinite(v * out_scale)`` (one fp32 product).
+
+    Those libraries form ``out_scale`` as ``rcp(float(sf) * rcp(global_scale))`` with the
+    approximate reciprocal instruction; the correctly rounded quotient used here is the
+    reproducible value of the same expression.
 
     Returns ``(packed, sf)``: ``packed`` uint8 [M, N//2] with the even element in the low
     nibble; ``sf`` uint8 e4m3 codes, either ``layout="swizzled"`` (or
     ``QuantizationSFLayout.SWIZZLED_128x4``): flat
     [compute_fp4_swizzled_layout_sf_size(M, N//16)] in the 128x4 layout
     (:func:`swizzled_sf_offset`), padding bytes 0; or ``layout="linear"``
-    (``QuantizationSFLayout.LINEAR``): [M, N//16]
-    row-major. ``global_scale`` must be finite and > 0 (usually 448 * 6 / amax(tensor)).
+    (``QuantizationSFLayout.LINEAR``): [M, N//16] row-major. ``global_scale`` must be
+    finite and > 0 (usually 448 * 6 / amax(tensor)).
     """
     x32 = _as_2d_f32(x, "x")
     m, n = x32.shape
@@ -110,12 +136,8 @@ def quant_nvfp4(x: Any, global_scale: float, layout: Any = "swizzled"):
         raise ValueError(f"global_scale must be finite and > 0, got {global_scale}")
     blocks = x32.reshape(m, n // NVFP4_BLOCK, NVFP4_BLOCK)
     amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
-    sf_code = fp8_e4m3_encode((gs * amax) / np.float32(6.0))
-    sf_val = fp8_e4m3_decode(sf_code)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = (blocks * gs) / sf_val
-    scaled = np.where(sf_val == 0, np.float32(0.0), scaled).astype(np.float32)
-    packed = pack_fp4(fp4_e2m1_encode(scaled).reshape(m, n))
+    sf_code, out_scale = nvfp4_block_scale(amax, gs)
+    packed = pack_fp4(fp4_e2m1_encode(blocks * out_scale[..., None]).reshape(m, n))
     sf = swizzle_sf(sf_code, n) if layout == "swizzled" else sf_code
     return packed, sf
 

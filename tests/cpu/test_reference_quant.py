@@ -15,24 +15,46 @@ RNG = np.random.default_rng(1234)
 
 # ------------------------------------------------------------------ NVFP4
 
-def _nvfp4_reference_slow(x, gs):
-    """Straight-line float32 recomputation: nearest e2m1 grid point by brute force."""
+def _f32(v):
+    """One rounding of float64 values to fp32 (RNE)."""
+    return np.asarray(v, np.float64).astype(np.float32)
+
+
+def _nvfp4_independent(x, gs, order="new"):
+    """NVFP4 codes [M, N] and e4m3 scale codes [M, N//16] from float64 arithmetic and
+    ml_dtypes casts. A product of two fp32 values is exact in float64 and a float64
+    quotient of two fp32 values rounds to the correctly rounded fp32 quotient, so each
+    ``_f32(...)`` is one fp32 operation.
+
+    order "new": sf = e4m3(gs * fp32(amax * fp32(1/6))); out = fp32(gs / sf); code = e2m1(v * out).
+    order "old": sf = e4m3(fp32(gs * amax) / 6); code = e2m1(fp32(v * gs) / sf).
+    """
     m, n = x.shape
-    b = x.reshape(m, n // 16, 16).astype(np.float32)
+    b = x.reshape(m, n // 16, 16).astype(np.float64)
+    g = float(np.float32(gs))
     amax = np.abs(b).max(-1)
-    sf = ((np.float32(gs) * amax) / np.float32(6)).astype(np.float32)
-    sf = np.clip(sf, 0, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.where(sf[..., None] == 0, 0, (b * np.float32(gs)) / sf[..., None]).astype(np.float32)
-    s = np.clip(s, -6, 6)
-    return s.astype(ml_dtypes.float4_e2m1fn).astype(np.float32).reshape(m, n), sf
+    if order == "new":
+        pre = _f32(g * _f32(amax * float(np.float32(1 / 6))).astype(np.float64))
+    else:
+        pre = _f32(_f32(g * amax).astype(np.float64) / 6.0)
+    sf = np.clip(pre, 0, 448).astype(ml_dtypes.float8_e4m3fn)
+    sv = sf.astype(np.float64)[..., None]
+    safe = np.where(sv == 0, 1.0, sv)
+    if order == "new":
+        out = _f32(np.where(sv == 0, 0.0, g / safe)).astype(np.float64)
+        scaled = _f32(b * out)
+    else:
+        scaled = _f32(np.where(sv == 0, 0.0, _f32(b * g).astype(np.float64) / safe))
+    codes = np.clip(scaled, -6, 6).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
+    return codes.reshape(m, n), sf.view(np.uint8)
 
 
 @pytest.mark.parametrize("m,n", [(3, 32), (130, 96)])
 def test_nvfp4_quant(m, n):
     x = (RNG.standard_normal((m, n)) * np.exp(RNG.uniform(-3, 3, (m, 1)))).astype(np.float32)
     x[0, :16] = 0.0            # an all-zero block -> sf 0, codes 0
-    x[1, 16:32] = 1e-30        # sf rounds to 0 -> codes 0
+    x[1, 16:32] = 1e-30        # sf rounds to 0 -> out_scale 0, codes +0
+    x[2, :16] = -1e-30         # ... and -0 (0x8) for negative elements
     gs = np.float32(448 * 6 / np.abs(x).max())
     packed, sf_sw = ref.quant_nvfp4(x, gs, "swizzled")
     packed_lin, sf_lin = ref.quant_nvfp4(x, gs, "linear")
@@ -50,17 +72,98 @@ def test_nvfp4_quant(m, n):
     codes = ref.unpack_fp4(packed)
     np.testing.assert_array_equal(packed[:, 0] & 0xF, codes[:, 0])
     np.testing.assert_array_equal(packed[:, 0] >> 4, codes[:, 1])
-    # the same thing computed independently with ml_dtypes
-    want_vals, want_sf = _nvfp4_reference_slow(x, gs)
-    np.testing.assert_array_equal(ref.fp8_e4m3_decode(sf_lin), want_sf)
-    np.testing.assert_array_equal(ref.fp4_e2m1_decode(codes), want_vals)
+    # the same codes computed independently with float64 and ml_dtypes
+    want_codes, want_sf = _nvfp4_independent(x, gs)
+    np.testing.assert_array_equal(sf_lin, want_sf)
+    np.testing.assert_array_equal(codes, want_codes)
     assert not codes[0, :16].any() and not codes[1, 16:32].any()
-    assert sf_lin[0, 0] == 0 and sf_lin[1, 1] == 0
+    assert np.all(codes[2, :16] == 0x8)
+    assert sf_lin[0, 0] == 0 and sf_lin[1, 1] == 0 and sf_lin[2, 0] == 0
     # decoded back within the format's error: <= one e2m1 unit (1.0) of the block scale
     deq = ref.dequant_nvfp4(packed, sf_sw, gs, m, n, "swizzled")
     unit = np.repeat(ref.fp8_e4m3_decode(sf_lin), 16, axis=1) / gs
     assert np.all(np.abs(deq - x) <= unit * 1.0 + 1e-30)
     np.testing.assert_allclose(deq, x, rtol=0.5, atol=np.abs(x).max() * 0.1)
+
+
+def _block(*vals):
+    b = np.zeros((1, 16), np.float32)
+    b[0, :len(vals)] = vals
+    return b
+
+
+def test_nvfp4_operation_order_hand_made_blocks():
+    """Blocks where the order of operations decides the result."""
+    # amax * fp32(1/6) lands on the e4m3 tie 1.1875 (-> even: 1.25); amax / 6 lies just
+    # below it (-> 1.125).
+    amax = np.float32(float.fromhex("0x1.c7fffep+2"))   # 7.1249995
+    assert amax * np.float32(1 / 6) == np.float32(1.1875)
+    assert amax / np.float32(6) < np.float32(1.1875)
+    _, sf = ref.quant_nvfp4(_block(amax), 1.0, "linear")
+    assert ref.fp8_e4m3_decode(sf)[0, 0] == 1.25
+    assert _nvfp4_independent(_block(amax), 1.0, "old")[1][0, 0] == ref.fp8_e4m3_encode(np.float32(1.125))
+    # sf = e4m3(5.5 / 6) = 0.9375; 1.171875 / 0.9375 is the e2m1 tie 1.25 (-> 1.0), but
+    # out_scale = fp32(1 / 0.9375) is rounded up, so 1.171875 * out_scale > 1.25 (-> 1.5).
+    x = _block(5.5, 1.171875, -1.171875)
+    packed, sf = ref.quant_nvfp4(x, 1.0, "linear")
+    assert ref.fp8_e4m3_decode(sf)[0, 0] == 0.9375
+    codes = ref.unpack_fp4(packed)
+    np.testing.assert_array_equal(ref.fp4_e2m1_decode(codes[0, :3]), [6.0, 1.5, -1.5])
+    old_codes = _nvfp4_independent(x, 1.0, "old")[0]
+    np.testing.assert_array_equal(ref.fp4_e2m1_decode(old_codes[0, :3]), [6.0, 1.0, -1.0])
+
+
+def test_nvfp4_new_order_is_the_implemented_one():
+    """A small search over values next to the e4m3 and e2m1 rounding boundaries: the
+    implementation equals the new order everywhere and differs from the old one in some
+    blocks, both in scale factors and in element codes."""
+    vals = ref.fp8_e4m3_decode(np.arange(1, 0x7E, dtype=np.uint8)).astype(np.float64)
+    e4m3_ties = (vals[:-1] + vals[1:]) / 2
+    e2m1_ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+
+    def around(v):
+        v = np.asarray(v, np.float32)
+        up, down = np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(0))
+        return np.concatenate([v, up, down, np.nextafter(up, np.float32(np.inf)),
+                               np.nextafter(down, np.float32(0))])
+
+    sf_differ = code_differ = 0
+    for gs in (1.0, 3.0, 7.0, 100.0, 448 * 6 / 3.7):
+        g = np.float32(gs)
+        # scale factors: amax next to 6 * tie / gs
+        amax = around(6 * e4m3_ties / float(g))
+        amax = amax[np.isfinite(amax) & (amax > 0)]
+        x = np.zeros((amax.size, 16), np.float32)
+        x[:, 0] = amax
+        x[:, 1] = -amax / np.float32(3)
+        _, sf = ref.quant_nvfp4(x, g, "linear")
+        np.testing.assert_array_equal(sf, _nvfp4_independent(x, g)[1])
+        sf_differ += int(np.count_nonzero(sf != _nvfp4_independent(x, g, "old")[1]))
+        # element codes: v next to tie * sf / gs, for a few block maxima
+        for amax in (5.5, 18.0, 0.37, 123.0):
+            code, _ = ref.nvfp4_block_scale(np.float32(amax), g)
+            sv = float(ref.fp8_e4m3_decode(code))
+            v = around(e2m1_ties * sv / float(g))
+            v = v[np.abs(v) < amax]
+            x = np.zeros((v.size, 16), np.float32)
+            x[:, 0] = amax
+            x[:, 1] = v
+            x[:, 2] = -v
+            packed, sf = ref.quant_nvfp4(x, g, "linear")
+            new_codes, new_sf = _nvfp4_independent(x, g)
+            np.testing.assert_array_equal(ref.unpack_fp4(packed), new_codes)
+            np.testing.assert_array_equal(sf, new_sf)
+            code_differ += int(np.count_nonzero(ref.unpack_fp4(packed) != _nvfp4_independent(x, g, "old")[0]))
+    assert sf_differ > 0 and code_differ > 0
+
+
+def test_nvfp4_block_scale():
+    amax = np.array([0.0, 1e-30, 6.0, 1e6, 7.0], np.float32)
+    code, out = ref.nvfp4_block_scale(amax, 1.0)
+    np.testing.assert_array_equal(ref.fp8_e4m3_decode(code), [0, 0, 1.0, 448, 1.125])
+    np.testing.assert_array_equal(out, np.float32(1.0) / np.array([1, 1, 1.0, 448, 1.125], np.float32)
+                                  * np.array([0, 0, 1, 1, 1], np.float32))
+    assert out.dtype == np.float32
 
 
 def test_nvfp4_rejects_bad_args():
