@@ -205,14 +205,26 @@ def dequant_fp8_per_token_group(q: Any, packed_scale: Any, group_size: int) -> n
 # 2**-9 / 448 (e4m3 smallest subnormal over its max), as vLLM and FlashInfer use; an
 # all-zero row gets this scale and q = 0.
 
+def _dynamic_fp8_rows(x32: np.ndarray, amax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The dynamic per-token FP8 formula, and its only home: rows ``x32`` [M, N] fp32 with
+    their ``amax`` [M] fp32 -> ``(q uint8 [M, N], scale fp32 [M])``::
+
+        scale = max(fp32(amax / 448), fp32(2**-9 / 448))    # correctly rounded division
+        q     = e4m3_rne_satfinite(fp32(v / scale))          # division, not a reciprocal
+    """
+    scale = np.maximum(amax / np.float32(FP8_E4M3_MAX),
+                       np.float32(DYNAMIC_FP8_MIN_SCALE)).astype(np.float32)
+    return fp8_e4m3_encode(x32 / scale[:, None]), scale
+
+
 def quant_fp8_dynamic_per_token(x: Any):
-    """Dynamic per-token FP8: per row ``scale = max(fp32(amax / 448), 2**-9/448)``;
-    ``q = e4m3_sat(v / scale)`` (correctly rounded fp32 division, NOT a multiplication by
-    a reciprocal). Returns ``(q uint8 [M, N], scale fp32 [M])`` (device: [M] or [M, 1])."""
+    """Dynamic per-token FP8 of x [M, N]: per row ``scale = max(fp32(amax / 448),
+    2**-9/448)``; ``q = e4m3_sat(v / scale)`` (correctly rounded fp32 division, NOT a
+    multiplication by a reciprocal). Returns ``(q uint8 [M, N], scale fp32 [M])`` (device:
+    [M] or [M, 1]). The formula lives in one place, ``_dynamic_fp8_rows``."""
     x32 = _as_2d_f32(x, "x")
     amax = np.max(np.abs(x32), axis=-1) if x32.shape[1] else np.zeros(x32.shape[0], np.float32)
-    scale = np.maximum(amax / np.float32(FP8_E4M3_MAX), np.float32(DYNAMIC_FP8_MIN_SCALE)).astype(np.float32)
-    return fp8_e4m3_encode(x32 / scale[:, None]), scale
+    return _dynamic_fp8_rows(x32, amax)
 
 
 def dequant_fp8_dynamic_per_token(q: Any, scale: Any) -> np.ndarray:

@@ -298,3 +298,25 @@ def test_quant_fp8_dynamic_per_token():
         assert ref.fp8_e4m3_decode(q[i, j]) in (448.0, -448.0)
     deq = ref.dequant_fp8_dynamic_per_token(q, s)
     assert np.all(np.abs(deq - x) <= np.abs(x) * 2 ** -4 + s[:, None] * 2 ** -10)
+
+
+def test_quant_fp8_dynamic_per_token_divides():
+    """The dynamic formula divides each element by the row scale (float64 recomputation);
+    near e4m3 rounding boundaries that differs from multiplying by fp32(1 / scale)."""
+    rows = []
+    for amax in (3.0, 7.0, 0.1, 1000.0):
+        scale = np.float32(float(np.float32(amax)) / 448.0)
+        vals = ref.fp8_e4m3_decode(np.arange(0x7F, dtype=np.uint8)).astype(np.float64)
+        ties = (vals[:-1] + vals[1:]) / 2
+        t = (ties * float(scale)).astype(np.float32)
+        v = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(0))])
+        row = np.zeros(v.size + 1, np.float32)
+        row[0], row[1:] = amax, np.minimum(v, np.float32(amax))
+        rows.append(row)
+    x = np.stack(rows)
+    q, s = ref.quant_fp8_dynamic_per_token(x)
+    np.testing.assert_array_equal(s, (np.abs(x).max(1).astype(np.float64) / 448.0).astype(np.float32))
+    by_division = (x.astype(np.float64) / s[:, None].astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(q, np.clip(by_division, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    by_reciprocal = x * (np.float32(1) / s)[:, None]
+    assert np.any(q != np.clip(by_reciprocal, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
