@@ -158,7 +158,8 @@ def allreduce_fusion(inputs: Sequence[Any], pattern: Any, *, residual: Any = Non
 
     ``residual`` [T, H] is this rank's residual input (call once per rank if ranks'
     residuals differ); ``rms_gamma`` [H]. ``scale_factor``: the static FP8
-    dequantization scale (FP8 patterns; :func:`quant_fp8` multiplies by its reciprocal) or the NVFP4 ``global_scale`` (FP4 patterns).
+    dequantization scale (FP8 patterns; :func:`quant_fp8` multiplies by its reciprocal)
+    or the NVFP4 ``global_scale`` (FP4 patterns).
     ``layout``: NVFP4 scale layout (:func:`quant_nvfp4`). ``block_quant_group_size``: group
     size of the per-token-group patterns, one of ``constants.GROUP_FP8_SIZES``.
 

@@ -66,7 +66,8 @@ def dequant_fp8(q: Any, scale_factor: Any) -> np.ndarray:
     return fp8_e4m3_decode(q) * _scalar_f32(scale_factor, "scale_factor")
 
 
-_SF_LAYOUTS = {QuantizationSFLayout.SWIZZLED_128x4: "swizzled", QuantizationSFLayout.LINEAR: "linear"}
+_SF_LAYOUTS = {QuantizationSFLayout.SWIZZLED_128x4: "swizzled",
+               QuantizationSFLayout.LINEAR: "linear"}
 
 
 def _sf_layout(layout: Any) -> str:
@@ -77,7 +78,8 @@ def _sf_layout(layout: Any) -> str:
     name = getattr(layout, "name", None)
     if name in QuantizationSFLayout.__members__:
         return _SF_LAYOUTS[QuantizationSFLayout[name]]
-    raise ValueError(f"layout must be 'swizzled', 'linear' or a QuantizationSFLayout, got {layout!r}")
+    raise ValueError(f"layout must be 'swizzled', 'linear' or a QuantizationSFLayout, "
+                     f"got {layout!r}")
 
 
 _ONE_SIXTH = np.float32(1.0 / 6.0)  # fp32(1/6), 0x3E2AAAAB: amax is multiplied by it
@@ -111,7 +113,8 @@ def quant_nvfp4(x: Any, global_scale: Any, layout: Any = "swizzled"):
       saturates to 448);
     * ``out_scale = global_scale / float(sf)``: IEEE fp32 division by the DECODED e4m3
       value; ``out_scale = 0`` when ``sf`` decodes to 0 (all-zero block, or
-      ``global_scale * amax / 6 < 2**-10``), so such a block's codes are +-0;
+      ``global_scale * amax / 6 <= 2**-10``), so such a block's codes are +-0 (the sign
+      of ``v`` kept, as the hardware conversion keeps it);
     * each element ``code = e2m1_rne_satfinite(v * out_scale)`` (one fp32 product).
 
     Those libraries form ``out_scale`` as ``rcp(float(sf) * rcp(global_scale))`` with the
@@ -150,7 +153,6 @@ def dequant_nvfp4(packed: Any, sf: Any, global_scale: float, num_rows: int, num_
     sf2 = unswizzle_sf(sf, num_rows, num_cols) if swizzled else np.asarray(sf, np.uint8)
     sfv = np.repeat(fp8_e4m3_decode(sf2), NVFP4_BLOCK, axis=1)
     return (fp4_e2m1_decode(codes) * sfv) / _scalar_f32(global_scale, "global_scale")
-
 
 
 # --------------------------------------------------------------------------------------
