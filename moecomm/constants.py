@@ -53,6 +53,17 @@ _ERROR_OPS = {
 }
 
 
+class CompactStat(enum.IntEnum):
+    """Words of EPAllToAll's int32 stats array on the device (moe_compact.cu)."""
+
+    ARRIVE = 0        # arrival counter of the count kernel
+    ROWS = 1          # rows stored by the last dispatch
+    NEEDED = 2        # rows the last dispatch produced
+    DROPPED = 3       # rows it dropped (needed - capacity, or 0)
+    MAX_NEEDED = 4    # sticky max of NEEDED until the host resets it
+    MAX_DROPPED = 5   # sticky max of DROPPED
+
+
 class Quant(enum.IntEnum):
     """The quantizing epilogue of a fused all-reduce (a compile-time kernel choice)."""
 
@@ -182,5 +193,6 @@ def kernel_defines() -> dict[str, int]:
     }
     values.update(_enum_defines("ERR", ErrorCode))
     values.update(_enum_defines("QUANT", Quant))
+    values.update(_enum_defines("STAT", CompactStat))
     values.update(_enum_defines("SOURCE", Source))
     return values

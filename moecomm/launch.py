@@ -54,16 +54,18 @@ class Launcher:
 
     Args:
         kernel: a ``cupy.RawKernel`` (``moecomm.kernels.get_kernel``).
-        args_type: the ``ctypes.Structure`` mirroring the kernel's argument struct.
+        args: the ``ctypes.Structure`` class mirroring the kernel's argument struct, or an
+            instance to share with another launcher of the same op (kernels run in turn
+            on one argument set).
         pdl: launch with programmatic dependent launch (see the module doc).
 
     ``launcher.args`` is the struct: set its fields, then call
     ``launcher(grid, block, stream)``. Not thread-safe: one Launcher per op object.
     """
 
-    def __init__(self, kernel, args_type: type[ctypes.Structure], *, pdl: bool = False):
+    def __init__(self, kernel, args, *, pdl: bool = False):
         self.kernel = kernel
-        self.args = args_type()
+        self.args = args() if isinstance(args, type) else args
         self._fn = ctypes.c_void_p(kernel.kernel.ptr)
         self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
         self._attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)

@@ -1,0 +1,220 @@
+// The argument struct of every kernel family, declared once. Each kernel takes exactly
+// one of these by value; moecomm/kernel_args.py mirrors them field for field (a CPU test
+// compares the two), and moecomm.launch patches them in place per call.
+//
+// Compile-time choices (element type, quantizer, algorithm) are kernel names, not fields.
+// Rules that keep the mirror exact: one field per line; fixed-width types, pointers,
+// float; array extents are MOECOMM_* constants.
+#pragma once
+#include "common.cuh"
+#include "config.cuh"
+
+namespace moecomm {
+
+// ------------------------------------------------------------------ all-reduce family
+// The all-reduce workspace as kernels see it (moecomm.allreduce.AllReduceWorkspace).
+struct ArWorkspace {
+  uint64_t peers[MOECOMM_AR_MAX_RANKS];  // base address of every rank's buffer
+  uint32_t* state;                       // local control words (allreduce.cuh kState*)
+  uint32_t* error_word;                  // mapped host memory (moecomm.errors)
+  uint64_t timeout_ns;                   // bound of every wait for a peer, 0 = forever
+  uint64_t lamport_off;                  // Lamport buffers [3][world][lamport_slot]
+  uint64_t lamport_slot;                 // bytes per rank slot: the one-shot limit
+  uint64_t rs_off;                       // two-shot reduce-scatter inbox [world][rs_slot]
+  uint64_t rs_slot;                      // bytes per rank slot
+  uint64_t ag_off;                       // two-shot all-gather inbox [max bytes]
+  uint64_t flag_off;                     // two-shot flags u32 [2][AR_MAX_BLOCKS][AR_MAX_RANKS]
+  int32_t rank;
+  int32_t world;
+};
+
+// all_reduce (allreduce.cu): out = sum over ranks of in.
+struct AllReduceArgs {
+  const void* in;       // [n] of T
+  void* out;            // [n] of T, may be `in`
+  uint64_t n;           // elements
+  uint32_t chunk_vecs;  // two-shot: 16-byte vectors a block moves per pipelined chunk
+  ArWorkspace ws;
+};
+
+// allreduce_fusion, the MoE fusions and rmsnorm_fusion (fusion.cu).
+struct FusionArgs {
+  const void* input;         // [tokens, hidden] (Source kSourceInput)
+  const void* residual_in;   // [tokens, hidden] or null (kAllReduce)
+  const void* gamma;         // [hidden]
+  const float* scale;        // device scalar: FP8 dequantization scale / NVFP4 global scale
+  void* allreduce_out;       // outputs, null when the pattern does not write them
+  void* residual_out;
+  void* norm_out;
+  uint8_t* quant_out;
+  void* scale_out;
+  const void* moe_rows;      // MoE reduction: experts' outputs [E, T, H]; finalize: [P, H]
+  const void* moe_scale;     // reduction: [E, T] fp32; finalize: [T, k] or null
+  const void* moe_extra;     // reduction: token_input [T, H]; finalize: shared output or null
+  const int32_t* moe_index;  // finalize: [T, k] rows of moe_rows, < 0 = not on this rank
+  uint64_t tokens;
+  uint32_t hidden;
+  uint32_t source;           // Source
+  float eps;
+  float weight_bias;
+  uint32_t group_size;       // per-token-group FP8: elements per scale
+  uint32_t swizzled;         // NVFP4 scale layout: 1 = 128x4 swizzled, 0 = linear
+  uint32_t moe_count;        // experts E (reduction) or top_k (finalize)
+  uint32_t moe_scale_fp32;   // finalize: moe_scale is fp32 (1) or the I/O dtype (0)
+  float routed_scaling;      // finalize: multiplies the routed sum
+  ArWorkspace ws;            // unused by rmsnorm_fusion
+};
+
+// ------------------------------------------------------------------ MoE all-to-all family
+// MoeAlltoAll's workspace as kernels see it (moecomm.moe.alltoall; layout: moe_a2a.cu).
+struct A2aWorkspace {
+  uint64_t peers[MOECOMM_A2A_MAX_RANKS];  // base address of every rank's workspace
+  uint32_t* state;                        // local control words (moe_a2a.cu kState*)
+  uint32_t* error_word;                   // mapped host memory (moecomm.errors)
+  uint64_t timeout_ns;                    // bound of every wait for a peer, 0 = forever
+  int32_t rank;
+  int32_t ep_size;
+};
+
+// MoeAlltoAll.dispatch (moe_a2a.cu): every payload row of every token to every distinct
+// rank owning one of its experts.
+struct DispatchArgs {
+  const int32_t* experts;                       // [T, top_k] token_selected_experts
+  int32_t* send_slot;                           // [T, ep] local: token t's row on rank r
+  int32_t* recv_counts;                         // [ep] local: rows received per source
+  uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];       // payload p: [T, *] input rows
+  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS]; // bytes per received row (fp8: H codes)
+  uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];  // workspace offset of receive tensor p
+  uint64_t scale_off;                           // fp8: workspace offset of the scales
+  uint64_t scale_row_bytes;                     // fp8: bytes of one token's scales
+  int32_t num_tokens;                           // T
+  int32_t top_k;
+  int32_t num_experts;
+  int32_t experts_per_rank;
+  int32_t runtime_max;                          // rows per source block of a receive tensor
+  int32_t num_payloads;
+  int32_t id_payload;                           // payload sanitised per target, or -1
+  int32_t invalid_id;
+  int32_t quant_payload;                        // fp8: the bf16 payload quantized, or -1
+  int32_t scale_format;                         // fp8: 0 fp32 scales, 1 UE8M0 packed
+  A2aWorkspace ws;
+};
+
+// MoeAlltoAll.combine (moe_a2a.cu): per token, the sum of its targets' rows.
+struct CombineArgs {
+  const uint8_t* payload;     // [ep, runtime_max, row_bytes] this rank's expert outputs
+  uint8_t* out;               // [T, row_bytes]
+  const int32_t* send_slot;   // [T, ep] from the dispatch
+  const int32_t* recv_counts; // [ep] from the dispatch
+  uint64_t region_off;        // workspace offset of the combine region
+  uint64_t row_bytes;         // a multiple of 16
+  int32_t num_tokens;         // T of the dispatch
+  int32_t runtime_max;
+  int32_t stage;              // 1: copy the payload's valid rows into the region first
+  A2aWorkspace ws;
+};
+
+// moe_a2a_sanitize_expert_ids: ids [ep, runtime_max, width] int32, in place.
+struct SanitizeArgs {
+  int32_t* ids;
+  const int32_t* counts;      // [ep] valid rows per source block
+  int64_t ep_size;
+  int64_t runtime_max;
+  int64_t width;
+  int32_t lo;                 // ids in [lo, hi) are kept
+  int32_t hi;
+  int32_t invalid;
+};
+
+// ------------------------------------------------------------------ compact layer family
+// EPAllToAll (moe_compact.cu): count + scatter after MoeAlltoAll.dispatch, pull or reduce
+// around MoeAlltoAll.combine.
+struct CompactDispatchArgs {
+  const int32_t* ids;          // [ep, rmax, top_k] received expert ids
+  const int32_t* tok;          // [ep, rmax] received token indices
+  const uint8_t* x;            // [ep, rmax, row_bytes] received hidden rows
+  const float* w;              // [ep, rmax, top_k] received weights
+  const int32_t* recv_counts;  // [ep] rows received from each source
+  uint8_t* recv_x;             // [capacity, row_bytes] out
+  float* recv_w;               // [capacity] out
+  int32_t* src;                // [capacity, 3] out: (source rank, token, k slot)
+  int32_t* inv;                // [ep, rmax, top_k] out: row of each entry or -1; or null
+  float* codes;                // [ep, rmax, code_width] out (combine region); or null
+  int32_t* hist;               // [G, epr] scratch
+  int32_t* base;               // [G, epr] scratch
+  int32_t* stats;              // [8] (moecomm.constants.CompactStat)
+  int32_t* tokens_per_expert;  // [epr] out
+  int32_t* offsets;            // [epr + 1] out
+  int64_t ep_size;
+  int64_t rank;
+  int64_t experts_per_rank;
+  int64_t top_k;
+  int64_t runtime_max;
+  int64_t capacity;
+  int64_t row_bytes;           // a multiple of 16
+  int64_t code_width;          // floats per codes row: 2 * top_k rounded up to 4
+};
+
+struct CompactPullArgs {
+  uint64_t peers[MOECOMM_A2A_MAX_RANKS];  // symmetric y buffer base of every rank
+  const float* codes;          // [T, code_width] (pos + 1, rank) per slot, 0 when absent
+  uint8_t* out;                // [T, row_bytes]
+  int64_t y_off;               // the y buffer [capacity, row_bytes] in the symmetric buffer
+  int64_t w_off;               // the received weights [capacity] fp32 in it
+  int64_t num_tokens;
+  int64_t top_k;
+  int64_t code_width;
+  int64_t row_bytes;
+  int64_t ep_size;
+  int64_t capacity;
+  int64_t apply_weights;
+};
+
+struct CompactReduceArgs {
+  const uint8_t* y;            // [capacity, row_bytes] expert outputs
+  const float* recv_w;         // [capacity]
+  const int32_t* inv;          // [ep, rmax, top_k]
+  const int32_t* recv_counts;  // [ep]
+  uint8_t* payload;            // [ep, rmax, row_bytes] MoeAlltoAll's combine region
+  int64_t ep_size;
+  int64_t runtime_max;
+  int64_t top_k;
+  int64_t row_bytes;
+  int64_t capacity;
+  int64_t apply_weights;
+};
+
+// Rows [0, min(stats[ROWS], capacity)) of y to dst.
+struct CompactStageArgs {
+  const uint8_t* y;
+  uint8_t* dst;
+  const int32_t* stats;
+  int64_t row_bytes;
+  int64_t capacity;
+};
+
+// ------------------------------------------------------------------ small kernels
+// Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
+struct FillArgs {
+  uint8_t* dst;
+  uint64_t nbytes;
+  uint32_t word;
+};
+
+// Copy `nbytes` (a multiple of 16, both 16-byte aligned): the peer-copy benchmark.
+struct CopyArgs {
+  uint8_t* dst;
+  const uint8_t* src;
+  uint64_t nbytes;
+};
+
+// out[p * nbytes + i] = byte i at `offset` of peer p's buffer (a SymmetricBuffer test).
+struct GatherArgs {
+  const uint64_t* peer_ptrs;  // [num_peers] device table of buffer addresses
+  uint8_t* out;
+  uint64_t offset;
+  uint64_t nbytes;
+  int32_t num_peers;
+};
+
+}  // namespace moecomm

@@ -1,0 +1,177 @@
+"""What every op shares: argument checks, output allocation, device facts, lifecycle.
+
+Ops (``AllReduceWorkspace``, ``AllReduceFusionWorkspace``, ``MoeAlltoAll``, ``EPAllToAll``)
+derive from ``Op``, which owns the closed/open state, the context-manager protocol and the
+device error word; the free functions here are the validation and allocation helpers they
+call before any launch.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cupy
+import numpy as np
+
+from .constants import VECTOR_BYTES
+from .errors import ErrorWord
+from .group import ProcessGroup, default_group
+from .mapping import Mapping
+from .tensors import as_array, as_stream
+
+
+# ------------------------------------------------------------------------ checks
+def int_at_least(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (TypeError for non-integers, bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def require_aligned(name: str, arr: cupy.ndarray, alignment: int = VECTOR_BYTES) -> None:
+    if arr.data.ptr % alignment:
+        raise ValueError(f"{name}: address 0x{arr.data.ptr:x} is not {alignment}-byte aligned")
+
+
+def round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+# ------------------------------------------------------------------------ allocation
+def empty(shape, dtype, stream=None) -> cupy.ndarray:
+    """A device array of any dtype CuPy can view (bf16 included), allocated on ``stream``
+    from CuPy's pool, 256-byte aligned."""
+    dtype = np.dtype(dtype)
+    with as_stream(stream):
+        raw = cupy.empty(max(1, math.prod(shape)) * dtype.itemsize, np.uint8)
+    return cupy.ndarray(tuple(shape), dtype, raw.data)
+
+
+def out_array(out, name: str, shape, dtype, stream=None,
+              alignment: int = VECTOR_BYTES) -> cupy.ndarray:
+    """The caller's ``out`` checked against ``shape``/``dtype``/alignment, or a new array."""
+    if out is None:
+        return empty(shape, dtype, stream)
+    arr = as_array(out, name, dtype=dtype, shape=shape, stream=stream)
+    require_aligned(name, arr, alignment)
+    return arr
+
+
+# ------------------------------------------------------------------------ device facts
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What launch configurations depend on, read once per device."""
+
+    id: int
+    sms: int                   # multiprocessors
+    arch: tuple[int, int]      # compute capability
+    max_threads_per_sm: int
+
+    def blocks_per_sm(self, kernel, threads: int, shared_mem: int = 0) -> int:
+        """Resident blocks of ``kernel`` (a cupy.RawKernel) per SM at ``threads``."""
+        from cupy.cuda import driver
+
+        return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            kernel.kernel.ptr, threads, shared_mem))
+
+
+@lru_cache(maxsize=None)
+def _facts(device_id: int) -> DeviceFacts:
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return DeviceFacts(device_id, int(props["multiProcessorCount"]),
+                       (int(props["major"]), int(props["minor"])),
+                       int(props["maxThreadsPerMultiProcessor"]))
+
+
+def device_facts(device_id: int | None = None) -> DeviceFacts:
+    """Facts of ``device_id`` (default: CuPy's current device)."""
+    return _facts(cupy.cuda.runtime.getDevice() if device_id is None else int(device_id))
+
+
+def group_sms(group: ProcessGroup) -> int:
+    """The smallest SM count of the node-local ranks (collective): kernels whose blocks pair
+    up across ranks need the same grid everywhere."""
+    return min(group.local_comm.allgather(device_facts().sms))
+
+
+# ------------------------------------------------------------------------ groups
+def ep_group(group) -> tuple[ProcessGroup, bool]:
+    """The expert-parallel group of ``group`` (a ProcessGroup, a Mapping whose moe_ep
+    group is split off the default group, or None for the default group) and whether the
+    caller made it (and must close it)."""
+    if group is None:
+        return default_group(), False
+    if isinstance(group, Mapping):
+        parent = default_group()
+        if (group.world_size, group.rank) != (parent.size, parent.rank):
+            raise ValueError(f"mapping (world_size={group.world_size}, rank={group.rank}) does "
+                             f"not match the default group (size={parent.size}, "
+                             f"rank={parent.rank})")
+        return parent.split(group.moe_ep_group), True
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"group: expected a ProcessGroup or Mapping, got {type(group).__name__}")
+    return group, False
+
+
+# ------------------------------------------------------------------------ lifecycle
+class Phase(enum.Enum):
+    """Where an op stands between calls."""
+
+    IDLE = "idle"
+    DISPATCHED = "dispatched"  # MoE: between a dispatch and its combine
+    CLOSED = "closed"
+
+
+class Op:
+    """Lifecycle of an op object: open until ``close()`` (collective, idempotent), usable as
+    a context manager; ``error`` is the device error word of its bounded waits (or None).
+    Subclasses set ``name`` and implement ``_release()``."""
+
+    name = "op"
+    phase: Phase = Phase.CLOSED
+    error: ErrorWord | None = None
+
+    def _open(self, error: ErrorWord | None) -> None:
+        self.error = error
+        self.phase = Phase.IDLE
+
+    @property
+    def closed(self) -> bool:
+        return self.phase == Phase.CLOSED
+
+    def usable(self, what: str) -> None:
+        """Raise unless the op is open and no wait of it has timed out (no sync)."""
+        if self.phase == Phase.CLOSED:
+            raise RuntimeError(f"{self.name}.{what}: {self.name} is closed")
+        if self.error is not None:
+            self.error.check()
+
+    def check_error(self, stream=None, *, synchronize: bool = False) -> None:
+        """Raise ``PeerTimeoutError`` if a wait of this op timed out (with ``synchronize``,
+        after waiting for ``stream``)."""
+        if self.error is not None:
+            self.error.check(as_stream(stream) if synchronize else None,
+                             synchronize=synchronize)
+
+    def close(self) -> None:
+        """Collective: free everything in order. Closing twice is harmless."""
+        if self.phase == Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self._release()
+        if self.error is not None:
+            self.error.close()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
