@@ -1,4 +1,6 @@
-// Custom all-reduce over CUDA IPC: Lamport one-shot and two-shot (see allreduce.cuh).
+// Custom all-reduce over CUDA IPC: Lamport one-shot and pipelined two-shot
+// (protocol: allreduce.cuh). Kernels allreduce_{oneshot,twoshot}_{bf16,fp16,fp32} and
+// lamport_fill take one argument struct (args.cuh).
 #include "allreduce.cuh"
 
 using namespace moecomm;
@@ -6,107 +8,148 @@ using namespace moecomm::allreduce;
 
 namespace {
 
-// One-shot push: write vectors of the input into slot `rank` of every peer's Lamport
-// buffer `buf` (the grid shares the vectors).
-template <typename T>
-__device__ __forceinline__ void push_lamport(const T* in, size_t n, const Workspace& ws, int buf) {
-  constexpr int K = Pack16<T>::kLanes;
-  const size_t nvec = (n + K - 1) / K;
-  for (size_t v = global_thread_id(); v < nvec; v += global_thread_count()) {
-    const Vec16 x = Lamport<T>::canonical(load_input(in, v, n));
-    for (int i = 0; i < ws.world; ++i) {
-      const int peer = (ws.rank + i) % ws.world;
-      st_vec16_volatile(ws.lamport(peer, buf, ws.rank) + v * 16, x);
-    }
-  }
-}
+constexpr int kUnroll = 4;  // 16-byte vectors a thread has in flight in the copy loops
 
-// One-shot: push the whole input into slot `rank` of every peer's Lamport buffer, then
-// spin on the own buffer until no slot holds the sentinel, and sum the slots in order.
+// One-shot: every thread pushes its vectors into slot `rank` of every rank's Lamport
+// buffer, clears its share of the previous buffer, then polls its vectors' slots and sums.
 template <typename T>
-__device__ void oneshot(const T* in, T* out, size_t n, const Workspace& ws) {
+__device__ __forceinline__ void oneshot(const AllReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
-  const uint32_t call = ws.state[0];
-  const int buf = call % 3;
-  const size_t nvec = (n + K - 1) / K;
-  push_lamport(in, n, ws, buf);
-  bool failed = false;
-  for (size_t v = global_thread_id(); v < nvec && !failed; v += global_thread_count()) {
-    float acc[K];
-    for (int s = 0; s < ws.world && !failed; ++s) {
-      Vec16 x;
-      failed = !wait_lamport<T>(ws, buf, s, v * 16, x);
-      accumulate<T>(acc, x, s == 0);
-    }
-    if (!failed) store_output(out, v, n, round_pack<T>(acc));
-  }
-  // The grid is sized so every block owns vector blockIdx.x * blockDim.x: after the
-  // barrier each block has seen data from every peer, hence every peer is in this call.
-  if (__syncthreads_or(failed)) return;
+  const ArWorkspace& ws = a.ws;
+  const T* in = static_cast<const T*>(a.in);
+  T* out = static_cast<T*>(a.out);
+  const size_t nvec = (a.n + K - 1) / K;
+  const size_t tid = global_thread_id(), stride = global_thread_count();
+  pdl_wait();
+  const Call call = begin_call(ws);
+  const int buf = call.index % 3;
+  for (size_t v = tid; v < nvec; v += stride)
+    push_lamport(ws, buf, v * 16, Lamport<T>::canonical(load_input(in, v, a.n)));
+  pdl_launch_dependents();
   clear_previous<T>(ws, call);
-  finish_call(ws, call, (uint32_t)(nvec * 16));
+  const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
+  for (size_t v = tid; v < nvec; v += stride) {
+    float acc[K];
+    if (!reduce_lamport<T>(ws, buf, v * 16, acc, w)) break;
+    store_output(out, v, a.n, round_pack<T>(acc));
+  }
+  end_call(ws, call, (uint32_t)(nvec * 16));
 }
 
-// Two-shot: scatter segment p of the input to rank p, barrier, reduce the own segment and
-// push the result to every rank, barrier, copy the gathered result out. Each block works
-// on the same index set of every segment on every rank, so block-level barriers suffice.
+// Vectors [lo, hi) of a chunk, kUnroll loads in flight per thread: f(v, x) for each.
+template <typename Load, typename Use>
+__device__ __forceinline__ void for_chunk(size_t lo, size_t hi, Load load, Use use) {
+  for (size_t v0 = lo + threadIdx.x; v0 < hi; v0 += kUnroll * blockDim.x) {
+    Vec16 x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (v0 + u * blockDim.x < hi) x[u] = load(v0 + u * blockDim.x);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (v0 + u * blockDim.x < hi) use(v0 + u * blockDim.x, x[u]);
+  }
+}
+
+// Two-shot, pipelined over chunks of chunk_vecs vectors. Segment p (ceil(nvec / world)
+// vectors) is reduced by rank p; chunk j of every segment belongs to block j % grid.
+//  A. each block sends its copy of its chunks of every peer's segment to that peer's
+//     reduce-scatter inbox, publishing stage-0 flag per chunk;
+//  B. per chunk of the own segment: wait for the peers' copies, sum in rank order, write
+//     `out` and every peer's all-gather inbox, publish stage-1 flag;
+//  C. one chunk behind B: wait for the peers' reduced chunks, copy them to `out`.
 template <typename T>
-__device__ void twoshot(const T* in, T* out, size_t n, const Workspace& ws) {
+__device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
-  const uint32_t call = ws.state[0];
-  const uint32_t epoch = call + 1;
-  const size_t nvec = (n + K - 1) / K;
+  const ArWorkspace& ws = a.ws;
+  const T* in = static_cast<const T*>(a.in);
+  T* out = static_cast<T*>(a.out);
+  const size_t nvec = (a.n + K - 1) / K;
   const size_t seg = (nvec + ws.world - 1) / ws.world;
-  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const size_t step = global_thread_count();
+  const size_t chunk = a.chunk_vecs;
+  const size_t nchunks = (seg + chunk - 1) / chunk;
+  const int rank = ws.rank, world = ws.world;
+  // vectors of chunk j of segment p: [lo, hi)
+  auto lo = [&](int p, size_t j) { return p * seg + j * chunk; };
+  auto hi = [&](int p, size_t j) {
+    return min(min(p * seg + (j + 1) * chunk, (p + 1) * seg), nvec);
+  };
+  auto own = [&](size_t v) { return Lamport<T>::canonical(load_input(in, v, a.n)); };
 
-  for (int i = 1; i <= ws.world; ++i) {
-    const int peer = (ws.rank + i) % ws.world;
-    uint8_t* inbox = ws.base(peer) + ws.rs_off + (size_t)ws.rank * ws.rs_slot;
-    for (size_t v = first; v < seg && peer * seg + v < nvec; v += step)
-      st_vec16(inbox + v * 16, Lamport<T>::canonical(load_input(in, peer * seg + v, n)));
-  }
-  if (!block_barrier(ws, 0, epoch)) return;
+  pdl_wait();
+  const Call call = begin_call(ws);
   clear_previous<T>(ws, call);
+  const WaitContext w = wait_context(ws, config::kErrAllreduceTwoshot);
 
-  for (size_t v = first; v < seg && ws.rank * seg + v < nvec; v += step) {
-    float acc[K];
-    for (int s = 0; s < ws.world; ++s)
-      accumulate<T>(acc, ld_vec16_cg(ws.base(ws.rank) + ws.rs_off + s * ws.rs_slot + v * 16),
-                    s == 0);
-    const Vec16 r = round_pack<T>(acc);
-    for (int i = 0; i < ws.world; ++i) {
-      const int peer = (ws.rank + i) % ws.world;
-      st_vec16(ws.base(peer) + ws.ag_off + (ws.rank * seg + v) * 16, r);
+  uint32_t i = 0;
+  for (size_t j = blockIdx.x; j < nchunks; j += gridDim.x, ++i) {
+    for (int q = 1; q < world; ++q) {
+      const int p = rank + q < world ? rank + q : rank + q - world;
+      uint8_t* inbox = base(ws, p) + ws.rs_off + (size_t)rank * ws.rs_slot;
+      for_chunk(lo(p, j), hi(p, j), own, [&](size_t v, const Vec16& x) {
+        st_vec16(inbox + (v - p * seg) * 16, x);
+      });
     }
+    signal_peers(ws, 0, flag_value(call, i));
   }
-  if (!block_barrier(ws, 1, epoch)) return;
+  pdl_launch_dependents();
 
-  for (int p = 0; p < ws.world; ++p)
-    for (size_t v = first; v < seg && p * seg + v < nvec; v += step)
-      store_output(out, p * seg + v, n, ld_vec16_cg(ws.base(ws.rank) + ws.ag_off + (p * seg + v) * 16));
-  finish_call(ws, call, 0);
+  const uint8_t* rs = base(ws, rank) + ws.rs_off;  // slot s: rs + s * rs_slot
+  const uint8_t* ag = base(ws, rank) + ws.ag_off;
+  auto copy_out = [&](size_t j) {
+    for (int q = 1; q < world; ++q) {
+      const int p = rank + q < world ? rank + q : rank + q - world;
+      for_chunk(lo(p, j), hi(p, j), [&](size_t v) { return ld_vec16_cg(ag + v * 16); },
+                [&](size_t v, const Vec16& x) { store_output(out, v, a.n, x); });
+    }
+  };
+  bool ok = true;
+  i = 0;
+  size_t last = 0;
+  for (size_t j = blockIdx.x; j < nchunks; j += gridDim.x, ++i) {
+    if (!(ok = wait_peers(ws, 0, flag_value(call, i), w))) break;
+    for (size_t v = lo(rank, j) + threadIdx.x; v < hi(rank, j); v += blockDim.x) {
+      float acc[K];
+      for (int s = 0; s < world; ++s)
+        accumulate<T>(acc, s == rank ? own(v)
+                                      : ld_vec16_cg(rs + s * ws.rs_slot + (v - rank * seg) * 16),
+                      s == 0);
+      const Vec16 r = round_pack<T>(acc);
+      store_output(out, v, a.n, r);
+      for (int q = 1; q < world; ++q) {
+        const int p = rank + q < world ? rank + q : rank + q - world;
+        st_vec16(base(ws, p) + ws.ag_off + v * 16, r);
+      }
+    }
+    signal_peers(ws, 1, flag_value(call, i));
+    if (i > 0) {
+      if (!(ok = wait_peers(ws, 1, flag_value(call, i - 1), w))) break;
+      copy_out(last);
+    }
+    last = j;
+  }
+  if (ok && i > 0 && wait_peers(ws, 1, flag_value(call, i - 1), w)) copy_out(last);
+  end_call(ws, call, 0);
 }
 
 }  // namespace
 
-#define MOECOMM_AR_KERNELS(SUFFIX, T)                                                      \
-  extern "C" __global__ void allreduce_oneshot_##SUFFIX(const T* in, T* out, uint64_t n,   \
-                                                        MOECOMM_AR_ARGS) {                 \
-    oneshot<T>(in, out, n, MOECOMM_AR_WS);                                                 \
-  }                                                                                        \
-  extern "C" __global__ void allreduce_twoshot_##SUFFIX(const T* in, T* out, uint64_t n,   \
-                                                        MOECOMM_AR_ARGS) {                 \
-    twoshot<T>(in, out, n, MOECOMM_AR_WS);                                                 \
+#define MOECOMM_AR_KERNELS(SUFFIX, T)                                                    \
+  extern "C" __global__ void __launch_bounds__(1024)                                     \
+      allreduce_oneshot_##SUFFIX(const AllReduceArgs a) {                                \
+    oneshot<T>(a);                                                                       \
+  }                                                                                      \
+  extern "C" __global__ void __launch_bounds__(512)                                      \
+      allreduce_twoshot_##SUFFIX(const AllReduceArgs a) {                                \
+    twoshot<T>(a);                                                                       \
   }
 
 MOECOMM_AR_KERNELS(bf16, __nv_bfloat16)
 MOECOMM_AR_KERNELS(fp16, __half)
 MOECOMM_AR_KERNELS(fp32, float)
 
-// Fill `nbytes` (a multiple of 16) at `p` with the -0.0 sentinel of the element type.
-extern "C" __global__ void lamport_fill(uint8_t* p, uint64_t nbytes, uint32_t word) {
-  const Vec16 s{word, word, word, word};
-  for (size_t i = global_thread_id(); i < nbytes / 16; i += global_thread_count())
-    st_vec16(p + i * 16, s);
+// Fill a region with a repeated 32-bit word (the Lamport sentinel at creation).
+extern "C" __global__ void fill_words(const FillArgs a) {
+  const Vec16 s{a.word, a.word, a.word, a.word};
+  for (size_t i = global_thread_id(); i < a.nbytes / 16; i += global_thread_count())
+    st_vec16(a.dst + i * 16, s);
 }

@@ -1,48 +1,102 @@
-// The all-reduce workspace as kernels see it, and the pieces every all-reduce kernel
-// (plain in allreduce.cu, fused in fusion.cu) is built from.
+// The all-reduce workspace protocol, shared by the plain all-reduce (allreduce.cu) and the
+// fused one (fusion.cu).
 //
-// Workspace (one SymmetricBuffer per rank, offsets given by the host):
-//   lamport_off: 3 rotating buffers x world slots x lamport_slot bytes, set to -0.0
-//   rs_off:      world slots x rs_slot bytes (two-shot reduce-scatter inbox)
-//   ag_off:      max bytes                  (two-shot all-gather inbox)
-//   flag_off:    uint32 flags[2 stages][kMaxBlocks][kMaxRanks]
-// and a local uint32 state[8]: [0] call counter, [1] blocks done, [2..4] bytes per slot
-// last written into each Lamport buffer (what the next-but-one call must clear).
+// Shared memory of every rank (ArWorkspace, offsets from the host):
+//   Lamport buffers [3][world][lamport_slot]: one-shot inboxes, slot s written by rank s,
+//     holding -0.0 ("not yet written") between uses;
+//   rs inbox [world][rs_slot], ag inbox [max bytes]: two-shot reduce-scatter / all-gather;
+//   flags u32 [2 stages][kArMaxBlocks][kArMaxRanks]: two-shot, entry (stage, b, s) written
+//     by block b of rank s.
+// Local control words (state, not shared): see kState* below.
 //
-// Every call uses Lamport buffer call % 3 and clears buffer (call + 2) % 3 (the one of
-// the previous call) once it knows every peer has started this call. Peers sum in rank
-// order in fp32 and round once, so all ranks and both algorithms agree bit for bit.
+// A call k reads the call number k at its start (begin_call) and block 0 advances it at
+// its end (end_call) once every block has read it, with no fence: the next kernel of the
+// stream sees the new value at the kernel boundary (pdl_wait with programmatic launch).
+// One-shot call k pushes into Lamport buffer k % 3 and clears buffer (k + 2) % 3, the one
+// call k - 1 used: every peer wrote it before we could finish call k - 1, and no peer
+// writes it again before call k + 2, which a peer can only start once it has our data of
+// call k + 1. Two-shot flags carry the value ((k + 1) << 12) + chunk + 1, monotonic (mod
+// 2^32) over calls and chunks, so they never need resetting.
+//
+// Reductions sum the ranks in order 0, 1, ... in fp32 and round once: every rank and both
+// algorithms produce the same bits. Writers turn -0.0 into +0.0.
 #pragma once
-#include "common.cuh"
-
+#include "args.cuh"
 
 namespace moecomm {
 namespace allreduce {
 
-constexpr int kMaxBlocks = 256;  // flags per stage and rank: MAX_BLOCKS in allreduce.py
-constexpr int kMaxRanks = 16;    // MAX_RANKS in allreduce.py
-constexpr uint32_t kCodeOneshot = 1;  // error codes: _CODES in allreduce.py
-constexpr uint32_t kCodeTwoshot = 2;
+using config::kArMaxBlocks;
+using config::kArMaxRanks;
 
-struct Workspace {
-  const uint64_t* peers;  // [world] base pointers of every rank's SymmetricBuffer
-  int rank;
-  int world;
-  size_t lamport_off;
-  size_t lamport_slot;    // bytes of one Lamport slot (the one-shot limit)
-  size_t rs_off;
-  size_t rs_slot;         // bytes of one reduce-scatter slot (a segment's limit)
-  size_t ag_off;
-  size_t flag_off;
-  uint32_t* state;        // local, see the top of the file
-  uint32_t* error_word;   // mapped host memory
-  uint64_t timeout_ns;
+// Local control words.
+constexpr int kStateCall = 0;          // calls completed
+constexpr int kStateArrived = 1;       // blocks of the running call that read kStateCall
+constexpr int kStateAbort = 2;         // raised by a wait that gave up (common.cuh)
+constexpr int kStateLamportBytes = 4;  // [4 + b]: bytes per slot the last user of Lamport
+                                       // buffer b wrote (what the next-but-one call clears)
+constexpr int kStateWords = 8;
 
-  __device__ uint8_t* base(int r) const { return reinterpret_cast<uint8_t*>(peers[r]); }
-  __device__ uint8_t* lamport(int owner, int buf, int slot) const {
-    return base(owner) + lamport_off + ((size_t)buf * world + slot) * lamport_slot;
-  }
+constexpr int kFlagChunkBits = 12;  // two-shot flag value: ((call + 1) << 12) + chunk + 1
+
+__device__ __forceinline__ uint8_t* base(const ArWorkspace& ws, int r) {
+  return reinterpret_cast<uint8_t*>(ws.peers[r]);
+}
+
+__device__ __forceinline__ uint8_t* lamport(const ArWorkspace& ws, int owner, int buf, int slot) {
+  return base(ws, owner) + ws.lamport_off + ((size_t)buf * ws.world + slot) * ws.lamport_slot;
+}
+
+__device__ __forceinline__ WaitContext wait_context(const ArWorkspace& ws, uint32_t code) {
+  return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
+}
+
+struct Call {
+  uint32_t index;        // k
+  uint32_t clear_bytes;  // bytes per slot of Lamport buffer (k + 2) % 3 to clear
 };
+
+// Every block: read the call number and the clear size, then arrive (release: the reads
+// are done before block 0 may change them). All threads get the values.
+__device__ __forceinline__ Call begin_call(const ArWorkspace& ws) {
+  __shared__ Call s_call;
+  if (threadIdx.x == 0) {
+    const uint32_t k = ws.state[kStateCall];
+    s_call = Call{k, ws.state[kStateLamportBytes + (k + 2) % 3]};
+    atomic_add_release_gpu(&ws.state[kStateArrived], 1u);
+  }
+  __syncthreads();
+  return s_call;
+}
+
+// Block 0, after its own work: once every block has arrived, advance the call number and
+// record that this call wrote `lamport_bytes` per slot of buffer k % 3 (0 for two-shot)
+// and cleared buffer (k + 2) % 3.
+__device__ __forceinline__ void end_call(const ArWorkspace& ws, const Call& call,
+                                         uint32_t lamport_bytes) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  while (ld_acquire_gpu(&ws.state[kStateArrived]) < gridDim.x) {
+  }
+  ws.state[kStateArrived] = 0;
+  ws.state[kStateLamportBytes + (call.index + 2) % 3] = 0;
+  ws.state[kStateLamportBytes + call.index % 3] = lamport_bytes;
+  ws.state[kStateCall] = call.index + 1;
+}
+
+// Refill the slots of Lamport buffer (k + 2) % 3 that call k - 1 wrote with the sentinel
+// of T; the grid shares the work.
+template <typename T>
+__device__ __forceinline__ void clear_previous(const ArWorkspace& ws, const Call& call) {
+  const uint32_t nvec = call.clear_bytes / 16;
+  if (nvec == 0) return;
+  const Vec16 s = Lamport<T>::sentinel();
+  const int prev = (call.index + 2) % 3;
+  const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
+  for (int slot = 0; slot < ws.world; ++slot) {
+    uint8_t* p = lamport(ws, ws.rank, prev, slot);
+    for (uint32_t i = tid; i < nvec; i += stride) st_vec16(p + (size_t)i * 16, s);
+  }
+}
 
 // Input vector v of n elements; lanes past the end read as +0.
 template <typename T>
@@ -79,74 +133,72 @@ __device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], cons
     acc[i] = first ? to_float(p.lane[i]) : acc[i] + to_float(p.lane[i]);
 }
 
-// Refill the previous call's Lamport buffer with the sentinel. Called once every peer is
-// known to be in this call (so none still writes there); the grid shares the work.
-template <typename T>
-__device__ void clear_previous(const Workspace& ws, uint32_t call) {
-  const int prev = (call + 2) % 3;
-  const size_t nvec = ws.state[2 + prev] / 16;
-  if (nvec == 0) return;
-  const Vec16 s = Lamport<T>::sentinel();
-  for (size_t i = global_thread_id(); i < nvec * ws.world; i += global_thread_count()) {
-    const int slot = (int)(i / nvec);
-    st_vec16(ws.lamport(ws.rank, prev, slot) + (i % nvec) * 16, s);
+// One-shot push: vector `x` (already canonical) into slot `rank` of every rank's Lamport
+// buffer `buf` at byte offset `off`, peers first.
+__device__ __forceinline__ void push_lamport(const ArWorkspace& ws, int buf, size_t off,
+                                             const Vec16& x) {
+  for (int i = 1; i <= ws.world; ++i) {
+    const int r = ws.rank + i < ws.world ? ws.rank + i : ws.rank + i - ws.world;
+    st_vec16(lamport(ws, r, buf, ws.rank) + off, x);
   }
 }
 
-// The last block to finish advances the call counter and records what to clear next.
-__device__ void finish_call(const Workspace& ws, uint32_t call, uint32_t lamport_bytes) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&ws.state[1], 1u) == gridDim.x - 1) {
-      ws.state[2 + (call + 2) % 3] = 0;
-      ws.state[2 + call % 3] = lamport_bytes;
-      ws.state[1] = 0;
-      ws.state[0] = call + 1;
-      __threadfence();
+// One-shot reduction of the vector at byte offset `off` of every slot of the own Lamport
+// buffer `buf`: loads kPollSlots slots at a time, re-polls those still holding the sentinel,
+// and sums the slots in rank order into `acc`. False if a wait gave up.
+template <typename T>
+__device__ __forceinline__ bool reduce_lamport(const ArWorkspace& ws, int buf, size_t off,
+                                               float (&acc)[Pack16<T>::kLanes],
+                                               const WaitContext& w) {
+  constexpr int kPollSlots = 2;
+  const uint8_t* own = lamport(ws, ws.rank, buf, 0) + off;
+  for (int s0 = 0; s0 < ws.world; s0 += kPollSlots) {
+    Vec16 x[kPollSlots];
+#pragma unroll
+    for (int i = 0; i < kPollSlots; ++i)
+      if (s0 + i < ws.world) x[i] = ld_vec16_volatile(own + (size_t)(s0 + i) * ws.lamport_slot);
+#pragma unroll
+    for (int i = 0; i < kPollSlots; ++i) {
+      if (s0 + i >= ws.world) continue;
+      SpinTimer timer;
+      while (Lamport<T>::pending(x[i])) {
+        if (timer.give_up(w, s0 + i)) return false;
+        x[i] = ld_vec16_volatile(own + (size_t)(s0 + i) * ws.lamport_slot);
+      }
+      accumulate<T>(acc, x[i], s0 + i == 0);
     }
-  }
-}
-
-// Block-level barrier of stage `stage`: after it, every peer's block blockIdx.x has
-// finished the writes it made before its own barrier. False if a peer never arrived.
-__device__ bool block_barrier(const Workspace& ws, int stage, uint32_t epoch) {
-  __threadfence_system();
-  __syncthreads();
-  const size_t flag = ws.flag_off + (((size_t)stage * kMaxBlocks + blockIdx.x) * kMaxRanks) * 4;
-  bool ok = true;
-  if (threadIdx.x < ws.world) {
-    const int peer = threadIdx.x;
-    st_release_sys(reinterpret_cast<uint32_t*>(ws.base(peer) + flag) + ws.rank, epoch);
-    ok = wait_flag_geq(reinterpret_cast<const uint32_t*>(ws.base(ws.rank) + flag) + peer, epoch,
-                       ws.timeout_ns, peer, ws.error_word, kCodeTwoshot);
-  }
-  return __syncthreads_and(ok);
-}
-
-// Waits until vector `byte_off` of slot `s` of the own Lamport buffer is written and
-// returns it; false if the wait gave up.
-template <typename T>
-__device__ __forceinline__ bool wait_lamport(const Workspace& ws, int buf, int s, size_t byte_off,
-                                             Vec16& x) {
-  const uint8_t* src = ws.lamport(ws.rank, buf, s) + byte_off;
-  x = ld_vec16_volatile(src);
-  SpinTimer timer(ws.timeout_ns);
-  while (Lamport<T>::pending(x)) {
-    if (timer.give_up(ws.error_word, s, kCodeOneshot)) return false;
-    x = ld_vec16_volatile(src);
   }
   return true;
 }
 
+// Two-shot flag of (stage, block b, source rank s) in rank r's buffer.
+__device__ __forceinline__ uint32_t* flag(const ArWorkspace& ws, int r, int stage, int b, int s) {
+  return reinterpret_cast<uint32_t*>(base(ws, r) + ws.flag_off) +
+         ((size_t)stage * kArMaxBlocks + b) * kArMaxRanks + s;
+}
+
+__device__ __forceinline__ uint32_t flag_value(const Call& call, uint32_t chunk) {
+  return ((call.index + 1) << kFlagChunkBits) + chunk + 1;
+}
+
+// After this block's writes to every peer: publish (stage, blockIdx.x) = value to them.
+__device__ __forceinline__ void signal_peers(const ArWorkspace& ws, int stage, uint32_t value) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < ws.world && threadIdx.x != ws.rank)
+    st_release_sys(flag(ws, threadIdx.x, stage, blockIdx.x, ws.rank), value);
+}
+
+// Wait until every peer's block blockIdx.x published `value` for `stage`. Block-uniform;
+// false if a wait gave up.
+__device__ __forceinline__ bool wait_peers(const ArWorkspace& ws, int stage, uint32_t value,
+                                           const WaitContext& w) {
+  bool ok = true;
+  if (threadIdx.x < ws.world && threadIdx.x != ws.rank)
+    ok = wait_flag_geq(flag(ws, ws.rank, stage, blockIdx.x, threadIdx.x), value, w,
+                       threadIdx.x);
+  return __syncthreads_and(ok);
+}
+
 }  // namespace allreduce
 }  // namespace moecomm
-
-// Kernel parameters of the workspace, in this order, after each kernel's own.
-#define MOECOMM_AR_ARGS                                                                     \
-  const uint64_t *peers, int rank, int world, uint64_t lamport_off, uint64_t lamport_slot, \
-      uint64_t rs_off, uint64_t rs_slot, uint64_t ag_off, uint64_t flag_off, uint32_t *state,  \
-      uint32_t *error_word, uint64_t timeout_ns
-#define MOECOMM_AR_WS                                                                       \
-  moecomm::allreduce::Workspace{peers,   rank,     world,    lamport_off, lamport_slot, rs_off,    \
-                                rs_slot, ag_off, flag_off, state,       error_word,   timeout_ns}

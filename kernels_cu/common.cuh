@@ -173,6 +173,25 @@ __device__ __forceinline__ uint32_t atomic_add_release_sys(uint32_t* p, uint32_t
   return old;
 }
 
+__device__ __forceinline__ void red_add_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t atomic_add_release_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void fence_acq_rel_sys() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
@@ -183,34 +202,57 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
-// ---------------------------------------------------------------- bounded waits
-// Error word layout (uint32, zero means no error): bits 0..15 = 1 + the rank that never
-// arrived, bits 16..31 = the op's error code. The first failure wins (atomicCAS), the
-// host reads the word and raises naming the rank.
-__device__ __forceinline__ void record_timeout(uint32_t* error_word, int peer, uint32_t code) {
-  if (error_word != nullptr) {
-    atomicCAS(error_word, 0u, (code << 16) | (uint32_t)(peer + 1));
-  }
+// ---------------------------------------------------------------- programmatic launch
+// A kernel launched with programmatic stream serialization (moecomm.launch, pdl=True) may
+// start while the previous kernel of its stream still runs: pdl_wait() returns once that
+// kernel has completed and its memory is visible; nothing it writes may be touched
+// before. pdl_launch_dependents() lets the next kernel of the stream begin launching.
+// Both are no-ops without the launch attribute and before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
-// Bookkeeping of one bounded spin-wait. give_up() is cheap on most iterations; every
-// 1024th it reads the clock and the error word. It returns true when the wait must end:
-// the timeout passed (recorded as `peer` never arriving) or another waiter already failed.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------- bounded waits
+// Every op that waits for peers owns two words: `error_word`, in mapped host memory, that
+// the host reads (bits 0..15 = 1 + the rank that never arrived, bits 16..31 = the op's
+// error code; the first failure wins), and `abort`, in device memory, raised with it so
+// that every other waiter of the op gives up too. Waiters poll only `abort`: thousands of
+// spinning warps reading host memory over PCIe would stall the GPU (and any late peer).
+struct WaitContext {
+  uint32_t* error_word;  // mapped host memory
+  uint32_t* abort;       // device memory, 0 while healthy
+  uint64_t timeout_ns;   // 0 = wait forever
+  uint32_t code;         // the op's error code (moecomm.constants.ErrorCode)
+};
+
+__device__ __forceinline__ void record_timeout(const WaitContext& w, int peer) {
+  atomicCAS(w.error_word, 0u, (w.code << 16) | (uint32_t)(peer + 1));
+  *(volatile uint32_t*)w.abort = 1u;
+}
+
+// Bookkeeping of one bounded spin-wait: give_up() is cheap on most iterations; every
+// 256th it reads the clock and the abort word. True when the wait must end: the timeout
+// passed (recorded as `peer` never arriving) or another waiter already gave up.
 struct SpinTimer {
-  uint64_t timeout_ns;  // 0 = wait forever
   uint64_t start = 0;
   uint32_t spin = 0;
 
-  __device__ explicit SpinTimer(uint64_t timeout) : timeout_ns(timeout) {}
-
-  __device__ __forceinline__ bool give_up(uint32_t* error_word, int peer, uint32_t code) {
-    if ((++spin & 1023u) != 0u) return false;
-    if (error_word != nullptr && *(volatile uint32_t*)error_word != 0u) return true;
+  __device__ __forceinline__ bool give_up(const WaitContext& w, int peer) {
+    if ((++spin & 255u) != 0u) return false;
+    if (*(const volatile uint32_t*)w.abort != 0u) return true;
     const uint64_t now = global_timer_ns();
     if (start == 0) {
       start = now;
-    } else if (timeout_ns != 0 && now - start > timeout_ns) {
-      record_timeout(error_word, peer, code);
+    } else if (w.timeout_ns != 0 && now - start > w.timeout_ns) {
+      record_timeout(w, peer);
       return true;
     }
     return false;
@@ -220,11 +262,10 @@ struct SpinTimer {
 // Spins until *flag >= target (wrapping compare), acquire at system scope. False when
 // the wait gave up (see SpinTimer).
 __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t target,
-                                              uint64_t timeout_ns, int peer,
-                                              uint32_t* error_word, uint32_t code) {
-  SpinTimer timer(timeout_ns);
+                                              const WaitContext& w, int peer) {
+  SpinTimer timer;
   while ((int32_t)(ld_acquire_sys(flag) - target) < 0) {
-    if (timer.give_up(error_word, peer, code)) return false;
+    if (timer.give_up(w, peer)) return false;
   }
   return true;
 }

@@ -2,11 +2,21 @@
 // FP8 / dynamic FP8 quantization) in one kernel, bf16 or fp16 rows of `hidden` elements.
 //
 // Rows are the unit of work: a block owns whole rows (the norm needs a row's sum of
-// squares), each thread up to kMaxVecs 16-byte vectors of a row (vector v of a row
-// belongs to thread v % blockDim.x). One-shot pushes the input into the Lamport buffers
-// and spins per row; two-shot splits the rows into world segments, reduce-scatters them
-// through the inboxes and all-gathers the reduced rows, with the same block-level flag
-// barriers as the plain all-reduce. Rounding points: moecomm/reference.py.
+// squares); thread t holds vectors t and t + blockDim.x of a row (16 bytes each, at most
+// V). One-shot: every block pushes its rows' contributions into the Lamport
+// buffers, prefetches gamma and the residual, then polls, reduces and runs the epilogue
+// row by row. Two-shot: the rows are split into world segments, reduce-scattered through
+// the inboxes and all-gathered, with block-level flags (protocol: allreduce.cuh). The
+// `local` kernels run the epilogue alone on rows already reduced (rmsnorm_fusion).
+//
+// Rounding points: moecomm.reference (each intermediate rounded to the I/O dtype where the
+// unfused ops round; quantizers read the rounded norm output). Quantizers, fp32, every
+// operation rounded to nearest (no contraction):
+//   FP8 static: q = e4m3(v * (1 / scale)), the reciprocal rounded once;
+//   dynamic FP8: s = max(amax / 448, 2^-9 / 448), q = e4m3(v / s);
+//   group FP8: s = 2^ceil(log2(max(amax / 448, 1e-10))), q = e4m3(v / s);
+//   NVFP4: sf = e4m3(gs * (amax * (1/6))), o = gs / float(sf) (0 if sf is 0),
+//          code = e2m1(v * o).
 #include "allreduce.cuh"
 #include "quant.cuh"
 
@@ -15,58 +25,24 @@ using namespace moecomm::allreduce;
 
 namespace {
 
-constexpr int kMaxVecs = 4;      // vectors of a row per thread
-constexpr int kMaxThreads = 512;  // block size limit: hidden <= kMaxVecs * 8 * 512 = 16384
+// A thread holds V 16-byte vectors of a row (kernels suffixed _v1 and _v2): hidden <=
+// 8 * 1024 * V for 16-bit types.
+constexpr int kMaxThreads = 1024;
+static_assert(2 * 8 * kMaxThreads >= config::kFusionMaxHidden, "rows must fit a block");
 
-enum Quant { kNone = 0, kFp8 = 1, kFp4 = 2, kGroupFp8 = 3, kDynamicFp8 = 4 };
-// What each rank contributes to the all-reduce.
-enum Source { kInput = 0, kMoeReduction = 1, kMoeFinalize = 2 };
-
-// Per-call arguments (by value). Field order and types match _FusionArgs in fusion.py.
-struct FusionArgs {
-  const void* input;        // [tokens, hidden]
-  const void* residual_in;  // [tokens, hidden] or null (kAllReduce)
-  const void* gamma;        // [hidden]
-  const float* scale;       // device scalar: FP8 multiplier / NVFP4 global scale
-  void* allreduce_out;      // each output may be null when the pattern does not need it
-  void* residual_out;
-  void* norm_out;
-  uint8_t* quant_out;
-  void* scale_out;
-  // kMoeReduction: moe_rows = active experts' outputs [E, T, H], moe_scale = [E, T] fp32,
-  //   moe_extra = token_input [T, H].
-  // kMoeFinalize: moe_rows = permuted expert outputs [P, H], moe_index = [T, k] int32
-  //   (< 0: not on this rank), moe_scale = expert_scale_factor [T, k] or null,
-  //   moe_extra = shared_expert_output [T, H] or null.
-  const void* moe_rows;
-  const void* moe_scale;
-  const void* moe_extra;
-  const int32_t* moe_index;
-  uint64_t tokens;
-  uint32_t hidden;
-  float eps;
-  float weight_bias;
-  uint32_t group_size;      // per-token-group FP8: elements per scale
-  uint32_t swizzled;        // NVFP4 scale layout: 1 = 128x4 swizzled, 0 = linear
-  uint32_t source;          // Source
-  uint32_t moe_count;       // experts E (reduction) or top_k (finalize)
-  uint32_t moe_scale_fp32;  // finalize: moe_scale is fp32 (1) or the I/O dtype (0)
-  float routed_scaling;     // finalize: multiplies the routed sum
-  uint32_t pad_;
-};
 
 // This rank's contribution to vector v of row `row` (before the all-reduce), rounded
 // once to T as moecomm.reference.moe_reduction / moe_finalize specify.
 template <typename T>
 __device__ __forceinline__ Vec16 contribution(const FusionArgs& a, size_t row, int v) {
   const size_t h = a.hidden;
-  if (a.source == kInput) return ld_vec16(static_cast<const T*>(a.input) + row * h + v * 8);
+  if (a.source == kSourceInput) return ld_vec16(static_cast<const T*>(a.input) + row * h + v * 8);
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.f;
   const T* rows = static_cast<const T*>(a.moe_rows);
   Pack16<T> x;
-  if (a.source == kMoeReduction) {
+  if (a.source == kSourceMoeReduction) {
     const float* scale = static_cast<const float*>(a.moe_scale);
     for (uint32_t e = 0; e < a.moe_count; ++e) {
       const float s = scale[e * a.tokens + row];
@@ -104,39 +80,71 @@ __device__ __forceinline__ Vec16 contribution(const FusionArgs& a, size_t row, i
   return round_pack<T>(acc);
 }
 
-template <typename T>
-struct Row {
-  Vec16 v[kMaxVecs];
+
+// A thread's share of one row: vectors threadIdx.x + k * blockDim.x, k < V.
+template <int V>
+struct RowVecs {
+  Vec16 v[V];
 };
 
-// The epilogue of one reduced row `row`: `ar` holds this thread's vectors of the
-// all-reduced row (already rounded to T).
-template <typename T, int Q>
-__device__ void epilogue(const FusionArgs& a, size_t row, const Row<T>& ar) {
+__device__ __forceinline__ int vec_index(int k) { return threadIdx.x + k * blockDim.x; }
+
+template <typename T, int V>
+__device__ __forceinline__ void load_row(const void* src, size_t row, int hvec,
+                                         RowVecs<V>& out) {
+  const T* p = static_cast<const T*>(src) + row * hvec * 8;
+#pragma unroll
+  for (int k = 0; k < V; ++k)
+    if (vec_index(k) < hvec) out.v[k] = ld_vec16(p + vec_index(k) * 8);
+}
+
+// What the epilogue reads besides the reduced row, loaded before the polling.
+template <int V>
+struct Prefetch {
+  RowVecs<V> gamma;
+  float scale;  // FP8: 1 / scale_factor; NVFP4: the global scale
+};
+
+template <typename T, int Q, int V>
+__device__ __forceinline__ Prefetch<V> prefetch(const FusionArgs& a) {
+  Prefetch<V> f;
+  f.scale = 0.f;
+  if (a.residual_in != nullptr) load_row<T, V>(a.gamma, 0, a.hidden / 8, f.gamma);
+  if (Q == kQuantFp8) f.scale = __frcp_rn(*a.scale);
+  if (Q == kQuantNvfp4) f.scale = *a.scale;
+  return f;
+}
+
+// The epilogue of reduced row `row`: `ar` holds this thread's vectors of the all-reduced
+// row (rounded to T), `res` its residual vectors.
+template <typename T, int Q, int V>
+__device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const RowVecs<V>& ar,
+                                         const RowVecs<V>& res, const Prefetch<V>& f) {
   const int hvec = a.hidden / 8;
   const size_t base = row * a.hidden;
   if (a.allreduce_out != nullptr) {
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int v = threadIdx.x + k * blockDim.x;
-      if (v < hvec) st_vec16(static_cast<T*>(a.allreduce_out) + base + v * 8, ar.v[k]);
-    }
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      if (vec_index(k) < hvec)
+        st_vec16(static_cast<T*>(a.allreduce_out) + base + vec_index(k) * 8, ar.v[k]);
   }
   if (a.residual_in == nullptr) return;  // kAllReduce
 
   // residual_out = io(ar + residual); the norm reads the rounded value
-  float r[kMaxVecs][8];
+  float r[V][8];
   float sumsq = 0.f;
-  for (int k = 0; k < kMaxVecs; ++k) {
-    const int v = threadIdx.x + k * blockDim.x;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int v = vec_index(k);
     if (v >= hvec) continue;
-    Pack16<T> x, res, out;
+    Pack16<T> x, rs, out;
     x.vec = ar.v[k];
-    res.vec = ld_vec16(static_cast<const T*>(a.residual_in) + base + v * 8);
+    rs.vec = res.v[k];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      out.lane[i] = from_float<T>(to_float(x.lane[i]) + to_float(res.lane[i]));
+      out.lane[i] = from_float<T>(__fadd_rn(to_float(x.lane[i]), to_float(rs.lane[i])));
       r[k][i] = to_float(out.lane[i]);
-      sumsq += r[k][i] * r[k][i];
+      sumsq = __fadd_rn(sumsq, __fmul_rn(r[k][i], r[k][i]));
     }
     if (a.residual_out != nullptr)
       st_vec16(static_cast<T*>(a.residual_out) + base + v * 8, out.vec);
@@ -146,11 +154,12 @@ __device__ void epilogue(const FusionArgs& a, size_t row, const Row<T>& ar) {
 
   // norm_out = io((r * rstd) * (gamma + weight_bias)); quantizers read the rounded value
   float amax_row = 0.f;
-  for (int k = 0; k < kMaxVecs; ++k) {
-    const int v = threadIdx.x + k * blockDim.x;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int v = vec_index(k);
     if (v >= hvec) continue;
     Pack16<T> g, n;
-    g.vec = ld_vec16(static_cast<const T*>(a.gamma) + v * 8);
+    g.vec = f.gamma.v[k];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float w = __fadd_rn(to_float(g.lane[i]), a.weight_bias);
@@ -161,23 +170,20 @@ __device__ void epilogue(const FusionArgs& a, size_t row, const Row<T>& ar) {
     if (a.norm_out != nullptr) st_vec16(static_cast<T*>(a.norm_out) + base + v * 8, n.vec);
   }
 
-  if (Q == kFp8 || Q == kDynamicFp8) {
-    float scale = 0.f;
-    if (Q == kFp8) {
-      scale = *a.scale;
-    } else {
-      // scale = max(amax / 448, 2^-9 / 448); q = e4m3(v / scale)
-      const float s = fmaxf(__fdiv_rn(block_max(amax_row), 448.f), 1.f / (448.f * 512.f));
+  if (Q == kQuantFp8 || Q == kQuantDynamicFp8) {
+    float s = 0.f;
+    if (Q == kQuantDynamicFp8) {
+      s = fmaxf(__fdiv_rn(block_max(amax_row), 448.f), 1.f / (448.f * 512.f));
       if (threadIdx.x == 0) static_cast<float*>(a.scale_out)[row] = s;
-      scale = s;
     }
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int v = threadIdx.x + k * blockDim.x;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int v = vec_index(k);
       if (v >= hvec) continue;
       uint32_t lo = 0, hi = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const float q = Q == kFp8 ? __fmul_rn(r[k][i], scale) : __fdiv_rn(r[k][i], scale);
+        const float q = Q == kQuantFp8 ? __fmul_rn(r[k][i], f.scale) : __fdiv_rn(r[k][i], s);
         const uint32_t c = e4m3_encode(q);
         if (i < 4) lo |= c << (8 * i); else hi |= c << (8 * (i - 4));
       }
@@ -185,27 +191,25 @@ __device__ void epilogue(const FusionArgs& a, size_t row, const Row<T>& ar) {
     }
   }
 
-  if (Q == kFp4) {
+  if (Q == kQuantNvfp4) {
     // 16-element blocks = vectors (2j, 2j+1), held by adjacent lanes (blockDim is even).
-    const float gs = *a.scale;
+    const float gs = f.scale;
     const int blocks_per_row = a.hidden / 16;
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int v = threadIdx.x + k * blockDim.x;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int v = vec_index(k);
       const bool active = v < hvec;  // every lane of the warp runs the shuffle
       float amax = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(active ? r[k][i] : 0.f));
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
       if (!active) continue;
-      const uint8_t sf = e4m3_encode(__fdiv_rn(__fmul_rn(gs, amax), 6.f));
+      const uint8_t sf = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
       const float sf_val = e4m3_decode(sf);
+      const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
       uint32_t packed = 0;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t c =
-            sf_val == 0.f ? 0u : e2m1_encode(__fdiv_rn(__fmul_rn(r[k][i], gs), sf_val));
-        packed |= c << (4 * i);
-      }
+      for (int i = 0; i < 8; ++i) packed |= e2m1_encode(__fmul_rn(r[k][i], out_scale)) << (4 * i);
       *reinterpret_cast<uint32_t*>(a.quant_out + (base + v * 8) / 2) = packed;
       if ((v & 1) == 0) {
         const size_t kb = v / 2;
@@ -216,12 +220,13 @@ __device__ void epilogue(const FusionArgs& a, size_t row, const Row<T>& ar) {
     }
   }
 
-  if (Q == kGroupFp8) {
+  if (Q == kQuantGroupFp8) {
     // A group of g elements = g/8 consecutive vectors on g/8 consecutive lanes.
     const int lanes = a.group_size / 8;
     const size_t mn = (a.tokens + 3) / 4 * 4;
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int v = threadIdx.x + k * blockDim.x;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int v = vec_index(k);
       const bool active = v < hvec;
       float amax = 0.f;
 #pragma unroll
@@ -247,150 +252,157 @@ __device__ void epilogue(const FusionArgs& a, size_t row, const Row<T>& ar) {
   }
 }
 
-// Zero the padding of a swizzled NVFP4 scale array (rows up to a multiple of 128,
-// block columns up to a multiple of 4) so it matches the reference byte for byte.
-__device__ void zero_sf_padding(const FusionArgs& a) {
-  const size_t cols = a.hidden / 16, pcols = (cols + 3) / 4 * 4;
-  const size_t rows = a.tokens, prows = (rows + 127) / 128 * 128;
+// Zero the padding of a swizzled NVFP4 scale array (rows up to a multiple of 128, block
+// columns up to a multiple of 4) so it matches the reference byte for byte: whole 4-byte
+// words in the padding rows, single bytes in the last word of the real rows.
+__device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
+  const uint32_t cols = a.hidden / 16, words = (cols + 3) / 4;
+  const uint32_t rows = (uint32_t)a.tokens, prows = (rows + 127) / 128 * 128;
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
-  for (size_t i = global_thread_id(); i < prows * pcols; i += global_thread_count()) {
-    const size_t m = i / pcols, k = i % pcols;
-    if (m >= rows || k >= cols) sf[nvfp4_swizzled_offset(m, k, a.hidden)] = 0;
+  const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
+  const uint32_t pad_words = (prows - rows) * words;
+  for (uint32_t i = tid; i < pad_words; i += stride) {
+    const uint32_t m = rows + i / words, w = i % words;
+    *reinterpret_cast<uint32_t*>(sf + nvfp4_swizzled_offset(m, 4 * w, a.hidden)) = 0u;
   }
+  const uint32_t tail = words * 4 - cols;  // padding bytes in the last word of a real row
+  for (uint32_t i = tid; i < rows * tail; i += stride)
+    sf[nvfp4_swizzled_offset(i / tail, cols + i % tail, a.hidden)] = 0;
 }
 
-template <typename T, int Q>
-__device__ void oneshot(const FusionArgs& a, const Workspace& ws) {
-  const uint32_t call = ws.state[0];
-  const int buf = call % 3;
+template <typename T, int Q, int V>
+__device__ __forceinline__ void oneshot(const FusionArgs& a) {
+  const ArWorkspace& ws = a.ws;
   const int hvec = a.hidden / 8;
-  const size_t n = a.tokens * a.hidden;
-  for (size_t i = global_thread_id(); i < a.tokens * hvec; i += global_thread_count()) {
-    const Vec16 x = Lamport<T>::canonical(contribution<T>(a, i / hvec, (int)(i % hvec)));
-    for (int r = 0; r < ws.world; ++r) {
-      const int peer = (ws.rank + r) % ws.world;
-      st_vec16_volatile(ws.lamport(peer, buf, ws.rank) + i * 16, x);
-    }
-  }
-  if (Q == kFp4 && a.swizzled) zero_sf_padding(a);
-
-  bool failed = false;
+  pdl_wait();
+  const Call call = begin_call(ws);
+  const int buf = call.index % 3;
   for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
-    Row<T> ar;
-    for (int k = 0; k < kMaxVecs && !failed; ++k) {
-      const int v = threadIdx.x + k * blockDim.x;
-      if (v >= hvec) continue;
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      if (vec_index(k) < hvec)
+        push_lamport(ws, buf, (row * hvec + vec_index(k)) * 16,
+                     Lamport<T>::canonical(contribution<T>(a, row, vec_index(k))));
+  }
+  pdl_launch_dependents();
+  const Prefetch<V> f = prefetch<T, Q, V>(a);
+  clear_previous<T>(ws, call);
+  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
+
+  const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
+  for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
+    RowVecs<V> res, ar;
+    if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, res);
+    bool failed = false;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (vec_index(k) >= hvec || failed) continue;
       float acc[8];
-      for (int s = 0; s < ws.world && !failed; ++s) {
-        Vec16 x;
-        failed = !wait_lamport<T>(ws, buf, s, (row * hvec + v) * 16, x);
-        accumulate<T>(acc, x, s == 0);
-      }
+      failed = !reduce_lamport<T>(ws, buf, (row * hvec + vec_index(k)) * 16, acc, w);
       ar.v[k] = round_pack<T>(acc);
     }
-    if (__syncthreads_or(failed)) return;
-    epilogue<T, Q>(a, row, ar);
+    if (__syncthreads_or(failed)) break;
+    epilogue<T, Q, V>(a, row, ar, res, f);
   }
-  // The grid has at most `tokens` blocks, so each block has read every peer's data.
-  clear_previous<T>(ws, call);
-  finish_call(ws, call, (uint32_t)(n * sizeof(T)));
+  end_call(ws, call, (uint32_t)(a.tokens * a.hidden * sizeof(T)));
 }
 
-template <typename T, int Q>
-__device__ void twoshot(const FusionArgs& a, const Workspace& ws) {
-  const uint32_t call = ws.state[0];
-  const uint32_t epoch = call + 1;
+template <typename T, int Q, int V>
+__device__ __forceinline__ void twoshot(const FusionArgs& a) {
+  const ArWorkspace& ws = a.ws;
   const int hvec = a.hidden / 8;
   const size_t seg = (a.tokens + ws.world - 1) / ws.world;  // rows per rank
-  if (Q == kFp4 && a.swizzled) zero_sf_padding(a);
+  const int rank = ws.rank, world = ws.world;
+  pdl_wait();
+  const Call call = begin_call(ws);
+  const uint32_t value = flag_value(call, 0);
+  const WaitContext w = wait_context(ws, config::kErrAllreduceTwoshot);
 
-  // 1. rows of segment p go to rank p's inbox, slot `rank`
-  for (int i = 1; i <= ws.world; ++i) {
-    const int peer = (ws.rank + i) % ws.world;
-    uint8_t* inbox = ws.base(peer) + ws.rs_off + (size_t)ws.rank * ws.rs_slot;
-    for (size_t j = blockIdx.x; j < seg && peer * seg + j < a.tokens; j += gridDim.x)
+  // 1. rows of segment p go to rank p's reduce-scatter inbox, slot `rank`
+  for (int q = 1; q < world; ++q) {
+    const int p = rank + q < world ? rank + q : rank + q - world;
+    uint8_t* inbox = base(ws, p) + ws.rs_off + (size_t)rank * ws.rs_slot;
+    for (size_t j = blockIdx.x; j < seg && p * seg + j < a.tokens; j += gridDim.x)
       for (int v = threadIdx.x; v < hvec; v += blockDim.x)
         st_vec16(inbox + (j * hvec + v) * 16,
-                 Lamport<T>::canonical(contribution<T>(a, peer * seg + j, v)));
+                 Lamport<T>::canonical(contribution<T>(a, p * seg + j, v)));
   }
-  if (!block_barrier(ws, 0, epoch)) return;
+  signal_peers(ws, 0, value);
+  pdl_launch_dependents();
+  const Prefetch<V> f = prefetch<T, Q, V>(a);
   clear_previous<T>(ws, call);
+  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
 
-  // 2. reduce the own segment, push each reduced row to every rank
-  for (size_t j = blockIdx.x; j < seg && ws.rank * seg + j < a.tokens; j += gridDim.x)
-    for (int v = threadIdx.x; v < hvec; v += blockDim.x) {
-      float acc[8];
-      for (int s = 0; s < ws.world; ++s)
-        accumulate<T>(acc, ld_vec16_cg(ws.base(ws.rank) + ws.rs_off + s * ws.rs_slot +
-                                       (j * hvec + v) * 16), s == 0);
-      const Vec16 r = round_pack<T>(acc);
-      for (int i = 0; i < ws.world; ++i) {
-        const int peer = (ws.rank + i) % ws.world;
-        st_vec16(ws.base(peer) + ws.ag_off + ((ws.rank * seg + j) * hvec + v) * 16, r);
+  // 2. reduce the own segment, push each reduced row to every rank's all-gather inbox
+  bool ok = wait_peers(ws, 0, value, w);
+  if (ok) {
+    const uint8_t* rs = base(ws, rank) + ws.rs_off;
+    for (size_t j = blockIdx.x; j < seg && rank * seg + j < a.tokens; j += gridDim.x)
+      for (int v = threadIdx.x; v < hvec; v += blockDim.x) {
+        float acc[8];
+        for (int s = 0; s < world; ++s)
+          accumulate<T>(acc,
+                        s == rank ? Lamport<T>::canonical(contribution<T>(a, rank * seg + j, v))
+                                  : ld_vec16_cg(rs + s * ws.rs_slot + (j * hvec + v) * 16),
+                        s == 0);
+        const Vec16 r = round_pack<T>(acc);
+        for (int i = 0; i < world; ++i)
+          st_vec16(base(ws, i) + ws.ag_off + ((rank * seg + j) * hvec + v) * 16, r);
       }
-    }
-  if (!block_barrier(ws, 1, epoch)) return;
+    signal_peers(ws, 1, value);
+    ok = wait_peers(ws, 1, value, w);
+  }
 
   // 3. every row this block index owns in any segment: epilogue from the gathered rows
-  for (int p = 0; p < ws.world; ++p)
+  const uint8_t* ag = base(ws, rank) + ws.ag_off;
+  for (int p = 0; p < world && ok; ++p)
     for (size_t j = blockIdx.x; j < seg && p * seg + j < a.tokens; j += gridDim.x) {
       const size_t row = p * seg + j;
-      Row<T> ar;
-      for (int k = 0; k < kMaxVecs; ++k) {
-        const int v = threadIdx.x + k * blockDim.x;
-        if (v < hvec) ar.v[k] = ld_vec16_cg(ws.base(ws.rank) + ws.ag_off + (row * hvec + v) * 16);
-      }
-      epilogue<T, Q>(a, row, ar);
+      RowVecs<V> res, ar;
+      if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, res);
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (vec_index(k) < hvec) ar.v[k] = ld_vec16_cg(ag + (row * hvec + vec_index(k)) * 16);
+      epilogue<T, Q, V>(a, row, ar, res, f);
     }
-  finish_call(ws, call, 0);
+  end_call(ws, call, 0);
 }
 
 // The epilogue alone on rows already reduced (by NCCL, say): residual + RMSNorm (+ quant)
 // as one kernel, no communication.
-template <typename T, int Q>
-__device__ void local(const FusionArgs& a) {
+template <typename T, int Q, int V>
+__device__ __forceinline__ void local(const FusionArgs& a) {
   const int hvec = a.hidden / 8;
-  if (Q == kFp4 && a.swizzled) zero_sf_padding(a);
+  pdl_wait();
+  const Prefetch<V> f = prefetch<T, Q, V>(a);
+  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
   for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
-    Row<T> x;
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int v = threadIdx.x + k * blockDim.x;
-      if (v < hvec) x.v[k] = ld_vec16(static_cast<const T*>(a.input) + (row * hvec + v) * 8);
-    }
-    epilogue<T, Q>(a, row, x);
+    RowVecs<V> res, x;
+    if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, res);
+    load_row<T, V>(a.input, row, hvec, x);
+    epilogue<T, Q, V>(a, row, x, res, f);
   }
 }
 
 }  // namespace
 
-#define MOECOMM_LOCAL_KERNEL(SUFFIX, T, QNAME, Q)                                     \
-  extern "C" __global__ void __launch_bounds__(kMaxThreads)                           \
-      fusion_local_##QNAME##_##SUFFIX(FusionArgs a) {                                 \
-    local<T, Q>(a);                                                                   \
-  }
-#define MOECOMM_LOCAL_QUANTS(SUFFIX, T)                         \
-  MOECOMM_LOCAL_KERNEL(SUFFIX, T, none, kNone)                  \
-  MOECOMM_LOCAL_KERNEL(SUFFIX, T, fp8, kFp8)                    \
-  MOECOMM_LOCAL_KERNEL(SUFFIX, T, fp4, kFp4)                    \
-  MOECOMM_LOCAL_KERNEL(SUFFIX, T, group_fp8, kGroupFp8)         \
-  MOECOMM_LOCAL_KERNEL(SUFFIX, T, dynamic_fp8, kDynamicFp8)
-
-MOECOMM_LOCAL_QUANTS(bf16, __nv_bfloat16)
-MOECOMM_LOCAL_QUANTS(fp16, __half)
-
-#define MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, QNAME, Q)                                  \
+#define MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, QNAME, Q, V)                                \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                \
-      fusion_##ALGO##_##QNAME##_##SUFFIX(FusionArgs a, MOECOMM_AR_ARGS) {                  \
-    ALGO<T, Q>(a, MOECOMM_AR_WS);                                                         \
+      fusion_##ALGO##_##QNAME##_##SUFFIX##_v##V(const FusionArgs a) {                      \
+    ALGO<T, Q, V>(a);                                                                      \
   }
-#define MOECOMM_FUSION_QUANTS(ALGO, SUFFIX, T)                   \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, none, kNone)            \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, fp8, kFp8)              \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, fp4, kFp4)              \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, group_fp8, kGroupFp8)   \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, dynamic_fp8, kDynamicFp8)
+#define MOECOMM_FUSION_QUANTS(ALGO, SUFFIX, T, V)                          \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, none, kQuantNone, V)              \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, fp8, kQuantFp8, V)                \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, nvfp4, kQuantNvfp4, V)            \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, group_fp8, kQuantGroupFp8, V)     \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, dynamic_fp8, kQuantDynamicFp8, V)
+#define MOECOMM_FUSION_ALGOS(SUFFIX, T, V)     \
+  MOECOMM_FUSION_QUANTS(oneshot, SUFFIX, T, V) \
+  MOECOMM_FUSION_QUANTS(twoshot, SUFFIX, T, V) \
+  MOECOMM_FUSION_QUANTS(local, SUFFIX, T, V)
 
-MOECOMM_FUSION_QUANTS(oneshot, bf16, __nv_bfloat16)
-MOECOMM_FUSION_QUANTS(oneshot, fp16, __half)
-MOECOMM_FUSION_QUANTS(twoshot, bf16, __nv_bfloat16)
-MOECOMM_FUSION_QUANTS(twoshot, fp16, __half)
+MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, 1)
+MOECOMM_FUSION_ALGOS(fp16, __half, 1)
+MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, 2)
+MOECOMM_FUSION_ALGOS(fp16, __half, 2)

@@ -1,53 +1,50 @@
-"""Custom all-reduce over CUDA IPC: Lamport one-shot, two-shot, and the NCCL path.
+"""Custom all-reduce over CUDA IPC: Lamport one-shot, pipelined two-shot, and NCCL.
 
 ``all_reduce(x, workspace)`` sums ``x`` (bf16, fp16 or fp32, any shape, any element
 count) over the workspace's group. Every rank gets bitwise the same result whatever the
 algorithm: peers are summed in rank order in fp32 and rounded once (an input -0.0 counts
 as +0.0, the Lamport sentinel).
 
-- one-shot: each rank writes its whole input into its slot of every peer's Lamport
+- one-shot: each rank writes its whole input into its slot of every rank's Lamport
   buffer; readers spin until no -0.0 sentinel is left and sum. One kernel, no barrier;
   three rotating buffers and a device-side call counter keep it graph-capturable.
   Moves ``(world-1) * bytes`` per rank over NVLink: best for small messages.
-- two-shot: reduce-scatter then all-gather through the workspace with block-level flag
-  barriers; ``2 * (world-1)/world * bytes`` per rank: best for large messages.
+- two-shot: reduce-scatter then all-gather through the workspace, pipelined in chunks
+  with per-block flags; ``2 * (world-1)/world * bytes`` per rank: best for large messages.
 - nccl: ``NcclCommunicator.all_reduce``; the only path when the group spans nodes.
 
-``auto`` takes one-shot up to ``oneshot_max_bytes(world)`` and two-shot above. The
-crossovers in ``ONESHOT_MAX_BYTES`` come from the byte model above and the Lamport
-polling cost; ``python -m moecomm.bench allreduce`` measures the real ones on a host.
+``auto`` takes one-shot up to ``AllReduceConfig.oneshot_max_bytes`` (default: the measured
+table of ``moecomm.tuning``) and two-shot above. Kernels are launched with programmatic
+dependent launch (``AllReduceConfig.pdl``), so back-to-back calls overlap their launch.
+Protocol and memory layout: ``kernels_cu/allreduce.cuh``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import warnings
+from dataclasses import dataclass
 
 import cupy
 import numpy as np
 
-from . import kernels
-from .errors import ErrorWord, timeout_ns
 from . import group as _group
+from . import kernels, tuning
+from .constants import AR_LAMPORT_BUFFERS, AR_MAX_BLOCKS, AR_MAX_RANKS, REGION_ALIGN
+from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
+from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
+from .launch import Launcher
+from .op import Op, group_sms, int_at_least, out_array, require_aligned, round_up
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, as_array, as_stream, bfloat16, dtype_name, stream_handle
 
-MAX_BLOCKS = 256  # MOECOMM_AR_MAX_BLOCKS in allreduce.cu
-MAX_RANKS = 16    # MOECOMM_AR_MAX_RANKS
-ONESHOT_BLOCK = 256
-TWOSHOT_BLOCK = 512
-# Largest message (bytes) that "auto" sends one-shot, by world size.
-ONESHOT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
 _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", bfloat16: "bf16"}
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
-_CODES = {1: "all_reduce (one-shot)", 2: "all_reduce (two-shot)"}
-# ctypes of MOECOMM_AR_ARGS (allreduce.cuh), the order of AllReduceWorkspace.kernel_args.
-WORKSPACE_ARGTYPES = (ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64,
-                      ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
-                      ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64)
+_STATE_WORDS = 8       # kStateWords in allreduce.cuh
+_MAX_CHUNKS = 4095     # chunks of one block per call (kFlagChunkBits in allreduce.cuh)
+_FLAG_BYTES = 2 * AR_MAX_BLOCKS * AR_MAX_RANKS * 4
 
 
 class Algorithm(str, enum.Enum):
@@ -57,23 +54,67 @@ class Algorithm(str, enum.Enum):
     NCCL = "nccl"
 
 
-# Algorithm members and their string values (equal hashes) -> member, without Enum lookup.
-_ALGORITHMS = {a.value: a for a in Algorithm}
+_ALGORITHMS = {a.value: a for a in Algorithm}  # value -> member, cheaper than Enum lookup
 
 
-def oneshot_max_bytes(world: int) -> int:
-    """The "auto" crossover for a group of ``world`` ranks."""
-    for size in sorted(ONESHOT_MAX_BYTES):
-        if world <= size:
-            return ONESHOT_MAX_BYTES[size]
-    return ONESHOT_MAX_BYTES[max(ONESHOT_MAX_BYTES)]
+@dataclass(frozen=True)
+class AllReduceConfig:
+    """Launch configuration of ``all_reduce`` (checked at construction).
+
+    oneshot_threads / oneshot_blocks_per_sm: block size and most blocks per SM of the
+        one-shot kernel (each thread takes one 16-byte vector until the grid is full).
+    twoshot_threads / twoshot_blocks_per_sm: the same for two-shot.
+    twoshot_chunk_bytes: most bytes a two-shot block moves per pipelined chunk (smaller
+        chunks are used when that leaves blocks idle).
+    oneshot_max_bytes: the ``auto`` crossover; None: ``tuning.ALLREDUCE_ONESHOT_MAX_BYTES``
+        for the group's size.
+    pdl: launch with programmatic dependent launch.
+    """
+
+    oneshot_threads: int = 256
+    oneshot_blocks_per_sm: int = 2
+    twoshot_threads: int = 512
+    twoshot_blocks_per_sm: int = 1
+    twoshot_chunk_bytes: int = 64 << 10
+    oneshot_max_bytes: int | None = None
+    pdl: bool = True
+
+    def __post_init__(self):
+        for name in ("oneshot_threads", "twoshot_threads"):
+            threads = int_at_least(f"AllReduceConfig.{name}", getattr(self, name), 32)
+            if threads % 32 or threads > (1024 if name == "oneshot_threads" else 512):
+                raise ValueError(f"AllReduceConfig.{name}={threads}: a multiple of 32, at most "
+                                 f"{1024 if name == 'oneshot_threads' else 512}")
+        int_at_least("AllReduceConfig.oneshot_blocks_per_sm", self.oneshot_blocks_per_sm)
+        int_at_least("AllReduceConfig.twoshot_blocks_per_sm", self.twoshot_blocks_per_sm)
+        chunk = int_at_least("AllReduceConfig.twoshot_chunk_bytes", self.twoshot_chunk_bytes)
+        if chunk % (16 * self.twoshot_threads):
+            raise ValueError(f"AllReduceConfig.twoshot_chunk_bytes={chunk}: a multiple of 16 "
+                             f"bytes x twoshot_threads={self.twoshot_threads}")
+        if self.oneshot_max_bytes is not None:
+            int_at_least("AllReduceConfig.oneshot_max_bytes", self.oneshot_max_bytes, 0)
+
+    def crossover(self, world: int) -> int:
+        if self.oneshot_max_bytes is not None:
+            return self.oneshot_max_bytes
+        return tuning.lookup(tuning.ALLREDUCE_ONESHOT_MAX_BYTES, world)
+
+    def oneshot_grid(self, nvec: int, sms: int) -> tuple[int, int]:
+        """(blocks, threads) of a one-shot call over ``nvec`` 16-byte vectors."""
+        threads = min(self.oneshot_threads, round_up(nvec, 32))
+        return max(1, min(-(-nvec // threads), sms * self.oneshot_blocks_per_sm)), threads
+
+    def twoshot_grid(self, nvec: int, world: int, sms: int) -> tuple[int, int, int]:
+        """(blocks, threads, chunk vectors) of a two-shot call over ``nvec`` vectors."""
+        threads = self.twoshot_threads
+        seg = -(-nvec // world)
+        most = min(sms * self.twoshot_blocks_per_sm, AR_MAX_BLOCKS)
+        chunk = min(self.twoshot_chunk_bytes // 16, round_up(-(-seg // most), threads))
+        chunk = max(chunk, round_up(-(-seg // (most * _MAX_CHUNKS)), threads))
+        return max(1, min(most, -(-seg // chunk))), threads, chunk
 
 
-def _round16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
-class AllReduceWorkspace:
+class AllReduceWorkspace(Op):
     """Buffers, flags and counters of ``all_reduce`` for one group and one dtype.
 
     Args:
@@ -82,109 +123,108 @@ class AllReduceWorkspace:
         max_bytes: largest message, in bytes.
         dtype: element type of every message (bf16, fp16, fp32); the Lamport sentinel
             depends on it.
-        max_oneshot_bytes: size of the Lamport buffers (default ``min(max_bytes,
-            oneshot_max_bytes(world))``); one-shot calls above it are refused.
+        max_oneshot_bytes: bytes of one Lamport slot (default ``min(max_bytes, the auto
+            crossover)``); one-shot calls above it are refused.
         timeout_s: how long a kernel waits for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
-        segment_bytes: two-shot inbox size per peer (default ``max_bytes / world``; the
+        segment_bytes: two-shot inbox bytes per peer (default ``max_bytes / world``; the
             fused all-reduce splits by whole rows and needs ``ceil(rows / world)`` rows).
+        config: ``AllReduceConfig`` (launch sizes, crossover, PDL).
 
-    Memory per rank: ``3 * world * max_oneshot_bytes + 2 * max_bytes`` plus 32 KiB of
+    Memory per rank: ``3 * world * max_oneshot_bytes + 2 * max_bytes`` plus 128 KiB of
     flags. Creation and ``close()`` are collective. If the buffers cannot be shared (CUDA
     IPC refused on some rank), the workspace warns and serves every call through NCCL.
     """
 
+    name = "AllReduceWorkspace"
+
     def __init__(self, group: ProcessGroup | None, max_bytes: int, dtype, *,
                  max_oneshot_bytes: int | None = None, timeout_s: float | None = None,
-                 segment_bytes: int | None = None):
+                 segment_bytes: int | None = None, config: AllReduceConfig | None = None):
         self.group = default_group() if group is None else group
         self.dtype = np.dtype(dtype)
         if self.dtype not in _SUFFIX:
             raise TypeError(f"dtype {self.dtype.name} is not supported, expected bfloat16, "
                             "float16 or float32")
-        self.max_bytes = int(max_bytes)
-        if self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self.world = self.group.size
-        self.rank = self.group.rank
+        self.max_bytes = int_at_least("max_bytes", max_bytes)
+        self.config = AllReduceConfig() if config is None else config
+        if not isinstance(self.config, AllReduceConfig):
+            raise TypeError(f"config: expected an AllReduceConfig, got {type(config).__name__}")
+        self.world, self.rank = self.group.size, self.group.rank
         self.timeout_ns = timeout_ns(timeout_s)
         self.ipc = not self.group.spans_nodes
-        if self.ipc and self.world > MAX_RANKS:
-            raise ValueError(f"group of {self.world} ranks exceeds the {MAX_RANKS} supported")
+        if self.ipc and self.world > AR_MAX_RANKS:
+            raise ValueError(f"group of {self.world} ranks exceeds the {AR_MAX_RANKS} supported")
         self._nccl = None
-        self._closed = False
         self.buffer = None
-        if not self.ipc:
-            self.max_oneshot_bytes = 0
-            return
+        self.max_oneshot_bytes = 0
+        if self.ipc:
+            self._make(max_oneshot_bytes, segment_bytes)
+        self._open(self.error)
 
-        default_oneshot = min(self.max_bytes, oneshot_max_bytes(self.world))
-        self.max_oneshot_bytes = _round16(
-            default_oneshot if max_oneshot_bytes is None else int(max_oneshot_bytes))
-        lamport_slot = self.max_oneshot_bytes
-        self._auto_limit = min(self.max_oneshot_bytes, oneshot_max_bytes(self.world))
-        rs_slot = _round16(segment_bytes if segment_bytes is not None
-                           else -(-_round16(self.max_bytes) // self.world))
-        self.flag_off = 0
-        self.lamport_off = 2 * MAX_BLOCKS * MAX_RANKS * 4
-        self.rs_off = self.lamport_off + 3 * self.world * lamport_slot
-        self.ag_off = self.rs_off + self.world * rs_slot
-        total = self.ag_off + _round16(self.max_bytes)
-        self.lamport_slot, self.rs_slot = lamport_slot, rs_slot
-
+    def _make(self, max_oneshot_bytes, segment_bytes) -> None:
+        crossover = self.config.crossover(self.world)
+        slot = round_up(min(self.max_bytes, crossover) if max_oneshot_bytes is None
+                        else int_at_least("max_oneshot_bytes", max_oneshot_bytes, 0), 16)
+        rs_slot = round_up(segment_bytes if segment_bytes is not None
+                           else -(-round_up(self.max_bytes, 16) // self.world), 16)
+        lamport_off = round_up(_FLAG_BYTES, REGION_ALIGN)
+        rs_off = round_up(lamport_off + AR_LAMPORT_BUFFERS * self.world * slot, REGION_ALIGN)
+        ag_off = round_up(rs_off + self.world * rs_slot, REGION_ALIGN)
+        total = ag_off + round_up(self.max_bytes, REGION_ALIGN)
         try:
             self.buffer = SymmetricBuffer(self.group, total)
         except RuntimeError as exc:  # raised on every rank alike: fall back together
             warnings.warn(f"CUDA IPC is unavailable ({exc}); all_reduce goes through NCCL",
-                          RuntimeWarning, stacklevel=2)
-            self.ipc, self.max_oneshot_bytes = False, 0
+                          RuntimeWarning, stacklevel=3)
+            self.ipc = False
             return
-        self.state = cupy.zeros(8, np.uint32)
-        self.error = ErrorWord(self.group.local_comm.allgather(self.rank), _CODES)
+        self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
+        self.sms = group_sms(self.group)
+        self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+        self.error = ErrorWord(self.group.local_comm.allgather(self.rank))
+        # The workspace as kernels see it; copied into every launcher's argument struct.
+        self.kernel_workspace = ArWorkspace(
+            state=self.state.data.ptr, error_word=self.error.ptr, timeout_ns=self.timeout_ns,
+            lamport_off=lamport_off, lamport_slot=slot, rs_off=rs_off, rs_slot=rs_slot,
+            ag_off=ag_off, flag_off=0, rank=self.group.local_rank, world=self.world)
+        self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
         suffix = _SUFFIX[self.dtype]
-        # The workspace's kernel parameters (MOECOMM_AR_ARGS in allreduce.cuh), which every
-        # all-reduce kernel takes after its own.
-        self.kernel_args = [self.buffer.peer_ptrs.data.ptr, self.rank, self.world,
-                            self.lamport_off, lamport_slot, self.rs_off, rs_slot, self.ag_off,
-                            self.flag_off, self.state.data.ptr, self.error.ptr, self.timeout_ns]
-        ptr, u64 = ctypes.c_void_p, ctypes.c_uint64
         self._launchers = {}
         for algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
-            launcher = kernels.Launcher(
-                kernels.get_kernel("allreduce.cu", f"allreduce_{algo.value}_{suffix}"),
-                [ptr, ptr, u64, *WORKSPACE_ARGTYPES])
-            launcher.set_all([0, 0, 0, *self.kernel_args])
+            launcher = Launcher(kernels.get_kernel("allreduce.cu", f"allreduce_{algo.value}_{suffix}"),
+                                AllReduceArgs, pdl=self.config.pdl)
+            launcher.args.ws = self.kernel_workspace
             self._launchers[algo] = launcher
-        fill = kernels.get_kernel("allreduce.cu", "lamport_fill")
-        lamport_bytes = 3 * self.world * lamport_slot
+        lamport_bytes = AR_LAMPORT_BUFFERS * self.world * slot
         if lamport_bytes:
-            fill((256,), (256,), (np.uint64(self.buffer.ptr + self.lamport_off),
-                                  np.uint64(lamport_bytes), np.uint32(_SENTINEL[self.dtype])))
+            fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
+            fill.args.dst, fill.args.nbytes = self.buffer.ptr + lamport_off, lamport_bytes
+            fill.args.word = _SENTINEL[self.dtype]
+            fill(min(self.sms * 4, -(-lamport_bytes // (16 * 256))), 256, 0)
         cupy.cuda.runtime.deviceSynchronize()
         self.group.barrier()  # every sentinel is in place before any peer writes
-        self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
 
     # ------------------------------------------------------------------------------------
     def choose(self, nbytes: int, algorithm: Algorithm | str = Algorithm.AUTO) -> Algorithm:
         """The algorithm a message of ``nbytes`` takes; raises if it cannot be served."""
-        algorithm_name = algorithm
-        algorithm = _ALGORITHMS.get(algorithm)
-        if algorithm is None:
-            raise ValueError(f"{algorithm_name!r} is not a valid Algorithm: choose from "
+        algo = _ALGORITHMS.get(algorithm)
+        if algo is None:
+            raise ValueError(f"{algorithm!r} is not a valid Algorithm: choose from "
                              f"{[a.value for a in Algorithm]}")
         if nbytes > self.max_bytes:
             raise ValueError(f"message of {nbytes} bytes exceeds the workspace's max_bytes "
                              f"{self.max_bytes}")
         if not self.ipc:
-            if algorithm in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
-                raise ValueError(f"{algorithm.value} needs CUDA IPC, but the group spans "
+            if algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
+                raise ValueError(f"{algo.value} needs CUDA IPC, but the group spans "
                                  f"{self.group.num_nodes} nodes")
             return Algorithm.NCCL
-        if algorithm == Algorithm.AUTO:
-            algorithm = Algorithm.ONESHOT if nbytes <= self._auto_limit else Algorithm.TWOSHOT
-        if algorithm == Algorithm.ONESHOT and nbytes > self.max_oneshot_bytes:
+        if algo == Algorithm.AUTO:
+            return Algorithm.ONESHOT if nbytes <= self._auto_limit else Algorithm.TWOSHOT
+        if algo == Algorithm.ONESHOT and nbytes > self.max_oneshot_bytes:
             raise ValueError(f"one-shot message of {nbytes} bytes exceeds the workspace's "
                              f"max_oneshot_bytes {self.max_oneshot_bytes}")
-        return algorithm
+        return algo
 
     @property
     def nccl(self):
@@ -197,48 +237,33 @@ class AllReduceWorkspace:
 
     def check(self, stream=None) -> None:
         """Wait for ``stream`` and raise ``PeerTimeoutError`` if a peer never arrived."""
-        if self.ipc:
-            self.error.check(as_stream(stream), synchronize=True)
+        self.check_error(stream, synchronize=True)
 
-    def _launch(self, x: cupy.ndarray, out: cupy.ndarray, algorithm: Algorithm,
-                stream_ptr: int) -> None:
+    def launch(self, x: cupy.ndarray, out: cupy.ndarray, algorithm: Algorithm,
+               stream_ptr: int) -> None:
+        """Launch the ``algorithm`` kernel on validated arrays (``all_reduce`` checks)."""
         n = x.size
-        nvec = -(-n // (16 // self.dtype.itemsize))
-        if algorithm == Algorithm.ONESHOT:
-            # every block must own at least one vector (see oneshot in allreduce.cu)
-            block = ONESHOT_BLOCK
-            grid = min(self._sms, -(-nvec // block))
-        else:
-            block = TWOSHOT_BLOCK
-            grid = min(self._sms, MAX_BLOCKS, max(1, -(-nvec // (self.world * block))))
+        nvec = -(-x.nbytes // 16)
         launcher = self._launchers[algorithm]
-        launcher.set(0, x.data.ptr)
-        launcher.set(1, out.data.ptr)
-        launcher.set(2, n)
+        args = launcher.args
+        args.in_, args.out, args.n = x.data.ptr, out.data.ptr, n
+        if algorithm == Algorithm.ONESHOT:
+            grid, block = self.config.oneshot_grid(nvec, self.sms)
+        else:
+            grid, block, args.chunk_vecs = self.config.twoshot_grid(nvec, self.world, self.sms)
         launcher(grid, block, stream_ptr)
 
-    def close(self) -> None:
-        """Collective: free the buffers and the NCCL communicator."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         if self._nccl is not None:
             self._nccl.close()
         if self.buffer is not None:
             self.buffer.close()
-            self.error.close()
             self.state = None
-
-    def __enter__(self) -> "AllReduceWorkspace":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"AllReduceWorkspace(world={self.world}, dtype={self.dtype.name}, "
                 f"max_bytes={self.max_bytes}, max_oneshot_bytes={self.max_oneshot_bytes}, "
-                f"ipc={self.ipc})")
+                f"ipc={self.ipc}, {self.phase.value})")
 
 
 def create_allreduce_workspace(group: ProcessGroup | None = None, max_bytes: int | None = None,
@@ -265,8 +290,7 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
         stream: where the op runs (see ``moecomm.tensors``).
     """
     ws = workspace
-    if ws._closed:
-        raise RuntimeError("the workspace is closed")
+    ws.usable("all_reduce")
     x = as_array(x, "x", dtype=FLOAT_DTYPES, stream=stream)
     if x.dtype != ws.dtype:
         raise TypeError(f"x: dtype {x.dtype.name} does not match the workspace's "
@@ -275,16 +299,11 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
     if _group.DEBUG:
         ws.group.check_uniform("all_reduce arguments (shape, dtype, algorithm)",
                                (x.shape, x.dtype.name, algo.value))
-    if out is None:
-        out = cupy.empty_like(x)
-    else:
-        out = as_array(out, "out", dtype=x.dtype, shape=x.shape, stream=stream)
+    out = out_array(out, "out", x.shape, x.dtype, stream, alignment=1)
     if algo == Algorithm.NCCL:
         return ws.nccl.all_reduce(x, out, stream=stream)
-    for name, arr in (("x", x), ("out", out)):
-        if arr.data.ptr % 16:
-            raise ValueError(f"{name}: data must be 16-byte aligned (address 0x{arr.data.ptr:x})")
-    ws.error.check()
+    require_aligned("x", x)
+    require_aligned("out", out)
     if x.size:
-        ws._launch(x, out, algo, stream_handle(stream))
+        ws.launch(x, out, algo, stream_handle(stream))
     return out

@@ -2,11 +2,13 @@
 
 Kernels that wait for peers give up after ``timeout_s`` and record, with ``atomicCAS`` on
 a 32-bit word, ``(op code << 16) | (1 + local rank of the peer that never arrived)``
-(``record_timeout`` in ``kernels_cu/common.cuh``). The word lives in pinned, mapped host
-memory, so the host reads it without synchronising the GPU: ops check it before every
-launch (a few hundred nanoseconds), and ``ErrorWord.check(synchronize=True)`` waits for
-the stream first. A workspace whose word is set is unusable (peers are out of step): the
-caller closes it and makes a new one.
+(``record_timeout`` in ``kernels_cu/common.cuh``; codes: ``constants.ErrorCode``). The word
+lives in pinned, mapped host memory, so the host reads it without synchronising the GPU:
+ops check it before every launch (a few hundred nanoseconds), and
+``ErrorWord.check(synchronize=True)`` waits for the stream first. Kernels only write it;
+their waiters poll a device-side abort word instead (host reads from thousands of
+spinning warps would stall the GPU). A workspace whose word is set is unusable (peers
+are out of step): the caller closes it and makes a new one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import ctypes
 import os
 
 from cupy.cuda import runtime
+
+from .constants import ErrorCode
 
 TIMEOUT_ENV = "MOECOMM_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
@@ -42,16 +46,14 @@ class ErrorWord:
 
     Args:
         local_to_global: the group rank of each local rank, for the error message.
-        codes: op code -> the op's name, for the error message.
     """
 
-    def __init__(self, local_to_global: list[int], codes: dict[int, str]):
+    def __init__(self, local_to_global: list[int]):
         # cudaHostAllocMapped; with unified addressing the device uses the same pointer.
         self.ptr = runtime.hostAlloc(4, 2)
         self._word = ctypes.c_uint32.from_address(self.ptr)
         self._word.value = 0
         self._ranks = list(local_to_global)
-        self._codes = dict(codes)
 
     @property
     def value(self) -> int:
@@ -68,7 +70,8 @@ class ErrorWord:
         word = self._word.value
         if word:
             local = (word & 0xFFFF) - 1
-            op = self._codes.get(word >> 16, f"op {word >> 16}")
+            code = word >> 16
+            op = ErrorCode(code).op if code in ErrorCode._value2member_map_ else f"op {code}"
             rank = self._ranks[local] if 0 <= local < len(self._ranks) else local
             raise PeerTimeoutError(
                 f"{op}: rank {rank} never arrived within the timeout; this workspace is out "
