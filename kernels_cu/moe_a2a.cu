@@ -1,24 +1,30 @@
 // MoE all-to-all, static layout (MoeAlltoAll): dispatch, combine, sanitize.
 //
 // Every rank owns one SymmetricBuffer (the workspace), laid out by moecomm/moe/alltoall.py:
-//   [0, 1024)            header: dispatch_flag u32[32] at 0, combine_flag u32[32] at 128,
-//                        recv_count i32[32] at 256; entry s is written by rank s
-//   recv_off[p] ...      payload p's receive tensor [ep, runtime_max, row_bytes[p]]
-//   scale_off ...        with FP8 dispatch: the scales [ep, runtime_max, scale_row_bytes]
-//   region_off ...       the combine payload [ep, runtime_max, row_bytes] (after the above)
-// and local (not shared) memory: send_slot i32[T, ep] (token t's row in block `rank` of
-// rank r's receive tensors, -1 if t does not go to r), recv_counts i32[ep] (rows received
-// from each source by the last dispatch) and state u32[8] (counters, kState* below).
+//   [0, A2A_HEADER_BYTES)  header: dispatch_count u32[32] at 0, combine_count u32[32] at
+//                          128, recv_count i32[32] at 256; entry s is written by rank s
+//   recv_off[p] ...        payload p's receive tensor [ep, runtime_max, row_bytes[p]]
+//   scale_off ...          with FP8 dispatch: the scales [ep, runtime_max, scale_row_bytes]
+//   region_off ...         the combine region [ep, runtime_max, row_bytes] (after the above)
+// and local memory: send_slot i32[T, ep] (token t's row in block `rank` of rank r's
+// receive tensors, -1 if t does not go to r), recv_counts i32[ep] (rows received from each
+// source by the last dispatch) and state u32[8] (kState* below).
 //
-// Dispatch (one kernel). Block b owns tokens [b*chunk, (b+1)*chunk). It counts, per target
-// rank, the routed tokens before its chunk and in total (a ballot scan over all T tokens);
+// Both kernels run on a grid that is the same on every rank (the host derives it from
+// runtime_max and the SM budget), and every block of every rank adds 1 to a counter in
+// each peer's header once its writes are done (fence, then a system-scope release add).
+// A rank's counter from source s thus grows by the grid size per call; the expected
+// value lives in local state (kStateDispatchSeen / kStateCombineSeen), so counters are
+// never reset and never raced.
+//
+// Dispatch. Block b owns tokens [b*chunk, (b+1)*chunk). It counts, per target rank, the
+// routed tokens before its chunk and in total (a ballot scan over the tokens before it);
 // warp 0 then gives each chunk token its slot per target (running prefix, source order)
 // and the block writes the token's payload rows straight into each target's receive
 // tensors (16-byte stores when rows and pointers allow, else 4-byte words), sanitising the
 // id payload per target on the way. Block 0 writes this rank's counts into every target's
-// header; all blocks pad the id rows past the count with the invalid id. The last block
-// to finish releases dispatch_flag[rank] = epoch on every target, then waits (bounded)
-// until every source's flag on this rank reached the epoch and copies the counts out.
+// header; all blocks pad the id rows past the count with the invalid id, then signal.
+// Block 0 waits (bounded) until every source's blocks have signalled and copies the counts.
 //
 // FP8 dispatch (kernel moe_a2a_dispatch_fp8, the same steps): payload quant_payload is
 // bf16 [T, H], H % 128 == 0. The block quantizes each of its tokens once, in registers,
@@ -28,99 +34,38 @@
 // per int32 (group 4j+i in byte i, unused bytes 0), the latter bit-exact with
 // moecomm.reference.quant_fp8_per_token_group (formulas at quant_rows).
 //
-// Combine (one kernel, all blocks co-resident: the host sizes the grid to the SM count).
-// Unless the payload already is the workspace's combine region, each rank first copies
-// its valid rows (recv_counts[s] of block s) into that region; the last block then
-// releases combine_flag[rank] on every peer. Every block waits for all peers' flags and
-// pulls, for each of its tokens, the row of every target rank r (ascending r) from r's
-// combine region at [rank, send_slot[t, r]], summing in fp32 from +0, rounding once.
+// Combine. Unless the payload already is the workspace's combine region, each rank first
+// copies its valid rows (recv_counts[s] of block s) into that region; every block then
+// signals. Every block waits for all peers' signals and pulls, for each of its tokens, the
+// row of every target rank r (ascending r) from r's combine region at [rank, send_slot[t,
+// r]], summing in fp32 from +0, rounding once.
 //
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
-// tensors only after its own combine k saw every peer's combine_flag k, i.e. after every
-// peer finished reading its own receive tensors for call k; a rank rewrites its combine
-// region only after its dispatch k+1 completed, i.e. after every peer finished combine k
-// (a peer sends dispatch k+1 only after its combine k). dispatch and combine must alternate.
-#include "common.cuh"
+// tensors only after its own combine k saw every peer's combine signals k, i.e. after
+// every peer finished reading its own receive tensors for call k (staging happens before
+// the signal); a rank rewrites its combine region only after its dispatch k+1 completed,
+// i.e. after every peer finished combine k (a peer sends dispatch k+1 only after its
+// combine k). dispatch and combine must alternate.
+#include "args.cuh"
 #include "quant.cuh"
 
 using namespace moecomm;
 
-#define MOECOMM_A2A_MAX_RANKS 32
-#define MOECOMM_A2A_MAX_PAYLOADS 8
-#define MOECOMM_A2A_CODE_DISPATCH 16u
-#define MOECOMM_A2A_CODE_COMBINE 17u
-
 namespace {
 
-constexpr int kMaxRanks = MOECOMM_A2A_MAX_RANKS;
+constexpr int kMaxRanks = config::kA2aMaxRanks;
 constexpr int kSub = 32;  // tokens a block assigns slots to (warp 0) before copying them
 
 // Header byte offsets in every rank's workspace.
-constexpr size_t kDispatchFlagOff = 0;
-constexpr size_t kCombineFlagOff = 128;
+constexpr size_t kDispatchCountOff = 0;
+constexpr size_t kCombineCountOff = 128;
 constexpr size_t kRecvCountOff = 256;
 
 // Local state words.
-constexpr int kStateDispatchEpoch = 0;
-constexpr int kStateDispatchDone = 1;
-constexpr int kStateCombineEpoch = 2;
-constexpr int kStateCombineDone = 3;
-
-}  // namespace
-
-// Kernel arguments, passed by value. Every field is 8 bytes, one per line: the NumPy
-// mirror in moecomm/moe/alltoall.py (_DISPATCH_FIELDS / _COMBINE_FIELDS) lists the same
-// names in the same order, and tests/cpu/test_moe_a2a_sizing.py checks that it does.
-struct DispatchParams {
-  const uint64_t* peers;        // [ep] workspace base of every rank
-  const int32_t* experts;       // [T, top_k] token_selected_experts
-  int32_t* send_slot;           // [T, ep] local, written here
-  int32_t* recv_counts;         // [ep] local, written here
-  uint32_t* state;              // [8] local counters
-  uint32_t* error_word;         // mapped host word (errors.ErrorWord)
-  uint64_t timeout_ns;          // 0 = wait forever
-  int64_t num_tokens;           // T
-  int64_t top_k;
-  int64_t num_experts;
-  int64_t experts_per_rank;
-  int64_t ep_size;
-  int64_t rank;
-  int64_t runtime_max;          // rows per source block in the receive tensors
-  int64_t num_payloads;
-  int64_t id_payload;           // payload to sanitise per target, or -1
-  int64_t invalid_id;
-  int64_t quant_payload;        // payload quantized to fp8 on the way (bf16 in), or -1
-  int64_t scale_format;         // 0: fp32 scales, 1: UE8M0 packed four per int32
-  int64_t scale_row_bytes;      // bytes of one token's scales
-  int64_t scale_off;            // workspace offset of the scales [ep, runtime_max, ...]
-  uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];        // payload p: [T, row_bytes[p]] input
-  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS];  // bytes per token received (fp8: H)
-  uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];   // receive tensor's workspace offset
-};
-
-struct CombineParams {
-  const uint64_t* peers;        // [ep] workspace base of every rank
-  const uint8_t* payload;       // [ep, runtime_max, row_bytes] this rank's expert output
-  uint8_t* out;                 // [T, row_bytes]
-  const int32_t* send_slot;     // [T, ep] from the last dispatch
-  const int32_t* recv_counts;   // [ep] from the last dispatch
-  uint32_t* state;              // [8] local counters
-  uint32_t* error_word;
-  uint64_t timeout_ns;
-  int64_t num_tokens;           // T of the last dispatch
-  int64_t ep_size;
-  int64_t rank;
-  int64_t runtime_max;
-  int64_t row_bytes;            // a multiple of 16
-  int64_t region_off;           // workspace offset of the combine region
-  int64_t stage;                // 1: copy payload into the region first
-};
-
-static_assert(sizeof(DispatchParams) == 8 * (21 + 3 * MOECOMM_A2A_MAX_PAYLOADS),
-              "DispatchParams must be all 8-byte fields");
-static_assert(sizeof(CombineParams) == 8 * 15, "CombineParams must be all 8-byte fields");
-
-namespace {
+constexpr int kStateDispatchSeen = 0;  // dispatch signals expected from each source so far
+constexpr int kStateCombineSeen = 1;   // combine signals likewise
+constexpr int kStateArrived = 2;       // blocks of the running kernel that read the above
+constexpr int kStateAbort = 3;         // raised by a wait that gave up (common.cuh)
 
 // ---------------------------------------------------------------- word access
 // A row is moved as 16-byte vectors or, when its size or address is not a multiple of
@@ -154,17 +99,17 @@ struct Word<Vec16> {
   }
 };
 
-__device__ __forceinline__ uint8_t* peer_base(const uint64_t* s_peer, int r) {
-  return reinterpret_cast<uint8_t*>(s_peer[r]);
+__device__ __forceinline__ uint8_t* peer_base(const A2aWorkspace& ws, int r) {
+  return reinterpret_cast<uint8_t*>(ws.peers[r]);
 }
 
 // Bit r set: token t has a valid expert on rank r.
-__device__ __forceinline__ uint32_t route_mask(const DispatchParams& p, int64_t t) {
+__device__ __forceinline__ uint32_t route_mask(const DispatchArgs& p, int64_t t) {
   const int32_t* e = p.experts + t * p.top_k;
-  const int num_experts = (int)p.num_experts;
-  const int epr = (int)p.experts_per_rank;
+  const int num_experts = p.num_experts;
+  const int epr = p.experts_per_rank;
   uint32_t m = 0;
-  for (int k = 0; k < (int)p.top_k; ++k) {
+  for (int k = 0; k < p.top_k; ++k) {
     const int x = e[k];
     if (x >= 0 && x < num_experts) m |= 1u << (x / epr);
   }
@@ -174,13 +119,13 @@ __device__ __forceinline__ uint32_t route_mask(const DispatchParams& p, int64_t 
 // Copy the rows of n tokens (local indices 0..n-1, slots in s_slot) of one payload to
 // every target, 4 words in flight per thread.
 template <typename W>
-__device__ void copy_rows(const DispatchParams& p, const uint64_t* s_peer,
+__device__ void copy_rows(const DispatchArgs& p,
                           const int32_t (*s_slot)[kMaxRanks], const uint8_t* src, int64_t row,
                           size_t dst_off, int n, bool sanitize) {
   constexpr int kUnroll = 4;
-  const int ep = (int)p.ep_size;
-  const int rank = (int)p.rank;
-  const int epr = (int)p.experts_per_rank;
+  const int ep = p.ws.ep_size;
+  const int rank = p.ws.rank;
+  const int epr = p.experts_per_rank;
   const uint32_t bad = (uint32_t)(int32_t)p.invalid_id;
   const int per_row = (int)(row / sizeof(W));
   const int total = n * per_row;
@@ -205,7 +150,7 @@ __device__ void copy_rows(const DispatchParams& p, const uint64_t* s_peer,
         const int slot = s_slot[tl][r];
         if (slot < 0) continue;
         const W y = sanitize ? Word<W>::keep(x[u], r * epr, (r + 1) * epr, bad) : x[u];
-        Word<W>::store(peer_base(s_peer, r) + dst_off + (size_t)slot * row + col, y);
+        Word<W>::store(peer_base(p.ws, r) + dst_off + (size_t)slot * row + col, y);
       }
     }
   }
@@ -231,11 +176,11 @@ __device__ __forceinline__ uint32_t e4m3x4(const Pack16<__nv_bfloat16>& x, int i
 // (multiplications, not one division per element: x * fp32(1/s) may differ from x / s in
 // the last fp32 bit before the e4m3 rounding; the reference specifies the product).
 // NaN inputs are outside the contract (fmaxf drops them from amax).
-__device__ void quant_rows(const DispatchParams& p, const uint64_t* s_peer,
+__device__ void quant_rows(const DispatchArgs& p,
                            const int32_t (*s_slot)[kMaxRanks], const uint8_t* src,
                            int64_t hidden, size_t code_off, size_t scale_off, int n) {
-  const int ep = (int)p.ep_size;
-  const int rank = (int)p.rank;
+  const int ep = p.ws.ep_size;
+  const int rank = p.ws.rank;
   const bool ue8m0 = p.scale_format == 1;
   const int64_t scale_row = p.scale_row_bytes;
   const int units = (int)(hidden / 16);
@@ -272,7 +217,7 @@ __device__ void quant_rows(const DispatchParams& p, const uint64_t* s_peer,
       const int r = (rank + j) % ep;  // peers first, self last
       const int slot = s_slot[tl][r];
       if (slot < 0) continue;
-      uint8_t* base = peer_base(s_peer, r);
+      uint8_t* base = peer_base(p.ws, r);
       st_vec16(base + code_off + (size_t)slot * hidden + (size_t)u * 16, q);
       uint8_t* sc = base + scale_off + (size_t)slot * scale_row;
       if (ue8m0 && lane == 0)
@@ -285,51 +230,66 @@ __device__ void quant_rows(const DispatchParams& p, const uint64_t* s_peer,
 
 // Rows [count[r], runtime_max) of block `rank` of every target's id tensor := invalid id.
 template <typename W>
-__device__ void pad_ids(const DispatchParams& p, const uint64_t* s_peer, const int32_t* s_total) {
+__device__ void pad_ids(const DispatchArgs& p, const int32_t* s_total) {
   const int64_t row = (int64_t)p.row_bytes[p.id_payload];
   const int64_t per_row = row / (int64_t)sizeof(W);
   const W bad = Word<W>::fill((uint32_t)(int32_t)p.invalid_id);
-  const size_t block_off = p.recv_off[p.id_payload] + (size_t)p.rank * p.runtime_max * row;
-  for (int r = 0; r < (int)p.ep_size; ++r) {
-    uint8_t* dst = peer_base(s_peer, r) + block_off + (size_t)s_total[r] * row;
+  const size_t block_off = p.recv_off[p.id_payload] + (size_t)p.ws.rank * p.runtime_max * row;
+  for (int r = 0; r < p.ws.ep_size; ++r) {
+    uint8_t* dst = peer_base(p.ws, r) + block_off + (size_t)s_total[r] * row;
     const int64_t n = (p.runtime_max - s_total[r]) * per_row;
     for (int64_t i = global_thread_id(); i < n; i += global_thread_count())
       Word<W>::store(dst + i * sizeof(W), bad);
   }
 }
 
-// All blocks: arrive on the local counter; true in the (one) block that arrived last,
-// after which every block's earlier writes are visible at system scope.
-__device__ bool arrive_last(uint32_t* done) {
-  __shared__ int s_last;
+
+__device__ __forceinline__ WaitContext wait_context(const A2aWorkspace& ws, uint32_t code) {
+  return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
+}
+
+// Every block: read local state word `word` and arrive (release: the read is done before
+// block 0 may change it). All threads get the value.
+__device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
+  __shared__ uint32_t s_value;
+  if (threadIdx.x == 0) {
+    s_value = ws.state[word];
+    atomic_add_release_gpu(&ws.state[kStateArrived], 1u);
+  }
+  __syncthreads();
+  return s_value;
+}
+
+// Block 0, thread 0, at its end: once every block has arrived, set state word `word`.
+__device__ __forceinline__ void end(const A2aWorkspace& ws, int word, uint32_t value) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  while (ld_acquire_gpu(&ws.state[kStateArrived]) < gridDim.x) {
+  }
+  ws.state[kStateArrived] = 0;
+  ws.state[word] = value;
+}
+
+// After this block's writes to every rank: add 1 to entry `rank` of counter array
+// `count_off` in every rank's header.
+__device__ __forceinline__ void signal_all(const A2aWorkspace& ws, size_t count_off) {
   __threadfence_system();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    s_last = atomicAdd(done, 1u) == gridDim.x - 1;
-    if (s_last) {
-      *done = 0;
-      __threadfence_system();
-    }
-  }
-  __syncthreads();
-  return s_last;
+  if (threadIdx.x < ws.ep_size)
+    red_add_release_sys(
+        reinterpret_cast<uint32_t*>(peer_base(ws, threadIdx.x) + count_off) + ws.rank, 1u);
 }
 
-// Threads 0..ep-1 wait for flag s of this rank's header to reach epoch. Block-uniform.
-__device__ bool wait_all(const uint64_t* s_peer, int rank, int ep, size_t flag_off,
-                         uint32_t epoch, const uint64_t timeout, uint32_t* error_word,
-                         uint32_t code) {
+// Threads 0..ep-1 wait until entry s of the own counter array `count_off` reaches
+// `target`. Block-uniform; false if a wait gave up.
+__device__ __forceinline__ bool wait_all(const A2aWorkspace& ws, size_t count_off,
+                                         uint32_t target, const WaitContext& w) {
   bool ok = true;
-  if (threadIdx.x < ep) {
-    const uint32_t* flag =
-        reinterpret_cast<const uint32_t*>(peer_base(s_peer, rank) + flag_off) + threadIdx.x;
-    ok = wait_flag_geq(flag, epoch, timeout, (int)threadIdx.x, error_word, code);
+  if (threadIdx.x < ws.ep_size) {
+    const uint32_t* count =
+        reinterpret_cast<const uint32_t*>(peer_base(ws, ws.rank) + count_off) + threadIdx.x;
+    ok = wait_flag_geq(count, target, w, threadIdx.x);
   }
   return __syncthreads_and(ok);
-}
-
-__device__ void load_peers(uint64_t* s_peer, const uint64_t* peers, int ep) {
-  if (threadIdx.x < ep) s_peer[threadIdx.x] = peers[threadIdx.x];
 }
 
 // ---------------------------------------------------------------- combine
@@ -342,100 +302,113 @@ __device__ __forceinline__ void add_row(float (&acc)[Pack16<T>::kLanes], const V
 }
 
 template <typename T>
-__device__ void combine(const CombineParams& p) {
-  __shared__ uint64_t s_peer[kMaxRanks];
+__device__ __forceinline__ void combine(const CombineArgs& p) {
   constexpr int K = Pack16<T>::kLanes;
-  const int ep = (int)p.ep_size;
-  const int rank = (int)p.rank;
-  const int64_t row = p.row_bytes;
-  const int64_t block_bytes = p.runtime_max * row;
-  const uint32_t epoch = p.state[kStateCombineEpoch] + 1;
-  load_peers(s_peer, p.peers, ep);
-  __syncthreads();
+  constexpr int kUnits = 2;  // 16-byte columns a thread reduces at once
+  const A2aWorkspace& ws = p.ws;
+  const int ep = ws.ep_size;
+  const int rank = ws.rank;
+  const int64_t row = (int64_t)p.row_bytes;
+  const int64_t block_bytes = (int64_t)p.runtime_max * row;
+  pdl_wait();
+  const uint32_t target = begin(ws, kStateCombineSeen) + gridDim.x;
 
   // 1. Stage the valid rows of every block into this rank's combine region.
   if (p.stage) {
-    uint8_t* region = peer_base(s_peer, rank) + p.region_off;
+    uint8_t* region = peer_base(ws, rank) + p.region_off;
     for (int s = 0; s < ep; ++s) {
       const size_t nvec = (size_t)p.recv_counts[s] * row / 16;
       const uint8_t* from = p.payload + s * block_bytes;
       uint8_t* to = region + s * block_bytes;
-      for (size_t i = global_thread_id(); i < nvec; i += global_thread_count())
-        st_vec16(to + 16 * i, ld_vec16(from + 16 * i));
+      size_t i = global_thread_id();
+      const size_t stride = global_thread_count();
+      for (; i + 3 * stride < nvec; i += 4 * stride) {
+        const Vec16 a = ld_vec16(from + 16 * i), b = ld_vec16(from + 16 * (i + stride));
+        const Vec16 c = ld_vec16(from + 16 * (i + 2 * stride));
+        const Vec16 d = ld_vec16(from + 16 * (i + 3 * stride));
+        st_vec16(to + 16 * i, a);
+        st_vec16(to + 16 * (i + stride), b);
+        st_vec16(to + 16 * (i + 2 * stride), c);
+        st_vec16(to + 16 * (i + 3 * stride), d);
+      }
+      for (; i < nvec; i += stride) st_vec16(to + 16 * i, ld_vec16(from + 16 * i));
     }
   }
 
-  // 2. The last block tells every peer that this rank's rows are ready.
-  if (arrive_last(&p.state[kStateCombineDone])) {
-    if (threadIdx.x == 0) p.state[kStateCombineEpoch] = epoch;
-    if (threadIdx.x < ep)
-      st_release_sys(reinterpret_cast<uint32_t*>(peer_base(s_peer, threadIdx.x) + kCombineFlagOff) +
-                         rank,
-                     epoch);
-  }
+  // 2. This rank's rows are ready: tell every rank, then wait for every rank's.
+  signal_all(ws, kCombineCountOff);
+  const bool ok = wait_all(ws, kCombineCountOff, target,
+                           wait_context(ws, config::kErrA2aCombine));
+  pdl_launch_dependents();
 
-  // 3. Wait for every peer's rows, then reduce: token t sums row (rank, slot) of every
-  //    target r's region, r ascending, fp32 from +0.
-  if (!wait_all(s_peer, rank, ep, kCombineFlagOff, epoch, p.timeout_ns, p.error_word,
-                MOECOMM_A2A_CODE_COMBINE))
-    return;
-  const int64_t nvec = row / 16;
-  const int64_t units = p.num_tokens * nvec;
-  const size_t src_off = p.region_off + (size_t)rank * block_bytes;
-  for (int64_t u = global_thread_id(); u < units; u += global_thread_count()) {
-    const int64_t t = u / nvec;
-    const int64_t col = (u - t * nvec) * 16;
-    const int32_t* slots = p.send_slot + t * ep;
-    float acc[K];
+  // 3. Token t sums row (rank, slot) of every target r's region, r ascending, fp32 from +0.
+  if (ok) {
+    const int64_t nvec = row / 16;
+    const int64_t units = (int64_t)p.num_tokens * nvec;
+    const size_t src_off = p.region_off + (size_t)rank * block_bytes;
+    const int64_t stride = global_thread_count();
+    for (int64_t u0 = global_thread_id(); u0 < units; u0 += kUnits * stride) {
+      float acc[kUnits][K];
+      Vec16 x[kUnits][4];
+      bool have[kUnits][4];
 #pragma unroll
-    for (int i = 0; i < K; ++i) acc[i] = 0.f;
-    for (int r0 = 0; r0 < ep; r0 += 4) {
-      Vec16 x[4];
-      bool have[4];
+      for (int j = 0; j < kUnits; ++j) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int slot = r0 + i < ep ? slots[r0 + i] : -1;
-        have[i] = slot >= 0;
-        if (have[i])
-          x[i] = ld_vec16_cg(peer_base(s_peer, r0 + i) + src_off + (size_t)slot * row + col);
+        for (int i = 0; i < K; ++i) acc[j][i] = 0.f;
+      }
+      for (int r0 = 0; r0 < ep; r0 += 4) {
+#pragma unroll
+        for (int j = 0; j < kUnits; ++j) {
+          const int64_t u = u0 + j * stride;
+          const int64_t t = u / nvec;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int slot = u < units && r0 + i < ep ? p.send_slot[t * ep + r0 + i] : -1;
+            have[j][i] = slot >= 0;
+            if (have[j][i])
+              x[j][i] = ld_vec16_cg(peer_base(ws, r0 + i) + src_off + (size_t)slot * row +
+                                    (u - t * nvec) * 16);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kUnits; ++j) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (have[j][i]) add_row<T>(acc[j], x[j][i]);
+        }
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (have[i]) add_row<T>(acc, x[i]);
+      for (int j = 0; j < kUnits; ++j) {
+        const int64_t u = u0 + j * stride;
+        if (u < units) st_vec16(p.out + u * 16, round_pack<T>(acc[j]));
+      }
     }
-    Pack16<T> y;
-#pragma unroll
-    for (int i = 0; i < K; ++i) y.lane[i] = from_float<T>(acc[i]);
-    st_vec16(p.out + t * row + col, y.vec);
   }
+  end(ws, kStateCombineSeen, target);
 }
 
-}  // namespace
-
-namespace {
-
+// ---------------------------------------------------------------- dispatch
 // kFp8: the moe_a2a_dispatch_fp8 instantiation, which quantizes payload quant_payload on
 // the way; a kernel of its own so that the plain dispatch keeps its registers.
 template <bool kFp8>
-__device__ __forceinline__ void dispatch(const DispatchParams& p) {
-  __shared__ uint64_t s_peer[kMaxRanks];
+__device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   __shared__ int32_t s_before[kMaxRanks];  // routed tokens before this block's chunk
   __shared__ int32_t s_total[kMaxRanks];   // routed tokens in all
   __shared__ int32_t s_slot[kSub][kMaxRanks];
-  const int ep = (int)p.ep_size;
-  const int rank = (int)p.rank;
+  const A2aWorkspace& ws = p.ws;
+  const int ep = ws.ep_size;
+  const int rank = ws.rank;
   const int64_t T = p.num_tokens;
   const int64_t chunk = (T + gridDim.x - 1) / gridDim.x;
   const int64_t t0 = min(T, (int64_t)blockIdx.x * chunk);
   const int64_t t1 = min(T, t0 + chunk);
-  const uint32_t epoch = p.state[kStateDispatchEpoch] + 1;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
 
-  load_peers(s_peer, p.peers, ep);
   if (threadIdx.x < kMaxRanks) s_before[threadIdx.x] = s_total[threadIdx.x] = 0;
-  __syncthreads();
+  pdl_wait();
+  const uint32_t target = begin(ws, kStateDispatchSeen) + gridDim.x;
 
   // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r.
   {
@@ -481,65 +454,60 @@ __device__ __forceinline__ void dispatch(const DispatchParams& p) {
       }
     }
     __syncthreads();
-    for (int q = 0; q < (int)p.num_payloads; ++q) {
+    for (int q = 0; q < p.num_payloads; ++q) {
       const int64_t row = (int64_t)p.row_bytes[q];
       const size_t dst_off = p.recv_off[q] + (size_t)rank * p.runtime_max * row;
       if (kFp8 && q == p.quant_payload) {  // bf16 in: 2 * row bytes per token
-        quant_rows(p, s_peer, s_slot, reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * 2 * row,
-                   row, dst_off, p.scale_off + (size_t)rank * p.runtime_max * p.scale_row_bytes,
-                   n);
+        quant_rows(p, s_slot, reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * 2 * row, row,
+                   dst_off, p.scale_off + (size_t)rank * p.runtime_max * p.scale_row_bytes, n);
         continue;
       }
       const uint8_t* src = reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * row;
       const bool sanitize = q == p.id_payload;
       if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
-        copy_rows<Vec16>(p, s_peer, s_slot, src, row, dst_off, n, sanitize);
+        copy_rows<Vec16>(p, s_slot, src, row, dst_off, n, sanitize);
       else
-        copy_rows<uint32_t>(p, s_peer, s_slot, src, row, dst_off, n, sanitize);
+        copy_rows<uint32_t>(p, s_slot, src, row, dst_off, n, sanitize);
     }
     __syncthreads();
   }
 
-  // 3. Counts into every target's header; id padding rows.
+  // 3. Counts into every target's header; id padding rows; then this block is done.
   if (blockIdx.x == 0 && threadIdx.x < ep)
-    reinterpret_cast<int32_t*>(peer_base(s_peer, threadIdx.x) + kRecvCountOff)[rank] =
+    reinterpret_cast<int32_t*>(peer_base(ws, threadIdx.x) + kRecvCountOff)[rank] =
         s_total[threadIdx.x];
   if (p.id_payload >= 0) {
     if ((p.row_bytes[p.id_payload] & 15u) == 0)
-      pad_ids<Vec16>(p, s_peer, s_total);
+      pad_ids<Vec16>(p, s_total);
     else
-      pad_ids<uint32_t>(p, s_peer, s_total);
+      pad_ids<uint32_t>(p, s_total);
   }
+  signal_all(ws, kDispatchCountOff);
+  pdl_launch_dependents();
 
-  // 4. The last block: release this call's flag on every target, wait for every source.
-  if (!arrive_last(&p.state[kStateDispatchDone])) return;
-  if (threadIdx.x < ep)
-    st_release_sys(
-        reinterpret_cast<uint32_t*>(peer_base(s_peer, threadIdx.x) + kDispatchFlagOff) + rank,
-        epoch);
-  if (!wait_all(s_peer, rank, ep, kDispatchFlagOff, epoch, p.timeout_ns, p.error_word,
-                MOECOMM_A2A_CODE_DISPATCH))
-    return;
-  if (threadIdx.x < ep)
+  // 4. Block 0: wait for every source's blocks, then copy the counts out.
+  if (blockIdx.x == 0 &&
+      wait_all(ws, kDispatchCountOff, target, wait_context(ws, config::kErrA2aDispatch)) &&
+      threadIdx.x < ep)
     p.recv_counts[threadIdx.x] = *reinterpret_cast<const volatile int32_t*>(
-        peer_base(s_peer, rank) + kRecvCountOff + 4 * threadIdx.x);
-  if (threadIdx.x == 0) p.state[kStateDispatchEpoch] = epoch;
+        peer_base(ws, rank) + kRecvCountOff + 4 * threadIdx.x);
+  end(ws, kStateDispatchSeen, target);
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const DispatchParams p) {
+extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const DispatchArgs p) {
   dispatch<false>(p);
 }
 
 // At most 512 threads (the host launches 256): the quantizer needs more than 64 registers.
-extern "C" __global__ void __launch_bounds__(512) moe_a2a_dispatch_fp8(const DispatchParams p) {
+extern "C" __global__ void __launch_bounds__(512) moe_a2a_dispatch_fp8(const DispatchArgs p) {
   dispatch<true>(p);
 }
 
 #define MOECOMM_A2A_COMBINE(SUFFIX, T)                                                     \
-  extern "C" __global__ void __launch_bounds__(1024) moe_a2a_combine_##SUFFIX(             \
-      const CombineParams p) {                                                             \
+  extern "C" __global__ void __launch_bounds__(512) moe_a2a_combine_##SUFFIX(              \
+      const CombineArgs p) {                                                               \
     combine<T>(p);                                                                         \
   }
 
@@ -549,14 +517,12 @@ MOECOMM_A2A_COMBINE(fp32, float)
 
 // In place on a receive tensor ids [ep, runtime_max, width] (int32): ids outside
 // [lo, hi) and every id of rows past counts[s] in block s become `invalid`.
-extern "C" __global__ void moe_a2a_sanitize(int32_t* ids, const int32_t* counts, int64_t ep,
-                                            int64_t runtime_max, int64_t width, int64_t lo,
-                                            int64_t hi, int32_t invalid) {
-  const int64_t n = ep * runtime_max * width;
+extern "C" __global__ void moe_a2a_sanitize(const SanitizeArgs a) {
+  const int64_t n = a.ep_size * a.runtime_max * a.width;
   for (int64_t i = global_thread_id(); i < n; i += global_thread_count()) {
-    const int64_t row = i / width;
-    const int64_t s = row / runtime_max;
-    const int32_t id = ids[i];
-    if (row - s * runtime_max >= counts[s] || id < lo || id >= hi) ids[i] = invalid;
+    const int64_t row = i / a.width;
+    const int64_t s = row / a.runtime_max;
+    const int32_t id = a.ids[i];
+    if (row - s * a.runtime_max >= a.counts[s] || id < a.lo || id >= a.hi) a.ids[i] = a.invalid;
   }
 }

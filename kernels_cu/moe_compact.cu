@@ -26,90 +26,29 @@
 //         then sums the ranks' partials in rank order.
 // stage   copies the valid rows of y into the symmetric y buffer (exact combine, when y
 //         was not written there directly).
-#include "common.cuh"
+#include "args.cuh"
 
 using namespace moecomm;
 
-#define MOECOMM_COMPACT_MAX_RANKS 32
-#define MOECOMM_COMPACT_MAX_LOCAL_EXPERTS 1024
-#define MOECOMM_COMPACT_TILE 256
-
 namespace {
 
-constexpr int kMaxRanks = MOECOMM_COMPACT_MAX_RANKS;
-constexpr int kMaxExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
-constexpr int kTile = MOECOMM_COMPACT_TILE;  // entries (row, slot) a scatter step ranks
+constexpr int kMaxRanks = config::kA2aMaxRanks;
+constexpr int kMaxExperts = config::kCompactMaxLocalExperts;
+constexpr int kTile = config::kCompactMaxTopK;  // entries (row, slot) a scatter step ranks
 
-// Words of the stats array (int32[8]); compact.py reads them by these indices.
-constexpr int kStatArrive = 0;      // arrival counter of the count kernel
-constexpr int kStatRows = 1;        // rows stored by the last dispatch
-constexpr int kStatNeeded = 2;      // rows the last dispatch produced
-constexpr int kStatDropped = 3;     // rows it dropped (needed - capacity, or 0)
-constexpr int kStatMaxNeeded = 4;   // sticky max of kStatNeeded until the host resets it
-constexpr int kStatMaxDropped = 5;  // sticky max of kStatDropped
+// Words of the stats array (moecomm.constants.CompactStat).
+constexpr int kStatArrive = MOECOMM_STAT_ARRIVE;
+constexpr int kStatRows = MOECOMM_STAT_ROWS;
+constexpr int kStatNeeded = MOECOMM_STAT_NEEDED;
+constexpr int kStatDropped = MOECOMM_STAT_DROPPED;
+constexpr int kStatMaxNeeded = MOECOMM_STAT_MAX_NEEDED;
+constexpr int kStatMaxDropped = MOECOMM_STAT_MAX_DROPPED;
+
+using DispatchParams = CompactDispatchArgs;
+using PullParams = CompactPullArgs;
+using ReduceParams = CompactReduceArgs;
 
 }  // namespace
-
-// Kernel arguments, passed by value; every field 8 bytes. compact.py mirrors them
-// (_DispatchArgs, _PullArgs, _ReduceArgs) and tests/cpu/test_moe_compact.py checks that.
-struct DispatchParams {
-  const int32_t* ids;          // [ep, rmax, top_k] received expert ids
-  const int32_t* tok;          // [ep, rmax] received token indices
-  const uint8_t* x;            // [ep, rmax, row_bytes] received hidden rows
-  const float* w;              // [ep, rmax, top_k] received weights
-  const int32_t* recv_counts;  // [ep] rows received from each source
-  uint8_t* recv_x;             // [capacity, row_bytes] out
-  float* recv_w;               // [capacity] out
-  int32_t* src;                // [capacity, 3] out: (source rank, token, k slot)
-  int32_t* inv;                // [ep, rmax, top_k] out: row of each entry or -1; or null
-  float* codes;                // [ep, rmax, code_width] out (combine region); or null
-  int32_t* hist;               // [G, epr] scratch
-  int32_t* base;               // [G, epr] scratch
-  int32_t* stats;              // [8]
-  int32_t* tokens_per_expert;  // [epr] out
-  int32_t* offsets;            // [epr + 1] out
-  int64_t ep_size;
-  int64_t rank;
-  int64_t experts_per_rank;
-  int64_t top_k;
-  int64_t runtime_max;
-  int64_t capacity;
-  int64_t row_bytes;           // a multiple of 16
-  int64_t code_width;          // floats per codes row: 2 * top_k rounded up to 4
-};
-
-struct PullParams {
-  const uint64_t* peers;  // [ep] symmetric buffer base of every rank
-  const float* codes;     // [T, code_width] (pos + 1, rank) per slot, 0 when absent
-  uint8_t* out;           // [T, row_bytes]
-  int64_t y_off;          // the y buffer [capacity, row_bytes] in the symmetric buffer
-  int64_t w_off;          // the received weights [capacity] fp32 in it
-  int64_t num_tokens;
-  int64_t top_k;
-  int64_t code_width;
-  int64_t row_bytes;
-  int64_t ep_size;
-  int64_t capacity;
-  int64_t apply_weights;
-};
-
-struct ReduceParams {
-  const uint8_t* y;            // [capacity, row_bytes] expert outputs
-  const float* recv_w;         // [capacity]
-  const int32_t* inv;          // [ep, rmax, top_k]
-  const int32_t* recv_counts;  // [ep]
-  uint8_t* payload;            // [ep, rmax, row_bytes] MoeAlltoAll's combine region
-  int64_t ep_size;
-  int64_t runtime_max;
-  int64_t top_k;
-  int64_t row_bytes;
-  int64_t capacity;
-  int64_t apply_weights;
-};
-
-static_assert(sizeof(DispatchParams) == 8 * 23, "DispatchParams must be all 8-byte fields");
-static_assert(sizeof(PullParams) == 8 * 12, "PullParams must be all 8-byte fields");
-static_assert(sizeof(ReduceParams) == 8 * 11, "ReduceParams must be all 8-byte fields");
 
 namespace {
 
@@ -290,10 +229,7 @@ __device__ __forceinline__ Vec16 sum_slots(int k, bool weighted, Fetch fetch) {
 // Exact combine: token t sums, slot by slot, the row its slot's owner stored at pos.
 template <typename T>
 __device__ void pull(const PullParams& p) {
-  __shared__ uint64_t s_peer[kMaxRanks];
   const int ep = (int)p.ep_size;
-  if (threadIdx.x < ep) s_peer[threadIdx.x] = p.peers[threadIdx.x];
-  __syncthreads();
   const int64_t row = p.row_bytes;
   const int64_t nvec = row / 16;
   const int64_t units = p.num_tokens * nvec;
@@ -310,7 +246,7 @@ __device__ void pull(const PullParams& p) {
       // so no read ever leaves the peers' buffers.
       if (!(fp >= 1.f && fp <= cap && fr >= 0.f && fr < (float)ep)) return false;
       const int64_t pos = (int64_t)fp - 1;
-      const uint8_t* base = reinterpret_cast<const uint8_t*>(s_peer[(int)fr]);
+      const uint8_t* base = reinterpret_cast<const uint8_t*>(p.peers[(int)fr]);
       x = ld_vec16_cg(base + p.y_off + pos * row + col);
       w = weighted ? __ldcg(reinterpret_cast<const float*>(base + p.w_off) + pos) : 1.f;
       return true;
@@ -488,12 +424,11 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
 
 // ---------------------------------------------------------------- combine side
 // Rows [0, min(stats[kStatRows], capacity)) of y (local) to dst (the symmetric y buffer).
-extern "C" __global__ void moe_compact_stage(const uint8_t* y, uint8_t* dst, const int32_t* stats,
-                                             int64_t row_bytes, int64_t capacity) {
-  const int64_t rows = min((int64_t)max(stats[kStatRows], 0), capacity);
-  const int64_t nvec = rows * row_bytes / 16;
+extern "C" __global__ void moe_compact_stage(const CompactStageArgs a) {
+  const int64_t rows = min((int64_t)max(a.stats[kStatRows], 0), a.capacity);
+  const int64_t nvec = rows * a.row_bytes / 16;
   for (int64_t i = global_thread_id(); i < nvec; i += global_thread_count())
-    st_vec16(dst + 16 * i, ld_vec16(y + 16 * i));
+    st_vec16(a.dst + 16 * i, ld_vec16(a.y + 16 * i));
 }
 
 #define MOECOMM_COMPACT_COMBINE(SUFFIX, T)                                                   \

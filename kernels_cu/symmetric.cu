@@ -1,13 +1,16 @@
 // Kernels over a SymmetricBuffer's peer pointer table: reading peers' memory directly.
-#include "common.cuh"
+#include "args.cuh"
 
 using namespace moecomm;
 
 // dst[i] = src[i] for nbytes, 16 bytes a thread-step when both are 16-byte aligned and the
-// tail byte by byte. src may be a peer's pointer (the copy then runs over NVLink/PCIe);
-// this is the bandwidth probe of a symmetric buffer and the building block of tests.
-extern "C" __global__ void copy_bytes(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst,
-                                      size_t nbytes) {
+// tail byte by byte. src or dst may be a peer's pointer (the copy then runs over
+// NVLink/PCIe, as reads or as writes); the bandwidth probe of a symmetric buffer and the
+// building block of tests.
+extern "C" __global__ void copy_bytes(const CopyArgs a) {
+  const uint8_t* __restrict__ src = a.src;
+  uint8_t* __restrict__ dst = a.dst;
+  const size_t nbytes = a.nbytes;
   const size_t tid = global_thread_id();
   const size_t stride = global_thread_count();
   size_t head = 0;
@@ -33,12 +36,11 @@ extern "C" __global__ void copy_bytes(const uint8_t* __restrict__ src, uint8_t* 
 
 // out[p * nbytes + i] = byte i of peer p's buffer at `offset`, for every peer p of the
 // table (local rank order), reading each peer through its device pointer.
-extern "C" __global__ void gather_peers(const uint64_t* __restrict__ peer_ptrs, int num_peers,
-                                        size_t offset, size_t nbytes, uint8_t* __restrict__ out) {
+extern "C" __global__ void gather_peers(const GatherArgs a) {
   const size_t tid = global_thread_id();
   const size_t stride = global_thread_count();
-  for (int p = 0; p < num_peers; ++p) {
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(peer_ptrs[p]) + offset;
-    for (size_t i = tid; i < nbytes; i += stride) out[(size_t)p * nbytes + i] = src[i];
+  for (int p = 0; p < a.num_peers; ++p) {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(a.peer_ptrs[p]) + a.offset;
+    for (size_t i = tid; i < a.nbytes; i += stride) a.out[(size_t)p * a.nbytes + i] = src[i];
   }
 }

@@ -57,11 +57,16 @@ inputs are outside the contract. The scales take one of the ``MAX_PAYLOADS`` rec
 tensors, so at most 7 payloads go with ``quantize``. Dispatches with and without
 ``quantize`` may alternate on one workspace (all ranks alike per call).
 
-Workspace (one ``SymmetricBuffer`` per rank, bytes): a 1 KiB header (flags, counts), the
-receive tensors of the current dispatch (each at a 256-byte boundary; the fp8 scales last),
-then the combine region ``[ep_size, runtime_max_tokens_per_rank, hidden]`` that peers read
-during combine. Size it with ``get_moe_workspace_size_per_rank`` (``quantize=`` for fp8
-dispatch: its rows are H + scale bytes instead of 2H).
+Workspace (one ``SymmetricBuffer`` per rank, bytes): a 4 KiB header (counters, counts),
+the receive tensors of the current dispatch (each at a 256-byte boundary; the fp8 scales
+last), then the combine region ``[ep_size, runtime_max_tokens_per_rank, hidden]`` that peers
+read during combine. Size it with ``get_moe_workspace_size_per_rank`` (``quantize=`` for
+fp8 dispatch: its rows are H + scale bytes instead of 2H).
+
+Launch: ``MoeAlltoAllConfig`` sets the SM budget (``num_sms``) and block sizes; grids are
+the same on every rank (derived from ``runtime_max_tokens_per_rank``), kernels use
+programmatic dependent launch, and each call patches a prepared argument struct (no
+per-call allocation or NumPy on the host). Protocol: ``kernels_cu/moe_a2a.cu``.
 """
 
 from __future__ import annotations
@@ -73,93 +78,69 @@ from typing import NamedTuple, Sequence
 import cupy
 import numpy as np
 
+from ..constants import A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A_MAX_PAYLOADS, A2A_MAX_RANKS, REGION_ALIGN
 from ..errors import ErrorWord, timeout_ns
-from ..group import ProcessGroup, default_group
+from ..group import ProcessGroup
+from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
-from ..mapping import Mapping
+from ..launch import Launcher
+from ..op import Op, Phase, device_facts, ep_group, group_sms, int_at_least, out_array, round_up
 from ..symmetric import SymmetricBuffer
-from ..tensors import as_array, as_stream, bfloat16
+from ..tensors import as_array, bfloat16, stream_handle
 
 __all__ = [
-    "MoeAlltoAll", "DispatchPlan", "plan_dispatch", "moe_a2a_get_workspace_size_per_rank",
-    "moe_a2a_sanitize_expert_ids", "MAX_RANKS", "MAX_PAYLOADS", "HEADER_BYTES",
-    "Fp8Dispatch", "Fp8Rows", "FP8_GROUP_SIZE",
+    "MoeAlltoAll", "MoeAlltoAllConfig", "DispatchPlan", "plan_dispatch",
+    "moe_a2a_get_workspace_size_per_rank", "moe_a2a_sanitize_expert_ids", "MAX_RANKS",
+    "MAX_PAYLOADS", "HEADER_BYTES", "Fp8Dispatch", "Fp8Rows", "FP8_GROUP_SIZE",
 ]
 
-MAX_RANKS = 32  # ep_size limit (MOECOMM_A2A_MAX_RANKS)
-MAX_PAYLOADS = 8  # payloads per dispatch (MOECOMM_A2A_MAX_PAYLOADS)
-HEADER_BYTES = 1024  # flags and counts at the start of the workspace
-REGION_ALIGN = 256  # every receive tensor and the combine region start on this boundary
+# The limits, under the names this module has always exported (values: moecomm.constants).
+MAX_RANKS = A2A_MAX_RANKS
+MAX_PAYLOADS = A2A_MAX_PAYLOADS
+HEADER_BYTES = A2A_HEADER_BYTES
+FP8_GROUP_SIZE = A2A_FP8_GROUP
 _SOURCE = "moe_a2a.cu"
-_CODES = {16: "MoeAlltoAll.dispatch", 17: "MoeAlltoAll.combine"}
-_DISPATCH_THREADS = 256  # moe_a2a_dispatch_fp8 takes at most 512
-_COMBINE_THREADS = 512
+_STATE_WORDS = 8  # kState* in moe_a2a.cu
 _COMBINE_KERNELS = {np.dtype(np.float16): "moe_a2a_combine_fp16",
                     np.dtype(np.float32): "moe_a2a_combine_fp32"}
 if bfloat16 is not None:
     _COMBINE_KERNELS[bfloat16] = "moe_a2a_combine_bf16"
-
-# The kernels' by-value argument structs, field by field (every field 8 bytes; a count
-# > 1 is an array). Must match DispatchParams / CombineParams in kernels_cu/moe_a2a.cu.
-_DISPATCH_FIELDS = (
-    "peers", "experts", "send_slot", "recv_counts", "state", "error_word", "timeout_ns",
-    "num_tokens", "top_k", "num_experts", "experts_per_rank", "ep_size", "rank",
-    "runtime_max", "num_payloads", "id_payload", "invalid_id",
-    "quant_payload", "scale_format", "scale_row_bytes", "scale_off",
-    ("src", MAX_PAYLOADS), ("row_bytes", MAX_PAYLOADS), ("recv_off", MAX_PAYLOADS),
-)
-_COMBINE_FIELDS = (
-    "peers", "payload", "out", "send_slot", "recv_counts", "state", "error_word",
-    "timeout_ns", "num_tokens", "ep_size", "rank", "runtime_max", "row_bytes", "region_off",
-    "stage",
-)
-
-
-class _Params:
-    """A kernel's argument struct as a flat int64 array: ``index`` of each field."""
-
-    def __init__(self, fields):
-        self.index: dict[str, int] = {}
-        spec, size = [], 0
-        for f in fields:
-            name, count = (f, 1) if isinstance(f, str) else f
-            self.index[name] = size
-            spec.append((name, "<i8") if count == 1 else (name, "<i8", (count,)))
-            size += count
-        self.fields = tuple((f, 1) if isinstance(f, str) else f for f in fields)
-        self.dtype = np.dtype(spec)
-        self.size = size
-
-    def new(self, **values) -> np.ndarray:
-        flat = np.zeros(self.size, np.int64)
-        for name, value in values.items():
-            flat[self.index[name]] = value
-        return flat
-
-    def struct(self, flat: np.ndarray) -> np.ndarray:
-        """A size-1 structured array; CuPy passes it to the kernel by value."""
-        return flat.view(self.dtype)
-
-
-_DISPATCH = _Params(_DISPATCH_FIELDS)
-_COMBINE = _Params(_COMBINE_FIELDS)
+_PLAN_CACHE = 64  # prepared dispatch / combine launches kept per MoeAlltoAll
 
 
 def _align(n: int, a: int = REGION_ALIGN) -> int:
-    return (n + a - 1) // a * a
+    return round_up(n, a)
 
 
-def _int_at_least(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+@dataclass(frozen=True)
+class MoeAlltoAllConfig:
+    """Launch configuration of ``MoeAlltoAll`` (checked at construction).
+
+    num_sms: SMs dispatch and combine may occupy (None: every SM of the device); the rest
+        stay free for compute running beside them. The same on every rank.
+    dispatch_threads: block size of dispatch (a multiple of 32, at most 512 with FP8).
+    dispatch_blocks_per_sm: dispatch blocks per SM of the budget.
+    combine_threads: block size of combine (a multiple of 32, at most 512).
+    pdl: launch with programmatic dependent launch.
+    """
+
+    num_sms: int | None = None
+    dispatch_threads: int = 256
+    dispatch_blocks_per_sm: int = 2
+    combine_threads: int = 512
+    pdl: bool = True
+
+    def __post_init__(self):
+        if self.num_sms is not None:
+            int_at_least("MoeAlltoAllConfig.num_sms", self.num_sms)
+        for name in ("dispatch_threads", "combine_threads"):
+            n = int_at_least(f"MoeAlltoAllConfig.{name}", getattr(self, name), 32)
+            if n % 32 or n > 512:
+                raise ValueError(f"MoeAlltoAllConfig.{name}={n}: a multiple of 32, at most 512")
+        int_at_least("MoeAlltoAllConfig.dispatch_blocks_per_sm", self.dispatch_blocks_per_sm)
 
 
 # ---------------------------------------------------------------------------- fp8
-FP8_GROUP_SIZE = 128  # elements per scale of the fp8 dispatch (the kernel's only size)
 _SCALE_FORMATS = {"fp32": 0, "ue8m0": 1}
 
 
@@ -175,11 +156,11 @@ class Fp8Dispatch:
     group_size: int = FP8_GROUP_SIZE
 
     def __post_init__(self):
-        _int_at_least("Fp8Dispatch.payload_index", self.payload_index, 0)
+        int_at_least("Fp8Dispatch.payload_index", self.payload_index, 0)
         if self.scale_format not in _SCALE_FORMATS:
             raise ValueError(f"Fp8Dispatch.scale_format={self.scale_format!r}, expected one of "
                              f"{sorted(_SCALE_FORMATS)}")
-        if _int_at_least("Fp8Dispatch.group_size", self.group_size) != FP8_GROUP_SIZE:
+        if int_at_least("Fp8Dispatch.group_size", self.group_size) != FP8_GROUP_SIZE:
             raise ValueError(f"Fp8Dispatch.group_size={self.group_size}: only "
                              f"{FP8_GROUP_SIZE} is supported")
 
@@ -191,7 +172,7 @@ class Fp8Dispatch:
     def scale_width(self, hidden_size: int, name: str = "hidden_size") -> int:
         """Scale elements per token for ``hidden_size`` elements (ValueError unless it is a
         positive multiple of 128; ``name`` names the argument)."""
-        hidden = _int_at_least(name, hidden_size)
+        hidden = int_at_least(name, hidden_size)
         if hidden % self.group_size:
             raise ValueError(f"{name}: {hidden} elements per token is not a multiple of "
                              f"the fp8 group_size={self.group_size}")
@@ -258,11 +239,11 @@ def moe_a2a_get_workspace_size_per_rank(ep_size: int, max_num_tokens: int,
     """Workspace bytes per rank for dispatches of ``dispatch_bytes_per_token`` (all
     payloads together) over up to ``num_payloads`` payloads and combines of
     ``combine_bytes_per_token``, at up to ``max_num_tokens`` tokens per rank."""
-    ep_size = _int_at_least("ep_size", ep_size)
-    max_num_tokens = _int_at_least("max_num_tokens", max_num_tokens)
-    dispatch = _int_at_least("dispatch_bytes_per_token", dispatch_bytes_per_token)
-    combine = _int_at_least("combine_bytes_per_token", combine_bytes_per_token)
-    num_payloads = _int_at_least("num_payloads", num_payloads)
+    ep_size = int_at_least("ep_size", ep_size)
+    max_num_tokens = int_at_least("max_num_tokens", max_num_tokens)
+    dispatch = int_at_least("dispatch_bytes_per_token", dispatch_bytes_per_token)
+    combine = int_at_least("combine_bytes_per_token", combine_bytes_per_token)
+    num_payloads = int_at_least("num_payloads", num_payloads)
     rows = ep_size * max_num_tokens
     return _align(HEADER_BYTES + num_payloads * REGION_ALIGN + rows * (dispatch + combine))
 
@@ -282,36 +263,29 @@ def moe_a2a_sanitize_expert_ids(expert_ids, recv_counts, ep_rank: int, experts_p
     invalid = int(invalid_expert_id)
     if not -(1 << 31) <= invalid < (1 << 31):
         raise ValueError(f"invalid_expert_id {invalid} does not fit int32")
-    width = math.prod(ids.shape[2:])
     if ids.size:
+        launcher = Launcher(get_kernel(_SOURCE, "moe_a2a_sanitize"), SanitizeArgs)
+        a = launcher.args
         lo = int(ep_rank) * int(experts_per_rank)
-        blocks = max(1, min(1024, -(-ids.size // 256)))
-        with as_stream(stream):
-            get_kernel(_SOURCE, "moe_a2a_sanitize")(
-                (blocks,), (256,),
-                (ids, counts, np.int64(ep), np.int64(rmax), np.int64(width), np.int64(lo),
-                 np.int64(lo + int(experts_per_rank)), np.int32(invalid)))
+        a.ids, a.counts, a.ep_size, a.runtime_max = ids.data.ptr, counts.data.ptr, ep, rmax
+        a.width, a.lo, a.hi, a.invalid = math.prod(ids.shape[2:]), lo, lo + experts_per_rank, invalid
+        launcher(max(1, min(1024, -(-ids.size // 256))), 256, stream_handle(stream))
     return ids
 
 
 # ---------------------------------------------------------------------------- the op
-def _ep_group(group) -> tuple[ProcessGroup, bool]:
-    """The ep group and whether this object made it (and must close it)."""
-    if group is None:
-        return default_group(), False
-    if isinstance(group, Mapping):
-        parent = default_group()
-        if (group.world_size, group.rank) != (parent.size, parent.rank):
-            raise ValueError(
-                f"mapping (world_size={group.world_size}, rank={group.rank}) does not match "
-                f"the default group (size={parent.size}, rank={parent.rank})")
-        return parent.split(group.moe_ep_group), True
-    if not isinstance(group, ProcessGroup):
-        raise TypeError(f"group: expected a ProcessGroup or Mapping, got {type(group).__name__}")
-    return group, False
+class _Prepared(NamedTuple):
+    """A dispatch or combine launch prepared for one layout: its launcher (argument struct
+    filled but for the per-call pointers), grid, block, and the views it returns."""
+
+    launcher: Launcher
+    grid: int
+    block: int
+    plan: DispatchPlan | None
+    views: list | None
 
 
-class MoeAlltoAll:
+class MoeAlltoAll(Op):
     """MoE all-to-all with a static receive layout (see the module doc for the rules).
 
     Args:
@@ -326,21 +300,26 @@ class MoeAlltoAll:
         hidden_size: used only when ``workspace_size_per_rank`` is None.
         timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s;
             0: forever).
+        config: ``MoeAlltoAllConfig`` (SM budget, block sizes, PDL).
 
     Collective over the ep group, like ``close()``. Also a context manager.
     """
 
+    name = "MoeAlltoAll"
+
     def __init__(self, group, max_num_tokens: int, top_k: int, num_experts: int,
                  workspace_size_per_rank: int | None = None, hidden_size: int | None = None,
-                 *, timeout_s: float | None = None):
-        self.max_num_tokens = _int_at_least("max_num_tokens", max_num_tokens)
-        self.top_k = _int_at_least("top_k", top_k)
-        self.num_experts = _int_at_least("num_experts", num_experts)
+                 *, timeout_s: float | None = None, config: MoeAlltoAllConfig | None = None):
+        self.max_num_tokens = int_at_least("max_num_tokens", max_num_tokens)
+        self.top_k = int_at_least("top_k", top_k)
+        self.num_experts = int_at_least("num_experts", num_experts)
+        self.config = MoeAlltoAllConfig() if config is None else config
+        if not isinstance(self.config, MoeAlltoAllConfig):
+            raise TypeError(f"config: expected a MoeAlltoAllConfig, got {type(config).__name__}")
         self._timeout_ns = timeout_ns(timeout_s)
         if workspace_size_per_rank is None and hidden_size is None:
             raise ValueError("pass workspace_size_per_rank or hidden_size")
-        self._phase = "closed"
-        group, owned = _ep_group(group)
+        group, owned = ep_group(group)
         try:
             if group.spans_nodes:
                 raise ValueError(
@@ -354,11 +333,12 @@ class MoeAlltoAll:
                                  f"size {ep}")
             if workspace_size_per_rank is None:
                 size = self.get_moe_workspace_size_per_rank(
-                    ep, self.top_k, self.max_num_tokens, _int_at_least("hidden_size", hidden_size))
+                    ep, self.top_k, self.max_num_tokens, int_at_least("hidden_size", hidden_size))
             else:
-                size = _int_at_least("workspace_size_per_rank", workspace_size_per_rank,
-                                     HEADER_BYTES + REGION_ALIGN)
+                size = int_at_least("workspace_size_per_rank", workspace_size_per_rank,
+                                    HEADER_BYTES + REGION_ALIGN)
             ranks = group.allgather(group.rank)
+            sms = group_sms(group)
             self._ws = SymmetricBuffer(group, size)
         except BaseException:
             if owned:
@@ -368,28 +348,34 @@ class MoeAlltoAll:
         self.ep_rank, self.ep_size = group.local_rank, ep
         self.experts_per_rank = self.num_experts // ep
         self.workspace_size_per_rank = size
-        self._error = ErrorWord(ranks, _CODES)
-        self._state = cupy.zeros(8, np.uint32)
+        self.num_sms = min(sms, self.config.num_sms or sms)
+        self._state = cupy.zeros(_STATE_WORDS, np.uint32)
         self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
         self._recv_counts = cupy.zeros(ep, np.int32)
-        self._dispatch_kernel = get_kernel(_SOURCE, "moe_a2a_dispatch")
-        self._dispatch_fp8_kernel = get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")
+        error = ErrorWord(ranks)
+        self._kernel_workspace = dict(state=self._state.data.ptr, error_word=error.ptr,
+                                      timeout_ns=self._timeout_ns, rank=self.ep_rank, ep_size=ep)
+        self._dispatch_kernels = {False: get_kernel(_SOURCE, "moe_a2a_dispatch"),
+                                  True: get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")}
         self._combine_kernels = {dt: get_kernel(_SOURCE, name)
                                  for dt, name in _COMBINE_KERNELS.items()}
-        device = cupy.cuda.Device()
-        self._num_sms = int(device.attributes["MultiProcessorCount"])
-        common = dict(peers=self._ws.peer_ptrs.data.ptr, send_slot=self._send_slot.data.ptr,
-                      recv_counts=self._recv_counts.data.ptr, state=self._state.data.ptr,
-                      error_word=self._error.ptr, timeout_ns=self._timeout_ns,
-                      ep_size=ep, rank=self.ep_rank)
-        self._dispatch_template = _DISPATCH.new(
-            top_k=self.top_k, num_experts=self.num_experts,
-            experts_per_rank=self.experts_per_rank, quant_payload=-1, **common)
-        self._combine_template = _COMBINE.new(**common)
-        self._plan: DispatchPlan | None = None
+        self._combine_blocks_per_sm = min(
+            device_facts().blocks_per_sm(k, self.config.combine_threads)
+            for k in self._combine_kernels.values())
+        self._prepared_dispatch: dict = {}
+        self._prepared_combine: dict = {}
+        self._dispatched: _Prepared | None = None
         self._num_tokens = 0
         cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
-        self._phase = "idle"
+        self._open(error)
+
+    def _new_launcher(self, kernel, args_type) -> Launcher:
+        launcher = Launcher(kernel, args_type, pdl=self.config.pdl)
+        ws = launcher.args.ws
+        for name, value in self._kernel_workspace.items():
+            setattr(ws, name, value)
+        ws.peers[:self.ep_size] = self._ws.ptrs
+        return launcher
 
     # -- sizing -----------------------------------------------------------------------
     @staticmethod
@@ -404,9 +390,9 @@ class MoeAlltoAll:
         as fp8 codes + scales (``quantize.bytes_per_token(hidden_size)`` instead of
         ``2 * hidden_size``; such a workspace may be too small for bf16 dispatches). For
         other mixes use ``moe_a2a_get_workspace_size_per_rank``."""
-        top_k = _int_at_least("top_k", top_k)
-        hidden_size = _int_at_least("hidden_size", hidden_size)
-        extra = _int_at_least("extra_payload_bytes_per_token", extra_payload_bytes_per_token, 0)
+        top_k = int_at_least("top_k", top_k)
+        hidden_size = int_at_least("hidden_size", hidden_size)
+        extra = int_at_least("extra_payload_bytes_per_token", extra_payload_bytes_per_token, 0)
         if quantize is None:
             hidden_bytes = 2 * hidden_size
         elif isinstance(quantize, Fp8Dispatch):
@@ -424,28 +410,28 @@ class MoeAlltoAll:
         dispatch (rewritten by the next one)."""
         return self._recv_counts
 
-    def check_error(self, stream=None, *, synchronize: bool = False) -> None:
-        """Raise ``PeerTimeoutError`` if a wait of this workspace timed out (with
-        ``synchronize``, after waiting for ``stream``)."""
-        self._error.check(as_stream(stream), synchronize=synchronize)
-
-    def _usable(self, op: str) -> None:
-        if self._phase == "closed":
-            raise RuntimeError(f"MoeAlltoAll.{op}: the workspace is closed")
-        self._error.check()
-
-    def _dispatched(self, op: str) -> DispatchPlan:
-        if self._phase != "dispatched":
-            raise RuntimeError(f"MoeAlltoAll.{op} needs a dispatch first (dispatch and combine "
-                               "alternate)")
-        return self._plan
+    def poison(self) -> None:
+        """Fill the receive tensors and the combine region (the workspace past its header)
+        with 0xA5 bytes and ``recv_counts`` with -7, keeping the counters: tests use it to
+        prove that every valid row is written. Synchronizes the device; not collective."""
+        self.usable("poison")
+        cupy.cuda.runtime.deviceSynchronize()
+        self._ws.view(np.uint8, (self._ws.nbytes - HEADER_BYTES,), offset=HEADER_BYTES).fill(0xA5)
+        self._recv_counts.fill(-7)
+        cupy.cuda.runtime.deviceSynchronize()
 
     def _runtime_max(self, value) -> int:
-        rmax = _int_at_least("runtime_max_tokens_per_rank", value)
+        rmax = int_at_least("runtime_max_tokens_per_rank", value)
         if rmax > self.max_num_tokens:
             raise ValueError(f"runtime_max_tokens_per_rank={rmax} exceeds max_num_tokens="
                              f"{self.max_num_tokens}")
         return rmax
+
+    def _require_dispatched(self, op: str) -> _Prepared:
+        if self.phase != Phase.DISPATCHED:
+            raise RuntimeError(f"MoeAlltoAll.{op} needs a dispatch first (dispatch and combine "
+                               "alternate)")
+        return self._dispatched
 
     # -- dispatch ---------------------------------------------------------------------
     def dispatch(self, token_selected_experts, input_payloads, runtime_max_tokens_per_rank: int,
@@ -472,8 +458,8 @@ class MoeAlltoAll:
         payload (for the quantized payload an ``Fp8Rows(codes, scales)``);
         ``recv_counts`` holds the valid rows per source block.
         """
-        self._usable("dispatch")
-        if self._phase == "dispatched":
+        self.usable("dispatch")
+        if self.phase == Phase.DISPATCHED:
             raise RuntimeError("MoeAlltoAll.dispatch called twice without combine (dispatch "
                                "and combine alternate)")
         rmax = self._runtime_max(runtime_max_tokens_per_rank)
@@ -490,9 +476,27 @@ class MoeAlltoAll:
             raise ValueError(f"token_selected_experts: {T} tokens exceed "
                              f"runtime_max_tokens_per_rank={rmax}")
         payloads = self._payloads(input_payloads, T, stream)
-        id_payload, invalid = self._sanitize_option(
-            invalid_token_expert_id, expert_id_payload_index, payloads)
-        rows = [_row_bytes(a) for a in payloads]
+        key = (rmax, invalid_token_expert_id, expert_id_payload_index, quantize,
+               *((a.dtype, a.shape[1:], (a.data.ptr | _row_bytes(a)) % 16 == 0) for a in payloads))
+        prepared = self._prepared_dispatch.get(key)
+        if prepared is None:
+            prepared = self._prepare_dispatch(rmax, payloads, invalid_token_expert_id,
+                                              expert_id_payload_index, quantize)
+            if len(self._prepared_dispatch) >= _PLAN_CACHE:
+                self._prepared_dispatch.clear()
+            self._prepared_dispatch[key] = prepared
+        a = prepared.launcher.args
+        a.experts, a.num_tokens = ids.data.ptr, T
+        for i, x in enumerate(payloads):
+            a.src[i] = x.data.ptr
+        prepared.launcher(prepared.grid, prepared.block, stream_handle(stream))
+        self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
+        return list(prepared.views)
+
+    def _prepare_dispatch(self, rmax: int, payloads, invalid, id_index, quantize) -> _Prepared:
+        """Validate the options of a new payload layout; its launcher, grid and views."""
+        id_payload, invalid = self._sanitize_option(invalid, id_index, payloads)
+        rows = [_row_bytes(x) for x in payloads]
         quant = self._quant_option(quantize, payloads)  # (index, hidden) or None
         if quant is not None:
             rows[quant[0]] = quant[1]  # codes; the scales go last
@@ -503,40 +507,27 @@ class MoeAlltoAll:
                 f"input_payloads: {plan.combine_off} workspace bytes needed at "
                 f"runtime_max_tokens_per_rank={rmax}, the workspace has {self._ws.nbytes} "
                 "(size it with get_moe_workspace_size_per_rank)")
-
-        flat = self._dispatch_template.copy()
-        ix = _DISPATCH.index
-        flat[ix["experts"]] = ids.data.ptr
-        flat[ix["num_tokens"]] = T
-        flat[ix["runtime_max"]] = rmax
-        flat[ix["num_payloads"]] = len(payloads)
-        flat[ix["id_payload"]] = id_payload
-        flat[ix["invalid_id"]] = invalid
-        for i, a in enumerate(payloads):
-            flat[ix["src"] + i] = a.data.ptr
-            flat[ix["row_bytes"] + i] = plan.row_bytes[i]
-            flat[ix["recv_off"] + i] = plan.recv_off[i]
-        kernel = self._dispatch_kernel
-        if quant is not None:
-            flat[ix["quant_payload"]] = quant[0]
-            flat[ix["scale_format"]] = _SCALE_FORMATS[quantize.scale_format]
-            flat[ix["scale_row_bytes"]] = plan.row_bytes[-1]
-            flat[ix["scale_off"]] = plan.recv_off[-1]
-            kernel = self._dispatch_fp8_kernel
-        grid = max(1, min(T, 2 * self._num_sms))
-        with as_stream(stream):
-            kernel((grid,), (_DISPATCH_THREADS,), (_DISPATCH.struct(flat),))
-        self._phase, self._plan, self._num_tokens = "dispatched", plan, T
-        views = [self._ws.view(a.dtype, (self.ep_size, rmax, *a.shape[1:]), offset=off)
-                 for a, off in zip(payloads, plan.recv_off)]
+        launcher = self._new_launcher(self._dispatch_kernels[quant is not None], DispatchArgs)
+        a = launcher.args
+        a.send_slot, a.recv_counts = self._send_slot.data.ptr, self._recv_counts.data.ptr
+        a.top_k, a.num_experts, a.experts_per_rank = self.top_k, self.num_experts, self.experts_per_rank
+        a.runtime_max, a.num_payloads = rmax, len(payloads)
+        a.id_payload, a.invalid_id, a.quant_payload = id_payload, invalid, -1
+        for i in range(len(payloads)):
+            a.row_bytes[i], a.recv_off[i] = plan.row_bytes[i], plan.recv_off[i]
+        views = [self._ws.view(x.dtype, (self.ep_size, rmax, *x.shape[1:]), offset=off)
+                 for x, off in zip(payloads, plan.recv_off)]
         if quant is not None:
             i, hidden = quant
+            a.quant_payload, a.scale_format = i, _SCALE_FORMATS[quantize.scale_format]
+            a.scale_row_bytes, a.scale_off = plan.row_bytes[-1], plan.recv_off[-1]
             views[i] = Fp8Rows(
                 self._ws.view(np.uint8, (self.ep_size, rmax, hidden), offset=plan.recv_off[i]),
                 self._ws.view(quantize.scale_dtype,
                               (self.ep_size, rmax, quantize.scale_width(hidden)),
                               offset=plan.recv_off[-1]))
-        return views
+        grid = max(1, min(rmax, self.num_sms * self.config.dispatch_blocks_per_sm))
+        return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views)
 
     @staticmethod
     def _payloads(input_payloads, T: int, stream) -> list[cupy.ndarray]:
@@ -603,7 +594,7 @@ class MoeAlltoAll:
     def sanitize_expert_ids(self, expert_ids, invalid_expert_id: int, stream=None):
         """``moe_a2a_sanitize_expert_ids`` for this rank and the last dispatch's counts
         (in place on a received id tensor ``[ep_size, runtime_max, ...]`` int32)."""
-        self._usable("sanitize_expert_ids")
+        self.usable("sanitize_expert_ids")
         ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream)
         if ids.ndim < 2 or ids.shape[0] != self.ep_size:
             raise ValueError(f"expert_ids: shape {tuple(ids.shape)}, expected "
@@ -618,14 +609,14 @@ class MoeAlltoAll:
         fp16, fp32): write the expert outputs here and call ``combine(...,
         payload_in_workspace=True)`` to skip the staging copy. Only between a dispatch and
         its combine; valid until the next dispatch."""
-        self._usable("get_combine_payload_tensor_in_workspace")
-        plan = self._dispatched("get_combine_payload_tensor_in_workspace")
+        self.usable("get_combine_payload_tensor_in_workspace")
+        plan = self._require_dispatched("get_combine_payload_tensor_in_workspace").plan
         self._same_runtime_max(runtime_max_tokens_per_rank, plan)
         dtype = np.dtype(dtype)
         if dtype not in _COMBINE_KERNELS:
             raise TypeError(f"dtype {dtype.name} is not supported, expected bfloat16, float16 "
                             "or float32")
-        hidden = _int_at_least("hidden_size", hidden_size)
+        hidden = int_at_least("hidden_size", hidden_size)
         self._check_combine_row(hidden * dtype.itemsize, plan, "hidden_size")
         return self._ws.view(dtype, (self.ep_size, plan.runtime_max, hidden),
                              offset=plan.combine_off)
@@ -647,50 +638,56 @@ class MoeAlltoAll:
         Returns ``[T, H]``: per token, the fp32 sum over its distinct target ranks in rank
         order, rounded once to the payload dtype; +0 for a token routed nowhere.
         """
-        self._usable("combine")
-        plan = self._dispatched("combine")
+        self.usable("combine")
+        plan = self._require_dispatched("combine").plan
         rmax = self._same_runtime_max(runtime_max_tokens_per_rank, plan)
         x = as_array(payload, "payload", dtype=tuple(_COMBINE_KERNELS), ndim=3, stream=stream)
         if x.shape[:2] != (self.ep_size, rmax):
             raise ValueError(f"payload: shape {tuple(x.shape)}, expected [ep_size={self.ep_size}, "
                              f"runtime_max_tokens_per_rank={rmax}, hidden]")
-        hidden = x.shape[2]
-        row = hidden * x.itemsize
-        self._check_combine_row(row, plan, "payload")
+        row = x.shape[2] * x.itemsize
         region = self._ws.ptr + plan.combine_off
-        if payload_in_workspace:
-            if x.data.ptr != region:
+        stage = x.data.ptr != region
+        key = (plan.combine_off, x.dtype, row, stage)
+        prepared = self._prepared_combine.get(key)
+        if prepared is None:
+            self._check_combine_row(row, plan, "payload")
+            prepared = self._prepare_combine(plan, x.dtype, row, stage)
+            if len(self._prepared_combine) >= _PLAN_CACHE:
+                self._prepared_combine.clear()
+            self._prepared_combine[key] = prepared
+        if stage:
+            if payload_in_workspace:
                 raise ValueError("payload_in_workspace=True but payload is not the array of "
                                  "get_combine_payload_tensor_in_workspace")
-        elif x.data.ptr % 16:
-            raise ValueError(f"payload: address 0x{x.data.ptr:x} is not 16-byte aligned")
-        elif x.data.ptr != region and _overlaps(x.data.ptr, x.nbytes, region,
-                                                plan.combine_end(row) - plan.combine_off):
-            raise ValueError("payload overlaps the workspace's combine region; pass the array of "
-                             "get_combine_payload_tensor_in_workspace or a separate array")
+            if x.data.ptr % 16:
+                raise ValueError(f"payload: address 0x{x.data.ptr:x} is not 16-byte aligned")
+            if _overlaps(x.data.ptr, x.nbytes, region, plan.combine_end(row) - plan.combine_off):
+                raise ValueError("payload overlaps the workspace's combine region; pass the "
+                                 "array of get_combine_payload_tensor_in_workspace or a "
+                                 "separate array")
         T = self._num_tokens
-        out = self._out(out, (T, hidden), x.dtype, stream)
-
-        flat = self._combine_template.copy()
-        ix = _COMBINE.index
-        flat[ix["payload"]] = x.data.ptr
-        flat[ix["out"]] = out.data.ptr
-        flat[ix["num_tokens"]] = T
-        flat[ix["runtime_max"]] = rmax
-        flat[ix["row_bytes"]] = row
-        flat[ix["region_off"]] = plan.combine_off
-        stage = int(x.data.ptr != region)
-        flat[ix["stage"]] = stage
-        units = max(T, stage * self.ep_size * rmax) * (row // 16)
-        # All blocks wait for the peers, so all must be resident: at most one per SM.
-        grid = max(1, min(self._num_sms, -(-units // _COMBINE_THREADS)))
-        with as_stream(stream):
-            self._combine_kernels[x.dtype]((grid,), (_COMBINE_THREADS,), (_COMBINE.struct(flat),))
-        self._phase = "idle"
+        out = out_array(out, "out", (T, x.shape[2]), x.dtype, stream)
+        a = prepared.launcher.args
+        a.payload, a.out, a.num_tokens = x.data.ptr, out.data.ptr, T
+        prepared.launcher(prepared.grid, prepared.block, stream_handle(stream))
+        self.phase = Phase.IDLE
         return out
 
+    def _prepare_combine(self, plan: DispatchPlan, dtype, row: int, stage: bool) -> _Prepared:
+        launcher = self._new_launcher(self._combine_kernels[dtype], CombineArgs)
+        a = launcher.args
+        a.send_slot, a.recv_counts = self._send_slot.data.ptr, self._recv_counts.data.ptr
+        a.region_off, a.row_bytes = plan.combine_off, row
+        a.runtime_max, a.stage = plan.runtime_max, int(stage)
+        block = self.config.combine_threads
+        # Every block waits for the peers, so all must be resident at once.
+        units = -(-plan.runtime_max * (row // 16) // (2 * block))
+        grid = max(1, min(units, self.num_sms * self._combine_blocks_per_sm))
+        return _Prepared(launcher, grid, block, None, None)
+
     def _same_runtime_max(self, value, plan: DispatchPlan) -> int:
-        rmax = _int_at_least("runtime_max_tokens_per_rank", value)
+        rmax = int_at_least("runtime_max_tokens_per_rank", value)
         if rmax != plan.runtime_max:
             raise ValueError(f"runtime_max_tokens_per_rank={rmax} differs from the dispatch's "
                              f"{plan.runtime_max}")
@@ -706,39 +703,19 @@ class MoeAlltoAll:
                 f"after this dispatch's receive tensors, the workspace has {self._ws.nbytes} "
                 "(size it with get_moe_workspace_size_per_rank)")
 
-    @staticmethod
-    def _out(out, shape, dtype, stream) -> cupy.ndarray:
-        if out is None:
-            with as_stream(stream):
-                raw = cupy.empty(math.prod(shape) * dtype.itemsize, np.uint8)
-            return cupy.ndarray(shape, dtype, raw.data)
-        out = as_array(out, "out", dtype=dtype, shape=shape, stream=stream)
-        if out.data.ptr % 16:
-            raise ValueError(f"out: address 0x{out.data.ptr:x} is not 16-byte aligned")
-        return out
-
     # -- lifetime ---------------------------------------------------------------------
-    def close(self) -> None:
-        """Collective: wait for the device, free the workspace in order (see
-        ``SymmetricBuffer.close``). Closing twice is harmless."""
-        if self._phase == "closed":
-            return
-        self._phase = "closed"
+    def _release(self) -> None:
+        """Wait for the device, free the workspace in order (``SymmetricBuffer.close``)."""
+        self._prepared_dispatch.clear()
+        self._prepared_combine.clear()
         self._ws.close()
-        self._error.close()
         if self._owns_group:
             self._group.close()
-
-    def __enter__(self) -> "MoeAlltoAll":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"MoeAlltoAll(ep_rank={getattr(self, 'ep_rank', '?')}/"
                 f"{getattr(self, 'ep_size', '?')}, max_num_tokens={self.max_num_tokens}, "
-                f"top_k={self.top_k}, num_experts={self.num_experts}, {self._phase})")
+                f"top_k={self.top_k}, num_experts={self.num_experts}, {self.phase.value})")
 
 
 def _row_bytes(a: cupy.ndarray) -> int:

@@ -51,19 +51,22 @@ pull or reduce around the MoeAlltoAll combine).
 
 from __future__ import annotations
 
-import ctypes
 import math
 from typing import NamedTuple
 
 import cupy
 import numpy as np
 
-from ..group import ProcessGroup, default_group
-from ..kernels import Launcher, get_kernel
-from ..mapping import Mapping
+from ..constants import (A2A_MAX_RANKS, COMPACT_MAX_CAPACITY, COMPACT_MAX_LOCAL_EXPERTS,
+                         COMPACT_MAX_TOP_K, CompactStat)
+from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceArgs,
+                           CompactStageArgs)
+from ..kernels import get_kernel
+from ..launch import Launcher
+from ..op import Op, Phase, device_facts, empty, ep_group, int_at_least, out_array, round_up
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, stream_handle
-from .alltoall import MAX_RANKS, MoeAlltoAll, moe_a2a_get_workspace_size_per_rank
+from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
 
 __all__ = [
     "MAX_CAPACITY",
@@ -76,45 +79,15 @@ __all__ = [
     "EPLayout",
 ]
 
-MAX_LOCAL_EXPERTS = 1024  # MOECOMM_COMPACT_MAX_LOCAL_EXPERTS
-MAX_TOP_K = 256  # MOECOMM_COMPACT_TILE: one row's k entries fit a scatter tile
-MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
+MAX_LOCAL_EXPERTS = COMPACT_MAX_LOCAL_EXPERTS
+MAX_TOP_K = COMPACT_MAX_TOP_K  # one row's k entries fit a scatter tile
+MAX_CAPACITY = COMPACT_MAX_CAPACITY
 _SOURCE = "moe_compact.cu"
 _DISPATCH_THREADS = 512
 _COMBINE_THREADS = 256
-# stats words (kStat* in moe_compact.cu)
-_ROWS, _NEEDED, _DROPPED, _MAX_NEEDED, _MAX_DROPPED = 1, 2, 3, 4, 5
 _SUFFIX = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}
 if bfloat16 is not None:
     _SUFFIX[bfloat16] = "bf16"
-
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-
-
-class _DispatchArgs(ctypes.Structure):
-    """DispatchParams of moe_compact.cu, field for field."""
-
-    _fields_ = [(n, _P) for n in (
-        "ids", "tok", "x", "w", "recv_counts", "recv_x", "recv_w", "src", "inv", "codes",
-        "hist", "base", "stats", "tokens_per_expert", "offsets")] + [(n, _I) for n in (
-            "ep_size", "rank", "experts_per_rank", "top_k", "runtime_max", "capacity",
-            "row_bytes", "code_width")]
-
-
-class _PullArgs(ctypes.Structure):
-    """PullParams of moe_compact.cu."""
-
-    _fields_ = [("peers", _P), ("codes", _P), ("out", _P)] + [(n, _I) for n in (
-        "y_off", "w_off", "num_tokens", "top_k", "code_width", "row_bytes", "ep_size",
-        "capacity", "apply_weights")]
-
-
-class _ReduceArgs(ctypes.Structure):
-    """ReduceParams of moe_compact.cu."""
-
-    _fields_ = [(n, _P) for n in ("y", "recv_w", "inv", "recv_counts", "payload")] + [
-        (n, _I) for n in ("ep_size", "runtime_max", "top_k", "row_bytes", "capacity",
-                          "apply_weights")]
 
 
 class CapacityError(RuntimeError):
@@ -123,46 +96,6 @@ class CapacityError(RuntimeError):
     def __init__(self, message: str, needed: int, capacity: int):
         super().__init__(message)
         self.needed, self.capacity = needed, capacity
-
-
-def _int_at_least(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _round_up(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
-def _ep_group(group) -> tuple[ProcessGroup, bool]:
-    """The ep group and whether this object made it (and must close it)."""
-    if group is None:
-        return default_group(), False
-    if isinstance(group, Mapping):
-        parent = default_group()
-        if (group.world_size, group.rank) != (parent.size, parent.rank):
-            raise ValueError(f"mapping (world_size={group.world_size}, rank={group.rank}) does "
-                             f"not match the default group (size={parent.size}, "
-                             f"rank={parent.rank})")
-        return parent.split(group.moe_ep_group), True
-    if not isinstance(group, ProcessGroup):
-        raise TypeError(f"group: expected a ProcessGroup or Mapping, got {type(group).__name__}")
-    return group, False
-
-
-def _empty(shape, dtype) -> cupy.ndarray:
-    """A device array of any dtype CuPy can view (bf16 included)."""
-    dtype = np.dtype(dtype)
-    raw = cupy.empty(max(1, math.prod(shape)) * dtype.itemsize, np.uint8)
-    return cupy.ndarray(shape, dtype, raw.data)
-
-
-def _launch(launcher: Launcher, args: ctypes.Structure, grid: int, block: int, stream: int):
-    ctypes.pointer(launcher.slot(0))[0] = args
-    launcher(grid, block, stream)
 
 
 class EPDispatchOutput(NamedTuple):
@@ -204,7 +137,7 @@ class EPLayout:
     @property
     def current(self) -> bool:
         """False once a later dispatch has rewritten the arrays."""
-        return self._owner._epoch == self._epoch and self._owner._phase != "closed"
+        return self._owner._epoch == self._epoch and not self._owner.closed
 
     def _check(self, what: str) -> EPAllToAll:
         if not self.current:
@@ -226,15 +159,15 @@ class EPLayout:
 
     @property
     def num_rows(self) -> cupy.ndarray:
-        return self._check("num_rows")._stats[_ROWS:_ROWS + 1]
+        return self._check("num_rows")._stats[CompactStat.ROWS:CompactStat.ROWS + 1]
 
     @property
     def num_needed(self) -> cupy.ndarray:
-        return self._check("num_needed")._stats[_NEEDED:_NEEDED + 1]
+        return self._check("num_needed")._stats[CompactStat.NEEDED:CompactStat.NEEDED + 1]
 
     @property
     def num_dropped(self) -> cupy.ndarray:
-        return self._check("num_dropped")._stats[_DROPPED:_DROPPED + 1]
+        return self._check("num_dropped")._stats[CompactStat.DROPPED:CompactStat.DROPPED + 1]
 
     def tokens_per_expert_host(self, stream=None) -> np.ndarray:
         """``tokens_per_expert`` as a NumPy array. Synchronises ``stream``."""
@@ -246,13 +179,13 @@ class EPLayout:
         """Rows held in recv_x. Synchronises ``stream``."""
         owner = self._check("num_rows_host")
         as_stream(stream).synchronize()
-        return int(owner._stats[_ROWS].get())
+        return int(owner._stats[CompactStat.ROWS].get())
 
     def check_capacity(self, stream=None) -> None:
         """Raise ``CapacityError`` if this dispatch dropped rows. Synchronises ``stream``."""
         owner = self._check("check_capacity")
         as_stream(stream).synchronize()
-        needed, dropped = (int(v) for v in owner._stats[_NEEDED:_DROPPED + 1].get())
+        needed, dropped = (int(v) for v in owner._stats[CompactStat.NEEDED:CompactStat.DROPPED + 1].get())
         if dropped:
             raise CapacityError(
                 f"EPAllToAll.dispatch: rank {owner.ep_rank} received {needed} rows, the "
@@ -260,7 +193,7 @@ class EPLayout:
                 "were dropped (raise max_recv_rows / capacity_factor)", needed, owner.capacity)
 
 
-class EPAllToAll:
+class EPAllToAll(Op):
     """Expert-parallel all-to-all, compact expert-major layout (see the module doc).
 
     Args:
@@ -279,20 +212,24 @@ class EPAllToAll:
             rounding: see the module doc). Default False: the exact, reference combine.
         timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
 
+        config: the ``MoeAlltoAllConfig`` of the exchange (SM budget, block sizes).
+
     Collective over the ep group, like ``close()``. Also a context manager.
     """
+
+    name = "EPAllToAll"
 
     def __init__(self, group, max_num_tokens: int, top_k: int, num_experts: int, hidden: int,
                  dtype=bfloat16, *, max_recv_rows: int | None = None,
                  capacity_factor: float | None = None, combine_dtype=None,
-                 local_combine: bool = False, timeout_s: float | None = None):
-        self._phase = "closed"
-        self.max_num_tokens = _int_at_least("max_num_tokens", max_num_tokens)
-        self.top_k = _int_at_least("top_k", top_k)
+                 local_combine: bool = False, timeout_s: float | None = None,
+                 config: MoeAlltoAllConfig | None = None):
+        self.max_num_tokens = int_at_least("max_num_tokens", max_num_tokens)
+        self.top_k = int_at_least("top_k", top_k)
         if self.top_k > MAX_TOP_K:
             raise ValueError(f"top_k={self.top_k} exceeds the supported {MAX_TOP_K}")
-        self.num_experts = _int_at_least("num_experts", num_experts)
-        self.hidden = _int_at_least("hidden", hidden)
+        self.num_experts = int_at_least("num_experts", num_experts)
+        self.hidden = int_at_least("hidden", hidden)
         self.dtype = np.dtype(dtype)
         self.combine_dtype = self.dtype if combine_dtype is None else np.dtype(combine_dtype)
         if self.combine_dtype not in _SUFFIX:
@@ -308,14 +245,14 @@ class EPAllToAll:
         if max_recv_rows is not None and capacity_factor is not None:
             raise ValueError("pass max_recv_rows or capacity_factor, not both")
 
-        group, owned = _ep_group(group)
+        group, owned = ep_group(group)
         try:
             if group.spans_nodes:
                 raise ValueError(f"EPAllToAll: the ep group spans {group.num_nodes} nodes; CUDA "
                                  "IPC reaches one node only (use an ep group inside a node)")
             ep = group.local_size
-            if ep > MAX_RANKS:
-                raise ValueError(f"ep size {ep} exceeds the maximum {MAX_RANKS}")
+            if ep > A2A_MAX_RANKS:
+                raise ValueError(f"ep size {ep} exceeds the maximum {A2A_MAX_RANKS}")
             if self.num_experts % ep:
                 raise ValueError(f"num_experts={self.num_experts} is not a multiple of the ep "
                                  f"size {ep}")
@@ -324,18 +261,18 @@ class EPAllToAll:
                 raise ValueError(f"{self.experts_per_rank} experts per rank exceed the "
                                  f"supported {MAX_LOCAL_EXPERTS}")
             self.capacity = self._capacity(ep, max_recv_rows, capacity_factor)
-            self._make(group, ep, timeout_s)
+            self._make(group, ep, timeout_s, config)
         except BaseException:
             if owned:
                 group.close()
             raise
         self._group, self._owns_group = group, owned
-        self._phase = "idle"
+        self._open(None)  # waits are the exchange's: check_error goes to it
 
     def _capacity(self, ep: int, max_recv_rows, capacity_factor) -> int:
         worst = ep * self.max_num_tokens * self.top_k
         if max_recv_rows is not None:
-            cap = _int_at_least("max_recv_rows", max_recv_rows)
+            cap = int_at_least("max_recv_rows", max_recv_rows)
         elif capacity_factor is not None:
             factor = float(capacity_factor)
             if not factor > 0:
@@ -349,24 +286,24 @@ class EPAllToAll:
                              "(pass a smaller max_recv_rows / capacity_factor)")
         return cap
 
-    def _make(self, group: ProcessGroup, ep: int, timeout_s) -> None:
+    def _make(self, group, ep: int, timeout_s, config) -> None:
         k, H, cap, epr = self.top_k, self.hidden, self.capacity, self.experts_per_rank
         row_x = H * self.dtype.itemsize
         row_y = H * self.combine_dtype.itemsize
-        self._code_width = _round_up(2 * k, 4)
+        self._code_width = round_up(2 * k, 4)
         combine_bytes = row_y if self.local_combine else 4 * self._code_width
         ws = moe_a2a_get_workspace_size_per_rank(
             ep, self.max_num_tokens, row_x + 8 * k + 4, combine_bytes, num_payloads=4)
         self._a2a = MoeAlltoAll(group, self.max_num_tokens, k, self.num_experts,
-                                workspace_size_per_rank=ws, timeout_s=timeout_s)
+                                workspace_size_per_rank=ws, timeout_s=timeout_s, config=config)
         self.ep_rank, self.ep_size = self._a2a.ep_rank, self._a2a.ep_size
         self._sym = None
         try:
-            sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+            sms = device_facts().sms
             self._sms, self._max_grid = sms, 2 * sms
             # One spare row past the capacity in recv_x / src / recv_weights: nothing may
             # ever be written there (tests poison and check it).
-            self._recv_x_buf = _empty((cap + 1, H), self.dtype)
+            self._recv_x_buf = empty((cap + 1, H), self.dtype)
             self._src_buf = cupy.zeros((cap + 1, 3), np.int32)
             if self.local_combine:
                 self._recv_w_buf = cupy.zeros(cap + 1, np.float32)
@@ -374,8 +311,8 @@ class EPAllToAll:
                 self._y_local = None
             else:
                 self._y_off = 0
-                self._w_off = _round_up(cap * row_y, 256)
-                self._sym = SymmetricBuffer(group, self._w_off + _round_up(4 * (cap + 1), 256))
+                self._w_off = round_up(cap * row_y, 256)
+                self._sym = SymmetricBuffer(group, self._w_off + round_up(4 * (cap + 1), 256))
                 self._recv_w_buf = self._sym.view(np.float32, (cap + 1,), offset=self._w_off)
                 self._codes_out = cupy.zeros((self.max_num_tokens, self._code_width), np.float32)
             self._hist = cupy.zeros(self._max_grid * epr, np.int32)
@@ -388,35 +325,36 @@ class EPAllToAll:
             self._recv_x, self._src = self._recv_x_buf[:cap], self._src_buf[:cap]
             self._recv_w = self._recv_w_buf[:cap]
 
-            self._dargs = _DispatchArgs(
-                recv_counts=self._a2a.recv_counts.data.ptr, recv_x=self._recv_x_buf.data.ptr,
-                recv_w=self._recv_w_buf.data.ptr, src=self._src_buf.data.ptr,
-                inv=self._inv.data.ptr if self.local_combine else None,
-                hist=self._hist.data.ptr, base=self._base.data.ptr, stats=self._stats.data.ptr,
-                tokens_per_expert=self._tpe.data.ptr, offsets=self._offsets.data.ptr,
-                ep_size=ep, rank=self.ep_rank, experts_per_rank=epr, top_k=k, capacity=cap,
-                row_bytes=row_x, code_width=self._code_width)
-            self._count = Launcher(get_kernel(_SOURCE, "moe_compact_count"), [_DispatchArgs])
-            self._scatter = Launcher(get_kernel(_SOURCE, "moe_compact_scatter"), [_DispatchArgs])
+            self._count = Launcher(get_kernel(_SOURCE, "moe_compact_count"), CompactDispatchArgs)
+            self._scatter = Launcher(get_kernel(_SOURCE, "moe_compact_scatter"), self._count.args)
+            d = self._count.args
+            d.recv_counts, d.recv_x = self._a2a.recv_counts.data.ptr, self._recv_x_buf.data.ptr
+            d.recv_w, d.src = self._recv_w_buf.data.ptr, self._src_buf.data.ptr
+            d.inv = self._inv.data.ptr if self.local_combine else None
+            d.hist, d.base, d.stats = self._hist.data.ptr, self._base.data.ptr, self._stats.data.ptr
+            d.tokens_per_expert, d.offsets = self._tpe.data.ptr, self._offsets.data.ptr
+            d.ep_size, d.rank, d.experts_per_rank, d.top_k = ep, self.ep_rank, epr, k
+            d.capacity, d.row_bytes, d.code_width = cap, row_x, self._code_width
             suffix = _SUFFIX[self.combine_dtype]
             if self.local_combine:
-                self._rargs = _ReduceArgs(
-                    recv_w=self._recv_w_buf.data.ptr, inv=self._inv.data.ptr,
-                    recv_counts=self._a2a.recv_counts.data.ptr, ep_size=ep, top_k=k,
-                    row_bytes=row_y, capacity=cap)
                 self._reduce = Launcher(get_kernel(_SOURCE, f"moe_compact_reduce_{suffix}"),
-                                        [_ReduceArgs])
+                                        CompactReduceArgs)
+                r = self._reduce.args
+                r.recv_w, r.inv = self._recv_w_buf.data.ptr, self._inv.data.ptr
+                r.recv_counts, r.ep_size, r.top_k = self._a2a.recv_counts.data.ptr, ep, k
+                r.row_bytes, r.capacity = row_y, cap
             else:
-                self._pargs = _PullArgs(
-                    peers=self._sym.peer_ptrs.data.ptr, codes=self._codes_out.data.ptr,
-                    y_off=self._y_off, w_off=self._w_off, top_k=k,
-                    code_width=self._code_width, row_bytes=row_y, ep_size=ep, capacity=cap)
                 self._pull = Launcher(get_kernel(_SOURCE, f"moe_compact_pull_{suffix}"),
-                                      [_PullArgs])
-                self._stage = Launcher(get_kernel(_SOURCE, "moe_compact_stage"),
-                                       [_P, _P, _P, _I, _I])
-                self._stage.set_all([0, self._sym.ptr + self._y_off, self._stats.data.ptr,
-                                     row_y, cap])
+                                      CompactPullArgs)
+                q = self._pull.args
+                q.peers[:ep] = self._sym.ptrs
+                q.codes, q.y_off, q.w_off = self._codes_out.data.ptr, self._y_off, self._w_off
+                q.top_k, q.code_width, q.row_bytes = k, self._code_width, row_y
+                q.ep_size, q.capacity = ep, cap
+                self._stage = Launcher(get_kernel(_SOURCE, "moe_compact_stage"), CompactStageArgs)
+                g = self._stage.args
+                g.dst, g.stats = self._sym.ptr + self._y_off, self._stats.data.ptr
+                g.row_bytes, g.capacity = row_y, cap
             cupy.cuda.runtime.deviceSynchronize()  # zeroed buffers visible to any stream
         except BaseException:
             if self._sym is not None:
@@ -445,21 +383,43 @@ class EPAllToAll:
         """Raise ``CapacityError`` if any dispatch since the last check dropped rows (the
         largest overflow is reported), and reset that record. Synchronises ``stream``:
         call it after graph replays or periodically, not on the hot path."""
-        self._usable("check_capacity")
+        self.usable("check_capacity")
         as_stream(stream).synchronize()
-        needed, dropped = (int(v) for v in self._stats[_MAX_NEEDED:_MAX_DROPPED + 1].get())
+        needed, dropped = (int(v) for v in self._stats[CompactStat.MAX_NEEDED:CompactStat.MAX_DROPPED + 1].get())
         if dropped:
-            self._stats[_MAX_NEEDED:_MAX_DROPPED + 1] = 0
+            self._stats[CompactStat.MAX_NEEDED:CompactStat.MAX_DROPPED + 1] = 0
             cupy.cuda.runtime.deviceSynchronize()
             raise CapacityError(
                 f"EPAllToAll: a dispatch on rank {self.ep_rank} received up to {needed} rows, "
                 f"the capacity is {self.capacity}; up to {dropped} rows were dropped (raise "
                 "max_recv_rows / capacity_factor)", needed, self.capacity)
 
-    def _usable(self, op: str) -> None:
-        if self._phase == "closed":
-            raise RuntimeError(f"EPAllToAll.{op}: the layer is closed")
+    def usable(self, what: str) -> None:
+        super().usable(what)
         self._a2a.check_error()
+
+    def poison(self) -> None:
+        """Fill every output buffer (recv_x with its spare row past the capacity, src,
+        recv_weights, tokens_per_expert, offsets, the row counters, the combine input
+        region, the exchange's code rows) with 0xFF bytes and poison the exchange
+        (``MoeAlltoAll.poison``), keeping the arrival counter and the sticky capacity
+        record: tests use it to prove that every valid output is written. Synchronizes
+        the device; not collective."""
+        self.usable("poison")
+        cupy.cuda.runtime.deviceSynchronize()
+        for buf in (self._recv_x_buf, self._src_buf, self._recv_w_buf, self._tpe, self._offsets):
+            buf.view(np.uint8).fill(0xFF)
+        self._stats[CompactStat.ROWS:CompactStat.DROPPED + 1] = -1
+        if not self.local_combine:
+            self.get_combine_input_tensor_in_workspace().view(np.uint8).fill(0xFF)
+            self._codes_out.view(np.uint8).fill(0xFF)
+        self._a2a.poison()
+
+    def overrun_guard(self) -> tuple:
+        """Views of the spare row just past the capacity, which no dispatch may write:
+        ``(recv_x [1, H], src [1, 3], weight [1])`` (tests check it keeps its poison)."""
+        cap = self.capacity
+        return self._recv_x_buf[cap:], self._src_buf[cap:], self._recv_w_buf[cap:]
 
     # -- dispatch ---------------------------------------------------------------------
     def dispatch(self, x, topk_ids, weights=None, stream=None, *,
@@ -477,13 +437,13 @@ class EPAllToAll:
         Returns ``EPDispatchOutput(recv_x, recv_weights, layout)`` (views of the layer's
         buffers, rewritten by the next dispatch).
         """
-        self._usable("dispatch")
-        if self._phase == "dispatched":
+        self.usable("dispatch")
+        if self.phase == Phase.DISPATCHED:
             raise RuntimeError("EPAllToAll.dispatch called twice without combine (dispatch and "
                                "combine alternate)")
         rmax = self.max_num_tokens
         if runtime_max_tokens_per_rank is not None:
-            rmax = _int_at_least("runtime_max_tokens_per_rank", runtime_max_tokens_per_rank)
+            rmax = int_at_least("runtime_max_tokens_per_rank", runtime_max_tokens_per_rank)
             if rmax > self.max_num_tokens:
                 raise ValueError(f"runtime_max_tokens_per_rank={rmax} exceeds max_num_tokens="
                                  f"{self.max_num_tokens}")
@@ -503,7 +463,7 @@ class EPAllToAll:
             w = as_array(weights, "weights", dtype=np.float32, shape=(T, k), stream=stream)
 
         recv = self._a2a.dispatch(ids, [xa, ids, self._iota[:T], w], rmax, stream=stream)
-        args = self._dargs
+        args = self._count.args
         args.x, args.ids, args.tok, args.w = (a.data.ptr for a in recv)
         args.runtime_max = rmax
         self._codes_region = None
@@ -513,10 +473,10 @@ class EPAllToAll:
             args.codes = self._codes_region.data.ptr
         grid = max(1, min(self._max_grid, -(-self.ep_size * rmax // 8)))
         handle = stream_handle(stream)
-        _launch(self._count, args, grid, _DISPATCH_THREADS, handle)
-        _launch(self._scatter, args, grid, _DISPATCH_THREADS, handle)
+        self._count(grid, _DISPATCH_THREADS, handle)
+        self._scatter(grid, _DISPATCH_THREADS, handle)
         self._epoch += 1
-        self._phase, self._rmax = "dispatched", rmax
+        self.phase, self._rmax = Phase.DISPATCHED, rmax
         self._layout = EPLayout(self, self._epoch, T, rmax)
         return EPDispatchOutput(self._recv_x, self._recv_w, self._layout)
 
@@ -525,10 +485,10 @@ class EPAllToAll:
         """A ``[capacity, H]`` array of combine_dtype to write the expert outputs into:
         ``combine`` of this very array skips the copy into the exchange buffer. Write it
         on the op's stream, after the dispatch (peers read it until then)."""
-        self._usable("get_combine_input_tensor_in_workspace")
+        self.usable("get_combine_input_tensor_in_workspace")
         if self.local_combine:  # y is read locally: any array will do, this one included
             if self._y_local is None:
-                self._y_local = _empty((self.capacity, self.hidden), self.combine_dtype)
+                self._y_local = empty((self.capacity, self.hidden), self.combine_dtype)
             return self._y_local
         return self._sym.view(self.combine_dtype, (self.capacity, self.hidden),
                               offset=self._y_off)
@@ -547,10 +507,10 @@ class EPAllToAll:
         Returns ``[T, H]``: per token the fp32 sum of its slots' rows in slot order, rounded
         once (module doc; with ``local_combine`` the two-level sum).
         """
-        self._usable("combine")
+        self.usable("combine")
         if not isinstance(layout, EPLayout) or layout._owner is not self:
             raise TypeError("layout: expected the EPLayout returned by this layer's dispatch")
-        if layout is not self._layout or self._phase != "dispatched":
+        if layout is not self._layout or self.phase != Phase.DISPATCHED:
             raise RuntimeError("EPAllToAll.combine needs the layout of the dispatch just before "
                                "(dispatch and combine alternate)")
         if not isinstance(apply_weights, (bool, np.bool_)):
@@ -558,16 +518,16 @@ class EPAllToAll:
         ya = as_array(y, "y", dtype=self.combine_dtype, shape=(self.capacity, self.hidden),
                       stream=stream)
         T, rmax = layout.num_tokens, self._rmax
-        out = self._out(out, T, stream)
+        out = out_array(out, "out", (T, self.hidden), self.combine_dtype, stream)
         handle = stream_handle(stream)
         if self.local_combine:
             region = self._a2a.get_combine_payload_tensor_in_workspace(
                 rmax, self.hidden, self.combine_dtype)
-            args = self._rargs
+            args = self._reduce.args
             args.y, args.payload = ya.data.ptr, region.data.ptr
             args.runtime_max, args.apply_weights = rmax, int(apply_weights)
             units = self.ep_size * rmax * (self.hidden * self.combine_dtype.itemsize // 16)
-            _launch(self._reduce, args, self._combine_grid(units), _COMBINE_THREADS, handle)
+            self._reduce(self._combine_grid(units), _COMBINE_THREADS, handle)
             self._a2a.combine(region, rmax, payload_in_workspace=True, stream=stream, out=out)
         else:
             y_region = self._sym.ptr + self._y_off
@@ -576,46 +536,34 @@ class EPAllToAll:
                     raise ValueError("y overlaps the layer's combine input buffer; pass the "
                                      "array of get_combine_input_tensor_in_workspace or a "
                                      "separate array")
-                self._stage.set(0, ya.data.ptr)
+                self._stage.args.y = ya.data.ptr
                 units = ya.nbytes // 16
                 self._stage(self._combine_grid(units), _COMBINE_THREADS, handle)
             self._a2a.combine(self._codes_region, rmax, payload_in_workspace=True, stream=stream,
                               out=self._codes_out[:T])
             if T:
-                args = self._pargs
+                args = self._pull.args
                 args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
                 units = T * (self.hidden * self.combine_dtype.itemsize // 16)
-                _launch(self._pull, args, self._combine_grid(units), _COMBINE_THREADS, handle)
-        self._phase = "idle"
+                self._pull(self._combine_grid(units), _COMBINE_THREADS, handle)
+        self.phase = Phase.IDLE
         return out
 
     def _combine_grid(self, units: int) -> int:
         return max(1, min(4 * self._sms, -(-units // _COMBINE_THREADS)))
 
-    def _out(self, out, T: int, stream) -> cupy.ndarray:
-        if out is None:
-            with as_stream(stream):
-                return _empty((T, self.hidden), self.combine_dtype)
-        out = as_array(out, "out", dtype=self.combine_dtype, shape=(T, self.hidden),
-                       stream=stream)
-        if out.data.ptr % 16:
-            raise ValueError(f"out: address 0x{out.data.ptr:x} is not 16-byte aligned")
-        return out
-
     # -- lifetime ---------------------------------------------------------------------
-    def close(self) -> None:
-        """Collective: wait for the device, free the exchange buffers in order. Closing
-        twice is harmless."""
-        if self._phase == "closed":
-            return
-        self._phase = "closed"
+    def _release(self) -> None:
+        """Wait for the device, free the exchange buffers in order."""
         self._a2a.close()
         if self._sym is not None:
             self._sym.close()
         if self._owns_group:
             self._group.close()
 
-    finalize = close  # 003's name
+    def finalize(self) -> None:
+        """``close()`` under reference document 003's name."""
+        self.close()
 
     def __enter__(self) -> EPAllToAll:
         return self
@@ -628,7 +576,7 @@ class EPAllToAll:
                 f"{getattr(self, 'ep_size', '?')}, max_num_tokens={self.max_num_tokens}, "
                 f"top_k={self.top_k}, num_experts={self.num_experts}, "
                 f"capacity={getattr(self, 'capacity', '?')}, "
-                f"{'local' if self.local_combine else 'exact'} combine, {self._phase})")
+                f"{'local' if self.local_combine else 'exact'} combine, {self.phase.value})")
 
 
 EPAll2AllLayer = EPAllToAll  # the name of reference document 003
