@@ -14,10 +14,10 @@ import time
 import cupy
 import numpy as np
 
-from ..allreduce import Algorithm, all_reduce, create_allreduce_workspace
+from ..allreduce import Algorithm, AllReduceConfig, all_reduce, create_allreduce_workspace
 from ..tensors import bfloat16
-from .common import (environment, graph_median_us, median_us, print_table, pyplot, require_gpu,
-                     write_result)
+from .common import (environment, graph_median_us, median_us, parse_config, print_table, pyplot,
+                     require_gpu, write_result)
 
 SIZES = [1 << 10, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 DTYPES = {"bf16": bfloat16, "fp16": np.float16, "fp32": np.float32}
@@ -26,8 +26,11 @@ DTYPES = {"bf16": bfloat16, "fp16": np.float16, "fp32": np.float32}
 def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sizes", default=",".join(str(s) for s in SIZES), help="bytes, comma-separated")
-    p.add_argument("--max-oneshot", type=int, default=4 << 20, help="Lamport buffer bytes")
+    p.add_argument("--max-oneshot", type=int, default=64 << 20,
+                   help="Lamport buffer bytes (one-shot is timed up to this size)")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--config", default="",
+                   help="AllReduceConfig fields, e.g. oneshot_threads=512,pdl=0")
     p.add_argument("--plot", action="store_true", help="write a PNG (needs matplotlib)")
 
 
@@ -52,8 +55,10 @@ def run(args) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     world = group.size
     exclusive = env["gpu_count"] == world
+    config = parse_config(AllReduceConfig, args.config)
     ws = create_allreduce_workspace(group, max_bytes=max(sizes), dtype=dtype,
-                                    max_oneshot_bytes=min(args.max_oneshot, max(sizes)))
+                                    max_oneshot_bytes=min(args.max_oneshot, max(sizes)),
+                                    config=config)
     algos = [Algorithm.ONESHOT, Algorithm.TWOSHOT, Algorithm.AUTO]
     if exclusive:
         algos.append(Algorithm.NCCL)
@@ -106,7 +111,7 @@ def run(args) -> int:
         print(f"host cost of an eager call: {host:.1f} us; faster algorithm by size: {crossover}")
         path = write_result(args.out, f"allreduce-{args.dtype}", env, rows,
                             host_us_per_eager_call=host, faster_by_size=crossover,
-                            shared_gpu=not exclusive)
+                            shared_gpu=not exclusive, config=repr(config))
         print(f"wrote {path}")
         if args.plot:
             _plot(rows, path.with_suffix(".png"), env)

@@ -101,6 +101,21 @@ def write_result(out_dir: str, name: str, env: dict, rows: list[dict], **extra) 
     return path
 
 
+def parse_config(cls, text: str):
+    """A frozen config dataclass from ``"field=value,field=value"`` (ints, bools as 0/1)."""
+    import dataclasses
+
+    values = {}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in types:
+            raise SystemExit(f"--config: {cls.__name__} has no field {name!r}; fields: "
+                             f"{sorted(types)}")
+        values[name] = bool(int(value)) if "bool" in str(types[name]) else int(value)
+    return cls(**values)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -1,11 +1,12 @@
-"""Peer bandwidth: a kernel reading a peer's SymmetricBuffer vs cudaMemcpyPeer.
+"""Peer bandwidth: a kernel reading or writing a peer's SymmetricBuffer vs cudaMemcpyPeer.
 
-Every rank owns a SymmetricBuffer of ``--bytes`` random bytes; local rank r copies the
-buffer of local rank r+1 (mod n) into its own memory, either with ``copy_bytes`` (a kernel
-dereferencing the peer pointer: the path every moecomm op uses) or with
-``cudaMemcpyPeerAsync`` (the copy engines). ``one``: only local rank 0 copies;
-``all``: every rank at once. GB/s = bytes copied / median time (bytes read once).
-When ranks share a GPU the "peer" is the same device and this measures a local copy.
+Every rank owns a SymmetricBuffer of ``--bytes`` random bytes; local rank r moves
+``--bytes`` between its own memory and the buffer of local rank r+1 (mod n): ``read``, a
+kernel (``copy_bytes``) loading through the peer pointer into local memory; ``write``, the
+kernel storing local bytes through the peer pointer (the direction a push-based op uses);
+``memcpy_peer``, ``cudaMemcpyPeerAsync`` (the copy engines) reading the peer. ``one``: only
+local rank 0 copies; ``all``: every rank at once. GB/s = bytes moved / median time. When
+ranks share a GPU the "peer" is the same device and this measures a local copy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
+from ..kernel_args import CopyArgs
 from ..kernels import get_kernel
+from ..launch import Launcher
 from ..symmetric import SymmetricBuffer
 from .common import environment, median_us, print_table, require_gpu, write_result
 
@@ -28,7 +31,7 @@ def run(args) -> int:
     group = require_gpu()
     n = args.bytes
     env = environment(group)
-    kernel = get_kernel("symmetric.cu", "copy_bytes")
+    copy = Launcher(get_kernel("symmetric.cu", "copy_bytes"), CopyArgs)
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     devices = group.local_comm.allgather(group.device_id)
     peer = (group.local_rank + 1) % group.local_size
@@ -41,23 +44,36 @@ def run(args) -> int:
         dst = cupy.empty(n, np.uint8)
         src = buf.ptrs[peer]
 
-        def via_kernel(blocks):
-            return lambda: kernel((blocks,), (512,), (np.uint64(src), dst, np.uint64(n)),
-                                  stream=stream)
+        mine = cupy.random.randint(0, 256, n, dtype=np.uint8)  # what `write` sends
+
+        def via_kernel(blocks, to_peer=False):
+            def call():
+                a = copy.args
+                if to_peer:  # write into the peer's buffer (NVLink stores)
+                    a.dst, a.src, a.nbytes = src, mine.data.ptr, n
+                else:  # read the peer's buffer (NVLink loads)
+                    a.dst, a.src, a.nbytes = dst.data.ptr, src, n
+                copy(blocks, 512, stream.ptr)
+            return call
 
         def via_memcpy():
             cupy.cuda.runtime.memcpyPeerAsync(dst.data.ptr, group.device_id, src, devices[peer],
                                               n, stream.ptr)
 
-        methods = [(f"kernel x{b}/SM", via_kernel(b * sms)) for b in
-                   (int(x) for x in args.blocks_per_sm.split(","))] + [("memcpy_peer", via_memcpy)]
+        per_sm = [int(x) for x in args.blocks_per_sm.split(",")]
+        methods = ([(f"read x{b}/SM", via_kernel(b * sms)) for b in per_sm]
+                   + [(f"write x{b}/SM", via_kernel(b * sms, True)) for b in per_sm]
+                   + [("memcpy_peer", via_memcpy)])
         for mode in ("one", "all"):
             for name, fn in methods:
                 dst.fill(0)
                 group.local_barrier()
                 active = mode == "all" or group.local_rank == 0
                 us = median_us(fn, iters=args.iters, stream=stream) if active else None
-                ok = bool(cupy.array_equal(dst, buf.view(np.uint8, (n,), rank=peer))) if active else True
+                cupy.cuda.runtime.deviceSynchronize()
+                group.local_barrier()
+                moved = mine if name.startswith("write") else dst
+                ok = bool(cupy.array_equal(moved, buf.view(np.uint8, (n,), rank=peer))) if active else True
                 group.local_barrier()
                 results = group.local_comm.allgather((us, ok))
                 if not all(r[1] for r in results):
