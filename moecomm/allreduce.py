@@ -35,9 +35,9 @@ from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
 from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
 from .launch import Launcher
-from .op import Op, group_sms, int_at_least, out_array, require_aligned, round_up
+from .op import Op, empty, group_sms, int_at_least, round_up
 from .symmetric import SymmetricBuffer
-from .tensors import FLOAT_DTYPES, as_array, as_stream, bfloat16, dtype_name, stream_handle
+from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
 _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", bfloat16: "bf16"}
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
@@ -150,6 +150,7 @@ class AllReduceWorkspace(Op):
         if not isinstance(self.config, AllReduceConfig):
             raise TypeError(f"config: expected an AllReduceConfig, got {type(config).__name__}")
         self.world, self.rank = self.group.size, self.group.rank
+        self.device_id = cupy.cuda.runtime.getDevice()
         self.timeout_ns = timeout_ns(timeout_s)
         self.ipc = not self.group.spans_nodes
         if self.ipc and self.world > AR_MAX_RANKS:
@@ -189,6 +190,7 @@ class AllReduceWorkspace(Op):
             ag_off=ag_off, flag_off=0, rank=self.group.local_rank, world=self.world)
         self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
         suffix = _SUFFIX[self.dtype]
+        self._geometry: dict = {}  # (bytes, algorithm) -> (grid, block, chunk vectors)
         self._launchers = {}
         for algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
             launcher = Launcher(kernels.get_kernel("allreduce.cu", f"allreduce_{algo.value}_{suffix}"),
@@ -239,19 +241,25 @@ class AllReduceWorkspace(Op):
         """Wait for ``stream`` and raise ``PeerTimeoutError`` if a peer never arrived."""
         self.check_error(stream, synchronize=True)
 
-    def launch(self, x: cupy.ndarray, out: cupy.ndarray, algorithm: Algorithm,
+    def launch(self, x_ptr: int, out_ptr: int, n: int, algorithm: Algorithm,
                stream_ptr: int) -> None:
-        """Launch the ``algorithm`` kernel on validated arrays (``all_reduce`` checks)."""
-        n = x.size
-        nvec = -(-x.nbytes // 16)
+        """Launch the ``algorithm`` kernel over ``n`` elements at validated addresses
+        (``all_reduce`` checks)."""
+        nbytes = n * self.dtype.itemsize
+        geometry = self._geometry.get((nbytes, algorithm))
+        if geometry is None:
+            nvec = -(-nbytes // 16)
+            if algorithm == Algorithm.ONESHOT:
+                geometry = (*self.config.oneshot_grid(nvec, self.sms), 0)
+            else:
+                geometry = self.config.twoshot_grid(nvec, self.world, self.sms)
+            if len(self._geometry) > 256:
+                self._geometry.clear()
+            self._geometry[(nbytes, algorithm)] = geometry
         launcher = self._launchers[algorithm]
         args = launcher.args
-        args.in_, args.out, args.n = x.data.ptr, out.data.ptr, n
-        if algorithm == Algorithm.ONESHOT:
-            grid, block = self.config.oneshot_grid(nvec, self.sms)
-        else:
-            grid, block, args.chunk_vecs = self.config.twoshot_grid(nvec, self.world, self.sms)
-        launcher(grid, block, stream_ptr)
+        args.in_, args.out, args.n, args.chunk_vecs = x_ptr, out_ptr, n, geometry[2]
+        launcher(geometry[0], geometry[1], stream_ptr)
 
     def _release(self) -> None:
         if self._nccl is not None:
@@ -279,31 +287,42 @@ def create_allreduce_workspace(group: ProcessGroup | None = None, max_bytes: int
 
 
 def all_reduce(x, workspace: AllReduceWorkspace, out=None,
-               algorithm: Algorithm | str = Algorithm.AUTO, stream=None) -> cupy.ndarray:
-    """Sum ``x`` over the workspace's group; returns ``out`` (a new array if None).
+               algorithm: Algorithm | str = Algorithm.AUTO, stream=None):
+    """Sum ``x`` over the workspace's group.
 
     Args:
-        x: any shape, dtype = the workspace's, C-contiguous, 16-byte aligned.
+        x: any shape, dtype = the workspace's, C-contiguous, 16-byte aligned; any
+            ``__dlpack__`` array on this rank's GPU (CuPy, PyTorch, JAX).
         out: same shape and dtype; may be ``x`` (in place). Pass it when capturing a
             CUDA graph (no allocation then).
         algorithm: "auto", "oneshot", "twoshot" or "nccl"; same on every rank.
         stream: where the op runs (see ``moecomm.tensors``).
+
+    Returns ``out`` as passed (a PyTorch ``out`` stays a tensor), or a new ``cupy.ndarray``.
     """
     ws = workspace
     ws.usable("all_reduce")
-    x = as_array(x, "x", dtype=FLOAT_DTYPES, stream=stream)
-    if x.dtype != ws.dtype:
-        raise TypeError(f"x: dtype {x.dtype.name} does not match the workspace's "
+    handle = stream_handle(stream)
+    xa = import_array(x, "x", dtype=FLOAT_DTYPES, device=ws.device_id, stream=handle)
+    if xa.dtype != ws.dtype:
+        raise TypeError(f"x: dtype {xa.dtype.name} does not match the workspace's "
                         f"{dtype_name(ws.dtype)}")
-    algo = ws.choose(x.nbytes, algorithm)
+    algo = ws.choose(xa.nbytes, algorithm)
     if _group.DEBUG:
         ws.group.check_uniform("all_reduce arguments (shape, dtype, algorithm)",
-                               (x.shape, x.dtype.name, algo.value))
-    out = out_array(out, "out", x.shape, x.dtype, stream, alignment=1)
+                               (xa.shape, xa.dtype.name, algo.value))
+    if out is None:
+        out = empty(xa.shape, xa.dtype, handle)
+        out_ptr = out.data.ptr
+    else:
+        out_ptr = import_array(out, "out", dtype=xa.dtype, shape=xa.shape, device=ws.device_id,
+                               stream=handle).ptr
     if algo == Algorithm.NCCL:
-        return ws.nccl.all_reduce(x, out, stream=stream)
-    require_aligned("x", x)
-    require_aligned("out", out)
-    if x.size:
-        ws.launch(x, out, algo, stream_handle(stream))
+        ws.nccl.all_reduce(x, out, stream=stream)
+        return out
+    for name, ptr in (("x", xa.ptr), ("out", out_ptr)):
+        if ptr % 16:
+            raise ValueError(f"{name}: address 0x{ptr:x} is not 16-byte aligned")
+    if xa.size:
+        ws.launch(xa.ptr, out_ptr, xa.size, algo, handle)
     return out

@@ -84,9 +84,9 @@ from ..group import ProcessGroup
 from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import Op, Phase, device_facts, ep_group, group_sms, int_at_least, out_array, round_up
+from ..op import Op, Phase, device_facts, empty, ep_group, group_sms, int_at_least, round_up
 from ..symmetric import SymmetricBuffer
-from ..tensors import as_array, bfloat16, stream_handle
+from ..tensors import as_array, bfloat16, import_array, stream_handle
 
 __all__ = [
     "MoeAlltoAll", "MoeAlltoAllConfig", "DispatchPlan", "plan_dispatch",
@@ -105,6 +105,7 @@ _COMBINE_KERNELS = {np.dtype(np.float16): "moe_a2a_combine_fp16",
                     np.dtype(np.float32): "moe_a2a_combine_fp32"}
 if bfloat16 is not None:
     _COMBINE_KERNELS[bfloat16] = "moe_a2a_combine_bf16"
+_COMBINE_DTYPES = tuple(_COMBINE_KERNELS)
 _PLAN_CACHE = 64  # prepared dispatch / combine launches kept per MoeAlltoAll
 
 
@@ -349,6 +350,7 @@ class MoeAlltoAll(Op):
         self.experts_per_rank = self.num_experts // ep
         self.workspace_size_per_rank = size
         self.num_sms = min(sms, self.config.num_sms or sms)
+        self.device_id = cupy.cuda.runtime.getDevice()
         self._state = cupy.zeros(_STATE_WORDS, np.uint32)
         self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
         self._recv_counts = cupy.zeros(ep, np.int32)
@@ -463,8 +465,9 @@ class MoeAlltoAll(Op):
             raise RuntimeError("MoeAlltoAll.dispatch called twice without combine (dispatch "
                                "and combine alternate)")
         rmax = self._runtime_max(runtime_max_tokens_per_rank)
-        ids = as_array(token_selected_experts, "token_selected_experts", dtype=np.int32,
-                       ndim=2, stream=stream)
+        handle = stream_handle(stream)
+        ids = import_array(token_selected_experts, "token_selected_experts", dtype=np.int32,
+                           ndim=2, device=self.device_id, stream=handle)
         T, k = ids.shape
         if k != self.top_k:
             raise ValueError(f"token_selected_experts: {k} experts per token, the workspace "
@@ -475,9 +478,9 @@ class MoeAlltoAll(Op):
         if T > rmax:
             raise ValueError(f"token_selected_experts: {T} tokens exceed "
                              f"runtime_max_tokens_per_rank={rmax}")
-        payloads = self._payloads(input_payloads, T, stream)
+        payloads = self._payloads(input_payloads, T, handle)
         key = (rmax, invalid_token_expert_id, expert_id_payload_index, quantize,
-               *((a.dtype, a.shape[1:], (a.data.ptr | _row_bytes(a)) % 16 == 0) for a in payloads))
+               *((a.dtype, a.shape[1:]) for a in payloads))
         prepared = self._prepared_dispatch.get(key)
         if prepared is None:
             prepared = self._prepare_dispatch(rmax, payloads, invalid_token_expert_id,
@@ -486,10 +489,10 @@ class MoeAlltoAll(Op):
                 self._prepared_dispatch.clear()
             self._prepared_dispatch[key] = prepared
         a = prepared.launcher.args
-        a.experts, a.num_tokens = ids.data.ptr, T
+        a.experts, a.num_tokens = ids.ptr, T
         for i, x in enumerate(payloads):
-            a.src[i] = x.data.ptr
-        prepared.launcher(prepared.grid, prepared.block, stream_handle(stream))
+            a.src[i] = x.ptr
+        prepared.launcher(prepared.grid, prepared.block, handle)
         self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
         return list(prepared.views)
 
@@ -529,8 +532,7 @@ class MoeAlltoAll(Op):
         grid = max(1, min(rmax, self.num_sms * self.config.dispatch_blocks_per_sm))
         return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views)
 
-    @staticmethod
-    def _payloads(input_payloads, T: int, stream) -> list[cupy.ndarray]:
+    def _payloads(self, input_payloads, T: int, stream: int) -> list:
         if not isinstance(input_payloads, (list, tuple)):
             raise TypeError(f"input_payloads: expected a list of arrays, got "
                             f"{type(input_payloads).__name__}")
@@ -539,12 +541,12 @@ class MoeAlltoAll(Op):
                              f"{MAX_PAYLOADS}")
         arrays = []
         for i, x in enumerate(input_payloads):
-            a = as_array(x, f"input_payloads[{i}]", stream=stream)
+            a = import_array(x, f"input_payloads[{i}]", device=self.device_id, stream=stream)
             if a.ndim < 1 or a.shape[0] != T:
                 raise ValueError(f"input_payloads[{i}]: shape {tuple(a.shape)}, expected "
                                  f"[T={T}, ...] like token_selected_experts")
-            if a.data.ptr % 4:
-                raise ValueError(f"input_payloads[{i}]: address 0x{a.data.ptr:x} is not 4-byte "
+            if a.ptr % 4:
+                raise ValueError(f"input_payloads[{i}]: address 0x{a.ptr:x} is not 4-byte "
                                  "aligned")
             arrays.append(a)
         return arrays
@@ -587,8 +589,8 @@ class MoeAlltoAll(Op):
         if a.ndim != 2:
             raise ValueError(f"{name}: shape {tuple(a.shape)}, expected [T, hidden]")
         quantize.scale_width(a.shape[1], name)
-        if a.data.ptr % 16:
-            raise ValueError(f"{name}: address 0x{a.data.ptr:x} is not 16-byte aligned")
+        if a.ptr % 16:
+            raise ValueError(f"{name}: address 0x{a.ptr:x} is not 16-byte aligned")
         return i, int(a.shape[1])
 
     def sanitize_expert_ids(self, expert_ids, invalid_expert_id: int, stream=None):
@@ -635,19 +637,22 @@ class MoeAlltoAll(Op):
             out: optional ``[T, H]`` array of the payload's dtype (T of the dispatch);
                 default a new array. Pass it when capturing a CUDA graph.
 
-        Returns ``[T, H]``: per token, the fp32 sum over its distinct target ranks in rank
-        order, rounded once to the payload dtype; +0 for a token routed nowhere.
+        Returns ``[T, H]`` (``out`` as passed, or a new ``cupy.ndarray``): per token, the fp32
+        sum over its distinct target ranks in rank order, rounded once to the payload dtype;
+        +0 for a token routed nowhere.
         """
         self.usable("combine")
         plan = self._require_dispatched("combine").plan
         rmax = self._same_runtime_max(runtime_max_tokens_per_rank, plan)
-        x = as_array(payload, "payload", dtype=tuple(_COMBINE_KERNELS), ndim=3, stream=stream)
+        handle = stream_handle(stream)
+        x = import_array(payload, "payload", dtype=_COMBINE_DTYPES, ndim=3, device=self.device_id,
+                         stream=handle)
         if x.shape[:2] != (self.ep_size, rmax):
             raise ValueError(f"payload: shape {tuple(x.shape)}, expected [ep_size={self.ep_size}, "
                              f"runtime_max_tokens_per_rank={rmax}, hidden]")
         row = x.shape[2] * x.itemsize
         region = self._ws.ptr + plan.combine_off
-        stage = x.data.ptr != region
+        stage = x.ptr != region
         key = (plan.combine_off, x.dtype, row, stage)
         prepared = self._prepared_combine.get(key)
         if prepared is None:
@@ -660,17 +665,24 @@ class MoeAlltoAll(Op):
             if payload_in_workspace:
                 raise ValueError("payload_in_workspace=True but payload is not the array of "
                                  "get_combine_payload_tensor_in_workspace")
-            if x.data.ptr % 16:
-                raise ValueError(f"payload: address 0x{x.data.ptr:x} is not 16-byte aligned")
-            if _overlaps(x.data.ptr, x.nbytes, region, plan.combine_end(row) - plan.combine_off):
+            if x.ptr % 16:
+                raise ValueError(f"payload: address 0x{x.ptr:x} is not 16-byte aligned")
+            if _overlaps(x.ptr, x.nbytes, region, plan.combine_end(row) - plan.combine_off):
                 raise ValueError("payload overlaps the workspace's combine region; pass the "
                                  "array of get_combine_payload_tensor_in_workspace or a "
                                  "separate array")
         T = self._num_tokens
-        out = out_array(out, "out", (T, x.shape[2]), x.dtype, stream)
+        if out is None:
+            out = empty((T, x.shape[2]), x.dtype, handle)
+            out_ptr = out.data.ptr
+        else:
+            out_ptr = import_array(out, "out", dtype=x.dtype, shape=(T, x.shape[2]),
+                                   device=self.device_id, stream=handle).ptr
+            if out_ptr % 16:
+                raise ValueError(f"out: address 0x{out_ptr:x} is not 16-byte aligned")
         a = prepared.launcher.args
-        a.payload, a.out, a.num_tokens = x.data.ptr, out.data.ptr, T
-        prepared.launcher(prepared.grid, prepared.block, stream_handle(stream))
+        a.payload, a.out, a.num_tokens = x.ptr, out_ptr, T
+        prepared.launcher(prepared.grid, prepared.block, handle)
         self.phase = Phase.IDLE
         return out
 
