@@ -27,17 +27,18 @@ Where a module's cubin comes from (``get_module``, for the current device), in o
    given module: a file lock next to the cache entry (``<key>.lock``, ``flock``) makes
    the others wait and then load its result. The entry is written to a temporary file
    and renamed into place, so a process killed at any point never leaves a broken
-   entry (and the kernel drops its lock).
+   entry (and the operating system releases its lock).
 
 ``MOECOMM_FORCE_JIT=1`` skips step 1. An editable install (``pip install -e``) or a
 source checkout has no shipped cubins and always takes steps 2-3.
 ``python -m moecomm.precompile`` fills the cache ahead of time.
 
-``compile_cubin(source, arch)`` / ``cubin_path`` compile for any arch without a GPU
-(NVRTC only, through ``moecomm._nvrtc``; no CuPy), which the CPU tests and the wheel
-build use. Each compile logs one INFO line on the ``moecomm`` logger
-(``moecomm.log``); the first one of a process that runs past ``SLOW_COMPILE_S`` seconds
-logs a WARNING, while it runs, saying how to precompile.
+``nvrtc_compile(source, arch)`` (no cache: the wheel build) and ``compile_cubin`` /
+``cubin_path`` (through the cache: the CPU tests, ``precompile``) compile for any arch
+without a GPU (NVRTC only, through ``moecomm._nvrtc``; no CuPy). Each compile through
+the cache logs one INFO line on the ``moecomm`` logger (``moecomm.log``); the first one
+of a process that runs past ``SLOW_COMPILE_S`` seconds logs a WARNING, while it runs,
+saying how to precompile.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         print(f"{r['arch']:<7} {r['source']:<{width}}  {status:<18} {r['path']}")
     compiled = sum(r["status"] == "compiled" for r in rows)
     cache = {str(Path(r["path"]).parent) for r in rows if r["status"] != "shipped"}
-    print(f"{len(rows)} modules ready ({compiled} compiled) in "
+    print(f"{len(rows)} module{'s' * (len(rows) != 1)} ready ({compiled} compiled) in "
           f"{time.perf_counter() - start:.1f} s; cache: {', '.join(sorted(cache)) or '-'}")
     return 0
 

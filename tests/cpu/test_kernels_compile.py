@@ -89,7 +89,7 @@ def _suffixes(root):
 
 def test_killed_writer_leaves_no_entry(tmp_path, monkeypatch):
     """A process killed after writing its temporary file, before the rename: no cubin
-    appears under the entry's name, and the next process compiles a good one (the kernel
+    appears under the entry's name, and the next process compiles a good one (the OS
     released the dead process's lock) and clears the leftover."""
     env = dict(os.environ, MOECOMM_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
     code = ("import os, signal; from moecomm import kernels\n"
