@@ -61,6 +61,7 @@ import functools
 import cupy
 import numpy as np
 
+from ..kernels import get_kernel
 from ..moe import EPAllToAll, MoeAlltoAll
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
@@ -71,66 +72,7 @@ ROUTINGS = ("uniform", "skewed")
 SPIN_US = 500  # GPU head start before each eager pair, longer than its host launch cost
 EAGER_WARMUP = 5
 THREADS = 256
-
-_SOURCE = r"""
-extern "C" __global__ void bench_spin(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-
-// dst[j, :] = src[idx[j], :], rows of `words` words of type V.
-template <typename V>
-__device__ void gather_rows(V* dst, const V* src, const int* idx, long long rows,
-                            long long words) {
-    long long n = rows * words, step = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += step) {
-        long long j = i / words;
-        dst[i] = src[(long long)idx[j] * words + (i - j * words)];
-    }
-}
-extern "C" __global__ void bench_gather16(uint4* dst, const uint4* src, const int* idx,
-                                          long long rows, long long words) {
-    gather_rows(dst, src, idx, rows, words);
-}
-extern "C" __global__ void bench_gather4(unsigned int* dst, const unsigned int* src,
-                                         const int* idx, long long rows, long long words) {
-    gather_rows(dst, src, idx, rows, words);
-}
-
-__device__ __forceinline__ unsigned int bf16_round(float f) {  // nearest even, no NaNs
-    unsigned int u = __float_as_uint(f);
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
-// out[t, :] = bf16(sum over r < ep with slot[t, r] >= 0 of back[slot[t, r], :]), fp32
-// from +0 in rank order; rows of `vecs` 16-byte vectors (8 bf16 each).
-extern "C" __global__ void bench_combine_sum(uint4* out, const uint4* back, const int* slot,
-                                             long long tokens, long long ep, long long vecs) {
-    long long n = tokens * vecs, step = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += step) {
-        long long t = i / vecs, v = i - t * vecs;
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (long long r = 0; r < ep; ++r) {
-            int s = slot[t * ep + r];
-            if (s < 0) continue;
-            uint4 x = back[(long long)s * vecs + v];
-            unsigned int w[4] = {x.x, x.y, x.z, x.w};
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                acc[2 * q] += __uint_as_float(w[q] << 16);
-                acc[2 * q + 1] += __uint_as_float(w[q] & 0xffff0000u);
-            }
-        }
-        uint4 y;
-        y.x = bf16_round(acc[0]) | (bf16_round(acc[1]) << 16);
-        y.y = bf16_round(acc[2]) | (bf16_round(acc[3]) << 16);
-        y.z = bf16_round(acc[4]) | (bf16_round(acc[5]) << 16);
-        y.w = bf16_round(acc[6]) | (bf16_round(acc[7]) << 16);
-        out[i] = y;
-    }
-}
-"""
+_KERNELS = "bench_moe.cu"  # kernels_cu/: the benchmark's own kernels
 
 
 def add_arguments(p) -> None:
@@ -227,15 +169,15 @@ def _eager_us(first, second, spin, stream, iters: int) -> tuple[float, float, fl
 
 
 class Kernels:
-    """The benchmark's own kernels (spin, NCCL pack gather, NCCL combine sum)."""
+    """The benchmark's own kernels (``kernels_cu/bench_moe.cu``: spin, NCCL pack gather,
+    NCCL combine sum)."""
 
     def __init__(self, stream):
-        module = cupy.RawModule(code=_SOURCE)
         self.stream = stream
-        self._spin = module.get_function("bench_spin")
-        self._gather = {16: module.get_function("bench_gather16"),
-                        4: module.get_function("bench_gather4")}
-        self._sum = module.get_function("bench_combine_sum")
+        self._spin = get_kernel(_KERNELS, "bench_spin")
+        self._gather = {16: get_kernel(_KERNELS, "bench_gather16"),
+                        4: get_kernel(_KERNELS, "bench_gather4")}
+        self._sum = get_kernel(_KERNELS, "bench_combine_sum")
         self._max_blocks = 8 * cupy.cuda.Device().attributes["MultiProcessorCount"]
 
     def _grid(self, n: int) -> tuple[int]:
