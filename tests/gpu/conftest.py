@@ -2,11 +2,16 @@
 
 ``MOECOMM_REQUIRE_GPU=1`` (set by bench/gpu_suite.sh) turns that skip into a failure, so a
 GPU run can never pass by skipping.
+
+Each test is one case of a worker in tests/gpu/workers/ (``tests.mpi.case_params``); the
+``jobs`` fixture runs each job of a module once, for all of its cases.
 """
 
 import os
 
 import pytest
+
+from tests.mpi import jobs  # noqa: F401 - the fixture of every GPU test
 
 
 def _gpu_count() -> tuple[int, str]:
@@ -31,8 +36,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.fixture
-def gpu_count() -> int:
-    return GPU_COUNT

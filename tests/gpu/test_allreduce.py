@@ -1,19 +1,14 @@
-"""Custom all-reduce on real ranks: exact against the reference, graphs, timeouts."""
+"""Custom all-reduce on real ranks: exact against the reference, graphs, bad input; in
+jobs of their own, a missing peer's timeout and MOECOMM_DEBUG=1. One test per case of
+tests/gpu/workers/allreduce_worker.py."""
 
 import pytest
 
-from tests.mpi import check_ranks
+from tests.mpi import case_params
+
+WORKER = "tests/gpu/workers/allreduce_worker.py"
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_allreduce_correct(n):
-    check_ranks(n, "tests/gpu/workers/allreduce_worker.py", "correct", timeout=400)
-
-
-@pytest.mark.parametrize("n", [2, 3])
-def test_allreduce_missing_peer_times_out(n):
-    check_ranks(n, "tests/gpu/workers/allreduce_worker.py", "timeout", timeout=200)
-
-
-def test_allreduce_debug_mode_catches_mismatched_arguments():
-    check_ranks(2, "tests/gpu/workers/allreduce_worker.py", "debug", env={"MOECOMM_DEBUG": "1"})
+@pytest.mark.parametrize("job, name", case_params(WORKER, ranks=(2, 4)))
+def test_allreduce(jobs, job, name):
+    jobs.check(job, name)
