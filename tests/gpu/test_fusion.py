@@ -1,10 +1,12 @@
-"""Fused all-reduce (residual + RMSNorm + quantization) on real ranks."""
+"""Fused all-reduce (residual + RMSNorm + quantization, MoE reductions) on real ranks. One
+test per case of tests/gpu/workers/fusion_worker.py."""
 
 import pytest
 
-from tests.mpi import check_ranks
+from tests.mpi import case_params
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_allreduce_fusion(n):
-    check_ranks(n, "tests/gpu/workers/fusion_worker.py", timeout=600)
+@pytest.mark.parametrize("job, name", case_params("tests/gpu/workers/fusion_worker.py",
+                                                  ranks=(2, 4)))
+def test_allreduce_fusion(jobs, job, name):
+    jobs.check(job, name)
