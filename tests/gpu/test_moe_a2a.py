@@ -2,16 +2,18 @@
 
 import pytest
 
-from tests.mpi import check_ranks
+from tests.mpi import case_params
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_moe_alltoall(n):
-    check_ranks(n, "tests/gpu/workers/moe_a2a_worker.py", timeout=600)
+@pytest.mark.parametrize("job, name", case_params("tests/gpu/workers/moe_a2a_worker.py",
+                                                  ranks=(2, 4)))
+def test_moe_alltoall(jobs, job, name):
+    jobs.check(job, name)
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_moe_alltoall_fp8_dispatch(n):
+@pytest.mark.parametrize("job, name", case_params("tests/gpu/workers/moe_a2a_fp8_worker.py",
+                                                  ranks=(2, 4)))
+def test_moe_alltoall_fp8_dispatch(jobs, job, name):
     """dispatch(quantize=Fp8Dispatch(...)): codes and scales bit-exact with the reference
     quantizers, fp8 dispatch + combine in graph replay, bad fp8 inputs."""
-    check_ranks(n, "tests/gpu/workers/moe_a2a_fp8_worker.py", timeout=600)
+    jobs.check(job, name)

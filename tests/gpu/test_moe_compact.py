@@ -2,9 +2,10 @@
 
 import pytest
 
-from tests.mpi import check_ranks
+from tests.mpi import case_params
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_moe_compact(n):
-    check_ranks(n, "tests/gpu/workers/moe_compact_worker.py", timeout=600)
+@pytest.mark.parametrize("job, name", case_params("tests/gpu/workers/moe_compact_worker.py",
+                                                  ranks=(2, 4)))
+def test_moe_compact(jobs, job, name):
+    jobs.check(job, name)

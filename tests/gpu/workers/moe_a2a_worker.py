@@ -2,23 +2,25 @@
 
 Every rank builds every rank's inputs from a shared seed, so each can compute the
 reference of the whole exchange and check its own part. Outputs are poisoned first; the
-workspace is poisoned only while no peer uses it (between barriers).
+workspace is poisoned (``MoeAlltoAll.poison()``) only while no peer uses it (between
+barriers). The dispatch/combine cases run in sequence on one workspace, token counts and
+payload kinds changing from call to call, as a serving engine's would.
 """
 
+import re
 
 import cupy
 import numpy as np
+import pytest
 
 import moecomm
 from moecomm import reference as ref
 from moecomm.errors import PeerTimeoutError
 from moecomm.moe import MoeAlltoAll
 from moecomm.tensors import bfloat16
-from tests.gpu.workers.moe_io import IO, bits
-from tests.mpi import expect_raises, report_pass
+from tests.gpu.workers.common import bits, main
+from tests.mpi import case
 
-group = moecomm.init()
-N = group.local_size
 EPR = 4  # experts per rank
 TOP_K = 4  # ids / weights rows of 16 bytes: the vector path, sanitised per target
 H = 256  # bf16 hidden (512 B rows), fp8 hidden (256 B rows)
@@ -26,16 +28,10 @@ SCALES = 2  # fp32 scales per token: 8-byte rows, the 4-byte word path
 MAX_T = 48
 INVALID = -5
 ID_PAYLOAD = 3  # [hidden bf16, hidden fp8, scales fp32, ids int32, weights fp32]
-stream = cupy.cuda.Stream(non_blocking=True)
-io = IO(group, stream)
-shared_seed, device, host, quiesce = io.shared_seed, io.device, io.host, io.quiesce
-checked = []
-
-
 
 
 # ---------------------------------------------------------------- inputs and reference
-class Case:
+class Exchange:
     """Every rank's routing and payloads; ``ep`` ranks, ``num_experts = EPR * ep``."""
 
     def __init__(self, seed, ep, mode="random", rmax_extra=0, T=None):
@@ -72,232 +68,243 @@ class Case:
                                     ID_PAYLOAD if sanitize else None)
 
 
-
-
-
-
-
-
-
-
-def poison(a2a: MoeAlltoAll):
-    quiesce()
-    io.poison_workspace(a2a)
-    quiesce()
-
-
 COMBINE_DTYPES = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32}
 NAN_BITS = {np.uint16: 0x7FC1, np.float16: np.float16(np.nan), np.float32: np.float32(np.nan)}
 
 
-def combine_payloads(case, recv_ref, counts_ref, dtype):
+def combine_payloads(exchange, recv_ref, counts_ref, dtype):
     """Rank r's expert output: (r + 1) * hidden + 0.25 * s in `dtype`; padding rows NaN."""
     out = []
-    for r in range(case.ep):
+    for r in range(exchange.ep):
         x32 = ref.to_float32(recv_ref[r][0]) * np.float32(r + 1)
-        x32 += np.float32(0.25) * np.arange(case.ep, dtype=np.float32)[:, None, None]
+        x32 += np.float32(0.25) * np.arange(exchange.ep, dtype=np.float32)[:, None, None]
         x = ref.cast_from_float32(x32, dtype)
-        for s in range(case.ep):
+        for s in range(exchange.ep):
             x[s, counts_ref[r][s]:] = NAN_BITS[dtype]
         out.append(x)
     return out
 
 
+def workspace_bytes(ep):
+    """The dispatch bytes (bf16 + fp8 hidden, scales, ids, weights) and an fp32 combine
+    region (twice the bf16 one the default formula reserves)."""
+    return MoeAlltoAll.get_moe_workspace_size_per_rank(
+        ep, TOP_K, MAX_T, H, extra_payload_bytes_per_token=H + 4 * SCALES + 2 * H)
+
+
+def workspace(ctx):
+    """The job's MoeAlltoAll: the dispatch/combine cases run in sequence on it."""
+    n = ctx.group.local_size
+    return ctx.shared("a2a", lambda: MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n,
+                                                 workspace_size_per_rank=workspace_bytes(n)))
+
+
 # ---------------------------------------------------------------- one dispatch + combine
-def run_pair(a2a, case, *, sanitize=True, combine="bf16", zero_copy=False, use_out=False,
-             roundtrip=False, between=None):
-    """Dispatch case's inputs, check every received row, combine, check the sum."""
-    r = a2a.ep_rank
-    poison(a2a)
-    recv_ref, counts_ref, routing = case.reference(sanitize)
-    ids = device(case.ids[r])
-    payloads = [device(p) for p in case.payloads[r]]
-    recv = a2a.dispatch(ids, payloads, case.rmax,
+def run_pair(ctx, a2a, exchange, *, sanitize=True, combine="bf16", zero_copy=False,
+             use_out=False, roundtrip=False, between=None):
+    """Dispatch the exchange's inputs, check every received row, combine, check the sum."""
+    r, stream = a2a.ep_rank, ctx.stream
+    ctx.poison(a2a)
+    recv_ref, counts_ref, routing = exchange.reference(sanitize)
+    ids = ctx.device(exchange.ids[r])
+    payloads = [ctx.device(p) for p in exchange.payloads[r]]
+    recv = a2a.dispatch(ids, payloads, exchange.rmax,
                         invalid_token_expert_id=INVALID if sanitize else None,
                         expert_id_payload_index=ID_PAYLOAD if sanitize else None, stream=stream)
     assert len(recv) == 5
-    counts = host(a2a.recv_counts)
+    counts = ctx.host(a2a.recv_counts)
     assert np.array_equal(counts, counts_ref[r]), (counts, counts_ref[r])
     for p, (got, want) in enumerate(zip(recv, recv_ref[r])):
-        got = host(got)
+        got = ctx.host(got)
         assert got.shape == want.shape and got.dtype == want.dtype, (p, got.shape, got.dtype)
         if sanitize and p == ID_PAYLOAD:  # padding rows included
-            assert np.array_equal(got, want), f"sanitised ids differ (T={case.T})"
+            assert np.array_equal(got, want), f"sanitised ids differ (T={exchange.T})"
             continue
-        for s in range(case.ep):
+        for s in range(exchange.ep):
             c = counts_ref[r][s]
-            assert np.array_equal(got[s, :c], want[s, :c]), f"payload {p} block {s} (T={case.T})"
+            assert np.array_equal(got[s, :c], want[s, :c]), \
+                f"payload {p} block {s} (T={exchange.T})"
     if between is not None:
-        between(a2a, recv, recv_ref, counts_ref)
+        between(ctx, a2a, recv, recv_ref, counts_ref)
 
     dtype = COMBINE_DTYPES[combine]
     if roundtrip:  # the received hidden states themselves, straight from the workspace
-        comb = [recv_ref[q][0] for q in range(case.ep)]
+        comb = [recv_ref[q][0] for q in range(exchange.ep)]
         payload = recv[0]
     else:
-        comb = combine_payloads(case, recv_ref, counts_ref, dtype)
+        comb = combine_payloads(exchange, recv_ref, counts_ref, dtype)
         if zero_copy:
             payload = a2a.get_combine_payload_tensor_in_workspace(
-                case.rmax, H, bfloat16 if dtype == np.uint16 else dtype)
+                exchange.rmax, H, bfloat16 if dtype == np.uint16 else dtype)
             with stream:
                 cupy.ndarray(payload.shape, dtype, payload.data)[...] = cupy.asarray(comb[r])
         else:
-            payload = device(comb[r])
+            payload = ctx.device(comb[r])
     want = ref.moe_a2a_combine(comb, routing)[r]
     out = None
     if use_out:
         with stream:
-            raw = cupy.full((case.T[r], H), NAN_BITS[dtype], dtype)
+            raw = cupy.full((exchange.T[r], H), NAN_BITS[dtype], dtype)
         out = cupy.ndarray(raw.shape, bfloat16, raw.data) if dtype == np.uint16 else raw
-    got = a2a.combine(payload, case.rmax, payload_in_workspace=zero_copy, stream=stream, out=out)
+    got = a2a.combine(payload, exchange.rmax, payload_in_workspace=zero_copy, stream=stream,
+                      out=out)
     if out is not None:
         assert got is out or got.data.ptr == out.data.ptr
-    got = host(got)
-    assert got.shape == (case.T[r], H) and got.dtype == want.dtype
+    got = ctx.host(got)
+    assert got.shape == (exchange.T[r], H) and got.dtype == want.dtype
     assert np.array_equal(bits(got), bits(want)), (
-        f"combine {combine} zero_copy={zero_copy} roundtrip={roundtrip} T={case.T}: "
+        f"combine {combine} zero_copy={zero_copy} roundtrip={roundtrip} T={exchange.T}: "
         f"{np.argwhere(bits(got) != bits(want))[:5]}")
     a2a.check_error(stream, synchronize=True)
 
 
-def bad_combines(a2a, recv, recv_ref, counts_ref):
+def bad_combines(ctx, a2a, recv, recv_ref, counts_ref):
     """Wrong combine / dispatch calls between a dispatch and its combine: clear errors."""
-    rmax = recv[0].shape[1]
-    with stream:
-        ok = cupy.zeros((N, rmax, H), np.float32)
-        expect_raises(RuntimeError, "twice without combine",
-                      lambda: a2a.dispatch(cupy.zeros((1, TOP_K), np.int32),
-                                           [cupy.zeros((1, 4), np.float32)], rmax))
-        expect_raises(ValueError, "expected [ep_size",
-                      lambda: a2a.combine(cupy.zeros((N, rmax + 1, H), np.float32), rmax))
-        expect_raises(ValueError, "expected [ep_size", lambda: a2a.combine(ok[:1], rmax))
-        expect_raises(ValueError, "differs from the dispatch", lambda: a2a.combine(ok, rmax + 1))
-        expect_raises(TypeError, "dtype int32 is not supported",
-                      lambda: a2a.combine(cupy.zeros((N, rmax, H), np.int32), rmax))
-        expect_raises(ValueError, "multiple of 16",
-                      lambda: a2a.combine(cupy.zeros((N, rmax, 2), np.float32), rmax))
-        expect_raises(ValueError, "not the array of get_combine_payload_tensor_in_workspace",
-                      lambda: a2a.combine(ok, rmax, payload_in_workspace=True))
-        huge = (a2a._ws.nbytes // (N * rmax * 4) + 8) // 4 * 4  # 16-byte multiple rows
-        expect_raises(ValueError, "the combine region needs",
-                      lambda: a2a.combine(cupy.zeros((N, rmax, huge), np.float32), rmax))
-        expect_raises(ValueError, "does not match",
-                      lambda: a2a.combine(ok, rmax, out=cupy.zeros((3, H + 4), np.float32)))
-        expect_raises(TypeError, "dtype float16 is not supported",
-                      lambda: a2a.combine(ok, rmax, out=cupy.zeros((3, H), np.float16)))
-        expect_raises(ValueError, "differs from the dispatch",
-                      lambda: a2a.get_combine_payload_tensor_in_workspace(rmax + 1, H, np.float32))
-        expect_raises(TypeError, "not supported",
-                      lambda: a2a.get_combine_payload_tensor_in_workspace(rmax, H, np.int32))
-    checked.append("bad combine")
+    n, rmax = a2a.ep_size, recv[0].shape[1]
+    with ctx.stream:
+        ok = cupy.zeros((n, rmax, H), np.float32)
+        with pytest.raises(RuntimeError, match="twice without combine"):
+            a2a.dispatch(cupy.zeros((1, TOP_K), np.int32), [cupy.zeros((1, 4), np.float32)],
+                         rmax)
+        with pytest.raises(ValueError, match=re.escape("expected [ep_size")):
+            a2a.combine(cupy.zeros((n, rmax + 1, H), np.float32), rmax)
+        with pytest.raises(ValueError, match=re.escape("expected [ep_size")):
+            a2a.combine(ok[:1], rmax)
+        with pytest.raises(ValueError, match="differs from the dispatch"):
+            a2a.combine(ok, rmax + 1)
+        with pytest.raises(TypeError, match="dtype int32 is not supported"):
+            a2a.combine(cupy.zeros((n, rmax, H), np.int32), rmax)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            a2a.combine(cupy.zeros((n, rmax, 2), np.float32), rmax)
+        with pytest.raises(ValueError,
+                           match="not the array of get_combine_payload_tensor_in_workspace"):
+            a2a.combine(ok, rmax, payload_in_workspace=True)
+        # rows of a 16-byte multiple, wider than the whole workspace
+        huge = (a2a.workspace_size_per_rank // (n * rmax * 4) + 8) // 4 * 4
+        with pytest.raises(ValueError, match="the combine region needs"):
+            a2a.combine(cupy.zeros((n, rmax, huge), np.float32), rmax)
+        with pytest.raises(ValueError, match="does not match"):
+            a2a.combine(ok, rmax, out=cupy.zeros((3, H + 4), np.float32))
+        with pytest.raises(TypeError, match="dtype float16 is not supported"):
+            a2a.combine(ok, rmax, out=cupy.zeros((3, H), np.float16))
+        with pytest.raises(ValueError, match="differs from the dispatch"):
+            a2a.get_combine_payload_tensor_in_workspace(rmax + 1, H, np.float32)
+        with pytest.raises(TypeError, match="not supported"):
+            a2a.get_combine_payload_tensor_in_workspace(rmax, H, np.int32)
 
 
-def standalone_sanitize(a2a, recv, recv_ref, counts_ref):
+def standalone_sanitize(ctx, a2a, recv, recv_ref, counts_ref):
     """sanitize_expert_ids as a call equals the reference on the (unsanitised) ids."""
     r = a2a.ep_rank
-    ids = a2a.sanitize_expert_ids(recv[ID_PAYLOAD], INVALID, stream=stream)
+    ids = a2a.sanitize_expert_ids(recv[ID_PAYLOAD], INVALID, stream=ctx.stream)
     want = ref.sanitize_expert_ids(recv_ref[r][ID_PAYLOAD], r, EPR, INVALID, counts_ref[r])
-    assert np.array_equal(host(ids), want), "sanitize_expert_ids"
-    checked.append("sanitize call")
+    assert np.array_equal(ctx.host(ids), want), "sanitize_expert_ids"
 
 
-def bad_dispatches(a2a):
-    """Argument errors before any launch (and before any dispatch)."""
+# ---------------------------------------------------------------- the cases
+@case
+def constructor_errors(ctx):
+    """Raised on every rank before any collective step."""
+    n = ctx.group.local_size
+    with pytest.raises(ValueError, match="not a multiple of the ep size"):
+        MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n + 1, hidden_size=H)
+    with pytest.raises(ValueError, match="pass workspace_size_per_rank or hidden_size"):
+        MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n)
+    split = moecomm.ProcessGroup(gpus_per_node=1)
+    split.device_id = ctx.group.device_id
+    try:
+        with pytest.raises(ValueError, match="spans"):
+            MoeAlltoAll(split, MAX_T, TOP_K, EPR * n, hidden_size=H)
+    finally:
+        split.close()
+
+
+@case
+def bad_dispatches(ctx):
+    """Attributes, and argument errors before any launch (and before any dispatch)."""
+    a2a, n, stream = workspace(ctx), ctx.group.local_size, ctx.stream
+    assert (a2a.ep_rank, a2a.ep_size) == (ctx.group.local_rank, n)
+    assert a2a.workspace_size_per_rank == workspace_bytes(n) and a2a.recv_counts.shape == (n,)
     ids = cupy.zeros((4, TOP_K), np.int32)
     pay = [cupy.zeros((4, 8), np.float32)]
     with stream:
-        expect_raises(RuntimeError, "needs a dispatch first",
-                      lambda: a2a.combine(cupy.zeros((N, 4, H), np.float32), 4))
-        expect_raises(RuntimeError, "needs a dispatch first",
-                      lambda: a2a.get_combine_payload_tensor_in_workspace(4, H, np.float32))
+        with pytest.raises(RuntimeError, match="needs a dispatch first"):
+            a2a.combine(cupy.zeros((n, 4, H), np.float32), 4)
+        with pytest.raises(RuntimeError, match="needs a dispatch first"):
+            a2a.get_combine_payload_tensor_in_workspace(4, H, np.float32)
         big = cupy.zeros((MAX_T + 1, TOP_K), np.int32)
-        expect_raises(ValueError, "exceed max_num_tokens",
-                      lambda: a2a.dispatch(big, [cupy.zeros((MAX_T + 1, 4), np.float32)], MAX_T))
-        expect_raises(ValueError, "exceed runtime_max_tokens_per_rank",
-                      lambda: a2a.dispatch(ids, pay, 3))
-        expect_raises(ValueError, "exceeds max_num_tokens",
-                      lambda: a2a.dispatch(ids, pay, MAX_T + 1))
-        expect_raises(ValueError, "top_k=4",
-                      lambda: a2a.dispatch(cupy.zeros((4, TOP_K + 1), np.int32), pay, 8))
-        expect_raises(TypeError, "dtype int64 is not supported",
-                      lambda: a2a.dispatch(ids.astype(np.int64), pay, 8))
-        expect_raises(ValueError, "input_payloads[0]: shape (5, 8)",
-                      lambda: a2a.dispatch(ids, [cupy.zeros((5, 8), np.float32)], 8))
-        expect_raises(ValueError, "multiple of 4",
-                      lambda: a2a.dispatch(ids, [cupy.zeros((4, 3), np.uint8)], 8))
-        expect_raises(ValueError, "expected 1 to 8", lambda: a2a.dispatch(ids, pay * 9, 8))
-        expect_raises(ValueError, "expected 1 to 8", lambda: a2a.dispatch(ids, [], 8))
-        expect_raises(ValueError, "needs expert_id_payload_index",
-                      lambda: a2a.dispatch(ids, pay, 8, invalid_token_expert_id=-1))
-        expect_raises(ValueError, "expert_id_payload_index=1",
-                      lambda: a2a.dispatch(ids, pay, 8, -1, expert_id_payload_index=1))
-        expect_raises(TypeError, "expected int32",
-                      lambda: a2a.dispatch(ids, pay, 8, -1, expert_id_payload_index=0))
-        wide = (a2a._ws.nbytes // (N * 8) + 16) // 4 * 4
-        expect_raises(ValueError, "workspace bytes needed",
-                      lambda: a2a.dispatch(ids, [cupy.zeros((4, wide), np.uint8)], 8))
-        expect_raises(ValueError, "array is on cpu",
-                      lambda: a2a.dispatch(np.zeros((4, TOP_K), np.int32), pay, 8))
-    checked.append("bad dispatch")
+        with pytest.raises(ValueError, match="exceed max_num_tokens"):
+            a2a.dispatch(big, [cupy.zeros((MAX_T + 1, 4), np.float32)], MAX_T)
+        with pytest.raises(ValueError, match="exceed runtime_max_tokens_per_rank"):
+            a2a.dispatch(ids, pay, 3)
+        with pytest.raises(ValueError, match="exceeds max_num_tokens"):
+            a2a.dispatch(ids, pay, MAX_T + 1)
+        with pytest.raises(ValueError, match="top_k=4"):
+            a2a.dispatch(cupy.zeros((4, TOP_K + 1), np.int32), pay, 8)
+        with pytest.raises(TypeError, match="dtype int64 is not supported"):
+            a2a.dispatch(ids.astype(np.int64), pay, 8)
+        with pytest.raises(ValueError, match=re.escape("input_payloads[0]: shape (5, 8)")):
+            a2a.dispatch(ids, [cupy.zeros((5, 8), np.float32)], 8)
+        with pytest.raises(ValueError, match="multiple of 4"):
+            a2a.dispatch(ids, [cupy.zeros((4, 3), np.uint8)], 8)
+        with pytest.raises(ValueError, match="expected 1 to 8"):
+            a2a.dispatch(ids, pay * 9, 8)
+        with pytest.raises(ValueError, match="expected 1 to 8"):
+            a2a.dispatch(ids, [], 8)
+        with pytest.raises(ValueError, match="needs expert_id_payload_index"):
+            a2a.dispatch(ids, pay, 8, invalid_token_expert_id=-1)
+        with pytest.raises(ValueError, match="expert_id_payload_index=1"):
+            a2a.dispatch(ids, pay, 8, -1, expert_id_payload_index=1)
+        with pytest.raises(TypeError, match="expected int32"):
+            a2a.dispatch(ids, pay, 8, -1, expert_id_payload_index=0)
+        wide = (a2a.workspace_size_per_rank // (n * 8) + 16) // 4 * 4
+        with pytest.raises(ValueError, match="workspace bytes needed"):
+            a2a.dispatch(ids, [cupy.zeros((4, wide), np.uint8)], 8)
+        with pytest.raises(ValueError, match="array is on cpu"):
+            a2a.dispatch(np.zeros((4, TOP_K), np.int32), pay, 8)
 
 
-# ---------------------------------------------------------------- the tests
-def main():
-    # Sizing: the dispatch bytes (bf16 + fp8 hidden, scales, ids, weights) and an fp32
-    # combine region (twice the bf16 one the default formula reserves).
-    ws = MoeAlltoAll.get_moe_workspace_size_per_rank(
-        N, TOP_K, MAX_T, H, extra_payload_bytes_per_token=H + 4 * SCALES + 2 * H)
-
-    # Errors raised on every rank before any collective step.
-    expect_raises(ValueError, "not a multiple of the ep size",
-                  lambda: MoeAlltoAll(group, MAX_T, TOP_K, EPR * N + 1, hidden_size=H))
-    expect_raises(ValueError, "pass workspace_size_per_rank or hidden_size",
-                  lambda: MoeAlltoAll(group, MAX_T, TOP_K, EPR * N))
-    split = moecomm.ProcessGroup(gpus_per_node=1)
-    split.device_id = group.device_id
-    expect_raises(ValueError, "spans",
-                  lambda: MoeAlltoAll(split, MAX_T, TOP_K, EPR * N, hidden_size=H))
-    split.close()
-
-    with MoeAlltoAll(group, MAX_T, TOP_K, EPR * N, workspace_size_per_rank=ws) as a2a:
-        assert (a2a.ep_rank, a2a.ep_size) == (group.local_rank, N)
-        assert a2a.workspace_size_per_rank == ws and a2a.recv_counts.shape == (N,)
-        bad_dispatches(a2a)
-
-        seed = shared_seed()
-        # Random routings (duplicate ranks inside a token's top-k, invalid ids), token
-        # counts changing from call to call, every payload kind and combine flavour.
-        run_pair(a2a, Case(seed + 1, N), combine="bf16", between=bad_combines)
-        run_pair(a2a, Case(seed + 2, N, rmax_extra=5), sanitize=False, combine="fp32",
-                 zero_copy=True, use_out=True, between=standalone_sanitize)
-        run_pair(a2a, Case(seed + 3, N, mode="zero"), combine="fp16", use_out=True)
-        run_pair(a2a, Case(seed + 4, N, mode="one_rank"), combine="bf16", zero_copy=True)
-        run_pair(a2a, Case(seed + 5, N, mode="full"), combine="bf16", use_out=True)
-        run_pair(a2a, Case(seed + 6, N, mode="all_invalid"), combine="fp32")
-        run_pair(a2a, Case(seed + 7, N, rmax_extra=7), roundtrip=True)
-        run_pair(a2a, Case(seed + 8, N, T=[1 + (s % 2) for s in range(N)]), combine="fp16",
-                 zero_copy=True)
-        run_pair(a2a, Case(seed + 9, N, mode="zero", T=[0] * N), combine="bf16", use_out=True)
-        checked.append("eager pairs")
-
-        graph_replay(a2a, shared_seed())
-        a2a.check_error(stream, synchronize=True)
-    expect_raises(RuntimeError, "closed", lambda: a2a.combine(None, 1))
-    a2a.close()  # closing twice is harmless
-
-    mapping_group()
-    timeout()
-    return checked
+# Random routings (duplicate ranks inside a token's top-k, invalid ids), token counts
+# changing from call to call, every payload kind and combine flavour: (Exchange options,
+# a function of the ep size where they depend on it; run_pair options) per scenario.
+PAIRS = {
+    "random-bf16": ({}, dict(combine="bf16", between=bad_combines)),
+    "padded-unsanitised-fp32-zero_copy-out": (
+        dict(rmax_extra=5), dict(sanitize=False, combine="fp32", zero_copy=True, use_out=True,
+                                 between=standalone_sanitize)),
+    "rank0_no_tokens-fp16-out": (dict(mode="zero"), dict(combine="fp16", use_out=True)),
+    "all_to_one_rank-bf16-zero_copy": (dict(mode="one_rank"),
+                                       dict(combine="bf16", zero_copy=True)),
+    "full-bf16-out": (dict(mode="full"), dict(combine="bf16", use_out=True)),
+    "one_rank_all_invalid-fp32": (dict(mode="all_invalid"), dict(combine="fp32")),
+    "padded-roundtrip": (dict(rmax_extra=7), dict(roundtrip=True)),
+    "one_or_two_tokens-fp16-zero_copy": (lambda n: dict(T=[1 + (s % 2) for s in range(n)]),
+                                         dict(combine="fp16", zero_copy=True)),
+    "no_tokens-bf16-out": (lambda n: dict(mode="zero", T=[0] * n),
+                           dict(combine="bf16", use_out=True)),
+}
 
 
-def graph_replay(a2a, seed):
+@case(variants=PAIRS)
+def pair(ctx, scenario):
+    """One dispatch and its combine, checked row by row against the reference."""
+    exchange_kw, pair_kw = scenario
+    n = ctx.group.local_size
+    if callable(exchange_kw):
+        exchange_kw = exchange_kw(n)
+    run_pair(ctx, workspace(ctx), Exchange(ctx.new_seed(), n, **exchange_kw), **pair_kw)
+
+
+@case
+def graph_replay(ctx):
     """dispatch + round-trip combine captured once, replayed with new routings/payloads."""
-    r = a2a.ep_rank
-    base = Case(seed, N)
-    ids = device(base.ids[r])
-    payloads = [device(p) for p in base.payloads[r]]
-    out = device(np.zeros((base.T[r], H), np.uint16))
-    poison(a2a)
+    a2a, n, stream = workspace(ctx), ctx.group.local_size, ctx.stream
+    r, seed = a2a.ep_rank, ctx.new_seed()
+    base = Exchange(seed, n)
+    ids = ctx.device(base.ids[r])
+    payloads = [ctx.device(p) for p in base.payloads[r]]
+    out = ctx.device(np.zeros((base.T[r], H), np.uint16))
+    ctx.poison(a2a)
     with stream:
         stream.begin_capture()
         recv = a2a.dispatch(ids, payloads, base.rmax, INVALID, ID_PAYLOAD, stream=stream)
@@ -305,59 +312,69 @@ def graph_replay(a2a, seed):
         graph = stream.end_capture()
     assert res is out or res.data.ptr == out.data.ptr
     for i in range(3):
-        case = Case(seed + 100 + i, N, T=base.T)  # same token counts, new everything else
-        assert case.rmax == base.rmax
-        poison(a2a)
+        exchange = Exchange(seed + 100 + i, n, T=base.T)  # same token counts, new everything else
+        assert exchange.rmax == base.rmax
+        ctx.poison(a2a)
         with stream:
-            for d, h in zip([ids, *payloads], [case.ids[r], *case.payloads[r]]):
+            for d, h in zip([ids, *payloads], [exchange.ids[r], *exchange.payloads[r]]):
                 cupy.ndarray(d.shape, h.dtype, d.data)[...] = cupy.asarray(h)
             cupy.ndarray(out.shape, np.uint16, out.data).fill(0x7FC1)
         graph.launch(stream)
-        recv_ref, counts_ref, routing = case.reference(True)
-        assert np.array_equal(host(a2a.recv_counts), counts_ref[r]), "graph recv_counts"
+        recv_ref, counts_ref, routing = exchange.reference(True)
+        assert np.array_equal(ctx.host(a2a.recv_counts), counts_ref[r]), "graph recv_counts"
         for p, (got, want) in enumerate(zip(recv, recv_ref[r])):
-            got = host(got)
+            got = ctx.host(got)
             if p == ID_PAYLOAD:
                 assert np.array_equal(got, want), f"graph replay {i}: ids"
                 continue
-            for s in range(N):
+            for s in range(n):
                 c = counts_ref[r][s]
                 assert np.array_equal(got[s, :c], want[s, :c]), f"graph replay {i}: payload {p}"
-        want = ref.moe_a2a_combine([recv_ref[q][0] for q in range(N)], routing)[r]
-        assert np.array_equal(host(out), want), f"graph replay {i}: combine"
-    checked.append("graph replay")
+        want = ref.moe_a2a_combine([recv_ref[q][0] for q in range(n)], routing)[r]
+        assert np.array_equal(ctx.host(out), want), f"graph replay {i}: combine"
+    a2a.check_error(stream, synchronize=True)
 
 
-def mapping_group():
+@case
+def closed(ctx):
+    """After close(), calls are refused; closing twice is harmless."""
+    a2a = workspace(ctx)
+    ctx.drop("a2a")
+    a2a.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        a2a.combine(None, 1)
+    a2a.close()
+
+
+@case
+def mapping_groups(ctx):
     """A Mapping's moe_ep groups (two of 2 ranks with 4 ranks) run side by side."""
-    ep = N // 2 if N % 4 == 0 else N
-    mapping = moecomm.Mapping.from_group(group, moe_ep_size=ep)
+    n = ctx.group.local_size
+    ep = n // 2 if n % 4 == 0 else n
+    mapping = moecomm.Mapping.from_group(ctx.group, moe_ep_size=ep)
     ws = MoeAlltoAll.get_moe_workspace_size_per_rank(ep, TOP_K, MAX_T, H, H + 4 * SCALES)
     with MoeAlltoAll(mapping, MAX_T, TOP_K, EPR * ep, workspace_size_per_rank=ws) as a2a:
         assert (a2a.ep_rank, a2a.ep_size) == (mapping.moe_ep_rank, ep)
-        seed = shared_seed() + mapping.moe_ep_group[0]  # one case per ep group
-        run_pair(a2a, Case(seed, ep), combine="bf16")
-    checked.append(f"mapping ep={ep}")
+        seed = ctx.new_seed() + mapping.moe_ep_group[0]  # one exchange per ep group
+        run_pair(ctx, a2a, Exchange(seed, ep), combine="bf16")
 
 
-def timeout():
+@case(own_job=True)
+def missing_peer_times_out(ctx):
     """The last rank never dispatches: the others raise PeerTimeoutError naming it."""
-    missing = N - 1  # local rank == group rank: the group is one host's COMM_WORLD
-    with MoeAlltoAll(group, 8, TOP_K, EPR * N, hidden_size=64, timeout_s=1.0) as a2a:
-        quiesce()
-        if group.local_rank != missing:
+    n = ctx.group.local_size
+    missing = n - 1  # local rank == group rank: the group is one host's COMM_WORLD
+    with MoeAlltoAll(ctx.group, 8, TOP_K, EPR * n, hidden_size=64, timeout_s=1.0) as a2a:
+        ctx.quiesce()
+        if ctx.group.local_rank != missing:
             a2a.dispatch(cupy.zeros((2, TOP_K), np.int32), [cupy.zeros((2, 64), np.float32)], 2,
-                         stream=stream)
-            exc = expect_raises(PeerTimeoutError, f"rank {missing} never arrived",
-                                lambda: a2a.check_error(stream, synchronize=True))
-            assert exc.rank == missing, exc.rank
-            expect_raises(PeerTimeoutError, f"rank {missing} never arrived",
-                          lambda: a2a.combine(cupy.zeros((N, 2, 64), np.float32), 2))
-    checked.append("timeout")
+                         stream=ctx.stream)
+            with pytest.raises(PeerTimeoutError, match=f"rank {missing} never arrived") as info:
+                a2a.check_error(ctx.stream, synchronize=True)
+            assert info.value.rank == missing, info.value.rank
+            with pytest.raises(PeerTimeoutError, match=f"rank {missing} never arrived"):
+                a2a.combine(cupy.zeros((n, 2, 64), np.float32), 2)
 
 
 if __name__ == "__main__":
-    done = main()
-    assert done[-1] == "timeout", done
-    print(f"rank {group.rank}: {', '.join(done)}", flush=True)
-    report_pass(group.rank)
+    main()

@@ -4,63 +4,33 @@ Every rank builds every rank's inputs from a shared seed, computes the reference
 whole exchange and checks its own part, bit for bit: the exact combine against
 ``ep_combine_compact``, the local combine against the two-level sum built from it (each
 rank's slots summed and rounded, then the ranks summed in order). Outputs and buffers are
-poisoned first, while no peer uses them (between barriers). Ranks may share a GPU.
+poisoned first (``EPAllToAll.poison()``: all-0xFF bytes), while no peer uses them (between
+barriers); the spare row past the capacity (``overrun_guard()``) must stay poisoned. The
+cases of one layer run in sequence on it. Ranks may share a GPU.
 """
 
 import cupy
 import numpy as np
+import pytest
 
 import moecomm
 from moecomm import reference as ref
 from moecomm.moe import CapacityError, EPAll2AllLayer, EPAllToAll
 from moecomm.tensors import bfloat16
-from tests.gpu.workers.moe_io import IO, bits
-from tests.mpi import expect_raises, report_pass
+from tests.gpu.workers.common import all_bytes, bits, host_dtype, main, raw, zeros
+from tests.mpi import case, dtype_of
 
-group = moecomm.init()
-N = group.local_size
 EPR = 3  # experts per rank
 TOP_K = 6  # not a multiple of 4: padded code rows, 24-byte id rows (MoeAlltoAll word path)
 H = 128
 MAX_T = 40
-stream = cupy.cuda.Stream(non_blocking=True)
-io = IO(group, stream)
-shared_seed, device, host, quiesce = io.shared_seed, io.device, io.host, io.quiesce
-checked = []
 NAN = {np.dtype(np.uint16): 0x7FC1, np.dtype(np.float16): np.float16(np.nan),
        np.dtype(np.float32): np.float32(np.nan)}
 POISON = {1: 0xA5, 2: 0x7FC1, 4: 0x7FC00001}  # bit patterns: NaN in bf16, fp16 and fp32
 
 
-
-
-def host_dtype(dt) -> np.dtype:
-    """The NumPy (reference) dtype of a device dtype: bf16 is uint16 bits."""
-    return np.dtype(np.uint16) if np.dtype(dt) == bfloat16 else np.dtype(dt)
-
-
-
-
-
-
-
-
-def raw(d: cupy.ndarray) -> cupy.ndarray:
-    """An unsigned-integer view of a device array (to fill or copy any dtype)."""
-    return cupy.ndarray(d.shape, {1: np.uint8, 2: np.uint16, 4: np.uint32}[d.itemsize], d.data)
-
-
-def zeros(shape, dtype) -> cupy.ndarray:
-    """A zeroed device array of any dtype, bf16 included."""
-    dtype = np.dtype(dtype)
-    d = cupy.zeros(max(1, int(np.prod(shape))) * dtype.itemsize, np.uint8)
-    return cupy.ndarray(shape, dtype, d.data)
-
-
-
-
 # ---------------------------------------------------------------- inputs and reference
-class Case:
+class Exchange:
     """Every rank's tokens, routing and weights for ``ep`` ranks (``EPR * ep`` experts).
 
     mode: random | zero (rank 0 has no tokens) | none (no rank has tokens) | one_expert
@@ -69,8 +39,10 @@ class Case:
     weights: all | none | mixed (even ranks only).
     """
 
-    def __init__(self, seed, ep=None, mode="random", weights="all", x_dtype=np.uint16, T=None):
-        ep = N if ep is None else ep
+    def __init__(self, ctx, seed, ep=None, mode="random", weights="all", x_dtype=np.uint16,
+                 T=None):
+        self.ctx = ctx
+        ep = ctx.group.local_size if ep is None else ep
         self.ep, self.E = ep, EPR * ep
         rng = np.random.default_rng(seed)
         if T is None:
@@ -107,8 +79,8 @@ class Case:
         self.xr, self.wr, self.lay = ref.ep_dispatch_compact(self.x, self.ids, self.w, self.E, ep)
 
     def inputs(self, r):
-        ids, x = device(self.ids[r]), device(self.x[r])
-        w = device(self.w[r]) if self.w_given[r] else None
+        ids, x = self.ctx.device(self.ids[r]), self.ctx.device(self.x[r])
+        w = self.ctx.device(self.w[r]) if self.w_given[r] else None
         return x, ids, w
 
     def outputs(self, dtype, cap):
@@ -145,229 +117,109 @@ class Case:
         return outs
 
 
-def poison(layer):
-    quiesce()
-    raw(layer._recv_x_buf).fill(POISON[layer.dtype.itemsize])
-    layer._src_buf.fill(-9)
-    layer._recv_w_buf.fill(np.nan)
-    layer._tpe.fill(-7)
-    layer._offsets.fill(-7)
-    layer._stats[1:4] = -7  # not the arrival counter (0) nor the sticky record (4, 5)
-    io.poison_workspace(layer._a2a)
-    if not layer.local_combine:
-        raw(layer.get_combine_input_tensor_in_workspace()).fill(
-            POISON[layer.combine_dtype.itemsize])
-        layer._codes_out.fill(np.nan)
-    quiesce()
-
-
-def check_dispatch(layer, case, out, what):
-    """recv_x, weights, src, tokens_per_expert, offsets, counts and the guard rows."""
-    r, cap = layer.ep_rank, layer.capacity
+def check_dispatch(ctx, layer, exchange, out, what):
+    """recv_x, weights, src, tokens_per_expert, offsets, counts and the guard row."""
+    r, cap, stream = layer.ep_rank, layer.capacity, ctx.stream
     recv_x, recv_w, lay = out
-    R = case.xr[r].shape[0]
+    R = exchange.xr[r].shape[0]
     S = min(R, cap)
     assert lay.num_rows_host(stream) == S, (what, lay.num_rows_host(stream), S)
-    assert (int(host(lay.num_needed)[0]), int(host(lay.num_dropped)[0])) == (R, R - S), what
+    assert (int(ctx.host(lay.num_needed)[0]), int(ctx.host(lay.num_dropped)[0])) == (R, R - S), \
+        what
     assert recv_x.shape == (cap, H) and recv_w.shape == (cap,), what
-    assert np.array_equal(bits(host(recv_x)[:S]), bits(case.xr[r][:S])), f"{what}: recv_x"
-    assert np.array_equal(bits(host(recv_w)[:S]), bits(case.wr[r][:S])), f"{what}: weights"
-    assert np.array_equal(host(lay.src)[:S], case.lay.src[r][:S]), f"{what}: src"
-    tpe = np.bincount(case.lay.local_expert[r][:S], minlength=EPR).astype(np.int32)
+    assert np.array_equal(bits(ctx.host(recv_x)[:S]), bits(exchange.xr[r][:S])), f"{what}: recv_x"
+    assert np.array_equal(bits(ctx.host(recv_w)[:S]), bits(exchange.wr[r][:S])), \
+        f"{what}: weights"
+    assert np.array_equal(ctx.host(lay.src)[:S], exchange.lay.src[r][:S]), f"{what}: src"
+    tpe = np.bincount(exchange.lay.local_expert[r][:S], minlength=EPR).astype(np.int32)
     assert np.array_equal(lay.tokens_per_expert_host(stream), tpe), (what, tpe)
-    assert np.array_equal(host(out.tokens_per_expert), tpe), what
-    assert np.array_equal(host(lay.expert_offsets), np.concatenate([[0], np.cumsum(tpe)])), what
-    guard = bits(host(layer._recv_x_buf[cap:]))
-    assert np.all(guard == POISON[layer.dtype.itemsize]), f"{what}: row past the capacity written"
-    assert np.all(host(layer._src_buf[cap:]) == -9), f"{what}: src past the capacity written"
-    assert np.isnan(host(layer._recv_w_buf[cap:])[0]), f"{what}: weight past the capacity"
+    assert np.array_equal(ctx.host(out.tokens_per_expert), tpe), what
+    assert np.array_equal(ctx.host(lay.expert_offsets), np.concatenate([[0], np.cumsum(tpe)])), \
+        what
+    row, src, weight = layer.overrun_guard()
+    assert row.shape == (1, H) and src.shape == (1, 3) and weight.shape == (1,), what
+    assert all_bytes(ctx.host(row), 0xFF), f"{what}: row past the capacity written"
+    assert all_bytes(ctx.host(src), 0xFF), f"{what}: src past the capacity written"
+    assert all_bytes(ctx.host(weight), 0xFF), f"{what}: weight past the capacity written"
 
 
 # ---------------------------------------------------------------- one dispatch + combine
-def run_pair(layer, case, *, apply=False, zero_copy=False, use_out=False, between=None,
-             rmax=None):
-    r, cap = layer.ep_rank, layer.capacity
-    what = (f"T={case.T} local={layer.local_combine} apply={apply} zero_copy={zero_copy} "
+def run_pair(ctx, layer, exchange, *, apply=False, zero_copy=False, use_out=False,
+             between=None, rmax=None):
+    r, cap, stream = layer.ep_rank, layer.capacity, ctx.stream
+    what = (f"T={exchange.T} local={layer.local_combine} apply={apply} zero_copy={zero_copy} "
             f"cap={cap}")
-    poison(layer)
-    x, ids, w = case.inputs(r)
+    ctx.poison(layer)
+    x, ids, w = exchange.inputs(r)
     out = layer.dispatch(x, ids, w, stream=stream, runtime_max_tokens_per_rank=rmax)
     lay = out.layout
-    check_dispatch(layer, case, out, what)
+    check_dispatch(ctx, layer, exchange, out, what)
     if between is not None:
-        between(layer, out)
+        between(ctx, layer, out)
 
-    ys_dev, ys_ref = case.outputs(layer.combine_dtype, cap)
-    want = case.combine_ref(ys_ref, apply, layer.local_combine)[r]
+    ys_dev, ys_ref = exchange.outputs(layer.combine_dtype, cap)
+    want = exchange.combine_ref(ys_ref, apply, layer.local_combine)[r]
     if zero_copy:
         y = layer.get_combine_input_tensor_in_workspace()
         with stream:
             raw(y)[...] = cupy.asarray(bits(ys_dev[r]))
     else:
-        y = device(ys_dev[r], bf16=layer.combine_dtype == bfloat16)
+        y = ctx.device(ys_dev[r], bf16=layer.combine_dtype == bfloat16)
     dst = None
     if use_out:
-        dst = zeros((case.T[r], H), layer.combine_dtype)
+        dst = zeros((exchange.T[r], H), layer.combine_dtype)
         raw(dst).fill(POISON[dst.itemsize])
     got = layer.combine(y, lay, apply_weights=apply, stream=stream, out=dst)
     if dst is not None:
         assert got.data.ptr == dst.data.ptr, what
-    got = host(got)
-    assert got.shape == (case.T[r], H) and got.dtype == want.dtype, (what, got.shape, got.dtype)
+    got = ctx.host(got)
+    assert got.shape == (exchange.T[r], H) and got.dtype == want.dtype, (what, got.shape, got.dtype)
     diff = np.argwhere(bits(got) != bits(want))
     assert diff.size == 0, f"combine {what}: {diff.shape[0]} differ, first {diff[:4].tolist()}"
     layer.check_error(stream, synchronize=True)
     return lay
 
 
-def bad_calls_between(layer, out):
+def bad_calls_between(ctx, layer, out):
     """Wrong calls between a dispatch and its combine: clear errors, nothing launched."""
     lay, cap = out.layout, layer.capacity
     x, ids = zeros((1, H), layer.dtype), cupy.zeros((1, TOP_K), np.int32)
     yd = layer.combine_dtype
     ok = cupy.zeros((cap, H), np.float32 if yd != np.float32 else np.float16)
-    with stream:
-        expect_raises(RuntimeError, "twice without combine", lambda: layer.dispatch(x, ids))
-        expect_raises(ValueError, "y: shape",
-                      lambda: layer.combine(zeros((cap + 1, H), yd), lay))
-        expect_raises(ValueError, "y: shape",
-                      lambda: layer.combine(zeros((cap, H + 8), yd), lay))
-        expect_raises(TypeError, "y: dtype", lambda: layer.combine(ok, lay))
-        expect_raises(TypeError, "apply_weights must be a bool",
-                      lambda: layer.combine(layer.recv_x, lay, apply_weights=1))
-        expect_raises(TypeError, "EPLayout", lambda: layer.combine(layer.recv_x, None))
-        expect_raises(ValueError, "out: shape",
-                      lambda: layer.combine(layer.get_combine_input_tensor_in_workspace(), lay,
-                                            out=zeros((lay.num_tokens + 1, H), yd)))
+    with ctx.stream:
+        with pytest.raises(RuntimeError, match="twice without combine"):
+            layer.dispatch(x, ids)
+        with pytest.raises(ValueError, match="y: shape"):
+            layer.combine(zeros((cap + 1, H), yd), lay)
+        with pytest.raises(ValueError, match="y: shape"):
+            layer.combine(zeros((cap, H + 8), yd), lay)
+        with pytest.raises(TypeError, match="y: dtype"):
+            layer.combine(ok, lay)
+        with pytest.raises(TypeError, match="apply_weights must be a bool"):
+            layer.combine(layer.recv_x, lay, apply_weights=1)
+        with pytest.raises(TypeError, match="EPLayout"):
+            layer.combine(layer.recv_x, None)
+        with pytest.raises(ValueError, match="out: shape"):
+            layer.combine(layer.get_combine_input_tensor_in_workspace(), lay,
+                          out=zeros((lay.num_tokens + 1, H), yd))
         if not layer.local_combine:  # a view 16 bytes into the exchange buffer
             part = layer.get_combine_input_tensor_in_workspace()
             shifted = cupy.ndarray((cap, H), yd, part.data + 16)
-            expect_raises(ValueError, "overlaps", lambda: layer.combine(shifted, lay))
-    checked.append("bad calls between")
+            with pytest.raises(ValueError, match="overlaps"):
+                layer.combine(shifted, lay)
 
 
-def bad_dispatches(layer):
-    """Argument errors before any launch."""
-    dt = layer.dtype
-    ids = cupy.zeros((4, TOP_K), np.int32)
-    x = zeros((4, H), dt)
-    other = np.float32 if dt != np.float32 else np.float16
-    with stream:
-        expect_raises(TypeError, "x: dtype", lambda: layer.dispatch(zeros((4, H), other), ids))
-        expect_raises(ValueError, "x: shape", lambda: layer.dispatch(zeros((4, H + 8), dt), ids))
-        expect_raises(ValueError, "x: shape", lambda: layer.dispatch(zeros((5, H), dt), ids))
-        expect_raises(ValueError, "exceed max_num_tokens",
-                      lambda: layer.dispatch(zeros((MAX_T + 1, H), dt),
-                                             cupy.zeros((MAX_T + 1, TOP_K), np.int32)))
-        expect_raises(TypeError, "topk_ids: dtype int64",
-                      lambda: layer.dispatch(x, ids.astype(np.int64)))
-        expect_raises(ValueError, f"top_k={TOP_K}",
-                      lambda: layer.dispatch(x, cupy.zeros((4, TOP_K - 1), np.int32)))
-        expect_raises(ValueError, "weights: shape",
-                      lambda: layer.dispatch(x, ids, cupy.zeros((4, TOP_K + 1), np.float32)))
-        expect_raises(TypeError, "weights: dtype float16",
-                      lambda: layer.dispatch(x, ids, cupy.zeros((4, TOP_K), np.float16)))
-        expect_raises(ValueError, "exceed runtime_max_tokens_per_rank",
-                      lambda: layer.dispatch(x, ids, runtime_max_tokens_per_rank=3))
-        expect_raises(ValueError, "exceeds max_num_tokens",
-                      lambda: layer.dispatch(x, ids, runtime_max_tokens_per_rank=MAX_T + 1))
-        expect_raises(ValueError, "array is on cpu",
-                      lambda: layer.dispatch(x, np.zeros((4, TOP_K), np.int32)))
-        expect_raises(TypeError, "EPLayout", lambda: layer.combine(layer.recv_x, "layout"))
-    checked.append("bad dispatch")
-
-
-# ---------------------------------------------------------------- the layers
-def exact_layer():
-    """Exact combine, bf16 in and out, worst-case capacity: every routing kind."""
-    with EPAll2AllLayer(group, MAX_T, TOP_K, EPR * N, H) as layer:
-        assert isinstance(layer, EPAllToAll) and layer.capacity == N * MAX_T * TOP_K
-        assert (layer.ep_rank, layer.ep_size, layer.experts_per_rank) == (group.local_rank, N, EPR)
-        bad_dispatches(layer)
-        seed = shared_seed()
-        lay = run_pair(layer, Case(seed + 1), apply=True, between=bad_calls_between)
-        # the combine consumed the layout: it is not accepted twice
-        expect_raises(RuntimeError, "dispatch just before",
-                      lambda: layer.combine(layer.recv_x, lay))
-        run_pair(layer, Case(seed + 2, weights="mixed"), apply=True, zero_copy=True, use_out=True)
-        run_pair(layer, Case(seed + 3, mode="zero", weights="none"), apply=True)
-        run_pair(layer, Case(seed + 4, mode="one_expert"), apply=False, zero_copy=True)
-        run_pair(layer, Case(seed + 5, mode="dup"), apply=True, use_out=True)
-        case = Case(seed + 6, mode="all_invalid", weights="mixed")
-        run_pair(layer, case, apply=False, rmax=min(max(case.T) + 3, MAX_T))
-        run_pair(layer, Case(seed + 7, mode="full"), apply=True, zero_copy=True)
-        stale = run_pair(layer, Case(seed + 8, mode="none"), apply=True, use_out=True)
-        graph_replay(layer, shared_seed(), zero_copy=True)
-        expect_raises(RuntimeError, "stale", lambda: stale.tokens_per_expert)
-        layer.check_capacity(stream)  # nothing dropped
-        layer.check_error(stream, synchronize=True)
-    expect_raises(RuntimeError, "closed", lambda: layer.dispatch(None, None))
-    layer.close()  # closing twice is harmless
-    checked.append("exact bf16")
-
-
-def local_layer():
-    """local_combine: two-level sum, bf16 in and out."""
-    with EPAllToAll(group, MAX_T, TOP_K, EPR * N, H, local_combine=True) as layer:
-        seed = shared_seed()
-        run_pair(layer, Case(seed + 1), apply=True, between=bad_calls_between)
-        run_pair(layer, Case(seed + 2, mode="dup", weights="mixed"), apply=True, use_out=True)
-        case = Case(seed + 3, mode="zero")
-        run_pair(layer, case, apply=False, zero_copy=True, rmax=max(case.T))
-        run_pair(layer, Case(seed + 4, mode="one_expert", weights="none"), apply=True)
-        graph_replay(layer, shared_seed(), zero_copy=False)
-    checked.append("local bf16")
-
-
-def overflow_layers():
-    """Small capacities: the tail is dropped, counted, raised on request; combine skips it."""
-    cap = MAX_T * TOP_K // 2
-    for local, x_dtype, y_dtype in ((False, np.float32, np.float16), (True, bfloat16, np.float32)):
-        with EPAllToAll(group, MAX_T, TOP_K, EPR * N, H, x_dtype, max_recv_rows=cap,
-                        combine_dtype=y_dtype, local_combine=local) as layer:
-            assert layer.capacity == cap
-            r, hx = layer.ep_rank, host_dtype(x_dtype)
-            seed = shared_seed()
-            for i, (mode, T) in enumerate((("one_expert", None), ("full", None),
-                                            ("random", [2] * N))):  # the last one fits
-                case = Case(seed + i, mode=mode, x_dtype=hx, T=T)
-                lay = run_pair(layer, case, apply=i != 1, zero_copy=not local and i == 0,
-                               use_out=i == 1)
-                R = case.xr[r].shape[0]
-                if R > cap:
-                    exc = expect_raises(CapacityError, f"the capacity is {cap}",
-                                        lambda lay=lay: lay.check_capacity(stream))
-                    assert (exc.needed, exc.capacity) == (R, cap), (exc.needed, R)
-                    expect_raises(CapacityError, "were dropped",
-                                  lambda: layer.check_capacity(stream))
-                else:
-                    lay.check_capacity(stream)
-                layer.check_capacity(stream)  # nothing since the last check (record reset)
-    checked.append("overflow")
-
-
-def mapping_layer():
-    """A Mapping's moe_ep groups (two of 2 ranks with 4 ranks) side by side."""
-    ep = N // 2 if N % 4 == 0 else N
-    mapping = moecomm.Mapping.from_group(group, moe_ep_size=ep)
-    with EPAllToAll(mapping, MAX_T, TOP_K, EPR * ep, H) as layer:
-        assert (layer.ep_rank, layer.ep_size) == (mapping.moe_ep_rank, ep)
-        seed = shared_seed() + mapping.moe_ep_group[0]
-        run_pair(layer, Case(seed, ep=ep, mode="dup"), apply=True)
-    checked.append(f"mapping ep={ep}")
-
-
-def graph_replay(layer, seed, zero_copy):
+def graph_replay(ctx, layer, zero_copy):
     """dispatch + round-trip combine captured once, replayed with new routings."""
-    r = layer.ep_rank
-    base = Case(seed)
-    x, ids, w = (device(a) for a in (base.x[r], base.ids[r], base.w[r]))
-    out = device(np.zeros((base.T[r], H), np.uint16))
+    r, stream, seed = layer.ep_rank, ctx.stream, ctx.new_seed()
+    base = Exchange(ctx, seed)
+    x, ids, w = (ctx.device(a) for a in (base.x[r], base.ids[r], base.w[r]))
+    out = ctx.device(np.zeros((base.T[r], H), np.uint16))
     y_ws = layer.get_combine_input_tensor_in_workspace()
     with stream:  # compile CuPy's copy kernel outside the capture (peers may read y_ws)
         a = cupy.zeros(4, np.uint16)
         a[...] = cupy.ones(4, np.uint16)
-    poison(layer)
+    ctx.poison(layer)
     with stream:
         stream.begin_capture()
         res = layer.dispatch(x, ids, w, stream=stream)
@@ -379,37 +231,213 @@ def graph_replay(layer, seed, zero_copy):
         graph = stream.end_capture()
     assert got.data.ptr == out.data.ptr
     for i in range(3 if not layer.local_combine else 2):
-        case = Case(seed + 100 + i, T=base.T)  # same token counts, new everything else
-        poison(layer)
+        exchange = Exchange(ctx, seed + 100 + i, T=base.T)  # same token counts, new everything else
+        ctx.poison(layer)
         with stream:
-            for d, h in zip((x, ids, w), (case.x[r], case.ids[r], case.w[r])):
+            for d, h in zip((x, ids, w), (exchange.x[r], exchange.ids[r], exchange.w[r])):
                 raw(d)[...] = cupy.asarray(bits(h))
             raw(out).fill(POISON[2])
         graph.launch(stream)
-        check_dispatch(layer, case, res, f"graph replay {i}")
-        ys = case.xr  # the round trip: y is recv_x itself
-        want = case.combine_ref(ys, True, layer.local_combine)[r]
-        assert np.array_equal(host(out), want), f"graph replay {i}: combine"
-    checked.append(f"graph {'local' if layer.local_combine else 'exact'}")
+        check_dispatch(ctx, layer, exchange, res, f"graph replay {i}")
+        ys = exchange.xr  # the round trip: y is recv_x itself
+        want = exchange.combine_ref(ys, True, layer.local_combine)[r]
+        assert np.array_equal(ctx.host(out), want), f"graph replay {i}: combine"
 
 
-def main():
-    expect_raises(ValueError, "not a multiple of the ep size",
-                  lambda: EPAllToAll(group, MAX_T, TOP_K, EPR * N + 1, H))
-    expect_raises(ValueError, "experts per rank exceed",
-                  lambda: EPAllToAll(group, MAX_T, TOP_K, 1025 * N, H))
+# ---------------------------------------------------------------- the cases
+@case
+def constructor_errors(ctx):
+    n = ctx.group.local_size
+    with pytest.raises(ValueError, match="not a multiple of the ep size"):
+        EPAllToAll(ctx.group, MAX_T, TOP_K, EPR * n + 1, H)
+    with pytest.raises(ValueError, match="experts per rank exceed"):
+        EPAllToAll(ctx.group, MAX_T, TOP_K, 1025 * n, H)
     split = moecomm.ProcessGroup(gpus_per_node=1)  # every rank its own declared node
-    split.device_id = group.device_id
-    expect_raises(ValueError, "spans", lambda: EPAllToAll(split, MAX_T, TOP_K, EPR * N, H))
-    split.close()
-    exact_layer()
-    local_layer()
-    overflow_layers()
-    mapping_layer()
-    return checked
+    split.device_id = ctx.group.device_id
+    try:
+        with pytest.raises(ValueError, match="spans"):
+            EPAllToAll(split, MAX_T, TOP_K, EPR * n, H)
+    finally:
+        split.close()
+
+
+def exact_layer(ctx):
+    """Exact combine, bf16 in and out, worst-case capacity: the exact_* cases share it."""
+    n = ctx.group.local_size
+    return ctx.shared("exact", lambda: EPAll2AllLayer(ctx.group, MAX_T, TOP_K, EPR * n, H))
+
+
+@case
+def exact_bad_dispatches(ctx):
+    """Attributes, and argument errors before any launch."""
+    layer, n = exact_layer(ctx), ctx.group.local_size
+    assert isinstance(layer, EPAllToAll) and layer.capacity == n * MAX_T * TOP_K
+    assert (layer.ep_rank, layer.ep_size, layer.experts_per_rank) == (ctx.group.local_rank, n,
+                                                                        EPR)
+    dt = layer.dtype
+    ids = cupy.zeros((4, TOP_K), np.int32)
+    x = zeros((4, H), dt)
+    other = np.float32 if dt != np.float32 else np.float16
+    with ctx.stream:
+        with pytest.raises(TypeError, match="x: dtype"):
+            layer.dispatch(zeros((4, H), other), ids)
+        with pytest.raises(ValueError, match="x: shape"):
+            layer.dispatch(zeros((4, H + 8), dt), ids)
+        with pytest.raises(ValueError, match="x: shape"):
+            layer.dispatch(zeros((5, H), dt), ids)
+        with pytest.raises(ValueError, match="exceed max_num_tokens"):
+            layer.dispatch(zeros((MAX_T + 1, H), dt), cupy.zeros((MAX_T + 1, TOP_K), np.int32))
+        with pytest.raises(TypeError, match="topk_ids: dtype int64"):
+            layer.dispatch(x, ids.astype(np.int64))
+        with pytest.raises(ValueError, match=f"top_k={TOP_K}"):
+            layer.dispatch(x, cupy.zeros((4, TOP_K - 1), np.int32))
+        with pytest.raises(ValueError, match="weights: shape"):
+            layer.dispatch(x, ids, cupy.zeros((4, TOP_K + 1), np.float32))
+        with pytest.raises(TypeError, match="weights: dtype float16"):
+            layer.dispatch(x, ids, cupy.zeros((4, TOP_K), np.float16))
+        with pytest.raises(ValueError, match="exceed runtime_max_tokens_per_rank"):
+            layer.dispatch(x, ids, runtime_max_tokens_per_rank=3)
+        with pytest.raises(ValueError, match="exceeds max_num_tokens"):
+            layer.dispatch(x, ids, runtime_max_tokens_per_rank=MAX_T + 1)
+        with pytest.raises(ValueError, match="array is on cpu"):
+            layer.dispatch(x, np.zeros((4, TOP_K), np.int32))
+        with pytest.raises(TypeError, match="EPLayout"):
+            layer.combine(layer.recv_x, "layout")
+
+
+@case
+def exact_random_weighted(ctx):
+    """Wrong calls between dispatch and combine; the combine consumes the layout."""
+    layer = exact_layer(ctx)
+    lay = run_pair(ctx, layer, Exchange(ctx, ctx.new_seed()), apply=True,
+                   between=bad_calls_between)
+    with pytest.raises(RuntimeError, match="dispatch just before"):
+        layer.combine(layer.recv_x, lay)  # the layout is not accepted twice
+
+
+# (Exchange options, run_pair options) per scenario on the exact layer; an ``rmax``
+# option is a function of the token counts (runtime_max_tokens_per_rank).
+EXACT = {
+    "mixed_weights-zero_copy-out": (dict(weights="mixed"),
+                                    dict(apply=True, zero_copy=True, use_out=True)),
+    "rank0_no_tokens-unweighted": (dict(mode="zero", weights="none"), dict(apply=True)),
+    "one_expert-zero_copy": (dict(mode="one_expert"), dict(apply=False, zero_copy=True)),
+    "duplicate_slots-out": (dict(mode="dup"), dict(apply=True, use_out=True)),
+    "one_rank_all_invalid-rmax": (dict(mode="all_invalid", weights="mixed"),
+                                  dict(apply=False, rmax=lambda T: min(max(T) + 3, MAX_T))),
+    "full-zero_copy": (dict(mode="full"), dict(apply=True, zero_copy=True)),
+}
+
+
+def with_rmax(pair_kw, exchange):
+    """run_pair's options, ``rmax`` evaluated on the exchange's token counts."""
+    if "rmax" in pair_kw:
+        return dict(pair_kw, rmax=pair_kw["rmax"](exchange.T))
+    return pair_kw
+
+
+@case(variants=EXACT)
+def exact(ctx, scenario):
+    exchange_kw, pair_kw = scenario
+    layer = exact_layer(ctx)
+    exchange = Exchange(ctx, ctx.new_seed(), **exchange_kw)
+    run_pair(ctx, layer, exchange, **with_rmax(pair_kw, exchange))
+
+
+@case
+def exact_no_tokens_then_graph_replay(ctx):
+    """No rank has tokens; then a captured dispatch + combine replayed with new routings
+    (zero-copy combine input); the layout of the first pair is stale after it."""
+    layer = exact_layer(ctx)
+    stale = run_pair(ctx, layer, Exchange(ctx, ctx.new_seed(), mode="none"), apply=True,
+                     use_out=True)
+    graph_replay(ctx, layer, zero_copy=True)
+    with pytest.raises(RuntimeError, match="stale"):
+        stale.tokens_per_expert
+    layer.check_capacity(ctx.stream)  # nothing dropped
+    layer.check_error(ctx.stream, synchronize=True)
+
+
+@case
+def exact_closed(ctx):
+    layer = exact_layer(ctx)
+    ctx.drop("exact")
+    layer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        layer.dispatch(None, None)
+    layer.close()  # closing twice is harmless
+
+
+def local_layer(ctx):
+    """local_combine: two-level sum, bf16 in and out; the local_* cases share it."""
+    n = ctx.group.local_size
+    return ctx.shared("local", lambda: EPAllToAll(ctx.group, MAX_T, TOP_K, EPR * n, H,
+                                                  local_combine=True))
+
+
+# The same for the local-combine layer.
+LOCAL = {
+    "random-weighted": ({}, dict(apply=True, between=bad_calls_between)),
+    "duplicate_slots-mixed_weights-out": (dict(mode="dup", weights="mixed"),
+                                          dict(apply=True, use_out=True)),
+    "rank0_no_tokens-zero_copy-rmax": (dict(mode="zero"),
+                                       dict(apply=False, zero_copy=True, rmax=max)),
+    "one_expert-unweighted": (dict(mode="one_expert", weights="none"), dict(apply=True)),
+}
+
+
+@case(variants=LOCAL)
+def local(ctx, scenario):
+    exchange_kw, pair_kw = scenario
+    exchange = Exchange(ctx, ctx.new_seed(), **exchange_kw)
+    run_pair(ctx, local_layer(ctx), exchange, **with_rmax(pair_kw, exchange))
+
+
+@case
+def local_graph_replay(ctx):
+    graph_replay(ctx, local_layer(ctx), zero_copy=False)
+
+
+@case(variants={"exact-fp32-fp16": (False, "fp32", "fp16"),
+                "local-bf16-fp32": (True, "bf16", "fp32")})
+def overflow(ctx, variant):
+    """A small capacity: the tail is dropped, counted, raised on request; combine skips it."""
+    local, x_name, y_name = variant
+    x_dtype, y_dtype = dtype_of(x_name), dtype_of(y_name)
+    n, cap = ctx.group.local_size, MAX_T * TOP_K // 2
+    with EPAllToAll(ctx.group, MAX_T, TOP_K, EPR * n, H, x_dtype, max_recv_rows=cap,
+                    combine_dtype=y_dtype, local_combine=local) as layer:
+        assert layer.capacity == cap
+        r, hx = layer.ep_rank, host_dtype(x_dtype)
+        seed = ctx.new_seed()
+        for i, (mode, T) in enumerate((("one_expert", None), ("full", None),
+                                        ("random", [2] * n))):  # the last one fits
+            exchange = Exchange(ctx, seed + i, mode=mode, x_dtype=hx, T=T)
+            lay = run_pair(ctx, layer, exchange, apply=i != 1, zero_copy=not local and i == 0,
+                           use_out=i == 1)
+            R = exchange.xr[r].shape[0]
+            if R > cap:
+                with pytest.raises(CapacityError, match=f"the capacity is {cap}") as info:
+                    lay.check_capacity(ctx.stream)
+                assert (info.value.needed, info.value.capacity) == (R, cap), info.value.needed
+                with pytest.raises(CapacityError, match="were dropped"):
+                    layer.check_capacity(ctx.stream)
+            else:
+                lay.check_capacity(ctx.stream)
+            layer.check_capacity(ctx.stream)  # nothing since the last check (record reset)
+
+
+@case
+def mapping_groups(ctx):
+    """A Mapping's moe_ep groups (two of 2 ranks with 4 ranks) side by side."""
+    n = ctx.group.local_size
+    ep = n // 2 if n % 4 == 0 else n
+    mapping = moecomm.Mapping.from_group(ctx.group, moe_ep_size=ep)
+    with EPAllToAll(mapping, MAX_T, TOP_K, EPR * ep, H) as layer:
+        assert (layer.ep_rank, layer.ep_size) == (mapping.moe_ep_rank, ep)
+        seed = ctx.new_seed() + mapping.moe_ep_group[0]
+        run_pair(ctx, layer, Exchange(ctx, seed, ep=ep, mode="dup"), apply=True)
 
 
 if __name__ == "__main__":
-    done = main()
-    print(f"rank {group.rank}: {', '.join(done)}", flush=True)
-    report_pass(group.rank)
+    main()
