@@ -2,9 +2,10 @@
 
 import pytest
 
-from tests.mpi import check_ranks
+from tests.mpi import case_params
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_symmetric_buffer(n):
-    check_ranks(n, "tests/gpu/workers/symmetric_worker.py")
+@pytest.mark.parametrize("job, name", case_params("tests/gpu/workers/symmetric_worker.py",
+                                                  ranks=(2, 4)))
+def test_symmetric_buffer(jobs, job, name):
+    jobs.check(job, name)

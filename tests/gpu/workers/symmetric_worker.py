@@ -2,30 +2,33 @@
 
 import cupy
 import numpy as np
+import pytest
 
 import moecomm
 from moecomm.kernels import get_kernel
 from moecomm.symmetric import SymmetricBuffer, create_shared_buffer, free_shared_buffer
-from tests.mpi import expect_raises, report_pass
-
-group = moecomm.init()
-rank, n = group.local_rank, group.local_size
-gather = get_kernel("symmetric.cu", "gather_peers")
-copy = get_kernel("symmetric.cu", "copy_bytes")
+from tests.gpu.workers.common import main
+from tests.mpi import case
 
 
 def rank_bytes(seed: int, r: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, r]).integers(0, 256, size, dtype=np.uint8)
 
 
-# Odd sizes, a large one, and a second round on the same buffer (rewritten data).
-for size in (1, 15, 4097, (3 << 20) + 5):
+@case(variants={"1": 1, "15": 15, "4097": 4097, "3145733": (3 << 20) + 5})
+def buffer(ctx, size):
+    """Odd sizes and a large one, two rounds of rewritten data: a kernel reading every peer
+    through the pointer table, host views of each peer, a copy from each peer, an
+    unaligned sub-range; typed views and their errors; closing."""
+    gather = get_kernel("symmetric.cu", "gather_peers")
+    copy = get_kernel("symmetric.cu", "copy_bytes")
+    group, rank, n = ctx.group, ctx.group.local_rank, ctx.group.local_size
     with SymmetricBuffer(group, size) as buf:
         assert buf.view(np.uint8, (size,)).get().max() == 0, "buffer is not zero-initialised"
         assert buf.ptrs[rank] == buf.ptr and buf.ptr % 256 == 0
         assert buf.peer_ptrs.get().tolist() == buf.ptrs
         for round_ in range(2):
-            seed = group.bcast(int(np.random.SeedSequence().entropy % (1 << 63)))
+            seed = ctx.new_seed()
             buf.view(np.uint8, (size,))[...] = cupy.asarray(rank_bytes(seed, rank, size))
             cupy.cuda.runtime.deviceSynchronize()
             group.local_barrier()
@@ -53,41 +56,68 @@ for size in (1, 15, 4097, (3 << 20) + 5):
         # typed views
         floats = buf.view(np.float32, (size // 4,))
         assert floats.shape == (size // 4,)
-        expect_raises(ValueError, "exceeds", lambda: buf.view(np.uint8, (size + 1,)))
-        expect_raises(ValueError, "multiple of 4", lambda: buf.view(np.float32, (1,), offset=2))
-        expect_raises(ValueError, "rank", lambda: buf.view(np.uint8, (1,), rank=n))
-    expect_raises(RuntimeError, "closed", lambda: buf.view(np.uint8, (1,)))
+        with pytest.raises(ValueError, match="exceeds"):
+            buf.view(np.uint8, (size + 1,))
+        with pytest.raises(ValueError, match="multiple of 4"):
+            buf.view(np.float32, (1,), offset=2)
+        with pytest.raises(ValueError, match="rank"):
+            buf.view(np.uint8, (1,), rank=n)
+    with pytest.raises(RuntimeError, match="closed"):
+        buf.view(np.uint8, (1,))
     buf.close()  # closing twice is harmless
 
-# The pointer-list API of the reference documents.
-ptrs = create_shared_buffer(1 << 16, group)
-assert len(ptrs) == n and all(p % 256 == 0 for p in ptrs)
-free_shared_buffer(ptrs, group)
-expect_raises(ValueError, "not a buffer", lambda: free_shared_buffer(ptrs, group))
 
-# Bad input: clear errors, raised on every rank, before anything is allocated.
-expect_raises(ValueError, "nbytes must be > 0", lambda: SymmetricBuffer(group, 0))
-expect_raises(ValueError, "differs across ranks", lambda: SymmetricBuffer(group, 1024 + rank))
+@case
+def pointer_list_api(ctx):
+    """create_shared_buffer / free_shared_buffer of the reference documents."""
+    n = ctx.group.local_size
+    ptrs = create_shared_buffer(1 << 16, ctx.group)
+    assert len(ptrs) == n and all(p % 256 == 0 for p in ptrs)
+    free_shared_buffer(ptrs, ctx.group)
+    with pytest.raises(ValueError, match="not a buffer"):
+        free_shared_buffer(ptrs, ctx.group)
 
-# No leak: repeated create/close returns the device memory.
-cupy.get_default_memory_pool().free_all_blocks()
-cupy.cuda.runtime.deviceSynchronize()
-group.barrier()
-free_before = cupy.cuda.runtime.memGetInfo()[0]
-for _ in range(5):
-    with SymmetricBuffer(group, 64 << 20):
-        pass
-cupy.get_default_memory_pool().free_all_blocks()
-group.barrier()
-free_after = cupy.cuda.runtime.memGetInfo()[0]
-# Ranks sharing a GPU see each other's allocations; allow one buffer per rank of slack.
-assert free_before - free_after < n * (64 << 20) // 2, (free_before, free_after)
 
-# A group that spans (declared) nodes cannot use CUDA IPC.
-if group.size > 1:
+@case
+def bad_input(ctx):
+    """Clear errors, raised on every rank, before anything is allocated."""
+    with pytest.raises(ValueError, match="nbytes must be > 0"):
+        SymmetricBuffer(ctx.group, 0)
+    with pytest.raises(ValueError, match="differs across ranks"):
+        SymmetricBuffer(ctx.group, 1024 + ctx.rank)
+
+
+@case
+def no_leak(ctx):
+    """Repeated create/close returns the device memory."""
+    group, n = ctx.group, ctx.group.local_size
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.cuda.runtime.deviceSynchronize()
+    group.barrier()
+    free_before = cupy.cuda.runtime.memGetInfo()[0]
+    for _ in range(5):
+        with SymmetricBuffer(group, 64 << 20):
+            pass
+    cupy.get_default_memory_pool().free_all_blocks()
+    group.barrier()
+    free_after = cupy.cuda.runtime.memGetInfo()[0]
+    # Ranks sharing a GPU see each other's allocations; allow one buffer per rank of slack.
+    assert free_before - free_after < n * (64 << 20) // 2, (free_before, free_after)
+
+
+@case
+def spanning_group_refused(ctx):
+    """A group that spans (declared) nodes cannot use CUDA IPC."""
+    if ctx.world == 1:
+        pytest.skip("one rank spans no nodes")
     split = moecomm.ProcessGroup(gpus_per_node=1)
-    split.device_id = group.device_id
-    expect_raises(ValueError, "spans", lambda: SymmetricBuffer(split, 1024))
-    split.close()
+    split.device_id = ctx.group.device_id
+    try:
+        with pytest.raises(ValueError, match="spans"):
+            SymmetricBuffer(split, 1024)
+    finally:
+        split.close()
 
-report_pass(group.rank)
+
+if __name__ == "__main__":
+    main()
