@@ -50,8 +50,16 @@ Jobs, from pytest (the test side)
     the ordinary cases, one job per own-job case and rank count. The module-scoped fixture
     ``jobs`` (:class:`Jobs`) runs each job once, when its first test needs it; each test
     then passes, skips, or fails with its case's messages from every rank
-    (``JobResult.check``). A job that did not end cleanly (crash, timeout, missing
-    ``<END>``) fails every one of its tests, with its output tail.
+    (``JobResult.check``) and the command that reruns it alone. A job that did not end
+    cleanly (crash, timeout, missing ``<END>``) fails every one of its tests, with its
+    output tail. When only some of a job's cases are selected (``-k``, node ids), the job
+    runs just those.
+
+By hand (from the checkout, with it on PYTHONPATH)::
+
+    python tests/gpu/workers/allreduce_worker.py --list
+    mpiexec -n 2 python tests/gpu/workers/allreduce_worker.py 'exact[bf16]' rotation[fp16]
+    MOECOMM_TEST_SEED=123 mpiexec -n 4 python tests/gpu/workers/moe_a2a_worker.py graph_replay
 """
 
 from __future__ import annotations
@@ -68,10 +76,11 @@ import sys
 import time
 import traceback
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,16 +180,6 @@ def report_pass(rank: int) -> None:
     _emit(f"<PASS {rank}>")
 
 
-def expect_raises(exc_type, text: str, fn):
-    """``fn()`` must raise ``exc_type`` with ``text`` in its message; returns the error."""
-    try:
-        fn()
-    except exc_type as exc:
-        assert text in str(exc), f"{exc_type.__name__} without {text!r}: {exc}"
-        return exc
-    raise AssertionError(f"no {exc_type.__name__} ({text})")
-
-
 def _emit(line: str, stream=None) -> None:
     """One line in one write, so lines of different ranks do not interleave mid-line."""
     stream = stream or sys.stdout
@@ -197,10 +196,8 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32"
                "uint8": "uint8"}
 
 
-def dtype_of(name: str):
+def dtype_of(name: str) -> np.dtype:
     """The NumPy dtype called ``name`` in ``DTYPE_NAMES``."""
-    import numpy as np
-
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES)}")
     if name == "bf16":
@@ -280,7 +277,7 @@ class CaseContext:
         self._job = job
         self.name, self.rank, self.world = name, job.rank, job.world
         self.seed = seed
-        self.rng = _np().random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
         self.__dict__.update(extras)
 
     def new_seed(self) -> int:
@@ -319,15 +316,8 @@ class _JobState:
     shared: dict = field(default_factory=dict)
 
 
-def _np():
-    import numpy
-
-    return numpy
-
-
 def case_seed(job_seed: int, name: str) -> int:
     """The seed of case ``name`` in a job seeded ``job_seed`` (the same on every rank)."""
-    np = _np()
     return int(np.random.SeedSequence([job_seed, zlib.crc32(name.encode())])
                .generate_state(1, np.uint64)[0] >> 2)
 
@@ -348,6 +338,7 @@ def _details(exc: BaseException) -> dict:
 
 def _close_shared(job: _JobState) -> None:
     """Close the job's shared objects, newest first (collective, like their close())."""
+    faulthandler.dump_traceback_later(DEFAULT_CASE_TIMEOUT, exit=True)
     while job.shared:
         key, obj = job.shared.popitem()
         try:
@@ -357,6 +348,7 @@ def _close_shared(job: _JobState) -> None:
         except BaseException as exc:  # noqa: BLE001 - report and go on closing the rest
             _emit(f"[rank {job.rank}] closing shared {key!r}: {type(exc).__name__}: {exc}",
                   sys.stderr)
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _select(cases: list[Case], argv: list[str]) -> list[Case]:
@@ -415,27 +407,25 @@ def run_cases(*, setup: Callable[[], dict] | None = None, context: type = CaseCo
         _emit(f"[rank {rank}] job setup failed:\n{setup_error['traceback']}", sys.stderr)
     finally:
         faulthandler.cancel_dump_traceback_later()
-    setup_errors = [e for e in comm.allgather(setup_error) if e]
+    setup_errors = [(r, e) for r, e in enumerate(comm.allgather(setup_error)) if e]
 
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     failed_anywhere = []
     for c in selected:
-        if setup_errors:
-            status, details, seconds = "FAIL", dict(setup_errors[0]), 0.0
-            details["error"] = "job setup failed: " + details["error"]
+        if setup_errors:  # this rank's own error, else the first rank's
+            where, error = next(((r, e) for r, e in setup_errors if r == rank), setup_errors[0])
+            status, details, seconds = "FAIL", dict(error), 0.0
+            details["error"] = f"job setup failed on rank {where}: {error['error']}"
         else:
             status, details, seconds = _run_one(job, c, context, extras)
-        outcomes = comm.allgather(status)
-        if "FAIL" in outcomes:
-            failed_anywhere.append(c.name)
-            _close_shared(job)  # the next case starts from fresh objects
         counts[status] += 1
         tail = "" if status == "PASS" else " " + json.dumps(details)
         _emit(f"<CASE {c.name} {rank} {status} {seconds:.2f}s{tail}>")
+        if "FAIL" in comm.allgather(status):
+            failed_anywhere.append(c.name)
+            _close_shared(job)  # the next case starts from fresh objects
 
-    faulthandler.dump_traceback_later(DEFAULT_CASE_TIMEOUT, exit=True)
     _close_shared(job)
-    faulthandler.cancel_dump_traceback_later()
     _emit(f"<END {rank} passed={counts['PASS']} failed={counts['FAIL']} "
           f"skipped={counts['SKIP']}>")
     if not failed_anywhere:
@@ -458,7 +448,7 @@ def _run_one(job: _JobState, c: Case, context: type, extras: dict):
         c.fn(ctx, *c.args)
         status, details = "PASS", {}
     except pytest.skip.Exception as exc:
-        status, details = "SKIP", {"error": str(exc.msg if hasattr(exc, "msg") else exc)}
+        status, details = "SKIP", {"error": getattr(exc, "msg", None) or str(exc)}
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - AssertionError, pytest's Failed, anything
@@ -668,15 +658,34 @@ def case_params(script: str, ranks=(2,), *, timeout: float = 1200.0) -> list:
 
 class Jobs:
     """Runs each :class:`Job` once, on first demand, and keeps its result: the tests of
-    one job's cases share one run whatever order they run in."""
+    one job's cases share one run whatever order they run in.
 
-    def __init__(self):
+    items: the session's selected tests. When only some of a job's ordinary cases are
+    selected (``-k``, node ids), the job runs just those.
+    """
+
+    def __init__(self, items=()):
         self._results: dict[Job, JobResult] = {}
+        self._wanted: dict[Job, set[str]] = {}
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if isinstance(params.get("job"), Job) and params.get("name"):
+                self._wanted.setdefault(params["job"], set()).add(params["name"])
 
     def result(self, job: Job) -> JobResult:
         if job not in self._results:
-            self._results[job] = run_job(job)
+            self._results[job] = run_job(self.narrowed(job))
         return self._results[job]
+
+    def narrowed(self, job: Job) -> Job:
+        """``job``, or a job of only its selected cases when some are not selected."""
+        wanted = self._wanted.get(job)
+        if job.cases or not wanted:
+            return job
+        ordinary = [c.name for c in worker_cases(import_worker(job.script)) if not c.own_job]
+        if wanted.issuperset(ordinary):
+            return job
+        return replace(job, cases=tuple(n for n in ordinary if n in wanted))
 
     def check(self, job: Job, name: str) -> None:
         """The verdict of case ``name`` of ``job`` (see :meth:`JobResult.check`)."""
@@ -684,6 +693,6 @@ class Jobs:
 
 
 @pytest.fixture(scope="module")
-def jobs() -> Jobs:
+def jobs(request) -> Jobs:
     """The jobs of one test module, each run once (:class:`Jobs`)."""
-    return Jobs()
+    return Jobs(request.session.items)

@@ -7,12 +7,13 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from tests.mpi import jobs  # noqa: F401 - the fixture
-from tests.mpi import (ROOT, SEED_ENV, Job, JobResult, case_params, import_worker, mpiexec,
-                       parse_cases, run_job, worker_cases)
+from tests.mpi import (ROOT, SEED_ENV, Job, JobResult, Jobs, case_params, import_worker,
+                       mpiexec, parse_cases, run_job, worker_cases)
 
 pytestmark = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (install the test extra)")
 
@@ -45,7 +46,7 @@ def test_case_list_is_read_without_running_anything():
     assert [c.name for c in cases if c.own_job] == OWN_JOB
     env = {c.name: c for c in cases}["needs_env"]
     assert env.ranks == (2, 3) and env.env == (("HARNESS_FLAG", "on"),)
-    assert {c.name: c for c in cases}["hangs"].timeout == 3
+    assert {c.name: c for c in cases}["hangs"].timeout == 2
 
 
 def test_params_one_job_per_rank_count_and_per_own_job_case():
@@ -54,13 +55,13 @@ def test_params_one_job_per_rank_count_and_per_own_job_case():
     assert ids == ([f"2-{n}" for n in DEFAULT] + [f"4-{n}" for n in DEFAULT]
                    + ["2-needs_env", "3-needs_env", "2-hangs", "4-hangs", "2-exits", "4-exits",
                       "2-sleeps", "4-sleeps"])
-    jobs = {p.id: p.values[0] for p in params}
+    by_id = {p.id: p.values[0] for p in params}
     assert all(p.values[1] == p.id.split("-", 1)[1] for p in params)
     # Every ordinary case of a rank count shares one job: the fixture runs it once.
-    assert len({jobs[f"2-{n}"] for n in DEFAULT}) == 1
-    assert jobs["2-passes"] == Job(WORKER, 2) and jobs["4-passes"] == Job(WORKER, 4)
-    assert jobs["3-needs_env"] == Job(WORKER, 3, ("needs_env",), (("HARNESS_FLAG", "on"),))
-    assert jobs["4-hangs"] == Job(WORKER, 4, ("hangs",))
+    assert len({by_id[f"2-{n}"] for n in DEFAULT}) == 1
+    assert by_id["2-passes"] == Job(WORKER, 2) and by_id["4-passes"] == Job(WORKER, 4)
+    assert by_id["3-needs_env"] == Job(WORKER, 3, ("needs_env",), (("HARNESS_FLAG", "on"),))
+    assert by_id["4-hangs"] == Job(WORKER, 4, ("hangs",))
 
 
 def test_list_option_needs_no_mpi():
@@ -144,16 +145,35 @@ def test_unknown_case_name_fails_its_test(default_run):
 
 # ---------------------------------------------------------------- the fixture
 LAUNCHED = []
+# Selected alone, without the failing case before it, after_failure_fresh would fail.
+ALONE = [n for n in PASSING if n != "after_failure_fresh"]
 
 
-@pytest.mark.parametrize("job, name", [p for p in case_params(WORKER) if p.values[1] in PASSING])
+@pytest.mark.parametrize("job, name", [p for p in case_params(WORKER) if p.values[1] in ALONE])
 def test_fixture_gives_each_case_its_test(jobs, job, name):
     jobs.check(job, name)
-    LAUNCHED.append(id(jobs.result(job)))
+    result = jobs.result(job)
+    assert result.order == ALONE, "the job runs the selected cases only"
+    LAUNCHED.append(id(result))
 
 
 def test_fixture_ran_the_job_once():
-    assert len(LAUNCHED) == len(PASSING) and len(set(LAUNCHED)) == 1
+    assert len(LAUNCHED) == len(ALONE) and len(set(LAUNCHED)) == 1
+
+
+def test_selected_cases_alone_run_in_a_narrowed_job():
+    def item(job, name):
+        return SimpleNamespace(callspec=SimpleNamespace(params={"job": job, "name": name}))
+
+    default, own = Job(WORKER, 2, timeout=120), Job(WORKER, 2, ("needs_env",))
+    picked = Jobs([item(default, "still_in_step"), item(default, "passes"), item(own, "needs_env"),
+                   SimpleNamespace()])
+    assert picked.narrowed(default) == Job(WORKER, 2, ("passes", "still_in_step"), timeout=120)
+    assert picked.narrowed(own) == own
+    assert picked.result(default).order == ["passes", "still_in_step"]
+    picked.check(default, "passes")
+    everything = Jobs([item(default, name) for name in DEFAULT])
+    assert everything.narrowed(default) == default
 
 
 # ---------------------------------------------------------------- own jobs, bad jobs
@@ -175,7 +195,7 @@ def test_cases_run_in_declared_order_and_setup_failure_fails_each():
     assert result.problem is None, result.tail()
     for name in ("passes", "still_in_step"):
         text = failure(result, name)
-        assert text.count("job setup failed: RuntimeError: no device for rank 1") == 2, text
+        assert text.count("job setup failed on rank 1: RuntimeError: no device for rank 1") == 2
 
 
 def test_hang_fails_every_case_of_the_job():
@@ -185,7 +205,7 @@ def test_hang_fails_every_case_of_the_job():
     assert not result.timed_out
     assert "never reached the end during case hangs" in result.problem
     text = failure(result, "hangs")
-    assert "every case of the job fails" in text and "Timeout (0:00:03)!" in text
+    assert "every case of the job fails" in text and "Timeout (0:00:02)!" in text
     assert "in hangs" in text  # the stack dump names the hung case
     text = failure(result, "passes")  # passed on every rank, yet the job crashed
     assert "rank 0: PASS" in text and "rank 1: PASS" in text
@@ -205,8 +225,8 @@ def test_unknown_name_on_the_command_line():
 
 
 def test_job_timeout_kills_every_rank():
-    result = run_job(Job(WORKER, 2, ("sleeps",), timeout=8))
-    assert result.timed_out and result.problem == ("the job was killed after 8 s during case "
+    result = run_job(Job(WORKER, 2, ("sleeps",), timeout=5))
+    assert result.timed_out and result.problem == ("the job was killed after 5 s during case "
                                                    "sleeps")
     pids = [int(p) for p in re.findall(r"<PID \d (\d+)>", result.stdout)]
     assert len(pids) == 2, result.tail()
@@ -216,7 +236,7 @@ def test_job_timeout_kills_every_rank():
         alive = [p for p in pids if _alive(p)]
         time.sleep(0.2)
     assert not alive, f"ranks {alive} outlived the killed job"
-    assert "killed after 8 s" in failure(result, "sleeps")
+    assert "killed after 5 s" in failure(result, "sleeps")
 
 
 def _alive(pid: int) -> bool:

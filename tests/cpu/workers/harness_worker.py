@@ -109,7 +109,7 @@ def needs_env(ctx):
     assert ctx.allgather(ctx.rank) == list(range(ctx.world))
 
 
-@case(own_job=True, timeout=3)
+@case(own_job=True, timeout=2)
 def hangs(ctx):
     if ctx.rank == ctx.world - 1:
         time.sleep(120)
