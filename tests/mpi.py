@@ -69,6 +69,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -476,7 +477,8 @@ class Job:
         env = [f"{k}={v}" for k, v in self.env]
         if seed is not None:
             env.append(f"{SEED_ENV}={seed}")
-        return " ".join([*env, f"mpiexec -n {self.ranks} python {self.script}", *self.cases])
+        return " ".join([*env, f"mpiexec -n {self.ranks} python {self.script}",
+                         *map(shlex.quote, self.cases)])
 
     def __str__(self) -> str:
         what = " ".join(self.cases) or "(default cases)"

@@ -121,6 +121,11 @@ def test_failure_on_one_rank_is_reported_with_its_message(default_run):
             "fails_on_last_rank") in text
 
 
+def test_rerun_command_quotes_case_names():
+    assert Job(WORKER, 4, ("typed[bf16]",), (("A", "1"),)).command(7) == (
+        f"A=1 {SEED_ENV}=7 mpiexec -n 4 python {WORKER} 'typed[bf16]'")
+
+
 def test_errors_of_every_rank_are_reported(default_run):
     text = failure(default_run, "raises_everywhere")
     assert "rank 0: FAIL" in text and "ValueError: bad value on rank 0" in text
