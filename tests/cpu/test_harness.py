@@ -64,6 +64,24 @@ def test_params_one_job_per_rank_count_and_per_own_job_case():
     assert by_id["4-hangs"] == Job(WORKER, 4, ("hangs",))
 
 
+def test_worker_without_cupy_is_skipped_but_a_broken_one_fails(monkeypatch):
+    import tests.mpi
+
+    def no_cupy(script):
+        raise ImportError("No module named 'cupy'", name="cupy")
+
+    monkeypatch.setattr(tests.mpi, "import_worker", no_cupy)
+    (param,) = case_params(WORKER)
+    assert param.id == "unavailable" and "needs CuPy" in param.marks[0].kwargs["reason"]
+
+    def renamed(script):
+        raise ImportError("cannot import name 'Gone' from 'moecomm.moe'", name="moecomm.moe")
+
+    monkeypatch.setattr(tests.mpi, "import_worker", renamed)
+    with pytest.raises(ImportError, match="Gone"):
+        case_params(WORKER)
+
+
 def test_list_option_needs_no_mpi():
     out = subprocess.run([sys.executable, str(ROOT / WORKER), "--list"], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
