@@ -135,6 +135,9 @@ def run_ranks(n: int, script: str, *args: str, env: dict | None = None,
     except subprocess.TimeoutExpired:
         out, err = _kill_job(proc)
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    except BaseException:  # Ctrl-C: the job is in a session of its own, end it too
+        _kill_job(proc)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
