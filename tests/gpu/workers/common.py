@@ -62,11 +62,11 @@ class GpuContext(CaseContext):
     stream: cupy.cuda.Stream
     exclusive: bool
 
-    def rank_rngs(self, world: int | None = None) -> list[np.random.Generator]:
-        """One generator per rank (``world`` of them, default the group's), the same list on
-        every rank, from a fresh seed: every rank can build every rank's inputs."""
+    def rank_rngs(self) -> list[np.random.Generator]:
+        """One generator per rank, the same list on every rank, from a fresh seed: every
+        rank can build every rank's inputs."""
         seed = self.new_seed()
-        return [np.random.default_rng([seed, r]) for r in range(world or self.world)]
+        return [np.random.default_rng([seed, r]) for r in range(self.world)]
 
     def device(self, a: np.ndarray, bf16: bool = True) -> cupy.ndarray:
         """Upload on the stream; uint16 arrays become bf16 arrays unless ``bf16=False``."""

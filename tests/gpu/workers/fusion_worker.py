@@ -44,15 +44,12 @@ class Inputs:
     """Fresh random inputs of one shape (the same on every rank) and the reference."""
 
     def __init__(self, ctx, tokens, hidden, dtype, weight_bias):
-        self.ctx = ctx
-        seed = ctx.new_seed()
-        rng = [np.random.default_rng([seed, r]) for r in range(ctx.world)]
         xs = []
-        for r in range(ctx.world):
-            x = rng[r].standard_normal((tokens, hidden)).astype(np.float32)
+        for rng in ctx.rank_rngs():
+            x = rng.standard_normal((tokens, hidden)).astype(np.float32)
             x.reshape(-1)[::97] *= 40.0  # outliers
             xs.append(x.astype(dtype))
-        common = np.random.default_rng([seed, 999])
+        common = np.random.default_rng(ctx.new_seed())
         self.residual = common.standard_normal((tokens, hidden)).astype(dtype)
         self.gamma = (1 + 0.2 * common.standard_normal(hidden)).astype(dtype)
         self.xs, self.dtype, self.weight_bias = xs, dtype, weight_bias

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from moecomm import reference as ref
+from moecomm.constants import GROUP_FP8_MIN_SCALE
 from moecomm.moe import Fp8Dispatch, Fp8Rows, MoeAlltoAll
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import bits, main
@@ -38,7 +39,7 @@ def quant_fp8_groups_fp32(x):
     m, n = x32.shape
     blocks = x32.reshape(m, n // G, G)
     amax = np.abs(blocks).max(axis=-1)
-    s = np.maximum(amax / np.float32(448.0), ref.GROUP_FP8_MIN_SCALE).astype(np.float32)
+    s = np.maximum(amax / np.float32(448.0), np.float32(GROUP_FP8_MIN_SCALE))
     inv = (np.float32(1.0) / s).astype(np.float32)
     return ref.fp8_e4m3_encode(blocks * inv[..., None]).reshape(m, n), s
 
