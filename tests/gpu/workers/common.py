@@ -95,14 +95,13 @@ class GpuContext(CaseContext):
         layer.poison()
         self.quiesce()
 
-    def same_on_all_ranks(self, arrays, what: str) -> None:
-        """Every rank holds the same bytes in ``arrays`` (one digest per rank gathered, then
-        compared on every rank: all ranks pass or fail together)."""
+    def ranks_agree(self, arrays) -> bool:
+        """Whether every rank holds the same bytes in ``arrays`` (collective: one digest
+        per rank gathered, the same answer on every rank)."""
         h = hashlib.sha256()
         for a in arrays:
             h.update(np.ascontiguousarray(cupy.asnumpy(a)).tobytes())
-        digests = self.group.allgather(h.hexdigest())
-        assert len(set(digests)) == 1, f"{what}: ranks hold different bytes"
+        return len(set(self.group.allgather(h.hexdigest()))) == 1
 
 
 def all_bytes(a: np.ndarray, value: int) -> bool:

@@ -172,8 +172,9 @@ def patterns(ctx, shape):
             for pattern in sorted(PLAIN, key=lambda p: p not in OUT_OF.values()):
                 what = f"{name} {tokens}x{hidden} {pattern.name} oneshot={oneshot}"
                 outs = inputs.run(ws, pattern, oneshot)
-                ctx.same_on_all_ranks(written(outs), what)
+                agree = ctx.ranks_agree(written(outs))  # collective: before any assertion
                 inputs.check(pattern, outs, what, out_variant=done.get(OUT_OF.get(pattern)))
+                assert agree, f"{what}: ranks differ"
                 done[pattern] = outs
             lin = inputs.run(ws, P.kARResidualRMSNormOutFP4Quant, oneshot,
                              layout=QuantizationSFLayout.LINEAR)
