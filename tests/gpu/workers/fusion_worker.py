@@ -7,6 +7,8 @@ without norm_out must give the same bytes as its Out variant. Patterns are named
 numbered; what each computes comes from ``moecomm.constants.PATTERNS``.
 """
 
+import time
+
 import cupy
 import numpy as np
 import pytest
@@ -316,6 +318,43 @@ def graph_replay(ctx):
             inputs.check(p, outs, f"graph replay {replay} {p.name}",
                          out_variant=by_pattern.get(OUT_OF.get(p)))
     ws.check(stream)
+
+
+@case
+def late_rank_burst(ctx):
+    """A long burst of one-shot FP8 calls at exactly the Lamport slot size (128 x 4096
+    bf16 = 1 MiB, 128 spinning blocks) while one rank launches late every third call:
+    each call may cost the delay, never a stall on top of it. Waiters that read the
+    host-mapped error word while spinning once turned such a delay into ~1 ms per call
+    for the calls that followed. Timed only where every rank has a GPU of its own."""
+    if not ctx.exclusive:
+        pytest.skip("ranks share a GPU: waits cost time slices, not a bounded delay")
+    tokens, hidden, calls, delay_s = 128, 4096, 90, 300e-6
+    with create_allreduce_fusion_workspace(ctx.group, tokens, hidden, bfloat16) as ws:
+        assert ws.allreduce.max_oneshot_bytes == tokens * hidden * 2, "not at the slot size"
+        inputs = Inputs(ctx, tokens, hidden, bfloat16, 0.0)
+        pattern = P.kARResidualRMSNormFP8Quant
+        outs, opts = inputs.prepare(pattern, True)
+        cupy.cuda.runtime.deviceSynchronize()  # inputs and poison are on the null stream
+        stream = ctx.stream
+        for _ in range(5):
+            allreduce_fusion(inputs.d_x, ws, pattern, opts, outs, stream=stream)
+        stream.synchronize()
+        ctx.barrier()
+        start = time.perf_counter()
+        for i in range(calls):
+            if ctx.rank == 1 and i % 3 == 0:
+                stream.synchronize()
+                time.sleep(delay_s)
+            allreduce_fusion(inputs.d_x, ws, pattern, opts, outs, stream=stream)
+        stream.synchronize()
+        elapsed = time.perf_counter() - start
+        ws.check(stream)
+        inputs.check(pattern, outs, "after the burst")
+    slowest = max(ctx.allgather(elapsed))
+    # the delays alone: calls / 3 x (delay + a host sync); allow 0.25 ms per call on top
+    bound = calls / 3 * (delay_s + 200e-6) + calls * 250e-6
+    assert slowest <= bound, f"{calls} calls took {slowest * 1e3:.1f} ms (bound {bound * 1e3:.1f})"
 
 
 @case

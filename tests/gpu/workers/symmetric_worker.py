@@ -5,10 +5,28 @@ import numpy as np
 import pytest
 
 import moecomm
+from moecomm.kernel_args import CopyArgs, GatherArgs
 from moecomm.kernels import get_kernel
+from moecomm.launch import Launcher
 from moecomm.symmetric import SymmetricBuffer, create_shared_buffer, free_shared_buffer
 from tests.gpu.workers.common import main
 from tests.mpi import case
+
+
+def gather_peers(peer_ptrs, out, offset: int, nbytes: int) -> None:
+    """out[p * nbytes + i] = byte offset + i of every peer's buffer (gather_peers kernel)."""
+    launch = Launcher(get_kernel("symmetric.cu", "gather_peers"), GatherArgs)
+    a = launch.args
+    a.peer_ptrs, a.out, a.offset, a.nbytes = peer_ptrs.data.ptr, out.data.ptr, offset, nbytes
+    a.num_peers = peer_ptrs.size
+    launch(64, 256, cupy.cuda.get_current_stream().ptr)
+
+
+def copy_bytes(dst, src_ptr: int, nbytes: int) -> None:
+    """dst[:nbytes] = bytes at src_ptr (copy_bytes kernel)."""
+    launch = Launcher(get_kernel("symmetric.cu", "copy_bytes"), CopyArgs)
+    launch.args.dst, launch.args.src, launch.args.nbytes = dst.data.ptr, src_ptr, nbytes
+    launch(8, 128, cupy.cuda.get_current_stream().ptr)
 
 
 def rank_bytes(seed: int, r: int, size: int) -> np.ndarray:
@@ -20,8 +38,6 @@ def buffer(ctx, size):
     """Odd sizes and a large one, two rounds of rewritten data: a kernel reading every peer
     through the pointer table, host views of each peer, a copy from each peer, an
     unaligned sub-range; typed views and their errors; closing."""
-    gather = get_kernel("symmetric.cu", "gather_peers")
-    copy = get_kernel("symmetric.cu", "copy_bytes")
     group, rank, n = ctx.group, ctx.group.local_rank, ctx.group.local_size
     with SymmetricBuffer(group, size) as buf:
         assert buf.view(np.uint8, (size,)).get().max() == 0, "buffer is not zero-initialised"
@@ -35,20 +51,19 @@ def buffer(ctx, size):
             expected = np.concatenate([rank_bytes(seed, r, size) for r in range(n)])
             # (a) a kernel reading every peer through the device pointer table
             out = cupy.full(n * size, 0xAB, np.uint8)
-            gather((64,), (256,), (buf.peer_ptrs, np.int32(n), np.uint64(0), np.uint64(size), out))
+            gather_peers(buf.peer_ptrs, out, 0, size)
             assert np.array_equal(out.get(), expected), f"gather_peers size={size} round={round_}"
             # (b) host views of each peer's memory, and the copy kernel from each peer
             for r in range(n):
                 assert np.array_equal(buf.view(np.uint8, (size,), rank=r).get(),
                                       expected[r * size:(r + 1) * size])
                 dst = cupy.full(size, 0xCD, np.uint8)
-                copy((8,), (128,), (np.uint64(buf.ptrs[r]), dst, np.uint64(size)))
+                copy_bytes(dst, buf.ptrs[r], size)
                 assert np.array_equal(dst.get(), expected[r * size:(r + 1) * size]), "copy_bytes"
             # (c) an unaligned sub-range through the kernel
             if size > 64:
                 out = cupy.full(n * (size - 37), 0xEF, np.uint8)
-                gather((64,), (256,), (buf.peer_ptrs, np.int32(n), np.uint64(37),
-                                       np.uint64(size - 37), out))
+                gather_peers(buf.peer_ptrs, out, 37, size - 37)
                 sub = np.concatenate([rank_bytes(seed, r, size)[37:] for r in range(n)])
                 assert np.array_equal(out.get(), sub), "offset gather"
             cupy.cuda.runtime.deviceSynchronize()
