@@ -10,8 +10,9 @@ namespace {
 
 constexpr int kUnroll = 4;  // 16-byte vectors a thread has in flight in the copy loops
 
-// One-shot: every thread pushes its vectors into slot `rank` of every rank's Lamport
-// buffer, clears its share of the previous buffer, then polls its vectors' slots and sums.
+// One-shot: every thread pushes its vectors into slot `rank` of every peer's Lamport
+// buffer, clears its share of the previous buffer, then polls its vectors' peer slots and
+// sums them with its own input in rank order.
 template <typename T>
 __device__ __forceinline__ void oneshot(const AllReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
@@ -21,16 +22,19 @@ __device__ __forceinline__ void oneshot(const AllReduceArgs& a) {
   const size_t nvec = (a.n + K - 1) / K;
   const size_t tid = global_thread_id(), stride = global_thread_count();
   pdl_wait();
+  const Vec16 first = tid < nvec ? load_input(in, tid, a.n) : Vec16{};  // overlaps begin_call
   const Call call = begin_call(ws);
   const int buf = call.index % 3;
   for (size_t v = tid; v < nvec; v += stride)
-    push_lamport(ws, buf, v * 16, Lamport<T>::canonical(load_input(in, v, a.n)));
+    push_lamport(ws, buf, v * 16,
+                 Lamport<T>::canonical(v == tid ? first : load_input(in, v, a.n)));
   pdl_launch_dependents();
   clear_previous<T>(ws, call);
   const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
   for (size_t v = tid; v < nvec; v += stride) {
     float acc[K];
-    if (!reduce_lamport<T>(ws, buf, v * 16, acc, w)) break;
+    const Vec16 own = Lamport<T>::canonical(v == tid ? first : load_input(in, v, a.n));
+    if (!reduce_lamport<T>(ws, buf, v * 16, own, acc, w)) break;
     store_output(out, v, a.n, round_pack<T>(acc));
   }
   end_call(ws, call, (uint32_t)(nvec * 16));

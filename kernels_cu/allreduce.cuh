@@ -56,17 +56,15 @@ struct Call {
   uint32_t clear_bytes;  // bytes per slot of Lamport buffer (k + 2) % 3 to clear
 };
 
-// Every block: read the call number and the clear size, then arrive (release: the reads
-// are done before block 0 may change them). All threads get the values.
+// Every thread reads the call number and the clear size (a broadcast from L2); once the
+// whole block has them, thread 0 arrives (a release reduction with no round trip) so block
+// 0 may change them. Issue the first input loads before calling: their latency overlaps.
 __device__ __forceinline__ Call begin_call(const ArWorkspace& ws) {
-  __shared__ Call s_call;
-  if (threadIdx.x == 0) {
-    const uint32_t k = ws.state[kStateCall];
-    s_call = Call{k, ws.state[kStateLamportBytes + (k + 2) % 3]};
-    atomic_add_release_gpu(&ws.state[kStateArrived], 1u);
-  }
+  const uint32_t k = *(volatile const uint32_t*)&ws.state[kStateCall];
+  const Call call{k, *(volatile const uint32_t*)&ws.state[kStateLamportBytes + (k + 2) % 3]};
   __syncthreads();
-  return s_call;
+  if (threadIdx.x == 0) red_add_release_gpu(&ws.state[kStateArrived], 1u);
+  return call;
 }
 
 // Block 0, after its own work: once every block has arrived, advance the call number and
@@ -83,8 +81,8 @@ __device__ __forceinline__ void end_call(const ArWorkspace& ws, const Call& call
   ws.state[kStateCall] = call.index + 1;
 }
 
-// Refill the slots of Lamport buffer (k + 2) % 3 that call k - 1 wrote with the sentinel
-// of T; the grid shares the work.
+// Refill the slots of Lamport buffer (k + 2) % 3 that call k - 1's peers wrote with the
+// sentinel of T (a rank never writes its own slot); the grid shares the work.
 template <typename T>
 __device__ __forceinline__ void clear_previous(const ArWorkspace& ws, const Call& call) {
   const uint32_t nvec = call.clear_bytes / 16;
@@ -93,6 +91,7 @@ __device__ __forceinline__ void clear_previous(const ArWorkspace& ws, const Call
   const int prev = (call.index + 2) % 3;
   const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
   for (int slot = 0; slot < ws.world; ++slot) {
+    if (slot == ws.rank) continue;
     uint8_t* p = lamport(ws, ws.rank, prev, slot);
     for (uint32_t i = tid; i < nvec; i += stride) st_vec16(p + (size_t)i * 16, s);
   }
@@ -133,39 +132,44 @@ __device__ __forceinline__ void accumulate(float (&acc)[Pack16<T>::kLanes], cons
     acc[i] = first ? to_float(p.lane[i]) : acc[i] + to_float(p.lane[i]);
 }
 
-// One-shot push: vector `x` (already canonical) into slot `rank` of every rank's Lamport
-// buffer `buf` at byte offset `off`, peers first.
+// One-shot push: vector `x` (already canonical) into slot `rank` of every peer's Lamport
+// buffer `buf` at byte offset `off`. The own contribution never goes through memory: the
+// reduction takes it from the caller.
 __device__ __forceinline__ void push_lamport(const ArWorkspace& ws, int buf, size_t off,
                                              const Vec16& x) {
-  for (int i = 1; i <= ws.world; ++i) {
+  for (int i = 1; i < ws.world; ++i) {
     const int r = ws.rank + i < ws.world ? ws.rank + i : ws.rank + i - ws.world;
     st_vec16(lamport(ws, r, buf, ws.rank) + off, x);
   }
 }
 
-// One-shot reduction of the vector at byte offset `off` of every slot of the own Lamport
-// buffer `buf`: loads kPollSlots slots at a time, re-polls those still holding the sentinel,
-// and sums the slots in rank order into `acc`. False if a wait gave up.
+// One-shot reduction of the vector at byte offset `off`: slot s of the own Lamport buffer
+// `buf` for every peer s (loaded kPollSlots at a time, re-polled while they still hold
+// the sentinel), `own` (canonical) for this rank; summed in rank order into `acc`. False if
+// a wait gave up.
 template <typename T>
 __device__ __forceinline__ bool reduce_lamport(const ArWorkspace& ws, int buf, size_t off,
-                                               float (&acc)[Pack16<T>::kLanes],
+                                               const Vec16& own, float (&acc)[Pack16<T>::kLanes],
                                                const WaitContext& w) {
   constexpr int kPollSlots = 2;
-  const uint8_t* own = lamport(ws, ws.rank, buf, 0) + off;
+  const uint8_t* slot0 = lamport(ws, ws.rank, buf, 0) + off;
   for (int s0 = 0; s0 < ws.world; s0 += kPollSlots) {
     Vec16 x[kPollSlots];
 #pragma unroll
-    for (int i = 0; i < kPollSlots; ++i)
-      if (s0 + i < ws.world) x[i] = ld_vec16_volatile(own + (size_t)(s0 + i) * ws.lamport_slot);
+    for (int i = 0; i < kPollSlots; ++i) {
+      const int s = s0 + i;
+      if (s < ws.world) x[i] = s == ws.rank ? own : ld_vec16_volatile(slot0 + s * ws.lamport_slot);
+    }
 #pragma unroll
     for (int i = 0; i < kPollSlots; ++i) {
-      if (s0 + i >= ws.world) continue;
+      const int s = s0 + i;
+      if (s >= ws.world) continue;
       SpinTimer timer;
       while (Lamport<T>::pending(x[i])) {
-        if (timer.give_up(w, s0 + i)) return false;
-        x[i] = ld_vec16_volatile(own + (size_t)(s0 + i) * ws.lamport_slot);
+        if (timer.give_up(w, s)) return false;
+        x[i] = ld_vec16_volatile(slot0 + s * ws.lamport_slot);
       }
-      accumulate<T>(acc, x[i], s0 + i == 0);
+      accumulate<T>(acc, x[i], s == 0);
     }
   }
   return true;
@@ -182,8 +186,10 @@ __device__ __forceinline__ uint32_t flag_value(const Call& call, uint32_t chunk)
 }
 
 // After this block's writes to every peer: publish (stage, blockIdx.x) = value to them.
+// The barrier makes every thread's writes part of what the signalling thread has observed,
+// and its system-scope release is cumulative: a peer that acquires the flag sees them all.
+// No thread waits for its own writes to drain before the block moves on.
 __device__ __forceinline__ void signal_peers(const ArWorkspace& ws, int stage, uint32_t value) {
-  __threadfence_system();
   __syncthreads();
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank)
     st_release_sys(flag(ws, threadIdx.x, stage, blockIdx.x, ws.rank), value);

@@ -253,19 +253,25 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
 }
 
 // Zero the padding of a swizzled NVFP4 scale array (rows up to a multiple of 128, block
-// columns up to a multiple of 4) so it matches the reference byte for byte: whole 4-byte
-// words in the padding rows, single bytes in the last word of the real rows.
+// columns up to a multiple of 4) so it matches the reference byte for byte. Padding rows
+// live in the last 128-row band only; that band's 512-byte tiles are walked word by word
+// in memory order (consecutive threads, consecutive words: coalesced), a word (4 scale
+// columns of one row) zeroed when its row is padding. The bytes past the last column of
+// real rows (hidden % 64 != 0) follow one by one.
 __device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
-  const uint32_t cols = a.hidden / 16, words = (cols + 3) / 4;
-  const uint32_t rows = (uint32_t)a.tokens, prows = (rows + 127) / 128 * 128;
+  const uint32_t cols = a.hidden / 16, tiles = (cols + 3) / 4;
+  const uint32_t rows = (uint32_t)a.tokens, band = rows / 128;
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
   const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
-  const uint32_t pad_words = (prows - rows) * words;
-  for (uint32_t i = tid; i < pad_words; i += stride) {
-    const uint32_t m = rows + i / words, w = i % words;
-    *reinterpret_cast<uint32_t*>(sf + nvfp4_swizzled_offset(m, 4 * w, a.hidden)) = 0u;
+  if (rows % 128) {
+    uint8_t* tile0 = sf + (size_t)band * tiles * 512;
+    for (uint32_t i = tid; i < tiles * 128; i += stride) {
+      const uint32_t j = i % 128;  // word j of its tile: row (j / 4) + 32 * (j % 4) of the band
+      if (band * 128 + j / 4 + 32 * (j % 4) >= rows)
+        *reinterpret_cast<uint32_t*>(tile0 + (size_t)(i / 128) * 512 + j * 4) = 0u;
+    }
   }
-  const uint32_t tail = words * 4 - cols;  // padding bytes in the last word of a real row
+  const uint32_t tail = tiles * 4 - cols;  // padding bytes in the last word of a real row
   for (uint32_t i = tid; i < rows * tail; i += stride)
     sf[nvfp4_swizzled_offset(i / tail, cols + i % tail, a.hidden)] = 0;
 }
@@ -298,7 +304,8 @@ __device__ __forceinline__ void oneshot(const FusionArgs& a) {
     for (int k = 0; k < V; ++k) {
       if (vec_index(k) >= hvec || failed) continue;
       float acc[8];
-      failed = !reduce_lamport<T>(ws, buf, (row * hvec + vec_index(k)) * 16, acc, w);
+      const Vec16 own = Lamport<T>::canonical(contribution<T>(a, row, vec_index(k)));
+      failed = !reduce_lamport<T>(ws, buf, (row * hvec + vec_index(k)) * 16, own, acc, w);
       ar.v[k] = round_pack<T>(acc);
     }
     if (__syncthreads_or(failed)) break;

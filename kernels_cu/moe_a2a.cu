@@ -34,11 +34,12 @@
 // per int32 (group 4j+i in byte i, unused bytes 0), the latter bit-exact with
 // moecomm.reference.quant_fp8_per_token_group (formulas at quant_rows).
 //
-// Combine. Unless the payload already is the workspace's combine region, each rank first
-// copies its valid rows (recv_counts[s] of block s) into that region; every block then
-// signals. Every block waits for all peers' signals and pulls, for each of its tokens, the
-// row of every target rank r (ascending r) from r's combine region at [rank, send_slot[t,
-// r]], summing in fp32 from +0, rounding once.
+// Combine. The rows peers read sit at region_off: the combine region, or a receive tensor
+// whose rows the payload is (read in place: block s of it is written and read by rank s
+// alone); any other payload is first copied (its valid rows, recv_counts[s] of block s)
+// into the combine region. Every block then signals, waits for all peers' signals and
+// pulls, for each of its tokens, the row of every target rank r (ascending r) from r's
+// region at [rank, send_slot[t, r]], summing in fp32 from +0, rounding once.
 //
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
 // tensors only after its own combine k saw every peer's combine signals k, i.e. after
@@ -248,16 +249,13 @@ __device__ __forceinline__ WaitContext wait_context(const A2aWorkspace& ws, uint
   return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
 }
 
-// Every block: read local state word `word` and arrive (release: the read is done before
-// block 0 may change it). All threads get the value.
+// Every thread reads local state word `word`; once the whole block has it, thread 0
+// arrives (a release reduction, no round trip) so block 0 may change it.
 __device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
-  __shared__ uint32_t s_value;
-  if (threadIdx.x == 0) {
-    s_value = ws.state[word];
-    atomic_add_release_gpu(&ws.state[kStateArrived], 1u);
-  }
+  const uint32_t value = *(volatile const uint32_t*)&ws.state[word];
   __syncthreads();
-  return s_value;
+  if (threadIdx.x == 0) red_add_release_gpu(&ws.state[kStateArrived], 1u);
+  return value;
 }
 
 // Block 0, thread 0, at its end: once every block has arrived, set state word `word`.
@@ -270,9 +268,10 @@ __device__ __forceinline__ void end(const A2aWorkspace& ws, int word, uint32_t v
 }
 
 // After this block's writes to every rank: add 1 to entry `rank` of counter array
-// `count_off` in every rank's header.
+// `count_off` in every rank's header. The barrier puts every thread's writes before the
+// signalling thread's system-scope release, which is cumulative (allreduce.cuh,
+// signal_peers).
 __device__ __forceinline__ void signal_all(const A2aWorkspace& ws, size_t count_off) {
-  __threadfence_system();
   __syncthreads();
   if (threadIdx.x < ws.ep_size)
     red_add_release_sys(

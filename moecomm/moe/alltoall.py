@@ -79,6 +79,7 @@ import cupy
 import numpy as np
 
 from ..constants import A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A_MAX_PAYLOADS, A2A_MAX_RANKS, REGION_ALIGN
+from .. import group as _group
 from ..errors import ErrorWord, timeout_ns
 from ..group import ProcessGroup
 from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
@@ -633,7 +634,11 @@ class MoeAlltoAll(Op):
                 ``recv_counts[s]`` are ignored).
             runtime_max_tokens_per_rank: as passed to the dispatch.
             payload_in_workspace: True when ``payload`` is the array of
-                ``get_combine_payload_tensor_in_workspace`` (no staging copy).
+                ``get_combine_payload_tensor_in_workspace`` (no staging copy). A receive
+                tensor of the dispatch with rows of the payload's size (e.g. the hidden
+                states, transformed in place) is read in place too; anything else is first
+                copied into the combine region. Every rank must pass the same kind of
+                payload (checked with ``MOECOMM_DEBUG=1``).
             out: optional ``[T, H]`` array of the payload's dtype (T of the dispatch);
                 default a new array. Pass it when capturing a CUDA graph.
 
@@ -652,15 +657,19 @@ class MoeAlltoAll(Op):
                              f"runtime_max_tokens_per_rank={rmax}, hidden]")
         row = x.shape[2] * x.itemsize
         region = self._ws.ptr + plan.combine_off
-        stage = x.ptr != region
-        key = (plan.combine_off, x.dtype, row, stage)
+        source = self._in_place_source(x.ptr, row, plan)
+        stage = source is None
+        key = (plan.combine_off, x.dtype, row, source)
         prepared = self._prepared_combine.get(key)
         if prepared is None:
             self._check_combine_row(row, plan, "payload")
-            prepared = self._prepare_combine(plan, x.dtype, row, stage)
+            prepared = self._prepare_combine(plan, x.dtype, row, source)
             if len(self._prepared_combine) >= _PLAN_CACHE:
                 self._prepared_combine.clear()
             self._prepared_combine[key] = prepared
+        if _group.DEBUG:
+            self._group.check_uniform("MoeAlltoAll.combine payload (kind, dtype, row bytes)",
+                                      (source, x.dtype.name, row))
         if stage:
             if payload_in_workspace:
                 raise ValueError("payload_in_workspace=True but payload is not the array of "
@@ -686,12 +695,26 @@ class MoeAlltoAll(Op):
         self.phase = Phase.IDLE
         return out
 
-    def _prepare_combine(self, plan: DispatchPlan, dtype, row: int, stage: bool) -> _Prepared:
+    def _in_place_source(self, ptr: int, row: int, plan: DispatchPlan) -> int | None:
+        """The workspace offset peers may read the payload at in place: the combine region,
+        or a receive tensor of the dispatch with rows of ``row`` bytes (block s of rank t's
+        receive tensor is written by rank s's dispatch and read by rank s's combine only,
+        so no other rank can overwrite it meanwhile). None: the payload is staged."""
+        offset = ptr - self._ws.ptr
+        if offset == plan.combine_off:
+            return offset
+        for off, rb in zip(plan.recv_off, plan.row_bytes):
+            if offset == off and rb == row:
+                return offset
+        return None
+
+    def _prepare_combine(self, plan: DispatchPlan, dtype, row: int,
+                         source: int | None) -> _Prepared:
         launcher = self._new_launcher(self._combine_kernels[dtype], CombineArgs)
         a = launcher.args
         a.send_slot, a.recv_counts = self._send_slot.data.ptr, self._recv_counts.data.ptr
-        a.region_off, a.row_bytes = plan.combine_off, row
-        a.runtime_max, a.stage = plan.runtime_max, int(stage)
+        a.region_off = plan.combine_off if source is None else source
+        a.row_bytes, a.runtime_max, a.stage = row, plan.runtime_max, int(source is None)
         block = self.config.combine_threads
         # Every block waits for the peers, so all must be resident at once.
         units = -(-plan.runtime_max * (row // 16) // (2 * block))

@@ -333,7 +333,7 @@ def late_rank_burst(ctx):
     with create_allreduce_fusion_workspace(ctx.group, tokens, hidden, bfloat16) as ws:
         assert ws.allreduce.max_oneshot_bytes == tokens * hidden * 2, "not at the slot size"
         inputs = Inputs(ctx, tokens, hidden, bfloat16, 0.0)
-        pattern = P.kARResidualRMSNormFP8Quant
+        pattern = P.kARResidualRMSNormOutFP8Quant  # writes norm_out: the check needs it
         outs, opts = inputs.prepare(pattern, True)
         cupy.cuda.runtime.deviceSynchronize()  # inputs and poison are on the null stream
         stream = ctx.stream
