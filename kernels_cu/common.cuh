@@ -291,6 +291,56 @@ __device__ __forceinline__ float block_reduce(float v) {
 }
 
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+
+// ---------------------------------------------------------------- thread block clusters
+// Position of this block in its cluster (sm_90+; a launch without clusters, and any
+// earlier arch, is a cluster of one block).
+__device__ __forceinline__ uint32_t cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ uint32_t cluster_size() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+  return n;
+#else
+  return 1;
+#endif
+}
+
+// Sum / max of one float per thread over every block of the cluster: each block's value
+// (block_reduce), then the blocks' values in cluster-rank order, read from their shared
+// memory. Every thread of every block of the cluster must call; all get the result.
+template <bool kMax>
+__device__ __forceinline__ float cluster_reduce(float v) {
+  v = block_reduce<kMax>(v);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t n = cluster_size();
+  if (n > 1) {
+    __shared__ float s_value;
+    if (threadIdx.x == 0) s_value = v;
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    const uint32_t local = (uint32_t)__cvta_generic_to_shared(&s_value);
+    for (uint32_t r = 0; r < n; ++r) {
+      uint32_t remote;
+      float x;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(r));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(remote) : "memory");
+      v = r == 0 ? x : (kMax ? fmaxf(v, x) : v + x);
+    }
+    // Nobody may overwrite s_value (next row) before every block has read it.
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  }
+#endif
+  return v;
+}
 // For non-negative values (amax): 0 is the identity.
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 

@@ -87,15 +87,35 @@ struct RowVecs {
   Vec16 v[V];
 };
 
-__device__ __forceinline__ int vec_index(int k) { return threadIdx.x + k * blockDim.x; }
+// The part of a row this block holds. A row belongs to a cluster of blocks (sm_90 thread
+// block clusters; one block elsewhere): block c of n holds vectors [c, c + 1) * hvec / n,
+// thread t vectors first + t + k * blockDim.x. The row's sum of squares (and amax) are
+// reduced over the cluster; group and NVFP4 blocks never straddle two blocks (the host
+// keeps a block's share a multiple of 32 vectors).
+struct RowSlice {
+  int first, end;             // vectors of a row
+  uint32_t cluster, clusters;  // this block's cluster and the grid's number of clusters
+  uint32_t rank;               // position in the cluster
+
+  __device__ explicit RowSlice(int hvec) {
+    const uint32_t n = cluster_size();
+    rank = cluster_rank();
+    cluster = blockIdx.x / n;
+    clusters = gridDim.x / n;
+    first = (int)(rank * (hvec / n));
+    end = first + hvec / (int)n;
+  }
+  __device__ __forceinline__ int vec(int k) const { return first + threadIdx.x + k * blockDim.x; }
+  __device__ __forceinline__ bool has(int k) const { return vec(k) < end; }
+};
 
 template <typename T, int V>
 __device__ __forceinline__ void load_row(const void* src, size_t row, int hvec,
-                                         RowVecs<V>& out) {
+                                         const RowSlice& sl, RowVecs<V>& out) {
   const T* p = static_cast<const T*>(src) + row * hvec * 8;
 #pragma unroll
   for (int k = 0; k < V; ++k)
-    if (vec_index(k) < hvec) out.v[k] = ld_vec16(p + vec_index(k) * 8);
+    if (sl.has(k)) out.v[k] = ld_vec16(p + sl.vec(k) * 8);
 }
 
 // What the epilogue reads besides the reduced row, loaded before the polling.
@@ -106,10 +126,10 @@ struct Prefetch {
 };
 
 template <typename T, int Q, int V>
-__device__ __forceinline__ Prefetch<V> prefetch(const FusionArgs& a) {
+__device__ __forceinline__ Prefetch<V> prefetch(const FusionArgs& a, const RowSlice& sl) {
   Prefetch<V> f;
   f.scale = 0.f;
-  if (a.residual_in != nullptr) load_row<T, V>(a.gamma, 0, a.hidden / 8, f.gamma);
+  if (a.residual_in != nullptr) load_row<T, V>(a.gamma, 0, a.hidden / 8, sl, f.gamma);
   if (Q == kQuantFp8) f.scale = __frcp_rn(*a.scale);
   if (Q == kQuantNvfp4) f.scale = *a.scale;
   return f;
@@ -118,15 +138,15 @@ __device__ __forceinline__ Prefetch<V> prefetch(const FusionArgs& a) {
 // The epilogue of reduced row `row`: `ar` holds this thread's vectors of the all-reduced
 // row (rounded to T), `res` its residual vectors.
 template <typename T, int Q, int V>
-__device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const RowVecs<V>& ar,
-                                         const RowVecs<V>& res, const Prefetch<V>& f) {
+__device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const RowSlice& sl,
+                                         const RowVecs<V>& ar, const RowVecs<V>& res,
+                                         const Prefetch<V>& f) {
   const int hvec = a.hidden / 8;
   const size_t base = row * a.hidden;
   if (a.allreduce_out != nullptr) {
 #pragma unroll
     for (int k = 0; k < V; ++k)
-      if (vec_index(k) < hvec)
-        st_vec16(static_cast<T*>(a.allreduce_out) + base + vec_index(k) * 8, ar.v[k]);
+      if (sl.has(k)) st_vec16(static_cast<T*>(a.allreduce_out) + base + sl.vec(k) * 8, ar.v[k]);
   }
   if (a.residual_in == nullptr) return;  // kAllReduce
 
@@ -135,8 +155,8 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
   float sumsq = 0.f;
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    const int v = vec_index(k);
-    if (v >= hvec) continue;
+    const int v = sl.vec(k);
+    if (v >= sl.end) continue;
     Pack16<T> x, rs, out;
     x.vec = ar.v[k];
     rs.vec = res.v[k];
@@ -149,15 +169,15 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
     if (a.residual_out != nullptr)
       st_vec16(static_cast<T*>(a.residual_out) + base + v * 8, out.vec);
   }
-  const float ms = __fdiv_rn(block_sum(sumsq), (float)a.hidden);
+  const float ms = __fdiv_rn(cluster_reduce<false>(sumsq), (float)a.hidden);
   const float rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(ms, a.eps)));
 
   // norm_out = io((r * rstd) * (gamma + weight_bias)); quantizers read the rounded value
   float amax_row = 0.f;
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    const int v = vec_index(k);
-    if (v >= hvec) continue;
+    const int v = sl.vec(k);
+    if (v >= sl.end) continue;
     Pack16<T> g, n;
     g.vec = f.gamma.v[k];
 #pragma unroll
@@ -173,13 +193,13 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
   if (Q == kQuantFp8 || Q == kQuantDynamicFp8) {
     float s = 0.f;
     if (Q == kQuantDynamicFp8) {
-      s = fmaxf(__fdiv_rn(block_max(amax_row), 448.f), 1.f / (448.f * 512.f));
-      if (threadIdx.x == 0) static_cast<float*>(a.scale_out)[row] = s;
+      s = fmaxf(__fdiv_rn(cluster_reduce<true>(amax_row), 448.f), 1.f / (448.f * 512.f));
+      if (threadIdx.x == 0 && sl.rank == 0) static_cast<float*>(a.scale_out)[row] = s;
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int v = vec_index(k);
-      if (v >= hvec) continue;
+      const int v = sl.vec(k);
+      if (v >= sl.end) continue;
       uint32_t lo = 0, hi = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -197,8 +217,8 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
     const int blocks_per_row = a.hidden / 16;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int v = vec_index(k);
-      const bool active = v < hvec;  // every lane of the warp runs the shuffle
+      const int v = sl.vec(k);
+      const bool active = v < sl.end;  // every lane of the warp runs the shuffle
       float amax = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(active ? r[k][i] : 0.f));
@@ -226,8 +246,8 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
     const size_t mn = (a.tokens + 3) / 4 * 4;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int v = vec_index(k);
-      const bool active = v < hvec;
+      const int v = sl.vec(k);
+      const bool active = v < sl.end;
       float amax = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(active ? r[k][i] : 0.f));
@@ -280,36 +300,38 @@ template <typename T, int Q, int V>
 __device__ __forceinline__ void oneshot(const FusionArgs& a) {
   const ArWorkspace& ws = a.ws;
   const int hvec = a.hidden / 8;
+  const RowSlice sl(hvec);
   pdl_wait();
   const Call call = begin_call(ws);
   const int buf = call.index % 3;
-  for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
+  for (size_t row = sl.cluster; row < a.tokens; row += sl.clusters) {
 #pragma unroll
     for (int k = 0; k < V; ++k)
-      if (vec_index(k) < hvec)
-        push_lamport(ws, buf, (row * hvec + vec_index(k)) * 16,
-                     Lamport<T>::canonical(contribution<T>(a, row, vec_index(k))));
+      if (sl.has(k))
+        push_lamport(ws, buf, (row * hvec + sl.vec(k)) * 16,
+                     Lamport<T>::canonical(contribution<T>(a, row, sl.vec(k))));
   }
   pdl_launch_dependents();
-  const Prefetch<V> f = prefetch<T, Q, V>(a);
+  const Prefetch<V> f = prefetch<T, Q, V>(a, sl);
   clear_previous<T>(ws, call);
   if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
 
   const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
-  for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
+  for (size_t row = sl.cluster; row < a.tokens; row += sl.clusters) {
     RowVecs<V> res, ar;
-    if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, res);
-    bool failed = false;
+    if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      if (vec_index(k) >= hvec || failed) continue;
+      if (!sl.has(k)) continue;
       float acc[8];
-      const Vec16 own = Lamport<T>::canonical(contribution<T>(a, row, vec_index(k)));
-      failed = !reduce_lamport<T>(ws, buf, (row * hvec + vec_index(k)) * 16, own, acc, w);
+      const Vec16 own = Lamport<T>::canonical(contribution<T>(a, row, sl.vec(k)));
+      // A wait that gave up (recorded for the host) leaves garbage in acc; the block goes
+      // on regardless, so that every block of its cluster meets the same cluster
+      // barriers, and every later wait gives up at once (the abort word).
+      reduce_lamport<T>(ws, buf, (row * hvec + sl.vec(k)) * 16, own, acc, w);
       ar.v[k] = round_pack<T>(acc);
     }
-    if (__syncthreads_or(failed)) break;
-    epilogue<T, Q, V>(a, row, ar, res, f);
+    epilogue<T, Q, V>(a, row, sl, ar, res, f);
   }
   end_call(ws, call, (uint32_t)(a.tokens * a.hidden * sizeof(T)));
 }
@@ -336,7 +358,8 @@ __device__ __forceinline__ void twoshot(const FusionArgs& a) {
   }
   signal_peers(ws, 0, value);
   pdl_launch_dependents();
-  const Prefetch<V> f = prefetch<T, Q, V>(a);
+  const RowSlice sl(hvec);  // launched without clusters: the whole row
+  const Prefetch<V> f = prefetch<T, Q, V>(a, sl);
   clear_previous<T>(ws, call);
   if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
 
@@ -366,11 +389,11 @@ __device__ __forceinline__ void twoshot(const FusionArgs& a) {
     for (size_t j = blockIdx.x; j < seg && p * seg + j < a.tokens; j += gridDim.x) {
       const size_t row = p * seg + j;
       RowVecs<V> res, ar;
-      if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, res);
+      if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);
 #pragma unroll
       for (int k = 0; k < V; ++k)
-        if (vec_index(k) < hvec) ar.v[k] = ld_vec16_cg(ag + (row * hvec + vec_index(k)) * 16);
-      epilogue<T, Q, V>(a, row, ar, res, f);
+        if (sl.has(k)) ar.v[k] = ld_vec16_cg(ag + (row * hvec + sl.vec(k)) * 16);
+      epilogue<T, Q, V>(a, row, sl, ar, res, f);
     }
   end_call(ws, call, 0);
 }
@@ -380,14 +403,15 @@ __device__ __forceinline__ void twoshot(const FusionArgs& a) {
 template <typename T, int Q, int V>
 __device__ __forceinline__ void local(const FusionArgs& a) {
   const int hvec = a.hidden / 8;
+  const RowSlice sl(hvec);
   pdl_wait();
-  const Prefetch<V> f = prefetch<T, Q, V>(a);
+  const Prefetch<V> f = prefetch<T, Q, V>(a, sl);
   if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
-  for (size_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
+  for (size_t row = sl.cluster; row < a.tokens; row += sl.clusters) {
     RowVecs<V> res, x;
-    if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, res);
-    load_row<T, V>(a.input, row, hvec, x);
-    epilogue<T, Q, V>(a, row, x, res, f);
+    if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);
+    load_row<T, V>(a.input, row, hvec, sl, x);
+    epilogue<T, Q, V>(a, row, sl, x, res, f);
   }
 }
 

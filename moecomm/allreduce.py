@@ -71,8 +71,8 @@ class AllReduceConfig:
     pdl: launch with programmatic dependent launch.
     """
 
-    oneshot_threads: int = 256
-    oneshot_blocks_per_sm: int = 2
+    oneshot_threads: int = 128
+    oneshot_blocks_per_sm: int = 4
     twoshot_threads: int = 512
     twoshot_blocks_per_sm: int = 1
     twoshot_chunk_bytes: int = 64 << 10

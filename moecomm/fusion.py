@@ -103,10 +103,27 @@ def _vectors_per_thread(hidden: int) -> int:
     return 1 if hidden // 8 <= MAX_THREADS else 2
 
 
-def _block(hidden: int) -> int:
-    """Threads per row: one or two 16-byte vectors each (fusion.cu's V)."""
+def _block(hidden: int, cluster: int = 1) -> int:
+    """Threads of a block holding 1 / ``cluster`` of a row: one or two 16-byte vectors each
+    (fusion.cu's V)."""
     v = _vectors_per_thread(hidden)
-    return min(MAX_THREADS, -(-(hidden // 8) // (32 * v)) * 32)
+    return min(MAX_THREADS, -(-(hidden // 8 // cluster) // (32 * v)) * 32)
+
+
+def _cluster(hidden: int, tokens: int, sms: int) -> int:
+    """Blocks a row is spread over (thread block clusters, sm_90 and later): as many as
+    keep at least 128 threads a block and a multiple of 32 vectors a block (no group of a
+    quantizer straddles two blocks), up to 8, while the rows' blocks still fit the SMs.
+    A decode row then takes several SMs' issue slots instead of one SM's."""
+    if device_facts().arch < (9, 0):
+        return 1
+    hvec, v = hidden // 8, _vectors_per_thread(hidden)
+    c = 8
+    while c > 1 and (hvec % (32 * v * c) or hvec // (c * v) < 128):
+        c //= 2
+    while c > 1 and tokens * c > sms:
+        c //= 2
+    return c
 
 
 def _check_hidden(hidden: int, name: str) -> None:
@@ -154,24 +171,40 @@ class AllReduceFusionWorkspace(Op):
             config=config, **options)
         self.group = group
         self._launchers: dict = {}
+        self._geometry: dict = {}
         self._open(None)
 
     @property
     def world_size(self) -> int:
         return self.allreduce.world
 
-    def launcher(self, algorithm: Algorithm, quant: Quant) -> tuple[Launcher, int]:
-        """The launcher of (algorithm, quantizer), made on first use, and its largest grid
-        (every block resident)."""
+    def launcher(self, algorithm: Algorithm, quant: Quant) -> Launcher:
+        """The launcher of (algorithm, quantizer), made on first use."""
         key = (algorithm, quant)
-        entry = self._launchers.get(key)
-        if entry is None:
+        launcher = self._launchers.get(key)
+        if launcher is None:
             kernel = _kernel(algorithm.value, quant, self.dtype, self.hidden_dim)
             launcher = Launcher(kernel, FusionArgs, pdl=self.allreduce.config.pdl)
             launcher.args.ws = self.allreduce.kernel_workspace
-            per_sm = device_facts().blocks_per_sm(kernel, _block(self.hidden_dim))
-            entry = self._launchers[key] = (launcher, self.allreduce.sms * per_sm)
-        return entry
+            self._launchers[key] = launcher
+        return launcher
+
+    def geometry(self, launcher: Launcher, algorithm: Algorithm, tokens: int) -> tuple:
+        """(grid, block, cluster) of a call over ``tokens`` rows: one-shot spreads a row
+        over a cluster; every block is resident at once (blocks wait for peers)."""
+        key = (launcher, tokens)
+        geometry = self._geometry.get(key)
+        if geometry is None:
+            sms = self.allreduce.sms
+            cluster = _cluster(self.hidden_dim, tokens, sms) if algorithm == Algorithm.ONESHOT else 1
+            block = _block(self.hidden_dim, cluster)
+            resident = sms * device_facts().blocks_per_sm(launcher.kernel, block) // cluster
+            rows = tokens if algorithm == Algorithm.ONESHOT else -(-tokens // self.world_size)
+            geometry = (max(1, min(rows, resident)) * cluster, block, cluster)
+            if len(self._geometry) > 1024:
+                self._geometry.clear()
+            self._geometry[key] = geometry
+        return geometry
 
     def choose(self, nbytes: int, use_oneshot: bool | None) -> Algorithm:
         if not self.allreduce.ipc:
@@ -335,13 +368,10 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
                                (pattern.name, tokens, int(fields["source"]), algo.value))
     if tokens == 0:
         return outputs
-    launcher, limit = ws.launcher(algo, spec.quant)
+    launcher = ws.launcher(algo, spec.quant)
     _fill(launcher.args, fields)
-    if algo == Algorithm.ONESHOT:
-        grid = min(tokens, limit)
-    else:
-        grid = min(-(-tokens // ws.world_size), limit)
-    launcher(grid, _block(hidden), stream_handle(stream))
+    grid, block, cluster = ws.geometry(launcher, algo, tokens)
+    launcher(grid, block, stream_handle(stream), cluster=cluster)
     return outputs
 
 
@@ -386,7 +416,10 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
     if launcher is None:
         launcher = cache[key] = Launcher(_kernel("local", spec.quant, x.dtype, hidden), FusionArgs)
     _fill(launcher.args, fields)
-    launcher(min(tokens, 4 * device_facts().sms), _block(hidden), stream_handle(stream))
+    sms = device_facts().sms
+    cluster = _cluster(hidden, tokens, sms)
+    launcher(min(tokens, 4 * sms // cluster) * cluster, _block(hidden, cluster),
+             stream_handle(stream), cluster=cluster)
     return outputs
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
-_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_..., cuda.h
+_ATTR_CLUSTER_DIMENSION = 4                  # CU_LAUNCH_ATTRIBUTE_..., cuda.h
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 class _LaunchAttribute(ctypes.Structure):
-    """CUlaunchAttribute: an id, padding, a 64-byte value union."""
+    """CUlaunchAttribute: an id, padding, a 64-byte value union (here: up to three uints,
+    the programmatic-serialization flag or the cluster dimensions)."""
 
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4),
-                ("value", ctypes.c_int), ("value_pad", ctypes.c_char * 60)]
+                ("value", ctypes.c_uint * 3), ("value_pad", ctypes.c_char * 52)]
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -66,26 +68,32 @@ class Launcher:
     def __init__(self, kernel, args, *, pdl: bool = False):
         self.kernel = kernel
         self.args = args() if isinstance(args, type) else args
+        self.pdl = bool(pdl)
         self._fn = ctypes.c_void_p(kernel.kernel.ptr)
         self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
-        self._attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        self._config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1)
-        if pdl:
-            self._config.attrs = ctypes.pointer(self._attr)
-            self._config.numAttrs = 1
+        # attrs[0]: programmatic serialization (when pdl), then the cluster dimension
+        self._attrs = (_LaunchAttribute * 2)()
+        self._attrs[0].id, self._attrs[0].value[0] = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1
+        self._cluster = self._attrs[1 if pdl else 0]
+        self._cluster.id = _ATTR_CLUSTER_DIMENSION
+        self._cluster.value[1] = self._cluster.value[2] = 1
+        self._config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1,
+                                     attrs=self._attrs, numAttrs=int(self.pdl))
         self._config_ref = ctypes.byref(self._config)
         self._launch = _launch_kernel_ex()
 
-    @property
-    def pdl(self) -> bool:
-        return self._config.numAttrs == 1
-
-    def __call__(self, grid: int, block: int, stream: int, shared_mem: int = 0) -> None:
+    def __call__(self, grid: int, block: int, stream: int, shared_mem: int = 0,
+                 cluster: int = 1) -> None:
+        """Launch ``grid`` blocks of ``block`` threads on ``stream`` (a raw handle); with
+        ``cluster`` > 1 (sm_90+), in thread block clusters of that many blocks (``grid``
+        a multiple of it)."""
         config = self._config
         config.gridDimX = grid
         config.blockDimX = block
         config.sharedMemBytes = shared_mem
         config.hStream = stream
+        self._cluster.value[0] = cluster
+        config.numAttrs = int(self.pdl) + (cluster > 1)
         status = self._launch(self._config_ref, self._fn, self._params, None)
         if status:
             from cupy.cuda.driver import CUDADriverError
