@@ -298,7 +298,7 @@ __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>
 __device__ __forceinline__ uint32_t cluster_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return r;
 #else
   return 0;
@@ -308,10 +308,31 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ uint32_t cluster_size() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   uint32_t n;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+  asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
   return n;
 #else
   return 1;
+#endif
+}
+
+// This block's cluster in the grid, and the grid's number of clusters.
+__device__ __forceinline__ uint32_t cluster_id() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t c;
+  asm("mov.u32 %0, %%clusterid.x;" : "=r"(c));
+  return c;
+#else
+  return blockIdx.x;
+#endif
+}
+
+__device__ __forceinline__ uint32_t cluster_count() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t c;
+  asm("mov.u32 %0, %%nclusterid.x;" : "=r"(c));
+  return c;
+#else
+  return gridDim.x;
 #endif
 }
 

@@ -25,10 +25,10 @@ using namespace moecomm::allreduce;
 
 namespace {
 
-// A thread holds V 16-byte vectors of a row (kernels suffixed _v1 and _v2): hidden <=
-// 8 * 1024 * V for 16-bit types.
-constexpr int kMaxThreads = 1024;
-static_assert(2 * 8 * kMaxThreads >= config::kFusionMaxHidden, "rows must fit a block");
+// A thread holds V 16-byte vectors of a row. Kernels suffixed _v1: V = 1, at most 512
+// threads a block (registers to spare); _w1: V = 1, up to 1024 threads (64 registers);
+// _v2: V = 2, up to 1024 threads (rows of up to 16384 16-bit elements on one block).
+static_assert(2 * 8 * 1024 >= config::kFusionMaxHidden, "rows must fit a block");
 
 
 // This rank's contribution to vector v of row `row` (before the all-reduce), rounded
@@ -93,20 +93,20 @@ struct RowVecs {
 // reduced over the cluster; group and NVFP4 blocks never straddle two blocks (the host
 // keeps a block's share a multiple of 32 vectors).
 struct RowSlice {
-  int first, end;             // vectors of a row
-  uint32_t cluster, clusters;  // this block's cluster and the grid's number of clusters
-  uint32_t rank;               // position in the cluster
+  int first, end;  // vectors of a row
 
   __device__ explicit RowSlice(int hvec) {
-    const uint32_t n = cluster_size();
-    rank = cluster_rank();
-    cluster = blockIdx.x / n;
-    clusters = gridDim.x / n;
-    first = (int)(rank * (hvec / n));
-    end = first + hvec / (int)n;
+    const int len = hvec / (int)cluster_size();
+    first = (int)cluster_rank() * len;
+    end = first + len;
   }
   __device__ __forceinline__ int vec(int k) const { return first + threadIdx.x + k * blockDim.x; }
   __device__ __forceinline__ bool has(int k) const { return vec(k) < end; }
+  // Rows: this block's cluster, stepping by the grid's clusters (read when needed, so
+  // they hold no registers).
+  __device__ __forceinline__ uint32_t first_row() const { return cluster_id(); }
+  __device__ __forceinline__ uint32_t row_step() const { return cluster_count(); }
+  __device__ __forceinline__ bool leader() const { return cluster_rank() == 0; }
 };
 
 template <typename T, int V>
@@ -194,7 +194,7 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
     float s = 0.f;
     if (Q == kQuantDynamicFp8) {
       s = fmaxf(__fdiv_rn(cluster_reduce<true>(amax_row), 448.f), 1.f / (448.f * 512.f));
-      if (threadIdx.x == 0 && sl.rank == 0) static_cast<float*>(a.scale_out)[row] = s;
+      if (threadIdx.x == 0 && sl.leader()) static_cast<float*>(a.scale_out)[row] = s;
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -304,7 +304,7 @@ __device__ __forceinline__ void oneshot(const FusionArgs& a) {
   pdl_wait();
   const Call call = begin_call(ws);
   const int buf = call.index % 3;
-  for (size_t row = sl.cluster; row < a.tokens; row += sl.clusters) {
+  for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
 #pragma unroll
     for (int k = 0; k < V; ++k)
       if (sl.has(k))
@@ -317,7 +317,7 @@ __device__ __forceinline__ void oneshot(const FusionArgs& a) {
   if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
 
   const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
-  for (size_t row = sl.cluster; row < a.tokens; row += sl.clusters) {
+  for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
     RowVecs<V> res, ar;
     if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);
 #pragma unroll
@@ -407,7 +407,7 @@ __device__ __forceinline__ void local(const FusionArgs& a) {
   pdl_wait();
   const Prefetch<V> f = prefetch<T, Q, V>(a, sl);
   if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
-  for (size_t row = sl.cluster; row < a.tokens; row += sl.clusters) {
+  for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
     RowVecs<V> res, x;
     if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);
     load_row<T, V>(a.input, row, hvec, sl, x);
@@ -417,23 +417,25 @@ __device__ __forceinline__ void local(const FusionArgs& a) {
 
 }  // namespace
 
-#define MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, QNAME, Q, V)                                \
-  extern "C" __global__ void __launch_bounds__(kMaxThreads)                                \
-      fusion_##ALGO##_##QNAME##_##SUFFIX##_v##V(const FusionArgs a) {                      \
-    ALGO<T, Q, V>(a);                                                                      \
+#define MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, QNAME, Q, VNAME, V, THREADS)                \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                     \
+      fusion_##ALGO##_##QNAME##_##SUFFIX##_##VNAME(const FusionArgs a) {                    \
+    ALGO<T, Q, V>(a);                                                                       \
   }
-#define MOECOMM_FUSION_QUANTS(ALGO, SUFFIX, T, V)                          \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, none, kQuantNone, V)              \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, fp8, kQuantFp8, V)                \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, nvfp4, kQuantNvfp4, V)            \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, group_fp8, kQuantGroupFp8, V)     \
-  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, dynamic_fp8, kQuantDynamicFp8, V)
-#define MOECOMM_FUSION_ALGOS(SUFFIX, T, V)     \
-  MOECOMM_FUSION_QUANTS(oneshot, SUFFIX, T, V) \
-  MOECOMM_FUSION_QUANTS(twoshot, SUFFIX, T, V) \
-  MOECOMM_FUSION_QUANTS(local, SUFFIX, T, V)
+#define MOECOMM_FUSION_QUANTS(ALGO, SUFFIX, T, VNAME, V, THREADS)                          \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, none, kQuantNone, VNAME, V, THREADS)              \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, fp8, kQuantFp8, VNAME, V, THREADS)                \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, nvfp4, kQuantNvfp4, VNAME, V, THREADS)            \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, group_fp8, kQuantGroupFp8, VNAME, V, THREADS)     \
+  MOECOMM_FUSION_KERNEL(ALGO, SUFFIX, T, dynamic_fp8, kQuantDynamicFp8, VNAME, V, THREADS)
+#define MOECOMM_FUSION_ALGOS(SUFFIX, T, VNAME, V, THREADS)     \
+  MOECOMM_FUSION_QUANTS(oneshot, SUFFIX, T, VNAME, V, THREADS) \
+  MOECOMM_FUSION_QUANTS(twoshot, SUFFIX, T, VNAME, V, THREADS) \
+  MOECOMM_FUSION_QUANTS(local, SUFFIX, T, VNAME, V, THREADS)
 
-MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, 1)
-MOECOMM_FUSION_ALGOS(fp16, __half, 1)
-MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, 2)
-MOECOMM_FUSION_ALGOS(fp16, __half, 2)
+MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, v1, 1, 512)
+MOECOMM_FUSION_ALGOS(fp16, __half, v1, 1, 512)
+MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, w1, 1, 1024)
+MOECOMM_FUSION_ALGOS(fp16, __half, w1, 1, 1024)
+MOECOMM_FUSION_ALGOS(bf16, __nv_bfloat16, v2, 2, 1024)
+MOECOMM_FUSION_ALGOS(fp16, __half, v2, 2, 1024)

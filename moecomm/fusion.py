@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cupy
 import numpy as np
@@ -53,7 +54,6 @@ __all__ = [
     "rmsnorm_fusion", "compute_fp4_swizzled_layout_sf_size",
 ]
 
-MAX_THREADS = 1024  # kMaxThreads in fusion.cu
 _QUANT_NAME = {Quant.NONE: "none", Quant.FP8: "fp8", Quant.NVFP4: "nvfp4",
                Quant.GROUP_FP8: "group_fp8", Quant.DYNAMIC_FP8: "dynamic_fp8"}
 _SUFFIX = {np.dtype(np.float16): "fp16", bfloat16: "bf16"}
@@ -99,31 +99,38 @@ class AllReduceFusionOutputs:
     scale_out: object = None
 
 
-def _vectors_per_thread(hidden: int) -> int:
-    return 1 if hidden // 8 <= MAX_THREADS else 2
+class _RowPlan(NamedTuple):
+    """How a row is spread over threads: kernel variant (fusion.cu's suffix), vectors per
+    thread, blocks per row (a thread block cluster), threads per block."""
+
+    variant: str
+    v: int
+    cluster: int
+    block: int
 
 
-def _block(hidden: int, cluster: int = 1) -> int:
-    """Threads of a block holding 1 / ``cluster`` of a row: one or two 16-byte vectors each
-    (fusion.cu's V)."""
-    v = _vectors_per_thread(hidden)
-    return min(MAX_THREADS, -(-(hidden // 8 // cluster) // (32 * v)) * 32)
-
-
-def _cluster(hidden: int, tokens: int, sms: int) -> int:
-    """Blocks a row is spread over (thread block clusters, sm_90 and later): as many as
-    keep at least 128 threads a block and a multiple of 32 vectors a block (no group of a
-    quantizer straddles two blocks), up to 8, while the rows' blocks still fit the SMs.
-    A decode row then takes several SMs' issue slots instead of one SM's."""
-    if device_facts().arch < (9, 0):
-        return 1
-    hvec, v = hidden // 8, _vectors_per_thread(hidden)
-    c = 8
-    while c > 1 and (hvec % (32 * v * c) or hvec // (c * v) < 128):
-        c //= 2
-    while c > 1 and tokens * c > sms:
-        c //= 2
-    return c
+def _row_plan(hidden: int, tokens: int, sms: int, clusters: bool) -> _RowPlan:
+    """A row of ``hidden`` 16-bit elements is ``hidden / 8`` 16-byte vectors, one per
+    thread where it fits. Up to 512 of them: one block of the register-rich ``_v1``
+    kernels. Longer rows, where thread block clusters exist (sm_90+; one-shot and the
+    epilogue alone) and the rows' blocks fit the SMs (decode): a cluster of 2-8 ``_v1``
+    blocks of 128-512 threads (each a multiple of 32 vectors, so no quantizer group
+    straddles two), the more blocks the fewer rows; a row's sum of squares is then reduced
+    over the cluster. Otherwise one block: ``_w1`` (up to 1024 threads) or ``_v2`` (two
+    vectors a thread)."""
+    hvec = hidden // 8
+    if hvec <= 512:
+        return _RowPlan("v1", 1, 1, -(-hvec // 32) * 32)
+    if clusters:
+        c = next((c for c in (2, 4, 8) if hvec % (32 * c) == 0 and hvec // c <= 512), 0)
+        if c and tokens * c <= sms:
+            while (c < 8 and hvec % (64 * c) == 0 and hvec // (2 * c) >= 128
+                   and tokens * 2 * c <= sms):
+                c *= 2
+            return _RowPlan("v1", 1, c, hvec // c)
+    if hvec <= 1024:
+        return _RowPlan("w1", 1, 1, -(-hvec // 32) * 32)
+    return _RowPlan("v2", 2, 1, -(-hvec // 64) * 32)
 
 
 def _check_hidden(hidden: int, name: str) -> None:
@@ -132,9 +139,9 @@ def _check_hidden(hidden: int, name: str) -> None:
                          f"most {FUSION_MAX_HIDDEN}")
 
 
-def _kernel(algo: str, quant: Quant, dtype, hidden: int):
-    name = f"fusion_{algo}_{_QUANT_NAME[quant]}_{_SUFFIX[dtype]}_v{_vectors_per_thread(hidden)}"
-    return kernels.get_kernel("fusion.cu", name)
+def _kernel(algo: str, quant: Quant, dtype, variant: str):
+    return kernels.get_kernel("fusion.cu",
+                              f"fusion_{algo}_{_QUANT_NAME[quant]}_{_SUFFIX[dtype]}_{variant}")
 
 
 class AllReduceFusionWorkspace(Op):
@@ -178,33 +185,31 @@ class AllReduceFusionWorkspace(Op):
     def world_size(self) -> int:
         return self.allreduce.world
 
-    def launcher(self, algorithm: Algorithm, quant: Quant) -> Launcher:
-        """The launcher of (algorithm, quantizer), made on first use."""
-        key = (algorithm, quant)
-        launcher = self._launchers.get(key)
-        if launcher is None:
-            kernel = _kernel(algorithm.value, quant, self.dtype, self.hidden_dim)
-            launcher = Launcher(kernel, FusionArgs, pdl=self.allreduce.config.pdl)
-            launcher.args.ws = self.allreduce.kernel_workspace
-            self._launchers[key] = launcher
-        return launcher
-
-    def geometry(self, launcher: Launcher, algorithm: Algorithm, tokens: int) -> tuple:
-        """(grid, block, cluster) of a call over ``tokens`` rows: one-shot spreads a row
-        over a cluster; every block is resident at once (blocks wait for peers)."""
-        key = (launcher, tokens)
-        geometry = self._geometry.get(key)
-        if geometry is None:
+    def launcher(self, algorithm: Algorithm, quant: Quant, tokens: int) -> tuple:
+        """(launcher, grid, block, cluster) of a call over ``tokens`` rows, made on first
+        use: one-shot spreads a decode row over a cluster where the device has them; every
+        block is resident at once (blocks wait for peers)."""
+        key = (algorithm, quant, tokens)
+        entry = self._geometry.get(key)
+        if entry is None:
             sms = self.allreduce.sms
-            cluster = _cluster(self.hidden_dim, tokens, sms) if algorithm == Algorithm.ONESHOT else 1
-            block = _block(self.hidden_dim, cluster)
-            resident = sms * device_facts().blocks_per_sm(launcher.kernel, block) // cluster
-            rows = tokens if algorithm == Algorithm.ONESHOT else -(-tokens // self.world_size)
-            geometry = (max(1, min(rows, resident)) * cluster, block, cluster)
+            oneshot = algorithm == Algorithm.ONESHOT
+            plan = _row_plan(self.hidden_dim, tokens, sms,
+                             oneshot and device_facts().arch >= (9, 0))
+            launcher = self._launchers.get((algorithm, quant, plan.variant))
+            if launcher is None:
+                launcher = Launcher(_kernel(algorithm.value, quant, self.dtype, plan.variant),
+                                    FusionArgs, pdl=self.allreduce.config.pdl)
+                launcher.args.ws = self.allreduce.kernel_workspace
+                self._launchers[(algorithm, quant, plan.variant)] = launcher
+            resident = (sms * device_facts().blocks_per_sm(launcher.kernel, plan.block)
+                        // plan.cluster)
+            rows = tokens if oneshot else -(-tokens // self.world_size)
+            grid = max(1, min(rows, resident)) * plan.cluster
             if len(self._geometry) > 1024:
                 self._geometry.clear()
-            self._geometry[key] = geometry
-        return geometry
+            entry = self._geometry[key] = (launcher, grid, plan.block, plan.cluster)
+        return entry
 
     def choose(self, nbytes: int, use_oneshot: bool | None) -> Algorithm:
         if not self.allreduce.ipc:
@@ -368,9 +373,8 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
                                (pattern.name, tokens, int(fields["source"]), algo.value))
     if tokens == 0:
         return outputs
-    launcher = ws.launcher(algo, spec.quant)
+    launcher, grid, block, cluster = ws.launcher(algo, spec.quant, tokens)
     _fill(launcher.args, fields)
-    grid, block, cluster = ws.geometry(launcher, algo, tokens)
     launcher(grid, block, stream_handle(stream), cluster=cluster)
     return outputs
 
@@ -411,15 +415,16 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
     cache = getattr(_local, "launchers", None)
     if cache is None:
         cache = _local.launchers = {}
-    key = (cupy.cuda.runtime.getDevice(), x.dtype, spec.quant, _vectors_per_thread(hidden))
+    facts = device_facts()
+    plan = _row_plan(hidden, tokens, facts.sms, facts.arch >= (9, 0))
+    key = (facts.id, x.dtype, spec.quant, plan.variant)
     launcher = cache.get(key)
     if launcher is None:
-        launcher = cache[key] = Launcher(_kernel("local", spec.quant, x.dtype, hidden), FusionArgs)
+        launcher = cache[key] = Launcher(_kernel("local", spec.quant, x.dtype, plan.variant),
+                                         FusionArgs)
     _fill(launcher.args, fields)
-    sms = device_facts().sms
-    cluster = _cluster(hidden, tokens, sms)
-    launcher(min(tokens, 4 * sms // cluster) * cluster, _block(hidden, cluster),
-             stream_handle(stream), cluster=cluster)
+    launcher(min(tokens, 4 * facts.sms // plan.cluster) * plan.cluster, plan.block,
+             stream_handle(stream), cluster=plan.cluster)
     return outputs
 
 
