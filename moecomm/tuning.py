@@ -10,16 +10,16 @@ the entry of the next larger measured world size.
 from __future__ import annotations
 
 # Largest message (bytes) that all_reduce "auto" sends one-shot.
-# 2 ranks: bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261129T205353.json (one-shot
-# faster up to 4 MiB: 20.0 vs 23.5 us; two-shot from 16 MiB: 61.4 vs 79.5 us; 8 MiB, the
-# midpoint, unmeasured); 4 and 8 ranks: byte model, to be measured.
-ALLREDUCE_ONESHOT_MAX_BYTES = {2: 8 << 20, 4: 512 << 10, 8: 256 << 10, 16: 128 << 10}
+# 2 ranks: bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261129T211508.json (and the
+# four runs after it): one-shot faster up to 4 MiB (19.6 vs 20.1 us), two-shot from 8 MiB
+# (32.9 vs 37.8 us). 4 and 8 ranks: byte model, to be measured.
+ALLREDUCE_ONESHOT_MAX_BYTES = {2: 4 << 20, 4: 512 << 10, 8: 256 << 10, 16: 128 << 10}
 
 # Largest message (bytes, tokens x hidden x itemsize) that allreduce_fusion "auto" runs
-# one-shot. 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261129T205430.json (one-shot
-# faster up to 512 x 7168 bf16 = 7 MiB: 36.6 vs 38.9 us; two-shot at 2048 x 4096 = 16 MiB:
-# 77.7 vs 83.2 us); 4 and 8 ranks: byte model.
-FUSION_ONESHOT_MAX_BYTES = {2: 8 << 20, 4: 1 << 20, 8: 512 << 10, 16: 256 << 10}
+# one-shot. 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261129T212806.json: one-shot
+# faster at 512 x 4096 bf16 = 4 MiB (21.0 vs 24.2 us), two-shot at 512 x 7168 = 7 MiB
+# (36.3 vs 37.1 us) and above. 4 and 8 ranks: byte model.
+FUSION_ONESHOT_MAX_BYTES = {2: 4 << 20, 4: 1 << 20, 8: 512 << 10, 16: 256 << 10}
 
 
 def lookup(table: dict[int, int], world: int) -> int:
