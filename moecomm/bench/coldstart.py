@@ -55,7 +55,7 @@ def _mpiexec(explicit: str | None) -> list[str]:
     try:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True,
                                  timeout=30)
-        if "Open MPI" in version.stdout + version.stderr:
+        if any(name in version.stdout + version.stderr for name in ("Open MPI", "OpenRTE")):
             cmd += ["--oversubscribe", "--bind-to", "none"]
             if os.geteuid() == 0:
                 cmd.append("--allow-run-as-root")
