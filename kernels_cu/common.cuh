@@ -293,48 +293,25 @@ __device__ __forceinline__ float block_reduce(float v) {
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 
 // ---------------------------------------------------------------- thread block clusters
-// Position of this block in its cluster (sm_90+; a launch without clusters, and any
-// earlier arch, is a cluster of one block).
-__device__ __forceinline__ uint32_t cluster_rank() {
+// Where this block stands among thread block clusters (sm_90+): its rank in its cluster,
+// the cluster's size, the cluster's index in the grid and the grid's number of clusters.
+// A launch without clusters, and any earlier arch, has clusters of one block.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t r;
-  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
+#define MOECOMM_SPECIAL_REGISTER(NAME, REGISTER, ELSEWHERE)        \
+  __device__ __forceinline__ uint32_t NAME() {                      \
+    uint32_t v;                                                     \
+    asm("mov.u32 %0, %%" REGISTER ";" : "=r"(v));                   \
+    return v;                                                       \
+  }
 #else
-  return 0;
+#define MOECOMM_SPECIAL_REGISTER(NAME, REGISTER, ELSEWHERE) \
+  __device__ __forceinline__ uint32_t NAME() { return ELSEWHERE; }
 #endif
-}
-
-__device__ __forceinline__ uint32_t cluster_size() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t n;
-  asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-  return n;
-#else
-  return 1;
-#endif
-}
-
-// This block's cluster in the grid, and the grid's number of clusters.
-__device__ __forceinline__ uint32_t cluster_id() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t c;
-  asm("mov.u32 %0, %%clusterid.x;" : "=r"(c));
-  return c;
-#else
-  return blockIdx.x;
-#endif
-}
-
-__device__ __forceinline__ uint32_t cluster_count() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t c;
-  asm("mov.u32 %0, %%nclusterid.x;" : "=r"(c));
-  return c;
-#else
-  return gridDim.x;
-#endif
-}
+MOECOMM_SPECIAL_REGISTER(cluster_rank, "cluster_ctarank", 0)
+MOECOMM_SPECIAL_REGISTER(cluster_size, "cluster_nctarank", 1)
+MOECOMM_SPECIAL_REGISTER(cluster_id, "clusterid.x", blockIdx.x)
+MOECOMM_SPECIAL_REGISTER(cluster_count, "nclusterid.x", gridDim.x)
+#undef MOECOMM_SPECIAL_REGISTER
 
 // Sum / max of one float per thread over every block of the cluster: each block's value
 // (block_reduce), then the blocks' values in cluster-rank order, read from their shared
