@@ -2,10 +2,11 @@
 //
 // - 16-byte vector loads/stores, plain and for memory other GPUs write (volatile, so the
 //   value is re-read from memory and never served from L1);
-// - bf16 / fp16 <-> fp32 conversion;
-// - system-scope release/acquire on 32-bit flags;
+// - bf16 / fp16 <-> fp32 conversion, the Lamport sentinel;
+// - release/acquire on 32-bit flags, programmatic dependent launch;
 // - a bounded spin-wait: it gives up after a timeout and records the rank it waited for
-//   in an error word, so a dead peer never hangs a process.
+//   in an error word, so a dead peer never hangs a process;
+// - block and thread-block-cluster reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -49,12 +50,6 @@ __device__ __forceinline__ Vec16 ld_vec16_volatile(const void* p) {
                : "l"(p)
                : "memory");
   return v;
-}
-
-__device__ __forceinline__ void st_vec16_volatile(void* p, const Vec16& v) {
-  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
-               "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
 }
 
 // Streams through L2 only: for data a peer wrote before a flag we acquired.
@@ -164,15 +159,6 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t atomic_add_release_sys(uint32_t* p, uint32_t v) {
-  uint32_t old;
-  asm volatile("atom.add.release.sys.global.u32 %0, [%1], %2;"
-               : "=r"(old)
-               : "l"(p), "r"(v)
-               : "memory");
-  return old;
-}
-
 __device__ __forceinline__ void red_add_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -186,10 +172,6 @@ __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
-}
-
-__device__ __forceinline__ void fence_acq_rel_sys() {
-  asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
@@ -267,7 +249,8 @@ __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t tar
 }
 
 // ---------------------------------------------------------------- block reductions
-// Sum / max of one float per thread over the whole block (every thread gets the result).
+// Sum / max of one float per thread over the whole block (every thread gets the result;
+// the max is of non-negative values, such as an amax: 0 is its identity).
 // All threads of the block must call; blockDim.x a multiple of 32, at most 1024.
 template <bool kMax>
 __device__ __forceinline__ float block_reduce(float v) {
@@ -290,7 +273,6 @@ __device__ __forceinline__ float block_reduce(float v) {
   return v;
 }
 
-__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 
 // ---------------------------------------------------------------- thread block clusters
 // Where this block stands among thread block clusters (sm_90+): its rank in its cluster,
@@ -339,8 +321,6 @@ __device__ __forceinline__ float cluster_reduce(float v) {
 #endif
   return v;
 }
-// For non-negative values (amax): 0 is the identity.
-__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 __device__ __forceinline__ size_t global_thread_id() {
   return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
