@@ -659,7 +659,7 @@ class MoeAlltoAll(Op):
         region = self._ws.ptr + plan.combine_off
         source = self._in_place_source(x.ptr, row, plan)
         stage = source is None
-        key = (plan.combine_off, x.dtype, row, source)
+        key = (plan.runtime_max, plan.combine_off, x.dtype, row, source)
         prepared = self._prepared_combine.get(key)
         if prepared is None:
             self._check_combine_row(row, plan, "payload")
