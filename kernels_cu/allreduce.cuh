@@ -56,14 +56,13 @@ struct Call {
   uint32_t clear_bytes;  // bytes per slot of Lamport buffer (k + 2) % 3 to clear
 };
 
-// Every thread reads the call number and the clear size (a broadcast from L2); once the
-// whole block has them, thread 0 arrives (a release reduction with no round trip) so block
-// 0 may change them. Issue the first input loads before calling: their latency overlaps.
+// Every thread reads the call number and the clear size (a broadcast from L2), then the
+// block arrives (grid_arrive) so block 0 may change them. Issue the first input loads
+// before calling: their latency overlaps.
 __device__ __forceinline__ Call begin_call(const ArWorkspace& ws) {
   const uint32_t k = *(volatile const uint32_t*)&ws.state[kStateCall];
   const Call call{k, *(volatile const uint32_t*)&ws.state[kStateLamportBytes + (k + 2) % 3]};
-  __syncthreads();
-  if (threadIdx.x == 0) red_add_release_gpu(&ws.state[kStateArrived], 1u);
+  grid_arrive(&ws.state[kStateArrived]);
   return call;
 }
 
@@ -72,10 +71,7 @@ __device__ __forceinline__ Call begin_call(const ArWorkspace& ws) {
 // and cleared buffer (k + 2) % 3.
 __device__ __forceinline__ void end_call(const ArWorkspace& ws, const Call& call,
                                          uint32_t lamport_bytes) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  while (ld_acquire_gpu(&ws.state[kStateArrived]) < gridDim.x) {
-  }
-  ws.state[kStateArrived] = 0;
+  if (!grid_all_arrived(&ws.state[kStateArrived])) return;
   ws.state[kStateLamportBytes + (call.index + 2) % 3] = 0;
   ws.state[kStateLamportBytes + call.index % 3] = lamport_bytes;
   ws.state[kStateCall] = call.index + 1;

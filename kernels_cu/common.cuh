@@ -174,6 +174,27 @@ __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
   return v;
 }
 
+// ---------------------------------------------------------------- grid arrival
+// A kernel whose block 0 updates local state words at its end, that every block reads at
+// its start: each block, once all its threads have read them, arrives (a release
+// reduction that returns nothing, so no thread waits), and block 0 updates only when
+// every block has arrived. No fence: the next kernel of the stream sees the update at the
+// kernel boundary.
+__device__ __forceinline__ void grid_arrive(uint32_t* arrived) {
+  __syncthreads();
+  if (threadIdx.x == 0) red_add_release_gpu(arrived, 1u);
+}
+
+// Block 0, thread 0, at its end: waits until every block has arrived, resets the count
+// and returns true; every other thread returns false at once.
+__device__ __forceinline__ bool grid_all_arrived(uint32_t* arrived) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return false;
+  while (ld_acquire_gpu(arrived) < gridDim.x) {
+  }
+  *arrived = 0;
+  return true;
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -328,6 +349,23 @@ __device__ __forceinline__ size_t global_thread_id() {
 
 __device__ __forceinline__ size_t global_thread_count() {
   return (size_t)gridDim.x * blockDim.x;
+}
+
+// dst[i] = src[i] for nvec 16-byte vectors, the grid sharing them, four loads in flight
+// per thread before the first store.
+__device__ __forceinline__ void copy_vec16(uint8_t* dst, const uint8_t* src, size_t nvec) {
+  const size_t stride = global_thread_count();
+  size_t i = global_thread_id();
+  for (; i + 3 * stride < nvec; i += 4 * stride) {
+    const Vec16 a = ld_vec16(src + 16 * i), b = ld_vec16(src + 16 * (i + stride));
+    const Vec16 c = ld_vec16(src + 16 * (i + 2 * stride));
+    const Vec16 d = ld_vec16(src + 16 * (i + 3 * stride));
+    st_vec16(dst + 16 * i, a);
+    st_vec16(dst + 16 * (i + stride), b);
+    st_vec16(dst + 16 * (i + 2 * stride), c);
+    st_vec16(dst + 16 * (i + 3 * stride), d);
+  }
+  for (; i < nvec; i += stride) st_vec16(dst + 16 * i, ld_vec16(src + 16 * i));
 }
 
 }  // namespace moecomm

@@ -249,22 +249,16 @@ __device__ __forceinline__ WaitContext wait_context(const A2aWorkspace& ws, uint
   return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
 }
 
-// Every thread reads local state word `word`; once the whole block has it, thread 0
-// arrives (a release reduction, no round trip) so block 0 may change it.
+// Every thread reads local state word `word`, then the block arrives (grid_arrive) so
+// block 0 may change it at its end (end).
 __device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
   const uint32_t value = *(volatile const uint32_t*)&ws.state[word];
-  __syncthreads();
-  if (threadIdx.x == 0) red_add_release_gpu(&ws.state[kStateArrived], 1u);
+  grid_arrive(&ws.state[kStateArrived]);
   return value;
 }
 
-// Block 0, thread 0, at its end: once every block has arrived, set state word `word`.
 __device__ __forceinline__ void end(const A2aWorkspace& ws, int word, uint32_t value) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  while (ld_acquire_gpu(&ws.state[kStateArrived]) < gridDim.x) {
-  }
-  ws.state[kStateArrived] = 0;
-  ws.state[word] = value;
+  if (grid_all_arrived(&ws.state[kStateArrived])) ws.state[word] = value;
 }
 
 // After this block's writes to every rank: add 1 to entry `rank` of counter array
@@ -315,23 +309,9 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
   // 1. Stage the valid rows of every block into this rank's combine region.
   if (p.stage) {
     uint8_t* region = peer_base(ws, rank) + p.region_off;
-    for (int s = 0; s < ep; ++s) {
-      const size_t nvec = (size_t)p.recv_counts[s] * row / 16;
-      const uint8_t* from = p.payload + s * block_bytes;
-      uint8_t* to = region + s * block_bytes;
-      size_t i = global_thread_id();
-      const size_t stride = global_thread_count();
-      for (; i + 3 * stride < nvec; i += 4 * stride) {
-        const Vec16 a = ld_vec16(from + 16 * i), b = ld_vec16(from + 16 * (i + stride));
-        const Vec16 c = ld_vec16(from + 16 * (i + 2 * stride));
-        const Vec16 d = ld_vec16(from + 16 * (i + 3 * stride));
-        st_vec16(to + 16 * i, a);
-        st_vec16(to + 16 * (i + stride), b);
-        st_vec16(to + 16 * (i + 2 * stride), c);
-        st_vec16(to + 16 * (i + 3 * stride), d);
-      }
-      for (; i < nvec; i += stride) st_vec16(to + 16 * i, ld_vec16(from + 16 * i));
-    }
+    for (int s = 0; s < ep; ++s)
+      copy_vec16(region + s * block_bytes, p.payload + s * block_bytes,
+                 (size_t)p.recv_counts[s] * row / 16);
   }
 
   // 2. This rank's rows are ready: tell every rank, then wait for every rank's.

@@ -426,9 +426,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
 // Rows [0, min(stats[kStatRows], capacity)) of y (local) to dst (the symmetric y buffer).
 extern "C" __global__ void moe_compact_stage(const CompactStageArgs a) {
   const int64_t rows = min((int64_t)max(a.stats[kStatRows], 0), a.capacity);
-  const int64_t nvec = rows * a.row_bytes / 16;
-  for (int64_t i = global_thread_id(); i < nvec; i += global_thread_count())
-    st_vec16(a.dst + 16 * i, ld_vec16(a.y + 16 * i));
+  copy_vec16(a.dst, a.y, (size_t)(rows * a.row_bytes / 16));
 }
 
 #define MOECOMM_COMPACT_COMBINE(SUFFIX, T)                                                   \

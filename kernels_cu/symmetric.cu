@@ -15,21 +15,8 @@ extern "C" __global__ void copy_bytes(const CopyArgs a) {
   const size_t stride = global_thread_count();
   size_t head = 0;
   if (((uintptr_t)src & 15u) == 0 && ((uintptr_t)dst & 15u) == 0) {
-    const size_t nvec = nbytes / 16;
-    // Four independent 16-byte loads in flight per thread before the first store.
-    size_t i = tid;
-    for (; i + 3 * stride < nvec; i += 4 * stride) {
-      Vec16 a = ld_vec16(src + 16 * i);
-      Vec16 b = ld_vec16(src + 16 * (i + stride));
-      Vec16 c = ld_vec16(src + 16 * (i + 2 * stride));
-      Vec16 d = ld_vec16(src + 16 * (i + 3 * stride));
-      st_vec16(dst + 16 * i, a);
-      st_vec16(dst + 16 * (i + stride), b);
-      st_vec16(dst + 16 * (i + 2 * stride), c);
-      st_vec16(dst + 16 * (i + 3 * stride), d);
-    }
-    for (; i < nvec; i += stride) st_vec16(dst + 16 * i, ld_vec16(src + 16 * i));
-    head = nvec * 16;
+    copy_vec16(dst, src, nbytes / 16);
+    head = nbytes / 16 * 16;
   }
   for (size_t i = head + tid; i < nbytes; i += stride) dst[i] = src[i];
 }
