@@ -11,8 +11,9 @@ integer, or any object with ``cuda_stream`` / ``ptr`` / ``__cuda_stream__`` (PyT
 streams among them); ``None`` means CuPy's current stream (the legacy default stream
 unless changed, which is also PyTorch's default). An imported array is made visible on
 that stream by its producer (the ``stream`` argument of ``__dlpack__``), so no host
-synchronisation is ever needed. A PyTorch tensor whose current torch stream already is
-the op's stream skips the capsule exchange (nothing to order) and is viewed directly.
+synchronisation is ever needed. A CUDA PyTorch tensor skips the capsule exchange: it is
+viewed directly, and torch's current stream, when it is not the op's, is ordered before
+the op's with one event.
 """
 
 from __future__ import annotations
@@ -163,24 +164,10 @@ def import_array(x, name: str, *, dtype=None, shape=None, ndim=None, device: int
             raise ValueError(f"{name}: array is on cuda:{x.data.device_id}, expected cuda:{device}")
         check(x, name, dtype=dtype, shape=shape, ndim=ndim)
         return DeviceArray(x.data.ptr, x.shape, x.dtype, x)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda:
-        on = x.get_device()
-        if device is None:
-            device = cupy.cuda.runtime.getDevice()
-        if on != device:
-            raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
-        dt = _torch_dtype_map(torch).get(x.dtype)
-        if dt is not None:
-            arr = DeviceArray(x.data_ptr(), tuple(x.shape), dt, x)
-            if not x.is_contiguous():
-                raise ValueError(f"{name}: array must be C-contiguous (strides "
-                                 f"{tuple(x.stride())}); pass a contiguous copy")
-            check_meta(arr.shape, arr.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
-            producer, consumer = _torch_stream(torch, on), stream_handle(stream)
-            if producer != consumer:
-                _StreamOrder.after(producer, consumer, on)
-            return arr
+    arr = _torch_ref(x, name, device, stream)
+    if arr is not None:
+        check_meta(arr.shape, arr.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
+        return arr
     arr = as_array(x, name, dtype=dtype, shape=shape, ndim=ndim, device=device, stream=stream)
     return DeviceArray(arr.data.ptr, arr.shape, arr.dtype, arr)
 
@@ -203,15 +190,12 @@ def _torch_dtype_map(torch) -> dict:
     return _torch_dtypes
 
 
-def _torch_view(x, name: str, device: int | None, stream) -> cupy.ndarray | None:
-    """Fast path for a CUDA PyTorch tensor already ordered on the op's stream.
-
-    A tensor whose producer stream (torch's current stream on its device) is the op's
-    stream needs no event: a view over its memory is built directly, several microseconds
-    cheaper than the DLPack capsule exchange. Anything else (not torch, not on a GPU,
-    another stream, an unmapped dtype) returns None and takes the DLPack path, where the
-    producer orders the streams and devices are checked.
-    """
+def _torch_ref(x, name: str, device: int | None, stream) -> DeviceArray | None:
+    """A CUDA PyTorch tensor of a mapped dtype, read directly: device and contiguity
+    checked, and, when torch's current stream on its device is not ``stream``, that
+    stream ordered before ``stream`` with one event (what a DLPack exchange would do, for
+    a fraction of its cost). None for anything else (not torch, on the CPU, an unmapped
+    dtype): the DLPack path takes it."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor):
         return None
@@ -223,14 +207,25 @@ def _torch_view(x, name: str, device: int | None, stream) -> cupy.ndarray | None
     if on != device:
         raise ValueError(f"{name}: array is on cuda:{on}, expected cuda:{device}")
     dtype = _torch_dtype_map(torch).get(x.dtype)
-    if dtype is None or _torch_stream(torch, on) != stream_handle(stream):
+    if dtype is None:
         return None
     if not x.is_contiguous():
         raise ValueError(
             f"{name}: array must be C-contiguous (strides {tuple(x.stride())}); pass a contiguous copy"
         )
-    mem = cupy.cuda.UnownedMemory(x.data_ptr(), x.numel() * dtype.itemsize, x, on)
-    return cupy.ndarray(tuple(x.shape), dtype, cupy.cuda.MemoryPointer(mem, 0))
+    producer, consumer = _torch_stream(torch, on), stream_handle(stream)
+    if producer != consumer:
+        _StreamOrder.after(producer, consumer, on)
+    return DeviceArray(x.data_ptr(), tuple(x.shape), dtype, x)
+
+
+def _torch_view(x, name: str, device: int | None, stream) -> cupy.ndarray | None:
+    """A CuPy view of a CUDA PyTorch tensor (``_torch_ref``), or None."""
+    ref = _torch_ref(x, name, device, stream)
+    if ref is None:
+        return None
+    mem = cupy.cuda.UnownedMemory(ref.ptr, ref.nbytes, x, x.get_device())
+    return cupy.ndarray(ref.shape, ref.dtype, cupy.cuda.MemoryPointer(mem, 0))
 
 
 _raw_stream = None
