@@ -45,6 +45,23 @@ expert outputs ``[rows, hidden]`` back, then a kernel summing each token's retur
 (fp32, rank order) to bf16. Timed the same ways; ``vs_nccl`` = graph time ratio
 (``dispatch_vs_nccl``, ``combine_vs_nccl``: eager ratios, in the JSON).
 
+Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
+``--sweep-tokens`` (4096) tokens, uniform routing, unless said otherwise:
+
+* ``sms``: ``graph_us`` and ``GBps`` of MoeAlltoAll built with
+  ``MoeAlltoAllConfig(num_sms=n)`` for n in ``--sms`` (8,16,24,32 and every SM), and
+  ``of_best`` (its bandwidth over the best n's).
+* ``fp8``: eager ``dispatch_us`` of the bf16 hidden payload vs the same dispatch with
+  ``quantize=Fp8Dispatch()`` (fp32 scales, 128-element groups), and their ratio.
+* ``host``: the eager cost of a call as a user sees it: wall time per dispatch+combine
+  pair over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
+  synchronisation at the end, the slowest rank's; ``issue_us`` is the host time to
+  enqueue them (before that synchronisation): when it is close to ``wall_us`` the host is
+  the bound, otherwise the GPU. Rows: CuPy arrays with the stream omitted (CuPy's
+  current stream), given as a CuPy stream and as a raw handle; torch tensors (when torch
+  is importable) with the stream omitted, a torch Stream and a raw handle; and the
+  compact ``EPAllToAll`` pair with CuPy arrays on a CuPy stream.
+
 Validation, once per configuration before timing, on both paths: hidden values are small
 integers (exact in bf16); the receive counts equal the host's; every received id row holds
 one of this rank's experts; the combine of the received hidden rows equals, bit for bit,
@@ -62,7 +79,7 @@ import cupy
 import numpy as np
 
 from ..kernels import get_kernel
-from ..moe import EPAllToAll, MoeAlltoAll
+from ..moe import EPAllToAll, Fp8Dispatch, MoeAlltoAll, MoeAlltoAllConfig
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
 from .common import environment, graph_median_us, print_table, pyplot, require_gpu, write_result
@@ -92,6 +109,15 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", action="store_true", help="write a PNG (needs matplotlib)")
     p.add_argument("--no-compact", action="store_true",
                    help="skip the compact expert-major layer (EPAllToAll) timing")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the num_sms sweep, the fp8 dispatch and the host cost sections")
+    p.add_argument("--sms", default="8,16,24,32,all", help="num_sms values of the sweep")
+    p.add_argument("--sweep-tokens", type=int, default=4096,
+                   help="tokens per rank of the num_sms sweep and the fp8 dispatch")
+    p.add_argument("--host-tokens", type=int, default=128,
+                   help="tokens per rank of the host cost pairs")
+    p.add_argument("--host-calls", type=int, default=500,
+                   help="back-to-back pairs timed for the host cost")
 
 
 # ---------------------------------------------------------------------- host routing
@@ -336,6 +362,118 @@ def _validate(group, bad: list[str], what: str) -> None:
                            + "\n".join(problems))
 
 
+# ---------------------------------------------------------------------- extra sections
+def _sms_sweep(args, group, kernels, stream, calls: int) -> list[dict]:
+    """Bandwidth of the dispatch+combine pair against the SM budget (see the module doc)."""
+    T, rows = args.sweep_tokens, []
+    for text in args.sms.split(","):
+        n = None if text.strip() == "all" else int(text)
+        config = MoeAlltoAllConfig(num_sms=n)
+        with MoeAlltoAll(group, T, args.top_k, args.experts, hidden_size=args.hidden,
+                         config=config) as a2a:
+            case = Case(args, "uniform", T, group, a2a, None, kernels, stream)
+            _validate(group, case.check(), f"num_sms={n}")
+            group.barrier()
+            us = graph_median_us(case.pair, calls=calls, iters=args.iters, stream=stream)
+            a2a.check_error(stream, synchronize=True)
+            us = max(group.allgather(us))
+            mean_bytes = float(np.mean(case.remote_rows)) * (case.row_bytes + 2 * args.hidden)
+            rows.append({"num_sms": a2a.num_sms, "all": n is None,
+                         "tokens": T, "graph_us": us, "GBps": mean_bytes / (us * 1e-6) / 1e9})
+            del case
+    best = max(r["GBps"] for r in rows)
+    for r in rows:
+        r["of_best"] = r["GBps"] / best
+    return rows
+
+
+def _fp8_dispatch(args, group, a2a, kernels, stream) -> dict:
+    """Eager dispatch time, bf16 hidden rows vs Fp8Dispatch (see the module doc)."""
+    T = min(args.sweep_tokens, a2a.max_num_tokens)
+    case = Case(args, "uniform", T, group, a2a, None, kernels, stream)
+    _validate(group, case.check(), "fp8 dispatch (bf16 pass)")
+    quant = Fp8Dispatch()
+
+    def fp8_dispatch():
+        a2a.dispatch(case.ids, case.payloads, T, stream=stream, quantize=quant)
+
+    times = {}
+    group.barrier()
+    times["bf16_dispatch_us"] = _eager_us(case.dispatch, case.combine, kernels.spin, stream,
+                                          args.iters)[0]
+    group.barrier()
+    times["fp8_dispatch_us"] = _eager_us(fp8_dispatch, case.combine, kernels.spin, stream,
+                                         args.iters)[0]
+    a2a.check_error(stream, synchronize=True)
+    slowest = {key: max(t[key] for t in group.allgather(times)) for key in times}
+    return {"tokens": T, **slowest,
+            "speedup": slowest["bf16_dispatch_us"] / slowest["fp8_dispatch_us"]}
+
+
+def _wall_us(fn, group, calls: int) -> tuple[float, float]:
+    """(wall, issue) microseconds per ``fn()`` over ``calls`` back-to-back calls."""
+    import time
+
+    for _ in range(EAGER_WARMUP):
+        fn()
+    cupy.cuda.runtime.deviceSynchronize()
+    group.barrier()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    cupy.cuda.runtime.deviceSynchronize()
+    t2 = time.perf_counter()
+    return (t2 - t0) / calls * 1e6, (t1 - t0) / calls * 1e6
+
+
+def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
+    """Eager wall time per dispatch+combine pair as a user calls it (see the module doc)."""
+    T = min(args.host_tokens, a2a.max_num_tokens)
+    case = Case(args, "uniform", T, group, a2a, None, kernels, stream)
+    _validate(group, case.check(), "host cost")
+    H = args.hidden
+    out = _bf16(case.out)
+
+    def pair(ids, payloads, out, stream=None):
+        a2a.dispatch(ids, payloads, T, stream=stream)
+        comb = a2a.get_combine_payload_tensor_in_workspace(T, H, bfloat16)
+        a2a.combine(comb, T, payload_in_workspace=True, stream=stream, out=out)
+
+    ways = [("cupy", "omitted", lambda: pair(case.ids, case.payloads, out)),
+            ("cupy", "cupy Stream", lambda: pair(case.ids, case.payloads, out, stream)),
+            ("cupy", "raw handle", lambda: pair(case.ids, case.payloads, out, stream.ptr))]
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        tids = torch.from_dlpack(case.ids)
+        tpay = [torch.from_dlpack(p) for p in case.payloads]
+        tout = torch.from_dlpack(out)
+        ts = torch.cuda.ExternalStream(stream.ptr)
+        ways += [("torch", "omitted", lambda: pair(tids, tpay, tout)),
+                 ("torch", "torch Stream", lambda: pair(tids, tpay, tout, ts)),
+                 ("torch", "raw handle", lambda: pair(tids, tpay, tout, ts.cuda_stream))]
+    if compact is not None:
+        ways.append(("cupy", "EPAllToAll, cupy Stream", functools.partial(case.compact_pair, compact)))
+    rows = []
+    with stream:  # "omitted" runs on CuPy's current stream, this one
+        for framework, given, fn in ways:
+            if framework == "torch":
+                with torch.cuda.stream(ts):  # torch's current stream is the same stream
+                    wall, issue = _wall_us(fn, group, args.host_calls)
+            else:
+                wall, issue = _wall_us(fn, group, args.host_calls)
+            slow = group.allgather((wall, issue))
+            rows.append({"op": "EPAllToAll" if "EPAllToAll" in given else "MoeAlltoAll",
+                         "arrays": framework, "stream": given.replace("EPAllToAll, ", ""),
+                         "tokens": T, "wall_us": max(w for w, _ in slow),
+                         "issue_us": max(i for _, i in slow)})
+    a2a.check_error(stream, synchronize=True)
+    return rows
+
+
 # ---------------------------------------------------------------------- the suite
 def run(args) -> int:
     group = require_gpu()
@@ -416,6 +554,12 @@ def run(args) -> int:
                     row["combine_vs_nccl"] = slowest["combine_us"] / slowest["nccl_combine_us"]
                 rows.append(row)
                 del case
+        extras = {}
+        if exclusive and not args.no_extras:
+            extras["host"] = _host_cost(args, group, a2a, compact, kernels, stream)
+            extras["fp8"] = _fp8_dispatch(args, group, a2a, kernels, stream)
+    if exclusive and not args.no_extras:
+        extras["sms"] = _sms_sweep(args, group, kernels, stream, calls)
     a2a.check_error(stream, synchronize=True)
     a2a.close()
     if compact is not None:
@@ -439,7 +583,19 @@ def run(args) -> int:
                  "payloads": payloads, "hot_fraction": args.hot, "hot_rank": 0,
                  "seed": args.seed, "iters": args.iters, "graph_calls": calls,
                  "eager_spin_us": SPIN_US, "combine": "zero-copy (payload_in_workspace)"}
-        path = write_result(args.out, "moe", env, rows, setup=setup, shared_gpu=not exclusive)
+        if extras:
+            print("# num_sms sweep (graph-replayed pairs)")
+            print_table(extras["sms"], ["num_sms", "tokens", "graph_us", "GBps", "of_best"])
+            f = extras["fp8"]
+            print(f"# fp8 dispatch at {f['tokens']} tokens: bf16 {f['bf16_dispatch_us']:.1f} us, "
+                  f"fp8 {f['fp8_dispatch_us']:.1f} us, {f['speedup']:.2f}x")
+            print("# eager cost per dispatch+combine pair (wall over back-to-back pairs)")
+            print_table(extras["host"], ["op", "arrays", "stream", "tokens", "wall_us",
+                                         "issue_us"])
+        setup.update(sms_sweep_tokens=args.sweep_tokens, host_tokens=args.host_tokens,
+                     host_calls=args.host_calls)
+        path = write_result(args.out, "moe", env, rows, setup=setup, shared_gpu=not exclusive,
+                            **extras)
         print(f"wrote {path}")
         if args.plot:
             _plot(rows, path.with_suffix(".png"), env, ep)
