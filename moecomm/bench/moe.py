@@ -55,9 +55,10 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   ``quantize=Fp8Dispatch()`` (fp32 scales, 128-element groups), and their ratio.
 * ``host``: the eager cost of a call as a user sees it: wall time per dispatch+combine
   pair over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
-  synchronisation at the end, the slowest rank's; ``issue_us`` is the host time to
-  enqueue them (before that synchronisation): when it is close to ``wall_us`` the host is
-  the bound, otherwise the GPU. Rows: CuPy arrays with the stream omitted (CuPy's
+  synchronisation at the end, the slowest rank's; ``host_us`` is the host time alone: the
+  enqueue time per pair of 100 pairs issued while the GPU runs a 40 ms spin kernel (no
+  launch waits for the GPU). ``wall_us`` is about max(``host_us``, the GPU's eager time
+  per pair). Rows: CuPy arrays with the stream omitted (CuPy's
   current stream), given as a CuPy stream and as a raw handle; torch tensors (when torch
   is importable) with the stream omitted, a torch Stream and a raw handle; and the
   compact ``EPAllToAll`` pair with CuPy arrays on a CuPy stream.
@@ -88,6 +89,8 @@ TOKENS = [1, 32, 128, 512, 1024, 4096]
 ROUTINGS = ("uniform", "skewed")
 SPIN_US = 500  # GPU head start before each eager pair, longer than its host launch cost
 EAGER_WARMUP = 5
+HOST_CALLS = 100  # pairs enqueued behind a HOST_SPIN_US spin to time the host alone
+HOST_SPIN_US = 40_000
 THREADS = 256
 _KERNELS = "bench_moe.cu"  # kernels_cu/: the benchmark's own kernels
 
@@ -209,8 +212,8 @@ class Kernels:
     def _grid(self, n: int) -> tuple[int]:
         return (max(1, min(self._max_blocks, -(-n // THREADS))),)
 
-    def spin(self) -> None:
-        self._spin((1,), (1,), (np.uint64(SPIN_US * 1000),), stream=self.stream)
+    def spin(self, us: int = SPIN_US) -> None:
+        self._spin((1,), (1,), (np.uint64(us * 1000),), stream=self.stream)
 
     def gather(self, dst: cupy.ndarray, src: cupy.ndarray, idx: cupy.ndarray) -> None:
         """``dst[j] = src[idx[j]]`` for rows of bytes a multiple of 4."""
@@ -410,8 +413,10 @@ def _fp8_dispatch(args, group, a2a, kernels, stream) -> dict:
             "speedup": slowest["bf16_dispatch_us"] / slowest["fp8_dispatch_us"]}
 
 
-def _wall_us(fn, group, calls: int) -> tuple[float, float]:
-    """(wall, issue) microseconds per ``fn()`` over ``calls`` back-to-back calls."""
+def _wall_us(fn, group, calls: int, spin) -> tuple[float, float]:
+    """(wall, host) microseconds per ``fn()``: wall over ``calls`` back-to-back calls and
+    one synchronisation; host = enqueue time per call of ``HOST_CALLS`` calls issued while
+    the GPU runs a long spin kernel, so that no launch waits for the GPU."""
     import time
 
     for _ in range(EAGER_WARMUP):
@@ -421,10 +426,16 @@ def _wall_us(fn, group, calls: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    t1 = time.perf_counter()
     cupy.cuda.runtime.deviceSynchronize()
-    t2 = time.perf_counter()
-    return (t2 - t0) / calls * 1e6, (t1 - t0) / calls * 1e6
+    wall = (time.perf_counter() - t0) / calls * 1e6
+    group.barrier()
+    spin(HOST_SPIN_US)
+    t0 = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    host = (time.perf_counter() - t0) / HOST_CALLS * 1e6
+    cupy.cuda.runtime.deviceSynchronize()
+    return wall, host
 
 
 def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
@@ -462,14 +473,14 @@ def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
         for framework, given, fn in ways:
             if framework == "torch":
                 with torch.cuda.stream(ts):  # torch's current stream is the same stream
-                    wall, issue = _wall_us(fn, group, args.host_calls)
+                    wall, host = _wall_us(fn, group, args.host_calls, kernels.spin)
             else:
-                wall, issue = _wall_us(fn, group, args.host_calls)
-            slow = group.allgather((wall, issue))
+                wall, host = _wall_us(fn, group, args.host_calls, kernels.spin)
+            slow = group.allgather((wall, host))
             rows.append({"op": "EPAllToAll" if "EPAllToAll" in given else "MoeAlltoAll",
                          "arrays": framework, "stream": given.replace("EPAllToAll, ", ""),
                          "tokens": T, "wall_us": max(w for w, _ in slow),
-                         "issue_us": max(i for _, i in slow)})
+                         "host_us": max(h for _, h in slow)})
     a2a.check_error(stream, synchronize=True)
     return rows
 
@@ -558,8 +569,7 @@ def run(args) -> int:
         if exclusive and not args.no_extras:
             extras["host"] = _host_cost(args, group, a2a, compact, kernels, stream)
             extras["fp8"] = _fp8_dispatch(args, group, a2a, kernels, stream)
-    if exclusive and not args.no_extras:
-        extras["sms"] = _sms_sweep(args, group, kernels, stream, calls)
+            extras["sms"] = _sms_sweep(args, group, kernels, stream, calls)
     a2a.check_error(stream, synchronize=True)
     a2a.close()
     if compact is not None:
@@ -591,7 +601,7 @@ def run(args) -> int:
                   f"fp8 {f['fp8_dispatch_us']:.1f} us, {f['speedup']:.2f}x")
             print("# eager cost per dispatch+combine pair (wall over back-to-back pairs)")
             print_table(extras["host"], ["op", "arrays", "stream", "tokens", "wall_us",
-                                         "issue_us"])
+                                         "host_us"])
         setup.update(sms_sweep_tokens=args.sweep_tokens, host_tokens=args.host_tokens,
                      host_calls=args.host_calls)
         path = write_result(args.out, "moe", env, rows, setup=setup, shared_gpu=not exclusive,

@@ -16,7 +16,7 @@ import pytest
 import moecomm
 from moecomm import reference as ref
 from moecomm.errors import PeerTimeoutError
-from moecomm.moe import MoeAlltoAll
+from moecomm.moe import MoeAlltoAll, MoeAlltoAllConfig
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import bits, main
 from tests.mpi import case
@@ -293,6 +293,20 @@ def pair(ctx, scenario):
     if callable(exchange_kw):
         exchange_kw = exchange_kw(n)
     run_pair(ctx, workspace(ctx), Exchange(ctx.new_seed(), n, **exchange_kw), **pair_kw)
+
+
+@case
+def sm_budget(ctx):
+    """num_sms=1: one dispatch block walks all 48 tokens in 32-token steps (the running
+    slot prefix carried across steps) and one SM's combine blocks cover every row."""
+    n = ctx.group.local_size
+    config = MoeAlltoAllConfig(num_sms=1, dispatch_blocks_per_sm=1)
+    with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, workspace_size_per_rank=workspace_bytes(n),
+                     config=config) as a2a:
+        assert a2a.num_sms == 1
+        seed = ctx.new_seed()
+        run_pair(ctx, a2a, Exchange(seed, n, mode="full"), combine="bf16", use_out=True)
+        run_pair(ctx, a2a, Exchange(seed + 1, n), combine="fp32", zero_copy=True)
 
 
 @case
