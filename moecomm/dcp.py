@@ -207,6 +207,7 @@ class DcpAlltoAll(Op):
                                 pdl=self.config.pdl)
             launcher.args.ws = ws
             self._launchers[dt] = launcher
+            _combiner(self.device_id, dt, self.config.pdl)  # loaded now, not inside a capture
         facts = device_facts(self.device_id)
         self._most_blocks = facts.sms * min(self.config.blocks_per_sm, facts.blocks_per_sm(
             self._launchers[bfloat16].kernel, self.config.threads))
