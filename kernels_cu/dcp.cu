@@ -13,9 +13,9 @@
 // the word 0x80000000. Writers turn -0.0 into +0.0, so real data never looks unwritten:
 // the exchange is bitwise except that -0.0 arrives as +0.0.
 //
-// Thread i handles vector i of the space (row, peer, vector) both when pushing and when
-// receiving, so the own slice is copied straight to the output and the outputs may be the
-// inputs (in place).
+// A thread handles the same vectors of the space (row, peer, vector) when pushing and when
+// receiving (kUnroll of them in flight), so the own slice is copied straight to the output
+// and the outputs may be the inputs (in place).
 //
 // dcp_combine_{bf16,fp16}: out[r] = sum_p w_p o[r, p] / sum_p w_p in fp32, peers in order,
 // w_p = exp(lse_p - max lse) (exp2 for base-2 LSE); a partial with a non-finite LSE has
@@ -68,49 +68,88 @@ __device__ __forceinline__ Vec16 canonical(const DcpArgs& a, uint32_t j, const V
   return j < a.o_vecs ? Lamport<T>::canonical(x) : Lamport<float>::canonical(x);
 }
 
+constexpr int kUnroll = 4;  // vectors a thread has in flight
+
+// Vector i of the space (row, peer, j): its row of the inputs/outputs rp = row * cp + peer,
+// and where it lives in a Lamport slot.
+struct Item {
+  size_t rp;
+  uint32_t j;
+  int peer;
+  size_t slot_off;  // bytes into the slot
+};
+
+__device__ __forceinline__ Item item(const DcpArgs& a, size_t i) {
+  const uint32_t rv = a.row_vecs;
+  const size_t rp = i / rv;
+  const uint32_t j = (uint32_t)(i - rp * rv);
+  const int cp = a.ws.world;
+  const size_t row = rp / cp;
+  return Item{rp, j, (int)(rp - row * cp), (row * rv + j) * 16};
+}
+
 template <typename T>
 __device__ __forceinline__ void alltoall(const DcpArgs& a) {
   const ArWorkspace& ws = a.ws;
-  const int cp = ws.world, rank = ws.rank;
-  const uint32_t rv = a.row_vecs;
-  const size_t n = a.rows * cp * rv;  // vectors of (row, peer, j)
+  const int rank = ws.rank;
+  const size_t n = a.rows * ws.world * a.row_vecs;
   const size_t tid = global_thread_id(), stride = global_thread_count();
   pdl_wait();
   const Call call = begin_call(ws);
   const int buf = call.index % 3;
-  for (size_t i = tid; i < n; i += stride) {
-    const uint32_t j = (uint32_t)(i % rv);
-    const size_t rp = i / rv;
-    const int p = (int)(rp % cp);
-    const Vec16 x = load_slice<T>(a, rp, j);
-    if (p == rank)
-      store_slice<T>(a, rp, j, x);
-    else
-      st_vec16(lamport(ws, p, buf, rank) + ((rp / cp) * rv + j) * 16, canonical<T>(a, j, x));
+  for (size_t i0 = tid; i0 < n; i0 += kUnroll * stride) {
+    Vec16 x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const size_t i = i0 + u * stride;
+      if (i < n) {
+        const Item it = item(a, i);
+        x[u] = load_slice<T>(a, it.rp, it.j);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const size_t i = i0 + u * stride;
+      if (i >= n) continue;
+      const Item it = item(a, i);
+      if (it.peer == rank)
+        store_slice<T>(a, it.rp, it.j, x[u]);  // the own slice: straight to the output
+      else
+        st_vec16(lamport(ws, it.peer, buf, rank) + it.slot_off, canonical<T>(a, it.j, x[u]));
+    }
   }
   pdl_launch_dependents();
   clear_previous<float>(ws, call);  // uniform 0x80000000 words
   const WaitContext w = wait_context(ws, config::kErrDcpAlltoall);
-  for (size_t i = tid; i < n; i += stride) {
-    const uint32_t j = (uint32_t)(i % rv);
-    const size_t rp = i / rv;
-    const int s = (int)(rp % cp);
-    if (s == rank) continue;
-    const uint8_t* src = lamport(ws, rank, buf, s) + ((rp / cp) * rv + j) * 16;
-    Vec16 x = ld_vec16_volatile(src);
-    SpinTimer timer;
-    bool ok = true;
-    while (pending<T>(a, j, x)) {
-      if (timer.give_up(w, s)) {
-        ok = false;
-        break;
-      }
-      x = ld_vec16_volatile(src);
+  bool ok = true;
+  for (size_t i0 = tid; ok && i0 < n; i0 += kUnroll * stride) {
+    Vec16 x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const size_t i = i0 + u * stride;
+      if (i >= n) continue;
+      const Item it = item(a, i);
+      if (it.peer != rank) x[u] = ld_vec16_volatile(lamport(ws, rank, buf, it.peer) + it.slot_off);
     }
-    if (!ok) break;
-    store_slice<T>(a, rp, j, x);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const size_t i = i0 + u * stride;
+      if (!ok || i >= n) continue;
+      const Item it = item(a, i);
+      if (it.peer == rank) continue;
+      const uint8_t* src = lamport(ws, rank, buf, it.peer) + it.slot_off;
+      SpinTimer timer;
+      while (pending<T>(a, it.j, x[u])) {
+        if (timer.give_up(w, it.peer)) {
+          ok = false;
+          break;
+        }
+        x[u] = ld_vec16_volatile(src);
+      }
+      if (ok) store_slice<T>(a, it.rp, it.j, x[u]);
+    }
   }
-  end_call(ws, call, (uint32_t)(a.rows * rv * 16));
+  end_call(ws, call, (uint32_t)(a.rows * a.row_vecs * 16));
 }
 
 // The LSE of one partial's stats; not finite when the partial has no weight.
