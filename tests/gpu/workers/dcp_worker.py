@@ -20,7 +20,7 @@ from moecomm.errors import PeerTimeoutError
 from moecomm.mapping import Mapping
 from moecomm.symmetric import SymmetricBuffer
 from moecomm.tensors import bfloat16
-from tests.gpu.workers.common import bits, dtype_label, host_dtype, main
+from tests.gpu.workers.common import bits, dtype_label, host_dtype, main, zeros
 from tests.mpi import case
 
 DTYPES = ("bf16", "fp16")
@@ -67,7 +67,7 @@ def poison(a: cupy.ndarray) -> cupy.ndarray:
 
 
 def poisoned(shape, dtype):
-    return poison(cupy.empty(shape, dtype))
+    return poison(zeros(shape, dtype))
 
 
 def upload(dst: cupy.ndarray, host: np.ndarray) -> None:
@@ -155,8 +155,8 @@ def ragged_batches(ctx):
 def empty_batch(ctx):
     """Zero rows: nothing to exchange, no launch; the next call is still in step."""
     ws = workspace(ctx)
-    o = cupy.empty((0, 8, ctx.world, 128), bfloat16)
-    st = cupy.empty((0, 8, ctx.world, 2), np.float32)
+    o = zeros((0, 8, ctx.world, 128), bfloat16)
+    st = zeros((0, 8, ctx.world, 2), np.float32)
     got = ws.alltoall(o, st, stream=ctx.stream)
     assert got[0].shape == o.shape and got[1].shape == st.shape
     os_, sts = fresh_inputs(ctx, (2, 8), 128, 2, bfloat16)
@@ -171,9 +171,9 @@ def graph_replay(ctx, dtype):
     ws = workspace(ctx)
     shapes = [(1, 32), (9, 32), (64, 16), (2, 128), (5, 3), (256, 8)]
     cp = ctx.world
-    ins = [(cupy.empty((*s, cp, 128), dtype), cupy.empty((*s, cp, 2), np.float32)) for s in shapes]
-    outs = [(cupy.empty((*s, cp, 128), dtype), cupy.empty((*s, cp, 2), np.float32)) for s in shapes]
-    comb = [(cupy.empty((*s, 128), dtype), cupy.empty(s, np.float32)) for s in shapes]
+    ins = [(zeros((*s, cp, 128), dtype), zeros((*s, cp, 2), np.float32)) for s in shapes]
+    outs = [(zeros((*s, cp, 128), dtype), zeros((*s, cp, 2), np.float32)) for s in shapes]
+    comb = [(zeros((*s, 128), dtype), zeros(s, np.float32)) for s in shapes]
     stream = ctx.stream
     with stream:
         stream.begin_capture()
@@ -248,37 +248,37 @@ def bad_input(ctx):
     """Clear errors before any launch; afterwards the ranks are still in step."""
     ws = workspace(ctx)
     cp = ctx.world
-    o = cupy.zeros((4, cp, 128), bfloat16)
-    st = cupy.zeros((4, cp, 2), np.float32)
+    o = zeros((4, cp, 128), bfloat16)
+    st = zeros((4, cp, 2), np.float32)
     with pytest.raises(ValueError, match=f"cp_size={cp}"):
-        ws.alltoall(cupy.zeros((4, cp + 1, 128), bfloat16), cupy.zeros((4, cp + 1, 2), np.float32))
+        ws.alltoall(zeros((4, cp + 1, 128), bfloat16), zeros((4, cp + 1, 2), np.float32))
     with pytest.raises(ValueError, match="S=3 must be even"):
-        ws.alltoall(o, cupy.zeros((4, cp, 3), np.float32))
+        ws.alltoall(o, zeros((4, cp, 3), np.float32))
     with pytest.raises(ValueError, match="D=4 x 2 bytes"):
-        ws.alltoall(cupy.zeros((4, cp, 4), bfloat16), st)
+        ws.alltoall(zeros((4, cp, 4), bfloat16), st)
     with pytest.raises(TypeError, match="partial_o: dtype float32"):
-        ws.alltoall(cupy.zeros((4, cp, 128), np.float32), st)
+        ws.alltoall(zeros((4, cp, 128), np.float32), st)
     with pytest.raises(TypeError, match="softmax_stats: dtype float16"):
-        ws.alltoall(o, cupy.zeros((4, cp, 2), np.float16))
+        ws.alltoall(o, zeros((4, cp, 2), np.float16))
     with pytest.raises(ValueError, match="softmax_stats: shape"):
-        ws.alltoall(o, cupy.zeros((5, cp, 2), np.float32))
+        ws.alltoall(o, zeros((5, cp, 2), np.float32))
     with pytest.raises(ValueError, match="exceed the workspace"):
-        ws.alltoall(cupy.zeros((MAX_ROWS + 1, cp, 128), bfloat16),
-                    cupy.zeros((MAX_ROWS + 1, cp, 2), np.float32))
+        ws.alltoall(zeros((MAX_ROWS + 1, cp, 128), bfloat16),
+                    zeros((MAX_ROWS + 1, cp, 2), np.float32))
     with pytest.raises(ValueError, match="16-byte aligned"):
-        ws.alltoall(cupy.zeros(4 * cp * 128 + 4, bfloat16)[4:].reshape(4, cp, 128), st)
+        ws.alltoall(zeros(4 * cp * 128 + 4, bfloat16)[4:].reshape(4, cp, 128), st)
     with pytest.raises(ValueError, match="out\\[0\\]"):
-        ws.alltoall(o, st, out=(cupy.zeros((3, cp, 128), bfloat16), st))
+        ws.alltoall(o, st, out=(zeros((3, cp, 128), bfloat16), st))
     with pytest.raises(TypeError, match="out: expected a pair"):
         ws.alltoall(o, st, out=o)
     with pytest.raises(ValueError, match="must be C-contiguous"):
-        ws.alltoall(cupy.zeros((cp, 4, 128), bfloat16).transpose(1, 0, 2), st)
+        ws.alltoall(zeros((cp, 4, 128), bfloat16).transpose(1, 0, 2), st)
     with pytest.raises(ValueError, match="stats_format"):
         lse_combine(o, st, 7)
     with pytest.raises(ValueError, match="out"):
-        lse_combine(o, st, out=cupy.zeros((4, 64), bfloat16))
+        lse_combine(o, st, out=zeros((4, 64), bfloat16))
     with pytest.raises(ValueError, match="lse_out"):
-        lse_combine(o, st, lse_out=cupy.zeros((5,), np.float32))
+        lse_combine(o, st, lse_out=zeros((5,), np.float32))
     os_, sts = fresh_inputs(ctx, (4,), 128, 2, bfloat16)
     got = ws.alltoall(*device_pair(ctx, os_[ctx.rank], sts[ctx.rank]), stream=ctx.stream)
     check_exchange(ctx, got, os_, sts, "after refused calls")
@@ -326,8 +326,8 @@ def closed(ctx):
     ctx.drop("dcp")
     ws.close()
     with pytest.raises(RuntimeError, match="closed"):
-        ws.alltoall(cupy.zeros((1, ctx.world, 128), bfloat16),
-                    cupy.zeros((1, ctx.world, 2), np.float32))
+        ws.alltoall(zeros((1, ctx.world, 128), bfloat16),
+                    zeros((1, ctx.world, 2), np.float32))
     ws.close()  # twice is harmless
 
 
