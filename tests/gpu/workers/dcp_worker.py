@@ -371,9 +371,10 @@ def strided_views(ctx):
             assert v.data.ptr == buf.ptrs[r] + 256
             want = np.stack([data[r][64 + i * 32: 64 + i * 32 + 12] for i in range(count)])
             assert np.array_equal(v.get(), want), f"strided view of rank {r}"
-            back = cupy.from_dlpack(v)
-            assert back.data.ptr == v.data.ptr and back.strides == v.strides
-            assert np.array_equal(back.get(), want)
+            if r == rank:  # a peer's mapping may report the peer's device through DLPack
+                back = cupy.from_dlpack(v)
+                assert back.data.ptr == v.data.ptr and back.strides == v.strides
+                assert np.array_equal(back.get(), want)
         with pytest.raises(ValueError, match="exceeds"):
             buf.strided_view(np.float32, seg, stride, count, offset=4096 - 512)
         with pytest.raises(ValueError, match="overlap"):
