@@ -5,8 +5,9 @@ The exchange is compared bit for bit (outputs poisoned first, -0.0 / inf / NaN a
 inputs), the combine within about one ulp of the output dtype. In sequence on one
 workspace: shapes x dtypes (also in place), ragged batches over many calls, both dtypes
 on one workspace, graph replay, the combine in every stats format, bad input (then a
-good call, proving nothing was launched), torch tensors. In a job of its own: a rank
-that skips a call (the others time out naming it).
+good call, proving nothing was launched), torch tensors, a Mapping's cp group. In jobs of
+their own: a rank that skips a call (the others time out naming it), and MOECOMM_DEBUG=1
+catching shapes that differ across ranks.
 """
 
 import cupy
@@ -348,6 +349,23 @@ def missing_peer_times_out(ctx):
             ws.alltoall(o, st)
     ctx.group.barrier()
     ws.close()
+
+
+@case(own_job=True, ranks=(2,), env={"MOECOMM_DEBUG": "1"})
+def debug_mode_catches_mismatched_shapes(ctx):
+    """MOECOMM_DEBUG=1: shapes that differ across ranks raise on every rank, before any
+    launch; the workspace stays usable."""
+    import moecomm
+
+    assert moecomm.group.DEBUG
+    with DcpAlltoAll(ctx.group, max_rows=64, head_dim=128) as ws:
+        rows = 4 + ctx.rank
+        with pytest.raises(ValueError, match="differ across ranks"):
+            ws.alltoall(cupy.ones((rows, ctx.world, 128), bfloat16),
+                        cupy.ones((rows, ctx.world, 2), np.float32))
+        os_, sts = fresh_inputs(ctx, (4,), 128, 2, bfloat16)
+        got = ws.alltoall(*device_pair(ctx, os_[ctx.rank], sts[ctx.rank]), stream=ctx.stream)
+        check_exchange(ctx, got, os_, sts, "after a refused call")
 
 
 # ------------------------------------------------------------------------ strided views
