@@ -193,6 +193,34 @@ struct CompactStageArgs {
   int64_t capacity;
 };
 
+// ------------------------------------------------------------------ decode CP family
+// DcpAlltoAll.alltoall (dcp.cu): row r's slice for peer p, o_in[r, p] and stats_in[r, p],
+// to peer p; o_out[r, s] and stats_out[r, s] receive peer s's slice for this rank.
+struct DcpArgs {
+  const void* o_in;        // [rows, cp, D] of T (fp16 / bf16)
+  const float* stats_in;   // [rows, cp, S]
+  void* o_out;             // [rows, cp, D] of T, may be o_in
+  float* stats_out;        // [rows, cp, S], may be stats_in
+  uint64_t rows;
+  uint32_t o_vecs;         // D * sizeof(T) / 16
+  uint32_t stats_dim;      // S, even
+  uint32_t row_vecs;       // 16-byte vectors of one row in a Lamport slot: o_vecs + ceil(S / 4)
+  ArWorkspace ws;          // Lamport buffers only (lamport_off, lamport_slot); world = cp
+};
+
+// lse_combine (dcp.cu): out[r] = the partials o[r, 0..cp) merged by their softmax stats.
+struct DcpCombineArgs {
+  const void* o;           // [rows, cp, D] of T
+  const float* stats;      // [rows, cp, S]
+  void* out;               // [rows, D] of T
+  float* lse_out;          // [rows] or null
+  uint64_t rows;
+  uint32_t o_vecs;         // D * sizeof(T) / 16
+  uint32_t stats_dim;      // S
+  uint32_t cp;
+  uint32_t format;         // StatsFormat
+};
+
 // ------------------------------------------------------------------ small kernels
 // Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
 struct FillArgs {

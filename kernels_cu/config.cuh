@@ -29,6 +29,7 @@ constexpr uint32_t kErrAllreduceOneshot = MOECOMM_ERR_ALLREDUCE_ONESHOT;
 constexpr uint32_t kErrAllreduceTwoshot = MOECOMM_ERR_ALLREDUCE_TWOSHOT;
 constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
 constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
+constexpr uint32_t kErrDcpAlltoall = MOECOMM_ERR_DCP_ALLTOALL;
 
 }  // namespace config
 
@@ -46,6 +47,13 @@ enum Source : int {
   kSourceInput = MOECOMM_SOURCE_INPUT,
   kSourceMoeReduction = MOECOMM_SOURCE_MOE_REDUCTION,
   kSourceMoeFinalize = MOECOMM_SOURCE_MOE_FINALIZE,
+};
+
+// What softmax_stats hold for the DCP LSE combine (moecomm.constants.StatsFormat).
+enum StatsFormat : int {
+  kStatsLse = MOECOMM_STATS_LSE,
+  kStatsLseBase2 = MOECOMM_STATS_LSE_BASE2,
+  kStatsMaxSumexp = MOECOMM_STATS_MAX_SUMEXP,
 };
 
 }  // namespace moecomm

@@ -26,6 +26,9 @@ def __getattr__(name):
         "create_allreduce_fusion_workspace": "fusion",
         "AllReduceFusionPattern": "fusion",
         "MoeAlltoAll": "moe",
+        "DcpAlltoAll": "dcp",
+        "lse_combine": "dcp",
+        "pack_strided_memory": "strided",
     }
     if name in lazy:
         import importlib

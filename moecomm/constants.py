@@ -31,6 +31,10 @@ COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
 COMPACT_MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
 
+# ------------------------------------------------------------------------ decode CP all-to-all
+DCP_MAX_RANKS = AR_MAX_RANKS  # the exchange reuses the all-reduce's Lamport workspace protocol
+DCP_SENTINEL_WORD = 0x80000000  # "not yet written" word of its Lamport buffers (fp32 -0.0)
+
 
 class ErrorCode(enum.IntEnum):
     """Which op recorded a timeout in a device error word (``moecomm.errors``)."""
@@ -39,6 +43,7 @@ class ErrorCode(enum.IntEnum):
     ALLREDUCE_TWOSHOT = 2
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
+    DCP_ALLTOALL = 32
 
     @property
     def op(self) -> str:
@@ -50,6 +55,7 @@ _ERROR_OPS = {
     ErrorCode.ALLREDUCE_TWOSHOT: "all_reduce (two-shot)",
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
+    ErrorCode.DCP_ALLTOALL: "DcpAlltoAll.alltoall",
 }
 
 
@@ -80,6 +86,26 @@ class Source(enum.IntEnum):
     INPUT = 0          # the input rows
     MOE_REDUCTION = 1  # sum_e experts[e] * scale[e] + token_input
     MOE_FINALIZE = 2   # un-permuted top-k expert rows, scaled, + shared expert output
+
+
+class StatsFormat(enum.IntEnum):
+    """What ``softmax_stats[..., :S]`` of one partial attention output hold, for the DCP
+    LSE combine (``moecomm.dcp.lse_combine``). Partial outputs are normalised by their own
+    softmax denominator (what attention kernels return with their LSE).
+
+    LSE: ``stats[..., 0]`` = natural log of the partial's sum of ``exp(score)``; the other
+        entries are ignored (vLLM's and FlashInfer's ``basee``).
+    LSE_BASE2: the same in base 2 (``log2 sum 2**score``: FlashInfer MLA's ``base2``).
+    MAX_SUMEXP: ``stats[..., 0]`` = the partial's max score ``m``, ``stats[..., 1]`` =
+        ``sum exp(score - m)``; its LSE is ``m + log(sum)``.
+
+    A partial whose LSE is not finite (-inf: an empty KV shard; +inf, NaN; or a sum <= 0)
+    has weight 0.
+    """
+
+    LSE = 0
+    LSE_BASE2 = 1
+    MAX_SUMEXP = 2
 
 
 class AllReduceFusionPattern(enum.IntEnum):
@@ -195,4 +221,5 @@ def kernel_defines() -> dict[str, int]:
     values.update(_enum_defines("QUANT", Quant))
     values.update(_enum_defines("STAT", CompactStat))
     values.update(_enum_defines("SOURCE", Source))
+    values.update(_enum_defines("STATS", StatsFormat))
     return values

@@ -90,6 +90,16 @@ class CompactStageArgs(ctypes.Structure):
     _fields_ = _fields(("y dst stats", _ptr), ("row_bytes capacity", _i64))
 
 
+class DcpArgs(ctypes.Structure):
+    _fields_ = _fields(("o_in stats_in o_out stats_out", _ptr), ("rows", _u64),
+                       ("o_vecs stats_dim row_vecs", _u32), ("ws", ArWorkspace))
+
+
+class DcpCombineArgs(ctypes.Structure):
+    _fields_ = _fields(("o stats out lse_out", _ptr), ("rows", _u64),
+                       ("o_vecs stats_dim cp format", _u32))
+
+
 class FillArgs(ctypes.Structure):
     _fields_ = _fields(("dst", _ptr), ("nbytes", _u64), ("word", _u32))
 

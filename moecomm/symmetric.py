@@ -8,6 +8,11 @@ buffer included) and index peers' memory directly.
 
 Creation and ``close()`` are collective over the group. Closing is ordered so no rank
 frees memory a peer may still touch: barrier, close peer handles, barrier, free.
+
+Strided views (``moecomm.strided``): ``strided_view`` gives equally strided segments of one
+rank's buffer as one array; ``peer_view`` gives every rank's buffer as one array when the
+peer mappings are equally strided, which CUDA IPC does not promise (its docstring says
+why and what to use instead).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from cupy.cuda import runtime
 
 from .group import ProcessGroup, default_group
+from .strided import common_stride, pack_strided_memory, strided_layout
 
 ALIGNMENT = 256  # bytes; what cudaMalloc guarantees and every vector access needs
 
@@ -113,6 +119,51 @@ class SymmetricBuffer:
             )
         mem = cupy.cuda.UnownedMemory(self.ptrs[rank] + offset, count * dtype.itemsize, self)
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+    def strided_view(self, dtype, segment_size: int, segment_stride: int, num_segments: int, *,
+                     offset: int = 0, rank: int | None = None) -> cupy.ndarray:
+        """``pack_strided_memory`` inside ``rank``'s buffer (default own) from byte
+        ``offset``: ``[num_segments, segment_size / itemsize]``, segment i at
+        ``offset + i * segment_stride``. A view, valid until ``close()``."""
+        self._check_open()
+        rank = self.rank if rank is None else rank
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in [0, {self.world_size})")
+        _, _, extent = strided_layout(segment_size, segment_stride, num_segments, dtype)
+        if offset < 0 or offset + extent > self.nbytes:
+            raise ValueError(f"strided view of {extent} bytes at offset {offset} exceeds the "
+                             f"buffer's {self.nbytes} bytes")
+        return pack_strided_memory(self.ptrs[rank] + offset, segment_size, segment_stride,
+                                   num_segments, dtype, runtime.getDevice(), owner=self)
+
+    def peer_view(self, dtype, shape, *, offset: int = 0) -> cupy.ndarray:
+        """``[world_size, *shape]``: every rank's ``shape`` at byte ``offset`` of its
+        buffer, as one array (and one DLPack tensor), when the peer mappings of this
+        process lie at equal strides in rank order.
+
+        CUDA IPC (``cudaIpcOpenMemHandle``) maps each peer's allocation at an address the
+        driver picks, so the ranks' buffers are equally strided only by chance (always
+        for one rank); otherwise this raises ValueError saying so. One array over every
+        rank for sure needs one reserved virtual-address range with each rank's memory
+        mapped into it (the CUDA VMM API, as FlashInfer's MNNVL workspaces do), which a
+        SymmetricBuffer does not make: use ``view(rank=r)`` per rank, or
+        ``strided_view`` within one rank's buffer."""
+        self._check_open()
+        dtype = np.dtype(dtype)
+        shape = tuple(int(d) for d in shape)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset < 0 or offset % dtype.itemsize or offset + size > self.nbytes:
+            raise ValueError(f"view of {size} bytes at offset {offset} exceeds the buffer's "
+                             f"{self.nbytes} bytes or is not aligned to {dtype.itemsize}")
+        stride = self.nbytes if self.world_size == 1 else common_stride(self.ptrs)
+        if stride is None:
+            raise ValueError(
+                "peer_view: the peer mappings are not at equal strides in rank order "
+                f"({', '.join(hex(p) for p in self.ptrs)}): CUDA IPC maps each peer where the "
+                "driver chooses; use view(rank=r) per rank or strided_view within one buffer")
+        flat = pack_strided_memory(self.ptrs[0] + offset, size, stride, self.world_size, dtype,
+                                   runtime.getDevice(), owner=self)
+        return flat.reshape(self.world_size, *shape)
 
     def _check_open(self):
         if self._closed:
