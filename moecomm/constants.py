@@ -37,6 +37,8 @@ class ErrorCode(enum.IntEnum):
 
     ALLREDUCE_ONESHOT = 1
     ALLREDUCE_TWOSHOT = 2
+    MIXED = 3
+    ALLREDUCE_REGISTERED = 4
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
 
@@ -48,6 +50,8 @@ class ErrorCode(enum.IntEnum):
 _ERROR_OPS = {
     ErrorCode.ALLREDUCE_ONESHOT: "all_reduce (one-shot)",
     ErrorCode.ALLREDUCE_TWOSHOT: "all_reduce (two-shot)",
+    ErrorCode.MIXED: "run_mixed_comm",
+    ErrorCode.ALLREDUCE_REGISTERED: "CustomAllReduce.all_reduce (registered buffers)",
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
 }
