@@ -57,6 +57,23 @@ _ERROR_OPS = {
 }
 
 
+class MixedCommOp(enum.IntEnum):
+    """A mixed TP/DP collective (``moecomm.mixed``); FlashInfer's values.
+
+    With ``x`` of shape ``[rows, ...]`` on the rank at (tp, dp): ALLREDUCE sums over the TP
+    group; ALLGATHER concatenates the DP group's inputs (``[dp * rows, ...]``);
+    REDUCESCATTER gives block ``dp`` of the DP group's sum (``rows / dp_size``);
+    ALLREDUCE_ALLGATHER is ALLREDUCE then ALLGATHER (attention DP -> MoE);
+    REDUCESCATTER_ALLREDUCE is REDUCESCATTER then ALLREDUCE (MoE -> attention DP).
+    """
+
+    ALLREDUCE = 0
+    ALLGATHER = 1
+    REDUCESCATTER = 2
+    ALLREDUCE_ALLGATHER = 3
+    REDUCESCATTER_ALLREDUCE = 4
+
+
 class CompactStat(enum.IntEnum):
     """Words of EPAllToAll's int32 stats array on the device (moe_compact.cu)."""
 
