@@ -7,6 +7,9 @@
 //   from each source), then each output block polls and sums its sources in list order.
 //   A call is a one-shot call of the workspace's call sequence: it clears the buffer the
 //   previous call used and records the bytes it wrote, so it interleaves with all_reduce.
+//   That protocol needs every rank to hear from every peer in every call (a rank must not
+//   run two calls ahead of one it never waits for), so a peer that gets no data from this
+//   rank gets a 16-byte token (+0.0) in its slot instead, and waits for it.
 // mixed_reduce_{bf16,fp16,fp32}: the same sums over inputs NCCL gathered into `staged`.
 //
 // Both sum in fp32 in the listed order and round once; inputs are read canonically
@@ -22,6 +25,26 @@ __device__ __forceinline__ int source(const MixedArgs& a, uint32_t block, uint32
   return (int)((a.src_rows[block] >> (4 * k)) & 0xF);
 }
 
+// Whether rank s is a source of any output block.
+__device__ __forceinline__ bool is_source(const MixedArgs& a, int s) {
+  for (uint32_t i = 0; i < a.out_blocks; ++i)
+    for (uint32_t k = 0; k < a.src_count[i]; ++k)
+      if (source(a, i, k) == s) return true;
+  return false;
+}
+
+// Poll vector `p` of a Lamport slot until peer s wrote it; false if the wait gave up.
+template <typename T>
+__device__ __forceinline__ bool poll(const uint8_t* p, Vec16& x, int s, const WaitContext& w) {
+  x = ld_vec16_volatile(p);
+  SpinTimer timer;
+  while (Lamport<T>::pending(x)) {
+    if (timer.give_up(w, s)) return false;
+    x = ld_vec16_volatile(p);
+  }
+  return true;
+}
+
 template <typename T>
 __device__ __forceinline__ void mixed_oneshot(const MixedArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
@@ -33,6 +56,12 @@ __device__ __forceinline__ void mixed_oneshot(const MixedArgs& a) {
   pdl_wait();
   const Call call = begin_call(ws);
   const int buf = call.index % 3;
+  if (tid == 0) {
+    uint32_t sent = 1u << ws.rank;
+    for (uint32_t j = 0; j < a.in_blocks; ++j) sent |= a.push_mask[j];
+    for (int r = 0; r < ws.world; ++r)
+      if (!(sent >> r & 1u)) st_vec16(lamport(ws, r, buf, ws.rank), Vec16{});
+  }
   for (uint32_t j = 0; j < a.in_blocks; ++j) {
     const uint32_t mask = a.push_mask[j] & ~(1u << ws.rank);
     if (mask == 0) continue;
@@ -58,22 +87,18 @@ __device__ __forceinline__ void mixed_oneshot(const MixedArgs& a) {
       Vec16 x;
       if (s == ws.rank) {
         x = Lamport<T>::canonical(ld_vec16(own + v * K));
-      } else {
-        const uint8_t* p = lamport(ws, ws.rank, buf, s) + v * 16;
-        x = ld_vec16_volatile(p);
-        SpinTimer timer;
-        while (Lamport<T>::pending(x)) {
-          if (timer.give_up(w, s)) {
-            ok = false;
-            break;
-          }
-          x = ld_vec16_volatile(p);
-        }
-        if (!ok) break;
+      } else if (!(ok = poll<T>(lamport(ws, ws.rank, buf, s) + v * 16, x, s, w))) {
+        break;
       }
       accumulate<T>(acc, x, k == 0);
     }
     if (ok) st_vec16(out + (size_t)i * a.unit + v * K, round_pack<T>(acc));
+  }
+  // Tokens of the peers that sent no data.
+  if (ok && blockIdx.x == 0 && threadIdx.x < ws.world && threadIdx.x != ws.rank &&
+      !is_source(a, threadIdx.x)) {
+    Vec16 x;
+    poll<T>(lamport(ws, ws.rank, buf, threadIdx.x), x, threadIdx.x, w);
   }
   end_call(ws, call, (uint32_t)(uvec * 16));
 }

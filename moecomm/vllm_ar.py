@@ -142,9 +142,11 @@ class CustomAllReduce(Op):
         self._table = cupy.zeros((self.max_buffers, AR_MAX_RANKS), np.uint64)
         self._buffers: dict[int, tuple[int, int, SymmetricBuffer | None]] = {}
         # own base -> (row, bytes, buffer)
-        self._graph: dict[int, int] = {}      # captured input address -> row
-        self._graph_order: list[int] = []     # captured addresses, in capture order
-        self._graph_done = 0                  # rows of _graph_order already registered
+        # Inputs captured since the last register_graph_buffers: address -> row, in
+        # capture order. Registration empties it: an address captured again later gets a
+        # new row, since its peers' allocations may have changed.
+        self._graph: dict[int, int] = {}
+        self._graph_rows = 0
         self._opened: dict[tuple[int, bytes], int] = {}  # (peer, handle) -> opened base
         self._rows = 0
         self._launcher = Launcher(
@@ -208,7 +210,7 @@ class CustomAllReduce(Op):
         input's offset in its allocation. Not collective."""
         self.usable("get_graph_buffer_ipc_meta")
         handles, offsets = [], []
-        for ptr in self._graph_order[self._graph_done:]:
+        for ptr in self._graph:
             base, _ = allocation_of(ptr)
             try:
                 handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
@@ -229,7 +231,7 @@ class CustomAllReduce(Op):
         if handles is None:
             gathered = self.group.allgather(self.get_graph_buffer_ipc_meta())
             handles, offsets = [g[0] for g in gathered], [g[1] for g in gathered]
-        pending = self._graph_order[self._graph_done:]
+        pending = list(self._graph)
         if len(handles) != self.world or len(offsets) != self.world:
             raise ValueError(f"handles/offsets: need one entry per rank ({self.world})")
         for r in range(self.world):
@@ -254,7 +256,8 @@ class CustomAllReduce(Op):
                 self._table_host[row, r] = base + int(offsets[r][i])
             rows.append(row)
         self._write_rows(rows)
-        self._graph_done = len(self._graph_order)
+        self._graph_rows += len(rows)
+        self._graph.clear()
         self.group.barrier()
 
     # -- the all-reduce ------------------------------------------------------------------
@@ -311,7 +314,6 @@ class CustomAllReduce(Op):
                 if row is None:
                     row = self._new_row("all_reduce during capture")
                     self._graph[xa.ptr] = row
-                    self._graph_order.append(xa.ptr)
             else:
                 raise ValueError(f"inp: 0x{xa.ptr:x} is not in a registered buffer; pass "
                                  "reg_buffer=, register_buffer() it, or capture the call "
@@ -353,7 +355,7 @@ class CustomAllReduce(Op):
 
     def __repr__(self) -> str:
         return (f"CustomAllReduce(world={self.world}, dtype={self.dtype.name}, "
-                f"buffers={len(self._buffers)}, graph_inputs={len(self._graph_order)}, "
+                f"buffers={len(self._buffers)}, graph_inputs={self._graph_rows}, "
                 f"{self.phase.value})")
 
 
