@@ -431,6 +431,11 @@ class MixedCommHandler(Op):
         blocks = max(1, min(-(-nvec // threads), self.sms * self.config.blocks_per_sm))
         launcher(blocks, threads, stream)
 
+    def nccl(self, stream=None) -> tuple:
+        """The (world, TP, DP) ``NcclCommunicator``s the NCCL modes use, made on first use
+        (collective; one rank per GPU)."""
+        return self._nccl_state(stream_handle(stream))[:3]
+
     def _nccl_state(self, stream: int):
         """World / TP / DP communicators and staging buffers, made on the first NCCL-mode
         call (collective)."""
