@@ -303,15 +303,18 @@ class MixedCommHandler(Op):
         if not isinstance(self.config, MixedCommConfig):
             raise TypeError(f"config: expected a MixedCommConfig, got {type(config).__name__}")
         g = self.group
-        if g.size % g.num_nodes or len(set(g.allgather(g.local_size))) != 1:
-            raise ValueError(f"the group's {g.num_nodes} nodes hold different numbers of "
-                             "ranks; mixed communication needs equal nodes")
+        sizes = (tp_size, dp_size, local_tp_size, local_dp_size, inter_tp_size, inter_dp_size)
+        g.check_uniform("MixedCommHandler arguments (sizes, max_bytes, dtype)",
+                        (sizes, self.max_bytes, self.dtype.name))
+        places = g.allgather((g.node, g.local_rank, g.local_size))
+        if any(p != (r // g.local_size, r % g.local_size, g.local_size)
+               for r, p in enumerate(places)):
+            raise ValueError("mixed communication needs equal nodes with ranks numbered "
+                             f"node-major; (node, local rank, node size) by rank: {places}")
         self.layout = MixedLayout.resolve(
             g.size, g.local_size, tp_size=tp_size, dp_size=dp_size,
             local_tp_size=local_tp_size, local_dp_size=local_dp_size,
             inter_tp_size=inter_tp_size, inter_dp_size=inter_dp_size)
-        g.check_uniform("MixedCommHandler arguments (layout, max_bytes, dtype)",
-                        (self.layout, self.max_bytes, self.dtype.name))
         self.rank = g.rank
         self.tp_rank, self.dp_rank = self.layout.coords(self.rank)
         self.device_id = cupy.cuda.runtime.getDevice()
@@ -495,6 +498,8 @@ class MixedCommHandler(Op):
         for name, ptr in (("x_in", xa.ptr), ("x_out", out_ptr)):
             if ptr % VECTOR_BYTES:
                 raise ValueError(f"{name}: address 0x{ptr:x} is not {VECTOR_BYTES}-byte aligned")
+        if out_ptr < xa.ptr + xa.nbytes and xa.ptr < out_ptr + out_nbytes:
+            raise ValueError("x_out: overlaps x_in (the op reads x_in while writing x_out)")
         if xa.size == 0:
             return out
         if mode == MixedCommMode.FUSED:

@@ -202,6 +202,8 @@ def bad_input(ctx):
                        .reshape(2 * D, 64))
     with pytest.raises(ValueError, match="does not match"):
         run_mixed_comm(MixedCommOp.ALLGATHER, h, x, cupy.zeros((2, 64), bfloat16))
+    with pytest.raises(ValueError, match="overlaps x_in"):
+        run_mixed_comm(MixedCommOp.ALLREDUCE, h, x, x)
     with pytest.raises(ValueError, match="not a MixedCommOp"):
         run_mixed_comm(9, h, x)
     with pytest.raises(ValueError, match="not a MixedCommMode"):
