@@ -47,6 +47,7 @@ graph-capturable with ``x_out`` given.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 from dataclasses import dataclass
 from functools import lru_cache
@@ -412,8 +413,9 @@ class MixedCommHandler(Op):
             if op == MixedCommOp.ALLREDUCE_ALLGATHER:
                 out_blocks = 1  # summed into block dp_rank, then all-gathered over DP
             push = []
-        plan = (in_blocks, out_blocks, in_block, push, [len(r) for r in rows],
-                [_pack(r) for r in rows])
+        u32, u64 = ctypes.c_uint32 * AR_MAX_RANKS, ctypes.c_uint64 * AR_MAX_RANKS
+        plan = (in_blocks, out_blocks, in_block, u32(*push), u32(*[len(r) for r in rows]),
+                u64(*[_pack(r) for r in rows]))
         self._plans[key] = plan
         return plan
 
@@ -425,10 +427,7 @@ class MixedCommHandler(Op):
         a.in_, a.out, a.staged = in_ptr, out_ptr, staged_ptr
         a.unit, a.row_elems = unit, row_elems
         a.in_blocks, a.out_blocks, a.in_block = in_blocks, out_blocks, in_block
-        for j in range(AR_MAX_RANKS):
-            a.push_mask[j] = push[j] if j < len(push) else 0
-            a.src_count[j] = counts[j] if j < len(counts) else 0
-            a.src_rows[j] = packed[j] if j < len(packed) else 0
+        a.push_mask, a.src_count, a.src_rows = push, counts, packed
         nvec = out_blocks * unit * self.dtype.itemsize // VECTOR_BYTES
         threads = min(self.config.threads, max(32, -(-nvec // 32) * 32))
         blocks = max(1, min(-(-nvec // threads), self.sms * self.config.blocks_per_sm))

@@ -119,7 +119,11 @@ def test_every_mode_sums_the_same_ranks_in_world_order(lay, op):
         want, _ = lay.sources(op, rank)
         for mode in (MixedCommMode.FUSED, MixedCommMode.NCCL_ONE, MixedCommMode.NCCL_TP_DP):
             in_blocks, out_blocks, in_block, push, counts, packed = h._plan(op, mode)
-            rows = [_unpack(w, c) for w, c in zip(packed, counts)]
+            assert list(counts[out_blocks:]) == [0] * (16 - out_blocks)
+            rows = [_unpack(w, c) for w, c in zip(packed[:out_blocks], counts[:out_blocks])]
+            if mode == MixedCommMode.FUSED:
+                assert [[q for q in range(16) if m >> q & 1] for m in push[:in_blocks]] == \
+                    lay.receivers(op, rank)
             if mode != MixedCommMode.NCCL_TP_DP:
                 assert rows == want
                 continue
