@@ -540,7 +540,7 @@ class MixedCommHandler(Op):
             if op == MixedCommOp.REDUCESCATTER:
                 self._launch("reduce", plan, 0, out_ptr, r.data.ptr, unit, unit, handle)
             else:
-                g = _view(stage.data.ptr, (T, D * unit), self.dtype)
+                g = _view(stage.data.ptr, (T, D, unit), self.dtype)
                 tp.all_gather(r, g, stream=handle)
                 self._launch("reduce", plan, 0, out_ptr, g.data.ptr, unit, unit, handle)
         return out

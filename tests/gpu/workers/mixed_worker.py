@@ -16,7 +16,8 @@ import moecomm
 from moecomm import reference
 from moecomm.allreduce import all_reduce
 from moecomm.errors import PeerTimeoutError
-from moecomm.mixed import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
+from moecomm.mixed import (MixedCommConfig, MixedCommHandler, MixedCommMode, MixedCommOp,
+                           run_mixed_comm)
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import bits, dtype_label, main
 from tests.mpi import case
@@ -34,10 +35,12 @@ def layout_sizes(ctx, name):
     return LAYOUTS[name](ctx.world)
 
 
-def handler(ctx, name, dtype=bfloat16, group=None, key=None):
+def handler(ctx, name, dtype=bfloat16):
+    """The layout's handler; where NCCL cannot run (ranks share a GPU), AUTO stays FUSED."""
     sizes = layout_sizes(ctx, name)
-    return ctx.shared(key or ("mixed", name, np.dtype(dtype).name), lambda: MixedCommHandler(
-        group or ctx.group, MAX_BYTES, dtype, **sizes))
+    config = MixedCommConfig() if ctx.exclusive else MixedCommConfig(fused_max_bytes=MAX_BYTES)
+    return ctx.shared(("mixed", name, np.dtype(dtype).name), lambda: MixedCommHandler(
+        ctx.group, MAX_BYTES, dtype, config=config, **sizes))
 
 
 def modes(ctx, h):
