@@ -37,6 +37,35 @@ struct AllReduceArgs {
   ArWorkspace ws;
 };
 
+// Mixed communication (mixed.cu). Every block of `unit` elements of the output is a sum,
+// over the sources listed for it, of block `in_block` of each source's input: output
+// block i sums src_count[i] sources whose indices are the 4-bit fields of src_rows[i],
+// lowest first (mixed_oneshot: ranks of the workspace; mixed_reduce: rows of `staged`).
+struct MixedArgs {
+  const void* in;        // [in_blocks * unit] of T, this rank's input
+  void* out;             // [out_blocks * unit] of T
+  const void* staged;    // mixed_reduce: rows of row_elems elements (inputs gathered by NCCL)
+  uint64_t unit;         // elements per block; unit * sizeof(T) is a multiple of 16
+  uint64_t row_elems;    // mixed_reduce: elements per staged row
+  uint32_t in_blocks;    // blocks of `in`
+  uint32_t out_blocks;   // blocks of `out`
+  uint32_t in_block;     // the block of each source's input that is summed
+  uint32_t push_mask[MOECOMM_AR_MAX_RANKS];  // mixed_oneshot: input block j goes to these ranks
+  uint32_t src_count[MOECOMM_AR_MAX_RANKS];  // sources per output block
+  uint64_t src_rows[MOECOMM_AR_MAX_RANKS];   // 4-bit source indices per output block
+  ArWorkspace ws;
+};
+
+// All-reduce reading the peers' registered inputs in place (vllm_ar.cu): out = sum over
+// ranks r of table[r] + offset.
+struct RegAllReduceArgs {
+  const uint64_t* table;  // [world] device table: each rank's input address
+  void* out;              // [n] of T
+  uint64_t offset;        // bytes added to every table entry
+  uint64_t n;             // elements
+  ArWorkspace ws;
+};
+
 // allreduce_fusion, the MoE fusions and rmsnorm_fusion (fusion.cu).
 struct FusionArgs {
   const void* input;         // [tokens, hidden] (Source kSourceInput)

@@ -27,6 +27,8 @@ constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;
 // Error codes of the device error word (moecomm.constants.ErrorCode).
 constexpr uint32_t kErrAllreduceOneshot = MOECOMM_ERR_ALLREDUCE_ONESHOT;
 constexpr uint32_t kErrAllreduceTwoshot = MOECOMM_ERR_ALLREDUCE_TWOSHOT;
+constexpr uint32_t kErrMixed = MOECOMM_ERR_MIXED;
+constexpr uint32_t kErrAllreduceRegistered = MOECOMM_ERR_ALLREDUCE_REGISTERED;
 constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
 constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
 constexpr uint32_t kErrDcpAlltoall = MOECOMM_ERR_DCP_ALLTOALL;

@@ -29,6 +29,13 @@ def __getattr__(name):
         "DcpAlltoAll": "dcp",
         "lse_combine": "dcp",
         "pack_strided_memory": "strided",
+        **{n: "mixed" for n in ("MixedCommOp", "MixedCommMode", "MixedCommHandler",
+                                "run_mixed_comm")},
+        **{n: "vllm_ar" for n in ("CustomAllReduce", "vllm_init_custom_ar",
+                                  "vllm_register_buffer", "vllm_all_reduce",
+                                  "vllm_get_graph_buffer_ipc_meta",
+                                  "vllm_register_graph_buffers", "vllm_meta_size",
+                                  "vllm_dispose")},
     }
     if name in lazy:
         import importlib

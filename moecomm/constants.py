@@ -41,6 +41,8 @@ class ErrorCode(enum.IntEnum):
 
     ALLREDUCE_ONESHOT = 1
     ALLREDUCE_TWOSHOT = 2
+    MIXED = 3
+    ALLREDUCE_REGISTERED = 4
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
     DCP_ALLTOALL = 32
@@ -53,10 +55,29 @@ class ErrorCode(enum.IntEnum):
 _ERROR_OPS = {
     ErrorCode.ALLREDUCE_ONESHOT: "all_reduce (one-shot)",
     ErrorCode.ALLREDUCE_TWOSHOT: "all_reduce (two-shot)",
+    ErrorCode.MIXED: "run_mixed_comm",
+    ErrorCode.ALLREDUCE_REGISTERED: "CustomAllReduce.all_reduce (registered buffers)",
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
     ErrorCode.DCP_ALLTOALL: "DcpAlltoAll.alltoall",
 }
+
+
+class MixedCommOp(enum.IntEnum):
+    """A mixed TP/DP collective (``moecomm.mixed``); FlashInfer's values.
+
+    With ``x`` of shape ``[rows, ...]`` on the rank at (tp, dp): ALLREDUCE sums over the TP
+    group; ALLGATHER concatenates the DP group's inputs (``[dp * rows, ...]``);
+    REDUCESCATTER gives block ``dp`` of the DP group's sum (``rows / dp_size``);
+    ALLREDUCE_ALLGATHER is ALLREDUCE then ALLGATHER (attention DP -> MoE);
+    REDUCESCATTER_ALLREDUCE is REDUCESCATTER then ALLREDUCE (MoE -> attention DP).
+    """
+
+    ALLREDUCE = 0
+    ALLGATHER = 1
+    REDUCESCATTER = 2
+    ALLREDUCE_ALLGATHER = 3
+    REDUCESCATTER_ALLREDUCE = 4
 
 
 class CompactStat(enum.IntEnum):

@@ -33,6 +33,17 @@ class AllReduceArgs(ctypes.Structure):
                        ("ws", ArWorkspace))
 
 
+class MixedArgs(ctypes.Structure):
+    _fields_ = _fields(("in_ out staged", _ptr), ("unit row_elems", _u64),
+                       ("in_blocks out_blocks in_block", _u32),
+                       ("push_mask src_count", _u32 * AR_MAX_RANKS),
+                       ("src_rows", _u64 * AR_MAX_RANKS), ("ws", ArWorkspace))
+
+
+class RegAllReduceArgs(ctypes.Structure):
+    _fields_ = _fields(("table out", _ptr), ("offset n", _u64), ("ws", ArWorkspace))
+
+
 class FusionArgs(ctypes.Structure):
     _fields_ = _fields(
         ("input residual_in gamma scale allreduce_out residual_out norm_out quant_out scale_out "

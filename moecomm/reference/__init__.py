@@ -15,6 +15,8 @@ Modules, split like the runtime:
 * ``quant``: static FP8, NVFP4, per-token-group FP8, dynamic FP8 and their inverses.
 * ``allreduce``: all-reduce, residual + RMSNorm, ``allreduce_fusion`` and the MoE
   reductions fused before the all-reduce (its docstring lists the rounding points).
+* ``mixed``: mixed TP/DP collectives (all-reduce + all-gather, reduce-scatter +
+  all-reduce).
 * ``moe``: MoE all-to-all, static layout and compact expert-major layout.
 * ``dcp``: decode context-parallel all-to-all of partial attention outputs and the LSE
   combine.
@@ -41,13 +43,14 @@ Conventions
 
 from __future__ import annotations
 
-from . import allreduce, dcp, formats, layouts, moe, quant
+from . import allreduce, dcp, formats, layouts, mixed, moe, quant
 from .allreduce import *  # noqa: F401,F403
 from .dcp import *  # noqa: F401,F403
 from .formats import *  # noqa: F401,F403
 from .layouts import *  # noqa: F401,F403
+from .mixed import *  # noqa: F401,F403
 from .moe import *  # noqa: F401,F403
 from .quant import *  # noqa: F401,F403
 
 __all__ = [*formats.__all__, *layouts.__all__, *quant.__all__, *allreduce.__all__,
-           *moe.__all__, *dcp.__all__]
+           *mixed.__all__, *moe.__all__, *dcp.__all__]
