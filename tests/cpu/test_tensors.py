@@ -1,4 +1,6 @@
-"""DLPack boundary checks that need no GPU: non-arrays, host arrays, stream handles."""
+"""DLPack boundary checks that need no GPU: non-arrays, host arrays, devices, stream
+handles, and the DLPack capsule consumer on host capsules (NumPy's, and hand-made ones
+for the float8 / fp4 codes NumPy does not export)."""
 
 import numpy as np
 import pytest
@@ -43,3 +45,233 @@ def test_stream_handles():
 
 def test_bfloat16_dtype_available():
     assert tensors.bfloat16 is not None and tensors.bfloat16.itemsize == 2
+
+
+# ---------------------------------------------------------------- DLPack consumer
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import weakref  # noqa: E402
+
+import ml_dtypes  # noqa: E402
+
+
+def test_wrong_device_messages_name_argument_device_and_expected():
+    class OtherGpu:
+        def __dlpack_device__(self):
+            return (2, 1)
+
+    class Managed:
+        def __dlpack_device__(self):
+            return (13, 2)
+
+    with pytest.raises(ValueError, match=r"^y: array is on cuda:1, expected cuda:0$"):
+        tensors.as_array(OtherGpu(), "y", device=0)
+    with pytest.raises(ValueError, match=r"^y: array is on cuda:2 \(managed\), expected cuda:0$"):
+        tensors.as_array(Managed(), "y", device=0)
+    with pytest.raises(ValueError, match=r"^out: array is on cpu, expected cuda:3$"):
+        tensors.as_array(np.zeros(4, np.uint8), "out", device=3)
+    with pytest.raises(ValueError, match=r"^x: array is on cpu, expected cuda:1$"):
+        tensors.import_array(np.zeros(4, np.float32), "x", device=1, stream=0)
+    with pytest.raises(ValueError, match=r"^x: array is on cuda pinned host, expected"):
+        tensors.as_array(type("Pinned", (), {"__dlpack_device__": lambda s: (3, 0)})(), "x")
+
+
+def test_host_array_is_never_exported():
+    class HostArray:
+        exported = False
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, **kw):  # pragma: no cover - must not be reached
+            HostArray.exported = True
+
+    with pytest.raises(ValueError, match="array is on cpu"):
+        tensors.as_array(HostArray(), "x", device=0)
+    assert not HostArray.exported
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_parse_numpy_capsule(versioned):
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    cap = a.__dlpack__(max_version=(1, 0)) if versioned else a.__dlpack__()
+    info = tensors._parse(cap, "a")
+    assert info.versioned is versioned
+    assert (info.device_type, info.device_id) == (1, 0)
+    assert info.ptr == a.ctypes.data and info.dtype == np.float32 and info.shape == (2, 3, 4)
+    assert info.strides in (None, (48, 16, 4)) and info.nbytes == a.nbytes
+    # parsing does not consume: the capsule can be parsed again
+    assert tensors._parse(cap, "a").ptr == a.ctypes.data
+
+
+def test_parse_strided_and_offset_views():
+    base = np.arange(64, dtype=np.int16).reshape(8, 8)
+    view = base[2:5, 1::2]
+    info = tensors._parse(view.__dlpack__(), "v")
+    assert info.ptr == view.ctypes.data  # byte_offset included
+    assert info.strides == view.strides and info.shape == view.shape
+    assert info.nbytes == 2 + 2 * 16 + 3 * 4
+    arr = tensors._consume(view.__dlpack__(), "v", None, cuda=False)
+    assert not arr.flags.c_contiguous and arr.strides == view.strides
+
+
+def test_read_only_flag_of_versioned_capsule():
+    a = np.zeros(4, np.uint8)
+    a.flags.writeable = False
+    assert tensors._parse(a.__dlpack__(max_version=(1, 0)), "a").read_only
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_consume_owns_the_producer_until_the_last_view_is_gone(versioned):
+    a = np.arange(10, dtype=np.int32)
+    alive = weakref.ref(a)
+    ptr = a.ctypes.data
+    cap = a.__dlpack__(max_version=(1, 0)) if versioned else a.__dlpack__()
+    arr = tensors._consume(cap, "a", None, cuda=False)
+    assert arr.data.ptr == ptr and arr.shape == (10,) and arr.dtype == np.int32
+    assert arr.flags.c_contiguous
+    with pytest.raises(TypeError, match="no unconsumed DLPack capsule"):
+        tensors._parse(cap, "a")  # consumed: renamed to used_dltensor
+    del a, cap
+    gc.collect()
+    assert alive() is not None, "the producer was freed while a view was alive"
+    view = arr[2:]
+    del arr
+    gc.collect()
+    assert alive() is not None
+    del view
+    gc.collect()
+    assert alive() is None, "the deleter was not called"
+
+
+def test_refused_capsule_stays_with_its_producer():
+    a = np.zeros(5, np.float64)
+    alive = weakref.ref(a)
+    cap = a.__dlpack__()
+    with pytest.raises(ValueError, match=r"^w: array is on cpu, expected cuda:0$"):
+        tensors._consume(cap, "w", 0)
+    assert tensors._parse(cap, "w").ptr == a.ctypes.data  # still unconsumed
+    del a, cap
+    gc.collect()
+    assert alive() is None  # the capsule's own destructor freed it
+
+
+# Capsules built here, for dtypes NumPy does not export (DLPack 1.1 codes).
+_pycapsule_new = ctypes.pythonapi.PyCapsule_New
+_pycapsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_pycapsule_new.restype = ctypes.py_object
+
+
+class _Capsule:
+    """A hand-made DLManagedTensor over a NumPy buffer, counting deleter calls."""
+
+    def __init__(self, buf, code, bits, lanes, shape, versioned=False, strides=None):
+        self.buf, self.deleted = buf, 0
+        self.shape = (ctypes.c_int64 * len(shape))(*shape)
+        self.strides = None if strides is None else (ctypes.c_int64 * len(strides))(*strides)
+        cls = tensors._DLManagedTensorVersioned if versioned else tensors._DLManagedTensor
+        self.managed = cls()
+        t = self.managed.dl_tensor
+        t.data, t.device.device_type, t.device.device_id = buf.ctypes.data, 1, 0
+        t.ndim, t.shape = len(shape), self.shape
+        if self.strides is not None:
+            t.strides = self.strides
+        t.dtype.code, t.dtype.bits, t.dtype.lanes = code, bits, lanes
+        if versioned:
+            self.managed.major, self.managed.minor = 1, 1
+
+        def deleter(ptr):
+            assert ptr == ctypes.addressof(self.managed)
+            self.deleted += 1
+
+        self.callback = tensors._DELETER(deleter)
+        self.managed.deleter = ctypes.cast(self.callback, ctypes.c_void_p).value
+        self.name = b"dltensor_versioned" if versioned else b"dltensor"
+        self.capsule = _pycapsule_new(ctypes.addressof(self.managed), self.name, None)
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+@pytest.mark.parametrize("code, bits, lanes, expected", [
+    (10, 8, 1, ml_dtypes.float8_e4m3fn),
+    (12, 8, 1, ml_dtypes.float8_e5m2),
+    (14, 8, 1, ml_dtypes.float8_e8m0fnu),
+    (11, 8, 1, ml_dtypes.float8_e4m3fnuz),
+    (17, 4, 2, np.uint8),   # packed fp4, one byte per element
+    (17, 8, 1, np.uint8),
+    (4, 16, 1, ml_dtypes.bfloat16),
+    (1, 8, 1, np.uint8),
+    (0, 32, 1, np.int32),
+])
+def test_consume_quantized_dtypes_bitwise(versioned, code, bits, lanes, expected):
+    rng = np.random.default_rng(code * 100 + bits)
+    nbytes = np.dtype(expected).itemsize
+    raw = rng.integers(0, 256, size=(6, 8 * nbytes), dtype=np.uint8)
+    c = _Capsule(raw, code, bits, lanes, (6, 8), versioned)
+    arr = tensors._consume(c.capsule, "q", None, cuda=False)
+    assert arr.dtype == np.dtype(expected) and arr.shape == (6, 8)
+    assert arr.data.ptr == raw.ctypes.data and arr.flags.c_contiguous
+    # the view's bytes are the producer's bytes: read them back through NumPy
+    back = np.ctypeslib.as_array((ctypes.c_uint8 * raw.nbytes).from_address(arr.data.ptr))
+    assert np.array_equal(back, raw.reshape(-1))
+    assert c.deleted == 0
+    del arr
+    gc.collect()
+    assert c.deleted == 1
+
+
+@pytest.mark.parametrize("code, bits, lanes", [(17, 4, 1), (15, 6, 1), (2, 32, 4), (2, 8, 1)])
+def test_unsupported_dlpack_dtypes_are_refused_unconsumed(code, bits, lanes):
+    c = _Capsule(np.zeros(16, np.uint8), code, bits, lanes, (4,))
+    with pytest.raises(TypeError, match="not supported"):
+        tensors._consume(c.capsule, "q", None, cuda=False)
+    assert ctypes.pythonapi.PyCapsule_IsValid(ctypes.py_object(c.capsule), c.name)
+    assert c.deleted == 0
+
+
+def test_unknown_dlpack_major_version_is_refused():
+    c = _Capsule(np.zeros(4, np.uint8), 1, 8, 1, (4,), versioned=True)
+    c.managed.major = 2
+    with pytest.raises(BufferError, match="version 2"):
+        tensors._consume(c.capsule, "q", None, cuda=False)
+
+
+def test_consume_elementwise_strides():
+    raw = np.zeros((4, 8), np.uint8)
+    c = _Capsule(raw, 10, 8, 1, (4, 4), strides=(8, 2))
+    arr = tensors._consume(c.capsule, "q", None, cuda=False)
+    assert arr.strides == (8, 2) and not arr.flags.c_contiguous
+
+
+def test_empty_capsule():
+    c = _Capsule(np.zeros(1, np.uint8), 10, 8, 1, (0, 16))
+    arr = tensors._consume(c.capsule, "q", None, cuda=False)
+    assert arr.shape == (0, 16) and arr.size == 0
+
+
+def test_dtype_tables():
+    assert tensors.float8_e4m3fn in tensors.CODE_DTYPES and np.uint8 in tensors.CODE_DTYPES
+    assert tensors.float8_e5m2 not in tensors.CODE_DTYPES
+    assert tensors.FP4_DTYPES == (np.dtype(np.uint8),)
+    assert set(tensors.UE8M0_DTYPES) >= {np.dtype(np.int32), np.dtype(np.uint8)}
+    assert tensors.dlpack_dtype(10, 8, 1) == tensors.float8_e4m3fn
+
+
+def test_stream_handle_getter_is_cached_per_type():
+    class Counting:
+        calls = 0
+
+        @property
+        def cuda_stream(self):
+            Counting.calls += 1
+            return 99
+
+    assert tensors.stream_handle(Counting()) == 99
+    assert tensors.stream_handle(Counting()) == 99
+    assert tensors._getters[Counting] is not None and Counting.calls == 2
+    assert tensors.stream_handle(7) == 7
+    with pytest.raises(TypeError, match="stream"):
+        tensors.stream_handle(object())
+
+
+def test_on_stream_of_a_handle_is_a_no_op_context_only_for_none():
+    assert tensors.on_stream(None) is tensors._NO_SCOPE
