@@ -275,3 +275,20 @@ def test_stream_handle_getter_is_cached_per_type():
 
 def test_on_stream_of_a_handle_is_a_no_op_context_only_for_none():
     assert tensors.on_stream(None) is tensors._NO_SCOPE
+
+
+def test_cpu_micro_profile_runs(tmp_path, capsys):
+    import argparse
+    import json
+
+    from moecomm.bench import dlpack
+
+    p = argparse.ArgumentParser()
+    dlpack.add_arguments(p)
+    args = p.parse_args(["--cpu", "--calls", "1"])
+    args.out = str(tmp_path)
+    assert dlpack.run(args) == 0
+    (result,) = tmp_path.glob("dlpack-cpu-*.json")
+    rows = {r["piece"]: r["us_per_call"] for r in json.loads(result.read_text())["rows"]}
+    assert "import_array(DLPack producer on cuda:0)" in rows
+    assert all(v > 0 for v in rows.values())
