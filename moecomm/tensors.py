@@ -23,7 +23,15 @@ Three import paths, cheapest first:
   fp4 (two e2m1 codes per byte) as uint8 of the same shape.
 
 Dtypes of quantized data (``CODE_DTYPES`` ...) are listed once below: an op that writes
-e4m3 codes takes uint8 or float8_e4m3fn arrays from any framework.
+e4m3 codes takes uint8 or float8_e4m3fn arrays from any framework. CuPy holds bf16 and
+the 8-bit floats only as views (``cupy.ndarray(shape, ml_dtypes.float8_e4m3fn, memptr)``,
+no arithmetic on them); such arrays are accepted like any other.
+
+Lifetimes: the import keeps the producer's buffer referenced for the call only. An op's
+kernels may still read it afterwards, so the caller keeps inputs alive until the op's
+stream is past them (torch: as with any tensor used on a second stream, or
+``record_stream``; JAX: a dropped array's buffer may be reused on JAX's stream).
+JAX arrays are immutable: give outputs as CuPy or torch arrays, or take moecomm's.
 
 Streams: every op takes ``stream=`` as a ``cupy.cuda.Stream``, a raw ``cudaStream_t``
 integer, or any object with ``cuda_stream`` / ``ptr`` / ``__cuda_stream__`` (PyTorch
