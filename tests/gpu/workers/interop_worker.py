@@ -206,7 +206,9 @@ def fp8_payload(ctx, name):
     assert counts.sum() > 0 or ctx.world == 1
     for s, c in enumerate(counts):
         assert np.array_equal(got8[s, :c], gotu[s, :c]), f"{name}: block {s} differs"
-    a2a.combine(zeros((n, 8, 256), bfloat16), 8, stream=ctx.stream)
+    payload = zeros((n, 8, 256), bfloat16)
+    cupy.cuda.runtime.deviceSynchronize()
+    a2a.combine(payload, 8, stream=ctx.stream)  # dispatch and combine alternate
     ctx.stream.synchronize()
 
 
