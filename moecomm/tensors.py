@@ -314,9 +314,13 @@ def _from_dlpack(x, name: str, device: int | None, stream) -> cupy.ndarray:
         raise _wrong_device(name, _where(kind, on), device)
     arg = _dlpack_stream(stream_handle(stream))
     try:
-        capsule = x.__dlpack__(stream=arg, max_version=(1, 0))
-    except TypeError:  # a producer older than DLPack 1.0
-        capsule = x.__dlpack__(stream=arg)
+        try:
+            capsule = x.__dlpack__(stream=arg, max_version=(1, 0))
+        except TypeError:  # a producer older than DLPack 1.0
+            capsule = x.__dlpack__(stream=arg)
+    except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: {type(x).__name__} refused to export it through DLPack "
+                        f"({type(exc).__name__}: {exc})") from exc
     return _consume(capsule, name, device)
 
 

@@ -2,6 +2,12 @@
 handles, and the DLPack capsule consumer on host capsules (NumPy's, and hand-made ones
 for the float8 / fp4 codes NumPy does not export)."""
 
+import ctypes
+import gc
+import sys
+import weakref
+
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -48,11 +54,6 @@ def test_bfloat16_dtype_available():
 
 
 # ---------------------------------------------------------------- DLPack consumer
-import ctypes  # noqa: E402
-import gc  # noqa: E402
-import weakref  # noqa: E402
-
-import ml_dtypes  # noqa: E402
 
 
 def test_wrong_device_messages_name_argument_device_and_expected():
@@ -292,3 +293,181 @@ def test_cpu_micro_profile_runs(tmp_path, capsys):
     rows = {r["piece"]: r["us_per_call"] for r in json.loads(result.read_text())["rows"]}
     assert "import_array(DLPack producer on cuda:0)" in rows
     assert all(v > 0 for v in rows.values())
+
+
+class _CudaProducer:
+    """A DLPack producer over host memory that reports CUDA device ``device``: the whole
+    import path runs without a GPU. Records the ``stream`` it was asked for."""
+
+    def __init__(self, a, device=0, versioned=True, refuse=None):
+        self.a, self.device, self.versioned, self.refuse = a, device, versioned, refuse
+        self.streams = []
+
+    def __dlpack_device__(self):
+        return (2, self.device)
+
+    def _capsule(self, max_version):
+        cap = self.a.__dlpack__(max_version=max_version)
+        info = tensors._parse(cap, "x")
+        kind = tensors._DLManagedTensorVersioned if info.versioned else tensors._DLManagedTensor
+        t = kind.from_address(info.managed).dl_tensor
+        t.device.device_type, t.device.device_id = 2, self.device
+        return cap
+
+    def __dlpack__(self, stream=None, **kw):
+        self.streams.append(stream)
+        if self.refuse:
+            raise self.refuse
+        if not self.versioned and kw:
+            raise TypeError("__dlpack__() got an unexpected keyword argument 'max_version'")
+        return self._capsule(kw.get("max_version"))
+
+
+@pytest.mark.parametrize("versioned", [True, False])
+def test_as_array_through_dlpack_without_a_gpu(versioned):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    p = _CudaProducer(a, versioned=versioned)
+    arr = tensors.as_array(p, "x", dtype=np.float32, shape=(None, 4), device=0, stream=7)
+    assert arr.data.ptr == a.ctypes.data and arr.shape == (3, 4) and arr.dtype == np.float32
+    assert p.streams[-1] == 7
+    tensors.as_array(p, "x", device=0, stream=0)
+    assert p.streams[-1] == 1, "the legacy default stream is spelt 1 in the DLPack protocol"
+    ref = tensors.import_array(p, "x", dtype=np.float32, device=0, stream=5)
+    assert ref.ptr == a.ctypes.data and ref.shape == (3, 4) and ref.nbytes == 48
+    with pytest.raises(TypeError, match=r"^x: dtype float32 is not supported, expected uint8$"):
+        tensors.as_array(p, "x", dtype=np.uint8, device=0, stream=7)
+    with pytest.raises(ValueError, match=r"^x: shape \(3, 4\) does not match \(\*, 5\)"):
+        tensors.as_array(p, "x", shape=(None, 5), device=0, stream=7)
+
+
+def test_dlpack_view_of_a_strided_producer_is_refused_as_non_contiguous():
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tensors.as_array(_CudaProducer(a), "w", device=0, stream=7)
+
+
+def test_producer_that_refuses_to_export_is_named():
+    p = _CudaProducer(np.zeros(4, np.float32), refuse=BufferError("float8 has no DLPack code"))
+    with pytest.raises(TypeError, match=r"^q: _CudaProducer refused to export it through "
+                                        r"DLPack \(BufferError: float8 has no DLPack code\)$"):
+        tensors.as_array(p, "q", device=0, stream=7)
+
+
+def test_capsule_device_is_checked_too():
+    class Lying(_CudaProducer):
+        def __dlpack_device__(self):
+            return (2, 0)  # says cuda:0, exports a cuda:1 capsule
+
+    p = Lying(np.zeros(4, np.float32), device=1)
+    with pytest.raises(ValueError, match=r"^x: array is on cuda:1, expected cuda:0$"):
+        tensors.as_array(p, "x", device=0, stream=7)
+
+
+# ---------------------------------------------------------------- the torch path, faked
+class _FakeTorch:
+    """Just enough of ``torch`` for ``tensors._torch_ref``: dtype objects, a Tensor
+    class, the current-stream accessor and the Stream class (for stream_handle)."""
+
+    def __init__(self, current_stream=0):
+        import types
+
+        for name in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32",
+                     "int64", "bool", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                     "float8_e8m0fnu", "float4_e2m1fn_x2", "complex32"):
+            setattr(self, name, f"torch.{name}")
+        self.current = current_stream
+        self._C = types.SimpleNamespace(_cuda_getCurrentRawStream=lambda d: self.current)
+        self.cuda = types.SimpleNamespace(Stream=type("Stream", (), {"cuda_stream": 0}))
+        torch = self
+
+        class Tensor:
+            def __init__(self, shape, dtype, device=0, contiguous=True, ptr=4096):
+                self.shape, self.dtype, self._device = shape, f"torch.{dtype}", device
+                self._contiguous, self._ptr = contiguous, ptr
+
+            def get_device(self):
+                return self._device
+
+            def is_contiguous(self):
+                return self._contiguous
+
+            def stride(self):
+                return (1, self.shape[0])
+
+            def data_ptr(self):
+                return self._ptr
+
+        self.Tensor = Tensor
+        del torch
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    torch = _FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setattr(tensors, "_torch_dtypes", None)
+    monkeypatch.setattr(tensors, "_raw_stream", None)
+    orders = []
+    monkeypatch.setattr(tensors._StreamOrder, "after",
+                        classmethod(lambda cls, p, c, d: orders.append((p, c, d))))
+    torch.orders = orders
+    return torch
+
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2),
+    ("float8_e8m0fnu", ml_dtypes.float8_e8m0fnu), ("float4_e2m1fn_x2", np.uint8),
+    ("bfloat16", ml_dtypes.bfloat16), ("int32", np.int32)])
+def test_torch_dtypes_map_to_storage_dtypes(fake_torch, name, dtype):
+    t = fake_torch.Tensor((4, 8), name, device=1, ptr=8192)
+    ref = tensors.import_array(t, "q", device=1, stream=0)
+    assert ref.dtype == np.dtype(dtype) and ref.shape == (4, 8) and ref.ptr == 8192
+    assert ref.obj is t
+
+
+def test_torch_quant_outputs_pass_the_dtype_tables(fake_torch):
+    codes = fake_torch.Tensor((4, 8), "float8_e4m3fn")
+    tensors.import_array(codes, "outputs.quant_out", dtype=tensors.CODE_DTYPES, device=0,
+                         stream=0)
+    packed = fake_torch.Tensor((4, 8), "float4_e2m1fn_x2")
+    tensors.import_array(packed, "outputs.quant_out", dtype=tensors.FP4_DTYPES, device=0,
+                         stream=0)
+    e5m2 = fake_torch.Tensor((4, 8), "float8_e5m2")
+    with pytest.raises(TypeError, match=r"quant_out: dtype float8_e5m2 is not supported, "
+                                        r"expected uint8 or float8_e4m3fn"):
+        tensors.import_array(e5m2, "outputs.quant_out", dtype=tensors.CODE_DTYPES, device=0,
+                             stream=0)
+
+
+def test_torch_wrong_device_and_layout(fake_torch):
+    with pytest.raises(ValueError, match=r"^x: array is on cuda:1, expected cuda:0$"):
+        tensors.import_array(fake_torch.Tensor((2, 2), "float32", device=1), "x", device=0,
+                             stream=0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tensors.import_array(fake_torch.Tensor((2, 2), "float32", contiguous=False), "x",
+                             device=0, stream=0)
+    assert fake_torch.orders == []
+
+
+def test_torch_cpu_tensor_goes_to_dlpack_and_is_refused(fake_torch):
+    class CpuTensor(fake_torch.Tensor):
+        def __dlpack_device__(self):
+            return (1, 0)
+
+    with pytest.raises(ValueError, match=r"^x: array is on cpu, expected cuda:0$"):
+        tensors.import_array(CpuTensor((2,), "float32", device=-1), "x", device=0, stream=0)
+
+
+def test_torch_stream_order_only_when_streams_differ(fake_torch):
+    t = fake_torch.Tensor((2, 2), "float32")
+    fake_torch.current = 0
+    tensors.import_array(t, "x", device=0, stream=0)
+    assert fake_torch.orders == []
+    tensors.import_array(t, "x", device=0, stream=0xABC)          # a raw handle
+    assert fake_torch.orders == [(0, 0xABC, 0)]
+    fake_torch.current = 0xABC                                    # torch runs on it
+    s = fake_torch.cuda.Stream()
+    s.cuda_stream = 0xABC
+    tensors.import_array(t, "x", device=0, stream=s)              # a torch stream object
+    assert len(fake_torch.orders) == 1
