@@ -79,7 +79,7 @@ FP4_DTYPES = (_U8,)          # two e2m1 codes per byte (torch.float4_e2m1fn_x2 a
 E4M3_SCALE_DTYPES = CODE_DTYPES                                     # NVFP4 block scales
 UE8M0_DTYPES = tuple(d for d in (_I32, _U8, float8_e8m0fnu) if d)  # exponent bytes
 
-_KDL_CPU, _KDL_CUDA, _KDL_CUDA_MANAGED = 1, 2, 13
+_KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13
 _KDL_NAMES = {1: "cpu", 2: "cuda", 3: "cuda pinned host", 4: "opencl", 7: "vulkan",
               8: "metal", 10: "rocm", 13: "cuda managed"}
 
@@ -125,6 +125,8 @@ def _device_of(x, name: str, device: int | None = None) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------ DLPack consumer
+# ctypes mirrors of dlpack.h's structs: the layout's definition (checked against the
+# struct formats below) and what tests build capsules with.
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
 
