@@ -516,10 +516,15 @@ def _torch_stream(torch, device: int) -> int:
     return _torch_stream_fn(torch)(device)
 
 
+# CuPy keeps C-contiguity as a plain attribute; ``flags`` builds an object per access.
+_c_contiguous = (operator.attrgetter("_c_contiguous") if hasattr(cupy.ndarray, "_c_contiguous")
+                 else lambda a: a.flags.c_contiguous)
+
+
 def check(arr: cupy.ndarray, name: str, *, dtype=None, shape=None, ndim=None) -> None:
     """Validate dtype, shape and C-contiguity of an imported array (see ``as_array``)."""
     check_meta(arr.shape, arr.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
-    if not arr.flags.c_contiguous:
+    if not _c_contiguous(arr):
         raise ValueError(
             f"{name}: array must be C-contiguous (strides {arr.strides}); pass a contiguous copy"
         )
@@ -540,8 +545,10 @@ def check_meta(arr_shape, arr_dtype, name: str, *, dtype=None, shape=None, ndim=
     if ndim is not None and len(arr_shape) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(arr_shape)}")
     if shape is not None:
-        for axis, (have, want) in enumerate(zip(arr_shape, shape)):
+        for have, want in zip(arr_shape, shape):
             if want is not None and have != want:
+                axis = next(i for i, (h, w) in enumerate(zip(arr_shape, shape))
+                            if w is not None and h != w)
                 expected = ", ".join("*" if w is None else str(w) for w in shape)
                 raise ValueError(
                     f"{name}: shape {tuple(arr_shape)} does not match ({expected}) (axis {axis})"

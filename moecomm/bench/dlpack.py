@@ -197,7 +197,16 @@ def cpu_profile(args) -> int:
 
     tls, pst, i64 = TorchLikeStream(), ProtocolStream(), np.int64(5)
     fake = _CudaLooking(np.zeros((1, 4096), np.uint16))
+    import cupy  # a CuPy array over host memory: reading it needs no GPU
+
+    host = np.zeros(4096, np.uint16)
+    mem = cupy.cuda.UnownedMemory(host.ctypes.data, host.nbytes, host, 0)
+    cx = cupy.ndarray((1, 4096), tensors.bfloat16, cupy.cuda.MemoryPointer(mem, 0))
     pieces = {
+        "import_array(cupy)": lambda: tensors.import_array(
+            cx, "x", dtype=tensors.FLOAT_DTYPES, device=0, stream=0),
+        "import_array(cupy, shape checked)": lambda: tensors.import_array(
+            cx, "out", dtype=cx.dtype, shape=cx.shape, device=0, stream=0),
         "stream_handle(int)": lambda: tensors.stream_handle(5),
         "stream_handle(np.int64)": lambda: tensors.stream_handle(i64),
         "stream_handle(.cuda_stream)": lambda: tensors.stream_handle(tls),
