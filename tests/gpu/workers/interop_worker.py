@@ -20,7 +20,8 @@ from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,  # n
                             create_allreduce_fusion_workspace)
 from moecomm.layouts import ue8m0_mn_major_storage_size  # noqa: E402
 from moecomm.moe import MoeAlltoAll  # noqa: E402
-from moecomm.tensors import bfloat16, float8_e4m3fn, float8_e8m0fnu  # noqa: E402
+from moecomm.tensors import (as_array, bfloat16, float8_e4m3fn, float8_e5m2,  # noqa: E402
+                             float8_e8m0fnu)
 from tests.gpu.workers.common import main, zeros  # noqa: E402
 from tests.mpi import case  # noqa: E402
 
@@ -113,6 +114,33 @@ def run_fusion(ctx, ws, x, res, gamma, pattern, quant_out, scale_out=None, **opt
     allreduce_fusion(x, ws, pattern, options, outs, stream=ctx.stream)
     ctx.stream.synchronize()
     return outs
+
+
+@case(variants=FRAMEWORKS)
+def import_8bit_floats(ctx, name):
+    """float8_e4m3fn / e5m2 / e8m0fnu arrays of each framework import zero-copy as their
+    ml_dtypes dtype, with the producer's bytes."""
+    fw = Framework(ctx, name)
+    for dtype in (float8_e4m3fn, float8_e5m2, float8_e8m0fnu):
+        codes = ctx.rng.integers(0, 256, (3, 40)).astype(np.uint8)
+        if name == "cupy":
+            raw = cupy.asarray(codes)
+            a, ptr = cupy.ndarray(raw.shape, dtype, raw.data), raw.data.ptr
+        elif name == "torch":
+            tdt = getattr(fw.torch, dtype.name, None)
+            if tdt is None:
+                continue  # this torch has no such dtype
+            a = fw.torch.from_numpy(codes).to(f"cuda:{fw.dev}").view(tdt)
+            ptr = a.data_ptr()
+        else:
+            a = fw.jax.device_put(codes.view(dtype), fw.jdev).block_until_ready()
+            ptr = a.unsafe_buffer_pointer()
+        cupy.cuda.runtime.deviceSynchronize()
+        arr = as_array(a, "a", dtype=dtype, shape=(3, 40), stream=ctx.stream)
+        assert arr.data.ptr == ptr, f"{name} {dtype.name}: imported by a copy"
+        ctx.stream.synchronize()
+        got = cupy.asnumpy(cupy.ndarray(arr.shape, np.uint8, arr.data))
+        assert np.array_equal(got, codes), f"{name} {dtype.name}: bytes differ"
 
 
 @case(variants=FRAMEWORKS)
