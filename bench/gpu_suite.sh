@@ -47,7 +47,12 @@ for n in $ranks; do
       | tee "$out/bench-$name-r$n.log" || status=1
   done
 done
-"${mpi[@]}" -n 1 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1
+# The examples as users run them; each checks itself and exits non-zero on a mismatch.
+for ex in cupy_allreduce torch_tp_mlp jax_moe_layer; do
+  "${mpi[@]}" -n 2 python3 "examples/$ex.py" 2>&1 | tee "$out/example-$ex.log" || status=1
+done
+# Host cost of an eager 8 KiB all_reduce per framework and way of giving the stream.
+"${mpi[@]}" -n 2 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1
 # One rank: the host cost of an eager all_reduce with no other process on the GPU.
 "${mpi[@]}" -n 1 python3 -m moecomm.bench allreduce --sizes 8192,1048576 --out "$out" 2>&1 \
   | tee "$out/bench-allreduce-r1.log" || status=1

@@ -17,10 +17,13 @@ computes and writes is ``moecomm.constants.PATTERNS``. Rounding points are those
 ``moecomm.reference`` (each intermediate rounded to the I/O dtype where the unfused ops
 would round; quantizers read the rounded ``norm_out``). Output layouts:
 
-- ``quant_out``: uint8 (or float8_e4m3fn) ``[T, H]`` codes; NVFP4: uint8 ``[T, H/2]``, two
-  e2m1 codes per byte, the even element in the low nibble.
-- ``scale_out``: NVFP4 swizzled: uint8 of ``compute_fp4_swizzled_layout_sf_size(T, H/16)``
-  bytes (padding written as 0); NVFP4 linear: uint8 ``[T, H/16]``; group FP8: int32, the
+- ``quant_out``: uint8 (or float8_e4m3fn) ``[T, H]`` codes; NVFP4: uint8 (or torch's
+  float4_e2m1fn_x2) ``[T, H/2]``, two e2m1 codes per byte, the even element in the low
+  nibble. Any framework's array of these dtypes (``moecomm.tensors.CODE_DTYPES`` ...).
+- ``scale_out``: NVFP4 swizzled: uint8 (or float8_e4m3fn) of
+  ``compute_fp4_swizzled_layout_sf_size(T, H/16)`` bytes (padding written as 0); NVFP4
+  linear: the same dtypes, ``[T, H/16]``; group FP8: int32 (or its bytes: uint8,
+  float8_e8m0fnu; 4-byte aligned), the
   MN-major TMA-aligned layout of DeepGEMM (word (t, j) at ``j * align4(T) + t``, four
   UE8M0 bytes per word, group ``4j + i`` in byte ``i``), at least
   ``ue8m0_mn_major_storage_size(T, H/g)`` words; dynamic FP8: fp32 ``[T]`` (or ``[T, 1]``).
@@ -45,7 +48,8 @@ from .kernel_args import FusionArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, ue8m0_mn_major_storage_size
 from .op import Op, device_facts, int_at_least, require_aligned
-from .tensors import as_array, bfloat16, dtype_name, stream_handle
+from .tensors import (CODE_DTYPES, E4M3_SCALE_DTYPES, FP4_DTYPES, UE8M0_DTYPES, as_array,
+                      bfloat16, dtype_name, stream_handle)
 
 __all__ = [
     "AllReduceFusionPattern", "QuantizationSFLayout", "AllReduceFusionOptions",
@@ -470,15 +474,6 @@ def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPa
     return fields
 
 
-_CODE_DTYPES = (np.dtype(np.uint8),)
-try:
-    import ml_dtypes
-
-    _CODE_DTYPES += (np.dtype(ml_dtypes.float8_e4m3fn),)
-except ImportError:  # pragma: no cover - ml-dtypes is a core dependency
-    pass
-
-
 def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, stream, array) -> dict:
     """Validate the quantization inputs/outputs of ``pattern``; their FusionArgs fields."""
     fields = {}
@@ -491,10 +486,11 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
             raise ValueError(f"options.scale_factor: expected one element, got {scale.shape}")
         fields["scale"] = scale.data.ptr
     if quant == Quant.NVFP4:
-        q = array(outputs.quant_out, "outputs.quant_out", dtype=np.uint8,
+        q = array(outputs.quant_out, "outputs.quant_out", dtype=FP4_DTYPES,
                   shape=(tokens, hidden // 2))
         swizzled = QuantizationSFLayout(options.layout) == QuantizationSFLayout.SWIZZLED_128x4
-        sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=np.uint8, stream=stream)
+        sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=E4M3_SCALE_DTYPES,
+                      stream=stream)
         need = (compute_fp4_swizzled_layout_sf_size(tokens, hidden // 16) if swizzled
                 else tokens * (hidden // 16))
         if (swizzled and sf.size < need) or (not swizzled and sf.size != need):
@@ -504,7 +500,7 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
             require_aligned("outputs.scale_out", sf, 4)
         fields["swizzled"] = int(swizzled)
     else:
-        q = array(outputs.quant_out, "outputs.quant_out", dtype=_CODE_DTYPES,
+        q = array(outputs.quant_out, "outputs.quant_out", dtype=CODE_DTYPES,
                   shape=(tokens, hidden))
         sf = None
         if quant == Quant.GROUP_FP8:
@@ -512,11 +508,13 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
             if g not in GROUP_FP8_SIZES or hidden % g:
                 raise ValueError(f"options.block_quant_group_size={g} must be one of "
                                  f"{GROUP_FP8_SIZES} and divide hidden {hidden}")
-            sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=np.int32, stream=stream)
+            sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=UE8M0_DTYPES,
+                          stream=stream)  # int32 words, or their bytes
+            require_aligned("outputs.scale_out", sf, 4)
             need = ue8m0_mn_major_storage_size(tokens, hidden // g)
-            if sf.size < need:
-                raise ValueError(f"outputs.scale_out: {sf.size} int32 words, the MN-major "
-                                 f"layout of {tokens} tokens needs {need}")
+            if sf.nbytes < 4 * need:
+                raise ValueError(f"outputs.scale_out: {sf.nbytes // 4} int32 words, the "
+                                 f"MN-major layout of {tokens} tokens needs {need}")
             fields["group_size"] = g
         elif quant == Quant.DYNAMIC_FP8:
             sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=np.float32,

@@ -20,7 +20,7 @@ from .constants import VECTOR_BYTES
 from .errors import ErrorWord
 from .group import ProcessGroup, default_group
 from .mapping import Mapping
-from .tensors import as_array, as_stream
+from .tensors import as_array, as_stream, on_stream
 
 
 # ------------------------------------------------------------------------ checks
@@ -47,9 +47,9 @@ def empty(shape, dtype, stream=None) -> cupy.ndarray:
     """A device array of any dtype CuPy can view (bf16 included), allocated on ``stream``
     from CuPy's pool, 256-byte aligned."""
     dtype = np.dtype(dtype)
-    with as_stream(stream):
-        raw = cupy.empty(max(1, math.prod(shape)) * dtype.itemsize, np.uint8)
-    return cupy.ndarray(tuple(shape), dtype, raw.data)
+    with on_stream(stream):  # the pool is stream-ordered: allocate on the stream of use
+        mem = cupy.cuda.alloc(max(1, math.prod(shape)) * dtype.itemsize)
+    return cupy.ndarray(tuple(shape), dtype, mem)
 
 
 def out_array(out, name: str, shape, dtype, stream=None,

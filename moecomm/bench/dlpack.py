@@ -1,70 +1,237 @@
-"""Host cost of the DLPack boundary: microseconds per ``as_array`` (import + validate).
+"""Host cost of the DLPack boundary: an eager 8 KiB ``all_reduce`` per framework and stream.
 
-Times ``moecomm.tensors.as_array`` on a [128, 4096] bf16 array made by CuPy, PyTorch and
-JAX (those installed), plus ``stream=`` given, over many calls; median of 20 batches.
+``mpiexec -n 2 python -m moecomm.bench dlpack`` times ``all_reduce(x, ws, stream=s)`` on
+a 4096-element bf16 ``x`` (8 KiB, one-shot): wall time per call over ``--calls``
+back-to-back eager calls, the device synchronised at the end, median of ``--repeats``.
+Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array; ``s`` omitted, a
+``torch.cuda.Stream`` (made torch's current stream for the torch rows, as torch code
+runs), its raw handle, or a ``cupy.cuda.Stream`` (torch's current stream is then another
+one, so the torch rows include the event that orders it first). ``delta_us`` is the
+difference to the CuPy row with the same stream; ``import_us`` the cost of
+``tensors.import_array`` alone. Targets: CuPy <= 12 us, torch <= CuPy + 3 us.
+
+``python -m moecomm.bench dlpack --cpu`` needs no GPU and no MPI: a micro-profile of the
+host-side pieces of that path (stream handles, checks, the DLPack capsule consumer on
+host capsules, a whole ``as_array`` of a DLPack producer that reports a CUDA device).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
-import cupy
 import numpy as np
 
-from ..tensors import as_array, bfloat16
 from .common import environment, print_table, require_gpu, write_result
+
+NBYTES = 8192
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--calls", type=int, default=500, help="calls per timed batch")
+    p.add_argument("--repeats", type=int, default=7, help="timed batches (median)")
+    p.add_argument("--cpu", action="store_true",
+                   help="the CPU-side micro-profile only (no GPU, no MPI)")
 
 
-def _per_call_us(fn, calls: int) -> float:
+# ---------------------------------------------------------------------------- GPU
+def _wall_us(fn, calls: int, repeats: int, group) -> float:
+    import cupy
+
+    for _ in range(50):
+        fn()
+    cupy.cuda.runtime.deviceSynchronize()
+    times = []
+    for _ in range(repeats):
+        group.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        cupy.cuda.runtime.deviceSynchronize()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return float(np.median(times))
+
+
+def _host_us(fn, calls: int) -> float:
     for _ in range(100):
         fn()
     batches = []
-    for _ in range(20):
+    for _ in range(9):
         t0 = time.perf_counter()
-        for _ in range(calls // 20):
+        for _ in range(calls):
             fn()
-        batches.append((time.perf_counter() - t0) / (calls // 20) * 1e6)
+        batches.append((time.perf_counter() - t0) / calls * 1e6)
     return float(np.median(batches))
 
 
-def _producers(shape):
-    yield "cupy", cupy.zeros(shape, bfloat16)
+def _torch(device: int):
     try:
         import torch
 
-        yield "torch", torch.zeros(shape, dtype=torch.bfloat16, device="cuda")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)
+            return torch
     except Exception:  # not installed, or no CUDA build
         pass
+    return None
+
+
+def _jax(device: int):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         import jax
-        import jax.numpy as jnp
 
-        if any(d.platform == "gpu" for d in jax.devices()):
-            yield "jax", jnp.zeros(shape, jnp.bfloat16)
-    except Exception:
-        pass
+        mine = [d for d in jax.devices() if d.platform == "gpu" and d.id == device]
+        return (jax, mine[0]) if mine else None
+    except Exception:  # not installed, or no GPU backend
+        return None
 
 
 def run(args) -> int:
+    if args.cpu:
+        return cpu_profile(args)
+    import cupy
+
+    from ..allreduce import all_reduce, create_allreduce_workspace
+    from ..tensors import FLOAT_DTYPES, bfloat16, import_array, stream_handle
+
     group = require_gpu()
     env = environment(group)
-    shape = (128, 4096)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    rows = []
-    for name, x in _producers(shape):
-        plain = _per_call_us(lambda: as_array(x, "x", dtype=bfloat16, shape=(None, 4096)),
-                             args.calls)
-        streamed = _per_call_us(
-            lambda: as_array(x, "x", dtype=bfloat16, shape=(None, 4096), stream=stream),
-            args.calls)
-        rows.append({"producer": name, "us_per_call": plain, "us_per_call_with_stream": streamed})
+    dev = group.device_id
+    ws = create_allreduce_workspace(group, NBYTES, bfloat16)
+    host = np.random.default_rng(group.rank).standard_normal(NBYTES // 2).astype(bfloat16)
+    torch = _torch(dev)
+    jax = _jax(dev)
+    # every rank runs the same rows (all_reduce is collective)
+    have_torch = group.comm.allreduce(torch is not None, op=_min())
+    have_jax = group.comm.allreduce(jax is not None, op=_min())
+
+    cs = cupy.cuda.Stream(non_blocking=True)
+    xc = cupy.asarray(host.view(np.uint16)).view(bfloat16)
+    streams = {"omitted": None, "cupy Stream": cs}
+    if have_torch:
+        ts = torch.cuda.Stream()
+        xt = torch.from_numpy(host.view(np.int16)).to(f"cuda:{dev}").view(torch.bfloat16)
+        streams = {"omitted": None, "torch Stream": ts, "raw handle": ts.cuda_stream,
+                   "cupy Stream": cs}
+
+    def measure(x, stream, current=None):
+        call = (lambda: all_reduce(x, ws, stream=stream))
+        handle = stream_handle(stream)
+        imp = (lambda: import_array(x, "x", dtype=FLOAT_DTYPES, device=dev, stream=handle))
+        if current is None:
+            return _wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls)
+        with torch.cuda.stream(current):  # torch code runs on its current stream
+            return _wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls)
+
+    rows, base = [], {}
+    for mode, stream in streams.items():
+        us, imp = measure(xc, stream)
+        base[mode] = us
+        rows.append({"framework": "cupy", "stream": mode, "us_per_call": us, "delta_us": 0.0,
+                     "import_us": imp})
+    if have_torch:
+        for mode, stream in streams.items():
+            current = ts if mode in ("torch Stream", "raw handle") else None
+            us, imp = measure(xt, stream, current)
+            rows.append({"framework": "torch", "stream": mode, "us_per_call": us,
+                         "delta_us": us - base[mode], "import_us": imp})
+    if have_jax:
+        jx = jax[0].device_put(host, jax[1]).block_until_ready()
+        us, imp = measure(jx, None)
+        rows.append({"framework": "jax", "stream": "omitted", "us_per_call": us,
+                     "delta_us": us - base["omitted"], "import_us": imp})
+    ws.close()
     if group.rank == 0:
-        print(f"# dlpack boundary, {env['device']}")
-        print_table(rows, ["producer", "us_per_call", "us_per_call_with_stream"])
-        print(f"wrote {write_result(args.out, 'dlpack', env, rows)}")
+        print(f"# eager all_reduce of {NBYTES} B bf16, {group.size} ranks, {env['device']}: "
+              f"wall us per call ({args.calls} calls, median of {args.repeats})")
+        print_table(rows, ["framework", "stream", "us_per_call", "delta_us", "import_us"])
+        print(f"wrote {write_result(args.out, 'dlpack', env, rows, nbytes=NBYTES)}")
     group.close()
     return 0
+
+
+def _min():
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
+# ---------------------------------------------------------------------------- CPU
+class _CudaLooking:
+    """A DLPack producer over host memory that reports CUDA device 0: the whole import
+    path (device check, export, parse, wrap, checks) runs without a GPU."""
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, max_version=None):
+        from .. import tensors
+
+        cap = self.a.__dlpack__(max_version=max_version)
+        info = tensors._parse(cap, "x")
+        kind = tensors._DLManagedTensorVersioned if info.versioned else tensors._DLManagedTensor
+        kind.from_address(info.managed).dl_tensor.device.device_type = 2
+        return cap
+
+
+def cpu_profile(args) -> int:
+    """Microseconds per call of the host-side pieces of an op's import path."""
+    import datetime
+    import platform
+
+    from .. import tensors
+
+    calls = max(1000, args.calls * 10)
+    a = np.zeros((1, 4096), tensors.bfloat16)
+
+    class TorchLikeStream:
+        cuda_stream = 1234
+
+    class ProtocolStream:
+        def __cuda_stream__(self):
+            return (0, 77)
+
+    tls, pst, i64 = TorchLikeStream(), ProtocolStream(), np.int64(5)
+    fake = _CudaLooking(np.zeros((1, 4096), np.uint16))
+    import cupy  # a CuPy array over host memory: reading it needs no GPU
+
+    host = np.zeros(4096, np.uint16)
+    mem = cupy.cuda.UnownedMemory(host.ctypes.data, host.nbytes, host, 0)
+    cx = cupy.ndarray((1, 4096), tensors.bfloat16, cupy.cuda.MemoryPointer(mem, 0))
+    pieces = {
+        "import_array(cupy)": lambda: tensors.import_array(
+            cx, "x", dtype=tensors.FLOAT_DTYPES, device=0, stream=0),
+        "import_array(cupy, shape checked)": lambda: tensors.import_array(
+            cx, "out", dtype=cx.dtype, shape=cx.shape, device=0, stream=0),
+        "stream_handle(int)": lambda: tensors.stream_handle(5),
+        "stream_handle(np.int64)": lambda: tensors.stream_handle(i64),
+        "stream_handle(.cuda_stream)": lambda: tensors.stream_handle(tls),
+        "stream_handle(__cuda_stream__)": lambda: tensors.stream_handle(pst),
+        "check_meta": lambda: tensors.check_meta(
+            a.shape, a.dtype, "x", dtype=tensors.FLOAT_DTYPES, shape=(None, 4096)),
+        "DeviceArray": lambda: tensors.DeviceArray(0, a.shape, a.dtype, a),
+        "numpy __dlpack__ (legacy)": lambda: a.view(np.uint16).__dlpack__(),
+        "numpy __dlpack__ (versioned)": lambda: a.view(np.uint16).__dlpack__(max_version=(1, 0)),
+        "parse capsule": lambda: tensors._parse(a.view(np.uint16).__dlpack__(), "x"),
+        "consume capsule (export+parse+wrap)": lambda: tensors._consume(
+            a.view(np.uint16).__dlpack__(max_version=(1, 0)), "x", None, cuda=False),
+        "as_array(DLPack producer on cuda:0)": lambda: tensors.as_array(
+            fake, "x", dtype=np.uint16, shape=(None, 4096), device=0, stream=7),
+        "import_array(DLPack producer on cuda:0)": lambda: tensors.import_array(
+            fake, "x", dtype=np.uint16, shape=(None, 4096), device=0, stream=7),
+        "ctypes call (PyCapsule_IsValid)": lambda: tensors._capsule_is_valid(a, b"x"),
+    }
+    rows = [{"piece": k, "us_per_call": _host_us(fn, calls)} for k, fn in pieces.items()]
+    print(f"# CPU micro-profile of the import path ({platform.processor() or platform.machine()})")
+    print_table(rows, ["piece", "us_per_call"])
+    env = {"device": "cpu", "gpu_count": 0, "ranks": 1, "host": platform.node(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": os.environ.get("MOECOMM_COMMIT", "unknown")}
+    if args.out:
+        print(f"wrote {write_result(args.out, 'dlpack-cpu', env, rows)}")
+    return 0
+
