@@ -51,6 +51,7 @@ if not gpus:
     print(f"jax_moe_layer: JAX sees no GPU {dev} ({jax.devices()})", file=sys.stderr)
     sys.exit(2)
 gpu = gpus[0]
+cupy.cuda.Device(dev).use()  # JAX's start leaves the last GPU it set up current
 
 H, FE, TOP_K, EPR = 256, 512, 2, 4          # hidden, expert FFN width, top-k, experts/rank
 E = EPR * world

@@ -96,6 +96,6 @@ class Launcher:
         config.numAttrs = int(self.pdl) + (cluster > 1)
         status = self._launch(self._config_ref, self._fn, self._params, None)
         if status:
-            from cupy.cuda.driver import CUDADriverError
+            from cupy_backends.cuda.api.driver import CUDADriverError
 
             raise CUDADriverError(status)

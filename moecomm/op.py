@@ -22,6 +22,8 @@ from .group import ProcessGroup, default_group
 from .mapping import Mapping
 from .tensors import as_array, as_stream, on_stream
 
+_runtime = cupy.cuda.runtime
+
 
 # ------------------------------------------------------------------------ checks
 def int_at_least(name: str, value, minimum: int = 1) -> int:
@@ -135,6 +137,7 @@ class Op:
     name = "op"
     phase: Phase = Phase.CLOSED
     error: ErrorWord | None = None
+    device_id: int | None = None  # the GPU the op was made on
 
     def _open(self, error: ErrorWord | None) -> None:
         self.error = error
@@ -145,9 +148,14 @@ class Op:
         return self.phase == Phase.CLOSED
 
     def usable(self, what: str) -> None:
-        """Raise unless the op is open and no wait of it has timed out (no sync)."""
+        """Raise unless the op is open and no wait of it has timed out (no sync); make the
+        op's GPU the calling thread's current device again if something switched it (JAX's
+        GPU backend, for one, leaves the last GPU it initialised current), so that the
+        call's launches and allocations happen on the op's device."""
         if self.phase == Phase.CLOSED:
             raise RuntimeError(f"{self.name}.{what}: {self.name} is closed")
+        if self.device_id is not None and _runtime.getDevice() != self.device_id:
+            _runtime.setDevice(self.device_id)
         if self.error is not None:
             self.error.check()
 

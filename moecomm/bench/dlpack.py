@@ -82,6 +82,9 @@ def _jax(device: int):
         import jax
 
         mine = [d for d in jax.devices() if d.platform == "gpu" and d.id == device]
+        import cupy
+
+        cupy.cuda.Device(device).use()  # JAX's start leaves the last GPU it set up current
         return (jax, mine[0]) if mine else None
     except Exception:  # not installed, or no GPU backend
         return None

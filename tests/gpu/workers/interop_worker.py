@@ -48,6 +48,7 @@ class Framework:
                 gpus = [d for d in jax.devices() if d.platform == "gpu"]
             except Exception as exc:  # not installed, or no GPU backend
                 pytest.skip(f"no JAX with a GPU backend here ({type(exc).__name__}: {exc})")
+            cupy.cuda.Device(self.dev).use()  # JAX's start leaves its last GPU current
             mine = [d for d in gpus if d.id == self.dev]
             if not mine:
                 pytest.skip(f"JAX sees no GPU {self.dev}")
