@@ -82,6 +82,8 @@ struct DispatchArgs {
   const int32_t* experts;                       // [T, top_k] token_selected_experts
   int32_t* send_slot;                           // [T, ep] local: token t's row on rank r
   int32_t* recv_counts;                         // [ep] local: rows received per source
+  int32_t* route_slot;                          // routing handle [T, ep]: send_slot's copy
+  int32_t* route_total;                         // routing handle [ep]: rows sent per target
   uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];       // payload p: [T, *] input rows
   uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS]; // bytes per received row (fp8: H codes)
   uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];  // workspace offset of receive tensor p
@@ -97,6 +99,7 @@ struct DispatchArgs {
   int32_t invalid_id;
   int32_t quant_payload;                        // fp8: the bf16 payload quantized, or -1
   int32_t scale_format;                         // fp8: 0 fp32 scales, 1 UE8M0 packed
+  int32_t route_mode;                           // 0: layout pass; 1: and record; 2: replay
   A2aWorkspace ws;
 };
 
