@@ -196,6 +196,18 @@ struct CompactStageArgs {
   int64_t capacity;
 };
 
+// ------------------------------------------------------------------ barrier
+// barrier (barrier.cu): every rank's buffer holds u32 arrival counters [max ranks];
+// entry s is incremented by rank s once per call.
+struct BarrierArgs {
+  uint64_t peers[MOECOMM_BARRIER_MAX_RANKS];  // base address of every rank's counters
+  uint32_t* state;                            // local: [0] calls so far, [1] abort word
+  uint32_t* error_word;                       // mapped host memory (moecomm.errors)
+  uint64_t timeout_ns;                        // bound of the wait for a peer, 0 = forever
+  int32_t rank;
+  int32_t world;
+};
+
 // ------------------------------------------------------------------ small kernels
 // Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
 struct FillArgs {

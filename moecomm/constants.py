@@ -27,6 +27,8 @@ A2A_MAX_PAYLOADS = 8     # payloads of one dispatch
 A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
 A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
 
+BARRIER_MAX_RANKS = 32  # ranks of a device-side barrier (moecomm.barrier)
+
 COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
 COMPACT_MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
@@ -39,6 +41,7 @@ class ErrorCode(enum.IntEnum):
     ALLREDUCE_TWOSHOT = 2
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
+    BARRIER = 32
 
     @property
     def op(self) -> str:
@@ -50,6 +53,7 @@ _ERROR_OPS = {
     ErrorCode.ALLREDUCE_TWOSHOT: "all_reduce (two-shot)",
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
+    ErrorCode.BARRIER: "barrier",
 }
 
 
@@ -188,6 +192,7 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_MAX_PAYLOADS": A2A_MAX_PAYLOADS,
         "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
         "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
+        "MOECOMM_BARRIER_MAX_RANKS": BARRIER_MAX_RANKS,
         "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
         "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
     }

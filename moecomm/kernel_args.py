@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from .constants import A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS
+from .constants import A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS, BARRIER_MAX_RANKS
 
 _ptr = ctypes.c_void_p
 _u64, _i64 = ctypes.c_uint64, ctypes.c_int64
@@ -88,6 +88,11 @@ class CompactReduceArgs(ctypes.Structure):
 
 class CompactStageArgs(ctypes.Structure):
     _fields_ = _fields(("y dst stats", _ptr), ("row_bytes capacity", _i64))
+
+
+class BarrierArgs(ctypes.Structure):
+    _fields_ = _fields(("peers", _u64 * BARRIER_MAX_RANKS), ("state error_word", _ptr),
+                       ("timeout_ns", _u64), ("rank world", _i32))
 
 
 class FillArgs(ctypes.Structure):
