@@ -5,6 +5,7 @@ from .alltoall import (
     Fp8Dispatch,
     Fp8Rows,
     MoeAlltoAll,
+    RoutingHandle,
     moe_a2a_get_workspace_size_per_rank,
     moe_a2a_sanitize_expert_ids,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "Fp8Dispatch",
     "Fp8Rows",
     "MoeAlltoAll",
+    "RoutingHandle",
     "moe_a2a_get_workspace_size_per_rank",
     "moe_a2a_sanitize_expert_ids",
 ]
