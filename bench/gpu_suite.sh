@@ -45,6 +45,11 @@ for n in $ranks; do
       | tee "$out/bench-$name-r$n.log" || status=1
   done
 done
+# Overlap with a GEMM needs GPUs of their own (time-slicing ranks overlap nothing).
+if [ "$ngpu" -ge 2 ]; then
+  "${mpi[@]}" -n 2 python3 -m moecomm.bench overlap --plot --out "$out" 2>&1 \
+    | tee "$out/bench-overlap-r2.log" || status=1
+fi
 "${mpi[@]}" -n 1 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1
 # One rank: the host cost of an eager all_reduce with no other process on the GPU.
 "${mpi[@]}" -n 1 python3 -m moecomm.bench allreduce --sizes 8192,1048576 --out "$out" 2>&1 \

@@ -145,3 +145,29 @@ def test_barrier_error_code_reaches_the_kernels():
     defines = kernel_defines()
     assert defines["MOECOMM_ERR_BARRIER"] == int(ErrorCode.BARRIER)
     assert defines["MOECOMM_BARRIER_MAX_RANKS"] >= 8
+
+
+def test_bench_overlap_is_registered():
+    from moecomm.bench import overlap
+    from moecomm.bench.__main__ import SUITES
+
+    assert SUITES["overlap"] is overlap
+    import argparse
+
+    p = argparse.ArgumentParser()
+    overlap.add_arguments(p)
+    args = p.parse_args([])
+    assert args.num_sms.split(",") == ["8", "16", "24", "32", "all"]
+    assert (args.tokens, args.hidden, args.experts, args.top_k) == (4096, 7168, 256, 8)
+    assert args.ar_bytes == 16 << 20
+
+
+def test_bench_overlap_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from moecomm.bench import overlap
+
+    rows = [{"comm": c, "num_sms": s, "hidden": 0.5, "gemm_keep": 0.9}
+            for c in ("moe", "allreduce") for s in (8, 16, "all")]
+    path = tmp_path / "o.png"
+    overlap._plot(rows, path, {"ranks": 2, "device": "X"})
+    assert path.stat().st_size > 0
