@@ -95,7 +95,7 @@ from ..kernels import get_kernel
 from ..launch import Launcher
 from ..op import Op, Phase, device_facts, empty, ep_group, group_sms, int_at_least, round_up
 from ..symmetric import SymmetricBuffer
-from ..tensors import as_array, bfloat16, import_array, stream_handle
+from ..tensors import as_array, as_stream, bfloat16, import_array, stream_handle
 
 __all__ = [
     "MoeAlltoAll", "MoeAlltoAllConfig", "DispatchPlan", "plan_dispatch",
@@ -596,11 +596,12 @@ class MoeAlltoAll(Op):
                              f"token_selected_experts has {T}")
         if _group.DEBUG:
             ids = as_array(ids_obj, "token_selected_experts", stream=stream)
-            if not handle.recorded:
-                handle._ids = ids.copy()
-            elif handle._ids is not None and not bool((handle._ids == ids).all()):
-                raise ValueError("handle: token_selected_experts differ from the ids the "
-                                 "RoutingHandle was recorded with (MOECOMM_DEBUG)")
+            with as_stream(stream):
+                if not handle.recorded:
+                    handle._ids = ids.copy()
+                elif handle._ids is not None and not bool((handle._ids == ids).all()):
+                    raise ValueError("handle: token_selected_experts differ from the ids the "
+                                     "RoutingHandle was recorded with (MOECOMM_DEBUG)")
         return handle
 
     def _prepare_dispatch(self, rmax: int, payloads, invalid, id_index, quantize) -> _Prepared:
