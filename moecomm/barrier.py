@@ -66,10 +66,12 @@ class DeviceBarrier(Op):
             raise ValueError(f"barrier: group of {self.world} ranks exceeds the "
                              f"{BARRIER_MAX_RANKS} supported")
         ns = timeout_ns(timeout_s)
+        ranks = self.group.local_comm.allgather(self.group.rank)
+        kernel = get_kernel("barrier.cu", "device_barrier")
         self.buffer = SymmetricBuffer(self.group, 4 * BARRIER_MAX_RANKS)
         self.state = cupy.zeros(_STATE_WORDS, np.uint32)
-        error = ErrorWord(self.group.local_comm.allgather(self.group.rank))
-        self._launch = Launcher(get_kernel("barrier.cu", "device_barrier"), BarrierArgs)
+        error = ErrorWord(ranks)
+        self._launch = Launcher(kernel, BarrierArgs)
         a = self._launch.args
         a.peers[:self.world] = self.buffer.ptrs
         a.state, a.error_word, a.timeout_ns = self.state.data.ptr, error.ptr, ns

@@ -115,8 +115,11 @@ class CommHandle:
         return bool(self._event.done)
 
     def __del__(self):
-        if not self._consumed and _group.DEBUG:
-            _unwaited.append(self._op)
+        try:
+            if not self._consumed and _group.DEBUG:
+                _unwaited.append(self._op)
+        except Exception:  # interpreter shutdown
+            pass
 
     def __repr__(self) -> str:
         return f"CommHandle({self._op}, {'consumed' if self._consumed else 'pending'})"

@@ -78,6 +78,7 @@ class Gemm:
     def __call__(self, stream) -> None:
         cb = self._cublas
         cb.setStream(self._handle, stream.ptr)
+        cb.setPointerMode(self._handle, 0)  # alpha and beta on the host
         for _ in range(self.reps):
             # Row-major c[m, n] = a[m, k] b[k, n] is column-major c^T = b^T a^T.
             cb.gemmEx(self._handle, 0, 0, self.n, self.m, self.k, self._alpha.ctypes.data,
