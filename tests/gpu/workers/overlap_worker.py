@@ -243,6 +243,10 @@ def a2a_handle_async(ctx, num_sms):
             recv, h = op.dispatch(d_ids, [x], rmax, stream=comm, handle=handle,
                                   previous_event=ev, async_op=True)
         h.wait(stream)
+        if num_sms is not None:  # MoeAlltoAllConfig.num_sms bounds both grids
+            assert op._dispatched.grid <= num_sms * op.config.dispatch_blocks_per_sm
+            assert all(p.grid <= num_sms * op._combine_blocks_per_sm
+                       for p in op._prepared_combine.values())
         recv_ref, rt = check_dispatch(ctx, op, recv, ids, xs, rmax, f"layer {layer}")
         want = ref.moe_a2a_combine([recv_ref[q][0] for q in range(n)], rt)[r]
         out, h = op.combine(recv[0], rmax, stream=comm, previous_event=h, async_op=True)
@@ -335,6 +339,7 @@ def compact_handle_async(ctx, local):
     budget = ctx.shared(("ep4", local), lambda: make(4))
     plain = ctx.shared(("ep", local), lambda: make(None))
     compute, comm = streams()
+    assert budget._max_grid == 2 * 4 and budget._a2a.num_sms == 4
     r = ctx.group.local_rank
     ids, _ = routing(ctx, 33)
     d_ids = cupy.asarray(ids[r])
