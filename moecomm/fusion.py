@@ -390,7 +390,9 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
         launcher, grid, block, cluster = ws.launcher(algo, spec.quant, tokens)
         _fill(launcher.args, fields)
         launcher(grid, block, handle, cluster=cluster)
-    return events.finish(outputs, handle, async_op, owner=ws, op="allreduce_fusion",
+    if not async_op:
+        return outputs
+    return events.finish(outputs, handle, True, owner=ws, op="allreduce_fusion",
                          keep=(inputs, options, outputs))
 
 

@@ -567,7 +567,9 @@ class MoeAlltoAll(Op):
         result = list(prepared.views)
         if return_handle:
             result = (result, route)
-        return events.finish(result, stream_ptr, async_op, owner=self, op="MoeAlltoAll.dispatch",
+        if not async_op:
+            return result
+        return events.finish(result, stream_ptr, True, owner=self, op="MoeAlltoAll.dispatch",
                              keep=(token_selected_experts, input_payloads))
 
     def routing_handle(self) -> RoutingHandle:
@@ -805,7 +807,9 @@ class MoeAlltoAll(Op):
         a.payload, a.out, a.num_tokens = x.ptr, out_ptr, T
         prepared.launcher(prepared.grid, prepared.block, handle)
         self.phase = Phase.IDLE
-        return events.finish(out, handle, async_op, owner=self, op="MoeAlltoAll.combine",
+        if not async_op:
+            return out
+        return events.finish(out, handle, True, owner=self, op="MoeAlltoAll.combine",
                              keep=(payload, out))
 
     def _in_place_source(self, ptr: int, row: int, plan: DispatchPlan) -> int | None:
