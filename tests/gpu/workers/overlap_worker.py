@@ -495,7 +495,8 @@ def graph_event_ordering(ctx):
 @case(own_job=True, ranks=(2,), env={"MOECOMM_DEBUG": "1"})
 def debug_mode_catches_missing_wait(ctx):
     """MOECOMM_DEBUG=1: a CommHandle never waited for is reported by the next call of
-    the op (and one dropped unwaited by the next call of any op)."""
+    the op (and one dropped unwaited by the next call of any op); a routing handle
+    replayed with other ids is refused."""
     import moecomm
 
     assert moecomm.group.DEBUG
@@ -513,6 +514,18 @@ def debug_mode_catches_missing_wait(ctx):
         out, h = all_reduce(x, ws, async_op=True)
         h.synchronize()
         assert cupy.all(out == ctx.world), "the workspace is usable after the reports"
+    # A routing handle replayed with other ids is refused (the ids are compared).
+    n = ctx.group.local_size
+    with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, hidden_size=H) as op:
+        ids = cupy.asarray(np.arange(8 * TOP_K, dtype=np.int32).reshape(8, TOP_K) % (EPR * n))
+        pay = [cupy.zeros((8, H), bfloat16)]
+        recv, handle = op.dispatch(ids, pay, 8, return_handle=True)
+        op.combine(recv[0], 8)
+        recv = op.dispatch(ids, pay, 8, handle=handle)  # the same ids: accepted
+        op.combine(recv[0], 8)
+        with pytest.raises(ValueError, match="differ from the ids"):
+            op.dispatch(ids[::-1].copy(), pay, 8, handle=handle)
+        cupy.cuda.runtime.deviceSynchronize()
 
 
 if __name__ == "__main__":
