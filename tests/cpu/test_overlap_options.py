@@ -171,3 +171,10 @@ def test_bench_overlap_plot(tmp_path):
     path = tmp_path / "o.png"
     overlap._plot(rows, path, {"ranks": 2, "device": "X"})
     assert path.stat().st_size > 0
+
+
+def test_barrier_refuses_a_non_group():
+    from moecomm.barrier import DeviceBarrier
+
+    with pytest.raises(TypeError, match="expected a ProcessGroup"):
+        DeviceBarrier("group")
