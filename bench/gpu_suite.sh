@@ -53,6 +53,11 @@ for ex in cupy_allreduce torch_tp_mlp jax_moe_layer; do
 done
 # Host cost of an eager 8 KiB all_reduce per framework and way of giving the stream.
 "${mpi[@]}" -n 2 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1
+# Overlap with a GEMM needs GPUs of their own (time-slicing ranks overlap nothing).
+if [ "$ngpu" -ge 2 ]; then
+  "${mpi[@]}" -n 2 python3 -m moecomm.bench overlap --plot --out "$out" 2>&1 \
+    | tee "$out/bench-overlap-r2.log" || status=1
+fi
 # One rank: the host cost of an eager all_reduce with no other process on the GPU.
 "${mpi[@]}" -n 1 python3 -m moecomm.bench allreduce --sizes 8192,1048576 --out "$out" 2>&1 \
   | tee "$out/bench-allreduce-r1.log" || status=1

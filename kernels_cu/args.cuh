@@ -111,6 +111,8 @@ struct DispatchArgs {
   const int32_t* experts;                       // [T, top_k] token_selected_experts
   int32_t* send_slot;                           // [T, ep] local: token t's row on rank r
   int32_t* recv_counts;                         // [ep] local: rows received per source
+  int32_t* route_slot;                          // routing handle [T, ep]: send_slot's copy
+  int32_t* route_total;                         // routing handle [ep]: rows sent per target
   uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];       // payload p: [T, *] input rows
   uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS]; // bytes per received row (fp8: H codes)
   uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];  // workspace offset of receive tensor p
@@ -126,6 +128,7 @@ struct DispatchArgs {
   int32_t invalid_id;
   int32_t quant_payload;                        // fp8: the bf16 payload quantized, or -1
   int32_t scale_format;                         // fp8: 0 fp32 scales, 1 UE8M0 packed
+  int32_t route_mode;                           // 0: layout pass; 1: and record; 2: replay
   A2aWorkspace ws;
 };
 
@@ -248,6 +251,18 @@ struct DcpCombineArgs {
   uint32_t stats_dim;      // S
   uint32_t cp;
   uint32_t format;         // StatsFormat
+};
+
+// ------------------------------------------------------------------ barrier
+// barrier (barrier.cu): every rank's buffer holds u32 arrival counters [max ranks];
+// entry s is incremented by rank s once per call.
+struct BarrierArgs {
+  uint64_t peers[MOECOMM_BARRIER_MAX_RANKS];  // base address of every rank's counters
+  uint32_t* state;                            // local: [0] calls so far, [1] abort word
+  uint32_t* error_word;                       // mapped host memory (moecomm.errors)
+  uint64_t timeout_ns;                        // bound of the wait for a peer, 0 = forever
+  int32_t rank;
+  int32_t world;
 };
 
 // ------------------------------------------------------------------ small kernels

@@ -21,6 +21,8 @@ constexpr int kA2aMaxPayloads = MOECOMM_A2A_MAX_PAYLOADS;
 constexpr int kA2aHeaderBytes = MOECOMM_A2A_HEADER_BYTES;
 constexpr int kA2aFp8Group = MOECOMM_A2A_FP8_GROUP;
 
+constexpr int kBarrierMaxRanks = MOECOMM_BARRIER_MAX_RANKS;
+
 constexpr int kCompactMaxLocalExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
 constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;
 
@@ -32,6 +34,7 @@ constexpr uint32_t kErrAllreduceRegistered = MOECOMM_ERR_ALLREDUCE_REGISTERED;
 constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
 constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
 constexpr uint32_t kErrDcpAlltoall = MOECOMM_ERR_DCP_ALLTOALL;
+constexpr uint32_t kErrBarrier = MOECOMM_ERR_BARRIER;
 
 }  // namespace config
 

@@ -62,6 +62,12 @@ constexpr size_t kDispatchCountOff = 0;
 constexpr size_t kCombineCountOff = 128;
 constexpr size_t kRecvCountOff = 256;
 
+// DispatchArgs::route_mode: the layout pass alone, the layout pass recorded into a routing
+// handle (route_slot = send_slot, route_total = rows per target), or the layout replayed
+// from one (steps 1 and the slot assignment skipped; the handle's ids were the same).
+constexpr int kRouteRecord = 1;
+constexpr int kRouteReplay = 2;
+
 // Local state words.
 constexpr int kStateDispatchSeen = 0;  // dispatch signals expected from each source so far
 constexpr int kStateCombineSeen = 1;   // combine signals likewise
@@ -390,7 +396,11 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   const uint32_t target = begin(ws, kStateDispatchSeen) + gridDim.x;
 
   // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r.
-  {
+  //    Replaying a routing handle: the totals are the handle's, the slots too (step 2).
+  const bool replay = p.route_mode == kRouteReplay;
+  if (replay) {
+    if (threadIdx.x < ep) s_total[threadIdx.x] = p.route_total[threadIdx.x];
+  } else {
     int before = 0, total = 0;
     for (int64_t base = (int64_t)warp * 32; base < T; base += (int64_t)nwarps * 32) {
       const int64_t t = base + lane;
@@ -416,7 +426,13 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   int running = warp == 0 && lane < ep ? s_before[lane] : 0;  // lane r: next slot on r
   for (int64_t c0 = t0; c0 < t1; c0 += kSub) {
     const int n = (int)min((int64_t)kSub, t1 - c0);
-    if (warp == 0) {
+    if (replay) {
+      for (int i = threadIdx.x; i < n * ep; i += blockDim.x) {
+        const int slot = p.route_slot[c0 * ep + i];
+        s_slot[i / ep][i % ep] = slot;
+        p.send_slot[c0 * ep + i] = slot;
+      }
+    } else if (warp == 0) {
       const int64_t t = c0 + lane;
       const uint32_t m = lane < n ? route_mask(p, t) : 0u;
       const uint32_t below = (1u << lane) - 1u;
@@ -428,6 +444,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
         if (lane < n) {
           s_slot[lane][r] = slot;
           p.send_slot[t * ep + r] = slot;
+          if (p.route_mode == kRouteRecord) p.route_slot[t * ep + r] = slot;
         }
         if (lane == r) running += __popc(b);
       }
@@ -452,9 +469,11 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   }
 
   // 3. Counts into every target's header; id padding rows; then this block is done.
-  if (blockIdx.x == 0 && threadIdx.x < ep)
+  if (blockIdx.x == 0 && threadIdx.x < ep) {
     reinterpret_cast<int32_t*>(peer_base(ws, threadIdx.x) + kRecvCountOff)[rank] =
         s_total[threadIdx.x];
+    if (p.route_mode == kRouteRecord) p.route_total[threadIdx.x] = s_total[threadIdx.x];
+  }
   if (p.id_payload >= 0) {
     if ((p.row_bytes[p.id_payload] & 15u) == 0)
       pad_ids<Vec16>(p, s_total);

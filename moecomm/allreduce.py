@@ -29,7 +29,7 @@ import cupy
 import numpy as np
 
 from . import group as _group
-from . import kernels, tuning
+from . import events, kernels, tuning
 from .constants import AR_LAMPORT_BUFFERS, AR_MAX_BLOCKS, AR_MAX_RANKS, REGION_ALIGN
 from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
@@ -69,6 +69,10 @@ class AllReduceConfig:
     oneshot_max_bytes: the ``auto`` crossover; None: ``tuning.ALLREDUCE_ONESHOT_MAX_BYTES``
         for the group's size.
     pdl: launch with programmatic dependent launch.
+    num_sms: SMs the kernels (and ``allreduce_fusion``'s) may occupy (None: every SM):
+        grids hold at most ``num_sms`` SMs' worth of resident blocks, the rest of the GPU
+        stays free for compute running beside them. The same on every rank (checked at
+        workspace creation).
     """
 
     oneshot_threads: int = 128
@@ -78,6 +82,7 @@ class AllReduceConfig:
     twoshot_chunk_bytes: int = 64 << 10
     oneshot_max_bytes: int | None = None
     pdl: bool = True
+    num_sms: int | None = None
 
     def __post_init__(self):
         for name in ("oneshot_threads", "twoshot_threads"):
@@ -93,6 +98,8 @@ class AllReduceConfig:
                              f"bytes x twoshot_threads={self.twoshot_threads}")
         if self.oneshot_max_bytes is not None:
             int_at_least("AllReduceConfig.oneshot_max_bytes", self.oneshot_max_bytes, 0)
+        if self.num_sms is not None:
+            int_at_least("AllReduceConfig.num_sms", self.num_sms)
 
     def crossover(self, world: int) -> int:
         if self.oneshot_max_bytes is not None:
@@ -163,6 +170,7 @@ class AllReduceWorkspace(Op):
         self._open(self.error)
 
     def _make(self, max_oneshot_bytes, segment_bytes) -> None:
+        self.group.check_uniform("AllReduceConfig.num_sms", self.config.num_sms)
         crossover = self.config.crossover(self.world)
         slot = round_up(min(self.max_bytes, crossover) if max_oneshot_bytes is None
                         else int_at_least("max_oneshot_bytes", max_oneshot_bytes, 0), 16)
@@ -180,7 +188,8 @@ class AllReduceWorkspace(Op):
             self.ipc = False
             return
         self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
-        self.sms = group_sms(self.group)
+        sms = group_sms(self.group)
+        self.sms = min(sms, self.config.num_sms or sms)  # the SM budget of every grid
         self.state = cupy.zeros(_STATE_WORDS, np.uint32)
         self.error = ErrorWord(self.group.local_comm.allgather(self.rank))
         # The workspace as kernels see it; copied into every launcher's argument struct.
@@ -287,7 +296,8 @@ def create_allreduce_workspace(group: ProcessGroup | None = None, max_bytes: int
 
 
 def all_reduce(x, workspace: AllReduceWorkspace, out=None,
-               algorithm: Algorithm | str = Algorithm.AUTO, stream=None):
+               algorithm: Algorithm | str = Algorithm.AUTO, stream=None, *,
+               previous_event=None, async_op: bool = False):
     """Sum ``x`` over the workspace's group.
 
     Args:
@@ -297,8 +307,10 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
             CUDA graph (no allocation then).
         algorithm: "auto", "oneshot", "twoshot" or "nccl"; same on every rank.
         stream: where the op runs (see ``moecomm.tensors``).
+        previous_event, async_op: overlap options (``moecomm.events``).
 
-    Returns ``out`` as passed (a PyTorch ``out`` stays a tensor), or a new ``cupy.ndarray``.
+    Returns ``out`` as passed (a PyTorch ``out`` stays a tensor), or a new ``cupy.ndarray``;
+    with ``async_op``, ``(that, CommHandle)``.
     """
     ws = workspace
     ws.usable("all_reduce")
@@ -317,12 +329,16 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
     else:
         out_ptr = import_array(out, "out", dtype=xa.dtype, shape=xa.shape, device=ws.device_id,
                                stream=handle).ptr
+    if algo != Algorithm.NCCL:
+        for name, ptr in (("x", xa.ptr), ("out", out_ptr)):
+            if ptr % 16:
+                raise ValueError(f"{name}: address 0x{ptr:x} is not 16-byte aligned")
+    if previous_event is not None or async_op or _group.DEBUG:
+        async_op = events.issue(handle, previous_event, async_op, owner=ws, op="all_reduce")
     if algo == Algorithm.NCCL:
         ws.nccl.all_reduce(x, out, stream=stream)
-        return out
-    for name, ptr in (("x", xa.ptr), ("out", out_ptr)):
-        if ptr % 16:
-            raise ValueError(f"{name}: address 0x{ptr:x} is not 16-byte aligned")
-    if xa.size:
+    elif xa.size:
         ws.launch(xa.ptr, out_ptr, xa.size, algo, handle)
-    return out
+    if not async_op:  # the hot path: no handle
+        return out
+    return events.finish(out, handle, True, owner=ws, op="all_reduce", keep=(x, out))

@@ -27,6 +27,8 @@ A2A_MAX_PAYLOADS = 8     # payloads of one dispatch
 A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
 A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
 
+BARRIER_MAX_RANKS = 32  # ranks of a device-side barrier (moecomm.barrier)
+
 COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
 COMPACT_MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
@@ -46,6 +48,7 @@ class ErrorCode(enum.IntEnum):
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
     DCP_ALLTOALL = 32
+    BARRIER = 48
 
     @property
     def op(self) -> str:
@@ -60,6 +63,7 @@ _ERROR_OPS = {
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
     ErrorCode.DCP_ALLTOALL: "DcpAlltoAll.alltoall",
+    ErrorCode.BARRIER: "barrier",
 }
 
 
@@ -235,6 +239,7 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_MAX_PAYLOADS": A2A_MAX_PAYLOADS,
         "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
         "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
+        "MOECOMM_BARRIER_MAX_RANKS": BARRIER_MAX_RANKS,
         "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
         "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
     }

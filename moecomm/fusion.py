@@ -39,7 +39,7 @@ import cupy
 import numpy as np
 
 from . import group as _group
-from . import kernels, tuning
+from . import events, kernels, tuning
 from .allreduce import Algorithm, AllReduceConfig, AllReduceWorkspace
 from .constants import (FUSION_MAX_HIDDEN, GROUP_FP8_SIZES, PATTERNS, AllReduceFusionPattern,
                         PatternSpec, Quant, QuantizationSFLayout, Source)
@@ -245,19 +245,22 @@ def allreduce_fusion(input, workspace: AllReduceFusionWorkspace,
                      pattern: AllReduceFusionPattern | int,
                      options: AllReduceFusionOptions | None = None,
                      outputs: AllReduceFusionOutputs | None = None,
-                     stream=None) -> AllReduceFusionOutputs:
+                     stream=None, *, previous_event=None,
+                     async_op: bool = False) -> AllReduceFusionOutputs:
     """All-reduce ``input`` [T, H] over the workspace's group and apply ``pattern``.
 
     Writes into the arrays of ``outputs`` and returns it. Every array is validated before
     the launch; a required output missing, an output the pattern does not write, or a
     shape/dtype off raises ``ValueError``/``TypeError``. Same ``pattern`` and shapes on
     every rank. The MoE patterns (6, 7) go through ``moe_allreduce_fusion`` /
-    ``moe_finalize_allreduce_fusion``.
+    ``moe_finalize_allreduce_fusion``. ``previous_event``, ``async_op``: overlap options of
+    every entry here (``moecomm.events``; with ``async_op`` the return is ``(outputs,
+    CommHandle)``).
     """
     spec, pattern = _pattern(pattern, Source.INPUT, "allreduce_fusion")
     x = as_array(input, "input", ndim=2, stream=stream)
     return _run(workspace, x.shape[0], x, pattern, spec, options, outputs, stream,
-                dict(source=Source.INPUT, input=x.data.ptr))
+                dict(source=Source.INPUT, input=x.data.ptr), (previous_event, async_op, input))
 
 
 def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
@@ -265,7 +268,8 @@ def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
                          pattern: AllReduceFusionPattern | int = AllReduceFusionPattern.kARResidualRMSNorm,
                          options: AllReduceFusionOptions | None = None,
                          outputs: AllReduceFusionOutputs | None = None,
-                         stream=None) -> AllReduceFusionOutputs:
+                         stream=None, *, previous_event=None,
+                         async_op: bool = False) -> AllReduceFusionOutputs:
     """MoE reduction, all-reduce and ``pattern`` in one kernel.
 
     Each rank contributes ``sum_e active_experts_token_input[e] * scale_input[e] +
@@ -287,7 +291,8 @@ def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
     require_aligned("active_experts_token_input", active)
     moe = dict(source=Source.MOE_REDUCTION, moe_rows=active.data.ptr, moe_scale=scale.data.ptr,
                moe_extra=tok.data.ptr, moe_count=active.shape[0])
-    return _run(workspace, tokens, tok, pattern, spec, options, outputs, stream, moe)
+    return _run(workspace, tokens, tok, pattern, spec, options, outputs, stream, moe,
+                (previous_event, async_op, (active_experts_token_input, scale_input, token_input)))
 
 
 def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
@@ -297,7 +302,8 @@ def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
                                   outputs: AllReduceFusionOutputs | None = None, *,
                                   expert_scale_factor=None, shared_expert_output=None,
                                   routed_scaling_factor: float = 1.0,
-                                  stream=None) -> AllReduceFusionOutputs:
+                                  stream=None, previous_event=None,
+                                  async_op: bool = False) -> AllReduceFusionOutputs:
     """MoE finalize (un-permute), all-reduce and ``pattern`` in one kernel.
 
     Each rank contributes, per token t, ``routed_scaling_factor * sum_k
@@ -330,7 +336,9 @@ def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
                           shape=(tokens, hidden), stream=stream)
         require_aligned("shared_expert_output", shared)
         moe.update(moe_extra=shared.data.ptr)
-    return _run(workspace, tokens, rows, pattern, spec, options, outputs, stream, moe)
+    return _run(workspace, tokens, rows, pattern, spec, options, outputs, stream, moe,
+                (previous_event, async_op, (allreduce_in, expanded_idx_to_permuted_idx,
+                                            expert_scale_factor, shared_expert_output)))
 
 
 def _pattern(pattern, source: Source, entry: str) -> tuple[PatternSpec, AllReduceFusionPattern]:
@@ -351,9 +359,11 @@ def _pattern(pattern, source: Source, entry: str) -> tuple[PatternSpec, AllReduc
 
 
 def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern, spec,
-         options, outputs, stream, source_fields: dict) -> AllReduceFusionOutputs:
+         options, outputs, stream, source_fields: dict,
+         overlap: tuple = (None, False, None)) -> AllReduceFusionOutputs:
     """Validate against the workspace, fill the launcher's FusionArgs and launch (shared
-    by every entry). ``like``: an array with the I/O dtype and hidden size."""
+    by every entry). ``like``: an array with the I/O dtype and hidden size. ``overlap``:
+    (previous_event, async_op, the inputs a CommHandle keeps alive)."""
     ws.usable("allreduce_fusion")
     options = options or AllReduceFusionOptions()
     outputs = outputs or AllReduceFusionOutputs()
@@ -375,12 +385,19 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
     if _group.DEBUG:
         ws.group.check_uniform("allreduce_fusion arguments (pattern, tokens, source, algorithm)",
                                (pattern.name, tokens, int(fields["source"]), algo.value))
-    if tokens == 0:
+    handle = stream_handle(stream)
+    previous_event, async_op, inputs = overlap
+    if previous_event is not None or async_op or _group.DEBUG:
+        async_op = events.issue(handle, previous_event, async_op, owner=ws,
+                                op="allreduce_fusion")
+    if tokens:
+        launcher, grid, block, cluster = ws.launcher(algo, spec.quant, tokens)
+        _fill(launcher.args, fields)
+        launcher(grid, block, handle, cluster=cluster)
+    if not async_op:
         return outputs
-    launcher, grid, block, cluster = ws.launcher(algo, spec.quant, tokens)
-    _fill(launcher.args, fields)
-    launcher(grid, block, stream_handle(stream), cluster=cluster)
-    return outputs
+    return events.finish(outputs, handle, True, owner=ws, op="allreduce_fusion",
+                         keep=(inputs, options, outputs))
 
 
 def _fill(args: FusionArgs, fields: dict) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from .constants import A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS
+from .constants import A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS, BARRIER_MAX_RANKS
 
 _ptr = ctypes.c_void_p
 _u64, _i64 = ctypes.c_uint64, ctypes.c_int64
@@ -60,11 +60,11 @@ class A2aWorkspace(ctypes.Structure):
 
 class DispatchArgs(ctypes.Structure):
     _fields_ = _fields(
-        ("experts send_slot recv_counts", _ptr),
+        ("experts send_slot recv_counts route_slot route_total", _ptr),
         ("src", _u64 * A2A_MAX_PAYLOADS), ("row_bytes", _u64 * A2A_MAX_PAYLOADS),
         ("recv_off", _u64 * A2A_MAX_PAYLOADS), ("scale_off scale_row_bytes", _u64),
         ("num_tokens top_k num_experts experts_per_rank runtime_max num_payloads id_payload "
-         "invalid_id quant_payload scale_format", _i32),
+         "invalid_id quant_payload scale_format route_mode", _i32),
         ("ws", A2aWorkspace))
 
 
@@ -109,6 +109,11 @@ class DcpArgs(ctypes.Structure):
 class DcpCombineArgs(ctypes.Structure):
     _fields_ = _fields(("o stats out lse_out", _ptr), ("rows", _u64),
                        ("o_vecs stats_dim cp format", _u32))
+
+
+class BarrierArgs(ctypes.Structure):
+    _fields_ = _fields(("peers", _u64 * BARRIER_MAX_RANKS), ("state error_word", _ptr),
+                       ("timeout_ns", _u64), ("rank world", _i32))
 
 
 class FillArgs(ctypes.Structure):

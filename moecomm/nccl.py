@@ -9,16 +9,22 @@ NCCL allows one rank per GPU: a group with two ranks on one device is refused wi
 
 Variable-size exchanges (``all_to_all_v``, ``all_gather_v``, ``reduce_scatter_v``) take
 per-rank row counts as host integers, as the NCCL API does; the rows are along axis 0.
+
+Every collective also takes ``previous_event=`` and ``async_op=`` (``moecomm.events``):
+NCCL runs on ``stream=``; with ``async_op`` the call returns ``(out, CommHandle)``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import cupy
 import numpy as np
 from cupy.cuda import nccl
 
+from . import events
+from . import group as _group
 from .group import ProcessGroup, default_group
 from .tensors import as_array, bfloat16, stream_handle
 
@@ -59,6 +65,22 @@ def _out(out, name: str, shape, dtype, stream) -> cupy.ndarray:
     return as_array(out, name, dtype=dtype, shape=shape, stream=stream)
 
 
+def _overlap(method):
+    """Adds the overlap options (``previous_event``, ``async_op``) to a collective."""
+    op = f"NcclCommunicator.{method.__name__}"
+
+    @functools.wraps(method)
+    def call(self, *args, stream=None, previous_event=None, async_op=False, **kwargs):
+        if previous_event is None and not async_op and not _group.DEBUG:
+            return method(self, *args, stream=stream, **kwargs)
+        handle = stream_handle(stream)
+        async_op = events.issue(handle, previous_event, async_op, owner=self, op=op)
+        out = method(self, *args, stream=stream, **kwargs)
+        return events.finish(out, handle, async_op, owner=self, op=op, keep=(args, kwargs))
+
+    return call
+
+
 class NcclCommunicator:
     """An NCCL communicator over every rank of ``group`` (one rank per GPU).
 
@@ -86,6 +108,7 @@ class NcclCommunicator:
         self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
 
     # -- collectives ----------------------------------------------------------------
+    @_overlap
     def all_reduce(self, x, out=None, *, op: str = "sum", stream=None) -> cupy.ndarray:
         """Elementwise reduction of ``x`` over all ranks; ``out`` may be ``x`` (in place)."""
         x = as_array(x, "x", stream=stream)
@@ -95,6 +118,7 @@ class NcclCommunicator:
                              stream_handle(stream))
         return out
 
+    @_overlap
     def all_gather(self, x, out=None, *, stream=None) -> cupy.ndarray:
         """``out[r] = x of rank r``: shape ``[size, *x.shape]``."""
         x = as_array(x, "x", stream=stream)
@@ -103,6 +127,7 @@ class NcclCommunicator:
                              stream_handle(stream))
         return out
 
+    @_overlap
     def reduce_scatter(self, x, out=None, *, op: str = "sum", stream=None) -> cupy.ndarray:
         """Rank r gets block r of the reduction of ``x`` ``[size, *block]`` -> ``block``."""
         x = as_array(x, "x", stream=stream)
@@ -114,6 +139,7 @@ class NcclCommunicator:
                                  stream_handle(stream))
         return out
 
+    @_overlap
     def all_to_all(self, x, out=None, *, stream=None) -> cupy.ndarray:
         """``x [size, *block]``: block p goes to rank p; ``out[s]`` is rank s's block."""
         x = as_array(x, "x", stream=stream)
@@ -125,6 +151,7 @@ class NcclCommunicator:
                        stream_handle(stream))
         return out
 
+    @_overlap
     def all_to_all_v(self, x, send_counts: Sequence[int], recv_counts: Sequence[int],
                      out=None, *, stream=None) -> cupy.ndarray:
         """Rows ``x[off_p : off_p + send_counts[p]]`` go to rank p (``off`` = prefix sum);
@@ -140,6 +167,7 @@ class NcclCommunicator:
                        out.data.ptr, [c * row for c in recv_counts], stream_handle(stream))
         return out
 
+    @_overlap
     def all_gather_v(self, x, counts: Sequence[int], out=None, *, stream=None) -> cupy.ndarray:
         """Rank r contributes ``counts[r]`` rows (``x`` rows); every rank gets all rows."""
         x = as_array(x, "x", stream=stream)
@@ -158,6 +186,7 @@ class NcclCommunicator:
         nccl.groupEnd()
         return out
 
+    @_overlap
     def reduce_scatter_v(self, x, counts: Sequence[int], out=None, *, op: str = "sum",
                          stream=None) -> cupy.ndarray:
         """``x`` has ``sum(counts)`` rows; rank r gets the reduction of its ``counts[r]``."""

@@ -6,6 +6,7 @@ from .alltoall import (
     Fp8Rows,
     MoeAlltoAll,
     MoeAlltoAllConfig,
+    RoutingHandle,
     moe_a2a_get_workspace_size_per_rank,
     moe_a2a_sanitize_expert_ids,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Fp8Rows",
     "MoeAlltoAll",
     "MoeAlltoAllConfig",
+    "RoutingHandle",
     "moe_a2a_get_workspace_size_per_rank",
     "moe_a2a_sanitize_expert_ids",
 ]

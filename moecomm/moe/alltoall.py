@@ -67,6 +67,13 @@ Launch: ``MoeAlltoAllConfig`` sets the SM budget (``num_sms``) and block sizes; 
 the same on every rank (derived from ``runtime_max_tokens_per_rank``), kernels use
 programmatic dependent launch, and each call patches a prepared argument struct (no
 per-call allocation or NumPy on the host). Protocol: ``kernels_cu/moe_a2a.cu``.
+
+Routing handle (decode): ``dispatch(..., return_handle=True)`` also returns a
+``RoutingHandle``; ``dispatch(..., handle=h)`` with the same ``token_selected_experts``
+(the layers of one step, a replayed step) skips the layout pass (every block's count over
+all tokens and the slot assignment) and reads the recorded slots; results are identical.
+Overlap: ``dispatch`` and ``combine`` take ``previous_event`` / ``async_op``
+(``moecomm.events``).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ import cupy
 import numpy as np
 
 from ..constants import A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A_MAX_PAYLOADS, A2A_MAX_RANKS, REGION_ALIGN
+from .. import events
 from .. import group as _group
 from ..errors import ErrorWord, timeout_ns
 from ..group import ProcessGroup
@@ -87,12 +95,12 @@ from ..kernels import get_kernel
 from ..launch import Launcher
 from ..op import Op, Phase, device_facts, empty, ep_group, group_sms, int_at_least, round_up
 from ..symmetric import SymmetricBuffer
-from ..tensors import as_array, bfloat16, import_array, stream_handle
+from ..tensors import as_array, as_stream, bfloat16, import_array, stream_handle
 
 __all__ = [
     "MoeAlltoAll", "MoeAlltoAllConfig", "DispatchPlan", "plan_dispatch",
     "moe_a2a_get_workspace_size_per_rank", "moe_a2a_sanitize_expert_ids", "MAX_RANKS",
-    "MAX_PAYLOADS", "HEADER_BYTES", "Fp8Dispatch", "Fp8Rows", "FP8_GROUP_SIZE",
+    "MAX_PAYLOADS", "HEADER_BYTES", "Fp8Dispatch", "Fp8Rows", "FP8_GROUP_SIZE", "RoutingHandle",
 ]
 
 # The limits, under the names this module has always exported (values: moecomm.constants).
@@ -275,6 +283,49 @@ def moe_a2a_sanitize_expert_ids(expert_ids, recv_counts, ep_rank: int, experts_p
     return ids
 
 
+# ---------------------------------------------------------------------------- routing
+_ROUTE_NONE, _ROUTE_RECORD, _ROUTE_REPLAY = 0, 1, 2  # DispatchArgs.route_mode (moe_a2a.cu)
+
+
+class RoutingHandle:
+    """The routing layout of one dispatch, kept for the next dispatches of the same
+    ``token_selected_experts`` (the layers of one decode step, a replayed step).
+
+    It holds, on the device, each token's row on every target rank (``[T, ep]`` int32) and
+    the rows sent to each target (``[ep]``); a dispatch given a recorded handle skips its
+    layout pass (the count over all tokens and the slot assignment) and reads them instead.
+    Made by ``MoeAlltoAll.dispatch(..., return_handle=True)``, or empty by
+    ``MoeAlltoAll.routing_handle()`` (no allocation at dispatch time: the way to record
+    inside a CUDA graph capture) and recorded by the first dispatch given it.
+
+    The caller promises that the ids are the same as at recording (``MOECOMM_DEBUG=1``
+    compares them, synchronising); results are then identical to a dispatch without it.
+    ``num_tokens`` is the T it was recorded with (None until then).
+    """
+
+    __slots__ = ("_owner", "_slot", "_total", "num_tokens", "_ids")
+
+    def __init__(self, owner: "MoeAlltoAll"):
+        self._owner = owner
+        # Written in full by the recording dispatch before any replay reads them.
+        self._slot = cupy.empty(max(1, owner.max_num_tokens * owner.ep_size), np.int32)
+        self._total = cupy.empty(owner.ep_size, np.int32)
+        self.num_tokens: int | None = None
+        self._ids = None  # MOECOMM_DEBUG: the ids it was recorded with
+
+    @property
+    def recorded(self) -> bool:
+        return self.num_tokens is not None
+
+    @property
+    def rows_per_rank(self) -> cupy.ndarray:
+        """int32 ``[ep]`` on the device: rows this rank sends to each target."""
+        return self._total
+
+    def __repr__(self) -> str:
+        return f"RoutingHandle(num_tokens={self.num_tokens})"
+
+
 # ---------------------------------------------------------------------------- the op
 class _Prepared(NamedTuple):
     """A dispatch or combine launch prepared for one layout: its launcher (argument struct
@@ -440,7 +491,9 @@ class MoeAlltoAll(Op):
     def dispatch(self, token_selected_experts, input_payloads, runtime_max_tokens_per_rank: int,
                  invalid_token_expert_id: int | None = None,
                  expert_id_payload_index: int | None = None, stream=None, *,
-                 quantize: Fp8Dispatch | None = None) -> list:
+                 quantize: Fp8Dispatch | None = None, handle: RoutingHandle | None = None,
+                 return_handle: bool = False, previous_event=None,
+                 async_op: bool = False) -> list:
         """Send each token's payload rows to the ranks owning its experts.
 
         Args:
@@ -456,19 +509,25 @@ class MoeAlltoAll(Op):
             quantize: an ``Fp8Dispatch``: send payload ``quantize.payload_index`` (bf16
                 ``[T, H]``) as fp8 codes + scales, quantized once per token inside the
                 kernel (see the module doc); at most 7 payloads then.
+            handle: a ``RoutingHandle`` of this object: recorded, its layout is replayed
+                (``token_selected_experts`` must hold the ids it was recorded with, T
+                equal); empty, this dispatch records into it.
+            return_handle: record into a new ``RoutingHandle`` and return it too.
+            previous_event, async_op: overlap options (``moecomm.events``).
 
         Returns one workspace view ``[ep_size, runtime_max, *payload.shape[1:]]`` per
         payload (for the quantized payload an ``Fp8Rows(codes, scales)``);
-        ``recv_counts`` holds the valid rows per source block.
+        ``recv_counts`` holds the valid rows per source block. With ``return_handle``
+        ``(views, RoutingHandle)``; with ``async_op`` that result and a ``CommHandle``.
         """
         self.usable("dispatch")
         if self.phase == Phase.DISPATCHED:
             raise RuntimeError("MoeAlltoAll.dispatch called twice without combine (dispatch "
                                "and combine alternate)")
         rmax = self._runtime_max(runtime_max_tokens_per_rank)
-        handle = stream_handle(stream)
+        stream_ptr = stream_handle(stream)
         ids = import_array(token_selected_experts, "token_selected_experts", dtype=np.int32,
-                           ndim=2, device=self.device_id, stream=handle)
+                           ndim=2, device=self.device_id, stream=stream_ptr)
         T, k = ids.shape
         if k != self.top_k:
             raise ValueError(f"token_selected_experts: {k} experts per token, the workspace "
@@ -479,7 +538,7 @@ class MoeAlltoAll(Op):
         if T > rmax:
             raise ValueError(f"token_selected_experts: {T} tokens exceed "
                              f"runtime_max_tokens_per_rank={rmax}")
-        payloads = self._payloads(input_payloads, T, handle)
+        payloads = self._payloads(input_payloads, T, stream_ptr)
         key = (rmax, invalid_token_expert_id, expert_id_payload_index, quantize,
                *((a.dtype, a.shape[1:]) for a in payloads))
         prepared = self._prepared_dispatch.get(key)
@@ -489,13 +548,63 @@ class MoeAlltoAll(Op):
             if len(self._prepared_dispatch) >= _PLAN_CACHE:
                 self._prepared_dispatch.clear()
             self._prepared_dispatch[key] = prepared
+        route = self._route(handle, return_handle, token_selected_experts, T, stream)
+        if previous_event is not None or async_op or _group.DEBUG:
+            async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
+                                    op="MoeAlltoAll.dispatch")
         a = prepared.launcher.args
         a.experts, a.num_tokens = ids.ptr, T
         for i, x in enumerate(payloads):
             a.src[i] = x.ptr
-        prepared.launcher(prepared.grid, prepared.block, handle)
+        if route is None:
+            a.route_mode = _ROUTE_NONE
+        else:
+            a.route_slot, a.route_total = route._slot.data.ptr, route._total.data.ptr
+            a.route_mode = _ROUTE_REPLAY if route.recorded else _ROUTE_RECORD
+            route.num_tokens = T
+        prepared.launcher(prepared.grid, prepared.block, stream_ptr)
         self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
-        return list(prepared.views)
+        result = list(prepared.views)
+        if return_handle:
+            result = (result, route)
+        if not async_op:
+            return result
+        return events.finish(result, stream_ptr, True, owner=self, op="MoeAlltoAll.dispatch",
+                             keep=(token_selected_experts, input_payloads))
+
+    def routing_handle(self) -> RoutingHandle:
+        """An empty ``RoutingHandle`` for this object (allocates; not inside a capture):
+        the first dispatch given it records its layout, the following ones replay it."""
+        self.usable("routing_handle")
+        return RoutingHandle(self)
+
+    def _route(self, handle, return_handle, ids_obj, T: int, stream) -> RoutingHandle | None:
+        """The routing handle of a dispatch (validated), or None."""
+        if not isinstance(return_handle, (bool, np.bool_)):
+            raise TypeError(f"return_handle must be a bool, got {type(return_handle).__name__}")
+        if return_handle:
+            if handle is not None:
+                raise ValueError("pass handle= (to replay or record into it) or "
+                                 "return_handle=True (a new handle), not both")
+            handle = RoutingHandle(self)
+        if handle is None:
+            return None
+        if not isinstance(handle, RoutingHandle):
+            raise TypeError(f"handle: expected a RoutingHandle, got {type(handle).__name__}")
+        if handle._owner is not self:
+            raise ValueError("handle: a RoutingHandle of another MoeAlltoAll")
+        if handle.recorded and handle.num_tokens != T:
+            raise ValueError(f"handle: recorded for {handle.num_tokens} tokens, "
+                             f"token_selected_experts has {T}")
+        if _group.DEBUG:
+            ids = as_array(ids_obj, "token_selected_experts", stream=stream)
+            with as_stream(stream):
+                if not handle.recorded:
+                    handle._ids = ids.copy()
+                elif handle._ids is not None and not bool((handle._ids == ids).all()):
+                    raise ValueError("handle: token_selected_experts differ from the ids the "
+                                     "RoutingHandle was recorded with (MOECOMM_DEBUG)")
+        return handle
 
     def _prepare_dispatch(self, rmax: int, payloads, invalid, id_index, quantize) -> _Prepared:
         """Validate the options of a new payload layout; its launcher, grid and views."""
@@ -625,7 +734,8 @@ class MoeAlltoAll(Op):
                              offset=plan.combine_off)
 
     def combine(self, payload, runtime_max_tokens_per_rank: int, payload_in_workspace: bool = False,
-                stream=None, *, out=None) -> cupy.ndarray:
+                stream=None, *, out=None, previous_event=None,
+                async_op: bool = False) -> cupy.ndarray:
         """Sum, for each local token, the rows its target ranks produced.
 
         Args:
@@ -641,10 +751,11 @@ class MoeAlltoAll(Op):
                 payload (checked with ``MOECOMM_DEBUG=1``).
             out: optional ``[T, H]`` array of the payload's dtype (T of the dispatch);
                 default a new array. Pass it when capturing a CUDA graph.
+            previous_event, async_op: overlap options (``moecomm.events``).
 
         Returns ``[T, H]`` (``out`` as passed, or a new ``cupy.ndarray``): per token, the fp32
         sum over its distinct target ranks in rank order, rounded once to the payload dtype;
-        +0 for a token routed nowhere.
+        +0 for a token routed nowhere. With ``async_op``, ``(that, CommHandle)``.
         """
         self.usable("combine")
         plan = self._require_dispatched("combine").plan
@@ -689,11 +800,17 @@ class MoeAlltoAll(Op):
                                    device=self.device_id, stream=handle).ptr
             if out_ptr % 16:
                 raise ValueError(f"out: address 0x{out_ptr:x} is not 16-byte aligned")
+        if previous_event is not None or async_op or _group.DEBUG:
+            async_op = events.issue(handle, previous_event, async_op, owner=self,
+                                    op="MoeAlltoAll.combine")
         a = prepared.launcher.args
         a.payload, a.out, a.num_tokens = x.ptr, out_ptr, T
         prepared.launcher(prepared.grid, prepared.block, handle)
         self.phase = Phase.IDLE
-        return out
+        if not async_op:
+            return out
+        return events.finish(out, handle, True, owner=self, op="MoeAlltoAll.combine",
+                             keep=(payload, out))
 
     def _in_place_source(self, ptr: int, row: int, plan: DispatchPlan) -> int | None:
         """The workspace offset peers may read the payload at in place: the combine region,

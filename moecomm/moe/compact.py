@@ -57,13 +57,15 @@ from typing import NamedTuple
 import cupy
 import numpy as np
 
+from .. import events
+from .. import group as _group
 from ..constants import (A2A_MAX_RANKS, COMPACT_MAX_CAPACITY, COMPACT_MAX_LOCAL_EXPERTS,
                          COMPACT_MAX_TOP_K, CompactStat)
 from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceArgs,
                            CompactStageArgs)
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import Op, Phase, device_facts, empty, ep_group, int_at_least, out_array, round_up
+from ..op import Op, Phase, empty, ep_group, int_at_least, out_array, round_up
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, stream_handle
 from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
@@ -299,7 +301,7 @@ class EPAllToAll(Op):
         self.ep_rank, self.ep_size = self._a2a.ep_rank, self._a2a.ep_size
         self._sym = None
         try:
-            sms = device_facts().sms
+            sms = self._a2a.num_sms  # the SM budget of MoeAlltoAllConfig.num_sms
             self._sms, self._max_grid = sms, 2 * sms
             # One spare row past the capacity in recv_x / src / recv_weights: nothing may
             # ever be written there (tests poison and check it).
@@ -423,7 +425,9 @@ class EPAllToAll(Op):
 
     # -- dispatch ---------------------------------------------------------------------
     def dispatch(self, x, topk_ids, weights=None, stream=None, *,
-                 runtime_max_tokens_per_rank: int | None = None) -> EPDispatchOutput:
+                 runtime_max_tokens_per_rank: int | None = None, handle=None,
+                 return_handle: bool = False, previous_event=None,
+                 async_op: bool = False) -> EPDispatchOutput:
         """Send each (token, k slot) to its expert's rank, grouped by local expert.
 
         Args:
@@ -433,9 +437,14 @@ class EPAllToAll(Op):
             stream: the stream to run on (default: CuPy's current stream).
             runtime_max_tokens_per_rank: bound on every rank's T for this call (the same
                 on every rank; default max_num_tokens).
+            handle, return_handle: the exchange's ``RoutingHandle`` (``MoeAlltoAll.
+                dispatch``): replaying one skips the sender's layout pass; the receiver's
+                count + scatter still run (they depend on every peer's ids).
+            previous_event, async_op: overlap options (``moecomm.events``).
 
         Returns ``EPDispatchOutput(recv_x, recv_weights, layout)`` (views of the layer's
-        buffers, rewritten by the next dispatch).
+        buffers, rewritten by the next dispatch); with ``return_handle``
+        ``(that, RoutingHandle)``; with ``async_op`` that result and a ``CommHandle``.
         """
         self.usable("dispatch")
         if self.phase == Phase.DISPATCHED:
@@ -462,7 +471,14 @@ class EPAllToAll(Op):
         else:
             w = as_array(weights, "weights", dtype=np.float32, shape=(T, k), stream=stream)
 
-        recv = self._a2a.dispatch(ids, [xa, ids, self._iota[:T], w], rmax, stream=stream)
+        stream_ptr = stream_handle(stream)
+        if previous_event is not None or async_op or _group.DEBUG:
+            async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
+                                    op="EPAllToAll.dispatch")
+        recv = self._a2a.dispatch(ids, [xa, ids, self._iota[:T], w], rmax, stream=stream,
+                                  handle=handle, return_handle=return_handle)
+        if return_handle:
+            recv, route = recv
         args = self._count.args
         args.x, args.ids, args.tok, args.w = (a.data.ptr for a in recv)
         args.runtime_max = rmax
@@ -472,13 +488,16 @@ class EPAllToAll(Op):
                 rmax, self._code_width, np.float32)
             args.codes = self._codes_region.data.ptr
         grid = max(1, min(self._max_grid, -(-self.ep_size * rmax // 8)))
-        handle = stream_handle(stream)
-        self._count(grid, _DISPATCH_THREADS, handle)
-        self._scatter(grid, _DISPATCH_THREADS, handle)
+        self._count(grid, _DISPATCH_THREADS, stream_ptr)
+        self._scatter(grid, _DISPATCH_THREADS, stream_ptr)
         self._epoch += 1
         self.phase, self._rmax = Phase.DISPATCHED, rmax
         self._layout = EPLayout(self, self._epoch, T, rmax)
-        return EPDispatchOutput(self._recv_x, self._recv_w, self._layout)
+        result = EPDispatchOutput(self._recv_x, self._recv_w, self._layout)
+        if return_handle:
+            result = (result, route)
+        return events.finish(result, stream_ptr, async_op, owner=self, op="EPAllToAll.dispatch",
+                             keep=(x, topk_ids, weights))
 
     # -- combine ----------------------------------------------------------------------
     def get_combine_input_tensor_in_workspace(self) -> cupy.ndarray:
@@ -494,7 +513,7 @@ class EPAllToAll(Op):
                               offset=self._y_off)
 
     def combine(self, y, layout: EPLayout, apply_weights: bool = False, stream=None, *,
-                out=None) -> cupy.ndarray:
+                out=None, previous_event=None, async_op: bool = False) -> cupy.ndarray:
         """Bring the expert outputs back and sum them per token.
 
         Args:
@@ -503,6 +522,7 @@ class EPAllToAll(Op):
             layout: the layout of the dispatch just before.
             apply_weights: multiply each row by its ``recv_weights`` entry first.
             out: optional ``[T, H]`` combine_dtype array (pass it when capturing a graph).
+            previous_event, async_op: overlap options (``moecomm.events``).
 
         Returns ``[T, H]``: per token the fp32 sum of its slots' rows in slot order, rounded
         once (module doc; with ``local_combine`` the two-level sum).
@@ -520,6 +540,9 @@ class EPAllToAll(Op):
         T, rmax = layout.num_tokens, self._rmax
         out = out_array(out, "out", (T, self.hidden), self.combine_dtype, stream)
         handle = stream_handle(stream)
+        if previous_event is not None or async_op or _group.DEBUG:
+            async_op = events.issue(handle, previous_event, async_op, owner=self,
+                                    op="EPAllToAll.combine")
         if self.local_combine:
             region = self._a2a.get_combine_payload_tensor_in_workspace(
                 rmax, self.hidden, self.combine_dtype)
@@ -547,7 +570,8 @@ class EPAllToAll(Op):
                 units = T * (self.hidden * self.combine_dtype.itemsize // 16)
                 self._pull(self._combine_grid(units), _COMBINE_THREADS, handle)
         self.phase = Phase.IDLE
-        return out
+        return events.finish(out, handle, async_op, owner=self, op="EPAllToAll.combine",
+                             keep=(y, out))
 
     def _combine_grid(self, units: int) -> int:
         return max(1, min(4 * self._sms, -(-units // _COMBINE_THREADS)))

@@ -1,0 +1,180 @@
+"""Overlap options without a GPU: event handles accepted by previous_event, async_op
+validation, CommHandle bookkeeping and the MOECOMM_DEBUG missing-wait reports, the SM
+budget options, the barrier's error code."""
+
+import gc
+
+import numpy as np
+import pytest
+
+from moecomm import events
+from moecomm import group as _group
+from moecomm.allreduce import AllReduceConfig
+from moecomm.constants import ErrorCode, kernel_defines
+from moecomm.moe.alltoall import MoeAlltoAllConfig
+
+
+class FakeEvent:
+    """What events needs of a cupy.cuda.Event: ptr, done, synchronize()."""
+
+    def __init__(self, ptr=0x1234, done=True):
+        self.ptr, self.done, self.synced = ptr, done, False
+
+    def synchronize(self):
+        self.synced = True
+
+
+class TorchLikeEvent:
+    cuda_event = 0x77
+
+
+def test_event_handle_accepts_events_handles_and_ints():
+    assert events.event_handle(FakeEvent(0x10)) == 0x10
+    assert events.event_handle(TorchLikeEvent()) == 0x77
+    assert events.event_handle(0x99) == 0x99
+    assert events.event_handle(np.uint64(0x98)) == 0x98
+    assert events.event_handle(events.CommHandle(FakeEvent(0x11))) == 0x11
+
+
+@pytest.mark.parametrize("bad, error", [("event", TypeError), (True, TypeError),
+                                        (object(), TypeError), (0, ValueError),
+                                        (-3, ValueError), (2.5, TypeError)])
+def test_event_handle_refuses(bad, error):
+    with pytest.raises(error, match="previous_event"):
+        events.event_handle(bad)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None, 0.0])
+def test_async_op_must_be_bool(bad):
+    with pytest.raises(TypeError, match="async_op must be a bool"):
+        events.issue(0, None, bad)
+
+
+def test_issue_without_options_touches_no_stream():
+    assert events.issue(0, None, False) is False
+    assert events.issue(0, None, np.bool_(True)) is True
+
+
+def test_finish_returns_result_unchanged_without_async():
+    result = object()
+    assert events.finish(result, 0, False) is result
+
+
+def test_comm_handle_consumption():
+    ev = FakeEvent(done=False)
+    h = events.CommHandle(ev, "all_reduce", keep=(np.zeros(3),))
+    assert not h.consumed and "pending" in repr(h)
+    assert h.done() is False and h.consumed
+    h2 = events.CommHandle(ev, "x")
+    assert h2.event is ev and h2.consumed
+    h3 = events.CommHandle(ev, "x")
+    h3.synchronize()
+    assert ev.synced and h3.consumed
+
+
+class Owner:
+    pass
+
+
+@pytest.fixture
+def debug(monkeypatch):
+    monkeypatch.setattr(_group, "DEBUG", True)
+    events._unwaited.clear()
+    yield
+    events._unwaited.clear()
+
+
+def test_debug_reports_a_pending_handle_of_the_same_op(debug):
+    import weakref
+
+    owner, other = Owner(), Owner()
+    h = events.CommHandle(FakeEvent(), "all_reduce")
+    events._pending[owner] = weakref.ref(h)
+    events.issue(0, None, False, owner=other, op="all_reduce")  # another op: fine
+    with pytest.raises(RuntimeError, match="never waited for"):
+        events.issue(0, None, False, owner=owner, op="all_reduce")
+    events.issue(0, None, False, owner=owner, op="all_reduce")  # reported once
+    h2 = events.CommHandle(FakeEvent(), "all_reduce")
+    events._pending[owner] = weakref.ref(h2)
+    h2.done()
+    events.issue(0, None, False, owner=owner, op="all_reduce")  # consumed: fine
+
+
+def test_debug_reports_a_handle_dropped_unwaited(debug):
+    h = events.CommHandle(FakeEvent(), "MoeAlltoAll.combine")
+    del h
+    gc.collect()
+    with pytest.raises(RuntimeError, match="MoeAlltoAll.combine was dropped without"):
+        events.issue(0, None, False, owner=Owner(), op="all_reduce")
+    events.issue(0, None, False, owner=Owner(), op="all_reduce")  # reported once
+
+
+def test_no_reports_without_debug(monkeypatch):
+    monkeypatch.setattr(_group, "DEBUG", False)
+    events._unwaited.clear()
+    h = events.CommHandle(FakeEvent(), "all_reduce")
+    del h
+    gc.collect()
+    assert not events._unwaited
+
+
+@pytest.mark.parametrize("config", [AllReduceConfig, MoeAlltoAllConfig])
+def test_num_sms_option(config):
+    assert config().num_sms is None
+    assert config(num_sms=8).num_sms == 8
+    with pytest.raises(ValueError, match="num_sms must be >= 1"):
+        config(num_sms=0)
+    with pytest.raises(TypeError, match="num_sms must be an int"):
+        config(num_sms="8")
+    with pytest.raises(TypeError, match="num_sms must be an int"):
+        config(num_sms=True)
+
+
+def test_allreduce_grids_stay_within_the_budget():
+    cfg = AllReduceConfig(num_sms=8)
+    for nvec in (1, 1000, 1 << 16, 1 << 22):
+        blocks, _ = cfg.oneshot_grid(nvec, 8)
+        assert blocks <= 8 * cfg.oneshot_blocks_per_sm
+        blocks, threads, chunk = cfg.twoshot_grid(nvec, 2, 8)
+        assert blocks <= 8 * cfg.twoshot_blocks_per_sm
+        assert blocks * chunk * 4095 >= -(-nvec // 2)  # every vector in some chunk
+
+
+def test_barrier_error_code_reaches_the_kernels():
+    assert ErrorCode.BARRIER.op == "barrier"
+    defines = kernel_defines()
+    assert defines["MOECOMM_ERR_BARRIER"] == int(ErrorCode.BARRIER)
+    assert defines["MOECOMM_BARRIER_MAX_RANKS"] >= 8
+
+
+def test_bench_overlap_is_registered():
+    from moecomm.bench import overlap
+    from moecomm.bench.__main__ import SUITES
+
+    assert SUITES["overlap"] is overlap
+    import argparse
+
+    p = argparse.ArgumentParser()
+    overlap.add_arguments(p)
+    args = p.parse_args([])
+    assert args.num_sms.split(",") == ["8", "16", "24", "32", "all"]
+    assert (args.tokens, args.hidden, args.experts, args.top_k) == (4096, 7168, 256, 8)
+    assert args.ar_bytes == 16 << 20
+
+
+def test_bench_overlap_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from moecomm.bench import overlap
+
+    rows = [{"comm": c, "num_sms": s, "hidden": 0.5, "gemm_keep": 0.9}
+            for c in ("moe", "allreduce") for s in (8, 16, "all")]
+    path = tmp_path / "o.png"
+    overlap._plot(rows, path, {"ranks": 2, "device": "X"})
+    assert path.stat().st_size > 0
+
+
+def test_barrier_refuses_a_non_group():
+    from moecomm.barrier import DeviceBarrier
+
+    with pytest.raises(TypeError, match="expected a ProcessGroup"):
+        DeviceBarrier("group")
