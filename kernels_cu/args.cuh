@@ -193,6 +193,65 @@ struct CompactStageArgs {
   int64_t capacity;
 };
 
+// ------------------------------------------------------------------ v-collectives family
+// VCollectiveWorkspace as kernels see it (moecomm.collectives; protocol: collectives.cu).
+struct VcWorkspace {
+  uint64_t peers[MOECOMM_VC_MAX_RANKS];  // base address of every rank's buffer
+  uint32_t* state;                       // local control words (collectives.cu kState*)
+  uint32_t* error_word;                  // mapped host memory (moecomm.errors)
+  uint64_t timeout_ns;                   // bound of every wait for a peer, 0 = forever
+  uint64_t data_off;                     // the two data buffers [2][buffer_bytes]
+  uint64_t buffer_bytes;
+  int32_t rank;
+  int32_t world;
+};
+
+// all_gatherv (collectives.cu): dst[i] rows of every rank, rank order.
+struct AllGathervArgs {
+  uint64_t src[MOECOMM_VC_MAX_TENSORS];        // tensor i: this rank's rows[rank] rows
+  uint64_t dst[MOECOMM_VC_MAX_TENSORS];        // tensor i: [sum(rows), row_bytes[i]]
+  uint64_t row_bytes[MOECOMM_VC_MAX_TENSORS];
+  uint64_t region_off[MOECOMM_VC_MAX_TENSORS]; // tensor i's region in a data buffer
+  int64_t rows[MOECOMM_VC_MAX_RANKS];          // rows of every rank
+  int64_t num_tensors;
+  VcWorkspace ws;
+};
+
+// reduce_scatterv (collectives.cu): out = sum over ranks of their rows of this rank.
+struct ReduceScattervArgs {
+  const void* in;                      // [sum(rows), row] of T
+  void* out;                           // [rows[rank], row] of T
+  int64_t rows[MOECOMM_VC_MAX_RANKS];  // rows of every rank
+  int64_t row_bytes;                   // a multiple of 16
+  VcWorkspace ws;
+};
+
+// Sum of `slots` stacked arrays of T in slot order (fp32, one rounding): the NCCL path of
+// reduce_scatterv.
+struct StackReduceArgs {
+  const void* in;   // [slots, nvec * 16 bytes]
+  void* out;        // [nvec * 16 bytes]
+  int64_t nvec;
+  int64_t slots;
+};
+
+// ------------------------------------------------------------------ prepare / finalize
+// ids[i] = expert_map[ids[i]] for ids in [0, num_experts); others unchanged (prepare.cu).
+struct MapIdsArgs {
+  int32_t* ids;
+  const int32_t* expert_map;  // [num_experts]
+  int64_t n;
+  int64_t num_experts;
+};
+
+// x[t, :] *= T(w[t]) in place (apply_router_weight_on_input, prepare.cu).
+struct ScaleRowsArgs {
+  void* x;           // [tokens, cols] of T
+  const float* w;    // [tokens]
+  int64_t tokens;
+  int64_t cols;
+};
+
 // ------------------------------------------------------------------ small kernels
 // Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
 struct FillArgs {

@@ -21,6 +21,10 @@ constexpr int kA2aMaxPayloads = MOECOMM_A2A_MAX_PAYLOADS;
 constexpr int kA2aHeaderBytes = MOECOMM_A2A_HEADER_BYTES;
 constexpr int kA2aFp8Group = MOECOMM_A2A_FP8_GROUP;
 
+constexpr int kVcMaxRanks = MOECOMM_VC_MAX_RANKS;
+constexpr int kVcMaxTensors = MOECOMM_VC_MAX_TENSORS;
+constexpr int kVcMaxBlocks = MOECOMM_VC_MAX_BLOCKS;
+
 constexpr int kCompactMaxLocalExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
 constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;
 
@@ -29,6 +33,8 @@ constexpr uint32_t kErrAllreduceOneshot = MOECOMM_ERR_ALLREDUCE_ONESHOT;
 constexpr uint32_t kErrAllreduceTwoshot = MOECOMM_ERR_ALLREDUCE_TWOSHOT;
 constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
 constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
+constexpr uint32_t kErrAllGatherv = MOECOMM_ERR_ALL_GATHERV;
+constexpr uint32_t kErrReduceScatterv = MOECOMM_ERR_REDUCE_SCATTERV;
 
 }  // namespace config
 

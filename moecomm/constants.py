@@ -27,6 +27,11 @@ A2A_MAX_PAYLOADS = 8     # payloads of one dispatch
 A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
 A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
 
+# ------------------------------------------------------------------------ v-collectives
+VC_MAX_RANKS = 16        # ranks of an IPC all_gatherv / reduce_scatterv group
+VC_MAX_TENSORS = 8       # tensors of one all_gatherv call
+VC_MAX_BLOCKS = 512      # blocks of one v-collective launch (flag slots per rank)
+
 COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
 COMPACT_MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
@@ -39,6 +44,8 @@ class ErrorCode(enum.IntEnum):
     ALLREDUCE_TWOSHOT = 2
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
+    ALL_GATHERV = 32
+    REDUCE_SCATTERV = 33
 
     @property
     def op(self) -> str:
@@ -50,6 +57,8 @@ _ERROR_OPS = {
     ErrorCode.ALLREDUCE_TWOSHOT: "all_reduce (two-shot)",
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
+    ErrorCode.ALL_GATHERV: "all_gatherv",
+    ErrorCode.REDUCE_SCATTERV: "reduce_scatterv",
 }
 
 
@@ -188,6 +197,9 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_MAX_PAYLOADS": A2A_MAX_PAYLOADS,
         "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
         "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
+        "MOECOMM_VC_MAX_RANKS": VC_MAX_RANKS,
+        "MOECOMM_VC_MAX_TENSORS": VC_MAX_TENSORS,
+        "MOECOMM_VC_MAX_BLOCKS": VC_MAX_BLOCKS,
         "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
         "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
     }

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 
-from .constants import A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS
+from .constants import (A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS, VC_MAX_RANKS,
+                        VC_MAX_TENSORS)
 
 _ptr = ctypes.c_void_p
 _u64, _i64 = ctypes.c_uint64, ctypes.c_int64
@@ -88,6 +89,34 @@ class CompactReduceArgs(ctypes.Structure):
 
 class CompactStageArgs(ctypes.Structure):
     _fields_ = _fields(("y dst stats", _ptr), ("row_bytes capacity", _i64))
+
+
+class VcWorkspace(ctypes.Structure):
+    _fields_ = _fields(("peers", _u64 * VC_MAX_RANKS), ("state error_word", _ptr),
+                       ("timeout_ns data_off buffer_bytes", _u64), ("rank world", _i32))
+
+
+class AllGathervArgs(ctypes.Structure):
+    _fields_ = _fields(("src dst row_bytes region_off", _u64 * VC_MAX_TENSORS),
+                       ("rows", _i64 * VC_MAX_RANKS), ("num_tensors", _i64),
+                       ("ws", VcWorkspace))
+
+
+class ReduceScattervArgs(ctypes.Structure):
+    _fields_ = _fields(("in_ out", _ptr), ("rows", _i64 * VC_MAX_RANKS), ("row_bytes", _i64),
+                       ("ws", VcWorkspace))
+
+
+class StackReduceArgs(ctypes.Structure):
+    _fields_ = _fields(("in_ out", _ptr), ("nvec slots", _i64))
+
+
+class MapIdsArgs(ctypes.Structure):
+    _fields_ = _fields(("ids expert_map", _ptr), ("n num_experts", _i64))
+
+
+class ScaleRowsArgs(ctypes.Structure):
+    _fields_ = _fields(("x w", _ptr), ("tokens cols", _i64))
 
 
 class FillArgs(ctypes.Structure):

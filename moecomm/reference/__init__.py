@@ -16,6 +16,8 @@ Modules, split like the runtime:
 * ``allreduce``: all-reduce, residual + RMSNorm, ``allreduce_fusion`` and the MoE
   reductions fused before the all-reduce (its docstring lists the rounding points).
 * ``moe``: MoE all-to-all, static layout and compact expert-major layout.
+* ``prepare``: all_gatherv / reduce_scatterv, the MoE prepare/finalize plans and transfers
+  of data-parallel serving, and a MoE layer with scaling experts.
 
 Every public name is re-exported here: ``from moecomm import reference;
 reference.quant_nvfp4(...)``.
@@ -39,12 +41,13 @@ Conventions
 
 from __future__ import annotations
 
-from . import allreduce, formats, layouts, moe, quant
+from . import allreduce, formats, layouts, moe, prepare, quant
 from .allreduce import *  # noqa: F401,F403
 from .formats import *  # noqa: F401,F403
 from .layouts import *  # noqa: F401,F403
 from .moe import *  # noqa: F401,F403
+from .prepare import *  # noqa: F401,F403
 from .quant import *  # noqa: F401,F403
 
 __all__ = [*formats.__all__, *layouts.__all__, *quant.__all__, *allreduce.__all__,
-           *moe.__all__]
+           *moe.__all__, *prepare.__all__]

@@ -54,7 +54,7 @@ def test_reference_and_layouts_load_without_cupy():
 
 def test_every_submodule_name_is_reexported_once():
     names = []
-    for mod in (ref.formats, ref.layouts, ref.quant, ref.allreduce, ref.moe):
+    for mod in (ref.formats, ref.layouts, ref.quant, ref.allreduce, ref.moe, ref.prepare):
         for name in mod.__all__:
             assert getattr(ref, name) is getattr(mod, name), name
         names += mod.__all__
