@@ -252,6 +252,42 @@ struct ScaleRowsArgs {
   int64_t cols;
 };
 
+// The all-to-all-v plan applied locally to all-gathered tokens (the path across nodes,
+// prepare.cu): rows of every source routed to `rank`, laid out as MoeAlltoAll's receive
+// tensors [ep, runtime_max, ...].
+struct A2aPlanArgs {
+  const int32_t* ids;                  // gathered [sum(rows), top_k]
+  int32_t* inv;                        // [sum(rows)] out: received row of each, or -1
+  int32_t* src_row;                    // [ep * runtime_max] out: gathered row, -1 = padding
+  int64_t rows[MOECOMM_VC_MAX_RANKS];  // tokens of every rank
+  int64_t top_k;
+  int64_t num_experts;
+  int64_t experts_per_rank;
+  int64_t rank;
+  int64_t runtime_max;
+};
+
+struct A2aTakeRowsArgs {
+  uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];        // gathered payload p [sum(rows), row_bytes]
+  uint64_t dst[MOECOMM_A2A_MAX_PAYLOADS];        // received payload p [ep * runtime_max, row_bytes]
+  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS];  // multiples of 4
+  const int32_t* src_row;                        // [n_rows] from the plan
+  int64_t n_rows;
+  int64_t num_payloads;
+  int64_t id_payload;                            // ids: kept in [lo, hi), else -1
+  int64_t lo;
+  int64_t hi;
+};
+
+// z[g] = inv[g] >= 0 ? y[inv[g]] : +0 (rows of row_bytes, a multiple of 16).
+struct A2aPutRowsArgs {
+  const uint8_t* y;    // [ep * runtime_max, row_bytes] expert outputs
+  uint8_t* z;          // [total, row_bytes]
+  const int32_t* inv;  // [total]
+  int64_t total;
+  int64_t row_bytes;
+};
+
 // ------------------------------------------------------------------ small kernels
 // Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
 struct FillArgs {

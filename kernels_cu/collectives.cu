@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv(const AllGathe
 
 // reduce_scatterv: rank p's rows of every rank's input go to slot `rank` of p's buffer
 // ([world][rows[p] * row_bytes]); rank r sums its slots (its own rows read from `in`) in
-// rank order 0, 1, ... in fp32 and rounds once.
+// rank order 0, 1, ... in fp32, starting from +0, and rounds once.
 template <typename T>
 __device__ __forceinline__ void reduce_scatterv(const ReduceScattervArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
@@ -195,10 +195,10 @@ __device__ __forceinline__ void reduce_scatterv(const ReduceScattervArgs& a) {
     const uint8_t* buf = data(ws, ws.rank, k);
     uint8_t* out = static_cast<uint8_t*>(a.out);
     for (uint64_t off = lo + 16 * threadIdx.x; off < hi; off += 16 * blockDim.x) {
-      float acc[K];
+      float acc[K] = {};
       for (int s = 0; s < ws.world; ++s)
         accumulate<T>(acc, s == ws.rank ? ld_vec16(own + off) : ld_vec16_cg(buf + s * n + off),
-                          s == 0);
+                      false);
       st_vec16(out + off, round_pack<T>(acc));
     }
   }
@@ -212,9 +212,9 @@ __device__ __forceinline__ void stack_reduce(const StackReduceArgs& a) {
   uint8_t* out = static_cast<uint8_t*>(a.out);
   pdl_wait();
   for (size_t v = global_thread_id(); v < (size_t)a.nvec; v += global_thread_count()) {
-    float acc[K];
+    float acc[K] = {};
     for (int64_t s = 0; s < a.slots; ++s)
-      accumulate<T>(acc, ld_vec16(in + ((size_t)s * a.nvec + v) * 16), s == 0);
+      accumulate<T>(acc, ld_vec16(in + ((size_t)s * a.nvec + v) * 16), false);
     st_vec16(out + v * 16, round_pack<T>(acc));
   }
   pdl_launch_dependents();

@@ -9,8 +9,8 @@ counts are.
   rank stacked in rank order: ``[sum(sizes), *row_shape]``. All arrays move in one call.
 * ``reduce_scatterv(x, sizes)``: ``x`` (bf16, fp16, fp32) has ``sum(sizes)`` rows; rank
   ``r`` gets the sum over ranks of their rows ``[off_r, off_r + sizes[r])`` (``off`` the
-  prefix sum), accumulated in fp32 in rank order 0, 1, ... and rounded once, so every
-  path (IPC, NCCL) gives the same bits.
+  prefix sum), accumulated in fp32 from +0 in rank order 0, 1, ... and rounded once, so
+  every path (IPC, NCCL) gives the same bits.
 
 Inside a node (``VCollectiveWorkspace`` over CUDA IPC) each call is one kernel: every block
 pushes its chunk of what the peers need into their buffer of a double-buffered

@@ -119,6 +119,20 @@ class ScaleRowsArgs(ctypes.Structure):
     _fields_ = _fields(("x w", _ptr), ("tokens cols", _i64))
 
 
+class A2aPlanArgs(ctypes.Structure):
+    _fields_ = _fields(("ids inv src_row", _ptr), ("rows", _i64 * VC_MAX_RANKS),
+                       ("top_k num_experts experts_per_rank rank runtime_max", _i64))
+
+
+class A2aTakeRowsArgs(ctypes.Structure):
+    _fields_ = _fields(("src dst row_bytes", _u64 * A2A_MAX_PAYLOADS), ("src_row", _ptr),
+                       ("n_rows num_payloads id_payload lo hi", _i64))
+
+
+class A2aPutRowsArgs(ctypes.Structure):
+    _fields_ = _fields(("y z inv", _ptr), ("total row_bytes", _i64))
+
+
 class FillArgs(ctypes.Structure):
     _fields_ = _fields(("dst", _ptr), ("nbytes", _u64), ("word", _u32))
 

@@ -52,8 +52,8 @@ def all_gatherv(xs: Sequence[Sequence[Any]], sizes: Sequence[int]) -> list[np.nd
 
 def reduce_scatterv(xs: Sequence[Any], sizes: Sequence[int], dtype: Any = None) -> list[np.ndarray]:
     """xs[r]: rank r's ``[sum(sizes), ...]`` (bf16 bits / fp16 / fp32). Returns, per rank r,
-    its rows ``[off_r, off_r + sizes[r])`` summed over ranks 0, 1, ... in fp32 from the
-    first term, rounded once to ``dtype`` (default the input's)."""
+    its rows ``[off_r, off_r + sizes[r])`` summed over ranks 0, 1, ... in fp32 starting
+    from +0 (so -0 inputs give +0, as MoeAlltoAll's combine), rounded once to ``dtype`` (default the input's)."""
     n = len(xs)
     sizes = _sizes(sizes, n)
     x0 = np.asarray(xs[0])
@@ -65,8 +65,8 @@ def reduce_scatterv(xs: Sequence[Any], sizes: Sequence[int], dtype: Any = None) 
     offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     out = []
     for r in range(n):
-        acc = f32[0][offs[r]:offs[r + 1]].copy()
-        for s in range(1, n):
+        acc = np.zeros_like(f32[0][offs[r]:offs[r + 1]])
+        for s in range(n):
             acc = acc + f32[s][offs[r]:offs[r + 1]]
         out.append(cast_from_float32(acc, dtype))
     return out
