@@ -264,7 +264,7 @@ class FlashInferCutlassMoEPrepareAndFinalize:
         """(a1q, a1q_scale) of ``a1``; a1 itself and None without quantization."""
         a, T, H = inputs.a1, inputs.T, inputs.H
         if qc.quant_dtype is None:
-            return as_array(a.obj, "a1", stream=handle), None
+            return _cupy(a, handle), None
         if qc.quant_dtype == "nvfp4":
             q = self._buffer("a1q", (T, H // 2), np.uint8, handle)
             cols = H // NVFP4_BLOCK
@@ -284,6 +284,8 @@ class FlashInferCutlassMoEPrepareAndFinalize:
         rows, cols = sf_linear.shape
         out = self._buffer("a1q_scale_swizzled",
                            (compute_fp4_swizzled_layout_sf_size(rows, cols),), np.uint8, handle)
+        if rows == 0:
+            return out
         return _quant().nvfp4_block_scale_interleave(sf_linear, out=out, stream=handle)
 
     def _map_ids(self, ids: cupy.ndarray, expert_map, num_experts: int, handle: int) -> None:
@@ -328,6 +330,18 @@ class FlashInferCutlassMoEPrepareAndFinalize:
             cupy.cuda.runtime.memcpyAsync(dst.ptr, src.ptr, src.nbytes,
                                           cupy.cuda.runtime.memcpyDeviceToDevice, handle)
 
+    def poison(self) -> None:
+        """Fill the kept output buffers (and the all-to-all workspace) with 0xA5 bytes, so
+        tests can prove every output is written. Synchronizes the device; not collective:
+        call it while no peer writes into this rank's buffers."""
+        cupy.cuda.runtime.deviceSynchronize()
+        for arr in self._buffers.values():
+            cupy.ndarray((arr.nbytes,), np.uint8, arr.data).fill(0xA5)
+        manager = getattr(self, "all2all_manager", None)
+        if manager is not None:
+            manager.poison()
+        cupy.cuda.runtime.deviceSynchronize()
+
     def close(self) -> None:
         """Collective when ``use_dp``: frees the workspaces. Closing twice is harmless."""
         self._closed = True
@@ -338,6 +352,12 @@ class FlashInferCutlassMoEPrepareAndFinalize:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _cupy(arr, handle: int) -> cupy.ndarray:
+    """A zero-copy CuPy view of an imported caller array."""
+    return arr.obj if isinstance(arr.obj, cupy.ndarray) else as_array(arr.obj, "array",
+                                                                     stream=handle)
 
 
 def _workspace_bytes(max_num_tokens: int, top_k: int, hidden_size: int) -> list[int]:
@@ -395,10 +415,10 @@ class FlashInferAllGatherMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFin
         self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
         a1q, a1q_scale = self._quantize(x, quant_config, swizzled=not self.use_dp, handle=handle)
         if not self.use_dp:
-            return PrepareResult(a1q, a1q_scale, None, as_array(x.ids.obj, "topk_ids"),
-                                 as_array(x.weights.obj, "topk_weights"))
+            return PrepareResult(a1q, a1q_scale, None, _cupy(x.ids, handle),
+                                 _cupy(x.weights, handle))
         self.local_tokens, self.local_sizes = x.T, sizes
-        tensors = [x.weights.obj, x.ids.obj, a1q]
+        tensors = [_cupy(x.weights, handle), _cupy(x.ids, handle), a1q]
         gather_scale = a1q_scale is not None and not quant_config.per_tensor
         if gather_scale:
             tensors.append(a1q_scale)
@@ -500,8 +520,8 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if not self.use_dp:
             self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
             a1q, a1q_scale = self._quantize(x, quant_config, swizzled=True, handle=handle)
-            return PrepareResult(a1q, a1q_scale, None, as_array(x.ids.obj, "topk_ids"),
-                                 as_array(x.weights.obj, "topk_weights"))
+            return PrepareResult(a1q, a1q_scale, None, _cupy(x.ids, handle),
+                                 _cupy(x.weights, handle))
         qc = quant_config
         if qc.quant_dtype == "fp8":
             raise ValueError("the all-to-all-v path carries NVFP4 or unquantized activations; "
@@ -522,8 +542,8 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         rmax = max(1, max(sizes))
         self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
         a1q, a1q_scale = self._quantize(x, qc, swizzled=False, handle=handle)
-        payloads = [a1q] + ([a1q_scale] if a1q_scale is not None else []) + [x.ids.obj,
-                                                                             x.weights.obj]
+        payloads = [a1q] + ([a1q_scale] if a1q_scale is not None else []) + [
+            _cupy(x.ids, handle), _cupy(x.weights, handle)]
         id_index = len(payloads) - 2
         rows = self.group.size * rmax
         if self.all2all_manager is not None:
