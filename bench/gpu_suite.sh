@@ -32,13 +32,14 @@ python3 -m pytest tests -q -rA -p no:cacheprovider -m "not needs_registry" 2>&1 
 ranks="2"
 [ "$ngpu" -gt 2 ] && ranks="2 $ngpu"
 for n in $ranks; do
-  fusion="fusion" moe="moe --plot"
+  fusion="fusion" moe="moe --plot" prepare="prepare"
   # Ranks sharing a GPU time-slice (milliseconds a handshake): small sweeps only.
   if [ "$n" -gt "$ngpu" ]; then
     fusion="fusion --tokens 1,128 --hidden 4096 --iters 5"
     moe="moe --tokens 1,128 --iters 5"
+    prepare="prepare --sizes 8192,1048576 --tokens 128 --iters 5"
   fi
-  for suite in p2p "allreduce --plot" "$fusion" "$moe"; do
+  for suite in p2p "allreduce --plot" "$fusion" "$moe" "$prepare"; do
     name=${suite%% *}
     # shellcheck disable=SC2086  # the suite's options are meant to split
     "${mpi[@]}" -n "$n" python3 -m moecomm.bench $suite --out "$out" 2>&1 \
