@@ -212,6 +212,7 @@ struct AllGathervArgs {
   uint64_t dst[MOECOMM_VC_MAX_TENSORS];        // tensor i: [sum(rows), row_bytes[i]]
   uint64_t row_bytes[MOECOMM_VC_MAX_TENSORS];
   uint64_t region_off[MOECOMM_VC_MAX_TENSORS]; // tensor i's region in a data buffer
+  uint64_t item_bytes;                         // a multiple of 16 (collectives.cu)
   int64_t rows[MOECOMM_VC_MAX_RANKS];          // rows of every rank
   int64_t num_tensors;
   VcWorkspace ws;
@@ -223,6 +224,7 @@ struct ReduceScattervArgs {
   void* out;                           // [rows[rank], row] of T
   int64_t rows[MOECOMM_VC_MAX_RANKS];  // rows of every rank
   int64_t row_bytes;                   // a multiple of 16
+  int64_t item_bytes;                  // a multiple of 16 (collectives.cu)
   VcWorkspace ws;
 };
 

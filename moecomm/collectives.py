@@ -13,10 +13,11 @@ counts are.
   every path (IPC, NCCL) gives the same bits.
 
 Inside a node (``VCollectiveWorkspace`` over CUDA IPC) each call is one kernel: every block
-pushes its chunk of what the peers need into their buffer of a double-buffered
-``SymmetricBuffer``, raises one flag per (block, peer), waits for the peers' flags
-(bounded: ``PeerTimeoutError`` names a missing rank) and copies or sums its chunk of what
-it received (protocol: ``kernels_cu/collectives.cu``). A device-side call counter picks
+pushes its share of what the peers need into their buffer of a double-buffered
+``SymmetricBuffer`` item by item, raising one flag per (block, peer) per item, and copies
+or sums the items the peers pushed as their flags arrive (bounded waits:
+``PeerTimeoutError`` names a missing rank), so the pushes over NVLink overlap the copy
+out (protocol: ``kernels_cu/collectives.cu``). A device-side call counter picks
 the buffer and the flag value, so calls with fixed sizes can be captured in a CUDA graph
 and replayed. all_gatherv copies rows of any byte size (16-byte vectors where addresses
 and sizes allow, else 4-byte words, else bytes); reduce_scatterv needs rows of a multiple
@@ -79,12 +80,16 @@ class VCollectiveConfig:
         ``max_blocks`` (default: the smallest SM count of the node's GPUs, at most
         ``VC_MAX_BLOCKS``); small messages take few blocks (low latency), large ones the
         whole GPU. Every block must be resident: every block waits for its peers.
+    item_bytes: a block moves its share in items of this many bytes (a multiple of 16),
+        raising a flag per item, so its pushes overlap the peers' items in flight and
+        their copy out (larger when a block's share would need more than 60000 items).
     pdl: launch with programmatic dependent launch.
     """
 
     threads: int = 512
     bytes_per_block: int = 32 << 10
     max_blocks: int | None = None
+    item_bytes: int = 32 << 10
     pdl: bool = True
 
     def __post_init__(self):
@@ -92,6 +97,8 @@ class VCollectiveConfig:
         if t % 32 or t > 1024:
             raise ValueError(f"VCollectiveConfig.threads={t}: a multiple of 32, at most 1024")
         int_at_least("VCollectiveConfig.bytes_per_block", self.bytes_per_block, 16)
+        if int_at_least("VCollectiveConfig.item_bytes", self.item_bytes, 16) % 16:
+            raise ValueError(f"VCollectiveConfig.item_bytes={self.item_bytes}: a multiple of 16")
         if self.max_blocks is not None:
             if not 1 <= int_at_least("VCollectiveConfig.max_blocks", self.max_blocks) <= VC_MAX_BLOCKS:
                 raise ValueError(f"VCollectiveConfig.max_blocks={self.max_blocks}: at most "
@@ -100,6 +107,11 @@ class VCollectiveConfig:
     def grid(self, nbytes: int, sms: int) -> int:
         most = min(self.max_blocks or sms, VC_MAX_BLOCKS, sms)
         return max(1, min(most, -(-nbytes // self.bytes_per_block)))
+
+    def items(self, segment_bytes: int, grid: int) -> int:
+        """Item bytes for segments of up to ``segment_bytes`` over ``grid`` blocks."""
+        share = -(-segment_bytes // grid)
+        return max(self.item_bytes, round_up(-(-share // 60000), 16))
 
 
 def check_sizes(sizes, world: int, name: str = "sizes") -> tuple[int, ...]:
@@ -276,6 +288,7 @@ class VCollectiveWorkspace(Op):
             a.row_bytes[i], a.region_off[i] = rb, off
         a.rows[:self.world] = sizes
         grid = self.config.grid(sum(sizes) * sum(row_bytes), self.sms)
+        a.item_bytes = self.config.items(max(sizes) * max(row_bytes), grid)
         return self._remember(("g", sizes, tuple(row_bytes)), (launcher, grid))
 
     # -- reduce_scatterv --------------------------------------------------------------------
@@ -330,7 +343,9 @@ class VCollectiveWorkspace(Op):
             launcher.args.ws = self.kernel_workspace
             launcher.args.rows[:self.world] = sizes
             launcher.args.row_bytes = row
-            prepared = self._remember(key, (launcher, self.config.grid(sum(sizes) * row, self.sms)))
+            grid = self.config.grid(sum(sizes) * row, self.sms)
+            launcher.args.item_bytes = self.config.items(max(sizes) * row, grid)
+            prepared = self._remember(key, (launcher, grid))
         launcher, grid = prepared
         launcher.args.in_, launcher.args.out = a.ptr, out_ptr
         launcher(grid, self.config.threads, handle)

@@ -98,13 +98,13 @@ class VcWorkspace(ctypes.Structure):
 
 class AllGathervArgs(ctypes.Structure):
     _fields_ = _fields(("src dst row_bytes region_off", _u64 * VC_MAX_TENSORS),
-                       ("rows", _i64 * VC_MAX_RANKS), ("num_tensors", _i64),
+                       ("item_bytes", _u64), ("rows", _i64 * VC_MAX_RANKS), ("num_tensors", _i64),
                        ("ws", VcWorkspace))
 
 
 class ReduceScattervArgs(ctypes.Structure):
-    _fields_ = _fields(("in_ out", _ptr), ("rows", _i64 * VC_MAX_RANKS), ("row_bytes", _i64),
-                       ("ws", VcWorkspace))
+    _fields_ = _fields(("in_ out", _ptr), ("rows", _i64 * VC_MAX_RANKS),
+                       ("row_bytes item_bytes", _i64), ("ws", VcWorkspace))
 
 
 class StackReduceArgs(ctypes.Structure):
