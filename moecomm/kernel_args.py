@@ -90,6 +90,11 @@ class CompactStageArgs(ctypes.Structure):
     _fields_ = _fields(("y dst stats", _ptr), ("row_bytes capacity", _i64))
 
 
+class QuantArgs(ctypes.Structure):
+    _fields_ = _fields(("x q scale_out scale", _ptr), ("rows", _u64),
+                       ("cols group_size swizzled ue8m0", _u32))
+
+
 class FillArgs(ctypes.Structure):
     _fields_ = _fields(("dst", _ptr), ("nbytes", _u64), ("word", _u32))
 
