@@ -47,6 +47,7 @@ for n in $ranks; do
   done
 done
 "${mpi[@]}" -n 1 python3 -m moecomm.bench dlpack --out "$out" 2>&1 | tee "$out/bench-dlpack.log" || status=1
+"${mpi[@]}" -n 1 python3 -m moecomm.bench quant --out "$out" 2>&1 | tee "$out/bench-quant.log" || status=1
 # One rank: the host cost of an eager all_reduce with no other process on the GPU.
 "${mpi[@]}" -n 1 python3 -m moecomm.bench allreduce --sizes 8192,1048576 --out "$out" 2>&1 \
   | tee "$out/bench-allreduce-r1.log" || status=1

@@ -290,6 +290,20 @@ struct A2aPutRowsArgs {
   int64_t row_bytes;
 };
 
+// ------------------------------------------------------------------ quantizers
+// moecomm.quant (quant.cu): standalone quantizers and the NVFP4 scale interleave.
+struct QuantArgs {
+  const void* x;        // [rows, cols] bf16/fp16/fp32; interleave: linear sf [rows, cols/16]
+  uint8_t* q;           // codes [rows, cols] (FP8) or packed e2m1 [rows, cols/2] (NVFP4)
+  void* scale_out;      // fp32 per token / per group, UE8M0 int32 storage, NVFP4 sf bytes
+  const float* scale;   // device scalar: FP8 dequantization scale / NVFP4 global scale
+  uint64_t rows;
+  uint32_t cols;        // elements per row (a multiple of 16)
+  uint32_t group_size;  // per-token-group FP8: elements per scale
+  uint32_t swizzled;    // NVFP4 scale layout: 1 = 128x4 swizzled, 0 = linear
+  uint32_t ue8m0;       // per-token-group FP8: 1 = UE8M0 MN-major storage, 0 = fp32
+};
+
 // ------------------------------------------------------------------ small kernels
 // Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
 struct FillArgs {

@@ -133,6 +133,11 @@ class A2aPutRowsArgs(ctypes.Structure):
     _fields_ = _fields(("y z inv", _ptr), ("total row_bytes", _i64))
 
 
+class QuantArgs(ctypes.Structure):
+    _fields_ = _fields(("x q scale_out scale", _ptr), ("rows", _u64),
+                       ("cols group_size swizzled ue8m0", _u32))
+
+
 class FillArgs(ctypes.Structure):
     _fields_ = _fields(("dst", _ptr), ("nbytes", _u64), ("word", _u32))
 

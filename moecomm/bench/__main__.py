@@ -1,5 +1,6 @@
 """``python -m moecomm.bench {allreduce,fusion,p2p,dlpack,moe,prepare} [options]`` (run under mpiexec,
 e.g. ``mpiexec -n $(python -m moecomm.bench gpus) python -m moecomm.bench allreduce``);
+``python -m moecomm.bench quant`` (one rank: the standalone quantizers' bandwidth);
 ``python -m moecomm.bench coldstart`` (without mpiexec: it starts its own jobs);
 ``python -m moecomm.bench gpus`` prints this host's GPU count (at least 1), for ``-n``."""
 
@@ -9,11 +10,11 @@ import argparse
 import sys
 
 from ..log import launcher_rank, show_info
-from . import allreduce, coldstart, dlpack, fusion, moe, p2p, prepare
+from . import allreduce, coldstart, dlpack, fusion, moe, p2p, prepare, quant
 from .common import NoGpuError
 
 SUITES = {"allreduce": allreduce, "fusion": fusion, "p2p": p2p, "dlpack": dlpack,
-          "moe": moe, "prepare": prepare, "coldstart": coldstart}
+          "moe": moe, "prepare": prepare, "quant": quant, "coldstart": coldstart}
 
 
 def gpu_count() -> int:
