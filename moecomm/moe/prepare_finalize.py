@@ -122,11 +122,14 @@ class FusedMoEQuantConfig:
 
     quant_dtype: None (no quantization: a1 moves as it is, ``a1q_scale`` None), "fp8" or
         "nvfp4" (or a ``moecomm.quant.QuantDtype``).
-    a1_gscale: device scalar array: the NVFP4 global scale (required) or the static FP8
-        scale (required for per-tensor FP8 with data parallelism: each rank's dynamic
-        scale would differ).
-    per_act_token_quant / block_shape: FP8 per-token / per-block scales (passed to
-        ``moecomm.quant.quantize``); their scales have a row per token and are gathered.
+    a1_gscale: device scalar array (fp32, one element): the NVFP4 global scale (required),
+        or the static per-tensor FP8 dequantization scale.
+    per_act_token_quant / block_shape: FP8 dynamic per-token scales (fp32 [T, 1]) or
+        per-token-group scales of ``block_shape[1]`` elements (fp32 [T, H / G]); these
+        have a row per token and travel with the tokens. As vLLM's
+        ``moe_kernel_quantize_input``: ``block_shape`` wins over ``a1_gscale``, and a given
+        ``a1_gscale`` makes FP8 static (per_act_token_quant is then ignored). FP8 needs
+        one of the three (dynamic per-tensor scales would differ from rank to rank).
     """
 
     quant_dtype: Any = None
@@ -140,11 +143,15 @@ class FusedMoEQuantConfig:
             raise ValueError("FusedMoEQuantConfig: nvfp4 needs a1_gscale (the global scale)")
         if self.block_shape is not None:
             object.__setattr__(self, "block_shape", tuple(int(b) for b in self.block_shape))
+        if (self.quant_dtype == "fp8" and self.a1_gscale is None and self.block_shape is None
+                and not self.per_act_token_quant):
+            raise ValueError("FusedMoEQuantConfig: fp8 needs a1_gscale (static), "
+                             "per_act_token_quant=True or block_shape")
 
     @property
     def per_tensor(self) -> bool:
-        """FP8 with one scale for the whole tensor (not gathered: the same on every rank)."""
-        return self.quant_dtype == "fp8" and not self.per_act_token_quant and self.block_shape is None
+        """Static per-tensor FP8: one scale, the same on every rank (not gathered)."""
+        return self.quant_dtype == "fp8" and self.block_shape is None and self.a1_gscale is not None
 
 
 class PrepareResult(NamedTuple):
@@ -226,15 +233,13 @@ class FlashInferCutlassMoEPrepareAndFinalize:
         if apply_router_weight_on_input and ids.shape[1] != 1:
             raise ValueError(f"apply_router_weight_on_input needs top_k == 1, got top_k="
                              f"{ids.shape[1]}")
-        if quant_config.quant_dtype == "nvfp4":
+        if quant_config.quant_dtype is not None:
             if H % NVFP4_BLOCK:
                 raise ValueError(f"a1: hidden size {H} is not a multiple of {NVFP4_BLOCK}, as "
-                                 "NVFP4 needs")
-            import_array(quant_config.a1_gscale, "quant_config.a1_gscale", dtype=np.float32,
-                         device=self.device_id, stream=handle)
-        if self.use_dp and quant_config.per_tensor and quant_config.a1_gscale is None:
-            raise ValueError("per-tensor FP8 with use_dp needs a static scale "
-                             "(quant_config.a1_gscale): each rank's dynamic scale would differ")
+                                 f"{quant_config.quant_dtype.upper()} needs")
+            if quant_config.a1_gscale is not None:
+                import_array(quant_config.a1_gscale, "quant_config.a1_gscale", dtype=np.float32,
+                             device=self.device_id, stream=handle)
         return _Inputs(a, w, ids, T, H, ids.shape[1])
 
     def _sizes(self, T: int, sizes) -> tuple:
@@ -276,9 +281,23 @@ class FlashInferCutlassMoEPrepareAndFinalize:
                                      is_fp4_scale_swizzled=swizzled, out=q, scale_out=sf,
                                      stream=handle)
         q = self._buffer("a1q", (T, H), np.uint8, handle)
-        return _quant().quantize(a.obj, "fp8", scale=qc.a1_gscale,
-                                 per_act_token_quant=qc.per_act_token_quant,
-                                 block_shape=qc.block_shape, out=q, stream=handle)
+        if qc.block_shape is not None:   # per-token-group scales, computed
+            group = qc.block_shape[-1]
+            if group <= 0 or H % group:
+                raise ValueError(f"quant_config.block_shape={qc.block_shape}: the group size "
+                                 f"must divide the hidden size {H}")
+            scale, per_token = None, False
+            sf = self._buffer("a1q_scale", (T, H // group), np.float32, handle)
+        elif qc.a1_gscale is not None:   # static per-tensor
+            scale, per_token, sf = qc.a1_gscale, False, None
+        else:                            # dynamic per-token
+            scale, per_token = None, True
+            sf = self._buffer("a1q_scale", (T, 1), np.float32, handle)
+        if T == 0:
+            return q, (sf if sf is not None else as_array(scale, "quant_config.a1_gscale"))
+        return _quant().quantize(a.obj, "fp8", scale=scale, per_act_token_quant=per_token,
+                                 block_shape=qc.block_shape, out=q, scale_out=sf,
+                                 stream=handle)
 
     def _interleave(self, sf_linear: cupy.ndarray, handle: int) -> cupy.ndarray:
         rows, cols = sf_linear.shape

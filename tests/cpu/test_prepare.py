@@ -207,8 +207,12 @@ def test_vcollective_config_checks():
 
 def test_quant_config_checks():
     assert pf.FusedMoEQuantConfig("NVFP4", a1_gscale=object()).quant_dtype == "nvfp4"
-    assert pf.FusedMoEQuantConfig("fp8").per_tensor
+    assert pf.FusedMoEQuantConfig("fp8", a1_gscale=object()).per_tensor
+    assert pf.FusedMoEQuantConfig("fp8", a1_gscale=object(), per_act_token_quant=True).per_tensor
     assert not pf.FusedMoEQuantConfig("fp8", per_act_token_quant=True).per_tensor
+    assert not pf.FusedMoEQuantConfig("fp8", a1_gscale=object(), block_shape=[1, 128]).per_tensor
+    with pytest.raises(ValueError, match="fp8 needs a1_gscale"):
+        pf.FusedMoEQuantConfig("fp8")
     with pytest.raises(ValueError, match="a1_gscale"):
         pf.FusedMoEQuantConfig("nvfp4")
     with pytest.raises(ValueError, match="expected None, 'fp8' or 'nvfp4'"):

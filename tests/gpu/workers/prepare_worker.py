@@ -31,6 +31,7 @@ H = 128
 MAX_T = 40
 GS = np.float32(64.0)  # NVFP4 global scale: a power of two, so dequantization is exact
 FP8_SCALE = np.float32(0.0625)
+FP8_GROUP = 64
 
 
 def need_quant():
@@ -67,14 +68,22 @@ class Layer:
         return np.arange(self.E) // EPR == r
 
     def quantized(self, quant, s):
-        """(a1q, linear a1q_scale or None, fp32 values the experts see) of rank s."""
+        """(a1q, the per-token scales that travel with it or None, fp32 values the experts
+        see) of rank s."""
+        x = self.x[s]
         if quant is None:
-            return self.x[s], None, ref.to_float32(self.x[s])
+            return x, None, ref.to_float32(x)
         if quant == "nvfp4":
-            q, sf = ref.quant_nvfp4(self.x[s], GS, layout="linear")
+            q, sf = ref.quant_nvfp4(x, GS, layout="linear")
             return q, sf, ref.dequant_nvfp4(q, sf, GS, self.T[s], H, layout="linear")
-        q = ref.quant_fp8(self.x[s], FP8_SCALE)
-        return q, None, ref.dequant_fp8(q, FP8_SCALE)
+        if quant == "fp8":
+            q = ref.quant_fp8(x, FP8_SCALE)
+            return q, None, ref.dequant_fp8(q, FP8_SCALE)
+        if quant == "fp8tok":
+            q, sc = ref.quant_fp8_dynamic_per_token(x)
+            return q, sc.reshape(-1, 1), ref.dequant_fp8_dynamic_per_token(q, sc)
+        q, sc = ref.quant_fp8_per_token_group_fp32(x, FP8_GROUP)
+        return q, sc, ref.dequant_fp8_per_token_group_fp32(q, sc, FP8_GROUP)
 
     def layer(self, quant, dtype=np.float32):
         vals = [self.quantized(quant, s)[2] for s in range(self.world)]
@@ -85,9 +94,15 @@ OUT_DTYPES = {"fp32": np.float32, "bf16": np.uint16}
 
 
 def config(ctx, quant):
+    """The FusedMoEQuantConfig of a flow: None, nvfp4, fp8 (static per-tensor), fp8tok
+    (dynamic per-token), fp8grp (per-token groups of FP8_GROUP)."""
     if quant is None:
         return FusedMoEQuantConfig(None)
     need_quant()
+    if quant == "fp8tok":
+        return FusedMoEQuantConfig("fp8", per_act_token_quant=True)
+    if quant == "fp8grp":
+        return FusedMoEQuantConfig("fp8", block_shape=(1, FP8_GROUP))
     scale = GS if quant == "nvfp4" else FP8_SCALE
     return FusedMoEQuantConfig(quant, a1_gscale=ctx.device(np.array([scale], np.float32)))
 
@@ -116,8 +131,8 @@ def run_allgather(ctx, pf, layer, quant, out_dtype, *, check_layer=True):
     res = pf.prepare(a1, w, ids, layer.E, None, False, config(ctx, quant), sizes=sizes,
                      stream=ctx.stream)
     per = [layer.quantized(quant, s) for s in range(n)]
-    tensors = [[layer.w[s], layer.ids[s], per[s][0]] + ([per[s][1]] if quant == "nvfp4" else [])
-               for s in range(n)]
+    tensors = [[layer.w[s], layer.ids[s], per[s][0]] + ([per[s][1]] if per[s][1] is not None
+                                                         else []) for s in range(n)]
     g = ref.all_gatherv(tensors, sizes)
     assert np.array_equal(ctx.host(res.topk_weights), g[0])
     assert np.array_equal(ctx.host(res.topk_ids), g[1])
@@ -125,7 +140,10 @@ def run_allgather(ctx, pf, layer, quant, out_dtype, *, check_layer=True):
     if quant == "nvfp4":
         assert np.array_equal(ctx.host(res.a1q_scale), ref.swizzle_sf(g[3], H)), "swizzled scales"
     elif quant == "fp8":
-        assert res.a1q_scale is not None  # the static scale, the same on every rank
+        assert np.array_equal(ctx.host(res.a1q_scale).reshape(-1), [FP8_SCALE]), "static scale"
+    elif quant is not None:
+        got = ctx.host(res.a1q_scale)
+        assert np.array_equal(got.reshape(g[3].shape), g[3]), "gathered FP8 scales"
     else:
         assert res.a1q_scale is None
     assert res.expert_tokens_meta is None
@@ -150,7 +168,8 @@ def allgather(ctx, key="ag", group=None):
 
 FLOWS = {"none_fp32": (None, "fp32"), "none_bf16": (None, "bf16"),
          "nvfp4_fp32": ("nvfp4", "fp32"), "nvfp4_bf16": ("nvfp4", "bf16"),
-         "fp8_fp32": ("fp8", "fp32")}
+         "fp8_fp32": ("fp8", "fp32"), "fp8tok_fp32": ("fp8tok", "fp32"),
+         "fp8grp_bf16": ("fp8grp", "bf16")}
 
 
 @case(variants=FLOWS)
