@@ -44,6 +44,10 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=50)
 
 
+def _zeros_bf16(shape) -> cupy.ndarray:
+    return cupy.ndarray(shape, bfloat16, cupy.zeros(shape, np.uint16).data)
+
+
 def _time(group, fn, stream, iters):
     group.barrier()
     eager = median_us(fn, iters=iters, stream=stream)
@@ -140,7 +144,7 @@ def _flow_rows(group, args, exclusive, stream, quant) -> list[dict]:
                 w = rng.random((T, k), dtype=np.float32)
                 sizes = [T] * world
                 rows_out = world * T
-                fused = cupy.zeros((rows_out, H), bfloat16)
+                fused = _zeros_bf16((rows_out, H))
                 out = cupy.empty((T, H), bfloat16)
 
                 def flow():
@@ -178,7 +182,7 @@ def _native_allgather(group, nccl, args, tokens, stream, qc, quant) -> list[dict
         ids = rng.integers(0, E, (T, k)).astype(np.int32)
         w = rng.random((T, k), dtype=np.float32)
         counts = [T] * world
-        fused = cupy.zeros((world * T, H), bfloat16)
+        fused = _zeros_bf16((world * T, H))
         out = cupy.empty((T, H), bfloat16)
         if quant == "nvfp4":
             from .. import quant as q
