@@ -314,7 +314,8 @@ class FlashInferCutlassMoEPrepareAndFinalize:
                             stream=handle)
         launcher = self._launcher("map_expert_ids", MapIdsArgs)
         args = launcher.args
-        args.ids, args.expert_map, args.n, args.num_experts = ids.data.ptr, emap.ptr, ids.size, num_experts
+        args.ids, args.expert_map = ids.data.ptr, emap.ptr
+        args.n, args.num_experts = ids.size, num_experts
         launcher(max(1, min(1024, -(-ids.size // 256))), 256, handle)
 
     def _buffer(self, name: str, shape, dtype, handle: int) -> cupy.ndarray:
@@ -602,7 +603,8 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         for i, (g, r) in enumerate(zip(gathered, recv)):
             t.src[i], t.dst[i] = g.data.ptr, r.data.ptr
             t.row_bytes[i] = g.itemsize * math.prod(g.shape[1:])
-        t.src_row, t.n_rows, t.num_payloads, t.id_payload = src_row.data.ptr, ep * rmax, len(recv), id_index
+        t.src_row, t.n_rows = src_row.data.ptr, ep * rmax
+        t.num_payloads, t.id_payload = len(recv), id_index
         t.lo = self.group.rank * self.experts_per_rank
         t.hi = t.lo + self.experts_per_rank
         take(max(1, min(1024, -(-ep * rmax // 8))), 256, handle)

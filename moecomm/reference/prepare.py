@@ -53,7 +53,8 @@ def all_gatherv(xs: Sequence[Sequence[Any]], sizes: Sequence[int]) -> list[np.nd
 def reduce_scatterv(xs: Sequence[Any], sizes: Sequence[int], dtype: Any = None) -> list[np.ndarray]:
     """xs[r]: rank r's ``[sum(sizes), ...]`` (bf16 bits / fp16 / fp32). Returns, per rank r,
     its rows ``[off_r, off_r + sizes[r])`` summed over ranks 0, 1, ... in fp32 starting
-    from +0 (so -0 inputs give +0, as MoeAlltoAll's combine), rounded once to ``dtype`` (default the input's)."""
+    from +0 (so -0 inputs give +0, as MoeAlltoAll's combine), rounded once to ``dtype``
+    (default the input's)."""
     n = len(xs)
     sizes = _sizes(sizes, n)
     x0 = np.asarray(xs[0])

@@ -219,7 +219,8 @@ def run_alltoall(ctx, pf, layer, quant, out_dtype, *, expert_map=False, check_la
             y = ref.scaled_experts(vals, qv[-2], qv[-1], layer.scale, layer.owned(q))
         y = as_out(y, out_dtype)
         for s in range(n):
-            y[s * rmax + plan.recv_counts[q][s]:(s + 1) * rmax] = 0x7FC1 if out_dtype == np.uint16 else np.nan
+            pad = slice(s * rmax + plan.recv_counts[q][s], (s + 1) * rmax)
+            y[pad] = 0x7FC1 if out_dtype == np.uint16 else np.nan
         expert_rows.append(y)
     out = poisoned_output(ctx, layer.T[r], out_dtype)
     pf.finalize(out, ctx.device(expert_rows[r]), w, ids, False, stream=ctx.stream)
