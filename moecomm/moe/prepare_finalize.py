@@ -30,6 +30,10 @@ factors swizzled; finalize copies):
   this rank's output for received row i) back and sums, per token, the rows of its
   target ranks in rank order in fp32 from +0, rounded once.
 
+The exchange also stands on its own: ``FlashInferAllToAllMoEPrepareAndFinalize.dispatch(
+topk_ids, tensors)`` moves any 1 to 7 arrays (any dtype, rows of a multiple of 4 bytes)
+along the plan and returns them with the received ids; ``combine(rows)`` brings rows back.
+
 Top-k weights: ``finalize`` does not apply them. ``fused_expert_output`` must already be
 weighted and reduced over the top-k slots this rank owns (as FlashInfer's CUTLASS fused
 MoE writes it; ``weight_and_reduce_impl`` accepts only None / ``"noop"``), unless
@@ -71,7 +75,7 @@ import numpy as np
 
 from .. import group as _group
 from ..collectives import VCollectiveWorkspace, check_sizes, gather_layout, scatter_bytes
-from ..constants import NVFP4_BLOCK
+from ..constants import A2A_MAX_PAYLOADS, NVFP4_BLOCK
 from ..group import ProcessGroup, default_group
 from ..kernel_args import A2aPlanArgs, A2aPutRowsArgs, A2aTakeRowsArgs, MapIdsArgs, ScaleRowsArgs
 from ..kernels import get_kernel
@@ -479,7 +483,6 @@ class _A2AInfo(NamedTuple):
     sizes: tuple
     runtime_max: int
     num_tokens: int
-    hidden: int
 
 
 class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFinalize):
@@ -559,27 +562,67 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if qc.quant_dtype is None and (x.H * x.a1.itemsize) % 4:
             raise ValueError(f"a1: {x.H * x.a1.itemsize} bytes per token, not a multiple of 4")
         sizes = self._sizes(x.T, sizes)
-        rmax = max(1, max(sizes))
         self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
         a1q, a1q_scale = self._quantize(x, qc, swizzled=False, handle=handle)
-        payloads = [a1q] + ([a1q_scale] if a1q_scale is not None else []) + [
-            _cupy(x.ids, handle), _cupy(x.weights, handle)]
-        id_index = len(payloads) - 2
+        tensors = [a1q] + ([a1q_scale] if a1q_scale is not None else []) + [
+            _cupy(x.weights, handle)]
+        recv, ids = self._dispatch(x.ids, tensors, sizes, expert_map, handle)
+        scale = self._interleave(recv[1], handle) if a1q_scale is not None else None
+        return PrepareResult(recv[0], scale, None, ids, recv[-1])
+
+    def dispatch(self, topk_ids, tensors, *, sizes=None, expert_map=None, stream=None):
+        """The all-to-all-v exchange on its own: every array of ``tensors`` (1 to 7 arrays
+        ``[T, ...]`` of any dtype, rows of a multiple of 4 bytes) goes along the plan of
+        ``topk_ids`` (int32 ``[T, top_k]``), as ``prepare`` moves the activations.
+
+        Returns ``(received, ids)``: one ``[ep_size * max(sizes), ...]`` array per tensor
+        (rows laid out as in the module doc) and the received ids (-1 where not owned here
+        and in padding rows; renumbered by ``expert_map``). ``combine`` brings rows back.
+        """
+        if not self.use_dp:
+            raise RuntimeError("dispatch needs use_dp=True (without it nothing moves)")
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        handle = stream_handle(stream)
+        ids = import_array(topk_ids, "topk_ids", dtype=np.int32, ndim=2, device=self.device_id,
+                           stream=handle)
+        T, k = ids.shape
+        if k != self.top_k:
+            raise ValueError(f"topk_ids: top_k={k}, the exchange was made for {self.top_k}")
+        if T > self.max_num_tokens:
+            raise ValueError(f"topk_ids: {T} tokens exceed max_num_tokens={self.max_num_tokens}")
+        if not isinstance(tensors, (list, tuple)) or not 1 <= len(tensors) <= A2A_MAX_PAYLOADS - 1:
+            raise ValueError(f"tensors: expected a list of 1 to {A2A_MAX_PAYLOADS - 1} arrays")
+        arrays = []
+        for i, t in enumerate(tensors):
+            a = import_array(t, f"tensors[{i}]", device=self.device_id, stream=handle)
+            if a.ndim < 1 or a.shape[0] != T:
+                raise ValueError(f"tensors[{i}]: shape {tuple(a.shape)}, expected [T={T}, ...]")
+            if (a.itemsize * math.prod(a.shape[1:])) % 4 or a.ptr % 4:
+                raise ValueError(f"tensors[{i}]: rows and address must be multiples of 4 bytes")
+            arrays.append(_cupy(a, handle))
+        if expert_map is not None:
+            import_array(expert_map, "expert_map", dtype=np.int32, shape=(self.num_experts,),
+                         device=self.device_id, stream=handle)
+        return self._dispatch(ids, arrays, self._sizes(T, sizes), expert_map, handle)
+
+    def _dispatch(self, ids, tensors: list, sizes, expert_map, handle: int):
+        """``tensors`` and the ids along the plan (validated arguments)."""
+        rmax = max(1, max(sizes))
         rows = self.group.size * rmax
+        payloads = [*tensors, _cupy(ids, handle)]
+        id_index = len(tensors)
         if self.all2all_manager is not None:
-            recv = self.all2all_manager.dispatch(x.ids.obj, payloads, rmax,
+            recv = self.all2all_manager.dispatch(ids.obj, payloads, rmax,
                                                  invalid_token_expert_id=-1,
                                                  expert_id_payload_index=id_index, stream=handle)
             recv = [v.reshape(rows, *v.shape[2:]) for v in recv]
         else:
             recv = self._nccl_dispatch(payloads, id_index, sizes, rmax, handle)
         self._map_ids(recv[id_index], expert_map, self.num_experts, handle)
-        scale = recv[1] if a1q_scale is not None else None
-        if scale is not None:
-            scale = self._interleave(scale, handle)
-        self.local_tokens, self.local_sizes = x.T, sizes
-        self.alltoall_info = _A2AInfo(sizes, rmax, x.T, x.H)
-        return PrepareResult(recv[0], scale, None, recv[id_index], recv[id_index + 1])
+        self.local_tokens, self.local_sizes = ids.shape[0], sizes
+        self.alltoall_info = _A2AInfo(sizes, rmax, ids.shape[0])
+        return recv[:id_index], recv[id_index]
 
     def _nccl_dispatch(self, payloads, id_index: int, sizes, rmax: int, handle: int) -> list:
         """All-gather every rank's tokens, then take the rows routed here (module doc)."""
@@ -621,20 +664,31 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if not self.use_dp:
             self._copy(output, fused_expert_output, handle)
             return
+        self.combine(fused_expert_output, output, stream=handle)
+
+    def combine(self, expert_rows, out=None, *, stream=None):
+        """Row i of ``expert_rows`` (bf16/fp16/fp32 ``[ep_size * max(sizes), H]``, ``H *
+        itemsize`` a multiple of 16: this rank's output for received row i of the last
+        dispatch) back to its token: per token the fp32 sum, from +0, of the rows its
+        target ranks produced, in rank order, rounded once (+0 for a token routed nowhere).
+        Top-k weights are not applied: the rows come weighted. Returns ``out`` ``[T, H]``
+        (or a new array); padding rows are never read."""
+        handle = stream_handle(stream)
         info = self.alltoall_info
         if info is None:
-            raise RuntimeError("finalize needs a prepare first")
+            raise RuntimeError("combine / finalize needs a prepare first (or a dispatch)")
         ep, rmax = self.group.size, info.runtime_max
-        y = as_array(fused_expert_output, "fused_expert_output", dtype=FLOAT_DTYPES, ndim=2,
+        y = as_array(expert_rows, "fused_expert_output", dtype=FLOAT_DTYPES, ndim=2,
                      stream=handle)
         if y.shape[0] != ep * rmax:
             raise ValueError(f"fused_expert_output: shape {tuple(y.shape)}, expected "
                              f"[ep_size * runtime_max = {ep * rmax}, hidden]")
-        if self.all2all_manager is not None:
-            self.all2all_manager.combine(y.reshape(ep, rmax, y.shape[1]), rmax, stream=handle,
-                                         out=output)
-            return
         row = y.shape[1] * y.itemsize
+        if row % 16:
+            raise ValueError(f"fused_expert_output: {row} bytes per row, not a multiple of 16")
+        if self.all2all_manager is not None:
+            return self.all2all_manager.combine(y.reshape(ep, rmax, y.shape[1]), rmax,
+                                                stream=handle, out=out)
         total = sum(info.sizes)
         z = self._buffer("put_back", (total, y.shape[1]), y.dtype, handle)
         put = self._launcher("a2a_put_rows", A2aPutRowsArgs)
@@ -642,11 +696,9 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         p.y, p.z = y.data.ptr, z.data.ptr
         p.inv = self._buffer("inv", (max(1, total),), np.int32, handle).data.ptr
         p.total, p.row_bytes = total, row
-        if row % 16:
-            raise ValueError(f"fused_expert_output: {row} bytes per row, not a multiple of 16")
         if total:
             put(max(1, min(1024, -(-total // 8))), 256, handle)
-        self.workspace.reduce_scatterv(z, info.sizes, out=output, stream=handle)
+        return self.workspace.reduce_scatterv(z, info.sizes, out=out, stream=handle)
 
     def close(self) -> None:
         if not self._closed:

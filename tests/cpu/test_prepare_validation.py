@@ -301,6 +301,19 @@ def test_alltoall_refusals(fakes, monkeypatch):
                     pf.FusedMoEQuantConfig("nvfp4", a1_gscale=gs))
     with pytest.raises(RuntimeError, match="needs a prepare first"):
         obj.finalize(Arr((4, 128), BF16), Arr((8, 128), BF16), w, ids, False)
+    with pytest.raises(ValueError, match="1 to 7 arrays"):
+        obj.dispatch(ids, [a1] * 8, sizes=[4, 4])
+    with pytest.raises(ValueError, match=r"tensors\[1\]: shape \(3, 128\), expected \[T=4"):
+        obj.dispatch(ids, [a1, Arr((3, 128), BF16)], sizes=[4, 4])
+    with pytest.raises(ValueError, match="multiples of 4 bytes"):
+        obj.dispatch(ids, [Arr((4, 3), np.uint8)], sizes=[4, 4])
+    with pytest.raises(ValueError, match="expert_map: shape"):
+        obj.dispatch(ids, [a1], sizes=[4, 4], expert_map=Arr((128,), np.int32))
+    with pytest.raises(ValueError, match=r"sizes\[0\]=5"):
+        obj.dispatch(ids, [a1], sizes=[5, 4])
+    obj.use_dp = False
+    with pytest.raises(RuntimeError, match="needs use_dp=True"):
+        obj.dispatch(ids, [a1], sizes=[4, 4])
     assert fakes == []
 
 
@@ -344,7 +357,7 @@ def test_alltoall_across_nodes_wiring(fakes, monkeypatch):
     assert (grid, block) == (2, 1024)                    # one block per source rank
     assert list(plan.rows[:2]) == [3, 5] and (plan.rank, plan.runtime_max) == (1, 5)
     assert (plan.top_k, plan.num_experts, plan.experts_per_rank) == (8, 256, 128)
-    assert (take.n_rows, take.num_payloads, take.id_payload) == (10, 4, 2)
+    assert (take.n_rows, take.num_payloads, take.id_payload) == (10, 4, 3)
     assert (take.lo, take.hi) == (128, 256)
     assert list(take.row_bytes[:4]) == [64, 8, 32, 32]
     assert emap.n == 10 * 8 and emap.num_experts == 256
@@ -358,3 +371,45 @@ def test_alltoall_across_nodes_wiring(fakes, monkeypatch):
     assert obj.workspace.calls[-1] == ("reduce_scatterv", (8, 128), (3, 5), (5, 128))
     with pytest.raises(ValueError, match="fused_expert_output: shape"):
         obj.finalize(out, Arr((9, 128), BF16), w, ids, False)
+
+
+class RecordingMoeAlltoAll:
+    """MoeAlltoAll as the all-to-all-v path calls it inside a node."""
+
+    def __init__(self, ep):
+        self.ep, self.calls = ep, []
+
+    def dispatch(self, ids, payloads, rmax, invalid_token_expert_id=None,
+                 expert_id_payload_index=None, stream=None):
+        self.calls.append(("dispatch", ids, [p.shape for p in payloads], rmax,
+                           invalid_token_expert_id, expert_id_payload_index))
+        return [Arr((self.ep, rmax, *p.shape[1:]), p.dtype) for p in payloads]
+
+    def combine(self, payload, rmax, stream=None, *, out=None):
+        self.calls.append(("combine", payload.shape, rmax, out))
+        return out
+
+
+def test_alltoall_inside_a_node_rides_on_moe_alltoall(fakes, monkeypatch):
+    q = FakeQuant()
+    monkeypatch.setattr(pf, "_quant", lambda: q)
+    obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
+        pf.FlashInferAllToAllMoEPrepareAndFinalize)
+    obj.use_dp, obj.num_dispatchers_, obj.group = True, 1, FakeGroup(2, 0)
+    obj.device_id, obj._buffers, obj._launchers, obj._closed = 0, {}, {}, False
+    obj.num_experts, obj.top_k, obj.max_num_tokens, obj.experts_per_rank = 256, 8, 16, 128
+    obj.all2all_manager, obj.workspace, obj.alltoall_info = RecordingMoeAlltoAll(2), None, None
+    a1, w, ids = inputs(T=6)
+    res = obj.prepare(a1, w, ids, 256, None, False,
+                      pf.FusedMoEQuantConfig("nvfp4", a1_gscale=Arr((1,), np.float32)),
+                      sizes=[6, 2])
+    (call,) = obj.all2all_manager.calls
+    assert call[0] == "dispatch" and call[1] is ids and call[3] == 6
+    assert call[2] == [(6, 64), (6, 8), (6, 8), (6, 8)]   # a1q, sf (linear), weights, ids
+    assert call[4:] == (-1, 3)                           # ids sanitised per target
+    assert res.a1q.shape == (12, 64) and res.topk_ids.shape == (12, 8)
+    assert res.topk_weights.shape == (12, 8) and q.calls[-1] == ("interleave", (12, 8))
+    assert fakes == []                                    # no expert_map: no renumbering
+    out = Arr((6, 128), BF16)
+    obj.finalize(out, Arr((12, 128), BF16), w, ids, False)
+    assert obj.all2all_manager.calls[-1] == ("combine", (2, 6, 128), 6, out)

@@ -253,6 +253,41 @@ def alltoall_layer(ctx, flow):
                          OUT_DTYPES[out], expert_map=emap)
 
 
+@case
+def alltoall_any_tensors(ctx):
+    """dispatch / combine on their own: tensors of other dtypes and row sizes (fp32 12 B,
+    int8 12 B, bf16 16 B) along the plan, local ids through an expert_map, fp32 rows back
+    (padding rows NaN: never read)."""
+    pf, n, r = alltoall(ctx), ctx.world, ctx.rank
+    for mode in (None, "zero", "one_rank"):
+        layer = Layer(ctx.new_seed(), n, mode)
+        rng = np.random.default_rng(ctx.new_seed())  # the same on every rank
+        extra = [[rng.standard_normal((t, 3)).astype(np.float32),
+                  rng.integers(-100, 100, (t, 12)).astype(np.int8),
+                  ref.to_bf16_bits(rng.standard_normal((t, 8)).astype(np.float32))]
+                 for t in layer.T]
+        maps = [np.where(layer.owned(q), np.arange(layer.E) - q * EPR, -1).astype(np.int32)
+                for q in range(n)]
+        ctx.poison(pf)
+        recv, ids = pf.dispatch(ctx.device(layer.ids[r]), [ctx.device(a) for a in extra[r]],
+                                sizes=layer.T, expert_map=ctx.device(maps[r]), stream=ctx.stream)
+        plan, want = ref.a2a_prepare(layer.ids, layer.w, extra, layer.E, expert_maps=maps)
+        rmax = plan.runtime_max
+        valid = np.concatenate([np.arange(s * rmax, s * rmax + plan.recv_counts[r][s])
+                                for s in range(n)]).astype(np.int64)
+        assert len(recv) == 3
+        for i, (got, exp) in enumerate(zip(recv, want[r][:3])):
+            got = ctx.host(got)
+            assert got.shape == exp.shape and np.array_equal(got[valid], exp[valid]), i
+        assert np.array_equal(ctx.host(ids), want[r][3]), "received ids"
+        rows = [rng.standard_normal((n * rmax, H)).astype(np.float32) for _ in range(n)]
+        for q in range(n):
+            for s in range(n):
+                rows[q][s * rmax + plan.recv_counts[q][s]:(s + 1) * rmax] = np.nan
+        got = pf.combine(ctx.device(rows[r]), stream=ctx.stream)
+        assert np.array_equal(bits(ctx.host(got)), bits(ref.a2a_finalize(rows, plan)[r]))
+
+
 # ---------------------------------------------------------------- shared behaviour
 @case(variants={"allgather": "ag", "alltoall": "a2a"})
 def router_weight_on_input(ctx, path):
