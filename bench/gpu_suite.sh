@@ -32,15 +32,16 @@ python3 -m pytest tests -q -rA -p no:cacheprovider -m "not needs_registry" 2>&1 
 ranks="2"
 [ "$ngpu" -gt 2 ] && ranks="2 $ngpu"
 for n in $ranks; do
-  fusion="fusion" moe="moe --plot" dcp="dcp" mixed="mixed"
+  fusion="fusion" moe="moe --plot" dcp="dcp" mixed="mixed" prepare="prepare"
   # Ranks sharing a GPU time-slice (milliseconds a handshake): small sweeps only.
   if [ "$n" -gt "$ngpu" ]; then
     fusion="fusion --tokens 1,128 --hidden 4096 --iters 5"
     moe="moe --tokens 1,128 --iters 5"
     dcp="dcp --batch 1,64 --heads 32 --iters 5"
     mixed="mixed --tokens 1,128 --ar-sizes 8192 --iters 5"
+    prepare="prepare --sizes 8192,1048576 --tokens 128 --iters 5"
   fi
-  for suite in p2p "allreduce --plot" "$fusion" "$moe" "$dcp" "$mixed"; do
+  for suite in p2p "allreduce --plot" "$fusion" "$moe" "$dcp" "$mixed" "$prepare"; do
     name=${suite%% *}
     # shellcheck disable=SC2086  # the suite's options are meant to split
     "${mpi[@]}" -n "$n" python3 -m moecomm.bench $suite --out "$out" 2>&1 \
@@ -58,6 +59,7 @@ if [ "$ngpu" -ge 2 ]; then
   "${mpi[@]}" -n 2 python3 -m moecomm.bench overlap --plot --out "$out" 2>&1 \
     | tee "$out/bench-overlap-r2.log" || status=1
 fi
+"${mpi[@]}" -n 1 python3 -m moecomm.bench quant --out "$out" 2>&1 | tee "$out/bench-quant.log" || status=1
 # One rank: the host cost of an eager all_reduce with no other process on the GPU.
 "${mpi[@]}" -n 1 python3 -m moecomm.bench allreduce --sizes 8192,1048576 --out "$out" 2>&1 \
   | tee "$out/bench-allreduce-r1.log" || status=1

@@ -265,6 +265,117 @@ struct BarrierArgs {
   int32_t world;
 };
 
+// ------------------------------------------------------------------ v-collectives family
+// VCollectiveWorkspace as kernels see it (moecomm.collectives; protocol: collectives.cu).
+struct VcWorkspace {
+  uint64_t peers[MOECOMM_VC_MAX_RANKS];  // base address of every rank's buffer
+  uint32_t* state;                       // local control words (collectives.cu kState*)
+  uint32_t* error_word;                  // mapped host memory (moecomm.errors)
+  uint64_t timeout_ns;                   // bound of every wait for a peer, 0 = forever
+  uint64_t data_off;                     // the two data buffers [2][buffer_bytes]
+  uint64_t buffer_bytes;
+  int32_t rank;
+  int32_t world;
+};
+
+// all_gatherv (collectives.cu): dst[i] rows of every rank, rank order.
+struct AllGathervArgs {
+  uint64_t src[MOECOMM_VC_MAX_TENSORS];        // tensor i: this rank's rows[rank] rows
+  uint64_t dst[MOECOMM_VC_MAX_TENSORS];        // tensor i: [sum(rows), row_bytes[i]]
+  uint64_t row_bytes[MOECOMM_VC_MAX_TENSORS];
+  uint64_t region_off[MOECOMM_VC_MAX_TENSORS]; // tensor i's region in a data buffer
+  uint64_t item_bytes;                         // a multiple of 16 (collectives.cu)
+  int64_t rows[MOECOMM_VC_MAX_RANKS];          // rows of every rank
+  int64_t num_tensors;
+  VcWorkspace ws;
+};
+
+// reduce_scatterv (collectives.cu): out = sum over ranks of their rows of this rank.
+struct ReduceScattervArgs {
+  const void* in;                      // [sum(rows), row] of T
+  void* out;                           // [rows[rank], row] of T
+  int64_t rows[MOECOMM_VC_MAX_RANKS];  // rows of every rank
+  int64_t row_bytes;                   // a multiple of 16
+  int64_t item_bytes;                  // a multiple of 16 (collectives.cu)
+  VcWorkspace ws;
+};
+
+// Sum of `slots` stacked arrays of T in slot order (fp32, one rounding): the NCCL path of
+// reduce_scatterv.
+struct StackReduceArgs {
+  const void* in;   // [slots, nvec * 16 bytes]
+  void* out;        // [nvec * 16 bytes]
+  int64_t nvec;
+  int64_t slots;
+};
+
+// ------------------------------------------------------------------ prepare / finalize
+// ids[i] = expert_map[ids[i]] for ids in [0, num_experts); others unchanged (prepare.cu).
+struct MapIdsArgs {
+  int32_t* ids;
+  const int32_t* expert_map;  // [num_experts]
+  int64_t n;
+  int64_t num_experts;
+};
+
+// x[t, :] *= T(w[t]) in place (apply_router_weight_on_input, prepare.cu).
+struct ScaleRowsArgs {
+  void* x;           // [tokens, cols] of T
+  const float* w;    // [tokens]
+  int64_t tokens;
+  int64_t cols;
+};
+
+// The all-to-all-v plan applied locally to all-gathered tokens (the path across nodes,
+// prepare.cu): rows of every source routed to `rank`, laid out as MoeAlltoAll's receive
+// tensors [ep, runtime_max, ...].
+struct A2aPlanArgs {
+  const int32_t* ids;                  // gathered [sum(rows), top_k]
+  int32_t* inv;                        // [sum(rows)] out: received row of each, or -1
+  int32_t* src_row;                    // [ep * runtime_max] out: gathered row, -1 = padding
+  int64_t rows[MOECOMM_VC_MAX_RANKS];  // tokens of every rank
+  int64_t top_k;
+  int64_t num_experts;
+  int64_t experts_per_rank;
+  int64_t rank;
+  int64_t runtime_max;
+};
+
+struct A2aTakeRowsArgs {
+  uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];        // gathered payload p [sum(rows), row_bytes]
+  uint64_t dst[MOECOMM_A2A_MAX_PAYLOADS];        // received payload p [ep * runtime_max, row_bytes]
+  uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS];  // multiples of 4
+  const int32_t* src_row;                        // [n_rows] from the plan
+  int64_t n_rows;
+  int64_t num_payloads;
+  int64_t id_payload;                            // ids: kept in [lo, hi), else -1
+  int64_t lo;
+  int64_t hi;
+};
+
+// z[g] = inv[g] >= 0 ? y[inv[g]] : +0 (rows of row_bytes, a multiple of 16).
+struct A2aPutRowsArgs {
+  const uint8_t* y;    // [ep * runtime_max, row_bytes] expert outputs
+  uint8_t* z;          // [total, row_bytes]
+  const int32_t* inv;  // [total]
+  int64_t total;
+  int64_t row_bytes;
+};
+
+// ------------------------------------------------------------------ quantizers
+// moecomm.quant (quant.cu): standalone quantizers and the NVFP4 scale interleave.
+struct QuantArgs {
+  const void* x;        // [rows, cols] bf16/fp16/fp32; interleave: linear sf [rows, cols/16]
+  uint8_t* q;           // codes [rows, cols] (FP8) or packed e2m1 [rows, cols/2] (NVFP4)
+  void* scale_out;      // fp32 per token / per group, UE8M0 int32 storage, NVFP4 sf bytes
+  const float* scale;   // device scalar: FP8 dequantization scale / NVFP4 global scale
+  uint64_t rows;
+  uint32_t cols;        // elements per row (a multiple of 16)
+  uint32_t group_size;  // per-token-group FP8: elements per scale
+  uint32_t swizzled;    // NVFP4 scale layout: 1 = 128x4 swizzled, 0 = linear
+  uint32_t ue8m0;       // per-token-group FP8: 1 = UE8M0 MN-major storage, 0 = fp32
+};
+
 // ------------------------------------------------------------------ small kernels
 // Fill `nbytes` (a multiple of 16) at `dst` with a repeated 32-bit word.
 struct FillArgs {

@@ -22,6 +22,9 @@ constexpr int kA2aHeaderBytes = MOECOMM_A2A_HEADER_BYTES;
 constexpr int kA2aFp8Group = MOECOMM_A2A_FP8_GROUP;
 
 constexpr int kBarrierMaxRanks = MOECOMM_BARRIER_MAX_RANKS;
+constexpr int kVcMaxRanks = MOECOMM_VC_MAX_RANKS;
+constexpr int kVcMaxTensors = MOECOMM_VC_MAX_TENSORS;
+constexpr int kVcMaxBlocks = MOECOMM_VC_MAX_BLOCKS;
 
 constexpr int kCompactMaxLocalExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
 constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;
@@ -35,6 +38,8 @@ constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
 constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
 constexpr uint32_t kErrDcpAlltoall = MOECOMM_ERR_DCP_ALLTOALL;
 constexpr uint32_t kErrBarrier = MOECOMM_ERR_BARRIER;
+constexpr uint32_t kErrAllGatherv = MOECOMM_ERR_ALL_GATHERV;
+constexpr uint32_t kErrReduceScatterv = MOECOMM_ERR_REDUCE_SCATTERV;
 
 }  // namespace config
 

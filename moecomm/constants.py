@@ -28,6 +28,10 @@ A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
 A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
 
 BARRIER_MAX_RANKS = 32  # ranks of a device-side barrier (moecomm.barrier)
+# ------------------------------------------------------------------------ v-collectives
+VC_MAX_RANKS = 16        # ranks of an IPC all_gatherv / reduce_scatterv group
+VC_MAX_TENSORS = 8       # tensors of one all_gatherv call
+VC_MAX_BLOCKS = 512      # blocks of one v-collective launch (flag slots per rank)
 
 COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
@@ -49,6 +53,8 @@ class ErrorCode(enum.IntEnum):
     A2A_COMBINE = 17
     DCP_ALLTOALL = 32
     BARRIER = 48
+    ALL_GATHERV = 34
+    REDUCE_SCATTERV = 35
 
     @property
     def op(self) -> str:
@@ -64,6 +70,8 @@ _ERROR_OPS = {
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
     ErrorCode.DCP_ALLTOALL: "DcpAlltoAll.alltoall",
     ErrorCode.BARRIER: "barrier",
+    ErrorCode.ALL_GATHERV: "all_gatherv",
+    ErrorCode.REDUCE_SCATTERV: "reduce_scatterv",
 }
 
 
@@ -240,6 +248,9 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
         "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
         "MOECOMM_BARRIER_MAX_RANKS": BARRIER_MAX_RANKS,
+        "MOECOMM_VC_MAX_RANKS": VC_MAX_RANKS,
+        "MOECOMM_VC_MAX_TENSORS": VC_MAX_TENSORS,
+        "MOECOMM_VC_MAX_BLOCKS": VC_MAX_BLOCKS,
         "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
         "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
     }

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 
-from .constants import A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS, BARRIER_MAX_RANKS
+from .constants import (A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS, BARRIER_MAX_RANKS,
+                        VC_MAX_RANKS, VC_MAX_TENSORS)
 
 _ptr = ctypes.c_void_p
 _u64, _i64 = ctypes.c_uint64, ctypes.c_int64
@@ -114,6 +115,53 @@ class DcpCombineArgs(ctypes.Structure):
 class BarrierArgs(ctypes.Structure):
     _fields_ = _fields(("peers", _u64 * BARRIER_MAX_RANKS), ("state error_word", _ptr),
                        ("timeout_ns", _u64), ("rank world", _i32))
+
+
+class VcWorkspace(ctypes.Structure):
+    _fields_ = _fields(("peers", _u64 * VC_MAX_RANKS), ("state error_word", _ptr),
+                       ("timeout_ns data_off buffer_bytes", _u64), ("rank world", _i32))
+
+
+class AllGathervArgs(ctypes.Structure):
+    _fields_ = _fields(("src dst row_bytes region_off", _u64 * VC_MAX_TENSORS),
+                       ("item_bytes", _u64), ("rows", _i64 * VC_MAX_RANKS), ("num_tensors", _i64),
+                       ("ws", VcWorkspace))
+
+
+class ReduceScattervArgs(ctypes.Structure):
+    _fields_ = _fields(("in_ out", _ptr), ("rows", _i64 * VC_MAX_RANKS),
+                       ("row_bytes item_bytes", _i64), ("ws", VcWorkspace))
+
+
+class StackReduceArgs(ctypes.Structure):
+    _fields_ = _fields(("in_ out", _ptr), ("nvec slots", _i64))
+
+
+class MapIdsArgs(ctypes.Structure):
+    _fields_ = _fields(("ids expert_map", _ptr), ("n num_experts", _i64))
+
+
+class ScaleRowsArgs(ctypes.Structure):
+    _fields_ = _fields(("x w", _ptr), ("tokens cols", _i64))
+
+
+class A2aPlanArgs(ctypes.Structure):
+    _fields_ = _fields(("ids inv src_row", _ptr), ("rows", _i64 * VC_MAX_RANKS),
+                       ("top_k num_experts experts_per_rank rank runtime_max", _i64))
+
+
+class A2aTakeRowsArgs(ctypes.Structure):
+    _fields_ = _fields(("src dst row_bytes", _u64 * A2A_MAX_PAYLOADS), ("src_row", _ptr),
+                       ("n_rows num_payloads id_payload lo hi", _i64))
+
+
+class A2aPutRowsArgs(ctypes.Structure):
+    _fields_ = _fields(("y z inv", _ptr), ("total row_bytes", _i64))
+
+
+class QuantArgs(ctypes.Structure):
+    _fields_ = _fields(("x q scale_out scale", _ptr), ("rows", _u64),
+                       ("cols group_size swizzled ue8m0", _u32))
 
 
 class FillArgs(ctypes.Structure):

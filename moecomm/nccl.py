@@ -186,6 +186,44 @@ class NcclCommunicator:
         nccl.groupEnd()
         return out
 
+    def all_gather_v_list(self, xs: Sequence, counts: Sequence[int], outs=None, *,
+                          stream=None) -> list:
+        """``all_gather_v`` of several arrays (each ``counts[rank]`` rows) in one NCCL
+        group; ``outs``: optional list of ``[sum(counts), ...]`` arrays."""
+        counts = self._counts(counts, "counts")
+        xs = [as_array(x, f"xs[{i}]", stream=stream) for i, x in enumerate(xs)]
+        if outs is None:
+            outs = [None] * len(xs)
+        if len(outs) != len(xs):
+            raise ValueError(f"outs: {len(outs)} arrays for {len(xs)} inputs")
+        handle = stream_handle(stream)
+        results, arrays = [], []
+        for i, (x, o) in enumerate(zip(xs, outs)):
+            if x.shape[0] != counts[self.rank]:
+                raise ValueError(f"xs[{i}] has {x.shape[0]} rows, counts[{self.rank}]="
+                                 f"{counts[self.rank]}")
+            arrays.append(_out(o, f"outs[{i}]", (sum(counts), *x.shape[1:]), x.dtype, stream))
+            results.append(arrays[-1] if o is None else o)
+        nccl.groupStart()
+        for x, out in zip(xs, arrays):
+            row = int(np.prod(x.shape[1:], dtype=np.int64)) * x.itemsize
+            offset = 0
+            for root, c in enumerate(counts):
+                if c:
+                    self._comm.broadcast(x.data.ptr, out.data.ptr + offset, c * row,
+                                         nccl.NCCL_UINT8, root, handle)
+                offset += c * row
+        nccl.groupEnd()
+        return results
+
+    def send_recv_bytes(self, send_ptr: int, send_bytes: Sequence[int], recv_ptr: int,
+                        recv_bytes: Sequence[int], *, stream=None) -> None:
+        """Grouped send/recv of byte ranges at device addresses: ``send_bytes[p]`` bytes
+        (at prefix-sum offsets) to rank p, ``recv_bytes[s]`` from rank s (the caller keeps
+        the memory alive and valid)."""
+        self._exchange(int(send_ptr), [int(b) for b in send_bytes], int(recv_ptr),
+                       [int(b) for b in recv_bytes], stream_handle(stream))
+
     @_overlap
     def reduce_scatter_v(self, x, counts: Sequence[int], out=None, *, op: str = "sum",
                          stream=None) -> cupy.ndarray:

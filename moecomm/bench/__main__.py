@@ -1,5 +1,6 @@
-"""``python -m moecomm.bench {allreduce,fusion,p2p,dlpack,moe,dcp,mixed,overlap,coldstart} [options]`` (run under mpiexec,
+"""``python -m moecomm.bench {allreduce,fusion,p2p,dlpack,moe,dcp,mixed,overlap,prepare,quant,coldstart} [options]`` (run under mpiexec,
 e.g. ``mpiexec -n $(python -m moecomm.bench gpus) python -m moecomm.bench allreduce``);
+``python -m moecomm.bench quant`` (one rank: the standalone quantizers' bandwidth);
 ``python -m moecomm.bench coldstart`` (without mpiexec: it starts its own jobs);
 ``python -m moecomm.bench gpus`` prints this host's GPU count (at least 1), for ``-n``."""
 
@@ -9,11 +10,12 @@ import argparse
 import sys
 
 from ..log import launcher_rank, show_info
-from . import allreduce, coldstart, dcp, dlpack, fusion, mixed, moe, overlap, p2p
+from . import allreduce, coldstart, dcp, dlpack, fusion, mixed, moe, overlap, p2p, prepare, quant
 from .common import NoGpuError
 
 SUITES = {"allreduce": allreduce, "fusion": fusion, "p2p": p2p, "dlpack": dlpack,
-          "moe": moe, "dcp": dcp, "mixed": mixed, "overlap": overlap, "coldstart": coldstart}
+          "moe": moe, "dcp": dcp, "mixed": mixed, "overlap": overlap, "prepare": prepare,
+          "quant": quant, "coldstart": coldstart}
 
 
 def gpu_count() -> int:

@@ -1,5 +1,6 @@
 """MoE expert-parallel all-to-all: ``MoeAlltoAll`` (static layout), ``EPAllToAll`` (compact
-expert-major layout) and their helpers."""
+expert-major layout) and their helpers; the prepare/finalize classes of data-parallel
+serving (``prepare_finalize``)."""
 
 from .alltoall import (
     Fp8Dispatch,
@@ -9,6 +10,15 @@ from .alltoall import (
     RoutingHandle,
     moe_a2a_get_workspace_size_per_rank,
     moe_a2a_sanitize_expert_ids,
+)
+from .prepare_finalize import (
+    FlashInferAllGatherMoEPrepareAndFinalize,
+    FlashInferAllToAllMoEPrepareAndFinalize,
+    FlashInferCutlassMoEPrepareAndFinalize,
+    FusedMoEQuantConfig,
+    PrepareResult,
+    create_flashinfer_prepare_finalize,
+    create_prepare_finalize,
 )
 from .compact import (
     CapacityError,
@@ -24,11 +34,18 @@ __all__ = [
     "EPAllToAll",
     "EPDispatchOutput",
     "EPLayout",
+    "FlashInferAllGatherMoEPrepareAndFinalize",
+    "FlashInferAllToAllMoEPrepareAndFinalize",
+    "FlashInferCutlassMoEPrepareAndFinalize",
     "Fp8Dispatch",
+    "FusedMoEQuantConfig",
     "Fp8Rows",
     "MoeAlltoAll",
     "MoeAlltoAllConfig",
     "RoutingHandle",
+    "PrepareResult",
+    "create_flashinfer_prepare_finalize",
+    "create_prepare_finalize",
     "moe_a2a_get_workspace_size_per_rank",
     "moe_a2a_sanitize_expert_ids",
 ]

@@ -20,6 +20,8 @@ Modules, split like the runtime:
 * ``moe``: MoE all-to-all, static layout and compact expert-major layout.
 * ``dcp``: decode context-parallel all-to-all of partial attention outputs and the LSE
   combine.
+* ``prepare``: all_gatherv / reduce_scatterv, the MoE prepare/finalize plans and transfers
+  of data-parallel serving, and a MoE layer with scaling experts.
 
 Every public name is re-exported here: ``from moecomm import reference;
 reference.quant_nvfp4(...)``.
@@ -43,14 +45,15 @@ Conventions
 
 from __future__ import annotations
 
-from . import allreduce, dcp, formats, layouts, mixed, moe, quant
+from . import allreduce, dcp, formats, layouts, mixed, moe, prepare, quant
 from .allreduce import *  # noqa: F401,F403
 from .dcp import *  # noqa: F401,F403
 from .formats import *  # noqa: F401,F403
 from .layouts import *  # noqa: F401,F403
 from .mixed import *  # noqa: F401,F403
 from .moe import *  # noqa: F401,F403
+from .prepare import *  # noqa: F401,F403
 from .quant import *  # noqa: F401,F403
 
 __all__ = [*formats.__all__, *layouts.__all__, *quant.__all__, *allreduce.__all__,
-           *mixed.__all__, *moe.__all__, *dcp.__all__]
+           *mixed.__all__, *moe.__all__, *dcp.__all__, *prepare.__all__]

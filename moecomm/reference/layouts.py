@@ -18,7 +18,7 @@ from .formats import _contig
 
 __all__ = [
     "NVFP4_BLOCK", "compute_fp4_swizzled_layout_sf_size", "swizzled_sf_offset",
-    "swizzle_sf", "unswizzle_sf", "pack_fp4", "unpack_fp4",
+    "swizzle_sf", "unswizzle_sf", "nvfp4_block_scale_interleave", "pack_fp4", "unpack_fp4",
     "pack_ue8m0", "unpack_ue8m0", "ue8m0_mn_major_storage_size", "ue8m0_to_mn_major_storage",
     "ue8m0_from_mn_major_storage",
 ]
@@ -66,6 +66,18 @@ def unswizzle_sf(flat: Any, num_rows: int, num_cols: int) -> np.ndarray:
         raise ValueError(f"swizzled sf has {flat.size} bytes, needs {need}")
     mm, kk = np.meshgrid(np.arange(num_rows), np.arange(kcols), indexing="ij")
     return flat[swizzled_sf_offset(mm, kk, num_cols)]
+
+
+def nvfp4_block_scale_interleave(sf_linear: Any) -> np.ndarray:
+    """Linear NVFP4 scale factors [M, C] (uint8 e4m3 codes, C = K // 16) -> the flat
+    128x4 swizzled array of ``compute_fp4_swizzled_layout_sf_size(M, C)`` bytes, padding
+    0: ``swizzle_sf(sf_linear, 16 * C)`` (vLLM's ``nvfp4_block_scale_interleave``)."""
+    sf = np.asarray(sf_linear)
+    if sf.ndim != 2:
+        raise ValueError(f"sf_linear must be 2-D [M, K // 16], got shape {sf.shape}")
+    if sf.dtype.itemsize != 1:
+        raise ValueError(f"sf_linear must hold one byte per scale, got dtype {sf.dtype}")
+    return swizzle_sf(sf.view(np.uint8), sf.shape[1] * NVFP4_BLOCK)
 
 
 def pack_fp4(codes: Any) -> np.ndarray:

@@ -22,6 +22,7 @@ __all__ = [
     "fp8_static_inverse_scale", "quant_fp8", "dequant_fp8",
     "nvfp4_block_scale", "quant_nvfp4", "dequant_nvfp4",
     "GROUP_FP8_MIN_SCALE", "quant_fp8_per_token_group", "dequant_fp8_per_token_group",
+    "quant_fp8_per_token_group_fp32", "dequant_fp8_per_token_group_fp32",
     "DYNAMIC_FP8_MIN_SCALE", "quant_fp8_dynamic_per_token", "dequant_fp8_dynamic_per_token",
 ]
 
@@ -198,6 +199,40 @@ def dequant_fp8_per_token_group(q: Any, packed_scale: Any, group_size: int) -> n
     m, n = q.shape
     e = unpack_ue8m0(packed_scale, n // group_size)
     return fp8_e4m3_decode(q) * np.repeat(ue8m0_decode(e), group_size, axis=1)
+
+
+def quant_fp8_per_token_group_fp32(x: Any, group_size: int):
+    """Per-token-group FP8 with fp32 scales, x [M, N], N % g == 0: the "fp32" format of
+    the MoE FP8 dispatch (DeepEP's), and of ``moecomm.quant.quantize`` with
+    ``ScaleFormat.FP32``. For each group of ``g`` consecutive elements of a row (fp32):
+
+    * ``amax = max |v|``; ``s = max(fp32(amax / 448), 1e-10f)`` (correctly rounded
+      division; an all-zero group gets 1e-10);
+    * ``q = e4m3_rne_satfinite(v * fp32(1 / s))``: the reciprocal correctly rounded once
+      per group, then one fp32 product per element (not a division: the two can differ in
+      the last fp32 bit before the e4m3 rounding).
+
+    Returns ``(q uint8 [M, N], scale fp32 [M, N // g])``; dequantize as
+    ``decode(q) * scale``.
+    """
+    x32 = _as_2d_f32(x, "x")
+    m, n = x32.shape
+    g = int(group_size)
+    if g <= 0 or n % g:
+        raise ValueError(f"group_size={group_size} must be > 0 and divide N={n}")
+    blocks = x32.reshape(m, n // g, g)
+    amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
+    s = np.maximum(amax / np.float32(FP8_E4M3_MAX),
+                   np.float32(GROUP_FP8_MIN_SCALE)).astype(np.float32)
+    inv = (np.float32(1.0) / s).astype(np.float32)
+    q = fp8_e4m3_encode(blocks * inv[..., None]).reshape(m, n)
+    return q, s
+
+
+def dequant_fp8_per_token_group_fp32(q: Any, scale: Any, group_size: int) -> np.ndarray:
+    """``decode(q) * scale`` per group -> fp32 [M, N]."""
+    scale = np.asarray(scale, np.float32)
+    return fp8_e4m3_decode(q) * np.repeat(scale, group_size, axis=1)
 
 
 # --------------------------------------------------------------------------------------

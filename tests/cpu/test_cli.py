@@ -18,7 +18,8 @@ def _has_gpu() -> bool:
 
 
 @pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the no-GPU path cannot be shown")
-@pytest.mark.parametrize("suite", ["allreduce", "fusion", "moe", "p2p", "dlpack", "mixed"])
+@pytest.mark.parametrize("suite", ["allreduce", "fusion", "moe", "p2p", "dlpack", "mixed",
+                                   "quant", "prepare"])
 def test_no_gpu_message(suite):
     proc = subprocess.run([sys.executable, "-m", "moecomm.bench", suite], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -31,5 +32,5 @@ def test_help_lists_suites():
     proc = subprocess.run([sys.executable, "-m", "moecomm.bench", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for suite in ("allreduce", "fusion", "moe", "p2p", "dlpack", "mixed"):
+    for suite in ("allreduce", "fusion", "moe", "p2p", "dlpack", "mixed", "quant", "prepare"):
         assert suite in proc.stdout

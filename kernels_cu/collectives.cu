@@ -1,0 +1,312 @@
+// Variable-size collectives over CUDA IPC: all_gatherv and reduce_scatterv, one kernel per
+// call (moecomm.collectives), and the local stacked reduction of their NCCL path.
+//
+// Workspace (one SymmetricBuffer per rank): flags u32 [kVcMaxBlocks][kVcMaxRanks] at offset
+// 0, then two data buffers of buffer_bytes; call k uses buffer k % 2. State words (local):
+// the call counter, the grid-arrival count, the abort word of the bounded waits.
+//
+// Work split (every rank launches the same grid: it depends only on the row counts, the
+// same on every rank): a segment of n bytes (what one rank sends one peer) is cut into
+// chunks of ceil(n / grid) rounded up to 16 bytes, chunk b belonging to block b on the
+// sending and the receiving rank alike; a chunk is cut into items of item_bytes. Block b of
+// call k, step t = 0, 1, ...:
+//  1. push item t of what it sends each peer into the peer's buffer k % 2 (all_gatherv:
+//     also straight into the own output);
+//  2. after a block barrier, raise flag[b][rank] = value(k, t) at each such peer (release,
+//     system scope: the barrier makes the whole block's writes part of it);
+//  3. wait until flag[b][s] >= value(k, t - 1) for every peer s that sends it an item t - 1
+//     (bounded), and copy (all_gatherv) or sum in rank order (reduce_scatterv) those items
+//     from its own buffer k % 2.
+// So pushing item t overlaps the peers' items t - 1 in flight and their copy out.
+// value(k, t) = ((k + 1) << 16) + t + 1 grows within a call and from call to call (wrapping
+// compare). A block with nothing to send a peer still raises value(k, 0) once, and one with
+// nothing to receive still waits for it: every block hears from every peer every call.
+// That makes reuse of buffer k % 2 by call k + 2 safe: a rank enters call k + 2 after its
+// call k + 1 heard from every peer, which raises its flags only after pdl_wait(), i.e.
+// once its call k (the last reader of buffer k % 2) has completed.
+#include "allreduce.cuh"  // allreduce::accumulate: the rank-order fp32 sum of 16-byte vectors
+
+using namespace moecomm;
+using allreduce::accumulate;
+
+namespace {
+
+constexpr int kStateCall = 0;
+constexpr int kStateArrived = 1;
+constexpr int kStateAbort = 2;
+constexpr int kUnroll = 4;
+
+__device__ __forceinline__ uint8_t* data(const VcWorkspace& ws, int r, uint32_t call) {
+  return reinterpret_cast<uint8_t*>(ws.peers[r]) + ws.data_off + (size_t)(call & 1u) * ws.buffer_bytes;
+}
+
+__device__ __forceinline__ uint32_t* flag(const VcWorkspace& ws, int r, int b, int s) {
+  return reinterpret_cast<uint32_t*>(ws.peers[r]) + (size_t)b * config::kVcMaxRanks + s;
+}
+
+// Bytes [lo, hi) of a segment of n bytes that this block moves.
+__device__ __forceinline__ void chunk(uint64_t n, uint64_t& lo, uint64_t& hi) {
+  const uint64_t c = ((n + gridDim.x - 1) / gridDim.x + 15) & ~(uint64_t)15;
+  lo = min(n, (uint64_t)blockIdx.x * c);
+  hi = min(n, lo + c);
+}
+
+// Items of item_bytes in this block's chunk of a segment of n bytes.
+__device__ __forceinline__ uint32_t items(uint64_t n, uint64_t item_bytes) {
+  uint64_t lo, hi;
+  chunk(n, lo, hi);
+  return (uint32_t)((hi - lo + item_bytes - 1) / item_bytes);
+}
+
+// Byte range [lo, hi) of item t of this block's chunk of a segment of n bytes (empty past
+// the last item).
+__device__ __forceinline__ void item_range(uint64_t n, uint64_t item_bytes, uint32_t t,
+                                           uint64_t& lo, uint64_t& hi) {
+  uint64_t c0, c1;
+  chunk(n, c0, c1);
+  lo = min(c1, c0 + (uint64_t)t * item_bytes);
+  hi = min(c1, lo + item_bytes);
+}
+
+__device__ __forceinline__ uint32_t flag_value(uint32_t k, uint32_t t) {
+  return ((k + 1) << 16) + t + 1;
+}
+
+// The block copies n bytes from src to each of dst[0..ndst): 16-byte vectors (kUnroll
+// loads in flight per thread) when every address and n are multiples of 16, else 4-byte
+// words when they are multiples of 4, else bytes. kPeer: src is memory a peer wrote
+// (read through L2 only).
+template <bool kPeer>
+__device__ __forceinline__ void block_copy(uint8_t* const* dst, int ndst, const uint8_t* src,
+                                           uint64_t n) {
+  if (n == 0) return;
+  uintptr_t align = (uintptr_t)src | (uintptr_t)n;
+  for (int d = 0; d < ndst; ++d) align |= (uintptr_t)dst[d];
+  if ((align & 15) == 0) {
+    const uint64_t nvec = n / 16;
+    for (uint64_t v0 = threadIdx.x; v0 < nvec; v0 += kUnroll * blockDim.x) {
+      Vec16 x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const uint64_t v = v0 + u * blockDim.x;
+        if (v < nvec) x[u] = kPeer ? ld_vec16_cg(src + v * 16) : ld_vec16(src + v * 16);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const uint64_t v = v0 + u * blockDim.x;
+        if (v < nvec)
+          for (int d = 0; d < ndst; ++d) st_vec16(dst[d] + v * 16, x[u]);
+      }
+    }
+  } else if ((align & 3) == 0) {
+    for (uint64_t i = threadIdx.x; i < n / 4; i += blockDim.x) {
+      const uint32_t x = kPeer ? *(const volatile uint32_t*)(src + 4 * i)
+                               : *(const uint32_t*)(src + 4 * i);
+      for (int d = 0; d < ndst; ++d) *(uint32_t*)(dst[d] + 4 * i) = x;
+    }
+  } else {
+    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint8_t x = kPeer ? *(const volatile uint8_t*)(src + i) : src[i];
+      for (int d = 0; d < ndst; ++d) dst[d][i] = x;
+    }
+  }
+}
+
+__device__ __forceinline__ WaitContext wait_context(const VcWorkspace& ws, uint32_t code) {
+  return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
+}
+
+// Step 2: a block barrier, then thread p raises flag[b][rank] = value at peer p if `to_p`.
+__device__ __forceinline__ void signal_peer(const VcWorkspace& ws, uint32_t value, bool to_p) {
+  __syncthreads();
+  if (threadIdx.x < ws.world && threadIdx.x != ws.rank && to_p)
+    st_release_sys(flag(ws, threadIdx.x, blockIdx.x, ws.rank), value);
+}
+
+// Step 3: thread s waits for flag[b][s] >= value if `from_s`. Block-uniform; false if a
+// wait gave up.
+__device__ __forceinline__ bool wait_peer(const VcWorkspace& ws, uint32_t value, bool from_s,
+                                          const WaitContext& w) {
+  bool ok = true;
+  if (threadIdx.x < ws.world && threadIdx.x != ws.rank && from_s)
+    ok = wait_flag_geq(flag(ws, ws.rank, blockIdx.x, threadIdx.x), value, w, threadIdx.x);
+  return __syncthreads_and(ok);
+}
+
+__device__ __forceinline__ uint32_t begin_call(const VcWorkspace& ws) {
+  const uint32_t k = *(volatile const uint32_t*)&ws.state[kStateCall];
+  grid_arrive(&ws.state[kStateArrived]);
+  return k;
+}
+
+__device__ __forceinline__ void end_call(const VcWorkspace& ws, uint32_t k) {
+  if (grid_all_arrived(&ws.state[kStateArrived])) ws.state[kStateCall] = k + 1;
+}
+
+}  // namespace
+
+// all_gatherv: tensor i of rank s lands at rows [row0(s), row0(s) + rows[s]) of dst[i] on
+// every rank. A data buffer mirrors the outputs: tensor i's region (region_off[i]) holds
+// [sum(rows), row_bytes[i]] bytes, so a row sits at the same offset in both. What rank s
+// sends is the sequence of its items over tensors 0, 1, ...
+struct GatherItems {
+  const AllGathervArgs& a;
+  // Items of rank s's segments (all tensors) in this block.
+  __device__ __forceinline__ uint32_t count(int s) const {
+    uint32_t m = 0;
+    for (int i = 0; i < a.num_tensors; ++i)
+      m += items((uint64_t)a.rows[s] * a.row_bytes[i], a.item_bytes);
+    return m;
+  }
+  // Item t of rank s: its tensor and byte range within rank s's segment of that tensor.
+  __device__ __forceinline__ int find(int s, uint32_t t, uint64_t& lo, uint64_t& hi) const {
+    for (int i = 0; i < a.num_tensors; ++i) {
+      const uint64_t n = (uint64_t)a.rows[s] * a.row_bytes[i];
+      const uint32_t m = items(n, a.item_bytes);
+      if (t < m) {
+        item_range(n, a.item_bytes, t, lo, hi);
+        return i;
+      }
+      t -= m;
+    }
+    lo = hi = 0;
+    return -1;
+  }
+};
+
+extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv(const AllGathervArgs a) {
+  const VcWorkspace& ws = a.ws;
+  const GatherItems g{a};
+  pdl_wait();
+  const uint32_t k = begin_call(ws);
+  int64_t row0[config::kVcMaxRanks];
+  uint32_t m[config::kVcMaxRanks];  // items each rank sends (this block)
+  uint32_t steps = 0;
+  int64_t r0 = 0;
+  for (int s = 0; s < ws.world; ++s) {
+    row0[s] = r0;
+    r0 += a.rows[s];
+    m[s] = g.count(s);
+    steps = max(steps, max(m[s], 1u));
+  }
+  const uint8_t* buf = data(ws, ws.rank, k);
+  const WaitContext w = wait_context(ws, config::kErrAllGatherv);
+  bool ok = true;
+  for (uint32_t t = 0; t <= steps && ok; ++t) {
+    if (t < max(m[ws.rank], 1u)) {
+      uint64_t lo, hi;
+      const int i = g.find(ws.rank, t, lo, hi);
+      if (i >= 0) {
+        const uint64_t off = (uint64_t)row0[ws.rank] * a.row_bytes[i] + lo;
+        uint8_t* dst[config::kVcMaxRanks];
+        dst[0] = reinterpret_cast<uint8_t*>(a.dst[i]) + off;
+        for (int q = 1; q < ws.world; ++q) {
+          const int p = ws.rank + q < ws.world ? ws.rank + q : ws.rank + q - ws.world;
+          dst[q] = data(ws, p, k) + a.region_off[i] + off;
+        }
+        block_copy<false>(dst, ws.world, reinterpret_cast<const uint8_t*>(a.src[i]) + lo, hi - lo);
+      }
+      signal_peer(ws, flag_value(k, t), true);
+    }
+    if (t == 0) continue;
+    const uint32_t u = t - 1;
+    const bool from = threadIdx.x < ws.world && u < max(m[threadIdx.x], 1u);
+    if (!(ok = wait_peer(ws, flag_value(k, u), from, w))) break;
+    for (int q = 1; q < ws.world; ++q) {
+      const int s = ws.rank + q < ws.world ? ws.rank + q : ws.rank + q - ws.world;
+      uint64_t lo, hi;
+      const int i = u < m[s] ? g.find(s, u, lo, hi) : -1;
+      if (i < 0) continue;
+      const uint64_t off = (uint64_t)row0[s] * a.row_bytes[i] + lo;
+      uint8_t* dst = reinterpret_cast<uint8_t*>(a.dst[i]) + off;
+      block_copy<true>(&dst, 1, buf + a.region_off[i] + off, hi - lo);
+    }
+  }
+  pdl_launch_dependents();
+  end_call(ws, k);
+}
+
+// reduce_scatterv: rank p's rows of every rank's input go to slot `rank` of p's buffer
+// ([world][rows[p] * row_bytes]); rank r sums its slots (its own rows read from `in`) in
+// rank order 0, 1, ... in fp32, starting from +0, and rounds once.
+template <typename T>
+__device__ __forceinline__ void reduce_scatterv(const ReduceScattervArgs& a) {
+  constexpr int K = Pack16<T>::kLanes;
+  const VcWorkspace& ws = a.ws;
+  const uint8_t* in = static_cast<const uint8_t*>(a.in);
+  pdl_wait();
+  const uint32_t k = begin_call(ws);
+  int64_t row0[config::kVcMaxRanks];
+  uint32_t m[config::kVcMaxRanks];  // items of each rank's segment (this block)
+  uint32_t steps = 0;
+  int64_t r0 = 0;
+  for (int s = 0; s < ws.world; ++s) {
+    row0[s] = r0;
+    r0 += a.rows[s];
+    m[s] = items((uint64_t)a.rows[s] * a.row_bytes, a.item_bytes);
+    steps = max(steps, max(m[s], 1u));
+  }
+  const uint64_t n_own = (uint64_t)a.rows[ws.rank] * a.row_bytes;
+  const uint8_t* own = in + (uint64_t)row0[ws.rank] * a.row_bytes;
+  const uint8_t* buf = data(ws, ws.rank, k);
+  uint8_t* out = static_cast<uint8_t*>(a.out);
+  const WaitContext w = wait_context(ws, config::kErrReduceScatterv);
+  bool ok = true;
+  for (uint32_t t = 0; t <= steps && ok; ++t) {
+    bool pushed = false;
+    for (int q = 1; q < ws.world; ++q) {
+      const int p = ws.rank + q < ws.world ? ws.rank + q : ws.rank + q - ws.world;
+      if (t >= max(m[p], 1u)) continue;
+      pushed = true;
+      const uint64_t n = (uint64_t)a.rows[p] * a.row_bytes;
+      uint64_t lo, hi;
+      item_range(n, a.item_bytes, t, lo, hi);
+      uint8_t* dst = data(ws, p, k) + (uint64_t)ws.rank * n + lo;
+      block_copy<false>(&dst, 1, in + (uint64_t)row0[p] * a.row_bytes + lo, hi - lo);
+    }
+    if (pushed)
+      signal_peer(ws, flag_value(k, t), threadIdx.x < ws.world && t < max(m[threadIdx.x], 1u));
+    if (t == 0 || t - 1 >= max(m[ws.rank], 1u)) continue;
+    const uint32_t u = t - 1;
+    if (!(ok = wait_peer(ws, flag_value(k, u), true, w))) break;
+    uint64_t lo, hi;
+    item_range(n_own, a.item_bytes, u, lo, hi);
+    for (uint64_t off = lo + 16 * threadIdx.x; off < hi; off += 16 * blockDim.x) {
+      float acc[K] = {};
+      for (int s = 0; s < ws.world; ++s)
+        accumulate<T>(acc, s == ws.rank ? ld_vec16(own + off) : ld_vec16_cg(buf + s * n_own + off),
+                      false);
+      st_vec16(out + off, round_pack<T>(acc));
+    }
+  }
+  pdl_launch_dependents();
+  end_call(ws, k);
+}
+
+template <typename T>
+__device__ __forceinline__ void stack_reduce(const StackReduceArgs& a) {
+  constexpr int K = Pack16<T>::kLanes;
+  const uint8_t* in = static_cast<const uint8_t*>(a.in);
+  uint8_t* out = static_cast<uint8_t*>(a.out);
+  pdl_wait();
+  for (size_t v = global_thread_id(); v < (size_t)a.nvec; v += global_thread_count()) {
+    float acc[K] = {};
+    for (int64_t s = 0; s < a.slots; ++s)
+      accumulate<T>(acc, ld_vec16(in + ((size_t)s * a.nvec + v) * 16), false);
+    st_vec16(out + v * 16, round_pack<T>(acc));
+  }
+  pdl_launch_dependents();
+}
+
+#define MOECOMM_VC_KERNELS(SUFFIX, T)                                                    \
+  extern "C" __global__ void __launch_bounds__(1024)                                     \
+      vc_reduce_scatterv_##SUFFIX(const ReduceScattervArgs a) {                          \
+    reduce_scatterv<T>(a);                                                               \
+  }                                                                                      \
+  extern "C" __global__ void vc_stack_reduce_##SUFFIX(const StackReduceArgs a) {         \
+    stack_reduce<T>(a);                                                                  \
+  }
+
+MOECOMM_VC_KERNELS(bf16, __nv_bfloat16)
+MOECOMM_VC_KERNELS(fp16, __half)
+MOECOMM_VC_KERNELS(fp32, float)

@@ -1,0 +1,225 @@
+// Standalone quantizers (moecomm.quant) and the NVFP4 scale-factor interleave, bit-exact
+// with moecomm.reference. Input rows are bf16 / fp16 / fp32, `cols` a multiple of 16,
+// read as 16-byte vectors (E elements each). Formulas, fp32, every operation rounded to
+// nearest (no contraction); the conversions are quant.cuh's, shared with fusion.cu:
+//   static FP8:      q = e4m3(v * (1 / scale)), the reciprocal rounded once;
+//   per-token FP8:   s = max(amax / 448, 2^-9 / 448), q = e4m3(v / s);
+//   group FP8 fp32:  s = max(amax / 448, 1e-10), q = e4m3(v * (1 / s));
+//   group FP8 UE8M0: s = 2^ceil(log2(max(amax / 448, 1e-10))), q = e4m3(v / s);
+//   NVFP4:           sf = e4m3(gs * (amax * (1/6))), o = gs / float(sf) (0 if sf is 0),
+//                    code = e2m1(v * o), two codes per byte, the even element low.
+// Every kernel walks its work items with a grid-stride loop (the host caps the grid at
+// what the device keeps resident) and writes every byte of its outputs' layouts, padding
+// included, so no output needs clearing first.
+#include "args.cuh"
+#include "quant.cuh"
+
+using namespace moecomm;
+
+namespace {
+
+// E e4m3 codes of one vector (E = 8 or 4), packed little-endian: 8 or 4 bytes.
+template <int E>
+struct Codes {
+  uint32_t w[E / 4];
+};
+
+template <int E>
+__device__ __forceinline__ void store_codes(uint8_t* dst, const Codes<E>& c) {
+  if (E == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(c.w[0], c.w[E / 8]);
+  else *reinterpret_cast<uint32_t*>(dst) = c.w[0];
+}
+
+// Static per-tensor FP8: one thread per vector.
+template <typename T>
+__device__ __forceinline__ void fp8_static(const QuantArgs& a) {
+  constexpr int E = Pack16<T>::kLanes;
+  const float inv = __frcp_rn(*a.scale);
+  const size_t n = a.rows * a.cols / E;
+  const T* x = static_cast<const T*>(a.x);
+  for (size_t i = global_thread_id(); i < n; i += global_thread_count()) {
+    Pack16<T> v;
+    v.vec = ld_vec16(x + i * E);
+    Codes<E> c = {};
+#pragma unroll
+    for (int k = 0; k < E; ++k)
+      c.w[k / 4] |= (uint32_t)e4m3_encode(__fmul_rn(to_float(v.lane[k]), inv)) << (8 * (k % 4));
+    store_codes<E>(a.q + i * E, c);
+  }
+}
+
+// Dynamic per-token FP8: one block per row (amax over the block, then the row again).
+template <typename T>
+__device__ __forceinline__ void fp8_token(const QuantArgs& a) {
+  constexpr int E = Pack16<T>::kLanes;
+  const uint32_t nv = a.cols / E;
+  for (size_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(a.x) + row * a.cols;
+    float amax = 0.f;
+    for (uint32_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      Pack16<T> v;
+      v.vec = ld_vec16(x + i * E);
+#pragma unroll
+      for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v.lane[k])));
+    }
+    amax = block_reduce<true>(amax);
+    const float s = fmaxf(__fdiv_rn(amax, 448.f), 1.f / (448.f * 512.f));
+    for (uint32_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      Pack16<T> v;
+      v.vec = ld_vec16(x + i * E);
+      Codes<E> c = {};
+#pragma unroll
+      for (int k = 0; k < E; ++k)
+        c.w[k / 4] |= (uint32_t)e4m3_encode(__fdiv_rn(to_float(v.lane[k]), s)) << (8 * (k % 4));
+      store_codes<E>(a.q + row * a.cols + i * E, c);
+    }
+    if (threadIdx.x == 0) static_cast<float*>(a.scale_out)[row] = s;
+  }
+}
+
+// Per-token-group FP8: one thread per (row, group slot). fp32 scales: slots are the
+// groups, scale_out [rows, groups]. UE8M0: slots cover the MN-major storage, rows up to a
+// multiple of 4 and groups up to a multiple of 4; slots outside the matrix write 0 bytes
+// (the gaps of the storage), except rows >= `rows` of the last word column, which the
+// storage does not have.
+template <typename T>
+__device__ __forceinline__ void fp8_group(const QuantArgs& a) {
+  constexpr int E = Pack16<T>::kLanes;
+  const uint32_t g = a.group_size, groups = a.cols / g;
+  const uint32_t rows = (uint32_t)a.rows;
+  const uint32_t words = (groups + 3) / 4, mn = (rows + 3) / 4 * 4;
+  const uint32_t slots = a.ue8m0 ? words * 4 : groups;
+  const size_t n = (size_t)(a.ue8m0 ? mn : rows) * slots;
+  for (size_t u = global_thread_id(); u < n; u += global_thread_count()) {
+    const uint32_t row = (uint32_t)(u / slots), gi = (uint32_t)(u % slots);
+    if (row >= rows || gi >= groups) {  // UE8M0 storage padding
+      if (row < rows || gi / 4 + 1 < words)
+        static_cast<uint8_t*>(a.scale_out)[((size_t)(gi / 4) * mn + row) * 4 + gi % 4] = 0;
+      continue;
+    }
+    const T* x = static_cast<const T*>(a.x) + (size_t)row * a.cols + (size_t)gi * g;
+    uint8_t* q = a.q + (size_t)row * a.cols + (size_t)gi * g;
+    float amax = 0.f;
+    for (uint32_t i = 0; i < g; i += E) {
+      Pack16<T> v;
+      v.vec = ld_vec16(x + i);
+#pragma unroll
+      for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v.lane[k])));
+    }
+    const float s = fmaxf(__fdiv_rn(amax, 448.f), 1e-10f);
+    const uint32_t e = ue8m0_ceil(s);
+    const float div = ue8m0_decode(e);  // UE8M0: q = v / 2^(e - 127)
+    const float mul = __frcp_rn(s);     // fp32:  q = v * fp32(1 / s)
+    for (uint32_t i = 0; i < g; i += E) {
+      Pack16<T> v;
+      v.vec = ld_vec16(x + i);
+      Codes<E> c = {};
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        const float f = to_float(v.lane[k]);
+        c.w[k / 4] |= (uint32_t)e4m3_encode(a.ue8m0 ? __fdiv_rn(f, div) : __fmul_rn(f, mul))
+                      << (8 * (k % 4));
+      }
+      store_codes<E>(q + i, c);
+    }
+    if (a.ue8m0)
+      static_cast<uint8_t*>(a.scale_out)[((size_t)(gi / 4) * mn + row) * 4 + gi % 4] = (uint8_t)e;
+    else
+      static_cast<float*>(a.scale_out)[(size_t)row * groups + gi] = s;
+  }
+}
+
+// NVFP4: a 16-element block is L = 16 / E vectors held by L adjacent lanes (amax by
+// shuffles), each lane writing E / 2 bytes of codes: a warp reads 512 contiguous bytes and
+// writes 128. Work items walk the scale-factor grid, padded to 128 rows x 4 columns when
+// swizzled: items of the padding write their scale byte as 0, so the whole swizzled array
+// is written in the same pass. The loop bound is warp-uniform (shuffles).
+template <typename T>
+__device__ __forceinline__ void nvfp4(const QuantArgs& a) {
+  constexpr int E = Pack16<T>::kLanes, L = 16 / E;
+  const uint32_t kc = a.cols / 16, rows = (uint32_t)a.rows;
+  const uint32_t cp = a.swizzled ? (kc + 3) / 4 * 4 : kc;
+  const uint32_t mp = a.swizzled ? (rows + 127) / 128 * 128 : rows;
+  const uint32_t units = mp * cp * L;
+  const uint32_t lane = threadIdx.x % 32, stride = gridDim.x * blockDim.x;
+  const float gs = *a.scale;
+  const T* x = static_cast<const T*>(a.x);
+  uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
+  for (uint32_t u = blockIdx.x * blockDim.x + threadIdx.x; u - lane < units; u += stride) {
+    const uint32_t b = u / L, part = u % L;
+    const uint32_t row = b / cp, kb = b - row * cp;
+    const bool real = u < units && row < rows && kb < kc;
+    Pack16<T> v;
+    float amax = 0.f;
+    if (real) {
+      v.vec = ld_vec16(x + (size_t)row * a.cols + kb * 16 + part * E);
+#pragma unroll
+      for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v.lane[k])));
+    }
+#pragma unroll
+    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (u >= units) continue;
+    uint8_t code = 0;
+    if (real) {
+      code = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
+      const float sf_val = e4m3_decode(code);
+      const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
+      uint32_t packed = 0;
+#pragma unroll
+      for (int k = 0; k < E; ++k)
+        packed |= e2m1_encode(__fmul_rn(to_float(v.lane[k]), out_scale)) << (4 * k);
+      uint8_t* dst = a.q + (size_t)row * (a.cols / 2) + kb * 8 + part * (E / 2);
+      if (E == 8) *reinterpret_cast<uint32_t*>(dst) = packed;
+      else *reinterpret_cast<uint16_t*>(dst) = (uint16_t)packed;
+    }
+    if (part == 0)
+      sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
+  }
+}
+
+// Linear scale factors [rows, cols/16] -> the 128x4 swizzled layout: one thread per
+// 4-byte word of the output (4 scale columns of one row), in memory order; padding 0.
+__device__ __forceinline__ void sf_interleave(const QuantArgs& a) {
+  const uint32_t kc = a.cols / 16, kt = (kc + 3) / 4, rows = (uint32_t)a.rows;
+  const uint32_t words = (rows + 127) / 128 * 128 * kt;
+  const uint8_t* src = static_cast<const uint8_t*>(a.x);
+  uint32_t* dst = static_cast<uint32_t*>(a.scale_out);
+  for (uint32_t w = (uint32_t)global_thread_id(); w < words; w += (uint32_t)global_thread_count()) {
+    const uint32_t band = w / (kt * 128), rem = w - band * kt * 128;
+    const uint32_t tile = rem / 128, j = rem % 128;  // word j of a 512-byte tile
+    const uint32_t m = band * 128 + (j % 4) * 32 + j / 4;
+    uint32_t word = 0;
+    if (m < rows) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        const uint32_t k = tile * 4 + i;
+        if (k < kc) word |= (uint32_t)src[(size_t)m * kc + k] << (8 * i);
+      }
+    }
+    dst[w] = word;
+  }
+}
+
+}  // namespace
+
+#define MOECOMM_QUANT_KERNELS(SUFFIX, T)                                                       \
+  extern "C" __global__ void __launch_bounds__(256) quant_fp8_static_##SUFFIX(const QuantArgs a) { \
+    fp8_static<T>(a);                                                                          \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) quant_fp8_token_##SUFFIX(const QuantArgs a) { \
+    fp8_token<T>(a);                                                                           \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) quant_fp8_group_##SUFFIX(const QuantArgs a) { \
+    fp8_group<T>(a);                                                                           \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) quant_nvfp4_##SUFFIX(const QuantArgs a) {  \
+    nvfp4<T>(a);                                                                               \
+  }
+
+MOECOMM_QUANT_KERNELS(bf16, __nv_bfloat16)
+MOECOMM_QUANT_KERNELS(fp16, __half)
+MOECOMM_QUANT_KERNELS(fp32, float)
+
+extern "C" __global__ void __launch_bounds__(256) nvfp4_sf_interleave(const QuantArgs a) {
+  sf_interleave(a);
+}

@@ -1,0 +1,411 @@
+"""Variable-size collectives: ``all_gatherv`` and ``reduce_scatterv``.
+
+Rank ``r`` holds ``sizes[r]`` rows (axis 0); ``sizes`` is a host sequence of one count per
+rank, the same on every rank (rows of 0 allowed), as a serving engine's per-rank token
+counts are.
+
+* ``all_gatherv(xs, sizes)``: ``xs`` is a list of 1 to 8 arrays of any dtype and row
+  shape, each with ``sizes[rank]`` rows; every rank gets, per array, the rows of every
+  rank stacked in rank order: ``[sum(sizes), *row_shape]``. All arrays move in one call.
+* ``reduce_scatterv(x, sizes)``: ``x`` (bf16, fp16, fp32) has ``sum(sizes)`` rows; rank
+  ``r`` gets the sum over ranks of their rows ``[off_r, off_r + sizes[r])`` (``off`` the
+  prefix sum), accumulated in fp32 from +0 in rank order 0, 1, ... and rounded once, so
+  every path (IPC, NCCL) gives the same bits.
+
+Inside a node (``VCollectiveWorkspace`` over CUDA IPC) each call is one kernel: every block
+pushes its share of what the peers need into their buffer of a double-buffered
+``SymmetricBuffer`` item by item, raising one flag per (block, peer) per item, and copies
+or sums the items the peers pushed as their flags arrive (bounded waits:
+``PeerTimeoutError`` names a missing rank), so the pushes over NVLink overlap the copy
+out (protocol: ``kernels_cu/collectives.cu``). A device-side call counter picks
+the buffer and the flag value, so calls with fixed sizes can be captured in a CUDA graph
+and replayed. all_gatherv copies rows of any byte size (16-byte vectors where addresses
+and sizes allow, else 4-byte words, else bytes); reduce_scatterv needs rows of a multiple
+of 16 bytes and 16-byte aligned arrays.
+
+Across nodes (or with ``MOECOMM_GPUS_PER_NODE`` cutting the group) the same calls go
+through ``NcclCommunicator``: ``all_gather_v`` of every array in one NCCL group, and for
+reduce_scatterv a grouped send/recv of the row blocks followed by a local sum of the
+received blocks in rank order (``vc_stack_reduce``), not NCCL's own reduction, so the
+result has the same bits as the IPC path.
+
+Validation (before any launch): ``sizes`` must have one non-negative int per rank and
+match the arrays' rows; dtypes and row shapes are checked; with ``MOECOMM_DEBUG=1`` the
+sizes, dtypes and row shapes are also compared across ranks (a mismatch raises
+``ValueError`` on every rank instead of a hang or garbage).
+
+Outputs are new ``cupy.ndarray`` objects, or the caller's ``outs=`` / ``out=`` (pass them
+when capturing a graph).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import cupy
+import numpy as np
+
+from . import group as _group
+from . import kernels
+from .constants import REGION_ALIGN, VC_MAX_BLOCKS, VC_MAX_RANKS, VC_MAX_TENSORS
+from .errors import ErrorWord, timeout_ns
+from .group import ProcessGroup, default_group
+from .kernel_args import AllGathervArgs, ReduceScattervArgs, StackReduceArgs, VcWorkspace
+from .launch import Launcher
+from .op import Op, empty, group_sms, int_at_least, round_up
+from .symmetric import SymmetricBuffer
+from .tensors import FLOAT_DTYPES, bfloat16, import_array, stream_handle
+
+__all__ = ["VCollectiveConfig", "VCollectiveWorkspace", "create_vcollective_workspace",
+           "all_gatherv", "reduce_scatterv", "MAX_TENSORS"]
+
+MAX_TENSORS = VC_MAX_TENSORS
+_SOURCE = "collectives.cu"
+_SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
+if bfloat16 is not None:
+    _SUFFIX[bfloat16] = "bf16"
+_STATE_WORDS = 4  # kState* in collectives.cu
+_FLAG_BYTES = VC_MAX_BLOCKS * VC_MAX_RANKS * 4
+_CACHE = 64       # prepared launches kept per workspace
+
+
+@dataclass(frozen=True)
+class VCollectiveConfig:
+    """Launch configuration of the IPC v-collectives (checked at construction).
+
+    threads: block size (a multiple of 32, at most 1024).
+    bytes_per_block: a block is added per this many bytes a rank moves, up to
+        ``max_blocks`` (default: the smallest SM count of the node's GPUs, at most
+        ``VC_MAX_BLOCKS``); small messages take few blocks (low latency), large ones the
+        whole GPU. Every block must be resident: every block waits for its peers.
+    item_bytes: a block moves its share in items of this many bytes (a multiple of 16),
+        raising a flag per item, so its pushes overlap the peers' items in flight and
+        their copy out (larger when a block's share would need more than 60000 items).
+    pdl: launch with programmatic dependent launch.
+    """
+
+    threads: int = 512
+    bytes_per_block: int = 32 << 10
+    max_blocks: int | None = None
+    item_bytes: int = 32 << 10
+    pdl: bool = True
+
+    def __post_init__(self):
+        t = int_at_least("VCollectiveConfig.threads", self.threads, 32)
+        if t % 32 or t > 1024:
+            raise ValueError(f"VCollectiveConfig.threads={t}: a multiple of 32, at most 1024")
+        int_at_least("VCollectiveConfig.bytes_per_block", self.bytes_per_block, 16)
+        if int_at_least("VCollectiveConfig.item_bytes", self.item_bytes, 16) % 16:
+            raise ValueError(f"VCollectiveConfig.item_bytes={self.item_bytes}: a multiple of 16")
+        if self.max_blocks is not None:
+            if not 1 <= int_at_least("VCollectiveConfig.max_blocks", self.max_blocks) <= VC_MAX_BLOCKS:
+                raise ValueError(f"VCollectiveConfig.max_blocks={self.max_blocks}: at most "
+                                 f"{VC_MAX_BLOCKS}")
+
+    def grid(self, nbytes: int, sms: int) -> int:
+        most = min(self.max_blocks or sms, VC_MAX_BLOCKS, sms)
+        return max(1, min(most, -(-nbytes // self.bytes_per_block)))
+
+    def items(self, segment_bytes: int, grid: int) -> int:
+        """Item bytes for segments of up to ``segment_bytes`` over ``grid`` blocks."""
+        share = -(-segment_bytes // grid)
+        return max(self.item_bytes, round_up(-(-share // 60000), 16))
+
+
+def check_sizes(sizes, world: int, name: str = "sizes") -> tuple[int, ...]:
+    """``sizes`` as a tuple of ``world`` non-negative ints (TypeError / ValueError)."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+        raise TypeError(f"{name}: expected a sequence of {world} row counts, got "
+                        f"{type(sizes).__name__}")
+    if len(sizes) != world:
+        raise ValueError(f"{name}: {len(sizes)} row counts for a group of {world} ranks")
+    out = []
+    for r, c in enumerate(sizes):
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise TypeError(f"{name}[{r}]: expected an int, got {type(c).__name__}")
+        if c < 0:
+            raise ValueError(f"{name}[{r}]={c} is negative")
+        out.append(int(c))
+    return tuple(out)
+
+
+def gather_layout(sizes: Sequence[int], row_bytes: Sequence[int]) -> tuple[list[int], int]:
+    """(region offset of each tensor, bytes) of one all_gatherv data buffer: tensor i's
+    region holds ``sum(sizes) * row_bytes[i]`` bytes, each region 256-byte aligned."""
+    total = sum(sizes)
+    offs, off = [], 0
+    for rb in row_bytes:
+        offs.append(off)
+        off += round_up(total * rb, REGION_ALIGN)
+    return offs, off
+
+
+def scatter_bytes(sizes: Sequence[int], row_bytes: int) -> int:
+    """Bytes of one reduce_scatterv data buffer: every rank's slot of the largest segment."""
+    return len(sizes) * max(sizes) * row_bytes
+
+
+class VCollectiveWorkspace(Op):
+    """Buffers of ``all_gatherv`` / ``reduce_scatterv`` for one group.
+
+    Args:
+        group: the ranks (default: ``moecomm.init()``'s group). Inside one node: CUDA IPC;
+            a group spanning nodes: NCCL only.
+        max_bytes: bytes one data buffer holds: the largest all_gatherv output (all
+            tensors, all ranks, each tensor rounded up to 256 bytes) and the largest
+            reduce_scatterv ``world * max(sizes) * row_bytes``
+            (``create_vcollective_workspace`` computes it from token counts).
+        timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
+        config: ``VCollectiveConfig``.
+
+    Memory per rank (IPC): ``2 * max_bytes`` plus 32 KiB of flags; NCCL path: one
+    ``max_bytes`` staging buffer for reduce_scatterv. Creation and ``close()`` are
+    collective; also a context manager.
+    """
+
+    name = "VCollectiveWorkspace"
+
+    def __init__(self, group: ProcessGroup | None, max_bytes: int, *,
+                 timeout_s: float | None = None, config: VCollectiveConfig | None = None):
+        self.group = default_group() if group is None else group
+        self.max_bytes = round_up(int_at_least("max_bytes", max_bytes), REGION_ALIGN)
+        self.config = VCollectiveConfig() if config is None else config
+        if not isinstance(self.config, VCollectiveConfig):
+            raise TypeError(f"config: expected a VCollectiveConfig, got {type(config).__name__}")
+        self.world, self.rank = self.group.size, self.group.rank
+        self.device_id = cupy.cuda.runtime.getDevice()
+        self.ipc = not self.group.spans_nodes
+        if self.ipc and self.world > VC_MAX_RANKS:
+            raise ValueError(f"group of {self.world} ranks exceeds the {VC_MAX_RANKS} an IPC "
+                             "workspace supports")
+        self._nccl = None
+        self.buffer = None
+        self._prepared: dict = {}
+        self._stack_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_stack_reduce_{s}")
+                               for dt, s in _SUFFIX.items()}
+        error = None
+        if self.ipc:
+            self.buffer = SymmetricBuffer(self.group, _FLAG_BYTES + 2 * self.max_bytes)
+            self.sms = group_sms(self.group)
+            self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+            error = ErrorWord(self.group.local_comm.allgather(self.rank))
+            self.kernel_workspace = VcWorkspace(
+                state=self.state.data.ptr, error_word=error.ptr,
+                timeout_ns=timeout_ns(timeout_s), data_off=_FLAG_BYTES,
+                buffer_bytes=self.max_bytes, rank=self.group.local_rank, world=self.world)
+            self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
+            self._gather_kernel = kernels.get_kernel(_SOURCE, "vc_all_gatherv")
+            self._scatter_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_{s}")
+                                     for dt, s in _SUFFIX.items()}
+            cupy.cuda.runtime.deviceSynchronize()
+            self.group.barrier()
+        else:
+            from .nccl import NcclCommunicator
+
+            self._nccl = NcclCommunicator(self.group)
+            self._stage = cupy.empty(self.max_bytes, np.uint8)
+        self._open(error)
+
+    @property
+    def path(self) -> str:
+        """``"ipc"`` or ``"nccl"``."""
+        return "ipc" if self.ipc else "nccl"
+
+    def check(self, stream=None) -> None:
+        """Wait for ``stream``; raise ``PeerTimeoutError`` if a peer never arrived."""
+        self.check_error(stream, synchronize=True)
+
+    # -- all_gatherv ----------------------------------------------------------------------
+    def all_gatherv(self, xs, sizes, *, outs=None, stream=None) -> list[cupy.ndarray]:
+        """Every rank's rows of every array of ``xs``, in rank order (see the module doc).
+
+        Args:
+            xs: a list of 1 to 8 arrays ``[sizes[rank], ...]`` of any dtype.
+            sizes: rows of every rank (host ints, the same on every rank).
+            outs: optional list of ``[sum(sizes), ...]`` arrays (dtype and row shape of
+                the matching ``xs``).
+        Returns the list of gathered arrays (``outs`` when given).
+        """
+        self.usable("all_gatherv")
+        sizes = check_sizes(sizes, self.world)
+        handle = stream_handle(stream)
+        if not isinstance(xs, (list, tuple)):
+            raise TypeError(f"xs: expected a list of arrays, got {type(xs).__name__}")
+        if not 1 <= len(xs) <= VC_MAX_TENSORS:
+            raise ValueError(f"xs: {len(xs)} arrays, expected 1 to {VC_MAX_TENSORS}")
+        arrays = []
+        for i, x in enumerate(xs):
+            a = import_array(x, f"xs[{i}]", device=self.device_id, stream=handle)
+            if a.ndim < 1 or a.shape[0] != sizes[self.rank]:
+                raise ValueError(f"xs[{i}]: shape {tuple(a.shape)}, expected [sizes[{self.rank}]="
+                                 f"{sizes[self.rank]}, ...] rows")
+            arrays.append(a)
+        total = sum(sizes)
+        if outs is not None:
+            if not isinstance(outs, (list, tuple)) or len(outs) != len(arrays):
+                raise ValueError(f"outs: expected a list of {len(arrays)} arrays")
+            outs = [import_array(o, f"outs[{i}]", dtype=a.dtype, shape=(total, *a.shape[1:]),
+                                 device=self.device_id, stream=handle)
+                    for i, (o, a) in enumerate(zip(outs, arrays))]
+        if _group.DEBUG:
+            self.group.check_uniform("all_gatherv sizes and (dtype, row shape) of xs",
+                                     (sizes, [(a.dtype.str, tuple(a.shape[1:])) for a in arrays]))
+        if outs is None:
+            outs = [empty((total, *a.shape[1:]), a.dtype, handle) for a in arrays]
+            out_ptrs = [o.data.ptr for o in outs]
+            results = outs
+        else:
+            out_ptrs = [o.ptr for o in outs]
+            results = [o.obj for o in outs]
+        row_bytes = [a.itemsize * math.prod(a.shape[1:]) for a in arrays]
+        if not self.ipc:
+            self._nccl.all_gather_v_list([a.obj for a in arrays], sizes, outs=results,
+                                         stream=handle)
+            return results
+        key = ("g", sizes, tuple(row_bytes))
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepare_gather(sizes, row_bytes)
+        launcher, grid = prepared
+        args = launcher.args
+        for i, (a, p) in enumerate(zip(arrays, out_ptrs)):
+            args.src[i], args.dst[i] = a.ptr, p
+        launcher(grid, self.config.threads, handle)
+        return results
+
+    def _prepare_gather(self, sizes, row_bytes):
+        offs, need = gather_layout(sizes, row_bytes)
+        if need > self.max_bytes:
+            raise ValueError(f"all_gatherv of {need} bytes (sizes={list(sizes)}, row bytes "
+                             f"{row_bytes}) exceeds the workspace's max_bytes {self.max_bytes}")
+        launcher = Launcher(self._gather_kernel, AllGathervArgs, pdl=self.config.pdl)
+        a = launcher.args
+        a.ws = self.kernel_workspace
+        a.num_tensors = len(row_bytes)
+        for i, (rb, off) in enumerate(zip(row_bytes, offs)):
+            a.row_bytes[i], a.region_off[i] = rb, off
+        a.rows[:self.world] = sizes
+        grid = self.config.grid(sum(sizes) * sum(row_bytes), self.sms)
+        a.item_bytes = self.config.items(max(sizes) * max(row_bytes), grid)
+        return self._remember(("g", sizes, tuple(row_bytes)), (launcher, grid))
+
+    # -- reduce_scatterv --------------------------------------------------------------------
+    def reduce_scatterv(self, x, sizes, *, out=None, stream=None):
+        """This rank's rows of the sum of every rank's ``x`` (see the module doc).
+
+        Args:
+            x: bf16/fp16/fp32 ``[sum(sizes), ...]``, rows of a multiple of 16 bytes,
+                16-byte aligned.
+            sizes: rows of every rank (host ints, the same on every rank).
+            out: optional ``[sizes[rank], ...]`` array of x's dtype, 16-byte aligned.
+        Returns ``out`` (as passed) or a new array.
+        """
+        self.usable("reduce_scatterv")
+        sizes = check_sizes(sizes, self.world)
+        handle = stream_handle(stream)
+        a = import_array(x, "x", dtype=FLOAT_DTYPES, device=self.device_id, stream=handle)
+        if a.ndim < 1 or a.shape[0] != sum(sizes):
+            raise ValueError(f"x: shape {tuple(a.shape)}, expected sum(sizes)={sum(sizes)} rows "
+                             f"(sizes={list(sizes)})")
+        row = a.itemsize * math.prod(a.shape[1:])
+        if row % 16:
+            raise ValueError(f"x: {row} bytes per row; reduce_scatterv needs a multiple of 16")
+        if a.ptr % 16:
+            raise ValueError(f"x: address 0x{a.ptr:x} is not 16-byte aligned")
+        shape = (sizes[self.rank], *a.shape[1:])
+        if out is None:
+            result = empty(shape, a.dtype, handle)
+            out_ptr = result.data.ptr
+        else:
+            o = import_array(out, "out", dtype=a.dtype, shape=shape, device=self.device_id,
+                             stream=handle)
+            if o.ptr % 16:
+                raise ValueError(f"out: address 0x{o.ptr:x} is not 16-byte aligned")
+            result, out_ptr = o.obj, o.ptr
+        need = scatter_bytes(sizes, row)
+        if need > self.max_bytes:
+            raise ValueError(f"reduce_scatterv needs {need} bytes (world x max(sizes) x row "
+                             f"bytes, sizes={list(sizes)}), the workspace's max_bytes is "
+                             f"{self.max_bytes}")
+        if _group.DEBUG:
+            self.group.check_uniform("reduce_scatterv sizes, dtype and row shape of x",
+                                     (sizes, a.dtype.str, tuple(a.shape[1:])))
+        if not self.ipc:
+            self._nccl_reduce_scatterv(a, sizes, row, out_ptr, handle)
+            return result
+        key = ("s", sizes, row, a.dtype)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            launcher = Launcher(self._scatter_kernels[a.dtype], ReduceScattervArgs,
+                                pdl=self.config.pdl)
+            launcher.args.ws = self.kernel_workspace
+            launcher.args.rows[:self.world] = sizes
+            launcher.args.row_bytes = row
+            grid = self.config.grid(sum(sizes) * row, self.sms)
+            launcher.args.item_bytes = self.config.items(max(sizes) * row, grid)
+            prepared = self._remember(key, (launcher, grid))
+        launcher, grid = prepared
+        launcher.args.in_, launcher.args.out = a.ptr, out_ptr
+        launcher(grid, self.config.threads, handle)
+        return result
+
+    def _nccl_reduce_scatterv(self, a, sizes, row: int, out_ptr: int, handle: int) -> None:
+        """Grouped send/recv of the row blocks into the staging buffer, then their sum in
+        rank order (the IPC path's bits)."""
+        n = sizes[self.rank] * row
+        stage = self._stage.data.ptr
+        self._nccl.send_recv_bytes(a.ptr, [c * row for c in sizes], stage, [n] * self.world,
+                                   stream=handle)
+        key = ("r", a.dtype)
+        launcher = self._prepared.get(key)
+        if launcher is None:
+            launcher = self._remember(key, Launcher(self._stack_kernels[a.dtype], StackReduceArgs))
+        args = launcher.args
+        args.in_, args.out, args.nvec, args.slots = stage, out_ptr, n // 16, self.world
+        if n:
+            launcher(max(1, min(1024, -(-(n // 16) // 256))), 256, handle)
+
+    def _remember(self, key, value):
+        if len(self._prepared) >= _CACHE:
+            self._prepared.clear()
+        self._prepared[key] = value
+        return value
+
+    def _release(self) -> None:
+        self._prepared.clear()
+        if self._nccl is not None:
+            self._nccl.close()
+        if self.buffer is not None:
+            self.buffer.close()
+            self.state = None
+
+    def __repr__(self) -> str:
+        return (f"VCollectiveWorkspace(world={self.world}, max_bytes={self.max_bytes}, "
+                f"path={self.path}, {self.phase.value})")
+
+
+def create_vcollective_workspace(group: ProcessGroup | None = None, *,
+                                 max_tokens_per_rank: int, bytes_per_token: Sequence[int] | int,
+                                 **options) -> VCollectiveWorkspace:
+    """A workspace for all_gatherv of tensors of ``bytes_per_token`` (one int per tensor)
+    and reduce_scatterv of rows up to ``max(bytes_per_token)``, with at most
+    ``max_tokens_per_rank`` rows per rank. Options as in ``VCollectiveWorkspace``."""
+    group = default_group() if group is None else group
+    rows = int_at_least("max_tokens_per_rank", max_tokens_per_rank)
+    per = [bytes_per_token] if isinstance(bytes_per_token, (int, np.integer)) else list(bytes_per_token)
+    per = [int_at_least("bytes_per_token", b) for b in per]
+    sizes = [rows] * group.size
+    need = max(gather_layout(sizes, per)[1], scatter_bytes(sizes, max(per)))
+    return VCollectiveWorkspace(group, need, **options)
+
+
+def all_gatherv(xs, sizes, workspace: VCollectiveWorkspace, *, outs=None, stream=None):
+    """``workspace.all_gatherv(xs, sizes, outs=, stream=)``."""
+    return workspace.all_gatherv(xs, sizes, outs=outs, stream=stream)
+
+
+def reduce_scatterv(x, sizes, workspace: VCollectiveWorkspace, *, out=None, stream=None):
+    """``workspace.reduce_scatterv(x, sizes, out=, stream=)``."""
+    return workspace.reduce_scatterv(x, sizes, out=out, stream=stream)

@@ -1,0 +1,292 @@
+"""moecomm.quant without a GPU: every mode's launch (kernel, work items, struct fields,
+returned shapes) and every argument error, with the device boundary replaced by fakes;
+the reference's fp32 group scales and the NVFP4 interleave."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+quant = pytest.importorskip("moecomm.quant", reason="CuPy is not installed")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from moecomm import reference as ref  # noqa: E402
+from moecomm.layouts import pad_up  # noqa: E402
+from moecomm.tensors import DeviceArray, check_meta  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+QD, SF = quant.QuantDtype, quant.ScaleFormat
+
+
+class Arr:
+    """A device array as the fakes see it: shape, dtype, address."""
+
+    def __init__(self, shape, dtype, ptr=1 << 20):
+        self.shape, self.dtype, self.ptr = tuple(shape), np.dtype(dtype), ptr
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Replace the device boundary: imports check metadata as import_array does, new
+    outputs are fake arrays, launches and views are recorded."""
+    calls = []
+
+    def fake_import(x, name, *, dtype=None, shape=None, ndim=None, device=None, stream=None):
+        if not isinstance(x, Arr):
+            raise TypeError(f"{name}: expected an array with __dlpack__, got {type(x).__name__}")
+        check_meta(x.shape, x.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
+        return DeviceArray(x.ptr, x.shape, x.dtype, x)
+
+    def fake_empty(shape, dtype, stream=None):
+        return SimpleNamespace(data=SimpleNamespace(ptr=1 << 24), shape=tuple(shape),
+                               dtype=np.dtype(dtype))
+
+    def fake_launch(kernel, fields, units, h, block=quant._THREADS):
+        calls.append(SimpleNamespace(kernel=kernel, units=units, stream=h, **fields))
+
+    def fake_view(arr, shape, dtype, strides=None):
+        return SimpleNamespace(base=arr.obj, shape=tuple(shape), dtype=np.dtype(dtype),
+                               strides=strides)
+
+    monkeypatch.setattr(quant, "import_array", fake_import)
+    monkeypatch.setattr(quant, "empty", fake_empty)
+    monkeypatch.setattr(quant, "_launch", fake_launch)
+    monkeypatch.setattr(quant, "_view", fake_view)
+    monkeypatch.setattr(quant, "stream_handle", lambda s=None: 0 if s is None else int(s))
+    return calls
+
+
+def scalar():
+    return Arr((1,), np.float32, ptr=1 << 16)
+
+
+# ------------------------------------------------------------------ modes
+@pytest.mark.parametrize("dtype,suffix,vec", [(BF16, "bf16", 8), (np.float16, "fp16", 8),
+                                              (np.float32, "fp32", 4)])
+def test_fp8_static(launches, dtype, suffix, vec):
+    s = scalar()
+    q, sc = quant.quantize(Arr((3, 48), dtype), "fp8", scale=s, stream=7)
+    (call,) = launches
+    assert call.kernel == f"quant_fp8_static_{suffix}" and call.units == 3 * 48 // vec
+    assert (call.rows, call.cols, call.scale, call.stream) == (3, 48, s.ptr, 7)
+    assert q.shape == (3, 48) and q.dtype == np.uint8 and sc.base is s
+
+
+def test_fp8_per_token(launches):
+    q, sc = quant.quantize(Arr((5, 32), BF16), QD.FP8, per_act_token_quant=True)
+    (call,) = launches
+    assert call.kernel == "quant_fp8_token_bf16" and call.units == 5
+    assert sc.shape == (5, 1) and sc.dtype == np.float32
+    quant.quantize(Arr((5, 32), BF16), "fp8", per_act_token_quant=True,
+                   scale_out=Arr((5,), np.float32), out=Arr((5, 32), E4M3))
+    assert launches[1].scale_out == 1 << 20
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 129])
+def test_fp8_group(launches, rows):
+    x = Arr((rows, 384), BF16)
+    q, sc = quant.quantize(x, "fp8", block_shape=[128, 128])  # bn: the weights' rows
+    assert launches[0].kernel == "quant_fp8_group_bf16" and launches[0].group_size == 128
+    assert launches[0].ue8m0 == 0 and launches[0].units == rows * 3
+    assert sc.shape == (rows, 3) and sc.dtype == np.float32
+    q, sc = quant.quantize(x, "fp8", block_shape=(1, 32), scale_format="ue8m0")
+    call = launches[1]
+    assert (call.group_size, call.ue8m0) == (32, 1)
+    # 12 groups -> 3 words per row; slots cover rows up to a multiple of 4
+    assert call.units == pad_up(rows, 4) * 3 * 4
+    assert sc.shape == (rows, 3) and sc.dtype == np.int32
+    assert sc.strides == (4, 4 * pad_up(rows, 4))
+    need = ref.ue8m0_mn_major_storage_size(rows, 12)
+    quant.quantize(x, "fp8", block_shape=[1, 32], scale_format=SF.UE8M0,
+                   scale_out=Arr((need,), np.int32))
+    if need:
+        with pytest.raises(ValueError, match="scale_out: .* at least"):
+            quant.quantize(x, "fp8", block_shape=[1, 32], scale_format=SF.UE8M0,
+                           scale_out=Arr((need - 1,), np.int32))
+
+
+@pytest.mark.parametrize("dtype,lanes", [(BF16, 2), (np.float32, 4)])
+@pytest.mark.parametrize("rows", [1, 128, 129])
+def test_nvfp4(launches, dtype, lanes, rows):
+    x, gs = Arr((rows, 96), dtype), scalar()
+    q, sf = quant.quantize(x, "nvfp4", scale=gs)
+    call = launches[0]
+    need = ref.compute_fp4_swizzled_layout_sf_size(rows, 6)
+    assert call.kernel.startswith("quant_nvfp4_") and call.swizzled == 1
+    assert call.units == need * lanes and call.scale == gs.ptr
+    assert q.shape == (rows, 48) and sf.shape == (need,) and sf.dtype == np.uint8
+    q, sf = quant.quantize(x, QD.NVFP4, scale=gs, is_fp4_scale_swizzled=False,
+                           scale_out=Arr((rows, 6), E4M3))
+    assert launches[1].swizzled == 0 and launches[1].units == rows * 6 * lanes
+    assert sf.shape == (rows, 6)
+    # a larger swizzled buffer (say sized for the maximum token count) is fine
+    quant.quantize(x, "nvfp4", scale=gs, scale_out=Arr((need + 512,), np.uint8))
+
+
+def test_interleave(launches):
+    sf = quant.nvfp4_block_scale_interleave(Arr((130, 7), np.uint8))
+    need = ref.compute_fp4_swizzled_layout_sf_size(130, 7)
+    (call,) = launches
+    assert call.kernel == "nvfp4_sf_interleave" and call.units == need // 4
+    assert (call.rows, call.cols) == (130, 7 * 16) and sf.shape == (need,)
+    with pytest.raises(ValueError, match="out: 10 elements"):
+        quant.nvfp4_block_scale_interleave(Arr((130, 7), np.uint8), out=Arr((10,), np.uint8))
+    with pytest.raises(TypeError, match="sf_linear: dtype float32"):
+        quant.nvfp4_block_scale_interleave(Arr((4, 4), np.float32))
+    with pytest.raises(ValueError, match="out: address .* not 4-byte aligned"):
+        quant.nvfp4_block_scale_interleave(Arr((4, 4), np.uint8),
+                                           out=Arr((512,), np.uint8, ptr=(1 << 20) + 2))
+
+
+def test_no_quant_returns_input(launches):
+    x = Arr((3, 16), BF16)
+    assert quant.quantize(x, None) == (x, None)
+    assert not launches
+    with pytest.raises(ValueError, match="out and scale_out must be None"):
+        quant.quantize(x, None, out=Arr((3, 16), np.uint8))
+
+
+def test_quant_dtype_spellings(launches):
+    for spelling in ("fp8", QD.FP8, E4M3):
+        quant.quantize(Arr((1, 16), BF16), spelling, scale=scalar())
+    assert [c.kernel for c in launches] == ["quant_fp8_static_bf16"] * 3
+
+    class TorchDtype:  # str() of torch.float8_e4m3fn
+        def __str__(self):
+            return "torch.float8_e4m3fn"
+
+    assert quant._quant_dtype(TorchDtype()) is QD.FP8
+    for bad in ("int8", "fp4", 3, np.float16):
+        with pytest.raises(ValueError, match="quant_dtype"):
+            quant.quantize(Arr((1, 16), BF16), bad, scale=scalar())
+
+
+def test_moe_kernel_quantize_input(launches):
+    x, s = Arr((2, 32), BF16), scalar()
+    assert quant.moe_kernel_quantize_input(x, s, None, False) == (x, s)
+    quant.moe_kernel_quantize_input(x, s, "fp8", True, None)   # a given scale is static
+    quant.moe_kernel_quantize_input(x, None, "fp8", True, None)
+    quant.moe_kernel_quantize_input(x, s, "fp8", False, [128, 16])  # groups: scale unused
+    quant.moe_kernel_quantize_input(x, s, "nvfp4", False, None, False)
+    assert [c.kernel for c in launches] == ["quant_fp8_static_bf16", "quant_fp8_token_bf16",
+                                            "quant_fp8_group_bf16", "quant_nvfp4_bf16"]
+    assert launches[3].swizzled == 0
+
+
+# ------------------------------------------------------------------ errors
+ERRORS = [
+    (dict(x=Arr((4, 24), BF16), quant_dtype="fp8", scale=True), ValueError, "K=24"),
+    (dict(x=Arr((4, 0), BF16), quant_dtype="fp8", scale=True), ValueError, "K=0"),
+    (dict(x=Arr((4, 32), np.int32), quant_dtype="fp8", scale=True), TypeError, "x: dtype int32"),
+    (dict(x=Arr((4, 32, 1), BF16), quant_dtype="fp8", scale=True), ValueError, "x: expected 2"),
+    (dict(x=Arr((4, 32), BF16, ptr=(1 << 20) + 8), quant_dtype="fp8", scale=True), ValueError,
+     "x: address .* not 16-byte aligned"),
+    (dict(x=[[1.0] * 16], quant_dtype="fp8", scale=True), TypeError, "x: expected an array"),
+    (dict(quant_dtype="fp8"), ValueError, "FP8 needs scale"),
+    (dict(quant_dtype="fp8", scale=Arr((2,), np.float32)), ValueError, "scale: expected a one"),
+    (dict(quant_dtype="fp8", scale=Arr((1,), np.float16)), TypeError, "scale: dtype float16"),
+    (dict(quant_dtype="fp8", scale=True, scale_out=Arr((4, 1), np.float32)), ValueError,
+     "static FP8 returns scale itself"),
+    (dict(quant_dtype="fp8", scale=True, out=Arr((4, 16), np.uint8)), ValueError,
+     r"out: shape \(4, 16\)"),
+    (dict(quant_dtype="fp8", scale=True, out=Arr((4, 32), np.int8)), TypeError,
+     "out: dtype int8"),
+    (dict(quant_dtype="fp8", scale=True, out=Arr((4, 32), np.uint8, ptr=(1 << 20) + 4)),
+     ValueError, "out: address"),
+    (dict(quant_dtype="fp8", per_act_token_quant=True, scale=True), ValueError,
+     "per-token scales are computed"),
+    (dict(quant_dtype="fp8", per_act_token_quant=True, scale_out=Arr((4, 2), np.float32)),
+     ValueError, r"scale_out: expected fp32 \[4, 1\]"),
+    (dict(quant_dtype="fp8", per_act_token_quant=True, block_shape=[1, 16]), ValueError,
+     "exclude each other"),
+    (dict(quant_dtype="fp8", block_shape=[1, 16], scale=True), ValueError,
+     "group scales are computed"),
+    (dict(quant_dtype="fp8", block_shape=[1, 24]), ValueError, "G=24 must be a multiple"),
+    (dict(quant_dtype="fp8", block_shape=[1, 64]), ValueError, "divides K=32"),
+    (dict(quant_dtype="fp8", block_shape=[16]), ValueError, "expected \\[rows, G\\]"),
+    (dict(quant_dtype="fp8", block_shape=[1, 0]), ValueError, "expected \\[rows, G\\]"),
+    (dict(quant_dtype="fp8", block_shape=[1, 16.5]), ValueError, "expected \\[rows, G\\]"),
+    (dict(quant_dtype="fp8", block_shape="ab"), ValueError, "expected \\[rows, G\\]"),
+    (dict(quant_dtype="fp8", block_shape=[1, 16], scale_out=Arr((4, 3), np.float32)),
+     ValueError, "scale_out: shape"),
+    (dict(quant_dtype="fp8", scale=True, scale_format="ue8m0"), ValueError,
+     "per-token-group FP8 only"),
+    (dict(quant_dtype="fp8", block_shape=[1, 16], scale_format="e8m0"), ValueError,
+     "scale_format='e8m0'"),
+    (dict(quant_dtype="nvfp4"), ValueError, "NVFP4 needs scale"),
+    (dict(quant_dtype="nvfp4", scale=True, per_act_token_quant=True), ValueError,
+     "must be unset"),
+    (dict(quant_dtype="nvfp4", scale=True, block_shape=[1, 16]), ValueError, "must be unset"),
+    (dict(quant_dtype="nvfp4", scale=True, out=Arr((4, 32), np.uint8)), ValueError,
+     r"out: shape \(4, 32\)"),
+    (dict(quant_dtype="nvfp4", scale=True, scale_out=Arr((100,), np.uint8)), ValueError,
+     "scale_out: 100 elements, the layout needs at least 512"),
+    (dict(quant_dtype="nvfp4", scale=True, scale_out=Arr((512,), np.float32)), TypeError,
+     "scale_out: dtype float32"),
+    (dict(quant_dtype="nvfp4", scale=True, is_fp4_scale_swizzled=False,
+          scale_out=Arr((4, 4), np.uint8)), ValueError, "scale_out: shape"),
+    (dict(quant_dtype="nvfp4", scale=True, scale_format=SF.UE8M0), ValueError,
+     "per-token-group FP8 only"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", ERRORS,
+                         ids=[f"{i}-{e[2][:24]}" for i, e in enumerate(ERRORS)])
+def test_errors_before_launch(launches, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    x = kwargs.pop("x", Arr((4, 32), BF16))
+    if kwargs.get("scale") is True:
+        kwargs["scale"] = scalar()
+    with pytest.raises(exc, match=match):
+        quant.quantize(x, kwargs.pop("quant_dtype"), **kwargs)
+    assert not launches
+
+
+# ------------------------------------------------------------------ reference additions
+def _f32(v):
+    return np.asarray(v, np.float64).astype(np.float32)
+
+
+@pytest.mark.parametrize("g", [16, 128])
+def test_reference_group_fp32(g):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((7, 256)) * np.exp(rng.uniform(-8, 8, (7, 1)))).astype(np.float32)
+    x[0, :g] = 0.0                      # scale 1e-10, codes 0
+    x[1, :g] *= np.float32(2.0 ** -120)  # amax / 448 under the clamp
+    x[2, 0] = 1e30                      # one huge element: the rest of its group underflows
+    q, s = ref.quant_fp8_per_token_group_fp32(x, g)
+    assert q.shape == x.shape and q.dtype == np.uint8 and s.shape == (7, 256 // g)
+    # independent: float64 arithmetic rounded to fp32 after each step, ml_dtypes' e4m3
+    b = x.reshape(7, -1, g).astype(np.float64)
+    want_s = np.maximum(_f32(np.abs(b).max(-1) / 448.0), np.float32(1e-10))
+    inv = _f32(1.0 / want_s.astype(np.float64))
+    prod = _f32(b * inv.astype(np.float64)[..., None])
+    want_q = np.clip(prod, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(q, want_q.reshape(7, 256))
+    assert s[0, 0] == np.float32(1e-10) and not q[0, :g].any()
+    # a finite group never saturates past 448 and dequantizes within an e4m3 step
+    d = ref.dequant_fp8_per_token_group_fp32(q, s, g)
+    err = np.abs(d - x) / np.maximum(np.abs(x), np.repeat(s, g, 1) * 2.0 ** -6)
+    assert np.all(err <= 2.0 ** -4 + 1e-6)
+    with pytest.raises(ValueError, match="divide"):
+        ref.quant_fp8_per_token_group_fp32(x, 48)
+
+
+@pytest.mark.parametrize("rows,kcols", [(1, 1), (3, 7), (128, 4), (129, 9), (300, 448)])
+def test_reference_interleave(rows, kcols):
+    rng = np.random.default_rng(rows * 1000 + kcols)
+    sf = rng.integers(1, 256, (rows, kcols), dtype=np.uint8)
+    out = ref.nvfp4_block_scale_interleave(sf)
+    assert out.shape == (ref.compute_fp4_swizzled_layout_sf_size(rows, kcols),)
+    np.testing.assert_array_equal(ref.unswizzle_sf(out, rows, 16 * kcols), sf)
+    assert np.count_nonzero(out) == sf.size  # padding is 0, every scale nonzero
+    np.testing.assert_array_equal(ref.nvfp4_block_scale_interleave(sf.view(E4M3)), out)
+    # the quantizer's swizzled scales are the interleave of its linear ones
+    x = rng.standard_normal((rows, 16 * kcols)).astype(np.float32)
+    _, lin = ref.quant_nvfp4(x, 300.0, "linear")
+    _, sw = ref.quant_nvfp4(x, 300.0, "swizzled")
+    np.testing.assert_array_equal(ref.nvfp4_block_scale_interleave(lin), sw)
+    with pytest.raises(ValueError, match="2-D"):
+        ref.nvfp4_block_scale_interleave(sf.reshape(-1))

@@ -1,0 +1,294 @@
+"""all_gatherv / reduce_scatterv across real ranks against moecomm.reference (ranks may share
+a GPU; the NCCL cases need one GPU per rank).
+
+Every rank builds every rank's inputs from a shared seed and checks its own part. Outputs
+are poisoned first; row counts are ragged, include 0 for some ranks, change from call to
+call on one workspace; rows of every byte size take every copy path (16-byte vectors,
+4-byte words, bytes).
+"""
+
+import re
+
+import cupy
+import numpy as np
+import pytest
+
+import moecomm
+from moecomm import reference as ref
+from moecomm.collectives import VCollectiveWorkspace, create_vcollective_workspace
+from moecomm.errors import PeerTimeoutError
+from tests.gpu.workers.common import bits, main, raw, zeros
+from tests.mpi import case
+
+MAX_T = 40
+H = 64           # bf16 / fp32 rows for reduce_scatterv (128 / 256 bytes)
+TOP_K = 8
+# (dtype, row shape): fp32 weights and int32 ids (32 B rows), NVFP4-like codes (100 B: the
+# word path), scale bytes (7 B: the byte path), bf16 hidden (128 B: the vector path)
+PAYLOADS = [(np.float32, (TOP_K,)), (np.int32, (TOP_K,)), (np.uint8, (100,)),
+            (np.uint8, (7,)), (np.uint16, (H,))]
+SIZES = {"ragged": None, "zero_rank": "zero", "all_zero": "all_zero", "even": "even",
+         "one_row": "one"}
+
+
+def workspace(ctx, group=None, key="vc"):
+    g = ctx.group if group is None else group
+    return ctx.shared(key, lambda: create_vcollective_workspace(
+        g, max_tokens_per_rank=MAX_T, bytes_per_token=[4 * H] + [
+            np.dtype(d).itemsize * int(np.prod(s)) for d, s in PAYLOADS]))
+
+
+def make_sizes(rng, world, mode=None):
+    if mode == "even":
+        return [MAX_T // 2] * world
+    if mode == "all_zero":
+        return [0] * world
+    if mode == "one":
+        return [1] + [0] * (world - 1)
+    sizes = [int(rng.integers(0, MAX_T + 1)) for _ in range(world)]
+    if mode == "zero":
+        sizes[-1] = 0
+    return sizes
+
+
+def gather_inputs(ctx, mode=None):
+    rngs = ctx.rank_rngs()
+    sizes = make_sizes(rngs[0], ctx.world, mode)
+    xs = [[rngs[r].integers(0, 1 << 16, (sizes[r], *shape)).astype(dt) for dt, shape in PAYLOADS]
+          for r in range(ctx.world)]
+    return sizes, xs
+
+
+def check_gather(ctx, ws, sizes, xs, *, outs=True):
+    r = ctx.rank
+    device = [ctx.device(x, bf16=False) for x in xs[r]]
+    want = ref.all_gatherv(xs, sizes)
+    if outs:
+        with ctx.stream:
+            out = [cupy.full((sum(sizes), *x.shape[1:]), 0xA5, x.dtype) for x in xs[r]]
+        got = ws.all_gatherv(device, sizes, outs=out, stream=ctx.stream)
+        assert all(g is o for g, o in zip(got, out))
+    else:
+        got = ws.all_gatherv(device, sizes, stream=ctx.stream)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = ctx.host(g)
+        assert g.shape == w.shape and np.array_equal(g, w), (i, sizes)
+    ws.check(ctx.stream)
+
+
+@case(variants=SIZES)
+def all_gatherv_exact(ctx, mode):
+    """Five tensors of every row size in one call, poisoned outputs, three calls."""
+    ws = workspace(ctx)
+    for _ in range(3):
+        sizes, xs = gather_inputs(ctx, mode)
+        check_gather(ctx, ws, sizes, xs)
+
+
+@case
+def all_gatherv_new_outputs(ctx):
+    """Without outs=: new arrays; one tensor; sizes changing every call."""
+    ws = workspace(ctx)
+    for _ in range(3):
+        sizes, xs = gather_inputs(ctx)
+        check_gather(ctx, ws, sizes, [[x[2]] for x in xs], outs=False)
+
+
+def scatter_inputs(ctx, dtype, mode=None):
+    rngs = ctx.rank_rngs()
+    sizes = make_sizes(rngs[0], ctx.world, mode)
+    x32 = [rngs[r].standard_normal((sum(sizes), H)).astype(np.float32) for r in range(ctx.world)]
+    for x in x32:  # -0.0 inputs read as +0 in the sum
+        x[::7, ::5] = -0.0
+    return sizes, [ref.cast_from_float32(x, dtype) for x in x32]
+
+
+def check_scatter(ctx, ws, sizes, xs, dtype):
+    r = ctx.rank
+    want = ref.reduce_scatterv(xs, sizes)[r]
+    x = ctx.device(xs[r])
+    out = zeros((sizes[r], H), x.dtype)
+    with ctx.stream:
+        raw(out).fill(0xFFFF if x.itemsize == 2 else 0x7FC00001)
+    got = ws.reduce_scatterv(x, sizes, out=out, stream=ctx.stream)
+    assert got is out
+    assert np.array_equal(bits(ctx.host(got)), bits(want)), (sizes, dtype)
+    ws.check(ctx.stream)
+
+
+@case(dtypes=("bf16", "fp16", "fp32"))
+def reduce_scatterv_exact(ctx, dtype):
+    """Rank-order fp32 sums from +0, ragged sizes with empty ranks, repeated calls."""
+    ws = workspace(ctx)
+    for mode in (None, "zero", "even", "one", "all_zero"):
+        sizes, xs = scatter_inputs(ctx, dtype, mode)
+        check_scatter(ctx, ws, sizes, xs, dtype)
+
+
+@case
+def alternating_calls(ctx):
+    """all_gatherv and reduce_scatterv interleaved on one workspace (shared buffers and
+    flags), without synchronising between them."""
+    ws = workspace(ctx)
+    for i in range(6):
+        if i % 2:
+            sizes, xs = scatter_inputs(ctx, "bf16")
+            check_scatter(ctx, ws, sizes, xs, "bf16")
+        else:
+            sizes, xs = gather_inputs(ctx)
+            check_gather(ctx, ws, sizes, xs)
+
+
+@case
+def graph_replay(ctx):
+    """all_gatherv + reduce_scatterv captured once with fixed sizes, replayed on new data."""
+    ws, stream, r = workspace(ctx), ctx.stream, ctx.rank
+    sizes, xs = gather_inputs(ctx, "zero")
+    ys = [np.zeros((sum(sizes), H), np.float32) for _ in range(ctx.world)]
+    dx = [ctx.device(x, bf16=False) for x in xs[r]]
+    dy = ctx.device(ys[r])
+    outs = [cupy.zeros((sum(sizes), *x.shape[1:]), x.dtype) for x in xs[r]]
+    out = cupy.zeros((sizes[r], H), np.float32)
+    ws.all_gatherv(dx, sizes, outs=outs, stream=stream)  # prepare the launches outside
+    ws.reduce_scatterv(dy, sizes, out=out, stream=stream)
+    stream.synchronize()
+    with stream:
+        stream.begin_capture()
+        ws.all_gatherv(dx, sizes, outs=outs, stream=stream)
+        ws.reduce_scatterv(dy, sizes, out=out, stream=stream)
+        graph = stream.end_capture()
+    for i in range(3):
+        rngs = ctx.rank_rngs()
+        new_x = [[rngs[q].integers(0, 1 << 16, x.shape).astype(x.dtype) for x in xs[q]]
+                 for q in range(ctx.world)]
+        new_y = [rngs[q].standard_normal(ys[q].shape).astype(np.float32) for q in range(ctx.world)]
+        with stream:
+            for d, h in zip(dx, new_x[r]):
+                d[...] = cupy.asarray(h)
+            dy[...] = cupy.asarray(new_y[r])
+            for o in outs:
+                raw(o).fill(0x55)
+            out.fill(np.nan)
+        graph.launch(stream)
+        for g, w in zip(outs, ref.all_gatherv(new_x, sizes)):
+            assert np.array_equal(ctx.host(g), w), f"replay {i}: all_gatherv"
+        assert np.array_equal(bits(ctx.host(out)), bits(ref.reduce_scatterv(new_y, sizes)[r])), \
+            f"replay {i}: reduce_scatterv"
+    ws.check(stream)
+
+
+def _nccl_group(ctx):
+    if not ctx.exclusive:
+        pytest.skip("NCCL needs one GPU per rank")
+    return moecomm.ProcessGroup(gpus_per_node=1)
+
+
+@case
+def nccl_path_matches_ipc(ctx):
+    """A group cut into nodes of one rank takes NCCL: the same bits as the IPC path."""
+    group = _nccl_group(ctx)
+    try:
+        with create_vcollective_workspace(group, max_tokens_per_rank=MAX_T,
+                                          bytes_per_token=[4 * H, 100]) as nws:
+            assert nws.path == "nccl"
+            ws = workspace(ctx)
+            assert ws.path == "ipc"
+            for mode in (None, "zero", "one"):
+                sizes, xs = gather_inputs(ctx, mode)
+                check_gather(ctx, nws, sizes, xs)
+                check_gather(ctx, ws, sizes, xs)
+                for dtype in ("bf16", "fp32"):
+                    sizes, ys = scatter_inputs(ctx, dtype, mode)
+                    check_scatter(ctx, nws, sizes, ys, dtype)
+                    check_scatter(ctx, ws, sizes, ys, dtype)
+    finally:
+        group.close()
+
+
+@case
+def bad_input(ctx):
+    """Clear errors before any launch; the workspace stays usable."""
+    ws, n, r = workspace(ctx), ctx.world, ctx.rank
+    sizes = [3] * n
+    x = cupy.zeros((3, 8), np.float32)
+    with pytest.raises(ValueError, match=f"{n + 1} row counts for a group of {n}"):
+        ws.all_gatherv([x], sizes + [1])
+    with pytest.raises(ValueError, match=re.escape(f"sizes[{r}]=3")):
+        ws.all_gatherv([x[:2]], sizes)
+    with pytest.raises(ValueError, match="is negative"):
+        ws.all_gatherv([x], [3] + [-1] * (n - 1))
+    with pytest.raises(TypeError, match="expected an int"):
+        ws.all_gatherv([x], [3.0] * n)
+    with pytest.raises(TypeError, match="expected a list"):
+        ws.all_gatherv(x, sizes)
+    with pytest.raises(ValueError, match="expected 1 to 8"):
+        ws.all_gatherv([x] * 9, sizes)
+    with pytest.raises(ValueError, match=r"outs\[0\]: shape"):
+        ws.all_gatherv([x], sizes, outs=[cupy.zeros((3 * n - 1, 8), np.float32)])
+    with pytest.raises(TypeError, match=r"outs\[0\]: dtype"):
+        ws.all_gatherv([x], sizes, outs=[cupy.zeros((3 * n, 8), np.int32)])
+    with pytest.raises(ValueError, match="exceeds the workspace's max_bytes"):
+        ws.all_gatherv([cupy.zeros((3, 1 << 16), np.float32)], sizes)
+    y = cupy.zeros((3 * n, 8), np.float32)
+    with pytest.raises(ValueError, match=re.escape(f"expected sum(sizes)={3 * n + 1} rows")):
+        ws.reduce_scatterv(y, [4] + [3] * (n - 1))
+    with pytest.raises(TypeError, match="dtype int32 is not supported"):
+        ws.reduce_scatterv(y.astype(np.int32), sizes)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ws.reduce_scatterv(cupy.zeros((3 * n, 3), np.float32), sizes)
+    with pytest.raises(ValueError, match="out: shape"):
+        ws.reduce_scatterv(y, sizes, out=cupy.zeros((4, 8), np.float32))
+    with pytest.raises(ValueError, match="max_bytes"):
+        ws.reduce_scatterv(cupy.zeros((3 * n, 1 << 16), np.float32), sizes)
+    with pytest.raises(ValueError, match="cpu"):
+        ws.all_gatherv([np.zeros((3, 8), np.float32)], sizes)
+    check_gather(ctx, ws, *gather_inputs(ctx))
+
+
+@case
+def closed(ctx):
+    ws = workspace(ctx)
+    ctx.drop("vc")
+    ws.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        ws.all_gatherv([cupy.zeros((1, 4), np.float32)], [1] * ctx.world)
+    ws.close()
+
+
+@case(own_job=True, ranks=(2,), env={"MOECOMM_DEBUG": "1"})
+def debug_mode_catches_mismatched_sizes(ctx):
+    """MOECOMM_DEBUG=1: sizes or dtypes differing across ranks raise on every rank."""
+    assert moecomm.group.DEBUG
+    with VCollectiveWorkspace(ctx.group, 1 << 16) as ws:
+        sizes = [2, 2 + ctx.rank]
+        x = cupy.zeros((sizes[ctx.rank], 4), np.float32)
+        with pytest.raises(ValueError, match="differ across ranks"):
+            ws.all_gatherv([x], sizes)
+        with pytest.raises(ValueError, match="differ across ranks"):
+            ws.reduce_scatterv(cupy.zeros((sum(sizes), 4), np.float32), sizes)
+        with pytest.raises(ValueError, match="differ across ranks"):
+            ws.all_gatherv([cupy.zeros((2, 4), np.float32 if ctx.rank else np.int32)], [2, 2])
+        got = ws.all_gatherv([cupy.full((2, 4), ctx.rank, np.int32)], [2, 2])[0]
+        assert np.array_equal(got.get(), np.repeat([0, 1], 2)[:, None].repeat(4, 1))
+
+
+@case(own_job=True, ranks=(2, 3))
+def missing_peer_times_out(ctx):
+    """The last rank skips a call: the others raise PeerTimeoutError naming it."""
+    missing = ctx.world - 1
+    with VCollectiveWorkspace(ctx.group, 1 << 16, timeout_s=0.5) as ws:
+        x = cupy.ones((2, 4), np.float32)
+        ws.all_gatherv([x], [2] * ctx.world)
+        ws.check()
+        if ctx.rank != missing:
+            ws.reduce_scatterv(cupy.ones((2 * ctx.world, 4), np.float32), [2] * ctx.world)
+            with pytest.raises(PeerTimeoutError, match=f"rank {missing} never arrived") as info:
+                ws.check()
+            assert info.value.rank == missing
+            with pytest.raises(PeerTimeoutError):
+                ws.all_gatherv([x], [2] * ctx.world)
+        ctx.group.barrier()
+
+
+if __name__ == "__main__":
+    main()
