@@ -15,7 +15,8 @@
 //
 // A thread handles the same vectors of the space (row, peer, vector) when pushing and when
 // receiving (kUnroll of them in flight), so the own slice is copied straight to the output
-// and the outputs may be the inputs (in place).
+// (canonical too: every -0.0 arrives as +0.0, the own slice's included) and the outputs
+// may be the inputs (in place).
 //
 // dcp_combine_{bf16,fp16}: out[r] = sum_p w_p o[r, p] / sum_p w_p in fp32, peers in order,
 // w_p = exp(lse_p - max lse) (exp2 for base-2 LSE); a partial with a non-finite LSE has
@@ -112,10 +113,13 @@ __device__ __forceinline__ void alltoall(const DcpArgs& a) {
       const size_t i = i0 + u * stride;
       if (i >= n) continue;
       const Item it = item(a, i);
+      // The own slice goes straight to the output, canonical like every peer's (-0.0 as
+      // +0.0), so a rank's output does not depend on which slice is its own.
+      const Vec16 v = canonical<T>(a, it.j, x[u]);
       if (it.peer == rank)
-        store_slice<T>(a, it.rp, it.j, x[u]);  // the own slice: straight to the output
+        store_slice<T>(a, it.rp, it.j, v);
       else
-        st_vec16(lamport(ws, it.peer, buf, rank) + it.slot_off, canonical<T>(a, it.j, x[u]));
+        st_vec16(lamport(ws, it.peer, buf, rank) + it.slot_off, v);
     }
   }
   pdl_launch_dependents();
