@@ -6,6 +6,10 @@ interleaved with the handler's all-reduce workspace, graph replay, bad input. Th
 cut into declared nodes (NCCL modes; FUSED refused) and other dtypes. In jobs of their own:
 a rank that skips a call (the others time out naming it) and MOECOMM_GPUS_PER_NODE.
 NCCL modes need one rank per GPU: with ranks sharing a GPU they are skipped per call.
+
+Inputs and poisoned outputs are made on the stream the op runs on (``with ctx.stream``):
+CuPy's current stream is otherwise the legacy default stream, which the job's non-blocking
+stream does not wait for, so an upload or NaN fill could land after the op read or wrote.
 """
 
 import cupy
@@ -90,20 +94,21 @@ def exact(ctx, name):
     """Every op, shapes from one row to 64 x 1024, every mode; NaN-poisoned outputs; the
     input is left untouched."""
     h = handler(ctx, name)
-    for op in MixedCommOp:
-        for shape in shapes(h, op):
-            xs = fresh_inputs(ctx, shape, bfloat16)
-            want = expected(h, op, xs)
-            mine = cupy.asarray(xs[ctx.rank])
-            for mode in modes(ctx, h):
-                out = cupy.full(h.output_shape(op, shape), np.nan, bfloat16)
-                got = run_mixed_comm(op, h, mine, out, mode=mode, stream=ctx.stream)
-                assert got is out
-                check(ctx, h, out, want, f"{name} {op.name} {shape} {mode.name}")
-            new = run_mixed_comm(op, h, mine, stream=ctx.stream)  # allocated output
-            ctx.stream.synchronize()
-            check(ctx, h, new, want, f"{name} {op.name} {shape} allocated")
-            assert np.array_equal(bits(mine), bits(xs[ctx.rank])), "input modified"
+    with ctx.stream:
+        for op in MixedCommOp:
+            for shape in shapes(h, op):
+                xs = fresh_inputs(ctx, shape, bfloat16)
+                want = expected(h, op, xs)
+                mine = cupy.asarray(xs[ctx.rank])
+                for mode in modes(ctx, h):
+                    out = cupy.full(h.output_shape(op, shape), np.nan, bfloat16)
+                    got = run_mixed_comm(op, h, mine, out, mode=mode, stream=ctx.stream)
+                    assert got is out
+                    check(ctx, h, out, want, f"{name} {op.name} {shape} {mode.name}")
+                new = run_mixed_comm(op, h, mine, stream=ctx.stream)  # allocated output
+                ctx.stream.synchronize()
+                check(ctx, h, new, want, f"{name} {op.name} {shape} allocated")
+                assert np.array_equal(bits(mine), bits(xs[ctx.rank])), "input modified"
     h.check(ctx.stream)
 
 
@@ -118,8 +123,9 @@ def interleaved(ctx, name):
         op = ops[i % len(ops)]
         shape = (h.layout.dp_size * (1 + i % 3), 8 * (1 + i))
         xs = fresh_inputs(ctx, shape, bfloat16)
-        out = run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), mode=ms[i % len(ms)],
-                             stream=ctx.stream)
+        with ctx.stream:
+            out = run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), mode=ms[i % len(ms)],
+                                 stream=ctx.stream)
         ctx.stream.synchronize()
         check(ctx, h, out, expected(h, op, xs), f"call {i} {op.name} {ms[i % len(ms)].name}")
         if h.fused and i % 2:
@@ -145,9 +151,10 @@ def graph_replay(ctx, name):
             x = cupy.empty(shape, bfloat16)
             out = cupy.empty(h.output_shape(op, shape), bfloat16)
             calls.append((op, mode, x, out))
-    for op, mode, x, out in calls:  # the first NCCL call makes communicators
-        x.fill(0)
-        run_mixed_comm(op, h, x, out, mode=mode, stream=stream)
+    with stream:
+        for op, mode, x, out in calls:  # the first NCCL call makes communicators
+            x.fill(0)
+            run_mixed_comm(op, h, x, out, mode=mode, stream=stream)
     stream.synchronize()
     with stream:
         stream.begin_capture()
@@ -178,8 +185,10 @@ def dtypes(ctx, dtype):
         xs = fresh_inputs(ctx, shape, dtype)
         want = expected(h, op, xs)
         for mode in modes(ctx, h):
-            out = cupy.full(h.output_shape(op, shape), np.nan, dtype)
-            run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), out, mode=mode, stream=ctx.stream)
+            with ctx.stream:
+                out = cupy.full(h.output_shape(op, shape), np.nan, dtype)
+                run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), out, mode=mode,
+                               stream=ctx.stream)
             ctx.stream.synchronize()
             check(ctx, h, out, want, f"{dtype_label(dtype)} {op.name} {mode.name}")
 
@@ -214,6 +223,7 @@ def bad_input(ctx):
         MixedCommHandler(ctx.group, 1 << 16, tp_size=ctx.world, dp_size=2)
     with pytest.raises(ValueError, match="does not divide"):
         MixedCommHandler(ctx.group, 1 << 16, tp_size=3)
+    cupy.cuda.runtime.deviceSynchronize()  # x is zeroed on the default stream
     out = run_mixed_comm(MixedCommOp.ALLREDUCE, h, x, mode=FUSED, stream=ctx.stream)
     ctx.stream.synchronize()
     assert not cupy.any(out.view(np.uint16)), "usable after refused calls"
@@ -243,9 +253,10 @@ def declared_nodes(ctx):
                 xs = fresh_inputs(ctx, shape, bfloat16)
                 want = expected(h, op, xs)
                 for mode in (ONE, TP_DP, AUTO):
-                    out = cupy.full(h.output_shape(op, shape), np.nan, bfloat16)
-                    run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), out, mode=mode,
-                                   stream=ctx.stream)
+                    with ctx.stream:
+                        out = cupy.full(h.output_shape(op, shape), np.nan, bfloat16)
+                        run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), out, mode=mode,
+                                       stream=ctx.stream)
                     ctx.stream.synchronize()
                     check(ctx, h, out, want, f"{sizes} {op.name} {mode.name}")
     if not ctx.exclusive:

@@ -6,6 +6,11 @@ inputs read in place from registered buffers (a SymmetricBuffer, and per-rank ad
 vLLM passes them), CUDA-graph inputs recorded at capture and registered after (replayed
 on new inputs, twice registered), calls of all paths interleaved, bad input. In a job of
 its own: a rank that skips a call (the others time out naming it).
+
+Inputs and poisoned outputs are made on the stream the op runs on (``with ctx.stream``):
+CuPy's current stream is otherwise the legacy default stream, which the job's non-blocking
+stream does not wait for, so an upload, copy or NaN fill could land after the op read or
+wrote.
 """
 
 import cupy
@@ -73,17 +78,18 @@ def staging(ctx, dtype):
     """Out of place through the registered staging buffer (vLLM's eager path), given as
     the buffer and as this rank's address; in place (out = inp) is fine here."""
     s = setup(ctx, dtype)
-    for shape in SHAPES:
-        xs = fresh_inputs(ctx, shape, dtype)
-        mine = cupy.asarray(xs[ctx.rank])
-        for reg in (s.buf, s.buf.ptr):
-            out = cupy.full(shape, np.nan, dtype)
-            assert vllm_all_reduce(s.fa, mine, out, reg, stream=ctx.stream) is out
-            check(out, xs, f"{dtype_label(dtype)} {shape} staging")
-        inplace = mine.copy()
-        vllm_all_reduce(s.fa, inplace, inplace, s.buf, stream=ctx.stream)
-        check(inplace, xs, f"{shape} staging in place")
-        assert cupy.array_equal(mine, cupy.asarray(xs[ctx.rank])), "input modified"
+    with ctx.stream:
+        for shape in SHAPES:
+            xs = fresh_inputs(ctx, shape, dtype)
+            mine = cupy.asarray(xs[ctx.rank])
+            for reg in (s.buf, s.buf.ptr):
+                out = cupy.full(shape, np.nan, dtype)
+                assert vllm_all_reduce(s.fa, mine, out, reg, stream=ctx.stream) is out
+                check(out, xs, f"{dtype_label(dtype)} {shape} staging")
+            inplace = mine.copy()
+            vllm_all_reduce(s.fa, inplace, inplace, s.buf, stream=ctx.stream)
+            check(inplace, xs, f"{shape} staging in place")
+            assert cupy.array_equal(mine, cupy.asarray(xs[ctx.rank])), "input modified"
     s.fa.check(ctx.stream)
 
 
@@ -98,9 +104,9 @@ def registered_inputs(ctx, dtype):
         inp = buf.view(dtype, shape, offset=offset)
         with ctx.stream:
             inp.set(xs[ctx.rank])
+            out = cupy.full(shape, np.nan, dtype)
         ctx.stream.synchronize()
         ctx.barrier()
-        out = cupy.full(shape, np.nan, dtype)
         vllm_all_reduce(s.fa, inp, out, stream=ctx.stream)
         check(out, xs, f"{dtype_label(dtype)} registered at {offset} {shape}")
         ctx.barrier()  # no rank rewrites its input while a peer may still read it
@@ -157,9 +163,11 @@ def interleaved(ctx, dtype):
     for i in range(9):
         shape = (100 + 37 * i,)
         xs = fresh_inputs(ctx, shape, dtype)
-        out = cupy.full(shape, np.nan, dtype)
+        with ctx.stream:
+            out = cupy.full(shape, np.nan, dtype)
         if i % 2:
-            vllm_all_reduce(s.fa, cupy.asarray(xs[ctx.rank]), out, s.buf, stream=ctx.stream)
+            with ctx.stream:
+                vllm_all_reduce(s.fa, cupy.asarray(xs[ctx.rank]), out, s.buf, stream=ctx.stream)
         else:
             inp = s.buf.view(dtype, shape, offset=8192)
             with ctx.stream:
