@@ -129,51 +129,55 @@ __device__ __forceinline__ void fp8_group(const QuantArgs& a) {
   }
 }
 
-// NVFP4: a 16-element block is L = 16 / E vectors held by L adjacent lanes (amax by
-// shuffles), each lane writing E / 2 bytes of codes: a warp reads 512 contiguous bytes and
-// writes 128. Work items walk the scale-factor grid, padded to 128 rows x 4 columns when
-// swizzled: items of the padding write their scale byte as 0, so the whole swizzled array
-// is written in the same pass. The loop bound is warp-uniform (shuffles).
+// NVFP4: one thread per 16-element block (two 16-byte loads of bf16/fp16, four of fp32;
+// 8 bytes of codes and a scale byte out). Work items walk the scale-factor grid in memory
+// order of the rows, padded to 128 rows x 4 columns when swizzled: items of the padding
+// write their scale byte as 0, so the whole swizzled array is written in the same pass.
+// A thread's (row, column) advance by the grid stride without a division per item.
 template <typename T>
 __device__ __forceinline__ void nvfp4(const QuantArgs& a) {
-  constexpr int E = Pack16<T>::kLanes, L = 16 / E;
+  constexpr int E = Pack16<T>::kLanes, V = 16 / E;  // elements per vector, vectors per block
   const uint32_t kc = a.cols / 16, rows = (uint32_t)a.rows;
   const uint32_t cp = a.swizzled ? (kc + 3) / 4 * 4 : kc;
   const uint32_t mp = a.swizzled ? (rows + 127) / 128 * 128 : rows;
-  const uint32_t units = mp * cp * L;
-  const uint32_t lane = threadIdx.x % 32, stride = gridDim.x * blockDim.x;
+  const uint32_t start = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  const uint32_t drow = stride / cp, dkb = stride - drow * cp;
+  uint32_t row = start / cp, kb = start - row * cp;
   const float gs = *a.scale;
   const T* x = static_cast<const T*>(a.x);
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
-  for (uint32_t u = blockIdx.x * blockDim.x + threadIdx.x; u - lane < units; u += stride) {
-    const uint32_t b = u / L, part = u % L;
-    const uint32_t row = b / cp, kb = b - row * cp;
-    const bool real = u < units && row < rows && kb < kc;
-    Pack16<T> v;
-    float amax = 0.f;
-    if (real) {
-      v.vec = ld_vec16(x + (size_t)row * a.cols + kb * 16 + part * E);
-#pragma unroll
-      for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v.lane[k])));
-    }
-#pragma unroll
-    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (u >= units) continue;
+  while (row < mp) {
     uint8_t code = 0;
-    if (real) {
+    if (row < rows && kb < kc) {
+      const T* src = x + (size_t)row * a.cols + kb * 16;
+      Pack16<T> v[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j].vec = ld_vec16(src + j * E);
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+#pragma unroll
+        for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v[j].lane[k])));
       code = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
       const float sf_val = e4m3_decode(code);
       const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
-      uint32_t packed = 0;
+      uint32_t w[2] = {0u, 0u};
 #pragma unroll
-      for (int k = 0; k < E; ++k)
-        packed |= e2m1_encode(__fmul_rn(to_float(v.lane[k]), out_scale)) << (4 * k);
-      uint8_t* dst = a.q + (size_t)row * (a.cols / 2) + kb * 8 + part * (E / 2);
-      if (E == 8) *reinterpret_cast<uint32_t*>(dst) = packed;
-      else *reinterpret_cast<uint16_t*>(dst) = (uint16_t)packed;
+      for (int j = 0; j < V; ++j)
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+          const int i = j * E + k;
+          w[i / 8] |= e2m1_encode(__fmul_rn(to_float(v[j].lane[k]), out_scale)) << (4 * (i % 8));
+        }
+      *reinterpret_cast<uint2*>(a.q + (size_t)row * (a.cols / 2) + kb * 8) = make_uint2(w[0], w[1]);
     }
-    if (part == 0)
-      sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
+    sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
+    row += drow;
+    kb += dkb;
+    if (kb >= cp) {
+      kb -= cp;
+      ++row;
+    }
   }
 }
 

@@ -290,8 +290,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
                              "one element")
         gs = _device_scale(scale, h)
         kcols = cols // NVFP4_BLOCK
-        lanes = NVFP4_BLOCK * xa.itemsize // VECTOR_BYTES  # threads sharing a 16-element block
-        if pad_up(rows, 128) * pad_up(kcols, 4) * lanes >= _MAX_UNITS:
+        if pad_up(rows, 128) * pad_up(kcols, 4) >= _MAX_UNITS:
             raise ValueError(f"x: {rows} x {cols} is too large for one launch")
         q = _output(out, "out", (rows, cols // 2), (_U8,), h, alignment=8)
         swizzled = bool(is_fp4_scale_swizzled)
@@ -299,11 +298,11 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             need = compute_fp4_swizzled_layout_sf_size(rows, kcols)
             sf = _sized_output(scale_out, "scale_out", need, _CODE_DTYPES, h, 4)
             sf_view = (need,)
-            units = need * lanes
+            units = need  # one thread per scale byte, padding included
         else:
             sf = _output(scale_out, "scale_out", (rows, kcols), _CODE_DTYPES, h, alignment=1)
             sf_view = (rows, kcols)
-            units = rows * kcols * lanes
+            units = rows * kcols
         _launch(f"quant_nvfp4_{suffix}",
                 _fields(xa.ptr, q.ptr, sf.ptr, gs.ptr, rows, cols, swizzled=int(swizzled)),
                 units, h)
