@@ -50,20 +50,26 @@ def to_f32(x) -> np.ndarray:
     return reference.to_float32(x)
 
 
+# Helpers that write device memory on CuPy's current stream finish before returning: the
+# quantizers run on the job's non-blocking stream, which does not wait for that one.
 def poisoned(shape, dtype, value=POISON) -> cupy.ndarray:
     """A device array of garbage: every byte ``value``."""
     dtype = np.dtype(dtype)
     data = cupy.full(max(1, int(np.prod(shape))) * dtype.itemsize, value, np.uint8)
+    cupy.cuda.runtime.deviceSynchronize()
     return cupy.ndarray(tuple(shape), dtype, data.data)
 
 
 def poison(buf: cupy.ndarray, value=POISON) -> None:
     """Every byte of the C-contiguous ``buf`` := ``value``."""
     cupy.ndarray((buf.nbytes,), np.uint8, buf.data).fill(value)
+    cupy.cuda.runtime.deviceSynchronize()
 
 
 def device_scale(value) -> cupy.ndarray:
-    return cupy.asarray([value], np.float32)
+    d = cupy.asarray([value], np.float32)
+    cupy.cuda.runtime.deviceSynchronize()
+    return d
 
 
 def same(got, want, what):
@@ -284,6 +290,7 @@ def interleave(ctx):
         sf = ctx.rng.integers(0, 256, (m, c), dtype=np.uint8)
         want = reference.nvfp4_block_scale_interleave(sf)
         d = cupy.asarray(sf)
+        cupy.cuda.runtime.deviceSynchronize()
         out = poisoned((want.size,), np.uint8)
         got = nvfp4_block_scale_interleave(d, out=out, stream=ctx.stream)
         ctx.stream.synchronize()
