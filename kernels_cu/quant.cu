@@ -161,15 +161,16 @@ __device__ __forceinline__ void nvfp4(const QuantArgs& a) {
       code = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
       const float sf_val = e4m3_decode(code);
       const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
-      uint32_t w[2] = {0u, 0u};
+      float p[2][8];
 #pragma unroll
       for (int j = 0; j < V; ++j)
 #pragma unroll
         for (int k = 0; k < E; ++k) {
           const int i = j * E + k;
-          w[i / 8] |= e2m1_encode(__fmul_rn(to_float(v[j].lane[k]), out_scale)) << (4 * (i % 8));
+          p[i / 8][i % 8] = __fmul_rn(to_float(v[j].lane[k]), out_scale);
         }
-      *reinterpret_cast<uint2*>(a.q + (size_t)row * (a.cols / 2) + kb * 8) = make_uint2(w[0], w[1]);
+      *reinterpret_cast<uint2*>(a.q + (size_t)row * (a.cols / 2) + kb * 8) =
+          make_uint2(e2m1_pack8(p[0]), e2m1_pack8(p[1]));
     }
     sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
     row += drow;

@@ -28,11 +28,27 @@ __device__ __forceinline__ float e4m3_decode(uint8_t c) {
 // whose low bits count the steps n; the code is n + 2 * max(e, 0), read off the sum's
 // mantissa and exponent. About ten instructions instead of a chain of comparisons: the
 // NVFP4 quantizer is issue-bound otherwise.
-__device__ __forceinline__ uint32_t e2m1_encode(float x) {
+__device__ __forceinline__ uint32_t e2m1_magnitude_plus_298(float x) {
   const float a = fminf(fabsf(x), 6.f);  // NaN -> 6
   const uint32_t t = max(__float_as_uint(a), 0x3F800000u) & 0x7F800000u;  // 2^max(e, 0)
   const uint32_t f = __float_as_uint(__fmaf_rn(__uint_as_float(t), 4194304.f, a));
-  return ((f & 0x7Fu) + (f >> 22) - 298u) | ((__float_as_uint(x) >> 28) & 0x8u);
+  return (f & 0x7Fu) + (f >> 22);  // steps + 2 * (149 + max(e, 0))
+}
+
+__device__ __forceinline__ uint32_t e2m1_encode(float x) {
+  return (e2m1_magnitude_plus_298(x) - 298u) | ((__float_as_uint(x) >> 28) & 0x8u);
+}
+
+// Eight e2m1 codes in one word, x[k] in nibble k (the low nibble first): the codes' bias
+// is taken off once for all eight (exact modulo 2^32) and the sign bits placed directly.
+__device__ __forceinline__ uint32_t e2m1_pack8(const float (&x)[8]) {
+  uint32_t w = 0, sign = 0;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    w += e2m1_magnitude_plus_298(x[k]) << (4 * k);
+    sign |= (__float_as_uint(x[k]) >> (28 - 4 * k)) & (0x8u << (4 * k));
+  }
+  return (w - 298u * 0x11111111u) | sign;
 }
 
 // Exponent byte of the smallest power of two >= v, for v > 2^-126 (normal, positive);

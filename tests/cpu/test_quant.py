@@ -293,14 +293,32 @@ def test_reference_interleave(rows, kcols):
 
 
 # ------------------------------------------------------------------ quant.cuh's e2m1 encoder
-def _e2m1_fused_add(x):
-    """The algorithm of ``e2m1_encode`` in kernels_cu/quant.cuh, in NumPy fp32 (one fp32
+def _e2m1_plus_298(x):
+    """``e2m1_magnitude_plus_298`` of kernels_cu/quant.cuh in NumPy fp32 (one fp32
     rounding per operation; its fma is a plain add here, since ``t * 2^22`` is exact)."""
     x = np.asarray(x, np.float32)
     a = np.fmin(np.abs(x), np.float32(6.0))
     t = np.maximum(a.view(np.uint32), np.uint32(0x3F800000)) & np.uint32(0x7F800000)
     f = (t.view(np.float32) * np.float32(2.0 ** 22) + a).astype(np.float32).view(np.uint32)
-    return (((f & 0x7F) + (f >> 22) - 298) | ((x.view(np.uint32) >> 28) & 8)).astype(np.uint8)
+    return (f & 0x7F) + (f >> 22)
+
+
+def _e2m1_fused_add(x):
+    """``e2m1_encode`` of kernels_cu/quant.cuh."""
+    x = np.asarray(x, np.float32)
+    return ((_e2m1_plus_298(x) - 298) | ((x.view(np.uint32) >> 28) & 8)).astype(np.uint8)
+
+
+def _e2m1_pack8(x):
+    """``e2m1_pack8`` of kernels_cu/quant.cuh on x [N, 8] -> uint32 [N] (mod 2^32)."""
+    x = np.asarray(x, np.float32)
+    w = np.zeros(x.shape[0], np.uint64)
+    sign = np.zeros(x.shape[0], np.uint64)
+    for k in range(8):
+        w += _e2m1_plus_298(x[:, k]).astype(np.uint64) << np.uint64(4 * k)
+        sign |= ((x[:, k].view(np.uint32) >> np.uint32(28 - 4 * k))
+                 & np.uint32(8 << (4 * k))).astype(np.uint64)
+    return (((w - np.uint64(298 * 0x11111111)) & np.uint64(0xFFFFFFFF)) | sign).astype(np.uint32)
 
 
 def test_e2m1_encoder_algorithm():
@@ -320,3 +338,8 @@ def test_e2m1_encoder_algorithm():
             x = x[~np.isnan(x)]  # NaN: 0x7 for the positive NaN the GPU's products give
             np.testing.assert_array_equal(_e2m1_fused_add(x), ref.fp4_e2m1_encode(x))
     assert _e2m1_fused_add(np.float32(np.nan)) == ref.fp4_e2m1_encode(np.float32(np.nan))
+    # eight codes a word, the low nibble first: the reference's packing, as little-endian
+    x = (rng.standard_normal((4096, 8)) * np.exp(rng.uniform(-4, 3, (4096, 1)))).astype(np.float32)
+    x[::7] = -0.0
+    want = ref.pack_fp4(ref.fp4_e2m1_encode(x)).view("<u4").reshape(-1)
+    np.testing.assert_array_equal(_e2m1_pack8(x), want)
