@@ -69,7 +69,6 @@ __all__ = ["QuantDtype", "ScaleFormat", "quantize", "nvfp4_block_scale_interleav
 
 _SOURCE = "quant.cu"
 _THREADS = 256
-_BLOCKS_PER_SM = 8
 _MAX_UNITS = 1 << 31  # work items of one launch (32-bit indexing in the kernels)
 
 
@@ -215,24 +214,27 @@ _local = threading.local()
 
 def _launch(kernel: str, fields: dict, units: int, h: int, block: int = _THREADS) -> None:
     """Launch ``kernel`` of quant.cu over ``units`` work items (threads, or rows for the
-    per-token kernel where ``block`` threads share one), grid capped at what the device
-    keeps resident; one Launcher per thread, kernel and device."""
+    per-token kernel where ``block`` threads share one), the grid capped at the blocks
+    the device keeps resident at once (the kernels loop over the rest: a block that
+    started late would otherwise finish alone); one Launcher per thread, kernel, device."""
     if units <= 0:
         return
     dev = cupy.cuda.runtime.getDevice()
     cache = getattr(_local, "launchers", None)
     if cache is None:
         cache = _local.launchers = {}
-    launcher = cache.get((dev, kernel))
-    if launcher is None:
-        launcher = cache[(dev, kernel)] = Launcher(kernels.get_kernel(_SOURCE, kernel),
-                                                   QuantArgs)
+    entry = cache.get((dev, kernel, block))
+    if entry is None:
+        raw = kernels.get_kernel(_SOURCE, kernel)
+        facts = device_facts(dev)
+        entry = cache[(dev, kernel, block)] = (Launcher(raw, QuantArgs),
+                                               facts.sms * facts.blocks_per_sm(raw, block))
+    launcher, resident = entry
     args = launcher.args
     for name, value in fields.items():
         setattr(args, name, value)
     per_block = 1 if kernel.startswith("quant_fp8_token") else block
-    grid = min(-(-units // per_block), device_facts(dev).sms * _BLOCKS_PER_SM)
-    launcher(grid, block, h)
+    launcher(min(-(-units // per_block), resident), block, h)
 
 
 def _fields(x_ptr=0, q_ptr=0, sf_ptr=0, scale_ptr=0, rows=0, cols=0, group_size=0,
