@@ -8,27 +8,24 @@ a 16-byte aligned address, ``K`` a positive multiple of 16) through DLPack and r
 may be CuPy arrays, PyTorch tensors or any DLPack producer; codes come back as uint8 also
 where ``out`` is a float8 tensor). Modes, each bit-exact with ``moecomm.reference``:
 
-============================  =========================  ====================================
-mode                          arguments                  outputs
-============================  =========================  ====================================
-FP8 static per-tensor         ``scale`` (dequant, fp32   codes uint8 [M, K]; ``scale`` itself
-                              [1]); ``reference.quant_fp8``: ``q = e4m3(v * fp32(1/scale))``
-FP8 dynamic per-token         ``per_act_token_quant``    codes + fp32 [M, 1]
-                              ``reference.quant_fp8_dynamic_per_token``:
-                              ``s = max(amax/448, 2^-9/448)``, ``q = e4m3(v / s)``
-FP8 per-token-group           ``block_shape=[*, G]``     codes + fp32 [M, K/G]
-  ``ScaleFormat.FP32``        ``reference.quant_fp8_per_token_group_fp32``:
-                              ``s = max(amax/448, 1e-10)``, ``q = e4m3(v * fp32(1/s))``
-  ``ScaleFormat.UE8M0``       ``reference.quant_fp8_per_token_group``: power-of-two scales,
-                              int32 [M, ceil(K/G/4)] with strides (1, align4(M)) over the
-                              MN-major storage of ``ue8m0_mn_major_storage_size(M, K/G)``
-                              words (gap words and unused bytes 0)
-NVFP4                         ``scale`` = global scale   packed uint8 [M, K/2] + e4m3 sf:
-                              ``reference.quant_nvfp4``  swizzled 128x4 flat uint8 of
-                                                         ``compute_fp4_swizzled_layout_sf_size
-                                                         (M, K/16)`` (padding 0), or linear
-                                                         uint8 [M, K/16]
-============================  =========================  ====================================
+* **FP8 static per-tensor** (``scale``: the dequantization scale, fp32 ``[1]``, finite and
+  > 0): codes uint8 [M, K], ``q = e4m3(v * fp32(1 / scale))`` (``reference.quant_fp8``);
+  returns ``(codes, scale)``, the scale passed through.
+* **FP8 dynamic per-token** (``per_act_token_quant=True``): codes + fp32 [M, 1],
+  ``s = max(amax / 448, 2^-9 / 448)``, ``q = e4m3(v / s)``
+  (``reference.quant_fp8_dynamic_per_token``).
+* **FP8 per-token-group** (``block_shape=[bn, G]``): codes + per-group scales.
+  ``ScaleFormat.FP32``: fp32 [M, K/G], ``s = max(amax / 448, 1e-10)``,
+  ``q = e4m3(v * fp32(1 / s))`` (``reference.quant_fp8_per_token_group_fp32``, the MoE FP8
+  dispatch's "fp32" format). ``ScaleFormat.UE8M0``: power-of-two scales
+  (``reference.quant_fp8_per_token_group``), four exponent bytes per int32 in the MN-major
+  TMA-aligned storage of ``ue8m0_mn_major_storage_size(M, K/G)`` words (gaps and unused
+  bytes 0), returned as the int32 [M, ceil(K/G/4)] view with strides (1, align4(M)).
+* **NVFP4** (``scale``: the global scale, fp32 ``[1]``): packed e2m1 uint8 [M, K/2] (even
+  element in the low nibble) + e4m3 block scales (``reference.quant_nvfp4``): swizzled
+  128x4, flat uint8 of ``compute_fp4_swizzled_layout_sf_size(M, K/16)`` bytes with the
+  padding written 0 (``scale_out`` may be larger, e.g. sized for a maximum token count),
+  or linear uint8 [M, K/16] (``is_fp4_scale_swizzled=False``).
 
 Choices, as vLLM's ``moe_kernel_quantize_input``: ``quant_dtype=None`` returns ``(x, None)``
 untouched; the activation groups of ``block_shape=[bn, G]`` are ``G`` elements of one token
