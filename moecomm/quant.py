@@ -21,7 +21,8 @@ where ``out`` is a float8 tensor). Modes, each bit-exact with ``moecomm.referenc
   (``reference.quant_fp8_per_token_group``), four exponent bytes per int32 in the MN-major
   TMA-aligned storage of ``ue8m0_mn_major_storage_size(M, K/G)`` words (gaps and unused
   bytes 0), returned as the int32 [M, ceil(K/G/4)] view with strides (1, align4(M)).
-* **NVFP4** (``scale``: the global scale, fp32 ``[1]``): packed e2m1 uint8 [M, K/2] (even
+* **NVFP4** (``scale``: the global scale, fp32 ``[1]``, finite and > 0; like every
+  device scalar here it is not checked, being on the device): packed e2m1 uint8 [M, K/2] (even
   element in the low nibble) + e4m3 block scales (``reference.quant_nvfp4``): swizzled
   128x4, flat uint8 of ``compute_fp4_swizzled_layout_sf_size(M, K/16)`` bytes with the
   padding written 0 (``scale_out`` may be larger, e.g. sized for a maximum token count),
