@@ -323,11 +323,10 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             sf = _sized_output(scale_out, "scale_out", need, (_I32,), h, 4)
             k4 = ue8m0_words_per_row(groups)
             scales = _view(sf, (rows, k4), _I32, strides=(4, 4 * pad_up(rows, 4)))
-            units = pad_up(rows, 4) * k4 * 4  # (row, group) slots of the storage
         else:
             sf = _output(scale_out, "scale_out", (rows, groups), (_F32,), h, alignment=4)
             scales = _view(sf, (rows, groups), _F32)
-            units = rows * groups
+        units = rows * (cols // NVFP4_BLOCK)  # 16-element chunks (the storage padding is less)
         if units >= _MAX_UNITS:
             raise ValueError(f"x: {rows} x {cols} is too large for one launch")
         _launch(f"quant_fp8_group_{suffix}",
