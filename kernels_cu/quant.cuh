@@ -21,8 +21,9 @@ __device__ __forceinline__ float e4m3_decode(uint8_t c) {
 
 // e2m1 code (4 bits): RNE on {0, .5, 1, 1.5, 2, 3, 4, 6}, saturating at 6; the sign of
 // -0 and of tiny negatives is kept; NaN -> 0x7 (for the positive NaN every fp32 product
-// on the GPU returns). Branch-free, exact for every fp32 input (checked against the
-// reference over all of them up to |x| = 8 in tests/cpu/test_quant.py): a = min(|x|, 6)
+// on the GPU returns). Branch-free and exact: equal to the reference on every fp32 value
+// with |x| <= 8 (swept once; tests/cpu/test_quant.py checks every bf16 value, the
+// neighbourhood of every tie and random fp32 values). a = min(|x|, 6)
 // is rounded to the e2m1 step of its binade by one fused add, 2^(22 + max(e, 0)) + a with
 // e the exponent of a (the sum's ulp is then the step: 0.5 below 2, 1 below 4, 2 above),
 // whose low bits count the steps n; the code is n + 2 * max(e, 0), read off the sum's
