@@ -77,103 +77,180 @@ __device__ __forceinline__ void fp8_token(const QuantArgs& a) {
   }
 }
 
-// Per-token-group FP8: one thread per (row, group slot). fp32 scales: slots are the
-// groups, scale_out [rows, groups]. UE8M0: slots cover the MN-major storage, rows up to a
-// multiple of 4 and groups up to a multiple of 4; slots outside the matrix write 0 bytes
-// (the gaps of the storage), except rows >= `rows` of the last word column, which the
-// storage does not have.
+// Per-token-group FP8. The group's scale from its amax, per format: fp32 s (codes times
+// fp32(1 / s)) or the UE8M0 byte e (codes divided by 2^(e - 127)).
+struct GroupScale {
+  float s, div, mul;
+  uint32_t e;
+  __device__ __forceinline__ explicit GroupScale(float amax) {
+    s = fmaxf(__fdiv_rn(amax, 448.f), 1e-10f);
+    e = ue8m0_ceil(s);
+    div = ue8m0_decode(e);
+    mul = __frcp_rn(s);
+  }
+  __device__ __forceinline__ uint32_t code(float v, bool ue8m0) const {
+    return e4m3_encode(ue8m0 ? __fdiv_rn(v, div) : __fmul_rn(v, mul));
+  }
+};
+
+// Byte of group slot (row, gi) in the UE8M0 MN-major storage (mn = rows rounded up to 4).
+__device__ __forceinline__ size_t ue8m0_byte(uint32_t row, uint32_t gi, uint32_t mn) {
+  return ((size_t)(gi / 4) * mn + row) * 4 + gi % 4;
+}
+
+// Codes of 16 consecutive elements at x (one 16-byte store at q).
+template <typename T>
+__device__ __forceinline__ void group_chunk_codes(const Pack16<T> (&v)[16 / Pack16<T>::kLanes],
+                                                  const GroupScale& gs, bool ue8m0, uint8_t* q) {
+  constexpr int E = Pack16<T>::kLanes;
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int j = 0; j < 16 / E; ++j)
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int i = j * E + k;
+      w[i / 4] |= gs.code(to_float(v[j].lane[k]), ue8m0) << (8 * (i % 4));
+    }
+  st_vec16(q, Vec16{w[0], w[1], w[2], w[3]});
+}
+
+// Groups of up to 512 elements with a power-of-two number L of 16-element chunks: one
+// thread per chunk, a group on L adjacent lanes (amax by shuffles; chunks of a group
+// never straddle a warp, since K / 16 is a multiple of L): a warp reads 1 KiB of bf16
+// rows and writes 512 bytes of codes. Other group sizes: one thread per group, looping
+// over its chunks twice (amax, then codes). Scales: fp32 [rows, groups], or the UE8M0
+// bytes, whose storage padding (bytes of missing groups in each row's last word, words of
+// rows rows..mn-1 except in the last word column, which the storage does not have) the
+// grid then writes as 0.
 template <typename T>
 __device__ __forceinline__ void fp8_group(const QuantArgs& a) {
-  constexpr int E = Pack16<T>::kLanes;
-  const uint32_t g = a.group_size, groups = a.cols / g;
+  constexpr int E = Pack16<T>::kLanes, V = 16 / E;
+  const uint32_t g = a.group_size, groups = a.cols / g, chunks = a.cols / 16;
   const uint32_t rows = (uint32_t)a.rows;
   const uint32_t words = (groups + 3) / 4, mn = (rows + 3) / 4 * 4;
-  const uint32_t slots = a.ue8m0 ? words * 4 : groups;
-  const size_t n = (size_t)(a.ue8m0 ? mn : rows) * slots;
-  for (size_t u = global_thread_id(); u < n; u += global_thread_count()) {
-    const uint32_t row = (uint32_t)(u / slots), gi = (uint32_t)(u % slots);
-    if (row >= rows || gi >= groups) {  // UE8M0 storage padding
-      if (row < rows || gi / 4 + 1 < words)
-        static_cast<uint8_t*>(a.scale_out)[((size_t)(gi / 4) * mn + row) * 4 + gi % 4] = 0;
-      continue;
-    }
-    const T* x = static_cast<const T*>(a.x) + (size_t)row * a.cols + (size_t)gi * g;
-    uint8_t* q = a.q + (size_t)row * a.cols + (size_t)gi * g;
-    float amax = 0.f;
-    for (uint32_t i = 0; i < g; i += E) {
-      Pack16<T> v;
-      v.vec = ld_vec16(x + i);
+  const bool ue8m0 = a.ue8m0 != 0;
+  const uint32_t lanes = g / 16;  // L
+  const T* x = static_cast<const T*>(a.x);
+  uint8_t* sf8 = static_cast<uint8_t*>(a.scale_out);
+  float* sf32 = static_cast<float*>(a.scale_out);
+  const size_t tid = global_thread_id(), stride = global_thread_count();
+  if (lanes <= 32 && (lanes & (lanes - 1)) == 0) {
+    const size_t n = (size_t)rows * chunks;
+    const uint32_t lane = threadIdx.x % 32;
+    for (size_t u = tid; u - lane < n; u += stride) {  // warp-uniform: shuffles below
+      const bool active = u < n;
+      Pack16<T> v[V];
+      float amax = 0.f;
+      if (active) {
 #pragma unroll
-      for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v.lane[k])));
-    }
-    const float s = fmaxf(__fdiv_rn(amax, 448.f), 1e-10f);
-    const uint32_t e = ue8m0_ceil(s);
-    const float div = ue8m0_decode(e);  // UE8M0: q = v / 2^(e - 127)
-    const float mul = __frcp_rn(s);     // fp32:  q = v * fp32(1 / s)
-    for (uint32_t i = 0; i < g; i += E) {
-      Pack16<T> v;
-      v.vec = ld_vec16(x + i);
-      Codes<E> c = {};
+        for (int j = 0; j < V; ++j) v[j].vec = ld_vec16(x + u * 16 + j * E);
 #pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const float f = to_float(v.lane[k]);
-        c.w[k / 4] |= (uint32_t)e4m3_encode(a.ue8m0 ? __fdiv_rn(f, div) : __fmul_rn(f, mul))
-                      << (8 * (k % 4));
+        for (int j = 0; j < V; ++j)
+#pragma unroll
+          for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v[j].lane[k])));
       }
-      store_codes<E>(q + i, c);
+      for (uint32_t o = 1; o < lanes; o <<= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      if (!active) continue;
+      const GroupScale gs(amax);
+      group_chunk_codes<T>(v, gs, ue8m0, a.q + u * 16);
+      const uint32_t row = (uint32_t)(u / chunks), c = (uint32_t)(u - (size_t)row * chunks);
+      if (c % lanes == 0) {
+        if (ue8m0) sf8[ue8m0_byte(row, c / lanes, mn)] = (uint8_t)gs.e;
+        else sf32[(size_t)row * groups + c / lanes] = gs.s;
+      }
     }
-    if (a.ue8m0)
-      static_cast<uint8_t*>(a.scale_out)[((size_t)(gi / 4) * mn + row) * 4 + gi % 4] = (uint8_t)e;
-    else
-      static_cast<float*>(a.scale_out)[(size_t)row * groups + gi] = s;
+  } else {
+    const size_t n = (size_t)rows * groups;
+    for (size_t u = tid; u < n; u += stride) {
+      const size_t first = u * g;  // element offset of the group (rows are contiguous)
+      float amax = 0.f;
+      for (uint32_t i = 0; i < g; i += 16) {
+        Pack16<T> v[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j].vec = ld_vec16(x + first + i + j * E);
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+#pragma unroll
+          for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v[j].lane[k])));
+      }
+      const GroupScale gs(amax);
+      for (uint32_t i = 0; i < g; i += 16) {
+        Pack16<T> v[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j].vec = ld_vec16(x + first + i + j * E);
+        group_chunk_codes<T>(v, gs, ue8m0, a.q + first + i);
+      }
+      const uint32_t row = (uint32_t)(u / groups), gi = (uint32_t)(u - (size_t)row * groups);
+      if (ue8m0) sf8[ue8m0_byte(row, gi, mn)] = (uint8_t)gs.e;
+      else sf32[u] = gs.s;
+    }
+  }
+  if (ue8m0) {  // the storage's padding
+    const uint32_t tail = words * 4 - groups;  // missing groups of a row's last word
+    const size_t pad_rows = (size_t)rows * tail, gap = (size_t)(mn - rows) * (words - 1) * 4;
+    for (size_t i = tid; i < pad_rows + gap; i += stride) {
+      if (i < pad_rows) {
+        sf8[ue8m0_byte((uint32_t)(i / tail), groups + (uint32_t)(i % tail), mn)] = 0;
+      } else {
+        const size_t j = i - pad_rows;  // (gap row, slot) of the first words - 1 columns
+        const uint32_t slot = (uint32_t)(j % ((words - 1) * 4));
+        sf8[ue8m0_byte(rows + (uint32_t)(j / ((words - 1) * 4)), slot, mn)] = 0;
+      }
+    }
   }
 }
 
-// NVFP4: a 16-element block is L = 16 / E vectors held by L adjacent lanes (amax by
-// shuffles), each lane writing E / 2 bytes of codes: a warp reads 512 contiguous bytes and
-// writes 128. Work items walk the scale-factor grid, padded to 128 rows x 4 columns when
-// swizzled: items of the padding write their scale byte as 0, so the whole swizzled array
-// is written in the same pass. The loop bound is warp-uniform (shuffles).
+// NVFP4: one thread per 16-element block (two 16-byte loads of bf16/fp16, four of fp32;
+// 8 bytes of codes and a scale byte out). Work items walk the scale-factor grid in memory
+// order of the rows, padded to 128 rows x 4 columns when swizzled: items of the padding
+// write their scale byte as 0, so the whole swizzled array is written in the same pass.
+// A thread's (row, column) advance by the grid stride without a division per item.
 template <typename T>
 __device__ __forceinline__ void nvfp4(const QuantArgs& a) {
-  constexpr int E = Pack16<T>::kLanes, L = 16 / E;
+  constexpr int E = Pack16<T>::kLanes, V = 16 / E;  // elements per vector, vectors per block
   const uint32_t kc = a.cols / 16, rows = (uint32_t)a.rows;
   const uint32_t cp = a.swizzled ? (kc + 3) / 4 * 4 : kc;
   const uint32_t mp = a.swizzled ? (rows + 127) / 128 * 128 : rows;
-  const uint32_t units = mp * cp * L;
-  const uint32_t lane = threadIdx.x % 32, stride = gridDim.x * blockDim.x;
+  const uint32_t start = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  const uint32_t drow = stride / cp, dkb = stride - drow * cp;
+  uint32_t row = start / cp, kb = start - row * cp;
   const float gs = *a.scale;
   const T* x = static_cast<const T*>(a.x);
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
-  for (uint32_t u = blockIdx.x * blockDim.x + threadIdx.x; u - lane < units; u += stride) {
-    const uint32_t b = u / L, part = u % L;
-    const uint32_t row = b / cp, kb = b - row * cp;
-    const bool real = u < units && row < rows && kb < kc;
-    Pack16<T> v;
-    float amax = 0.f;
-    if (real) {
-      v.vec = ld_vec16(x + (size_t)row * a.cols + kb * 16 + part * E);
-#pragma unroll
-      for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v.lane[k])));
-    }
-#pragma unroll
-    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (u >= units) continue;
+  while (row < mp) {
     uint8_t code = 0;
-    if (real) {
+    if (row < rows && kb < kc) {
+      const T* src = x + (size_t)row * a.cols + kb * 16;
+      Pack16<T> v[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j].vec = ld_vec16(src + j * E);
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+#pragma unroll
+        for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v[j].lane[k])));
       code = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
       const float sf_val = e4m3_decode(code);
       const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
-      uint32_t packed = 0;
+      float p[2][8];
 #pragma unroll
-      for (int k = 0; k < E; ++k)
-        packed |= e2m1_encode(__fmul_rn(to_float(v.lane[k]), out_scale)) << (4 * k);
-      uint8_t* dst = a.q + (size_t)row * (a.cols / 2) + kb * 8 + part * (E / 2);
-      if (E == 8) *reinterpret_cast<uint32_t*>(dst) = packed;
-      else *reinterpret_cast<uint16_t*>(dst) = (uint16_t)packed;
+      for (int j = 0; j < V; ++j)
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+          const int i = j * E + k;
+          p[i / 8][i % 8] = __fmul_rn(to_float(v[j].lane[k]), out_scale);
+        }
+      *reinterpret_cast<uint2*>(a.q + (size_t)row * (a.cols / 2) + kb * 8) =
+          make_uint2(e2m1_pack8(p[0]), e2m1_pack8(p[1]));
     }
-    if (part == 0)
-      sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
+    sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
+    row += drow;
+    kb += dkb;
+    if (kb >= cp) {
+      kb -= cp;
+      ++row;
+    }
   }
 }
 

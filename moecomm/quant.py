@@ -8,27 +8,25 @@ a 16-byte aligned address, ``K`` a positive multiple of 16) through DLPack and r
 may be CuPy arrays, PyTorch tensors or any DLPack producer; codes come back as uint8 also
 where ``out`` is a float8 tensor). Modes, each bit-exact with ``moecomm.reference``:
 
-============================  =========================  ====================================
-mode                          arguments                  outputs
-============================  =========================  ====================================
-FP8 static per-tensor         ``scale`` (dequant, fp32   codes uint8 [M, K]; ``scale`` itself
-                              [1]); ``reference.quant_fp8``: ``q = e4m3(v * fp32(1/scale))``
-FP8 dynamic per-token         ``per_act_token_quant``    codes + fp32 [M, 1]
-                              ``reference.quant_fp8_dynamic_per_token``:
-                              ``s = max(amax/448, 2^-9/448)``, ``q = e4m3(v / s)``
-FP8 per-token-group           ``block_shape=[*, G]``     codes + fp32 [M, K/G]
-  ``ScaleFormat.FP32``        ``reference.quant_fp8_per_token_group_fp32``:
-                              ``s = max(amax/448, 1e-10)``, ``q = e4m3(v * fp32(1/s))``
-  ``ScaleFormat.UE8M0``       ``reference.quant_fp8_per_token_group``: power-of-two scales,
-                              int32 [M, ceil(K/G/4)] with strides (1, align4(M)) over the
-                              MN-major storage of ``ue8m0_mn_major_storage_size(M, K/G)``
-                              words (gap words and unused bytes 0)
-NVFP4                         ``scale`` = global scale   packed uint8 [M, K/2] + e4m3 sf:
-                              ``reference.quant_nvfp4``  swizzled 128x4 flat uint8 of
-                                                         ``compute_fp4_swizzled_layout_sf_size
-                                                         (M, K/16)`` (padding 0), or linear
-                                                         uint8 [M, K/16]
-============================  =========================  ====================================
+* **FP8 static per-tensor** (``scale``: the dequantization scale, fp32 ``[1]``, finite and
+  > 0): codes uint8 [M, K], ``q = e4m3(v * fp32(1 / scale))`` (``reference.quant_fp8``);
+  returns ``(codes, scale)``, the scale passed through.
+* **FP8 dynamic per-token** (``per_act_token_quant=True``): codes + fp32 [M, 1],
+  ``s = max(amax / 448, 2^-9 / 448)``, ``q = e4m3(v / s)``
+  (``reference.quant_fp8_dynamic_per_token``).
+* **FP8 per-token-group** (``block_shape=[bn, G]``): codes + per-group scales.
+  ``ScaleFormat.FP32``: fp32 [M, K/G], ``s = max(amax / 448, 1e-10)``,
+  ``q = e4m3(v * fp32(1 / s))`` (``reference.quant_fp8_per_token_group_fp32``, the MoE FP8
+  dispatch's "fp32" format). ``ScaleFormat.UE8M0``: power-of-two scales
+  (``reference.quant_fp8_per_token_group``), four exponent bytes per int32 in the MN-major
+  TMA-aligned storage of ``ue8m0_mn_major_storage_size(M, K/G)`` words (gaps and unused
+  bytes 0), returned as the int32 [M, ceil(K/G/4)] view with strides (1, align4(M)).
+* **NVFP4** (``scale``: the global scale, fp32 ``[1]``, finite and > 0; like every
+  device scalar here it is not checked, being on the device): packed e2m1 uint8 [M, K/2] (even
+  element in the low nibble) + e4m3 block scales (``reference.quant_nvfp4``): swizzled
+  128x4, flat uint8 of ``compute_fp4_swizzled_layout_sf_size(M, K/16)`` bytes with the
+  padding written 0 (``scale_out`` may be larger, e.g. sized for a maximum token count),
+  or linear uint8 [M, K/16] (``is_fp4_scale_swizzled=False``).
 
 Choices, as vLLM's ``moe_kernel_quantize_input``: ``quant_dtype=None`` returns ``(x, None)``
 untouched; the activation groups of ``block_shape=[bn, G]`` are ``G`` elements of one token
@@ -69,7 +67,6 @@ __all__ = ["QuantDtype", "ScaleFormat", "quantize", "nvfp4_block_scale_interleav
 
 _SOURCE = "quant.cu"
 _THREADS = 256
-_BLOCKS_PER_SM = 8
 _MAX_UNITS = 1 << 31  # work items of one launch (32-bit indexing in the kernels)
 
 
@@ -215,24 +212,27 @@ _local = threading.local()
 
 def _launch(kernel: str, fields: dict, units: int, h: int, block: int = _THREADS) -> None:
     """Launch ``kernel`` of quant.cu over ``units`` work items (threads, or rows for the
-    per-token kernel where ``block`` threads share one), grid capped at what the device
-    keeps resident; one Launcher per thread, kernel and device."""
+    per-token kernel where ``block`` threads share one), the grid capped at the blocks
+    the device keeps resident at once (the kernels loop over the rest: a block that
+    started late would otherwise finish alone); one Launcher per thread, kernel, device."""
     if units <= 0:
         return
     dev = cupy.cuda.runtime.getDevice()
     cache = getattr(_local, "launchers", None)
     if cache is None:
         cache = _local.launchers = {}
-    launcher = cache.get((dev, kernel))
-    if launcher is None:
-        launcher = cache[(dev, kernel)] = Launcher(kernels.get_kernel(_SOURCE, kernel),
-                                                   QuantArgs)
+    entry = cache.get((dev, kernel, block))
+    if entry is None:
+        raw = kernels.get_kernel(_SOURCE, kernel)
+        facts = device_facts(dev)
+        entry = cache[(dev, kernel, block)] = (Launcher(raw, QuantArgs),
+                                               facts.sms * facts.blocks_per_sm(raw, block))
+    launcher, resident = entry
     args = launcher.args
     for name, value in fields.items():
         setattr(args, name, value)
     per_block = 1 if kernel.startswith("quant_fp8_token") else block
-    grid = min(-(-units // per_block), device_facts(dev).sms * _BLOCKS_PER_SM)
-    launcher(grid, block, h)
+    launcher(min(-(-units // per_block), resident), block, h)
 
 
 def _fields(x_ptr=0, q_ptr=0, sf_ptr=0, scale_ptr=0, rows=0, cols=0, group_size=0,
@@ -290,8 +290,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
                              "one element")
         gs = _device_scale(scale, h)
         kcols = cols // NVFP4_BLOCK
-        lanes = NVFP4_BLOCK * xa.itemsize // VECTOR_BYTES  # threads sharing a 16-element block
-        if pad_up(rows, 128) * pad_up(kcols, 4) * lanes >= _MAX_UNITS:
+        if pad_up(rows, 128) * pad_up(kcols, 4) >= _MAX_UNITS:
             raise ValueError(f"x: {rows} x {cols} is too large for one launch")
         q = _output(out, "out", (rows, cols // 2), (_U8,), h, alignment=8)
         swizzled = bool(is_fp4_scale_swizzled)
@@ -299,11 +298,11 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             need = compute_fp4_swizzled_layout_sf_size(rows, kcols)
             sf = _sized_output(scale_out, "scale_out", need, _CODE_DTYPES, h, 4)
             sf_view = (need,)
-            units = need * lanes
+            units = need  # one thread per scale byte, padding included
         else:
             sf = _output(scale_out, "scale_out", (rows, kcols), _CODE_DTYPES, h, alignment=1)
             sf_view = (rows, kcols)
-            units = rows * kcols * lanes
+            units = rows * kcols
         _launch(f"quant_nvfp4_{suffix}",
                 _fields(xa.ptr, q.ptr, sf.ptr, gs.ptr, rows, cols, swizzled=int(swizzled)),
                 units, h)
@@ -324,11 +323,10 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             sf = _sized_output(scale_out, "scale_out", need, (_I32,), h, 4)
             k4 = ue8m0_words_per_row(groups)
             scales = _view(sf, (rows, k4), _I32, strides=(4, 4 * pad_up(rows, 4)))
-            units = pad_up(rows, 4) * k4 * 4  # (row, group) slots of the storage
         else:
             sf = _output(scale_out, "scale_out", (rows, groups), (_F32,), h, alignment=4)
             scales = _view(sf, (rows, groups), _F32)
-            units = rows * groups
+        units = rows * (cols // NVFP4_BLOCK)  # 16-element chunks (the storage padding is less)
         if units >= _MAX_UNITS:
             raise ValueError(f"x: {rows} x {cols} is too large for one launch")
         _launch(f"quant_fp8_group_{suffix}",

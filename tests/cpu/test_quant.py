@@ -88,13 +88,12 @@ def test_fp8_group(launches, rows):
     x = Arr((rows, 384), BF16)
     q, sc = quant.quantize(x, "fp8", block_shape=[128, 128])  # bn: the weights' rows
     assert launches[0].kernel == "quant_fp8_group_bf16" and launches[0].group_size == 128
-    assert launches[0].ue8m0 == 0 and launches[0].units == rows * 3
+    assert launches[0].ue8m0 == 0 and launches[0].units == rows * 24  # 16-element chunks
     assert sc.shape == (rows, 3) and sc.dtype == np.float32
     q, sc = quant.quantize(x, "fp8", block_shape=(1, 32), scale_format="ue8m0")
     call = launches[1]
     assert (call.group_size, call.ue8m0) == (32, 1)
-    # 12 groups -> 3 words per row; slots cover rows up to a multiple of 4
-    assert call.units == pad_up(rows, 4) * 3 * 4
+    assert call.units == rows * 24
     assert sc.shape == (rows, 3) and sc.dtype == np.int32
     assert sc.strides == (4, 4 * pad_up(rows, 4))
     need = ref.ue8m0_mn_major_storage_size(rows, 12)
@@ -106,19 +105,19 @@ def test_fp8_group(launches, rows):
                            scale_out=Arr((need - 1,), np.int32))
 
 
-@pytest.mark.parametrize("dtype,lanes", [(BF16, 2), (np.float32, 4)])
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
 @pytest.mark.parametrize("rows", [1, 128, 129])
-def test_nvfp4(launches, dtype, lanes, rows):
+def test_nvfp4(launches, dtype, rows):
     x, gs = Arr((rows, 96), dtype), scalar()
     q, sf = quant.quantize(x, "nvfp4", scale=gs)
     call = launches[0]
     need = ref.compute_fp4_swizzled_layout_sf_size(rows, 6)
     assert call.kernel.startswith("quant_nvfp4_") and call.swizzled == 1
-    assert call.units == need * lanes and call.scale == gs.ptr
+    assert call.units == need and call.scale == gs.ptr  # a thread per scale byte
     assert q.shape == (rows, 48) and sf.shape == (need,) and sf.dtype == np.uint8
     q, sf = quant.quantize(x, QD.NVFP4, scale=gs, is_fp4_scale_swizzled=False,
                            scale_out=Arr((rows, 6), E4M3))
-    assert launches[1].swizzled == 0 and launches[1].units == rows * 6 * lanes
+    assert launches[1].swizzled == 0 and launches[1].units == rows * 6
     assert sf.shape == (rows, 6)
     # a larger swizzled buffer (say sized for the maximum token count) is fine
     quant.quantize(x, "nvfp4", scale=gs, scale_out=Arr((need + 512,), np.uint8))
@@ -290,3 +289,56 @@ def test_reference_interleave(rows, kcols):
     np.testing.assert_array_equal(ref.nvfp4_block_scale_interleave(lin), sw)
     with pytest.raises(ValueError, match="2-D"):
         ref.nvfp4_block_scale_interleave(sf.reshape(-1))
+
+
+# ------------------------------------------------------------------ quant.cuh's e2m1 encoder
+def _e2m1_plus_298(x):
+    """``e2m1_magnitude_plus_298`` of kernels_cu/quant.cuh in NumPy fp32 (one fp32
+    rounding per operation; its fma is a plain add here, since ``t * 2^22`` is exact)."""
+    x = np.asarray(x, np.float32)
+    a = np.fmin(np.abs(x), np.float32(6.0))
+    t = np.maximum(a.view(np.uint32), np.uint32(0x3F800000)) & np.uint32(0x7F800000)
+    f = (t.view(np.float32) * np.float32(2.0 ** 22) + a).astype(np.float32).view(np.uint32)
+    return (f & 0x7F) + (f >> 22)
+
+
+def _e2m1_fused_add(x):
+    """``e2m1_encode`` of kernels_cu/quant.cuh."""
+    x = np.asarray(x, np.float32)
+    return ((_e2m1_plus_298(x) - 298) | ((x.view(np.uint32) >> 28) & 8)).astype(np.uint8)
+
+
+def _e2m1_pack8(x):
+    """``e2m1_pack8`` of kernels_cu/quant.cuh on x [N, 8] -> uint32 [N] (mod 2^32)."""
+    x = np.asarray(x, np.float32)
+    w = np.zeros(x.shape[0], np.uint64)
+    sign = np.zeros(x.shape[0], np.uint64)
+    for k in range(8):
+        w += _e2m1_plus_298(x[:, k]).astype(np.uint64) << np.uint64(4 * k)
+        sign |= ((x[:, k].view(np.uint32) >> np.uint32(28 - 4 * k))
+                 & np.uint32(8 << (4 * k))).astype(np.uint64)
+    return (((w - np.uint64(298 * 0x11111111)) & np.uint64(0xFFFFFFFF)) | sign).astype(np.uint32)
+
+
+def test_e2m1_encoder_algorithm():
+    """The branch-free encoder equals the reference on every bf16 value, on every fp32
+    value within 4096 ulps of each rounding tie and binade edge, and on random fp32
+    values (run once over every fp32 value with |x| <= 8: equal)."""
+    assert "4194304.f" in (quant.kernels.source_dir() / "quant.cuh").read_text()
+    every_bf16 = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    edges = np.array([0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 8],
+                     np.float32).view(np.uint32)
+    near = (edges[:, None] + np.arange(-4096, 4097, dtype=np.int64)[None]).astype(np.uint32)
+    rng = np.random.default_rng(7)
+    rand = rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    for bits in (every_bf16.view(np.uint32), near.reshape(-1), rand):
+        for sign in (0, 0x80000000):
+            x = (bits | np.uint32(sign)).view(np.float32)
+            x = x[~np.isnan(x)]  # NaN: 0x7 for the positive NaN the GPU's products give
+            np.testing.assert_array_equal(_e2m1_fused_add(x), ref.fp4_e2m1_encode(x))
+    assert _e2m1_fused_add(np.float32(np.nan)) == ref.fp4_e2m1_encode(np.float32(np.nan))
+    # eight codes a word, the low nibble first: the reference's packing, as little-endian
+    x = (rng.standard_normal((4096, 8)) * np.exp(rng.uniform(-4, 3, (4096, 1)))).astype(np.float32)
+    x[::7] = -0.0
+    want = ref.pack_fp4(ref.fp4_e2m1_encode(x)).view("<u4").reshape(-1)
+    np.testing.assert_array_equal(_e2m1_pack8(x), want)

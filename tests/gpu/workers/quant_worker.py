@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from moecomm import reference
-from moecomm.quant import QuantDtype, ScaleFormat, nvfp4_block_scale_interleave, quantize
+from moecomm.quant import (QuantDtype, ScaleFormat, moe_kernel_quantize_input,
+                           nvfp4_block_scale_interleave, quantize)
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import main, raw, zeros
 from tests.mpi import case, dtype_of
@@ -50,20 +51,26 @@ def to_f32(x) -> np.ndarray:
     return reference.to_float32(x)
 
 
+# Helpers that write device memory on CuPy's current stream finish before returning: the
+# quantizers run on the job's non-blocking stream, which does not wait for that one.
 def poisoned(shape, dtype, value=POISON) -> cupy.ndarray:
     """A device array of garbage: every byte ``value``."""
     dtype = np.dtype(dtype)
     data = cupy.full(max(1, int(np.prod(shape))) * dtype.itemsize, value, np.uint8)
+    cupy.cuda.runtime.deviceSynchronize()
     return cupy.ndarray(tuple(shape), dtype, data.data)
 
 
 def poison(buf: cupy.ndarray, value=POISON) -> None:
     """Every byte of the C-contiguous ``buf`` := ``value``."""
     cupy.ndarray((buf.nbytes,), np.uint8, buf.data).fill(value)
+    cupy.cuda.runtime.deviceSynchronize()
 
 
 def device_scale(value) -> cupy.ndarray:
-    return cupy.asarray([value], np.float32)
+    d = cupy.asarray([value], np.float32)
+    cupy.cuda.runtime.deviceSynchronize()
+    return d
 
 
 def same(got, want, what):
@@ -284,6 +291,7 @@ def interleave(ctx):
         sf = ctx.rng.integers(0, 256, (m, c), dtype=np.uint8)
         want = reference.nvfp4_block_scale_interleave(sf)
         d = cupy.asarray(sf)
+        cupy.cuda.runtime.deviceSynchronize()
         out = poisoned((want.size,), np.uint8)
         got = nvfp4_block_scale_interleave(d, out=out, stream=ctx.stream)
         ctx.stream.synchronize()
@@ -371,6 +379,36 @@ def graph_replay(ctx):
             mode.check(xh, sv, out, sout, *rets[n], f"replay {replay} {n}")
         xh, sv = inputs["nvfp4-linear"]
         same(inter, reference.quant_nvfp4(xh, sv, "swizzled")[1], f"replay {replay} interleave")
+
+
+@case
+def vllm_entry_point(ctx):
+    """moe_kernel_quantize_input with vLLM's arguments: NVFP4 with linear scales (then the
+    interleave, as the all-gather path does), a static scale beside per_act_token_quant,
+    dynamic per-token, block_shape=[128, 128] (groups of 128), no quantization."""
+    xh = make_x(ctx.rng, 129, 1024, bfloat16)
+    x = ctx.device(xh)
+    gs, s = 448.0 * 6.0 / 50.0, 0.05
+    q, sf = moe_kernel_quantize_input(x, device_scale(gs), "nvfp4", False, None, False,
+                                      stream=ctx.stream)
+    want_q, want_sf = reference.quant_nvfp4(xh, gs, "linear")
+    same(q, want_q, "nvfp4 codes")
+    same(sf, want_sf, "nvfp4 linear sf")
+    same(nvfp4_block_scale_interleave(sf, stream=ctx.stream),
+         reference.quant_nvfp4(xh, gs, "swizzled")[1], "interleaved")
+    q, scale = moe_kernel_quantize_input(x, device_scale(s), QuantDtype.FP8, True, None,
+                                         stream=ctx.stream)
+    same(q, reference.quant_fp8(xh, s), "static fp8")
+    q, scale = moe_kernel_quantize_input(x, None, "fp8", True, None, stream=ctx.stream)
+    want_q, want_s = reference.quant_fp8_dynamic_per_token(xh)
+    same(q, want_q, "per-token codes")
+    same(scale, want_s.reshape(-1, 1), "per-token scales")
+    q, scale = moe_kernel_quantize_input(x, device_scale(s), "fp8", False, [128, 128],
+                                         stream=ctx.stream)
+    want_q, want_s = reference.quant_fp8_per_token_group_fp32(xh, 128)
+    same(q, want_q, "group codes")
+    same(scale, want_s, "group scales")
+    assert moe_kernel_quantize_input(x, None, None, False) == (x, None)
 
 
 @case
