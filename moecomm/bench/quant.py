@@ -40,7 +40,7 @@ def _call(mode: str, x, scale, stream):
         q = cupy.empty((m, k // 2), np.uint8)
         swizzled = mode != "nvfp4_linear"
         sf = cupy.empty(compute_fp4_swizzled_layout_sf_size(m, k // 16) if swizzled
-                        else m * k // 16, np.uint8)
+                        else (m, k // 16), np.uint8)
         if mode == "interleave":
             lin = cupy.zeros((m, k // 16), np.uint8)
             return (lambda: nvfp4_block_scale_interleave(lin, out=sf, stream=stream),

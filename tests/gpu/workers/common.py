@@ -62,6 +62,12 @@ class GpuContext(CaseContext):
     stream: cupy.cuda.Stream
     exclusive: bool
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Each case starts on the rank's GPU, whatever an earlier case left current (JAX's
+        # GPU backend switches the current device when it starts).
+        cupy.cuda.Device(self.group.device_id).use()
+
     def rank_rngs(self) -> list[np.random.Generator]:
         """One generator per rank, the same list on every rank, from a fresh seed: every
         rank can build every rank's inputs."""

@@ -121,35 +121,37 @@ SHAPES = {  # leading dims, D, S
 def exact(ctx, dtype):
     """Every shape, fresh inputs, poisoned outputs; out= given and not; in place; the
     inputs are left as they were."""
-    ws = workspace(ctx)
-    for tag, (lead, d, s) in SHAPES.items():
-        os_, sts = fresh_inputs(ctx, lead, d, s, dtype)
-        o, st = device_pair(ctx, os_[ctx.rank], sts[ctx.rank])
-        out = (poisoned(o.shape, o.dtype), poisoned(st.shape, np.float32))
-        got = ws.alltoall(o, st, out=out, stream=ctx.stream)
-        assert got[0] is out[0] and got[1] is out[1]
-        check_exchange(ctx, got, os_, sts, f"{dtype_label(dtype)} {tag}")
-        got = decode_cp_a2a_alltoall(o, st, ws, stream=ctx.stream)
-        check_exchange(ctx, got, os_, sts, f"{dtype_label(dtype)} {tag} new outputs")
-        assert np.array_equal(bits(ctx.host(o)), bits(os_[ctx.rank])), f"{tag}: input modified"
-        ws.alltoall(o, st, out=(o, st), stream=ctx.stream)
-        check_exchange(ctx, (o, st), os_, sts, f"{dtype_label(dtype)} {tag} in place")
-    ws.check(ctx.stream)
+    with ctx.stream:  # inputs and poisoned outputs made on the op's stream
+        ws = workspace(ctx)
+        for tag, (lead, d, s) in SHAPES.items():
+            os_, sts = fresh_inputs(ctx, lead, d, s, dtype)
+            o, st = device_pair(ctx, os_[ctx.rank], sts[ctx.rank])
+            out = (poisoned(o.shape, o.dtype), poisoned(st.shape, np.float32))
+            got = ws.alltoall(o, st, out=out, stream=ctx.stream)
+            assert got[0] is out[0] and got[1] is out[1]
+            check_exchange(ctx, got, os_, sts, f"{dtype_label(dtype)} {tag}")
+            got = decode_cp_a2a_alltoall(o, st, ws, stream=ctx.stream)
+            check_exchange(ctx, got, os_, sts, f"{dtype_label(dtype)} {tag} new outputs")
+            assert np.array_equal(bits(ctx.host(o)), bits(os_[ctx.rank])), f"{tag}: input modified"
+            ws.alltoall(o, st, out=(o, st), stream=ctx.stream)
+            check_exchange(ctx, (o, st), os_, sts, f"{dtype_label(dtype)} {tag} in place")
+        ws.check(ctx.stream)
 
 
 @case
 def ragged_batches(ctx):
     """Many calls in a row on one workspace: batch sizes up and down (1 to 256 x 8 heads),
     both dtypes alternating, fresh data each call."""
-    ws = workspace(ctx)
-    for i, batch in enumerate((1, 256, 3, 17, 255, 1, 64, 2, 129, 5, 31)):
-        dtype = (bfloat16, np.dtype(np.float16))[i % 2]
-        os_, sts = fresh_inputs(ctx, (batch, 8), 128, 2, dtype)
-        o, st = device_pair(ctx, os_[ctx.rank], sts[ctx.rank])
-        out = (poisoned(o.shape, o.dtype), poisoned(st.shape, np.float32))
-        ws.alltoall(o, st, out=out, stream=ctx.stream)
-        check_exchange(ctx, out, os_, sts, f"call {i} batch {batch} {dtype_label(dtype)}")
-    ws.check(ctx.stream)
+    with ctx.stream:  # inputs and poisoned outputs made on the op's stream
+        ws = workspace(ctx)
+        for i, batch in enumerate((1, 256, 3, 17, 255, 1, 64, 2, 129, 5, 31)):
+            dtype = (bfloat16, np.dtype(np.float16))[i % 2]
+            os_, sts = fresh_inputs(ctx, (batch, 8), 128, 2, dtype)
+            o, st = device_pair(ctx, os_[ctx.rank], sts[ctx.rank])
+            out = (poisoned(o.shape, o.dtype), poisoned(st.shape, np.float32))
+            ws.alltoall(o, st, out=out, stream=ctx.stream)
+            check_exchange(ctx, out, os_, sts, f"call {i} batch {batch} {dtype_label(dtype)}")
+        ws.check(ctx.stream)
 
 
 @case

@@ -136,6 +136,7 @@ def import_8bit_floats(ctx, name):
         else:
             a = fw.jax.device_put(codes.view(dtype), fw.jdev).block_until_ready()
             ptr = a.unsafe_buffer_pointer()
+            cupy.cuda.Device(fw.dev).use()  # JAX's first transfer may switch the device
         cupy.cuda.runtime.deviceSynchronize()
         arr = as_array(a, "a", dtype=dtype, shape=(3, 40), stream=ctx.stream)
         assert arr.data.ptr == ptr, f"{name} {dtype.name}: imported by a copy"
