@@ -1,9 +1,8 @@
 """Communication hidden behind a GEMM: MoE dispatch + combine and all-reduce, by SM budget.
 
 A bf16 GEMM (cuBLAS through CuPy, ``--gemm M,N,K``, default an expert/TP matmul of 8192 x
-2048 x 7168, repeated ``reps`` times so that compute lasts at least as long as the
-communication at full width) runs on the compute stream while, on a communication stream
-forked from it by an event (``previous_event``) and joined by the op's ``CommHandle``:
+2048 x 7168) runs on the compute stream while, on a communication stream forked from it
+by an event (``previous_event``) and joined by the op's ``CommHandle``:
 
 * ``moe``: ``MoeAlltoAll`` dispatch (bf16 hidden + int32 ids + fp32 weights, ``--tokens``
   4096 per rank, hidden 7168, top-8 of 256 experts, uniform routing) + combine of the
@@ -11,12 +10,26 @@ forked from it by an event (``previous_event``) and joined by the op's ``CommHan
 * ``allreduce``: a 16 MiB bf16 ``all_reduce`` (``AllReduceConfig(num_sms=...)``),
 
 for ``num_sms`` in 8, 16, 24, 32 and all; the communication stream has the highest
-priority. Per case: compute alone, communication alone,
-both overlapped (median of CUDA-event timings, each behind a GPU head start so that the
-host has issued every launch first), the hidden fraction
-``(compute + comm - overlapped) / min(compute, comm)`` and ``gemm_keep``, the GEMM's
-standalone time over its time while overlapped (1.0: unslowed). Target on 2 x H200:
-``hidden >= 0.85`` at some ``num_sms <= 24`` with ``gemm_keep >= 0.85``.
+priority.
+
+The GEMM is sized per case to last about as long as that case's communication alone
+(``--compute-us``: a fixed duration instead; ``--reps``: a fixed number of full GEMMs):
+``gemm_reps`` GEMMs of the first ``gemm_m`` rows of A (M shrunk, in multiples of 128,
+when one full GEMM outlasts the target), then refined once from its measured time. Its
+result is checked once against NumPy on a sample of entries, so a GEMM that did not run
+fails the benchmark.
+
+Timing (CUDA events, median of ``--iters`` runs, each behind a GPU head start long enough
+for the host to issue every launch first, ranks aligned by a barrier): ``start`` on the
+compute stream is the fork; ``gemm_end`` is recorded on the compute stream after the
+GEMMs, ``comm_end`` on the communication stream after the op. compute = start ->
+gemm_end alone; comm = start -> comm_end alone; overlapped = start -> the later of
+gemm_end and comm_end with both running (from the start of both to the end of both).
+Every time is the maximum over ranks. Reported per case: the hidden fraction
+``(compute + comm - overlapped) / min(compute, comm)`` (1: the shorter one fully hidden,
+0: serialized) and ``gemm_keep``, the GEMM's standalone time over its time while
+overlapped (1.0: unslowed). Target on 2 x H200: ``hidden >= 0.85`` at some
+``num_sms <= 24`` with ``gemm_keep >= 0.85``.
 
 The GEMM needs cuBLAS (``pip install nvidia-cublas-cu12``, or ``-cu13``).
 """
@@ -33,7 +46,9 @@ from ..tensors import bfloat16
 from .common import environment, print_table, pyplot, require_gpu, write_result
 
 NUM_SMS = ("8", "16", "24", "32", "all")
-SPIN_US = 300           # GPU head start before each timed run
+SPIN_US = 300           # GPU head start before each timed run ...
+SPIN_PER_LAUNCH_US = 20  # ... plus this per GEMM launch the host issues behind it
+M_STEP = 128            # granularity of a shrunk GEMM's M
 _CUDA_R_16BF = 14       # cudaDataType
 _CUBLAS_COMPUTE_32F = 68
 _CUBLAS_GEMM_DEFAULT = -1
@@ -45,8 +60,10 @@ def add_arguments(p) -> None:
     p.add_argument("--num-sms", default=",".join(NUM_SMS),
                    help="SM budgets, comma-separated ('all': every SM)")
     p.add_argument("--gemm", default="8192,2048,7168", help="M,N,K of the bf16 GEMM")
+    p.add_argument("--compute-us", type=float, default=0.0,
+                   help="GEMM duration per run (0: each case's communication time)")
     p.add_argument("--reps", type=int, default=0,
-                   help="GEMMs per run (0: enough to outlast the communication)")
+                   help="full GEMMs per run, overriding --compute-us (0: sized by time)")
     p.add_argument("--tokens", type=int, default=4096, help="MoE tokens per rank")
     p.add_argument("--hidden", type=int, default=7168, help="MoE hidden size (bf16)")
     p.add_argument("--experts", type=int, default=256)
@@ -57,8 +74,29 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", action="store_true", help="write a PNG (needs matplotlib)")
 
 
+def gemm_shape(target_us: float, full_us: float, m: int) -> tuple[int, int]:
+    """(rows, reps): GEMMs of ``rows`` <= ``m`` rows of A, ``reps`` of them, lasting about
+    ``target_us`` when one full GEMM lasts ``full_us``: whole GEMMs where the target is
+    at least one, else one GEMM of fewer rows (time taken as proportional to M; multiples
+    of ``M_STEP``, at least one step)."""
+    if target_us <= 0 or full_us <= 0:
+        raise ValueError(f"gemm_shape: durations must be positive, got target {target_us} "
+                         f"and GEMM {full_us} us")
+    if target_us >= full_us:
+        return m, max(1, int(round(target_us / full_us)))
+    rows = int(round(m * target_us / full_us / M_STEP)) * M_STEP
+    return max(min(M_STEP, m), min(m, rows)), 1
+
+
+def hidden_fraction(compute: float, comm: float, overlapped: float) -> float:
+    """Share of the shorter of compute and communication that overlapping hid:
+    ``(compute + comm - overlapped) / min(compute, comm)``."""
+    return (compute + comm - overlapped) / min(compute, comm)
+
+
 class Gemm:
-    """``c = a @ b`` in bf16 with fp32 accumulation (cuBLAS), ``reps`` times on a stream."""
+    """``c = a[:rows] @ b`` in bf16 with fp32 accumulation (cuBLAS), ``reps`` times on a
+    stream."""
 
     def __init__(self, m: int, n: int, k: int, rng: np.random.Generator):
         try:
@@ -75,22 +113,51 @@ class Gemm:
         self.c = cupy.empty((m, n), bfloat16)
         self._alpha = np.ones(1, np.float32)
         self._beta = np.zeros(1, np.float32)
-        self.reps = 1
+        self.rows, self.reps = m, 1
 
     def __call__(self, stream) -> None:
         cb = self._cublas
-        cb.setStream(self._handle, stream.ptr)
-        cb.setPointerMode(self._handle, 0)  # alpha and beta on the host
-        for _ in range(self.reps):
-            # Row-major c[m, n] = a[m, k] b[k, n] is column-major c^T = b^T a^T.
-            cb.gemmEx(self._handle, 0, 0, self.n, self.m, self.k, self._alpha.ctypes.data,
-                      self.b.data.ptr, _CUDA_R_16BF, self.n, self.a.data.ptr, _CUDA_R_16BF,
-                      self.k, self._beta.ctypes.data, self.c.data.ptr, _CUDA_R_16BF, self.n,
-                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+        # CuPy's cuBLAS wrappers bind the handle to CuPy's *current* stream before every
+        # call (a setStream of ours would be overridden): make `stream` current.
+        with stream:
+            cb.setPointerMode(self._handle, 0)  # alpha and beta on the host
+            for _ in range(self.reps):
+                # Row-major c[rows, n] = a[rows, k] b[k, n] is column-major c^T = b^T a^T.
+                cb.gemmEx(self._handle, 0, 0, self.n, self.rows, self.k,
+                          self._alpha.ctypes.data, self.b.data.ptr, _CUDA_R_16BF, self.n,
+                          self.a.data.ptr, _CUDA_R_16BF, self.k, self._beta.ctypes.data,
+                          self.c.data.ptr, _CUDA_R_16BF, self.n, _CUBLAS_COMPUTE_32F,
+                          _CUBLAS_GEMM_DEFAULT)
+
+    def check(self, stream, rng: np.random.Generator, samples: int = 64) -> None:
+        """Run once on ``stream`` over a poisoned ``c`` and compare sampled entries with
+        NumPy (fp32 dot products, bf16 output: relative 2^-7 plus a small absolute)."""
+        reps = self.reps
+        with stream:
+            self.c.view(np.uint16).fill(0x7FC0)  # NaN
+        self.reps = 1
+        try:
+            self(stream)
+        finally:
+            self.reps = reps
+        i = rng.integers(0, self.rows, samples)
+        j = rng.integers(0, self.n, samples)
+        a = cupy.asnumpy(self.a[:self.rows], stream=stream)[i].astype(np.float32)
+        b = cupy.asnumpy(self.b, stream=stream)[:, j].astype(np.float32)
+        got = cupy.asnumpy(self.c[:self.rows], stream=stream)[i, j].astype(np.float32)
+        stream.synchronize()
+        want = np.einsum("sk,ks->s", a, b)
+        tol = 2.0 ** -7 * np.abs(want) + 1e-2
+        bad = np.flatnonzero(~(np.abs(got - want) <= tol))
+        if bad.size:
+            raise SystemExit(f"bench overlap: the GEMM's result is wrong at {bad.size} of "
+                             f"{samples} sampled entries (e.g. c[{i[bad[0]]}, {j[bad[0]]}] = "
+                             f"{got[bad[0]]}, expected {want[bad[0]]})")
 
     @property
     def tflops(self) -> float:
-        return 2.0 * self.m * self.n * self.k * self.reps / 1e12
+        """Tera-FLOPs of one run (``reps`` GEMMs)."""
+        return 2.0 * self.rows * self.n * self.k * self.reps / 1e12
 
 
 def _bf16(x32: np.ndarray) -> cupy.ndarray:
@@ -98,38 +165,55 @@ def _bf16(x32: np.ndarray) -> cupy.ndarray:
 
 
 class Timer:
-    """Timed runs: [head start] start | fork -> comm op on the comm stream | GEMMs on the
-    compute stream, gemm_end | join | stop; medians in microseconds."""
+    """Timed runs on every rank: [barrier, head start] start (compute stream) | fork ->
+    comm op on the comm stream, comm_end | GEMMs on the compute stream, gemm_end | join.
+    Medians in microseconds."""
 
-    def __init__(self, iters: int):
+    def __init__(self, iters: int, barrier=None):
         self.iters = iters
+        self._barrier = barrier
         self.compute = cupy.cuda.Stream(non_blocking=True)
         # The communication stream at the highest priority: blocks of its kernels are
         # scheduled first whenever the GEMM frees an SM (what serving engines do).
         # CUDA clamps a priority beyond the device's range to its greatest.
         self.comm = cupy.cuda.Stream(non_blocking=True, priority=_HIGHEST_PRIORITY)
         self._spin = get_kernel("bench_moe.cu", "bench_spin")
-        self._events = [cupy.cuda.Event() for _ in range(3)]
+        self._start, self._gemm_end, self._comm_end = (cupy.cuda.Event() for _ in range(3))
 
-    def run(self, gemm: Gemm | None, comm_op) -> tuple[float, float]:
-        """(total, gemm) medians; ``comm_op(stream, previous_event)`` returns a CommHandle."""
-        start, gemm_end, stop = self._events
-        totals, gemms = [], []
+    def run(self, gemm: Gemm | None, comm_op) -> dict:
+        """Medians of ``compute`` (start -> gemm_end), ``comm`` (start -> comm_end) and
+        ``total`` (start -> the later end); absent parts are None. ``comm_op(stream,
+        previous_event)`` issues the op on ``stream`` and returns its CommHandle."""
+        start, gemm_end, comm_end = self._start, self._gemm_end, self._comm_end
+        spin_ns = 1000 * (SPIN_US + (SPIN_PER_LAUNCH_US * gemm.reps if gemm else 0))
+        samples = {"compute": [], "comm": [], "total": []}
         for i in range(self.iters + 3):  # 3 warm-up runs
-            self._spin((1,), (1,), (np.uint64(SPIN_US * 1000),), stream=self.compute)
+            if self._barrier is not None:
+                self._barrier()
+            self._spin((1,), (1,), (np.uint64(spin_ns),), stream=self.compute)
             start.record(self.compute)
-            handle = comm_op(self.comm, start) if comm_op is not None else None
+            handle = None
+            if comm_op is not None:
+                handle = comm_op(self.comm, start)
+                comm_end.record(self.comm)
             if gemm is not None:
                 gemm(self.compute)
-            gemm_end.record(self.compute)
+                gemm_end.record(self.compute)
             if handle is not None:
                 handle.wait(self.compute)
-            stop.record(self.compute)
-            stop.synchronize()
-            if i >= 3:
-                totals.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
-                gemms.append(cupy.cuda.get_elapsed_time(start, gemm_end) * 1e3)
-        return float(np.median(totals)), float(np.median(gemms))
+            self.compute.synchronize()
+            self.comm.synchronize()
+            if i < 3:
+                continue
+            ends = []
+            if gemm is not None:
+                ends.append(cupy.cuda.get_elapsed_time(start, gemm_end) * 1e3)
+                samples["compute"].append(ends[-1])
+            if comm_op is not None:
+                ends.append(cupy.cuda.get_elapsed_time(start, comm_end) * 1e3)
+                samples["comm"].append(ends[-1])
+            samples["total"].append(max(ends))
+        return {k: float(np.median(v)) if v else None for k, v in samples.items()}
 
 
 def _moe_op(group, args, budget, rng):
@@ -185,34 +269,43 @@ def run(args) -> int:
     budgets = [None if b == "all" else int(b) for b in args.num_sms.split(",") if b]
     m, n, k = (int(v) for v in args.gemm.split(","))
     gemm = Gemm(m, n, k, rng)
-    timer = Timer(args.iters)
-    gemm_one, _ = timer.run(gemm, None)
+    timer = Timer(args.iters, group.barrier)
+    gemm.check(timer.compute, rng)
+
+    def slowest(value: float) -> float:
+        return max(group.allgather(value))
+
+    full_us = slowest(timer.run(gemm, None)["compute"])  # one GEMM of all M rows
+
+    def size_gemm(target_us: float) -> float:
+        """Shape the GEMM to last about ``target_us`` (every rank the same); its time."""
+        if args.reps:
+            gemm.rows, gemm.reps = m, args.reps
+            return slowest(timer.run(gemm, None)["compute"])
+        gemm.rows, gemm.reps = gemm_shape(target_us, full_us, m)
+        compute = slowest(timer.run(gemm, None)["compute"])
+        if abs(compute - target_us) > 0.25 * target_us:  # GEMM time is not linear in M
+            gemm.rows, gemm.reps = gemm_shape(target_us, compute / (gemm.rows * gemm.reps) * m, m)
+            compute = slowest(timer.run(gemm, None)["compute"])
+        return compute
+
     rows = []
     for comm in comms:
-        comm_full = None
         for budget in sorted(budgets, key=lambda b: b is not None):  # "all" first
             op, close = _COMMS[comm](group, args, budget, rng)
             try:
-                group.barrier()
-                comm_alone, _ = timer.run(None, op)
-                comm_alone = max(group.allgather(comm_alone))
-                if comm_full is None:
-                    comm_full = comm_alone
-                    gemm.reps = args.reps or max(1, int(np.ceil(comm_full / gemm_one)))
-                    gemm.reps = max(group.allgather(gemm.reps))
-                    compute, _ = timer.run(gemm, None)
-                    compute = max(group.allgather(compute))
-                group.barrier()
-                both, gemm_in = timer.run(gemm, op)
-                both, gemm_in = (max(v) for v in zip(*group.allgather((both, gemm_in))))
+                comm_alone = slowest(timer.run(None, op)["comm"])
+                compute = size_gemm(args.compute_us or comm_alone)
+                both = timer.run(gemm, op)
+                total, gemm_in = slowest(both["total"]), slowest(both["compute"])
             finally:
                 cupy.cuda.runtime.deviceSynchronize()
                 close()
-            hidden = (compute + comm_alone - both) / min(compute, comm_alone)
             rows.append({"comm": comm, "num_sms": "all" if budget is None else budget,
-                         "gemm_reps": gemm.reps, "compute_us": compute, "comm_us": comm_alone,
-                         "overlapped_us": both, "hidden": hidden,
-                         "gemm_keep": compute / gemm_in if gemm_in else None,
+                         "gemm_reps": gemm.reps, "gemm_m": gemm.rows, "compute_us": compute,
+                         "comm_us": comm_alone, "overlapped_us": total,
+                         "hidden": hidden_fraction(compute, comm_alone, total),
+                         "gemm_keep": compute / gemm_in,
                          "gemm_TFLOPS": gemm.tflops / (compute * 1e-6)})
     met = any(r["hidden"] >= 0.85 and r["gemm_keep"] >= 0.85 and r["num_sms"] != "all"
               and r["num_sms"] <= 24 for r in rows if r["comm"] == "moe")
@@ -227,7 +320,8 @@ def run(args) -> int:
         path = write_result(args.out, "overlap", env, rows, gemm=[m, n, k],
                             tokens=args.tokens, hidden=args.hidden, experts=args.experts,
                             top_k=args.top_k, allreduce_bytes=args.ar_bytes,
-                            target_met=met, shared_gpu=not exclusive)
+                            compute_us=args.compute_us or None, target_met=met,
+                            shared_gpu=not exclusive)
         print(f"wrote {path}")
         if args.plot:
             _plot(rows, path.with_suffix(".png"), env)

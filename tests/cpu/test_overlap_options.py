@@ -178,3 +178,64 @@ def test_barrier_refuses_a_non_group():
 
     with pytest.raises(TypeError, match="expected a ProcessGroup"):
         DeviceBarrier("group")
+
+
+def test_bench_overlap_gemm_shape_follows_the_target():
+    from moecomm.bench.overlap import M_STEP, gemm_shape
+
+    assert gemm_shape(1000.0, 340.0, 8192) == (8192, 3)   # whole GEMMs
+    assert gemm_shape(340.0, 340.0, 8192) == (8192, 1)
+    rows, reps = gemm_shape(68.0, 340.0, 8192)             # shorter than one GEMM
+    assert reps == 1 and rows % M_STEP == 0 and abs(rows - 8192 * 68 / 340) <= M_STEP
+    assert gemm_shape(0.01, 340.0, 8192) == (M_STEP, 1)   # at least one step of M
+    assert gemm_shape(0.01, 340.0, 64) == (64, 1)
+    with pytest.raises(ValueError, match="positive"):
+        gemm_shape(0.0, 340.0, 8192)
+
+
+def test_bench_overlap_hidden_fraction():
+    from moecomm.bench.overlap import hidden_fraction
+
+    assert hidden_fraction(400.0, 100.0, 400.0) == 1.0    # comm fully hidden
+    assert hidden_fraction(400.0, 100.0, 500.0) == 0.0    # serialized
+    assert hidden_fraction(100.0, 400.0, 450.0) == 0.5
+
+
+def test_bench_overlap_gemm_runs_on_the_given_stream():
+    """CuPy's cuBLAS wrappers bind the handle to CuPy's current stream on every call, so
+    the GEMM must be issued with the timed stream current (else it runs elsewhere and
+    the compute timing measures nothing)."""
+    from moecomm.bench import overlap
+
+    current = []
+    calls = []
+
+    class FakeStream:
+        def __enter__(self):
+            current.append(self)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class FakeCublas:
+        @staticmethod
+        def setPointerMode(handle, mode):
+            pass
+
+        @staticmethod
+        def gemmEx(handle, ta, tb, n, m, k, *rest):
+            calls.append((current[-1] if current else None, n, m, k))
+
+    class Arr:
+        def __init__(self):
+            self.data = type("D", (), {"ptr": 1})()
+
+    g = object.__new__(overlap.Gemm)
+    g._cublas, g._handle = FakeCublas, 0
+    g.m, g.n, g.k, g.rows, g.reps = 8192, 2048, 7168, 1024, 3
+    g.a = g.b = g.c = Arr()
+    g._alpha = g._beta = np.ones(1, np.float32)
+    s = FakeStream()
+    g(s)
+    assert calls == [(s, 2048, 1024, 7168)] * 3
+    assert g.tflops == pytest.approx(2 * 1024 * 2048 * 7168 * 3 / 1e12)
