@@ -42,6 +42,7 @@ import numpy as np
 from ..allreduce import AllReduceConfig, all_reduce, create_allreduce_workspace
 from ..kernels import get_kernel
 from ..moe.alltoall import MoeAlltoAll, MoeAlltoAllConfig
+from ..reference import to_float32
 from ..tensors import bfloat16
 from .common import environment, print_table, pyplot, require_gpu, write_result
 
@@ -129,9 +130,10 @@ class Gemm:
                           self.c.data.ptr, _CUDA_R_16BF, self.n, _CUBLAS_COMPUTE_32F,
                           _CUBLAS_GEMM_DEFAULT)
 
-    def check(self, stream, rng: np.random.Generator, samples: int = 64) -> None:
+    def check(self, stream, rng: np.random.Generator, samples: int = 64) -> str | None:
         """Run once on ``stream`` over a poisoned ``c`` and compare sampled entries with
-        NumPy (fp32 dot products, bf16 output: relative 2^-7 plus a small absolute)."""
+        NumPy (fp32 dot products, bf16 output: relative 2^-7 plus a small absolute);
+        what is wrong, or None."""
         reps = self.reps
         with stream:
             self.c.view(np.uint16).fill(0x7FC0)  # NaN
@@ -142,17 +144,17 @@ class Gemm:
             self.reps = reps
         i = rng.integers(0, self.rows, samples)
         j = rng.integers(0, self.n, samples)
-        a = cupy.asnumpy(self.a[:self.rows], stream=stream)[i].astype(np.float32)
-        b = cupy.asnumpy(self.b, stream=stream)[:, j].astype(np.float32)
-        got = cupy.asnumpy(self.c[:self.rows], stream=stream)[i, j].astype(np.float32)
+        a = to_float32(cupy.asnumpy(self.a[:self.rows], stream=stream)[i])
+        b = to_float32(cupy.asnumpy(self.b, stream=stream)[:, j])
+        got = to_float32(cupy.asnumpy(self.c[:self.rows], stream=stream)[i, j])
         stream.synchronize()
         want = np.einsum("sk,ks->s", a, b)
         tol = 2.0 ** -7 * np.abs(want) + 1e-2
         bad = np.flatnonzero(~(np.abs(got - want) <= tol))
-        if bad.size:
-            raise SystemExit(f"bench overlap: the GEMM's result is wrong at {bad.size} of "
-                             f"{samples} sampled entries (e.g. c[{i[bad[0]]}, {j[bad[0]]}] = "
-                             f"{got[bad[0]]}, expected {want[bad[0]]})")
+        if not bad.size:
+            return None
+        return (f"the GEMM's result is wrong at {bad.size} of {samples} sampled entries "
+                f"(e.g. c[{i[bad[0]]}, {j[bad[0]]}] = {got[bad[0]]}, expected {want[bad[0]]})")
 
     @property
     def tflops(self) -> float:
@@ -270,7 +272,9 @@ def run(args) -> int:
     m, n, k = (int(v) for v in args.gemm.split(","))
     gemm = Gemm(m, n, k, rng)
     timer = Timer(args.iters, group.barrier)
-    gemm.check(timer.compute, rng)
+    errors = [e for e in group.allgather(gemm.check(timer.compute, rng)) if e]
+    if errors:
+        raise SystemExit(f"bench overlap: {errors[0]}")
 
     def slowest(value: float) -> float:
         return max(group.allgather(value))
