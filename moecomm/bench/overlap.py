@@ -269,6 +269,8 @@ def run(args) -> int:
         if c not in _COMMS:
             raise SystemExit(f"--comm: {c!r} is not one of {sorted(_COMMS)}")
     budgets = [None if b == "all" else int(b) for b in args.num_sms.split(",") if b]
+    if args.compute_us < 0 or args.reps < 0:
+        raise SystemExit("--compute-us and --reps must be >= 0")
     m, n, k = (int(v) for v in args.gemm.split(","))
     gemm = Gemm(m, n, k, rng)
     timer = Timer(args.iters, group.barrier)
