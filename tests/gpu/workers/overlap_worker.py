@@ -168,9 +168,17 @@ def fusion_async_num_sms(ctx):
             got = {k: getattr(outs, k).copy() for k in ("residual_out", "norm_out")}
         plain, _ = fusion_call(full, mine, res, gam, compute)
         compute.synchronize()
+        # The budget and async issue change nothing: the same bits as the plain call (at
+        # hidden 2048 every token count takes the same row plan, hence the same fp32 sum
+        # tree). Against the reference: residual_out exactly, norm_out within the fused
+        # all-reduce's contract (its fp32 sum of squares vs the reference's float64).
         for k, v in got.items():
-            exact(v, want[k], f"fusion {k} tokens={tokens} (budget, async)")
-            exact(getattr(plain, k), want[k], f"fusion {k} tokens={tokens} plain")
+            exact(v, getattr(plain, k), f"fusion {k} tokens={tokens} (budget, async vs plain)")
+        exact(got["residual_out"], want["residual_out"], f"fusion residual_out tokens={tokens}")
+        w32 = ref.to_float32(want["norm_out"])
+        err = (np.abs(ref.to_float32(cupy.asnumpy(got["norm_out"])) - w32)
+               / np.maximum(np.abs(w32), 1e-3))
+        assert np.all(err <= 2 * 2.0 ** -7), f"fusion norm_out tokens={tokens}: off by {err.max()}"
     budget.check(comm)
 
 
