@@ -377,8 +377,7 @@ class VCollectiveWorkspace(Op):
         if need > self.max_bytes:
             raise ValueError(f"all_gatherv of {need} bytes (sizes={list(sizes)}, row bytes "
                              f"{row_bytes}) exceeds the workspace's max_bytes {self.max_bytes}")
-        lamport = self._lamport(sum(sizes) * sum(row_bytes),
-                                lamport_gather_bytes(sizes, row_bytes))
+        lamport = self.gather_path(sizes, row_bytes) == "lamport"
         kernel = self._gather_lamport if lamport else self._gather_kernel
         launcher = Launcher(kernel, AllGathervArgs, pdl=self.config.pdl)
         a = launcher.args
@@ -396,6 +395,24 @@ class VCollectiveWorkspace(Op):
             grid = self.config.grid(sum(sizes) * sum(row_bytes), self.sms)
         a.item_bytes = self.config.items(max(sizes) * max(row_bytes), grid)
         return self._remember(("g", sizes, tuple(row_bytes)), (launcher, grid))
+
+    def gather_path(self, sizes, row_bytes: Sequence[int]) -> str:
+        """The kernel an all_gatherv of ``sizes`` rows of ``row_bytes`` (one int per
+        tensor) takes: ``"lamport"``, ``"pipelined"`` (or ``"nccl"``)."""
+        sizes = check_sizes(sizes, self.world)
+        if not self.ipc:
+            return "nccl"
+        lamport = self._lamport(sum(sizes) * sum(row_bytes), lamport_gather_bytes(sizes, row_bytes))
+        return "lamport" if lamport else "pipelined"
+
+    def scatter_path(self, sizes, row_bytes: int) -> str:
+        """The kernel a reduce_scatterv of ``sizes`` rows of ``row_bytes`` takes (as
+        ``gather_path``)."""
+        sizes = check_sizes(sizes, self.world)
+        if not self.ipc:
+            return "nccl"
+        lamport = self._lamport(sum(sizes) * row_bytes, max(sizes) * row_bytes)
+        return "lamport" if lamport else "pipelined"
 
     def _lamport(self, total: int, slot_bytes: int) -> bool:
         """Whether a call moving ``total`` bytes (every rank's rows), needing
@@ -450,7 +467,7 @@ class VCollectiveWorkspace(Op):
         key = ("s", sizes, row, a.dtype)
         prepared = self._prepared.get(key)
         if prepared is None:
-            lamport = self._lamport(sum(sizes) * row, max(sizes) * row)
+            lamport = self.scatter_path(sizes, row) == "lamport"
             kernels_ = self._scatter_lamport if lamport else self._scatter_kernels
             launcher = Launcher(kernels_[a.dtype], ReduceScattervArgs, pdl=self.config.pdl)
             launcher.args.ws = self.kernel_workspace

@@ -200,6 +200,9 @@ def test_all_gatherv_takes_lamport_below_crossover(fakes, rank):
     assert collectives.received_bytes(3 * n * 64, 3) <= 64 << 10
     ws.all_gatherv([Arr((n, 64), np.uint8)], [n] * 3)
     assert fakes[-1][0] == "vc_all_gatherv_lamport"
+    assert ws.gather_path([n] * 3, [64]) == "lamport"
+    assert ws.gather_path([n + 2] * 3, [64]) == "pipelined"
+    assert workspace(ipc=False).gather_path([1, 1], [4]) == "nccl"
 
 
 def test_lamport_path_needs_the_slot(fakes):
@@ -233,6 +236,9 @@ def test_reduce_scatterv_path_choice(fakes):
     ws.reduce_scatterv(Arr((2 * rows, 256), np.float32), [rows, rows])
     assert fakes[-1][0] == "vc_reduce_scatterv_lamport_fp32"
     assert fakes[-1][1] == min(132, -(-2 * rows * 1024 // (16 * 512)))
+    assert ws.scatter_path([rows, rows], 1024) == "lamport"
+    assert ws.scatter_path([rows + 1, rows + 1], 1024) == "pipelined"
+    assert workspace(ipc=False).scatter_path([1, 1], 16) == "nccl"
 
 
 def test_reduce_scatterv_launch_and_errors(fakes):
