@@ -2,8 +2,9 @@
 // call (moecomm.collectives), and the local stacked reduction of their NCCL path.
 //
 // Workspace (one SymmetricBuffer per rank): flags u32 [kVcMaxBlocks][kVcMaxRanks] at offset
-// 0, then two data buffers of buffer_bytes; call k uses buffer k % 2. State words (local):
-// the call counter, the grid-arrival count, the abort word of the bounded waits.
+// 0, then two data buffers of buffer_bytes; call k uses buffer k % 2; then the Lamport
+// buffers of the small-call path (see "Lamport path" below). State words (local): the
+// call counter, the grid-arrival count, the abort word of the bounded waits.
 //
 // Work split (every rank launches the same grid: it depends only on the row counts, the
 // same on every rank): a segment of n bytes (what one rank sends one peer) is cut into
