@@ -8,7 +8,9 @@ Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array; ``s`` omitted, a
 runs), its raw handle, or a ``cupy.cuda.Stream`` (torch's current stream is then another
 one, so the torch rows include the event that orders it first). ``delta_us`` is the
 difference to the CuPy row with the same stream; ``import_us`` the cost of
-``tensors.import_array`` alone. Targets: CuPy <= 12 us, torch <= CuPy + 3 us.
+``tensors.import_array`` alone; ``host_us`` the host time of a whole call alone (200 calls
+enqueued while the op's stream runs a 30 ms spin kernel: no launch waits for the GPU or
+the peer), so ``us_per_call`` above ``host_us`` is time the GPU or the peer rank sets. Targets: CuPy <= 12 us, torch <= CuPy + 3 us.
 
 ``python -m moecomm.bench dlpack --cpu`` needs no GPU and no MPI: a micro-profile of the
 host-side pieces of that path (stream handles, checks, the DLPack capsule consumer on
@@ -50,6 +52,29 @@ def _wall_us(fn, calls: int, repeats: int, group) -> float:
         cupy.cuda.runtime.deviceSynchronize()
         times.append((time.perf_counter() - t0) / calls * 1e6)
     return float(np.median(times))
+
+
+ENQUEUE_CALLS = 200  # calls enqueued behind a spin kernel to time the host alone
+ENQUEUE_SPIN_NS = 30_000_000
+
+
+def _enqueue_us(fn, stream: int, group) -> float:
+    """Host time per ``fn()`` alone: ``ENQUEUE_CALLS`` calls enqueued while ``stream``
+    (the op's stream) runs a 30 ms spin kernel, so that no launch waits for the GPU."""
+    import cupy
+
+    from ..kernels import get_kernel
+
+    spin = get_kernel("bench_moe.cu", "bench_spin")
+    cupy.cuda.runtime.deviceSynchronize()
+    group.barrier()
+    spin((1,), (1,), (np.uint64(ENQUEUE_SPIN_NS),), stream=cupy.cuda.ExternalStream(stream))
+    t0 = time.perf_counter()
+    for _ in range(ENQUEUE_CALLS):
+        fn()
+    us = (time.perf_counter() - t0) / ENQUEUE_CALLS * 1e6
+    cupy.cuda.runtime.deviceSynchronize()
+    return us
 
 
 def _host_us(fn, calls: int) -> float:
@@ -123,32 +148,35 @@ def run(args) -> int:
         handle = stream_handle(stream)
         imp = (lambda: import_array(x, "x", dtype=FLOAT_DTYPES, device=dev, stream=handle))
         if current is None:
-            return _wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls)
+            return (_wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls),
+                    _enqueue_us(call, handle, group))
         with torch.cuda.stream(current):  # torch code runs on its current stream
-            return _wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls)
+            return (_wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls),
+                    _enqueue_us(call, handle, group))
 
     rows, base = [], {}
     for mode, stream in streams.items():
-        us, imp = measure(xc, stream)
+        us, imp, host = measure(xc, stream)
         base[mode] = us
         rows.append({"framework": "cupy", "stream": mode, "us_per_call": us, "delta_us": 0.0,
-                     "import_us": imp})
+                     "import_us": imp, "host_us": host})
     if have_torch:
         for mode, stream in streams.items():
             current = ts if mode in ("torch Stream", "raw handle") else None
-            us, imp = measure(xt, stream, current)
+            us, imp, host = measure(xt, stream, current)
             rows.append({"framework": "torch", "stream": mode, "us_per_call": us,
-                         "delta_us": us - base[mode], "import_us": imp})
+                         "delta_us": us - base[mode], "import_us": imp, "host_us": host})
     if have_jax:
         jx = jax[0].device_put(host, jax[1]).block_until_ready()
-        us, imp = measure(jx, None)
+        us, imp, host = measure(jx, None)
         rows.append({"framework": "jax", "stream": "omitted", "us_per_call": us,
-                     "delta_us": us - base["omitted"], "import_us": imp})
+                     "delta_us": us - base["omitted"], "import_us": imp, "host_us": host})
     ws.close()
     if group.rank == 0:
         print(f"# eager all_reduce of {NBYTES} B bf16, {group.size} ranks, {env['device']}: "
               f"wall us per call ({args.calls} calls, median of {args.repeats})")
-        print_table(rows, ["framework", "stream", "us_per_call", "delta_us", "import_us"])
+        print_table(rows, ["framework", "stream", "us_per_call", "delta_us", "import_us",
+                           "host_us"])
         print(f"wrote {write_result(args.out, 'dlpack', env, rows, nbytes=NBYTES)}")
     group.close()
     return 0
