@@ -288,6 +288,7 @@ struct AllGathervArgs {
   int64_t rows[MOECOMM_VC_MAX_RANKS];          // rows of every rank
   int64_t num_tensors;
   VcWorkspace ws;
+  ArWorkspace lamport;                         // the small-call path's Lamport buffers
 };
 
 // reduce_scatterv (collectives.cu): out = sum over ranks of their rows of this rank.
@@ -298,6 +299,7 @@ struct ReduceScattervArgs {
   int64_t row_bytes;                   // a multiple of 16
   int64_t item_bytes;                  // a multiple of 16 (collectives.cu)
   VcWorkspace ws;
+  ArWorkspace lamport;                 // the small-call path's Lamport buffers
 };
 
 // Sum of `slots` stacked arrays of T in slot order (fp32, one rounding): the NCCL path of

@@ -2,8 +2,9 @@
 // call (moecomm.collectives), and the local stacked reduction of their NCCL path.
 //
 // Workspace (one SymmetricBuffer per rank): flags u32 [kVcMaxBlocks][kVcMaxRanks] at offset
-// 0, then two data buffers of buffer_bytes; call k uses buffer k % 2. State words (local):
-// the call counter, the grid-arrival count, the abort word of the bounded waits.
+// 0, then two data buffers of buffer_bytes; call k uses buffer k % 2; then the Lamport
+// buffers of the small-call path (see "Lamport path" below). State words (local): the
+// call counter, the grid-arrival count, the abort word of the bounded waits.
 //
 // Work split (every rank launches the same grid: it depends only on the row counts, the
 // same on every rank): a segment of n bytes (what one rank sends one peer) is cut into
@@ -283,6 +284,259 @@ __device__ __forceinline__ void reduce_scatterv(const ReduceScattervArgs& a) {
   end_call(ws, k);
 }
 
+// ------------------------------------------------------------------ Lamport path
+// Small calls (moecomm.collectives picks the path by a byte model) skip the flags: the
+// all-reduce's Lamport protocol of allreduce.cuh, reused as is over the workspace's own
+// Lamport buffers [3][world][lamport_slot] (ArWorkspace `a.lamport`, its own call counter
+// and state words): rank s writes only slot s of a peer's buffer k % 3, every word holds
+// 0x80000000 ("not yet written") between uses, receivers poll their own buffer until no
+// 32-bit word of a vector holds it, and each call refills with the sentinel what its peers
+// wrote two calls before (clear_previous). One kernel, no barrier, no flag.
+//
+// Payload words equal to the sentinel:
+//  * reduce_scatterv sends canonical vectors (Lamport<T>::canonical: fp32 -0.0 and 16-bit
+//    -0.0 halves become +0), so no word is 0x80000000. That is exact: the sum starts at +0
+//    in fp32 and x + (-0) == x + (+0) == x for every x (+0 included: the accumulator is
+//    never -0), so a -0.0 input never changes the rounded result.
+//  * all_gatherv moves arbitrary bytes, where 0x80000000 is a legal word. A rank's stream
+//    (its segment of tensor 0, then tensor 1, ..., each padded to 16 bytes) travels in lines
+//    of 512 bytes: 31 payload vectors and one mask vector. Lane i < 31 of a warp owns
+//    payload vector i and sends it with every 0x80000000 word replaced by 0; lane 31 sends
+//    the mask: word j has bit i set where vector i's word j was 0x80000000 (the ballot of
+//    the 31 payload lanes, bit 31 always clear, so a mask word is never the sentinel). The
+//    receiving warp polls its line (the mask included) until no word is pending and puts
+//    the flagged words back: the bytes arrive bitwise, at 1/32 extra traffic, with no
+//    assumption beyond 32-bit single-copy atomicity (the one Lamport already makes).
+using allreduce::Call;
+using allreduce::clear_previous;
+using allreduce::lamport;
+
+namespace {
+
+constexpr uint32_t kSentinel = 0x80000000u;
+constexpr int kLineVecs = 31;     // payload vectors of a 512-byte line (+ one mask vector)
+constexpr int kLineBytes = 512;
+static_assert(config::kVcMaxRanks <= config::kArMaxRanks, "VcWorkspace ranks fit ArWorkspace");
+
+__device__ __forceinline__ uint32_t global_warp() { return (uint32_t)(global_thread_id() / 32); }
+__device__ __forceinline__ uint32_t global_warps() { return (uint32_t)(global_thread_count() / 32); }
+
+// n (<= 16) bytes at p as a vector, the rest +0 (a plain 16-byte load when aligned and full).
+__device__ __forceinline__ Vec16 load_bytes(const uint8_t* p, uint32_t n) {
+  if (n == 16 && ((uintptr_t)p & 15) == 0) return ld_vec16(p);
+  union { Vec16 v; uint8_t b[16]; } u;
+  u.v = Vec16{0, 0, 0, 0};
+  for (uint32_t i = 0; i < n; ++i) u.b[i] = p[i];
+  return u.v;
+}
+
+__device__ __forceinline__ void store_bytes(uint8_t* p, uint32_t n, const Vec16& x) {
+  if (n == 16 && ((uintptr_t)p & 15) == 0) {
+    st_vec16(p, x);
+    return;
+  }
+  union { Vec16 v; uint8_t b[16]; } u;
+  u.v = x;
+  for (uint32_t i = 0; i < n; ++i) p[i] = u.b[i];
+}
+
+// Rank s's all_gatherv stream: payload vector v is bytes [16 (v - first), ...) of its
+// segment of one tensor.
+struct GatherStream {
+  const AllGathervArgs& a;
+  __device__ __forceinline__ uint64_t seg_bytes(int s, int i) const {
+    return (uint64_t)a.rows[s] * a.row_bytes[i];
+  }
+  __device__ __forceinline__ uint64_t vecs(int s) const {
+    uint64_t n = 0;
+    for (int i = 0; i < a.num_tensors; ++i) n += (seg_bytes(s, i) + 15) / 16;
+    return n;
+  }
+  __device__ __forceinline__ uint64_t lines(int s) const { return (vecs(s) + kLineVecs - 1) / kLineVecs; }
+  // Vector v of rank s: its tensor (-1 past the end), byte offset in the segment, bytes.
+  __device__ __forceinline__ int find(int s, uint64_t v, uint64_t& off, uint32_t& n) const {
+    for (int i = 0; i < a.num_tensors; ++i) {
+      const uint64_t b = seg_bytes(s, i), nv = (b + 15) / 16;
+      if (v < nv) {
+        off = 16 * v;
+        n = (uint32_t)min((uint64_t)16, b - off);
+        return i;
+      }
+      v -= nv;
+    }
+    return -1;
+  }
+};
+
+// Mask bit `lane` of each word: which words of this lane's vector are the sentinel.
+__device__ __forceinline__ Vec16 sentinel_mask(const Vec16& x) {
+  const uint32_t keep = 0x7FFFFFFFu;  // lanes 0..30: bit 31 stays clear
+  return Vec16{__ballot_sync(~0u, x.x == kSentinel) & keep, __ballot_sync(~0u, x.y == kSentinel) & keep,
+               __ballot_sync(~0u, x.z == kSentinel) & keep, __ballot_sync(~0u, x.w == kSentinel) & keep};
+}
+
+__device__ __forceinline__ uint32_t unzero(uint32_t w) { return w == kSentinel ? 0u : w; }
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const AllGathervArgs a) {
+  const ArWorkspace& ws = a.lamport;
+  const GatherStream g{a};
+  const int lane = threadIdx.x & 31, rank = ws.rank;
+  int64_t row0[config::kVcMaxRanks];
+  uint64_t nlines[config::kVcMaxRanks];
+  uint64_t most = 0;
+  int64_t r0 = 0;
+  for (int s = 0; s < ws.world; ++s) {
+    row0[s] = r0;
+    r0 += a.rows[s];
+    nlines[s] = g.lines(s);
+    most = max(most, nlines[s]);
+  }
+  pdl_wait();
+  const Call call = allreduce::begin_call(ws);
+  const int buf = call.index % 3;
+  // Push: own lines to every peer's slot `rank`; the own rows straight to the output.
+  for (uint64_t l = global_warp(); l < nlines[rank]; l += global_warps()) {
+    Vec16 x{0, 0, 0, 0};
+    uint64_t off = 0;
+    uint32_t n = 0;
+    const int i = lane < kLineVecs ? g.find(rank, l * kLineVecs + lane, off, n) : -1;
+    if (i >= 0) {
+      x = load_bytes(reinterpret_cast<const uint8_t*>(a.src[i]) + off, n);
+      store_bytes(reinterpret_cast<uint8_t*>(a.dst[i]) + (uint64_t)row0[rank] * a.row_bytes[i] + off,
+                  n, x);
+    }
+    const Vec16 mask = sentinel_mask(x);
+    if (lane == kLineVecs) x = mask;
+    else x = Vec16{unzero(x.x), unzero(x.y), unzero(x.z), unzero(x.w)};
+    if (i >= 0 || lane == kLineVecs)
+      for (int q = 1; q < ws.world; ++q) {
+        const int p = rank + q < ws.world ? rank + q : rank + q - ws.world;
+        st_vec16(lamport(ws, p, buf, rank) + l * kLineBytes + lane * 16, x);
+      }
+  }
+  pdl_launch_dependents();
+  clear_previous<float>(ws, call);
+  // Receive: line l of peer s, the warp's items taken over peers in order.
+  const WaitContext w = allreduce::wait_context(ws, config::kErrAllGatherv);
+  uint64_t total = 0;
+  for (int s = 0; s < ws.world; ++s) total += s == rank ? 0 : nlines[s];
+  for (uint64_t j = global_warp(); j < total; j += global_warps()) {
+    int s = 0;
+    uint64_t l = j;
+    for (; s < ws.world; ++s) {
+      if (s == rank) continue;
+      if (l < nlines[s]) break;
+      l -= nlines[s];
+    }
+    uint64_t off = 0;
+    uint32_t n = 0;
+    const int i = lane < kLineVecs ? g.find(s, l * kLineVecs + lane, off, n) : -1;
+    bool ok = true;
+    Vec16 x{0, 0, 0, 0};
+    if (i >= 0 || lane == kLineVecs) {
+      const uint8_t* src = lamport(ws, rank, buf, s) + l * kLineBytes + lane * 16;
+      x = ld_vec16_volatile(src);
+      SpinTimer timer;
+      while (Lamport<float>::pending(x)) {
+        if (timer.give_up(w, s)) {
+          ok = false;
+          break;
+        }
+        x = ld_vec16_volatile(src);
+      }
+    }
+    if (!__all_sync(~0u, ok)) break;
+    const uint32_t bit = 1u << lane;
+    const uint32_t m0 = __shfl_sync(~0u, x.x, kLineVecs), m1 = __shfl_sync(~0u, x.y, kLineVecs),
+                   m2 = __shfl_sync(~0u, x.z, kLineVecs), m3 = __shfl_sync(~0u, x.w, kLineVecs);
+    if (i < 0) continue;
+    if (m0 & bit) x.x = kSentinel;
+    if (m1 & bit) x.y = kSentinel;
+    if (m2 & bit) x.z = kSentinel;
+    if (m3 & bit) x.w = kSentinel;
+    store_bytes(reinterpret_cast<uint8_t*>(a.dst[i]) + (uint64_t)row0[s] * a.row_bytes[i] + off, n, x);
+  }
+  allreduce::end_call(ws, call, (uint32_t)(most * kLineBytes));
+}
+
+// reduce_scatterv over the Lamport buffers: slot s of rank r's buffer holds rank s's rows of
+// rank r (canonical); rank r sums every slot (its own rows read from `in`) in rank order
+// from +0 in fp32 and rounds once: the pipelined path's bits.
+template <typename T>
+__device__ __forceinline__ void reduce_scatterv_lamport(const ReduceScattervArgs& a) {
+  constexpr int K = Pack16<T>::kLanes;
+  constexpr int kPoll = 4;  // slots a thread has in flight
+  const ArWorkspace& ws = a.lamport;
+  const int rank = ws.rank;
+  const uint8_t* in = static_cast<const uint8_t*>(a.in);
+  int64_t row0[config::kVcMaxRanks];
+  uint64_t most = 0, total = 0;
+  int64_t r0 = 0;
+  for (int s = 0; s < ws.world; ++s) {
+    row0[s] = r0;
+    r0 += a.rows[s];
+    const uint64_t nv = (uint64_t)a.rows[s] * a.row_bytes / 16;
+    most = max(most, nv);
+    total += s == rank ? 0 : nv;
+  }
+  const size_t tid = global_thread_id(), stride = global_thread_count();
+  pdl_wait();
+  const Call call = allreduce::begin_call(ws);
+  const int buf = call.index % 3;
+  for (uint64_t j = tid; j < total; j += stride) {
+    int p = 0;
+    uint64_t v = j;
+    for (; p < ws.world; ++p) {
+      if (p == rank) continue;
+      const uint64_t nv = (uint64_t)a.rows[p] * a.row_bytes / 16;
+      if (v < nv) break;
+      v -= nv;
+    }
+    const Vec16 x = Lamport<T>::canonical(ld_vec16(in + (uint64_t)row0[p] * a.row_bytes + v * 16));
+    st_vec16(lamport(ws, p, buf, rank) + v * 16, x);
+  }
+  pdl_launch_dependents();
+  clear_previous<float>(ws, call);
+  const WaitContext w = allreduce::wait_context(ws, config::kErrReduceScatterv);
+  const uint64_t n_own = (uint64_t)a.rows[rank] * a.row_bytes / 16;
+  const uint8_t* own = in + (uint64_t)row0[rank] * a.row_bytes;
+  const uint8_t* slot0 = lamport(ws, rank, buf, 0);
+  uint8_t* out = static_cast<uint8_t*>(a.out);
+  bool ok = true;
+  for (uint64_t v = tid; ok && v < n_own; v += stride) {
+    float acc[K] = {};
+    for (int s0 = 0; ok && s0 < ws.world; s0 += kPoll) {
+      Vec16 x[kPoll];
+#pragma unroll
+      for (int u = 0; u < kPoll; ++u) {
+        const int s = s0 + u;
+        if (s < ws.world)
+          x[u] = s == rank ? ld_vec16(own + v * 16) : ld_vec16_volatile(slot0 + s * ws.lamport_slot + v * 16);
+      }
+#pragma unroll
+      for (int u = 0; u < kPoll; ++u) {
+        const int s = s0 + u;
+        if (!ok || s >= ws.world) continue;
+        if (s != rank) {
+          SpinTimer timer;
+          while (Lamport<float>::pending(x[u])) {
+            if (timer.give_up(w, s)) {
+              ok = false;
+              break;
+            }
+            x[u] = ld_vec16_volatile(slot0 + s * ws.lamport_slot + v * 16);
+          }
+        }
+        if (ok) accumulate<T>(acc, x[u], false);
+      }
+    }
+    if (ok) st_vec16(out + v * 16, round_pack<T>(acc));
+  }
+  allreduce::end_call(ws, call, (uint32_t)(most * 16));
+}
+
 template <typename T>
 __device__ __forceinline__ void stack_reduce(const StackReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
@@ -302,6 +556,10 @@ __device__ __forceinline__ void stack_reduce(const StackReduceArgs& a) {
   extern "C" __global__ void __launch_bounds__(1024)                                     \
       vc_reduce_scatterv_##SUFFIX(const ReduceScattervArgs a) {                          \
     reduce_scatterv<T>(a);                                                               \
+  }                                                                                      \
+  extern "C" __global__ void __launch_bounds__(1024)                                     \
+      vc_reduce_scatterv_lamport_##SUFFIX(const ReduceScattervArgs a) {                  \
+    reduce_scatterv_lamport<T>(a);                                                       \
   }                                                                                      \
   extern "C" __global__ void vc_stack_reduce_##SUFFIX(const StackReduceArgs a) {         \
     stack_reduce<T>(a);                                                                  \

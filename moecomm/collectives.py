@@ -23,6 +23,18 @@ and replayed. all_gatherv copies rows of any byte size (16-byte vectors where ad
 and sizes allow, else 4-byte words, else bytes); reduce_scatterv needs rows of a multiple
 of 16 bytes and 16-byte aligned arrays.
 
+Small calls skip the flags (``VCollectiveConfig.lamport_max_bytes``, by default a byte
+model: ``lamport_crossover()``): they go through Lamport buffers owned by the workspace,
+with the all-reduce's protocol of ``kernels_cu/allreduce.cuh`` (three rotating buffers,
+slots written only by their rank, every word the sentinel 0x80000000 between uses, a
+device call counter, each call refilling what its peers wrote two calls before): one
+kernel, no barrier, no flag round trip. Payload words equal to the sentinel stay exact:
+all_gatherv sends 512-byte lines of 31 payload vectors and one mask vector whose bits
+mark the words that were 0x80000000 (sent as 0, restored by the receiver), so any bytes
+arrive bitwise at 1/32 extra traffic; reduce_scatterv sends -0.0 as +0.0, which cannot
+change a sum that starts at +0. The path depends only on sizes, row bytes and the
+workspace, so every rank takes the same one.
+
 Across nodes (or with ``MOECOMM_GPUS_PER_NODE`` cutting the group) the same calls go
 through ``NcclCommunicator``: ``all_gather_v`` of every array in one NCCL group, and for
 reduce_scatterv a grouped send/recv of the row blocks followed by a local sum of the
@@ -49,17 +61,19 @@ import numpy as np
 
 from . import group as _group
 from . import kernels
-from .constants import REGION_ALIGN, VC_MAX_BLOCKS, VC_MAX_RANKS, VC_MAX_TENSORS
+from .constants import (DCP_SENTINEL_WORD, REGION_ALIGN, VC_MAX_BLOCKS, VC_MAX_RANKS,
+                        VC_MAX_TENSORS)
 from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
-from .kernel_args import AllGathervArgs, ReduceScattervArgs, StackReduceArgs, VcWorkspace
+from .kernel_args import (AllGathervArgs, ArWorkspace, FillArgs, ReduceScattervArgs,
+                          StackReduceArgs, VcWorkspace)
 from .launch import Launcher
 from .op import Op, empty, group_sms, int_at_least, round_up
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, import_array, stream_handle
 
 __all__ = ["VCollectiveConfig", "VCollectiveWorkspace", "create_vcollective_workspace",
-           "all_gatherv", "reduce_scatterv", "MAX_TENSORS"]
+           "all_gatherv", "reduce_scatterv", "lamport_crossover", "MAX_TENSORS"]
 
 MAX_TENSORS = VC_MAX_TENSORS
 _SOURCE = "collectives.cu"
@@ -69,6 +83,49 @@ if bfloat16 is not None:
 _STATE_WORDS = 4  # kState* in collectives.cu
 _FLAG_BYTES = VC_MAX_BLOCKS * VC_MAX_RANKS * 4
 _CACHE = 64       # prepared launches kept per workspace
+_LAMPORT_STATE_WORDS = 8         # kStateWords in allreduce.cuh
+LINE_VECS, LINE_BYTES = 31, 512  # all_gatherv Lamport line: 31 payload vectors + a mask
+
+# Byte model of the crossover (2 x H200, graph replay): the pipelined path costs about
+# _PIPELINED_US + bytes / _LINK (a flag round trip per call sets its floor), the Lamport
+# path _LAMPORT_US + _LAMPORT_COST * bytes / _LINK (every byte is pushed, polled and,
+# two calls later, refilled with the sentinel), ``bytes`` being what a rank receives.
+_PIPELINED_US, _LAMPORT_US = 6.0, 2.5
+_LINK_BYTES_PER_US = 300e3
+_LAMPORT_COST = 3.0
+_LAMPORT_MAX = 1 << 30  # lamport_max_bytes: slots stay below 4 GiB (u32 clear sizes)
+
+
+def lamport_crossover() -> int:
+    """Received bytes per rank up to which the Lamport path is modelled faster (~512 KB)."""
+    return int((_PIPELINED_US - _LAMPORT_US) * _LINK_BYTES_PER_US / (_LAMPORT_COST - 1))
+
+
+def received_bytes(total: int, world: int) -> int:
+    """Bytes a rank receives on average when a call moves ``total`` bytes (all ranks' rows):
+    the same number on every rank, so every rank picks the same path."""
+    return total * (world - 1) // world
+
+
+def lamport_gather_bytes(sizes: Sequence[int], row_bytes: Sequence[int]) -> int:
+    """Bytes of the largest rank's all_gatherv Lamport stream (its segments, each padded to
+    16 bytes, in lines of ``LINE_VECS`` payload vectors + one mask vector)."""
+    most = 0
+    for c in sizes:
+        vecs = sum(-(-c * rb // 16) for rb in row_bytes)
+        most = max(most, -(-vecs // LINE_VECS) * LINE_BYTES)
+    return most
+
+
+def lamport_slot_bytes(max_bytes: int, limit: int, world: int) -> int:
+    """Bytes of one Lamport slot (what one rank sends one peer) of a workspace: the largest
+    stream a call within ``limit`` received bytes and ``max_bytes`` can send; 0 if
+    ``limit`` is 0 (no Lamport path)."""
+    if limit <= 0:
+        return 0
+    cap = min(max_bytes, limit * world // (world - 1) if world > 1 else limit)
+    vecs = -(-cap // 16) + VC_MAX_TENSORS
+    return round_up(-(-vecs // LINE_VECS) * LINE_BYTES, REGION_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -84,6 +141,10 @@ class VCollectiveConfig:
         raising a flag per item, so its pushes overlap the peers' items in flight and
         their copy out (larger when a block's share would need more than 60000 items).
     pdl: launch with programmatic dependent launch.
+    lamport_max_bytes: calls in which a rank receives at most this many bytes (on
+        average: ``received_bytes``) take the Lamport path, if the workspace's Lamport
+        slots hold them; 0: never; None: the byte model, ``lamport_crossover()``. The
+        workspace's Lamport buffers are sized from it (``lamport_slot_bytes``).
     """
 
     threads: int = 512
@@ -91,6 +152,7 @@ class VCollectiveConfig:
     max_blocks: int | None = None
     item_bytes: int = 32 << 10
     pdl: bool = True
+    lamport_max_bytes: int | None = None
 
     def __post_init__(self):
         t = int_at_least("VCollectiveConfig.threads", self.threads, 32)
@@ -99,14 +161,26 @@ class VCollectiveConfig:
         int_at_least("VCollectiveConfig.bytes_per_block", self.bytes_per_block, 16)
         if int_at_least("VCollectiveConfig.item_bytes", self.item_bytes, 16) % 16:
             raise ValueError(f"VCollectiveConfig.item_bytes={self.item_bytes}: a multiple of 16")
+        if self.lamport_max_bytes is not None:
+            if int_at_least("VCollectiveConfig.lamport_max_bytes", self.lamport_max_bytes,
+                            0) > _LAMPORT_MAX:
+                raise ValueError(f"VCollectiveConfig.lamport_max_bytes={self.lamport_max_bytes}: "
+                                 f"at most {_LAMPORT_MAX}")
         if self.max_blocks is not None:
             if not 1 <= int_at_least("VCollectiveConfig.max_blocks", self.max_blocks) <= VC_MAX_BLOCKS:
                 raise ValueError(f"VCollectiveConfig.max_blocks={self.max_blocks}: at most "
                                  f"{VC_MAX_BLOCKS}")
 
     def grid(self, nbytes: int, sms: int) -> int:
-        most = min(self.max_blocks or sms, VC_MAX_BLOCKS, sms)
-        return max(1, min(most, -(-nbytes // self.bytes_per_block)))
+        return max(1, min(self.most_blocks(sms), -(-nbytes // self.bytes_per_block)))
+
+    def most_blocks(self, sms: int) -> int:
+        """Blocks of one launch: at most one per SM (every block waits for its peers)."""
+        return min(self.max_blocks or sms, VC_MAX_BLOCKS, sms)
+
+    def lamport_limit(self) -> int:
+        """``lamport_max_bytes``, or the byte model's crossover when None."""
+        return lamport_crossover() if self.lamport_max_bytes is None else self.lamport_max_bytes
 
     def items(self, segment_bytes: int, grid: int) -> int:
         """Item bytes for segments of up to ``segment_bytes`` over ``grid`` blocks."""
@@ -160,7 +234,9 @@ class VCollectiveWorkspace(Op):
         timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
         config: ``VCollectiveConfig``.
 
-    Memory per rank (IPC): ``2 * max_bytes`` plus 32 KiB of flags; NCCL path: one
+    Memory per rank (IPC): ``2 * max_bytes`` plus 32 KiB of flags, plus the Lamport
+    buffers ``3 * world * lamport_slot`` (``lamport_slot_bytes``: about
+    ``min(max_bytes, 2 * lamport_max_bytes)`` for 2 ranks); NCCL path: one
     ``max_bytes`` staging buffer for reduce_scatterv. Creation and ``close()`` are
     collective; also a context manager.
     """
@@ -186,19 +262,40 @@ class VCollectiveWorkspace(Op):
         self._stack_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_stack_reduce_{s}")
                                for dt, s in _SUFFIX.items()}
         error = None
+        self.lamport_slot = 0
         if self.ipc:
-            self.buffer = SymmetricBuffer(self.group, _FLAG_BYTES + 2 * self.max_bytes)
+            self.lamport_slot = lamport_slot_bytes(self.max_bytes, self.config.lamport_limit(),
+                                                   self.world)
+            lamport_off = _FLAG_BYTES + 2 * self.max_bytes
+            lamport_bytes = 3 * self.world * self.lamport_slot
+            self.buffer = SymmetricBuffer(self.group, lamport_off + lamport_bytes)
             self.sms = group_sms(self.group)
             self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+            self.lamport_state = cupy.zeros(_LAMPORT_STATE_WORDS, np.uint32)
             error = ErrorWord(self.group.local_comm.allgather(self.rank))
+            wait_ns = timeout_ns(timeout_s)
             self.kernel_workspace = VcWorkspace(
-                state=self.state.data.ptr, error_word=error.ptr,
-                timeout_ns=timeout_ns(timeout_s), data_off=_FLAG_BYTES,
-                buffer_bytes=self.max_bytes, rank=self.group.local_rank, world=self.world)
+                state=self.state.data.ptr, error_word=error.ptr, timeout_ns=wait_ns,
+                data_off=_FLAG_BYTES, buffer_bytes=self.max_bytes, rank=self.group.local_rank,
+                world=self.world)
             self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
+            self.lamport_workspace = ArWorkspace(
+                state=self.lamport_state.data.ptr, error_word=error.ptr, timeout_ns=wait_ns,
+                lamport_off=lamport_off, lamport_slot=self.lamport_slot,
+                rank=self.group.local_rank, world=self.world)
+            self.lamport_workspace.peers[:self.world] = self.buffer.ptrs
             self._gather_kernel = kernels.get_kernel(_SOURCE, "vc_all_gatherv")
+            self._gather_lamport = kernels.get_kernel(_SOURCE, "vc_all_gatherv_lamport")
             self._scatter_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_{s}")
                                      for dt, s in _SUFFIX.items()}
+            self._scatter_lamport = {
+                dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_lamport_{s}")
+                for dt, s in _SUFFIX.items()}
+            if lamport_bytes:  # every word the sentinel before any peer writes
+                fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
+                fill.args.dst, fill.args.nbytes = self.buffer.ptr + lamport_off, lamport_bytes
+                fill.args.word = DCP_SENTINEL_WORD
+                fill(max(1, min(self.sms * 4, -(-lamport_bytes // (16 * 256)))), 256, 0)
             cupy.cuda.runtime.deviceSynchronize()
             self.group.barrier()
         else:
@@ -280,16 +377,48 @@ class VCollectiveWorkspace(Op):
         if need > self.max_bytes:
             raise ValueError(f"all_gatherv of {need} bytes (sizes={list(sizes)}, row bytes "
                              f"{row_bytes}) exceeds the workspace's max_bytes {self.max_bytes}")
-        launcher = Launcher(self._gather_kernel, AllGathervArgs, pdl=self.config.pdl)
+        lamport = self.gather_path(sizes, row_bytes) == "lamport"
+        kernel = self._gather_lamport if lamport else self._gather_kernel
+        launcher = Launcher(kernel, AllGathervArgs, pdl=self.config.pdl)
         a = launcher.args
         a.ws = self.kernel_workspace
         a.num_tensors = len(row_bytes)
         for i, (rb, off) in enumerate(zip(row_bytes, offs)):
             a.row_bytes[i], a.region_off[i] = rb, off
         a.rows[:self.world] = sizes
-        grid = self.config.grid(sum(sizes) * sum(row_bytes), self.sms)
+        if lamport:  # a warp per line of every rank's stream
+            a.lamport = self.lamport_workspace
+            lines = sum(-(-sum(-(-c * rb // 16) for rb in row_bytes) // LINE_VECS) for c in sizes)
+            grid = max(1, min(self.config.most_blocks(self.sms),
+                              -(-lines // (self.config.threads // 32))))
+        else:
+            grid = self.config.grid(sum(sizes) * sum(row_bytes), self.sms)
         a.item_bytes = self.config.items(max(sizes) * max(row_bytes), grid)
         return self._remember(("g", sizes, tuple(row_bytes)), (launcher, grid))
+
+    def gather_path(self, sizes, row_bytes: Sequence[int]) -> str:
+        """The kernel an all_gatherv of ``sizes`` rows of ``row_bytes`` (one int per
+        tensor) takes: ``"lamport"``, ``"pipelined"`` (or ``"nccl"``)."""
+        sizes = check_sizes(sizes, self.world)
+        if not self.ipc:
+            return "nccl"
+        lamport = self._lamport(sum(sizes) * sum(row_bytes), lamport_gather_bytes(sizes, row_bytes))
+        return "lamport" if lamport else "pipelined"
+
+    def scatter_path(self, sizes, row_bytes: int) -> str:
+        """The kernel a reduce_scatterv of ``sizes`` rows of ``row_bytes`` takes (as
+        ``gather_path``)."""
+        sizes = check_sizes(sizes, self.world)
+        if not self.ipc:
+            return "nccl"
+        lamport = self._lamport(sum(sizes) * row_bytes, max(sizes) * row_bytes)
+        return "lamport" if lamport else "pipelined"
+
+    def _lamport(self, total: int, slot_bytes: int) -> bool:
+        """Whether a call moving ``total`` bytes (every rank's rows), needing
+        ``slot_bytes`` per Lamport slot, takes the Lamport path (the same on every rank)."""
+        return (0 < self.lamport_slot and slot_bytes <= self.lamport_slot
+                and received_bytes(total, self.world) <= self.config.lamport_limit())
 
     # -- reduce_scatterv --------------------------------------------------------------------
     def reduce_scatterv(self, x, sizes, *, out=None, stream=None):
@@ -338,12 +467,18 @@ class VCollectiveWorkspace(Op):
         key = ("s", sizes, row, a.dtype)
         prepared = self._prepared.get(key)
         if prepared is None:
-            launcher = Launcher(self._scatter_kernels[a.dtype], ReduceScattervArgs,
-                                pdl=self.config.pdl)
+            lamport = self.scatter_path(sizes, row) == "lamport"
+            kernels_ = self._scatter_lamport if lamport else self._scatter_kernels
+            launcher = Launcher(kernels_[a.dtype], ReduceScattervArgs, pdl=self.config.pdl)
             launcher.args.ws = self.kernel_workspace
             launcher.args.rows[:self.world] = sizes
             launcher.args.row_bytes = row
-            grid = self.config.grid(sum(sizes) * row, self.sms)
+            if lamport:  # a thread per 16-byte vector
+                launcher.args.lamport = self.lamport_workspace
+                grid = max(1, min(self.config.most_blocks(self.sms),
+                                  -(-sum(sizes) * row // (16 * self.config.threads))))
+            else:
+                grid = self.config.grid(sum(sizes) * row, self.sms)
             launcher.args.item_bytes = self.config.items(max(sizes) * row, grid)
             prepared = self._remember(key, (launcher, grid))
         launcher, grid = prepared
@@ -379,11 +514,11 @@ class VCollectiveWorkspace(Op):
             self._nccl.close()
         if self.buffer is not None:
             self.buffer.close()
-            self.state = None
+            self.state = self.lamport_state = None
 
     def __repr__(self) -> str:
         return (f"VCollectiveWorkspace(world={self.world}, max_bytes={self.max_bytes}, "
-                f"path={self.path}, {self.phase.value})")
+                f"lamport_slot={self.lamport_slot}, path={self.path}, {self.phase.value})")
 
 
 def create_vcollective_workspace(group: ProcessGroup | None = None, *,

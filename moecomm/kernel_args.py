@@ -125,12 +125,13 @@ class VcWorkspace(ctypes.Structure):
 class AllGathervArgs(ctypes.Structure):
     _fields_ = _fields(("src dst row_bytes region_off", _u64 * VC_MAX_TENSORS),
                        ("item_bytes", _u64), ("rows", _i64 * VC_MAX_RANKS), ("num_tensors", _i64),
-                       ("ws", VcWorkspace))
+                       ("ws", VcWorkspace), ("lamport", ArWorkspace))
 
 
 class ReduceScattervArgs(ctypes.Structure):
     _fields_ = _fields(("in_ out", _ptr), ("rows", _i64 * VC_MAX_RANKS),
-                       ("row_bytes item_bytes", _i64), ("ws", VcWorkspace))
+                       ("row_bytes item_bytes", _i64), ("ws", VcWorkspace),
+                       ("lamport", ArWorkspace))
 
 
 class StackReduceArgs(ctypes.Structure):

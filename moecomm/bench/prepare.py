@@ -4,7 +4,10 @@ Part 1, per message size (bytes per rank): IPC ``all_gatherv`` (one uint8 tensor
 sizes) against NCCL's ``all_gather`` of the same bytes, and IPC ``reduce_scatterv`` (bf16,
 each rank keeps its size) against NCCL's ``reduce_scatter``: median time per call
 (eager and graph-replayed), bus bandwidth ``(n-1)/n * total bytes / time`` (total: the
-gathered output, the reduce-scatter input), and the ratio to NCCL's graph time.
+gathered output, the reduce-scatter input), and the ratio to NCCL's graph time. ``ipc``
+is the default configuration (its row names the kernel the byte model picked); up to
+``_FORCED_MAX`` bytes per rank, ``ipc_lamport`` and ``ipc_pipelined`` force each kernel,
+the data to place the crossover (``VCollectiveConfig.lamport_max_bytes``) by.
 
 Part 2, the full prepare + finalize of one MoE layer (default hidden 7168, top-8 of 256,
 NVFP4 when ``moecomm.quant`` is present, else bf16) at 128 and 4096 tokens per rank: the
@@ -21,7 +24,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from ..collectives import VCollectiveWorkspace
+from ..collectives import VCollectiveConfig, VCollectiveWorkspace
 from ..layouts import compute_fp4_swizzled_layout_sf_size
 from ..tensors import bfloat16
 from .common import (environment, graph_median_us, median_us, print_table, require_gpu,
@@ -29,6 +32,7 @@ from .common import (environment, graph_median_us, median_us, print_table, requi
 
 SIZES = [8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TOKENS = [128, 4096]
+_FORCED_MAX = 4 << 20  # bytes per rank up to which both IPC kernels are timed as well
 
 
 def add_arguments(p) -> None:
@@ -60,6 +64,11 @@ def _collectives(group, sizes, exclusive, stream, iters) -> list[dict]:
     world = group.size
     big = max(sizes)
     ws = VCollectiveWorkspace(group, world * big)  # the gathered bytes = the scattered input
+    small = min(big, _FORCED_MAX)
+    forced = {"ipc_lamport": VCollectiveWorkspace(group, world * small, config=VCollectiveConfig(
+                  lamport_max_bytes=1 << 30)),
+              "ipc_pipelined": VCollectiveWorkspace(group, world * small, config=VCollectiveConfig(
+                  lamport_max_bytes=0))}
     nccl = None
     if exclusive:
         from ..nccl import NcclCommunicator
@@ -71,31 +80,39 @@ def _collectives(group, sizes, exclusive, stream, iters) -> list[dict]:
         x = cupy.random.randint(0, 255, size, dtype=np.uint8).reshape(1, size)
         counts = [1] * world
         out = cupy.empty((world, size), np.uint8)
-        cases = {"ipc": lambda: ws.all_gatherv([x], counts, outs=[out], stream=stream)}
+        spaces = {"ipc": ws, **(forced if size <= _FORCED_MAX else {})}
+        cases = {impl: (lambda w=w: w.all_gatherv([x], counts, outs=[out], stream=stream))
+                 for impl, w in spaces.items()}
         if nccl is not None:
             cases["nccl"] = lambda: nccl.all_gather(x[0], out=out, stream=stream)
         for impl, fn in cases.items():
             eager, graph = _time(group, fn, stream, n_iters)
-            rows.append({"op": "all_gatherv", "bytes": size, "impl": impl, "eager_us": eager,
-                         "graph_us": graph,
+            path = spaces[impl].gather_path(counts, [size]) if impl in spaces else None
+            rows.append({"op": "all_gatherv", "bytes": size, "impl": impl, "path": path,
+                         "eager_us": eager, "graph_us": graph,
                          "busbw_GBps": (world - 1) / world * world * size / (graph * 1e-6) / 1e9})
         elems = size // 2
         y = cupy.random.standard_normal(world * elems, dtype=np.float32).astype(bfloat16)
         y2 = y.reshape(world, elems)
         r_out = cupy.empty(elems, bfloat16)
-        cases = {"ipc": lambda: ws.reduce_scatterv(y2, counts, out=r_out.reshape(1, elems),
-                                                   stream=stream)}
+        cases = {impl: (lambda w=w: w.reduce_scatterv(y2, counts, out=r_out.reshape(1, elems),
+                                                      stream=stream))
+                 for impl, w in spaces.items()}
         if nccl is not None:
             cases["nccl"] = lambda: nccl.reduce_scatter(y2, out=r_out, stream=stream)
         for impl, fn in cases.items():
             eager, graph = _time(group, fn, stream, n_iters)
-            rows.append({"op": "reduce_scatterv", "bytes": size, "impl": impl,
+            path = spaces[impl].scatter_path(counts, 2 * elems) if impl in spaces else None
+            rows.append({"op": "reduce_scatterv", "bytes": size, "impl": impl, "path": path,
                          "eager_us": eager, "graph_us": graph,
                          "busbw_GBps": (world - 1) / world * world * size / (graph * 1e-6) / 1e9})
         del x, out, y, y2, r_out
     ws.check(stream)
     _ratios(rows, ("op", "bytes"))
     ws.close()
+    for w in forced.values():
+        w.check(stream)
+        w.close()
     if nccl is not None:
         nccl.close()
     return rows
@@ -228,7 +245,7 @@ def run(args) -> int:
     if group.rank == 0:
         print(f"# v-collectives: {group.size} ranks on {env['gpu_count']} x {env['device']}"
               + ("" if exclusive else " (ranks share GPUs: timings are not meaningful, no NCCL)"))
-        print_table(coll, ["op", "bytes", "impl", "eager_us", "graph_us", "busbw_GBps",
+        print_table(coll, ["op", "bytes", "impl", "path", "eager_us", "graph_us", "busbw_GBps",
                            "vs_nccl"])
         print(f"# prepare + finalize: hidden {args.hidden}, top-{args.top_k} of "
               f"{args.experts}, {quant or 'bf16'} activations")

@@ -79,14 +79,22 @@ def fakes(monkeypatch):
     return FakeLauncher.launched
 
 
-def workspace(world=2, rank=0, max_bytes=1 << 20, ipc=True):
+def workspace(world=2, rank=0, max_bytes=1 << 20, ipc=True, config=None):
+    """A workspace over fakes; by default without the Lamport path (lamport_max_bytes=0),
+    so the pipelined launches are what the layout tests see."""
+    config = collectives.VCollectiveConfig(lamport_max_bytes=0) if config is None else config
     ws = collectives.VCollectiveWorkspace.__new__(collectives.VCollectiveWorkspace)
     ws.group, ws.world, ws.rank, ws.device_id = FakeGroup(world, rank), world, rank, 0
-    ws.max_bytes, ws.config, ws.ipc, ws._prepared, ws.sms = max_bytes, \
-        collectives.VCollectiveConfig(), ipc, {}, 132
+    ws.max_bytes, ws.config, ws.ipc, ws._prepared, ws.sms = max_bytes, config, ipc, {}, 132
+    ws.lamport_slot = collectives.lamport_slot_bytes(max_bytes, config.lamport_limit(), world)
     ws.kernel_workspace = kernel_args.VcWorkspace(rank=rank, world=world)
+    ws.lamport_workspace = kernel_args.ArWorkspace(rank=rank, world=world,
+                                                   lamport_slot=ws.lamport_slot)
     ws._gather_kernel = "vc_all_gatherv"
+    ws._gather_lamport = "vc_all_gatherv_lamport"
     ws._scatter_kernels = {d: f"vc_reduce_scatterv_{s}" for d, s in collectives._SUFFIX.items()}
+    ws._scatter_lamport = {d: f"vc_reduce_scatterv_lamport_{s}"
+                           for d, s in collectives._SUFFIX.items()}
     ws._open(None)
     return ws
 
@@ -139,6 +147,98 @@ def test_all_gatherv_errors_before_launch(fakes):
     with pytest.raises(TypeError, match="__dlpack__"):
         ws.all_gatherv([np.zeros((3, 8))], [3, 3])
     assert fakes == []
+
+
+def test_lamport_crossover_model_and_override():
+    c = collectives.lamport_crossover()
+    assert 256 << 10 <= c <= 1 << 20          # a few hundred KB received per rank
+    assert collectives.VCollectiveConfig().lamport_limit() == c
+    assert collectives.VCollectiveConfig(lamport_max_bytes=4096).lamport_limit() == 4096
+    assert collectives.VCollectiveConfig(lamport_max_bytes=0).lamport_limit() == 0
+    with pytest.raises(ValueError, match="lamport_max_bytes"):
+        collectives.VCollectiveConfig(lamport_max_bytes=-1)
+    with pytest.raises(ValueError, match="at most"):
+        collectives.VCollectiveConfig(lamport_max_bytes=1 << 40)
+    assert collectives.received_bytes(1000, 2) == 500 and collectives.received_bytes(1000, 1) == 0
+
+
+def test_lamport_stream_and_slot_bytes():
+    lg = collectives.lamport_gather_bytes
+    assert lg([0, 0], [32]) == 0
+    assert lg([1], [1]) == 512                 # one padded vector: one line
+    assert lg([31], [16]) == 512 and lg([32], [16]) == 1024     # 31 payload vectors a line
+    assert lg([3, 1], [7, 16]) == 512          # ceil(21/16) + 3 vectors
+    assert lg([31], [16, 1]) == 1024           # 31 + 2 vectors
+    assert lg([2, 40], [4, 100]) == 512 * -(-(10 + 250) // 31)  # the largest rank
+    slot = collectives.lamport_slot_bytes
+    assert slot(1 << 30, 0, 2) == 0            # no Lamport path
+    s2 = slot(1 << 30, 100_000, 2)             # a rank's whole stream may be 2x the average
+    assert s2 % 256 == 0 and s2 >= lg([200_000], [1]) and s2 >= lg([25_000], [1] * 8)
+    assert slot(4096, 100_000, 2) < s2         # capped by max_bytes
+    assert slot(4096, 100_000, 2) >= lg([4096], [1])
+    assert slot(1 << 30, 100_000, 1) >= lg([100_000], [1])
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_all_gatherv_takes_lamport_below_crossover(fakes, rank):
+    cfg = collectives.VCollectiveConfig(lamport_max_bytes=64 << 10)
+    ws = workspace(world=3, rank=rank, max_bytes=4 << 20, config=cfg)
+    xs = [Arr((5, 8), np.int32), Arr((5, 7), np.uint8)]
+    ws.all_gatherv(xs, [5, 5, 5])                   # 15 x 39 B: far below
+    ((kernel, grid, block, a),) = fakes
+    assert kernel == "vc_all_gatherv_lamport" and block == 512
+    assert a.lamport.lamport_slot == ws.lamport_slot and a.lamport.world == 3
+    assert list(a.rows[:3]) == [5, 5, 5] and list(a.row_bytes[:2]) == [32, 7]
+    lines = 3 * -(-(10 + 3) // 31)                  # every rank's stream, a warp per line
+    assert grid == max(1, -(-lines // 16))
+    # received bytes per rank just above the limit: the pipelined kernel, on every rank
+    n = (64 << 10) * 3 // 2 // 3 // 64 + 2          # rows per rank of 64 B
+    ws.all_gatherv([Arr((n, 64), np.uint8)], [n] * 3)
+    assert collectives.received_bytes(3 * n * 64, 3) > 64 << 10
+    assert fakes[-1][0] == "vc_all_gatherv"
+    n -= 2                                          # just below: Lamport again
+    assert collectives.received_bytes(3 * n * 64, 3) <= 64 << 10
+    ws.all_gatherv([Arr((n, 64), np.uint8)], [n] * 3)
+    assert fakes[-1][0] == "vc_all_gatherv_lamport"
+    assert ws.gather_path([n] * 3, [64]) == "lamport"
+    assert ws.gather_path([n + 2] * 3, [64]) == "pipelined"
+    assert workspace(ipc=False).gather_path([1, 1], [4]) == "nccl"
+
+
+def test_lamport_path_needs_the_slot(fakes):
+    # slots hold every call within the limit and max_bytes by construction; a slot smaller
+    # than a call's stream (the safety net) sends it down the pipelined path
+    cfg = collectives.VCollectiveConfig(lamport_max_bytes=1 << 20)
+    ws = workspace(world=2, rank=0, max_bytes=1 << 20, config=cfg)
+    rows = 1024 // 16 * 31 // 32 + 1                # a stream of 3 lines: 1536 bytes
+    ws.all_gatherv([Arr((rows, 16), np.uint8)], [rows, 0])
+    assert fakes[-1][0] == "vc_all_gatherv_lamport"
+    ws.lamport_slot, ws._prepared = 1024, {}
+    ws.all_gatherv([Arr((rows, 16), np.uint8)], [rows, 0])
+    assert fakes[-1][0] == "vc_all_gatherv"
+    off = workspace(world=2, rank=0, config=collectives.VCollectiveConfig(lamport_max_bytes=0))
+    assert off.lamport_slot == 0
+    off.all_gatherv([Arr((1, 16), np.uint8)], [1, 1])
+    assert fakes[-1][0] == "vc_all_gatherv"
+
+
+def test_reduce_scatterv_path_choice(fakes):
+    ws = workspace(world=2, rank=1, max_bytes=8 << 20, config=collectives.VCollectiveConfig())
+    x = Arr((7, 64), BF16)
+    ws.reduce_scatterv(x, [3, 4])
+    kernel, grid, block, a = fakes[-1]
+    assert kernel == "vc_reduce_scatterv_lamport_bf16" and grid == 1 and block == 512
+    assert a.lamport.lamport_slot == ws.lamport_slot and a.row_bytes == 128
+    rows = collectives.lamport_crossover() // 1024 + 1  # received rows x 1 KiB > crossover
+    ws.reduce_scatterv(Arr((2 * rows, 256), np.float32), [rows, rows])
+    assert fakes[-1][0] == "vc_reduce_scatterv_fp32"
+    rows -= 1
+    ws.reduce_scatterv(Arr((2 * rows, 256), np.float32), [rows, rows])
+    assert fakes[-1][0] == "vc_reduce_scatterv_lamport_fp32"
+    assert fakes[-1][1] == min(132, -(-2 * rows * 1024 // (16 * 512)))
+    assert ws.scatter_path([rows, rows], 1024) == "lamport"
+    assert ws.scatter_path([rows + 1, rows + 1], 1024) == "pipelined"
+    assert workspace(ipc=False).scatter_path([1, 1], 16) == "nccl"
 
 
 def test_reduce_scatterv_launch_and_errors(fakes):

@@ -4,7 +4,9 @@ a GPU; the NCCL cases need one GPU per rank).
 Every rank builds every rank's inputs from a shared seed and checks its own part. Outputs
 are poisoned first; row counts are ragged, include 0 for some ranks, change from call to
 call on one workspace; rows of every byte size take every copy path (16-byte vectors,
-4-byte words, bytes).
+4-byte words, bytes). Both kernels are covered: the Lamport path of small calls and the
+pipelined one (forced by ``lamport_max_bytes``, and by default on either side of the
+crossover), with payload words equal to the Lamport sentinel 0x80000000 in every dtype.
 """
 
 import re
@@ -15,7 +17,8 @@ import pytest
 
 import moecomm
 from moecomm import reference as ref
-from moecomm.collectives import VCollectiveWorkspace, create_vcollective_workspace
+from moecomm.collectives import (VCollectiveConfig, VCollectiveWorkspace,
+                                 create_vcollective_workspace, lamport_crossover, received_bytes)
 from moecomm.errors import PeerTimeoutError
 from tests.gpu.workers.common import bits, main, raw, zeros
 from tests.mpi import case
@@ -31,11 +34,24 @@ SIZES = {"ragged": None, "zero_rank": "zero", "all_zero": "all_zero", "even": "e
          "one_row": "one"}
 
 
-def workspace(ctx, group=None, key="vc"):
+# lamport_max_bytes per path: the byte model, never, every call that fits
+PATHS = {"auto": None, "pipelined": 0, "lamport": 1 << 30}
+
+
+def workspace(ctx, group=None, key="vc", path="auto"):
     g = ctx.group if group is None else group
-    return ctx.shared(key, lambda: create_vcollective_workspace(
-        g, max_tokens_per_rank=MAX_T, bytes_per_token=[4 * H] + [
-            np.dtype(d).itemsize * int(np.prod(s)) for d, s in PAYLOADS]))
+    config = VCollectiveConfig(lamport_max_bytes=PATHS[path])
+    return ctx.shared(key if path == "auto" else f"{key}_{path}",
+                      lambda: create_vcollective_workspace(
+                          g, max_tokens_per_rank=MAX_T, config=config,
+                          bytes_per_token=[4 * H] + [np.dtype(d).itemsize * int(np.prod(s))
+                                                     for d, s in PAYLOADS]))
+
+
+def expect_path(ws, path, got):
+    """The forced paths take their kernel (``auto``: small calls, Lamport too)."""
+    want = {"pipelined": "pipelined", "lamport": "lamport", "auto": "lamport"}[path]
+    assert got == want, (path, got)
 
 
 def make_sizes(rng, world, mode=None):
@@ -51,12 +67,43 @@ def make_sizes(rng, world, mode=None):
     return sizes
 
 
+SENTINEL = 0x80000000
+# every dtype all_gatherv may carry, with a row shape (odd byte counts included)
+ALL_DTYPES = [(np.bool_, (13,)), (np.int8, (5,)), (np.uint8, (7,)), (np.uint8, (100,)),
+              (np.int16, (3,)), (np.uint16, (64,)), (np.float16, (9,)), (np.int32, (8,)),
+              (np.uint32, (5,)), (np.float32, (8,)), (np.int64, (3,)), (np.uint64, (2,)),
+              (np.float64, (5,)), (np.complex64, (3,))]
+
+
+def sentinel_rich(rng, rows, dtype, shape):
+    """Random ``[rows, *shape]`` of ``dtype`` whose bytes are mostly 0x00 / 0x80 (so the
+    32-bit word 0x80000000 occurs at every alignment), whole rows of it, -0.0 floats."""
+    dtype = np.dtype(dtype)
+    nbytes = rows * int(np.prod(shape)) * dtype.itemsize
+    b = rng.choice(np.array([0x00, 0x80, 0x00, 0x00, 0x80, 0x7F, 0xFF], np.uint8), nbytes)
+    if dtype == np.bool_:   # valid bools only (a bool array never holds 0x80000000)
+        b = (b & 1).astype(np.uint8)
+    else:                   # a quarter of the (4-byte aligned) words: the sentinel
+        words = b[:nbytes // 4 * 4].view(np.uint32)
+        words[rng.random(words.size) < 0.25] = SENTINEL
+    x = b.view(dtype).reshape(rows, *shape)
+    if rows and dtype.itemsize % 4 == 0 and dtype != np.bool_:
+        x[::3].view(np.uint32)[...] = SENTINEL       # rows of sentinel words only
+    return x
+
+
 def gather_inputs(ctx, mode=None):
     rngs = ctx.rank_rngs()
     sizes = make_sizes(rngs[0], ctx.world, mode)
-    xs = [[rngs[r].integers(0, 1 << 16, (sizes[r], *shape)).astype(dt) for dt, shape in PAYLOADS]
+    xs = [[sentinel_rich(rngs[r], sizes[r], dt, shape) for dt, shape in PAYLOADS]
           for r in range(ctx.world)]
     return sizes, xs
+
+
+def same_bytes(got: np.ndarray, want: np.ndarray) -> bool:
+    """Same shape, dtype and bytes (NaN payloads and -0.0 included)."""
+    return (got.shape == want.shape and got.dtype == want.dtype and np.array_equal(
+        np.ascontiguousarray(got).view(np.uint8), np.ascontiguousarray(want).view(np.uint8)))
 
 
 def check_gather(ctx, ws, sizes, xs, *, outs=True):
@@ -71,18 +118,54 @@ def check_gather(ctx, ws, sizes, xs, *, outs=True):
     else:
         got = ws.all_gatherv(device, sizes, stream=ctx.stream)
     for i, (g, w) in enumerate(zip(got, want)):
-        g = ctx.host(g)
-        assert g.shape == w.shape and np.array_equal(g, w), (i, sizes)
+        assert same_bytes(ctx.host(g), w), (i, sizes, w.dtype)
     ws.check(ctx.stream)
 
 
 @case(variants=SIZES)
 def all_gatherv_exact(ctx, mode):
-    """Five tensors of every row size in one call, poisoned outputs, three calls."""
-    ws = workspace(ctx)
-    for _ in range(3):
-        sizes, xs = gather_inputs(ctx, mode)
-        check_gather(ctx, ws, sizes, xs)
+    """Five tensors of every row size in one call, poisoned outputs, three calls, on each
+    path (the Lamport buffers rotate over three calls: four calls reuse one)."""
+    for path in PATHS:
+        ws = workspace(ctx, path=path)
+        for _ in range(4):
+            sizes, xs = gather_inputs(ctx, mode)
+            expect_path(ws, path, ws.gather_path(
+                sizes, [x.itemsize * int(np.prod(x.shape[1:])) for x in xs[0]]))
+            check_gather(ctx, ws, sizes, xs)
+
+
+def dtype_inputs(ctx, sizes, payloads):
+    rngs = ctx.rank_rngs()
+    return [[sentinel_rich(rngs[r], sizes[r], dt, shape) for dt, shape in payloads]
+            for r in range(ctx.world)]
+
+
+@case
+def all_gatherv_sentinel_words(ctx):
+    """Words equal to the Lamport sentinel (0x80000000, fp32 -0.0, 16-bit -0.0 halves) in
+    every dtype and alignment arrive bitwise on every path; streams end on and around a
+    31-vector line boundary."""
+    rngs = ctx.rank_rngs()
+    for path in PATHS:
+        ws = workspace(ctx, path=path)
+        for mode in (None, "zero", "even", "one"):
+            for group in (ALL_DTYPES[:7], ALL_DTYPES[7:]):
+                sizes = make_sizes(rngs[0], ctx.world, mode)
+                xs = dtype_inputs(ctx, sizes, group)
+                expect_path(ws, path, ws.gather_path(
+                    sizes, [np.dtype(d).itemsize * int(np.prod(s)) for d, s in group]))
+                check_gather(ctx, ws, sizes, xs)
+        # one tensor of 16-byte rows: 31 rows fill a line exactly, 30 / 32 around it; then
+        # every word the sentinel (mask words 0x7FFFFFFF, payload words all sent as 0)
+        for only_sentinel in (False, True):
+            for rows in (30, 31, 32, 62):
+                sizes = [rows] * ctx.world
+                xs = dtype_inputs(ctx, sizes, [(np.uint32, (4,))])
+                if only_sentinel:
+                    for x in xs:
+                        x[0][...] = SENTINEL
+                check_gather(ctx, ws, sizes, xs)
 
 
 @case
@@ -100,6 +183,7 @@ def scatter_inputs(ctx, dtype, mode=None):
     x32 = [rngs[r].standard_normal((sum(sizes), H)).astype(np.float32) for r in range(ctx.world)]
     for x in x32:  # -0.0 inputs read as +0 in the sum
         x[::7, ::5] = -0.0
+        x[::11] = -0.0   # rows of -0.0 on every rank: +0 (sent as +0 by the Lamport path)
     return sizes, [ref.cast_from_float32(x, dtype) for x in x32]
 
 
@@ -107,7 +191,7 @@ def check_scatter(ctx, ws, sizes, xs, dtype):
     r = ctx.rank
     want = ref.reduce_scatterv(xs, sizes)[r]
     x = ctx.device(xs[r])
-    out = zeros((sizes[r], H), x.dtype)
+    out = zeros((sizes[r], *x.shape[1:]), x.dtype)
     with ctx.stream:
         raw(out).fill(0xFFFF if x.itemsize == 2 else 0x7FC00001)
     got = ws.reduce_scatterv(x, sizes, out=out, stream=ctx.stream)
@@ -118,19 +202,75 @@ def check_scatter(ctx, ws, sizes, xs, dtype):
 
 @case(dtypes=("bf16", "fp16", "fp32"))
 def reduce_scatterv_exact(ctx, dtype):
-    """Rank-order fp32 sums from +0, ragged sizes with empty ranks, repeated calls."""
-    ws = workspace(ctx)
-    for mode in (None, "zero", "even", "one", "all_zero"):
-        sizes, xs = scatter_inputs(ctx, dtype, mode)
-        check_scatter(ctx, ws, sizes, xs, dtype)
+    """Rank-order fp32 sums from +0, ragged sizes with empty ranks, repeated calls, on
+    each path."""
+    for path in PATHS:
+        ws = workspace(ctx, path=path)
+        for mode in (None, "zero", "even", "one", "all_zero", None):
+            sizes, xs = scatter_inputs(ctx, dtype, mode)
+            expect_path(ws, path, ws.scatter_path(sizes, xs[0].itemsize * H))
+            check_scatter(ctx, ws, sizes, xs, dtype)
 
 
-@case
-def alternating_calls(ctx):
+def crossover_rows(world: int, row_bytes: int) -> int:
+    """Rows per rank of the largest even call the byte model still sends down the Lamport
+    path (one more row crosses over)."""
+    n = 0
+    while received_bytes(world * (n + 1) * row_bytes, world) <= lamport_crossover():
+        n += 1
+    return n
+
+
+@case(dtypes=("bf16", "fp16", "fp32"))
+def crossover_default_config(ctx, dtype):
+    """Default config: calls just below and just above the byte model's crossover take the
+    Lamport and the pipelined kernel, both exact (all_gatherv of sentinel-rich 1 KiB rows,
+    reduce_scatterv of 1 KiB rows); then a burst of both kinds on both paths, issued
+    without synchronising, checked at the end."""
+    if ctx.world == 1:
+        pytest.skip("one rank receives nothing: every call fits the Lamport path")
+    row = 1024
+    n = crossover_rows(ctx.world, row)
+    ws = ctx.shared("vc_cross", lambda: create_vcollective_workspace(
+        ctx.group, max_tokens_per_rank=n + 8, bytes_per_token=row))
+    hs = row // np.dtype(dtype).itemsize
+    rngs = ctx.rank_rngs()
+    for k, rows in enumerate((n, n + 1, n, n + 1, max(0, n - 3), n + 8)):
+        sizes = [rows] * ctx.world
+        if k % 2 == 0 and ctx.world > 1:   # ragged, same total
+            sizes[0], sizes[-1] = rows + 1, rows - 1
+        want = "lamport" if received_bytes(sum(sizes) * row, ctx.world) <= lamport_crossover() \
+            else "pipelined"
+        assert ws.gather_path(sizes, [row]) == want and ws.scatter_path(sizes, row) == want
+        xs = dtype_inputs(ctx, sizes, [(np.uint8, (row,))])
+        check_gather(ctx, ws, sizes, xs)
+        x32 = [rngs[r].standard_normal((sum(sizes), hs)).astype(np.float32)
+               for r in range(ctx.world)]
+        for x in x32:
+            x[::5] = -0.0
+        check_scatter(ctx, ws, sizes, [ref.cast_from_float32(x, dtype) for x in x32], dtype)
+    r, pending = ctx.rank, []
+    for rows in (n, n + 1, n - 1, n + 8, 1, n + 1):
+        sizes = [rows] * ctx.world
+        xs = dtype_inputs(ctx, sizes, [(np.uint8, (row,))])
+        got = ws.all_gatherv([ctx.device(xs[r][0])], sizes, stream=ctx.stream)[0]
+        pending.append((got, ref.all_gatherv(xs, sizes)[0]))
+        x32 = [rngs[q].standard_normal((sum(sizes), hs)).astype(np.float32)
+               for q in range(ctx.world)]
+        ys = [ref.cast_from_float32(x, dtype) for x in x32]
+        got = ws.reduce_scatterv(ctx.device(ys[r]), sizes, stream=ctx.stream)
+        pending.append((got, ref.reduce_scatterv(ys, sizes)[r]))
+    for i, (got, want) in enumerate(pending):
+        assert np.array_equal(bits(ctx.host(got)), bits(want)), (i, dtype)
+    ws.check(ctx.stream)
+
+
+@case(variants={p: p for p in PATHS})
+def alternating_calls(ctx, path):
     """all_gatherv and reduce_scatterv interleaved on one workspace (shared buffers and
-    flags), without synchronising between them."""
-    ws = workspace(ctx)
-    for i in range(6):
+    flags, or Lamport buffers and call counter), without synchronising between them."""
+    ws = workspace(ctx, path=path)
+    for i in range(8):
         if i % 2:
             sizes, xs = scatter_inputs(ctx, "bf16")
             check_scatter(ctx, ws, sizes, xs, "bf16")
@@ -139,10 +279,11 @@ def alternating_calls(ctx):
             check_gather(ctx, ws, sizes, xs)
 
 
-@case
-def graph_replay(ctx):
-    """all_gatherv + reduce_scatterv captured once with fixed sizes, replayed on new data."""
-    ws, stream, r = workspace(ctx), ctx.stream, ctx.rank
+@case(variants={p: p for p in PATHS})
+def graph_replay(ctx, path):
+    """all_gatherv + reduce_scatterv captured once with fixed sizes, replayed on new data
+    (five replays: the Lamport buffers rotate over three calls)."""
+    ws, stream, r = workspace(ctx, path=path), ctx.stream, ctx.rank
     sizes, xs = gather_inputs(ctx, "zero")
     ys = [np.zeros((sum(sizes), H), np.float32) for _ in range(ctx.world)]
     dx = [ctx.device(x, bf16=False) for x in xs[r]]
@@ -157,9 +298,9 @@ def graph_replay(ctx):
         ws.all_gatherv(dx, sizes, outs=outs, stream=stream)
         ws.reduce_scatterv(dy, sizes, out=out, stream=stream)
         graph = stream.end_capture()
-    for i in range(3):
+    for i in range(5):
         rngs = ctx.rank_rngs()
-        new_x = [[rngs[q].integers(0, 1 << 16, x.shape).astype(x.dtype) for x in xs[q]]
+        new_x = [[sentinel_rich(rngs[q], x.shape[0], x.dtype, x.shape[1:]) for x in xs[q]]
                  for q in range(ctx.world)]
         new_y = [rngs[q].standard_normal(ys[q].shape).astype(np.float32) for q in range(ctx.world)]
         with stream:
@@ -171,7 +312,7 @@ def graph_replay(ctx):
             out.fill(np.nan)
         graph.launch(stream)
         for g, w in zip(outs, ref.all_gatherv(new_x, sizes)):
-            assert np.array_equal(ctx.host(g), w), f"replay {i}: all_gatherv"
+            assert same_bytes(ctx.host(g), w), f"replay {i}: all_gatherv"
         assert np.array_equal(bits(ctx.host(out)), bits(ref.reduce_scatterv(new_y, sizes)[r])), \
             f"replay {i}: reduce_scatterv"
     ws.check(stream)
@@ -272,11 +413,14 @@ def debug_mode_catches_mismatched_sizes(ctx):
         assert np.array_equal(got.get(), np.repeat([0, 1], 2)[:, None].repeat(4, 1))
 
 
-@case(own_job=True, ranks=(2, 3))
-def missing_peer_times_out(ctx):
-    """The last rank skips a call: the others raise PeerTimeoutError naming it."""
+@case(own_job=True, ranks=(2, 3), variants={"lamport": None, "pipelined": 0})
+def missing_peer_times_out(ctx, limit):
+    """The last rank skips a call: the others raise PeerTimeoutError naming it (small calls:
+    the Lamport path by default, the pipelined one when forced)."""
     missing = ctx.world - 1
-    with VCollectiveWorkspace(ctx.group, 1 << 16, timeout_s=0.5) as ws:
+    config = VCollectiveConfig(lamport_max_bytes=limit)
+    with VCollectiveWorkspace(ctx.group, 1 << 16, timeout_s=0.5, config=config) as ws:
+        assert ws.scatter_path([2] * ctx.world, 16) == ("pipelined" if limit == 0 else "lamport")
         x = cupy.ones((2, 4), np.float32)
         ws.all_gatherv([x], [2] * ctx.world)
         ws.check()
