@@ -86,18 +86,20 @@ _CACHE = 64       # prepared launches kept per workspace
 _LAMPORT_STATE_WORDS = 8         # kStateWords in allreduce.cuh
 LINE_VECS, LINE_BYTES = 31, 512  # all_gatherv Lamport line: 31 payload vectors + a mask
 
-# Byte model of the crossover (2 x H200, graph replay): the pipelined path costs about
+# Byte model of the crossover, fitted to 2 x H200 graph replays (bench prepare,
+# bench/results/prepare-r2-2xNVIDIA_H200-20261129T225737.json: Lamport 3.3 us at 8 KiB,
+# 6.8 at 1 MiB, 19.3 at 4 MiB; pipelined 6.5, 9.4, 19.9): the pipelined path costs about
 # _PIPELINED_US + bytes / _LINK (a flag round trip per call sets its floor), the Lamport
 # path _LAMPORT_US + _LAMPORT_COST * bytes / _LINK (every byte is pushed, polled and,
 # two calls later, refilled with the sentinel), ``bytes`` being what a rank receives.
 _PIPELINED_US, _LAMPORT_US = 6.0, 2.5
 _LINK_BYTES_PER_US = 300e3
-_LAMPORT_COST = 3.0
+_LAMPORT_COST = 1.2
 _LAMPORT_MAX = 1 << 30  # lamport_max_bytes: slots stay below 4 GiB (u32 clear sizes)
 
 
 def lamport_crossover() -> int:
-    """Received bytes per rank up to which the Lamport path is modelled faster (~512 KB)."""
+    """Received bytes per rank up to which the Lamport path is modelled faster (~5 MB)."""
     return int((_PIPELINED_US - _LAMPORT_US) * _LINK_BYTES_PER_US / (_LAMPORT_COST - 1))
 
 

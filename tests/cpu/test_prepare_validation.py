@@ -151,7 +151,7 @@ def test_all_gatherv_errors_before_launch(fakes):
 
 def test_lamport_crossover_model_and_override():
     c = collectives.lamport_crossover()
-    assert 256 << 10 <= c <= 1 << 20          # a few hundred KB received per rank
+    assert 1 << 20 <= c <= 16 << 20           # a few MB received per rank (measured)
     assert collectives.VCollectiveConfig().lamport_limit() == c
     assert collectives.VCollectiveConfig(lamport_max_bytes=4096).lamport_limit() == 4096
     assert collectives.VCollectiveConfig(lamport_max_bytes=0).lamport_limit() == 0
@@ -223,7 +223,7 @@ def test_lamport_path_needs_the_slot(fakes):
 
 
 def test_reduce_scatterv_path_choice(fakes):
-    ws = workspace(world=2, rank=1, max_bytes=8 << 20, config=collectives.VCollectiveConfig())
+    ws = workspace(world=2, rank=1, max_bytes=32 << 20, config=collectives.VCollectiveConfig())
     x = Arr((7, 64), BF16)
     ws.reduce_scatterv(x, [3, 4])
     kernel, grid, block, a = fakes[-1]

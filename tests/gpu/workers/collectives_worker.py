@@ -106,13 +106,21 @@ def same_bytes(got: np.ndarray, want: np.ndarray) -> bool:
         np.ascontiguousarray(got).view(np.uint8), np.ascontiguousarray(want).view(np.uint8)))
 
 
+def poisoned(shape, dtype) -> cupy.ndarray:
+    """A device array of ``shape`` filled with 0xA5 bytes, whatever the dtype (the value
+    0xA5 itself does not fit int8 or bool)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return cupy.full(n, 0xA5, np.uint8).view(dtype).reshape(shape)
+
+
 def check_gather(ctx, ws, sizes, xs, *, outs=True):
     r = ctx.rank
     device = [ctx.device(x, bf16=False) for x in xs[r]]
     want = ref.all_gatherv(xs, sizes)
     if outs:
         with ctx.stream:
-            out = [cupy.full((sum(sizes), *x.shape[1:]), 0xA5, x.dtype) for x in xs[r]]
+            out = [poisoned((sum(sizes), *x.shape[1:]), x.dtype) for x in xs[r]]
         got = ws.all_gatherv(device, sizes, outs=out, stream=ctx.stream)
         assert all(g is o for g, o in zip(got, out))
     else:
