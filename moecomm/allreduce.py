@@ -189,6 +189,7 @@ class AllReduceWorkspace(Op):
             return
         self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
         sms = group_sms(self.group)
+        self.device_sms = sms  # the node's SMs per GPU, whatever the budget
         self.sms = min(sms, self.config.num_sms or sms)  # the SM budget of every grid
         self.state = cupy.zeros(_STATE_WORDS, np.uint32)
         self.error = ErrorWord(self.group.local_comm.allgather(self.rank))

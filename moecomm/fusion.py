@@ -198,7 +198,10 @@ class AllReduceFusionWorkspace(Op):
         if entry is None:
             sms = self.allreduce.sms
             oneshot = algorithm == Algorithm.ONESHOT
-            plan = _row_plan(self.hidden_dim, tokens, sms,
+            # The row plan (hence a row's fp32 sum-of-squares tree, hence norm_out's bits)
+            # follows the device, never the SM budget: a budgeted call gives the bits of
+            # an unbudgeted one, its grid looping over the rows the budget cannot hold.
+            plan = _row_plan(self.hidden_dim, tokens, self.allreduce.device_sms,
                              oneshot and device_facts().arch >= (9, 0))
             launcher = self._launchers.get((algorithm, quant, plan.variant))
             if launcher is None:
