@@ -35,11 +35,12 @@ from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
 from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
 from .launch import Launcher
-from .op import Op, empty, group_sms, int_at_least, round_up
+from .op import Op, empty, group_sms, int_at_least, options, round_up, supported_dtype
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
 _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", bfloat16: "bf16"}
+_DTYPES = (bfloat16, np.dtype(np.float16), np.dtype(np.float32))  # as error messages name them
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
 _STATE_WORDS = 8       # kStateWords in allreduce.cuh
@@ -148,14 +149,9 @@ class AllReduceWorkspace(Op):
                  max_oneshot_bytes: int | None = None, timeout_s: float | None = None,
                  segment_bytes: int | None = None, config: AllReduceConfig | None = None):
         self.group = default_group() if group is None else group
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in _SUFFIX:
-            raise TypeError(f"dtype {self.dtype.name} is not supported, expected bfloat16, "
-                            "float16 or float32")
+        self.dtype = supported_dtype(dtype, _DTYPES)
         self.max_bytes = int_at_least("max_bytes", max_bytes)
-        self.config = AllReduceConfig() if config is None else config
-        if not isinstance(self.config, AllReduceConfig):
-            raise TypeError(f"config: expected an AllReduceConfig, got {type(config).__name__}")
+        self.config = options(AllReduceConfig, config)
         self.world, self.rank = self.group.size, self.group.rank
         self.device_id = cupy.cuda.runtime.getDevice()
         self.timeout_ns = timeout_ns(timeout_s)

@@ -68,7 +68,7 @@ from .group import ProcessGroup, default_group
 from .kernel_args import (AllGathervArgs, ArWorkspace, FillArgs, ReduceScattervArgs,
                           StackReduceArgs, VcWorkspace)
 from .launch import Launcher
-from .op import Op, empty, group_sms, int_at_least, round_up
+from .op import Op, empty, group_sms, int_at_least, options, round_up
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, import_array, stream_handle
 
@@ -249,9 +249,7 @@ class VCollectiveWorkspace(Op):
                  timeout_s: float | None = None, config: VCollectiveConfig | None = None):
         self.group = default_group() if group is None else group
         self.max_bytes = round_up(int_at_least("max_bytes", max_bytes), REGION_ALIGN)
-        self.config = VCollectiveConfig() if config is None else config
-        if not isinstance(self.config, VCollectiveConfig):
-            raise TypeError(f"config: expected a VCollectiveConfig, got {type(config).__name__}")
+        self.config = options(VCollectiveConfig, config)
         self.world, self.rank = self.group.size, self.group.rank
         self.device_id = cupy.cuda.runtime.getDevice()
         self.ipc = not self.group.spans_nodes

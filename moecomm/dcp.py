@@ -43,7 +43,7 @@ from .group import ProcessGroup, default_group
 from .kernel_args import ArWorkspace, DcpArgs, DcpCombineArgs, FillArgs
 from .launch import Launcher
 from .mapping import Mapping
-from .op import Op, device_facts, empty, int_at_least, round_up
+from .op import Op, device_facts, empty, int_at_least, options, round_up
 from .symmetric import SymmetricBuffer
 from .tensors import bfloat16, import_array, stream_handle
 
@@ -168,9 +168,7 @@ class DcpAlltoAll(Op):
     def __init__(self, group: ProcessGroup | Mapping | None = None, max_rows: int = 4096,
                  head_dim: int = 128, stats_dim: int = 2, dtype=bfloat16, *,
                  timeout_s: float | None = None, config: DcpConfig | None = None):
-        self.config = DcpConfig() if config is None else config
-        if not isinstance(self.config, DcpConfig):
-            raise TypeError(f"config: expected a DcpConfig, got {type(config).__name__}")
+        self.config = options(DcpConfig, config)
         self._own_group = False
         if group is None:
             group = default_group()

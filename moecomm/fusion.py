@@ -47,7 +47,7 @@ from .group import ProcessGroup, default_group
 from .kernel_args import FusionArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, ue8m0_mn_major_storage_size
-from .op import Op, device_facts, int_at_least, require_aligned
+from .op import Op, device_facts, int_at_least, require_aligned, supported_dtype
 from .tensors import (CODE_DTYPES, E4M3_SCALE_DTYPES, FP4_DTYPES, UE8M0_DTYPES, as_array,
                       bfloat16, dtype_name, stream_handle)
 
@@ -162,10 +162,7 @@ class AllReduceFusionWorkspace(Op):
     def __init__(self, group: ProcessGroup | None, max_token_num: int, hidden_dim: int,
                  dtype=bfloat16, *, oneshot_max_bytes: int | None = None,
                  config: AllReduceConfig | None = None, **options):
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in _SUFFIX:
-            raise TypeError(f"dtype {self.dtype.name} is not supported, expected bfloat16 "
-                            "or float16")
+        self.dtype = supported_dtype(dtype, tuple(_SUFFIX))
         self.max_token_num = int_at_least("max_token_num", max_token_num)
         self.hidden_dim = int_at_least("hidden_dim", hidden_dim)
         _check_hidden(self.hidden_dim, "hidden_dim")

@@ -62,13 +62,14 @@ from .constants import AR_MAX_RANKS, VECTOR_BYTES, MixedCommOp
 from .group import ProcessGroup, default_group
 from .kernel_args import MixedArgs
 from .launch import Launcher
-from .op import Op, device_facts, empty, int_at_least
+from .op import Op, device_facts, empty, int_at_least, options, supported_dtype
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
 __all__ = ["MixedCommOp", "MixedCommMode", "MixedCommConfig", "MixedLayout",
            "MixedCommHandler", "run_mixed_comm"]
 
 _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", bfloat16: "bf16"}
+_DTYPES = (bfloat16, np.dtype(np.float16), np.dtype(np.float32))  # as error messages name them
 _RS_OPS = (MixedCommOp.REDUCESCATTER, MixedCommOp.REDUCESCATTER_ALLREDUCE)
 _GATHER_OPS = (MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 
@@ -295,14 +296,9 @@ class MixedCommHandler(Op):
                  inter_tp_size: int | None = None, inter_dp_size: int | None = None,
                  timeout_s: float | None = None, config: MixedCommConfig | None = None):
         self.group = default_group() if group is None else group
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in _SUFFIX:
-            raise TypeError(f"dtype {self.dtype.name} is not supported, expected bfloat16, "
-                            "float16 or float32")
+        self.dtype = supported_dtype(dtype, _DTYPES)
         self.max_bytes = int_at_least("max_bytes", max_bytes)
-        self.config = MixedCommConfig() if config is None else config
-        if not isinstance(self.config, MixedCommConfig):
-            raise TypeError(f"config: expected a MixedCommConfig, got {type(config).__name__}")
+        self.config = options(MixedCommConfig, config)
         g = self.group
         sizes = (tp_size, dp_size, local_tp_size, local_dp_size, inter_tp_size, inter_dp_size)
         g.check_uniform("MixedCommHandler arguments (sizes, max_bytes, dtype)",

@@ -26,6 +26,28 @@ _runtime = cupy.cuda.runtime
 
 
 # ------------------------------------------------------------------------ checks
+def supported_dtype(dtype, allowed, name: str = "dtype") -> np.dtype:
+    """``np.dtype(dtype)`` when it is one of ``allowed`` (an op's element types), else a
+    TypeError naming them."""
+    dt = np.dtype(dtype)
+    if dt not in allowed:
+        names = [np.dtype(a).name for a in allowed]
+        want = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise TypeError(f"{name} {dt.name} is not supported, expected {want}")
+    return dt
+
+
+def options(cls, value, name: str = "config"):
+    """An op's frozen option object: ``value``, or ``cls()`` when None (TypeError for
+    anything that is not a ``cls``)."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{name}: expected {article} {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
 def int_at_least(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (TypeError for non-integers, bools included)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -62,7 +62,7 @@ from .constants import AR_MAX_BLOCKS, AR_MAX_RANKS, VECTOR_BYTES
 from .group import ProcessGroup, default_group
 from .kernel_args import RegAllReduceArgs
 from .launch import Launcher
-from .op import Op, empty, int_at_least
+from .op import Op, empty, int_at_least, supported_dtype
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
@@ -71,6 +71,7 @@ __all__ = ["CustomAllReduce", "meta_size", "vllm_init_custom_ar", "vllm_register
            "vllm_meta_size", "vllm_dispose"]
 
 _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", bfloat16: "bf16"}
+_DTYPES = (bfloat16, np.dtype(np.float16), np.dtype(np.float32))  # as error messages name them
 _IPC_HANDLE_BYTES = 64
 
 
@@ -120,10 +121,7 @@ class CustomAllReduce(Op):
                  max_buffers: int = 4096, timeout_s: float | None = None,
                  config: AllReduceConfig | None = None):
         self.group = default_group() if group is None else group
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in _SUFFIX:
-            raise TypeError(f"dtype {self.dtype.name} is not supported, expected bfloat16, "
-                            "float16 or float32")
+        self.dtype = supported_dtype(dtype, _DTYPES)
         self.max_buffers = int_at_least("max_buffers", max_buffers)
         if self.group.spans_nodes:
             raise ValueError(f"CustomAllReduce needs CUDA IPC, but the group spans "

@@ -93,7 +93,8 @@ from ..group import ProcessGroup
 from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import Op, Phase, device_facts, empty, ep_group, group_sms, int_at_least, round_up
+from ..op import (Op, Phase, device_facts, empty, ep_group, group_sms, int_at_least, options,
+                  round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, import_array, stream_handle
 
@@ -366,9 +367,7 @@ class MoeAlltoAll(Op):
         self.max_num_tokens = int_at_least("max_num_tokens", max_num_tokens)
         self.top_k = int_at_least("top_k", top_k)
         self.num_experts = int_at_least("num_experts", num_experts)
-        self.config = MoeAlltoAllConfig() if config is None else config
-        if not isinstance(self.config, MoeAlltoAllConfig):
-            raise TypeError(f"config: expected a MoeAlltoAllConfig, got {type(config).__name__}")
+        self.config = options(MoeAlltoAllConfig, config)
         self._timeout_ns = timeout_ns(timeout_s)
         if workspace_size_per_rank is None and hidden_size is None:
             raise ValueError("pass workspace_size_per_rank or hidden_size")
