@@ -17,7 +17,7 @@ import moecomm
 from moecomm import reference
 from moecomm.allreduce import Algorithm, all_reduce, create_allreduce_workspace
 from moecomm.errors import PeerTimeoutError
-from tests.gpu.workers.common import bits, dtype_label, main
+from tests.gpu.workers.common import bits, dtype_label, main, reduce_inputs
 from tests.mpi import case
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -29,16 +29,6 @@ def workspace(ctx, dtype):
     return ctx.shared(("ws", dtype.name), lambda: create_allreduce_workspace(
         ctx.group, max_bytes=(1 << 20) + 4096, dtype=dtype, max_oneshot_bytes=ONESHOT_MAX))
 
-
-def fresh_inputs(ctx, shape, dtype):
-    """Every rank's input (the same list on every rank), with outliers, zeros and -0.0."""
-    xs = []
-    for rng in ctx.rank_rngs():
-        x = rng.standard_normal(shape).astype(np.float32)
-        x.reshape(-1)[:: 7] *= 64.0
-        x.reshape(-1)[3:: 11] = -0.0
-        xs.append(x.astype(dtype))
-    return xs
 
 
 def check_exact(ctx, out, xs, what):
@@ -63,7 +53,7 @@ def exact(ctx, dtype):
     item = dtype.itemsize
     lamport_elems = ONESHOT_MAX // item
     for shape in ((1,), (127,), (8, 16), (3, 1001), (lamport_elems + 40,), (1 << 20) // item):
-        xs = fresh_inputs(ctx, shape, dtype)
+        xs = reduce_inputs(ctx, shape, dtype)
         mine = cupy.asarray(xs[ctx.rank])
         size = int(np.prod(shape)) * item
         algos = [Algorithm.AUTO, Algorithm.TWOSHOT]
@@ -85,7 +75,7 @@ def rotation(ctx, dtype):
     ws = workspace(ctx, dtype)
     for i in range(7):
         shape = (97 + 31 * i,)
-        xs = fresh_inputs(ctx, shape, dtype)
+        xs = reduce_inputs(ctx, shape, dtype)
         algo = (Algorithm.ONESHOT, Algorithm.TWOSHOT, Algorithm.ONESHOT)[i % 3]
         out = all_reduce(cupy.asarray(xs[ctx.rank]), ws, algorithm=algo)
         check_exact(ctx, out, xs, f"rotation {i} {algo.value}")
@@ -107,7 +97,7 @@ def graph_replay(ctx, dtype):
                        stream=stream)
         graph = stream.end_capture()
     for replay in range(3):
-        data = [fresh_inputs(ctx, s, dtype) for s in shapes]
+        data = [reduce_inputs(ctx, s, dtype) for s in shapes]
         for i in range(10):
             ins[i].set(data[i][ctx.rank])
             outs[i].fill(np.nan)
@@ -146,7 +136,7 @@ def nccl_algorithm(ctx, dtype):
     if not ctx.exclusive:
         pytest.skip("ranks share a GPU: NCCL needs one rank per GPU")
     ws = workspace(ctx, dtype)
-    xs = fresh_inputs(ctx, (4099,), dtype)
+    xs = reduce_inputs(ctx, (4099,), dtype)
     got = cupy.asnumpy(all_reduce(cupy.asarray(xs[ctx.rank]), ws, algorithm="nccl"))
     want = reference.to_float32(reference.all_reduce(xs))
     tol = 1e-5 if dtype == np.float32 else 2e-2
@@ -175,7 +165,7 @@ def spanning_group_uses_nccl(ctx):
             with pytest.raises(ValueError, match="needs CUDA IPC"):
                 ws.choose(1024, "oneshot")
             if ctx.exclusive:
-                xs = fresh_inputs(ctx, (1000,), np.float32)
+                xs = reduce_inputs(ctx, (1000,), np.float32)
                 got = all_reduce(cupy.asarray(xs[ctx.rank]), ws).get()
                 assert np.allclose(got, reference.all_reduce(xs), rtol=1e-5, atol=1e-5)
     finally:

@@ -51,6 +51,18 @@ def dtype_label(dt) -> str:
             np.dtype(np.float32): "fp32"}.get(np.dtype(dt), np.dtype(dt).name)
 
 
+def reduce_inputs(ctx, shape, dtype) -> list[np.ndarray]:
+    """Every rank's all-reduce input (the same list on every rank): standard normals with
+    outliers (every 7th x64) and -0.0 (every 11th from 3), in ``dtype``."""
+    xs = []
+    for rng in ctx.rank_rngs():
+        x = rng.standard_normal(shape).astype(np.float32)
+        x.reshape(-1)[::7] *= 64.0
+        x.reshape(-1)[3::11] = -0.0
+        xs.append(x.astype(dtype))
+    return xs
+
+
 class GpuContext(CaseContext):
     """A case's context in a GPU job.
 

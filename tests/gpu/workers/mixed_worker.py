@@ -23,7 +23,7 @@ from moecomm.errors import PeerTimeoutError
 from moecomm.mixed import (MixedCommConfig, MixedCommHandler, MixedCommMode, MixedCommOp,
                            run_mixed_comm)
 from moecomm.tensors import bfloat16
-from tests.gpu.workers.common import bits, dtype_label, main
+from tests.gpu.workers.common import bits, dtype_label, main, reduce_inputs
 from tests.mpi import case
 
 MAX_BYTES = 1 << 20
@@ -54,16 +54,6 @@ def modes(ctx, h):
         out += [ONE, TP_DP]
     return out + ([AUTO] if h.fused or ctx.exclusive else [])
 
-
-def fresh_inputs(ctx, shape, dtype):
-    """Every rank's input (the same list on every rank), with outliers, zeros and -0.0."""
-    xs = []
-    for rng in ctx.rank_rngs():
-        x = rng.standard_normal(shape).astype(np.float32)
-        x.reshape(-1)[::7] *= 64.0
-        x.reshape(-1)[3::11] = -0.0
-        xs.append(x.astype(dtype))
-    return xs
 
 
 def expected(h, op, xs):
@@ -97,7 +87,7 @@ def exact(ctx, name):
     with ctx.stream:
         for op in MixedCommOp:
             for shape in shapes(h, op):
-                xs = fresh_inputs(ctx, shape, bfloat16)
+                xs = reduce_inputs(ctx, shape, bfloat16)
                 want = expected(h, op, xs)
                 mine = cupy.asarray(xs[ctx.rank])
                 for mode in modes(ctx, h):
@@ -122,14 +112,14 @@ def interleaved(ctx, name):
     for i in range(12):
         op = ops[i % len(ops)]
         shape = (h.layout.dp_size * (1 + i % 3), 8 * (1 + i))
-        xs = fresh_inputs(ctx, shape, bfloat16)
+        xs = reduce_inputs(ctx, shape, bfloat16)
         with ctx.stream:
             out = run_mixed_comm(op, h, cupy.asarray(xs[ctx.rank]), mode=ms[i % len(ms)],
                                  stream=ctx.stream)
         ctx.stream.synchronize()
         check(ctx, h, out, expected(h, op, xs), f"call {i} {op.name} {ms[i % len(ms)].name}")
         if h.fused and i % 2:
-            ys = fresh_inputs(ctx, (40 + i,), bfloat16)
+            ys = reduce_inputs(ctx, (40 + i,), bfloat16)
             with ctx.stream:
                 r = all_reduce(cupy.asarray(ys[ctx.rank]), h.workspace, stream=ctx.stream)
             ctx.stream.synchronize()
@@ -162,7 +152,7 @@ def graph_replay(ctx, name):
             run_mixed_comm(op, h, x, out, mode=mode, stream=stream)
         graph = stream.end_capture()
     for replay in range(3):
-        data = [fresh_inputs(ctx, x.shape, bfloat16) for _, _, x, _ in calls]
+        data = [reduce_inputs(ctx, x.shape, bfloat16) for _, _, x, _ in calls]
         for (op, mode, x, out), xs in zip(calls, data):
             x.set(xs[ctx.rank])
             out.fill(np.nan)
@@ -182,7 +172,7 @@ def dtypes(ctx, dtype):
     h = handler(ctx, name, dtype)
     for op in MixedCommOp:
         shape = (3 * h.layout.dp_size, 40)
-        xs = fresh_inputs(ctx, shape, dtype)
+        xs = reduce_inputs(ctx, shape, dtype)
         want = expected(h, op, xs)
         for mode in modes(ctx, h):
             with ctx.stream:
@@ -250,7 +240,7 @@ def declared_nodes(ctx):
                 continue
             for op in MixedCommOp:
                 shape = (3 * h.layout.dp_size, 72)
-                xs = fresh_inputs(ctx, shape, bfloat16)
+                xs = reduce_inputs(ctx, shape, bfloat16)
                 want = expected(h, op, xs)
                 for mode in (ONE, TP_DP, AUTO):
                     with ctx.stream:
@@ -304,7 +294,7 @@ def gpus_per_node_env(ctx):
         assert not h.fused and h.layout.inter_tp_size == ctx.world
         if not ctx.exclusive:
             pytest.skip("NCCL needs one rank per GPU")
-        xs = fresh_inputs(ctx, (4, 16), bfloat16)
+        xs = reduce_inputs(ctx, (4, 16), bfloat16)
         out = run_mixed_comm(MixedCommOp.ALLREDUCE, h, cupy.asarray(xs[ctx.rank]))
         cupy.cuda.runtime.deviceSynchronize()
         check(ctx, h, out, expected(h, MixedCommOp.ALLREDUCE, xs), "env nodes")

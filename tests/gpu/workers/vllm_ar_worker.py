@@ -24,7 +24,7 @@ from moecomm.symmetric import SymmetricBuffer
 from moecomm.vllm_ar import (CustomAllReduce, meta_size, vllm_all_reduce, vllm_dispose,
                              vllm_get_graph_buffer_ipc_meta, vllm_init_custom_ar,
                              vllm_meta_size, vllm_register_buffer, vllm_register_graph_buffers)
-from tests.gpu.workers.common import bits, dtype_label, main
+from tests.gpu.workers.common import bits, dtype_label, main, reduce_inputs
 from tests.mpi import case
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -52,15 +52,6 @@ def setup(ctx, dtype) -> Setup:
     return ctx.shared(("vllm", dtype.name), lambda: Setup(ctx.group, dtype))
 
 
-def fresh_inputs(ctx, shape, dtype):
-    xs = []
-    for rng in ctx.rank_rngs():
-        x = rng.standard_normal(shape).astype(np.float32)
-        x.reshape(-1)[::7] *= 64.0
-        x.reshape(-1)[3::11] = -0.0
-        xs.append(x.astype(dtype))
-    return xs
-
 
 def check(out, xs, what):
     cupy.cuda.runtime.deviceSynchronize()
@@ -80,7 +71,7 @@ def staging(ctx, dtype):
     s = setup(ctx, dtype)
     with ctx.stream:
         for shape in SHAPES:
-            xs = fresh_inputs(ctx, shape, dtype)
+            xs = reduce_inputs(ctx, shape, dtype)
             mine = cupy.asarray(xs[ctx.rank])
             for reg in (s.buf, s.buf.ptr):
                 out = cupy.full(shape, np.nan, dtype)
@@ -100,7 +91,7 @@ def registered_inputs(ctx, dtype):
     s = setup(ctx, dtype)
     for buf, offset, shape in ((s.buf, 0, (1000,)), (s.buf, 4096, (3, 77)),
                                (s.extra, 256, (64, 8)), (s.extra, 0, (5,))):
-        xs = fresh_inputs(ctx, shape, dtype)
+        xs = reduce_inputs(ctx, shape, dtype)
         inp = buf.view(dtype, shape, offset=offset)
         with ctx.stream:
             inp.set(xs[ctx.rank])
@@ -140,7 +131,7 @@ def graph_buffers(ctx, dtype):
             vllm_register_graph_buffers(s.fa)
         assert vllm_get_graph_buffer_ipc_meta(s.fa) == (b"", []), "nothing left pending"
         for replay in range(3):
-            data = [fresh_inputs(ctx, sh, dtype) for sh in shapes]
+            data = [reduce_inputs(ctx, sh, dtype) for sh in shapes]
             for i in range(5):
                 ins[i].set(data[i][ctx.rank])
                 outs[i].fill(np.nan)
@@ -162,7 +153,7 @@ def interleaved(ctx, dtype):
     s = setup(ctx, dtype)
     for i in range(9):
         shape = (100 + 37 * i,)
-        xs = fresh_inputs(ctx, shape, dtype)
+        xs = reduce_inputs(ctx, shape, dtype)
         with ctx.stream:
             out = cupy.full(shape, np.nan, dtype)
         if i % 2:
