@@ -162,6 +162,19 @@ def dequant_nvfp4(packed: Any, sf: Any, global_scale: float, num_rows: int, num_
 # GROUP_FP8_MIN_SCALE (moecomm.constants): lower clamp of amax/448 before the power-of-two
 # ceiling (as DeepGEMM/FlashInfer): an all-zero group gets scale 2**-33 (UE8M0 byte 94).
 
+def _group_amax(x: Any, group_size: Any, name: str):
+    """``(M, N, blocks [M, N/g, g] fp32, amax [M, N/g])`` of the groups of ``g`` consecutive
+    elements of each row of ``x`` [M, N] (ValueError unless ``g > 0`` divides N)."""
+    x32 = _as_2d_f32(x, "x")
+    m, n = x32.shape
+    g = int(group_size)
+    if g <= 0 or n % g:
+        raise ValueError(f"{name}={group_size} must be > 0 and divide N={n}")
+    blocks = x32.reshape(m, n // g, g)
+    amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
+    return m, n, blocks, amax
+
+
 def quant_fp8_per_token_group(x: Any, group_size: int):
     """Per-token-group FP8 with packed UE8M0 scales (DeepSeek style), x [M, N], N % g == 0.
 
@@ -179,13 +192,7 @@ def quant_fp8_per_token_group(x: Any, group_size: int):
     array, four exponent bytes per int32, group 4j+i in byte i (little-endian). Device
     outputs store it MN-major / TMA-aligned: see :func:`ue8m0_to_mn_major_storage`.
     """
-    x32 = _as_2d_f32(x, "x")
-    m, n = x32.shape
-    g = int(group_size)
-    if g <= 0 or n % g:
-        raise ValueError(f"block_quant_group_size={group_size} must be > 0 and divide N={n}")
-    blocks = x32.reshape(m, n // g, g)
-    amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
+    m, n, blocks, amax = _group_amax(x, group_size, "block_quant_group_size")
     v = np.maximum(amax / np.float32(FP8_E4M3_MAX), np.float32(GROUP_FP8_MIN_SCALE))
     e = ue8m0_encode_ceil(v)
     scale = ue8m0_decode(e)[..., None]
@@ -215,13 +222,7 @@ def quant_fp8_per_token_group_fp32(x: Any, group_size: int):
     Returns ``(q uint8 [M, N], scale fp32 [M, N // g])``; dequantize as
     ``decode(q) * scale``.
     """
-    x32 = _as_2d_f32(x, "x")
-    m, n = x32.shape
-    g = int(group_size)
-    if g <= 0 or n % g:
-        raise ValueError(f"group_size={group_size} must be > 0 and divide N={n}")
-    blocks = x32.reshape(m, n // g, g)
-    amax = np.max(np.abs(blocks), axis=-1) if n else np.zeros((m, 0), np.float32)
+    m, n, blocks, amax = _group_amax(x, group_size, "group_size")
     s = np.maximum(amax / np.float32(FP8_E4M3_MAX),
                    np.float32(GROUP_FP8_MIN_SCALE)).astype(np.float32)
     inv = (np.float32(1.0) / s).astype(np.float32)
