@@ -38,8 +38,11 @@
 // whose rows the payload is (read in place: block s of it is written and read by rank s
 // alone); any other payload is first copied (its valid rows, recv_counts[s] of block s)
 // into the combine region. Every block then signals, waits for all peers' signals and
-// pulls, for each of its tokens, the row of every target rank r (ascending r) from r's
-// region at [rank, send_slot[t, r]], summing in fp32 from +0, rounding once.
+// pulls, for each token, the row of every target rank r (ascending r) from r's region at
+// [rank, send_slot[t, r]], summing in fp32 from +0, rounding once. The pull is token-major:
+// a warp reads a token's slots once and then streams a piece of its rows, with several
+// 16-byte loads of two ranks in flight per lane (the earlier unit-major loop re-read a slot
+// before every load and reached a third of the link's bandwidth at 24 SMs).
 //
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
 // tensors only after its own combine k saw every peer's combine signals k, i.e. after
@@ -56,6 +59,11 @@ namespace {
 
 constexpr int kMaxRanks = config::kA2aMaxRanks;
 constexpr int kSub = 32;  // tokens a block assigns slots to (warp 0) before copying them
+// Combine: 16-byte columns a lane sums at once, ranks loaded before adding, and the
+// columns of a warp's piece of a row (the host sizes the grid with the same kPiece).
+constexpr int kUnits = config::kA2aCombineUnits;
+constexpr int kGroup = 2;
+constexpr int kPiece = 32 * kUnits;
 
 // Header byte offsets in every rank's workspace.
 constexpr size_t kDispatchCountOff = 0;
@@ -303,7 +311,6 @@ __device__ __forceinline__ void add_row(float (&acc)[Pack16<T>::kLanes], const V
 template <typename T>
 __device__ __forceinline__ void combine(const CombineArgs& p) {
   constexpr int K = Pack16<T>::kLanes;
-  constexpr int kUnits = 2;  // 16-byte columns a thread reduces at once
   const A2aWorkspace& ws = p.ws;
   const int ep = ws.ep_size;
   const int rank = ws.rank;
@@ -327,45 +334,59 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
   pdl_launch_dependents();
 
   // 3. Token t sums row (rank, slot) of every target r's region, r ascending, fp32 from +0.
+  //    A row is cut into pieces of 32 x kUnits 16-byte columns; warp w takes pieces w,
+  //    w + warps, ...: lanes 0..ep-1 read the piece's token's slots once (shuffled to the
+  //    warp), and every lane loads its kUnits columns of kGroup ranks before adding, so
+  //    that kUnits x kGroup loads are in flight per lane.
   if (ok) {
-    const int64_t nvec = row / 16;
-    const int64_t units = (int64_t)p.num_tokens * nvec;
+    const int nvec = (int)(row / 16);
+    const int pieces_per_row = (nvec + kPiece - 1) / kPiece;
+    const int64_t pieces = (int64_t)p.num_tokens * pieces_per_row;
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
     const size_t src_off = p.region_off + (size_t)rank * block_bytes;
-    const int64_t stride = global_thread_count();
-    for (int64_t u0 = global_thread_id(); u0 < units; u0 += kUnits * stride) {
+    for (int64_t q = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); q < pieces;
+         q += warps) {
+      const int64_t t = q / pieces_per_row;
+      const int c0 = (int)(q - t * pieces_per_row) * kPiece + lane;
+      const int my_slot = lane < ep ? p.send_slot[t * ep + lane] : -1;
       float acc[kUnits][K];
-      Vec16 x[kUnits][4];
-      bool have[kUnits][4];
 #pragma unroll
       for (int j = 0; j < kUnits; ++j) {
 #pragma unroll
         for (int i = 0; i < K; ++i) acc[j][i] = 0.f;
       }
-      for (int r0 = 0; r0 < ep; r0 += 4) {
+      for (int r0 = 0; r0 < ep; r0 += kGroup) {
+        int slot[kGroup];
+        Vec16 x[kUnits][kGroup];
 #pragma unroll
-        for (int j = 0; j < kUnits; ++j) {
-          const int64_t u = u0 + j * stride;
-          const int64_t t = u / nvec;
+        for (int i = 0; i < kGroup; ++i) {
+          const int s = __shfl_sync(~0u, my_slot, (r0 + i) & 31);
+          slot[i] = r0 + i < ep ? s : -1;  // warp-uniform
+        }
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int slot = u < units && r0 + i < ep ? p.send_slot[t * ep + r0 + i] : -1;
-            have[j][i] = slot >= 0;
-            if (have[j][i])
-              x[j][i] = ld_vec16_cg(peer_base(ws, r0 + i) + src_off + (size_t)slot * row +
-                                    (u - t * nvec) * 16);
+        for (int i = 0; i < kGroup; ++i) {
+          if (slot[i] < 0) continue;
+          const uint8_t* src = peer_base(ws, r0 + i) + src_off + (size_t)slot[i] * row;
+#pragma unroll
+          for (int j = 0; j < kUnits; ++j) {
+            const int c = c0 + 32 * j;
+            if (c < nvec) x[j][i] = ld_vec16_cg(src + (size_t)c * 16);
           }
         }
 #pragma unroll
-        for (int j = 0; j < kUnits; ++j) {
+        for (int i = 0; i < kGroup; ++i) {
+          if (slot[i] < 0) continue;
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (have[j][i]) add_row<T>(acc[j], x[j][i]);
+          for (int j = 0; j < kUnits; ++j)
+            if (c0 + 32 * j < nvec) add_row<T>(acc[j], x[j][i]);
         }
       }
+      uint8_t* dst = p.out + (size_t)t * row;
 #pragma unroll
       for (int j = 0; j < kUnits; ++j) {
-        const int64_t u = u0 + j * stride;
-        if (u < units) st_vec16(p.out + u * 16, round_pack<T>(acc[j]));
+        const int c = c0 + 32 * j;
+        if (c < nvec) st_vec16(dst + (size_t)c * 16, round_pack<T>(acc[j]));
       }
     }
   }

@@ -26,6 +26,7 @@ A2A_MAX_RANKS = 32       # ep size of MoeAlltoAll / EPAllToAll
 A2A_MAX_PAYLOADS = 8     # payloads of one dispatch
 A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
 A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
+A2A_COMBINE_UNITS = 4    # 16-byte columns a combine lane sums at once (a warp: 32x that)
 
 BARRIER_MAX_RANKS = 32  # ranks of a device-side barrier (moecomm.barrier)
 # ------------------------------------------------------------------------ v-collectives
@@ -247,6 +248,7 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_MAX_PAYLOADS": A2A_MAX_PAYLOADS,
         "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
         "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
+        "MOECOMM_A2A_COMBINE_UNITS": A2A_COMBINE_UNITS,
         "MOECOMM_BARRIER_MAX_RANKS": BARRIER_MAX_RANKS,
         "MOECOMM_VC_MAX_RANKS": VC_MAX_RANKS,
         "MOECOMM_VC_MAX_TENSORS": VC_MAX_TENSORS,

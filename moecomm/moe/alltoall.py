@@ -85,7 +85,8 @@ from typing import NamedTuple, Sequence
 import cupy
 import numpy as np
 
-from ..constants import A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A_MAX_PAYLOADS, A2A_MAX_RANKS, REGION_ALIGN
+from ..constants import (A2A_COMBINE_UNITS, A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A_MAX_PAYLOADS,
+                         A2A_MAX_RANKS, REGION_ALIGN)
 from .. import events
 from .. import group as _group
 from ..errors import ErrorWord, timeout_ns
@@ -832,9 +833,10 @@ class MoeAlltoAll(Op):
         a.region_off = plan.combine_off if source is None else source
         a.row_bytes, a.runtime_max, a.stage = row, plan.runtime_max, int(source is None)
         block = self.config.combine_threads
-        # Every block waits for the peers, so all must be resident at once.
-        units = -(-plan.runtime_max * (row // 16) // (2 * block))
-        grid = max(1, min(units, self.num_sms * self._combine_blocks_per_sm))
+        # A warp per piece of A2A_COMBINE_UNITS x 32 columns of a row at most; every block
+        # waits for the peers, so all must be resident at once.
+        pieces = plan.runtime_max * -(-(row // 16) // (32 * A2A_COMBINE_UNITS))
+        grid = max(1, min(-(-pieces // (block // 32)), self.num_sms * self._combine_blocks_per_sm))
         return _Prepared(launcher, grid, block, None, None)
 
     def _same_runtime_max(self, value, plan: DispatchPlan) -> int:
