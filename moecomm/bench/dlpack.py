@@ -127,7 +127,7 @@ def run(args) -> int:
     env = environment(group)
     dev = group.device_id
     ws = create_allreduce_workspace(group, NBYTES, bfloat16)
-    host = np.random.default_rng(group.rank).standard_normal(NBYTES // 2).astype(bfloat16)
+    values = np.random.default_rng(group.rank).standard_normal(NBYTES // 2).astype(bfloat16)
     torch = _torch(dev)
     jax = _jax(dev)
     # every rank runs the same rows (all_reduce is collective)
@@ -135,11 +135,11 @@ def run(args) -> int:
     have_jax = group.comm.allreduce(jax is not None, op=_min())
 
     cs = cupy.cuda.Stream(non_blocking=True)
-    xc = cupy.asarray(host.view(np.uint16)).view(bfloat16)
+    xc = cupy.asarray(values.view(np.uint16)).view(bfloat16)
     streams = {"omitted": None, "cupy Stream": cs}
     if have_torch:
         ts = torch.cuda.Stream()
-        xt = torch.from_numpy(host.view(np.int16)).to(f"cuda:{dev}").view(torch.bfloat16)
+        xt = torch.from_numpy(values.view(np.int16)).to(f"cuda:{dev}").view(torch.bfloat16)
         streams = {"omitted": None, "torch Stream": ts, "raw handle": ts.cuda_stream,
                    "cupy Stream": cs}
 
@@ -167,7 +167,7 @@ def run(args) -> int:
             rows.append({"framework": "torch", "stream": mode, "us_per_call": us,
                          "delta_us": us - base[mode], "import_us": imp, "host_us": host})
     if have_jax:
-        jx = jax[0].device_put(host, jax[1]).block_until_ready()
+        jx = jax[0].device_put(values, jax[1]).block_until_ready()
         us, imp, host = measure(jx, None)
         rows.append({"framework": "jax", "stream": "omitted", "us_per_call": us,
                      "delta_us": us - base["omitted"], "import_us": imp, "host_us": host})
