@@ -17,6 +17,8 @@ why and what to use instead).
 
 from __future__ import annotations
 
+import math
+
 import cupy
 import numpy as np
 from cupy.cuda import runtime
@@ -109,7 +111,7 @@ class SymmetricBuffer:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is not in [0, {self.world_size})")
         dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(int(d) for d in shape)
         if offset < 0 or offset % dtype.itemsize:
             raise ValueError(f"offset {offset} is negative or not a multiple of {dtype.itemsize}")
         if offset + count * dtype.itemsize > self.nbytes:

@@ -90,7 +90,6 @@ from ..constants import (A2A_COMBINE_UNITS, A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A
 from .. import events
 from .. import group as _group
 from ..errors import ErrorWord, timeout_ns
-from ..group import ProcessGroup
 from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
@@ -130,14 +129,15 @@ class MoeAlltoAllConfig:
 
     num_sms: SMs dispatch and combine may occupy (None: every SM of the device); the rest
         stay free for compute running beside them. The same on every rank.
-    dispatch_threads: block size of dispatch (a multiple of 32, at most 512 with FP8).
-    dispatch_blocks_per_sm: dispatch blocks per SM of the budget.
+    dispatch_threads: block size of dispatch (a multiple of 32, at most 512).
+    dispatch_blocks_per_sm: dispatch blocks per SM of the budget, capped at the blocks of
+        the kernel that fit on one SM (so that the grid fits on ``num_sms`` SMs).
     combine_threads: block size of combine (a multiple of 32, at most 512).
     pdl: launch with programmatic dependent launch.
     """
 
     num_sms: int | None = None
-    dispatch_threads: int = 256
+    dispatch_threads: int = 512
     dispatch_blocks_per_sm: int = 2
     combine_threads: int = 512
     pdl: bool = True
@@ -338,6 +338,7 @@ class _Prepared(NamedTuple):
     block: int
     plan: DispatchPlan | None
     views: list | None
+    combine_views: dict | None = None  # (runtime_max, hidden, dtype) -> combine region view
 
 
 class MoeAlltoAll(Op):
@@ -620,7 +621,8 @@ class MoeAlltoAll(Op):
                 f"input_payloads: {plan.combine_off} workspace bytes needed at "
                 f"runtime_max_tokens_per_rank={rmax}, the workspace has {self._ws.nbytes} "
                 "(size it with get_moe_workspace_size_per_rank)")
-        launcher = self._new_launcher(self._dispatch_kernels[quant is not None], DispatchArgs)
+        kernel = self._dispatch_kernels[quant is not None]
+        launcher = self._new_launcher(kernel, DispatchArgs)
         a = launcher.args
         a.send_slot, a.recv_counts = self._send_slot.data.ptr, self._recv_counts.data.ptr
         a.top_k, a.num_experts, a.experts_per_rank = self.top_k, self.num_experts, self.experts_per_rank
@@ -639,8 +641,10 @@ class MoeAlltoAll(Op):
                 self._ws.view(quantize.scale_dtype,
                               (self.ep_size, rmax, quantize.scale_width(hidden)),
                               offset=plan.recv_off[-1]))
-        grid = max(1, min(rmax, self.num_sms * self.config.dispatch_blocks_per_sm))
-        return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views)
+        per_sm = min(self.config.dispatch_blocks_per_sm,
+                     device_facts().blocks_per_sm(kernel, self.config.dispatch_threads))
+        grid = max(1, min(rmax, self.num_sms * per_sm))
+        return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views, {})
 
     def _payloads(self, input_payloads, T: int, stream: int) -> list:
         if not isinstance(input_payloads, (list, tuple)):
@@ -720,9 +724,25 @@ class MoeAlltoAll(Op):
         """The combine region as ``[ep_size, runtime_max, hidden_size]`` of ``dtype`` (bf16,
         fp16, fp32): write the expert outputs here and call ``combine(...,
         payload_in_workspace=True)`` to skip the staging copy. Only between a dispatch and
-        its combine; valid until the next dispatch."""
+        its combine; valid until the next dispatch (dispatches of the same layout return
+        the same array object)."""
         self.usable("get_combine_payload_tensor_in_workspace")
-        plan = self._require_dispatched("get_combine_payload_tensor_in_workspace").plan
+        prepared = self._require_dispatched("get_combine_payload_tensor_in_workspace")
+        key = (type(runtime_max_tokens_per_rank), runtime_max_tokens_per_rank,
+               type(hidden_size), hidden_size, dtype)
+        try:  # the same view object per layout and arguments: no CuPy array per call
+            view = prepared.combine_views.get(key)
+        except TypeError:  # unhashable arguments: the checks below name them
+            view = None
+        if view is None:
+            view = self._combine_view(prepared.plan, runtime_max_tokens_per_rank, hidden_size,
+                                      dtype)
+            if len(prepared.combine_views) < _PLAN_CACHE:
+                prepared.combine_views[key] = view
+        return view
+
+    def _combine_view(self, plan: DispatchPlan, runtime_max_tokens_per_rank, hidden_size,
+                      dtype) -> cupy.ndarray:
         self._same_runtime_max(runtime_max_tokens_per_rank, plan)
         dtype = np.dtype(dtype)
         if dtype not in _COMBINE_KERNELS:
