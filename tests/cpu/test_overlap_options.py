@@ -160,6 +160,7 @@ def test_bench_overlap_is_registered():
     assert args.num_sms.split(",") == ["8", "16", "24", "32", "all"]
     assert (args.tokens, args.hidden, args.experts, args.top_k) == (4096, 7168, 256, 8)
     assert args.ar_bytes == 16 << 20
+    assert args.gemm_sms == "rest"  # the GEMM leaves the budget's SMs to the communication
 
 
 def test_bench_overlap_plot(tmp_path):
