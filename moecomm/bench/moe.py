@@ -57,7 +57,7 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   pair over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
   synchronisation at the end, the slowest rank's; ``host_us`` is the host time alone: the
   enqueue time per pair of 100 pairs issued while the GPU runs a 40 ms spin kernel (no
-  launch waits for the GPU). ``wall_us`` is about max(``host_us``, the GPU's eager time
+  launch waits for the GPU). Both are medians of 5 batches. ``wall_us`` is about max(``host_us``, the GPU's eager time
   per pair). Rows: CuPy arrays with the stream omitted (CuPy's
   current stream), given as a CuPy stream and as a raw handle; torch tensors (when torch
   is importable) with the stream omitted, a torch Stream and a raw handle; and the
@@ -89,6 +89,7 @@ TOKENS = [1, 32, 128, 512, 1024, 4096]
 ROUTINGS = ("uniform", "skewed")
 SPIN_US = 500  # GPU head start before each eager pair, longer than its host launch cost
 EAGER_WARMUP = 5
+BATCHES = 5  # batches of the eager host-cost measurement (medians)
 HOST_CALLS = 100  # pairs enqueued behind a HOST_SPIN_US spin to time the host alone
 HOST_SPIN_US = 40_000
 THREADS = 256
@@ -414,28 +415,31 @@ def _fp8_dispatch(args, group, a2a, kernels, stream) -> dict:
 
 
 def _wall_us(fn, group, calls: int, spin) -> tuple[float, float]:
-    """(wall, host) microseconds per ``fn()``: wall over ``calls`` back-to-back calls and
-    one synchronisation; host = enqueue time per call of ``HOST_CALLS`` calls issued while
-    the GPU runs a long spin kernel, so that no launch waits for the GPU."""
+    """(wall, host) microseconds per ``fn()``, medians of ``BATCHES`` batches: wall over
+    ``calls`` back-to-back calls and one synchronisation; host = enqueue time per call of
+    ``HOST_CALLS`` calls issued while the GPU runs a long spin kernel, so that no launch
+    waits for the GPU."""
     import time
 
     for _ in range(EAGER_WARMUP):
         fn()
-    cupy.cuda.runtime.deviceSynchronize()
-    group.barrier()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    cupy.cuda.runtime.deviceSynchronize()
-    wall = (time.perf_counter() - t0) / calls * 1e6
-    group.barrier()
-    spin(HOST_SPIN_US)
-    t0 = time.perf_counter()
-    for _ in range(HOST_CALLS):
-        fn()
-    host = (time.perf_counter() - t0) / HOST_CALLS * 1e6
-    cupy.cuda.runtime.deviceSynchronize()
-    return wall, host
+    walls, hosts = [], []
+    for _ in range(BATCHES):
+        cupy.cuda.runtime.deviceSynchronize()
+        group.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        cupy.cuda.runtime.deviceSynchronize()
+        walls.append((time.perf_counter() - t0) / calls * 1e6)
+        group.barrier()
+        spin(HOST_SPIN_US)
+        t0 = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            fn()
+        hosts.append((time.perf_counter() - t0) / HOST_CALLS * 1e6)
+        cupy.cuda.runtime.deviceSynchronize()
+    return float(np.median(walls)), float(np.median(hosts))
 
 
 def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
