@@ -14,7 +14,18 @@ Rounding points of the fused all-reduce (the GPU kernels follow these)
    ``ms = fp32(mean(r**2))`` (sum in float64 here; a GPU tree sum differs in the last
    bits), ``rstd = fp32(1/sqrt(ms + fp32(eps)))`` (``ms + eps`` in fp32, rsqrt correctly
    rounded), ``norm32 = (r * rstd) * (gamma + weight_bias)`` in fp32,
-   ``norm_out = io(norm32)``.
+   ``norm_out = io(norm32)``. The kernels sum ``fp32(r * r)`` in fp32 (multiply, then
+   add, each rounded) and divide and take the square root correctly rounded.
+   FlashInfer 0.7.2 computes the same formula as ``rsqrtf(acc / hidden + eps)`` with
+   ``acc += v * v`` under fast math: squares accumulated by FMA, an approximate division
+   and an approximate reciprocal square root (up to 2 ulp). Its row factor then differs
+   from the correctly rounded one in the last bit for some rows, which moves about 1 in
+   10^5 elements of ``norm_out`` (and the FP8 codes read from them) by one step: measured
+   on 2 x H200, 1-111 elements per shape at 32-2048 tokens x 4096/7168, none at 1 and 8
+   tokens; moecomm's one-shot and two-shot agree bit for bit, FlashInfer's differ from
+   each other in 2 elements at 7168 x 128. The correctly rounded
+   value is the one this reference states; an approximation of the hardware's
+   reciprocal units cannot be reproduced here, so the kernels keep the exact factor.
 5. Every quantizer reads the ROUNDED ``norm_out`` (decoded to fp32), also in the patterns
    that do not write ``norm_out``. A GPU ``norm_out`` may differ from this reference by
    one ulp of the I/O dtype (step 4), so GPU tests compare norm/quant outputs with a
