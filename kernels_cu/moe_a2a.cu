@@ -41,8 +41,8 @@
 // pulls, for each token, the row of every target rank r (ascending r) from r's region at
 // [rank, send_slot[t, r]], summing in fp32 from +0, rounding once. The pull is token-major:
 // a warp reads a token's slots once and then streams a piece of its rows, with several
-// 16-byte loads of two ranks in flight per lane (the earlier unit-major loop re-read a slot
-// before every load and reached a third of the link's bandwidth at 24 SMs).
+// 16-byte loads of two ranks in flight per lane (no load waits on another, so a few SMs
+// keep the link busy).
 //
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
 // tensors only after its own combine k saw every peer's combine signals k, i.e. after
