@@ -43,7 +43,7 @@ from .group import ProcessGroup, default_group
 from .kernel_args import ArWorkspace, DcpArgs, DcpCombineArgs, FillArgs
 from .launch import Launcher
 from .mapping import Mapping
-from .op import Op, device_facts, empty, int_at_least, options, round_up
+from .op import Op, device_facts, empty, enum_member, int_at_least, options, round_up
 from .symmetric import SymmetricBuffer
 from .tensors import bfloat16, import_array, stream_handle
 
@@ -328,11 +328,7 @@ def lse_combine(partial_o, softmax_stats, stats_format: StatsFormat | int = Stat
     Arithmetic: ``moecomm.reference.dcp.lse_combine``.
     """
     config = DcpConfig() if config is None else config
-    try:
-        fmt = StatsFormat(stats_format)
-    except ValueError:
-        raise ValueError(f"stats_format: {stats_format!r} is not a StatsFormat "
-                         f"({', '.join(f.name for f in StatsFormat)})") from None
+    fmt = enum_member(StatsFormat, stats_format, "stats_format")
     handle = stream_handle(stream)
     device = cupy.cuda.runtime.getDevice()
     o = import_array(partial_o, "partial_o", device=device, stream=handle)

@@ -62,7 +62,7 @@ from .constants import AR_MAX_RANKS, VECTOR_BYTES, MixedCommOp
 from .group import ProcessGroup, default_group
 from .kernel_args import MixedArgs
 from .launch import Launcher
-from .op import Op, device_facts, empty, int_at_least, options, supported_dtype
+from .op import Op, device_facts, empty, enum_member, int_at_least, options, supported_dtype
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
 __all__ = ["MixedCommOp", "MixedCommMode", "MixedCommConfig", "MixedLayout",
@@ -348,11 +348,7 @@ class MixedCommHandler(Op):
     def choose(self, op: MixedCommOp, nbytes: int,
                mode: MixedCommMode | int = MixedCommMode.AUTO) -> MixedCommMode:
         """The mode a call of ``op`` moving ``nbytes`` (larger of input and output) takes."""
-        try:
-            mode = MixedCommMode(mode)
-        except ValueError:
-            raise ValueError(f"mode {mode!r} is not a MixedCommMode: choose from "
-                             f"{[m.name for m in MixedCommMode]}") from None
+        mode = enum_member(MixedCommMode, mode, "mode")
         if mode == MixedCommMode.AUTO:
             limit = self.config.fused_max_bytes
             if limit is None:
@@ -457,11 +453,7 @@ class MixedCommHandler(Op):
             mode: MixedCommMode | int = MixedCommMode.AUTO, stream=None):
         """``run_mixed_comm`` (see there)."""
         self.usable("run_mixed_comm")
-        try:
-            op = MixedCommOp(op)
-        except ValueError:
-            raise ValueError(f"op {op!r} is not a MixedCommOp: choose from "
-                             f"{[o.name for o in MixedCommOp]}") from None
+        op = enum_member(MixedCommOp, op, "op")
         handle = stream_handle(stream)
         xa = import_array(x_in, "x_in", dtype=FLOAT_DTYPES, device=self.device_id, stream=handle)
         if xa.dtype != self.dtype:

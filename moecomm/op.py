@@ -37,6 +37,16 @@ def supported_dtype(dtype, allowed, name: str = "dtype") -> np.dtype:
     return dt
 
 
+def enum_member(cls, value, name: str):
+    """``cls(value)``: a member of the enum ``cls`` given as itself or its value, else a
+    ValueError naming the members."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value!r} is not a {cls.__name__}; choose from "
+                         f"{[m.name for m in cls]}") from None
+
+
 def options(cls, value, name: str = "config"):
     """An op's frozen option object: ``value``, or ``cls()`` when None (TypeError for
     anything that is not a ``cls``)."""
