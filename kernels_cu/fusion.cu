@@ -227,9 +227,10 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
       const uint8_t sf = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
       const float sf_val = e4m3_decode(sf);
       const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
-      uint32_t packed = 0;
+      float p[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) packed |= e2m1_encode(__fmul_rn(r[k][i], out_scale)) << (4 * i);
+      for (int i = 0; i < 8; ++i) p[i] = __fmul_rn(r[k][i], out_scale);
+      const uint32_t packed = e2m1_pack8(p);
       *reinterpret_cast<uint32_t*>(a.quant_out + (base + v * 8) / 2) = packed;
       if ((v & 1) == 0) {
         const size_t kb = v / 2;

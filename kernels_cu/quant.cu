@@ -201,54 +201,134 @@ __device__ __forceinline__ void fp8_group(const QuantArgs& a) {
   }
 }
 
-// NVFP4: one thread per 16-element block (two 16-byte loads of bf16/fp16, four of fp32;
-// 8 bytes of codes and a scale byte out). Work items walk the scale-factor grid in memory
-// order of the rows, padded to 128 rows x 4 columns when swizzled: items of the padding
-// write their scale byte as 0, so the whole swizzled array is written in the same pass.
-// A thread's (row, column) advance by the grid stride without a division per item.
+// NVFP4, one 16-element block: its amax (exact in T: packed max for 16-bit T), scale byte
+// and 16 codes (two words, element 2i in the low nibble of byte i).
+template <typename T>
+__device__ __forceinline__ uint8_t nvfp4_block(const Vec16 (&v)[16 / Pack16<T>::kLanes],
+                                               float gs, uint2& codes) {
+  constexpr int V = 16 / Pack16<T>::kLanes;
+  float f[16];
+  float amax;
+  if constexpr (sizeof(T) == 2) {
+    using P = Packed2<T>;
+    const uint32_t w[8] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w};
+    typename P::type m = __habs2(P::of(w[0]));
+#pragma unroll
+    for (int i = 1; i < 8; ++i) m = __hmax2(m, __habs2(P::of(w[i])));
+    const float2 m2 = P::to_float2(m);
+    amax = fmaxf(0.f, fmaxf(m2.x, m2.y));  // as fmaxf over |v|: NaN lanes drop out
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 e = P::to_float2(P::of(w[i]));
+      f[2 * i] = e.x;
+      f[2 * i + 1] = e.y;
+    }
+  } else {
+    amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      Pack16<T> p;
+      p.vec = v[j];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        f[j * 4 + k] = to_float(p.lane[k]);
+        amax = fmaxf(amax, fabsf(f[j * 4 + k]));
+      }
+    }
+  }
+  const uint8_t code = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
+  const float sf_val = e4m3_decode(code);
+  const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
+  float p[2][8];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) p[i / 8][i % 8] = __fmul_rn(f[i], out_scale);
+  codes = make_uint2(e2m1_pack8(p[0]), e2m1_pack8(p[1]));
+  return code;
+}
+
+// NVFP4 work item: blocks kb and kb + 1 of `row` (two 16-byte loads per block of
+// bf16/fp16, four of fp32, all issued first; 16 bytes of codes out, or two 8-byte stores
+// where they are not 16-byte aligned). Returns the scale bytes (block kb + i in byte i),
+// 0 for blocks outside the matrix (the swizzled layout's padding).
+template <typename T>
+__device__ __forceinline__ uint32_t nvfp4_pair(const QuantArgs& a, uint32_t row, uint32_t kb,
+                                               uint32_t kc, float gs, bool wide_q) {
+  constexpr int V = 16 / Pack16<T>::kLanes;  // vectors per block
+  if (row >= (uint32_t)a.rows || kb >= kc) return 0;
+  const bool two = kb + 1 < kc;
+  const T* src = static_cast<const T*>(a.x) + (size_t)row * a.cols + kb * 16;
+  Vec16 v0[V], v1[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) v0[j] = ld_vec16(src + j * Pack16<T>::kLanes);
+  if (two) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) v1[j] = ld_vec16(src + 16 + j * Pack16<T>::kLanes);
+  }
+  uint2 c0, c1 = make_uint2(0u, 0u);
+  const uint32_t s0 = nvfp4_block<T>(v0, gs, c0);
+  const uint32_t s1 = two ? nvfp4_block<T>(v1, gs, c1) : 0u;
+  uint8_t* q = a.q + (size_t)row * (a.cols / 2) + kb * 8;
+  if (wide_q) {
+    *reinterpret_cast<uint4*>(q) = make_uint4(c0.x, c0.y, c1.x, c1.y);
+  } else {
+    *reinterpret_cast<uint2*>(q) = c0;
+    if (two) *reinterpret_cast<uint2*>(q + 8) = c1;
+  }
+  return s0 | s1 << 8;
+}
+
+// NVFP4: one thread per pair of scale bytes, walked in the memory order of the scale
+// output, so a warp's scale stores are contiguous. Swizzled: the 128x4 layout's order (a
+// warp covers 16 rows x 4 blocks, whose codes are 32 contiguous bytes per row), padding
+// rows and columns included and written as 0, so the whole array is written in the same
+// pass. Linear: row-major pairs, a half pair at each row's end when the row has an odd
+// number of blocks. A thread's position advances by the grid stride without a division
+// per item. (Pairs rather than single blocks: fewer instructions per block, and the
+// 16-byte code stores; measured on H200 at 4096 x 7168 bf16, 22.3 us against 22.7.)
 template <typename T>
 __device__ __forceinline__ void nvfp4(const QuantArgs& a) {
-  constexpr int E = Pack16<T>::kLanes, V = 16 / E;  // elements per vector, vectors per block
   const uint32_t kc = a.cols / 16, rows = (uint32_t)a.rows;
-  const uint32_t cp = a.swizzled ? (kc + 3) / 4 * 4 : kc;
-  const uint32_t mp = a.swizzled ? (rows + 127) / 128 * 128 : rows;
   const uint32_t start = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
-  const uint32_t drow = stride / cp, dkb = stride - drow * cp;
-  uint32_t row = start / cp, kb = start - row * cp;
   const float gs = *a.scale;
-  const T* x = static_cast<const T*>(a.x);
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
-  while (row < mp) {
-    uint8_t code = 0;
-    if (row < rows && kb < kc) {
-      const T* src = x + (size_t)row * a.cols + kb * 16;
-      Pack16<T> v[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j].vec = ld_vec16(src + j * E);
-      float amax = 0.f;
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-#pragma unroll
-        for (int k = 0; k < E; ++k) amax = fmaxf(amax, fabsf(to_float(v[j].lane[k])));
-      code = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
-      const float sf_val = e4m3_decode(code);
-      const float out_scale = sf_val == 0.f ? 0.f : __fdiv_rn(gs, sf_val);
-      float p[2][8];
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-#pragma unroll
-        for (int k = 0; k < E; ++k) {
-          const int i = j * E + k;
-          p[i / 8][i % 8] = __fmul_rn(to_float(v[j].lane[k]), out_scale);
-        }
-      *reinterpret_cast<uint2*>(a.q + (size_t)row * (a.cols / 2) + kb * 8) =
-          make_uint2(e2m1_pack8(p[0]), e2m1_pack8(p[1]));
+  const bool wide_q = kc % 2 == 0 && (reinterpret_cast<uintptr_t>(a.q) & 15) == 0;
+  if (a.swizzled) {
+    // byte offset o = band * band_bytes + tile * 512 + (m % 32) * 16 + (m % 128 / 32) * 4 + kb % 4
+    const uint32_t band_bytes = (kc + 3) / 4 * 512, bands = (rows + 127) / 128;
+    const uint32_t step = 2 * stride, dband = step / band_bytes, drem = step - dband * band_bytes;
+    uint32_t band = 2 * start / band_bytes, rem = 2 * start - band * band_bytes;
+    while (band < bands) {
+      const uint32_t j = rem % 512;
+      const uint32_t row = band * 128 + (j % 16) / 4 * 32 + j / 16;
+      const uint32_t kb = rem / 512 * 4 + j % 4;
+      const uint32_t s = nvfp4_pair<T>(a, row, kb, kc, gs, wide_q);
+      *reinterpret_cast<uint16_t*>(sf + band * band_bytes + rem) = (uint16_t)s;
+      band += dband;
+      rem += drem;
+      if (rem >= band_bytes) {
+        rem -= band_bytes;
+        ++band;
+      }
     }
-    sf[a.swizzled ? nvfp4_swizzled_offset(row, kb, a.cols) : (size_t)row * kc + kb] = code;
+    return;
+  }
+  const uint32_t items = (kc + 1) / 2;  // per row
+  const bool wide_sf = kc % 2 == 0 && (reinterpret_cast<uintptr_t>(sf) & 1) == 0;
+  const uint32_t drow = stride / items, dk = stride - drow * items;
+  uint32_t row = start / items, k = start - row * items;
+  while (row < rows) {
+    const uint32_t kb = 2 * k, off = row * kc + kb;
+    const uint32_t s = nvfp4_pair<T>(a, row, kb, kc, gs, wide_q);
+    if (wide_sf) {
+      *reinterpret_cast<uint16_t*>(sf + off) = (uint16_t)s;
+    } else {
+      sf[off] = (uint8_t)s;
+      if (kb + 1 < kc) sf[off + 1] = (uint8_t)(s >> 8);
+    }
     row += drow;
-    kb += dkb;
-    if (kb >= cp) {
-      kb -= cp;
+    k += dk;
+    if (k >= items) {
+      k -= items;
       ++row;
     }
   }

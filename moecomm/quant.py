@@ -298,11 +298,11 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             need = compute_fp4_swizzled_layout_sf_size(rows, kcols)
             sf = _sized_output(scale_out, "scale_out", need, _CODE_DTYPES, h, 4)
             sf_view = (need,)
-            units = need  # one thread per scale byte, padding included
+            units = need // 2  # one thread per pair of scale bytes, padding included
         else:
             sf = _output(scale_out, "scale_out", (rows, kcols), _CODE_DTYPES, h, alignment=1)
             sf_view = (rows, kcols)
-            units = rows * kcols
+            units = rows * ((kcols + 1) // 2)
         _launch(f"quant_nvfp4_{suffix}",
                 _fields(xa.ptr, q.ptr, sf.ptr, gs.ptr, rows, cols, swizzled=int(swizzled)),
                 units, h)

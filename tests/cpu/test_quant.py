@@ -113,11 +113,13 @@ def test_nvfp4(launches, dtype, rows):
     call = launches[0]
     need = ref.compute_fp4_swizzled_layout_sf_size(rows, 6)
     assert call.kernel.startswith("quant_nvfp4_") and call.swizzled == 1
-    assert call.units == need and call.scale == gs.ptr  # a thread per scale byte
+    assert call.units == need // 2 and call.scale == gs.ptr  # a thread per 2 scale bytes
     assert q.shape == (rows, 48) and sf.shape == (need,) and sf.dtype == np.uint8
     q, sf = quant.quantize(x, QD.NVFP4, scale=gs, is_fp4_scale_swizzled=False,
                            scale_out=Arr((rows, 6), E4M3))
-    assert launches[1].swizzled == 0 and launches[1].units == rows * 6
+    assert launches[1].swizzled == 0 and launches[1].units == rows * 3
+    quant.quantize(Arr((rows, 80), dtype), "nvfp4", scale=gs, is_fp4_scale_swizzled=False)
+    assert launches[2].units == rows * 3  # 5 blocks a row: two pairs and a half
     assert sf.shape == (rows, 6)
     # a larger swizzled buffer (say sized for the maximum token count) is fine
     quant.quantize(x, "nvfp4", scale=gs, scale_out=Arr((need + 512,), np.uint8))
@@ -308,16 +310,45 @@ def _e2m1_fused_add(x):
     return ((_e2m1_plus_298(x) - 298) | ((x.view(np.uint32) >> 28) & 8)).astype(np.uint8)
 
 
+def _e2m1_fused_sum(x):
+    """``f + (f >> 22)`` of ``e2m1_pack8``, f = ``e2m1_fused_add(x)``: its low byte is the
+    magnitude code + 42."""
+    x = np.asarray(x, np.float32)
+    a = np.fmin(np.abs(x), np.float32(6.0))
+    t = np.maximum(a.view(np.uint32), np.uint32(0x3F800000)) & np.uint32(0x7F800000)
+    f = (t.view(np.float32) * np.float32(2.0 ** 22) + a).astype(np.float32).view(np.uint32)
+    return f + (f >> np.uint32(22))
+
+
+def _prmt(a, b, selector):
+    """PTX ``prmt.b32`` (default mode) on uint32 arrays: byte i of the result is byte
+    ``n & 7`` of b:a for selector nibble n, or that byte's sign replicated when n & 8."""
+    src = (np.asarray(b, np.uint64) << np.uint64(32)) | np.asarray(a, np.uint64)
+    out = np.zeros(src.shape, np.uint64)
+    for i in range(4):
+        n = (selector >> (4 * i)) & 0xF
+        byte = (src >> np.uint64(8 * (n & 7))) & np.uint64(0xFF)
+        if n & 8:
+            byte = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        out |= byte << np.uint64(8 * i)
+    return out.astype(np.uint32)
+
+
+def _gather4(a, b, c, d, lo):
+    return _prmt(_prmt(a, b, lo), _prmt(c, d, lo << 8), 0x7610)
+
+
 def _e2m1_pack8(x):
     """``e2m1_pack8`` of kernels_cu/quant.cuh on x [N, 8] -> uint32 [N] (mod 2^32)."""
     x = np.asarray(x, np.float32)
-    w = np.zeros(x.shape[0], np.uint64)
-    sign = np.zeros(x.shape[0], np.uint64)
-    for k in range(8):
-        w += _e2m1_plus_298(x[:, k]).astype(np.uint64) << np.uint64(4 * k)
-        sign |= ((x[:, k].view(np.uint32) >> np.uint32(28 - 4 * k))
-                 & np.uint32(8 << (4 * k))).astype(np.uint64)
-    return (((w - np.uint64(298 * 0x11111111)) & np.uint64(0xFFFFFFFF)) | sign).astype(np.uint32)
+    r = [_e2m1_fused_sum(x[:, k]) for k in range(8)]
+    s = [x[:, k].view(np.uint32) for k in range(8)]
+    even, odd = _gather4(*r[0::2], 0x40), _gather4(*r[1::2], 0x40)
+    signs = ((_gather4(*s[0::2], 0xFB) & np.uint32(0x08080808))
+             | (_gather4(*s[1::2], 0xFB) & np.uint32(0x80808080)))
+    packed = (even.astype(np.uint64) + (odd.astype(np.uint64) << np.uint64(4))
+              - np.uint64(0x2A2A2A2A * 17)) & np.uint64(0xFFFFFFFF)
+    return (packed.astype(np.uint32) | signs).astype(np.uint32)
 
 
 def test_e2m1_encoder_algorithm():
@@ -342,3 +373,17 @@ def test_e2m1_encoder_algorithm():
     x[::7] = -0.0
     want = ref.pack_fp4(ref.fp4_e2m1_encode(x)).view("<u4").reshape(-1)
     np.testing.assert_array_equal(_e2m1_pack8(x), want)
+
+
+def test_e4m3_decoder_algorithm():
+    """quant.cuh's ``e4m3_decode`` (the code's bits placed in an fp32, a denormal for
+    exponent 0, times 2^120) equals the reference on every code but the two NaNs."""
+    assert "0x1p120f" in (quant.kernels.source_dir() / "quant.cuh").read_text()
+    c = np.arange(256, dtype=np.uint32)
+    bits = ((c & 0x7F) << 20) | ((c & 0x80) << 24)
+    ours = bits.astype(np.uint32).view(np.float32) * np.float32(2.0 ** 120)
+    want = ref.fp8_e4m3_decode(c.astype(np.uint8))
+    finite = (c & 0x7F) != 0x7F
+    np.testing.assert_array_equal(ours[finite].view(np.uint32),
+                                  want[finite].astype(np.float32).view(np.uint32))
+    assert ours[0x7F] == 480.0 and ours[0xFF] == -480.0

@@ -247,6 +247,29 @@ def nvfp4_saturating_scale(ctx):
         mode.check(xh, sv, out, sout, q, sf, f"factor {factor}")
 
 
+@case
+def nvfp4_unaligned_outputs(ctx):
+    """Codes into a buffer 8 bytes past a 16-byte boundary and linear scales at an odd
+    address (the kernel's narrow stores), at even and odd numbers of scale columns."""
+    for m, k in ((129, 256), (127, 112), (3, 16)):
+        xh = make_x(ctx.rng, m, k, bfloat16)
+        sv = MODES["nvfp4-linear"].scale_value(xh)
+        for swizzled in (True, False):
+            mode = MODES["nvfp4-swizzled" if swizzled else "nvfp4-linear"]
+            out, sout = mode.outputs(m, k)
+            q_buf = poisoned((out.size + 8,), np.uint8)
+            out = q_buf[8:].reshape(out.shape)
+            if not swizzled:
+                s_buf = poisoned((sout.size + 1,), np.uint8)
+                sout = s_buf[1:].reshape(sout.shape)
+            q, sf = mode.call(ctx.device(xh), device_scale(sv), out, sout, stream=ctx.stream)
+            ctx.stream.synchronize()
+            mode.check(xh, sv, out, sout, q, sf, f"unaligned {mode} [{m}, {k}]")
+            assert int(cupy.asnumpy(q_buf[:8]).max()) == POISON == int(cupy.asnumpy(q_buf[:8]).min())
+            if not swizzled:
+                assert int(cupy.asnumpy(s_buf[:1])[0]) == POISON
+
+
 def _e4m3_midpoints() -> np.ndarray:
     """Every midpoint between neighbouring positive e4m3 values (and past 448)."""
     vals = np.sort(np.unique(np.abs(reference.fp8_e4m3_decode(np.arange(256, dtype=np.uint8)))))
