@@ -293,6 +293,14 @@ __device__ __forceinline__ void reduce_scatterv(const ReduceScattervArgs& a) {
 // 32-bit word of a vector holds it, and each call refills with the sentinel what its peers
 // wrote two calls before (clear_previous). One kernel, no barrier, no flag.
 //
+// Arrival: a slot starts with a header vector that the sender writes every call, rows or
+// not, and the receiver waits for from every peer every call. Without it a rank that
+// receives nothing (no rows of its own in reduce_scatterv, no rows from any peer in
+// all_gatherv) waits for no peer, so it could run two calls ahead and write a peer's
+// buffer (k + 2) % 3 while that peer, still in call k, refills it with the sentinel. With
+// it, rank p enters call k + 2 only after its call k + 1 heard from us, which we sent after
+// our call k (and its refill) completed: the all-reduce's argument, made for every size.
+//
 // Payload words equal to the sentinel:
 //  * reduce_scatterv sends canonical vectors (Lamport<T>::canonical: fp32 -0.0 and 16-bit
 //    -0.0 halves become +0), so no word is 0x80000000. That is exact: the sum starts at +0
@@ -377,6 +385,24 @@ __device__ __forceinline__ Vec16 sentinel_mask(const Vec16& x) {
 
 __device__ __forceinline__ uint32_t unzero(uint32_t w) { return w == kSentinel ? 0u : w; }
 
+constexpr int kHeader = config::kVcLamportHeaderBytes;  // payload starts past the header
+
+// Header: block 0, thread p raises the arrival vector in slot `rank` of peer p's buffer.
+__device__ __forceinline__ void announce(const ArWorkspace& ws, int buf) {
+  if (blockIdx.x == 0 && threadIdx.x < ws.world && threadIdx.x != ws.rank)
+    st_vec16(lamport(ws, threadIdx.x, buf, ws.rank), Vec16{1u, 1u, 1u, 1u});
+}
+
+// Block 0, thread s waits for peer s's arrival vector in its slot of our buffer (bounded;
+// a timeout is recorded like any other wait's).
+__device__ __forceinline__ void await_peers(const ArWorkspace& ws, int buf, const WaitContext& w) {
+  if (blockIdx.x != 0 || threadIdx.x >= ws.world || threadIdx.x == ws.rank) return;
+  const uint8_t* src = lamport(ws, ws.rank, buf, threadIdx.x);
+  SpinTimer timer;
+  Vec16 x = ld_vec16_volatile(src);
+  while (Lamport<float>::pending(x) && !timer.give_up(w, threadIdx.x)) x = ld_vec16_volatile(src);
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const AllGathervArgs a) {
@@ -396,6 +422,7 @@ extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const 
   pdl_wait();
   const Call call = allreduce::begin_call(ws);
   const int buf = call.index % 3;
+  announce(ws, buf);
   // Push: own lines to every peer's slot `rank`; the own rows straight to the output.
   for (uint64_t l = global_warp(); l < nlines[rank]; l += global_warps()) {
     Vec16 x{0, 0, 0, 0};
@@ -413,7 +440,7 @@ extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const 
     if (i >= 0 || lane == kLineVecs)
       for (int q = 1; q < ws.world; ++q) {
         const int p = rank + q < ws.world ? rank + q : rank + q - ws.world;
-        st_vec16(lamport(ws, p, buf, rank) + l * kLineBytes + lane * 16, x);
+        st_vec16(lamport(ws, p, buf, rank) + kHeader + l * kLineBytes + lane * 16, x);
       }
   }
   pdl_launch_dependents();
@@ -436,7 +463,7 @@ extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const 
     bool ok = true;
     Vec16 x{0, 0, 0, 0};
     if (i >= 0 || lane == kLineVecs) {
-      const uint8_t* src = lamport(ws, rank, buf, s) + l * kLineBytes + lane * 16;
+      const uint8_t* src = lamport(ws, rank, buf, s) + kHeader + l * kLineBytes + lane * 16;
       x = ld_vec16_volatile(src);
       SpinTimer timer;
       while (Lamport<float>::pending(x)) {
@@ -458,7 +485,8 @@ extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const 
     if (m3 & bit) x.w = kSentinel;
     store_bytes(reinterpret_cast<uint8_t*>(a.dst[i]) + (uint64_t)row0[s] * a.row_bytes[i] + off, n, x);
   }
-  allreduce::end_call(ws, call, (uint32_t)(most * kLineBytes));
+  await_peers(ws, buf, w);
+  allreduce::end_call(ws, call, (uint32_t)(kHeader + most * kLineBytes));
 }
 
 // reduce_scatterv over the Lamport buffers: slot s of rank r's buffer holds rank s's rows of
@@ -485,6 +513,7 @@ __device__ __forceinline__ void reduce_scatterv_lamport(const ReduceScattervArgs
   pdl_wait();
   const Call call = allreduce::begin_call(ws);
   const int buf = call.index % 3;
+  announce(ws, buf);
   for (uint64_t j = tid; j < total; j += stride) {
     int p = 0;
     uint64_t v = j;
@@ -495,14 +524,14 @@ __device__ __forceinline__ void reduce_scatterv_lamport(const ReduceScattervArgs
       v -= nv;
     }
     const Vec16 x = Lamport<T>::canonical(ld_vec16(in + (uint64_t)row0[p] * a.row_bytes + v * 16));
-    st_vec16(lamport(ws, p, buf, rank) + v * 16, x);
+    st_vec16(lamport(ws, p, buf, rank) + kHeader + v * 16, x);
   }
   pdl_launch_dependents();
   clear_previous<float>(ws, call);
   const WaitContext w = allreduce::wait_context(ws, config::kErrReduceScatterv);
   const uint64_t n_own = (uint64_t)a.rows[rank] * a.row_bytes / 16;
   const uint8_t* own = in + (uint64_t)row0[rank] * a.row_bytes;
-  const uint8_t* slot0 = lamport(ws, rank, buf, 0);
+  const uint8_t* slot0 = lamport(ws, rank, buf, 0) + kHeader;
   uint8_t* out = static_cast<uint8_t*>(a.out);
   bool ok = true;
   for (uint64_t v = tid; ok && v < n_own; v += stride) {
@@ -534,7 +563,8 @@ __device__ __forceinline__ void reduce_scatterv_lamport(const ReduceScattervArgs
     }
     if (ok) st_vec16(out + v * 16, round_pack<T>(acc));
   }
-  allreduce::end_call(ws, call, (uint32_t)(most * 16));
+  await_peers(ws, buf, w);
+  allreduce::end_call(ws, call, (uint32_t)(kHeader + most * 16));
 }
 
 template <typename T>

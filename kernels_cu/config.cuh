@@ -26,6 +26,7 @@ constexpr int kBarrierMaxRanks = MOECOMM_BARRIER_MAX_RANKS;
 constexpr int kVcMaxRanks = MOECOMM_VC_MAX_RANKS;
 constexpr int kVcMaxTensors = MOECOMM_VC_MAX_TENSORS;
 constexpr int kVcMaxBlocks = MOECOMM_VC_MAX_BLOCKS;
+constexpr int kVcLamportHeaderBytes = MOECOMM_VC_LAMPORT_HEADER_BYTES;
 
 constexpr int kCompactMaxLocalExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
 constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;

@@ -28,7 +28,9 @@ model: ``lamport_crossover()``): they go through Lamport buffers owned by the wo
 with the all-reduce's protocol of ``kernels_cu/allreduce.cuh`` (three rotating buffers,
 slots written only by their rank, every word the sentinel 0x80000000 between uses, a
 device call counter, each call refilling what its peers wrote two calls before): one
-kernel, no barrier, no flag round trip. Payload words equal to the sentinel stay exact:
+kernel, no barrier, no flag round trip. Each slot starts with an arrival vector written
+and awaited every call, rows or not, so that a rank with nothing to receive cannot run two
+calls ahead into a buffer its peer is still refilling. Payload words equal to the sentinel stay exact:
 all_gatherv sends 512-byte lines of 31 payload vectors and one mask vector whose bits
 mark the words that were 0x80000000 (sent as 0, restored by the receiver), so any bytes
 arrive bitwise at 1/32 extra traffic; reduce_scatterv sends -0.0 as +0.0, which cannot
@@ -61,8 +63,8 @@ import numpy as np
 
 from . import group as _group
 from . import kernels
-from .constants import (DCP_SENTINEL_WORD, REGION_ALIGN, VC_MAX_BLOCKS, VC_MAX_RANKS,
-                        VC_MAX_TENSORS)
+from .constants import (DCP_SENTINEL_WORD, REGION_ALIGN, VC_LAMPORT_HEADER_BYTES,
+                        VC_MAX_BLOCKS, VC_MAX_RANKS, VC_MAX_TENSORS)
 from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
 from .kernel_args import (AllGathervArgs, ArWorkspace, FillArgs, ReduceScattervArgs,
@@ -127,7 +129,7 @@ def lamport_slot_bytes(max_bytes: int, limit: int, world: int) -> int:
         return 0
     cap = min(max_bytes, limit * world // (world - 1) if world > 1 else limit)
     vecs = -(-cap // 16) + VC_MAX_TENSORS
-    return round_up(-(-vecs // LINE_VECS) * LINE_BYTES, REGION_ALIGN)
+    return round_up(VC_LAMPORT_HEADER_BYTES + -(-vecs // LINE_VECS) * LINE_BYTES, REGION_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -417,7 +419,7 @@ class VCollectiveWorkspace(Op):
     def _lamport(self, total: int, slot_bytes: int) -> bool:
         """Whether a call moving ``total`` bytes (every rank's rows), needing
         ``slot_bytes`` per Lamport slot, takes the Lamport path (the same on every rank)."""
-        return (0 < self.lamport_slot and slot_bytes <= self.lamport_slot
+        return (0 < self.lamport_slot and slot_bytes + VC_LAMPORT_HEADER_BYTES <= self.lamport_slot
                 and received_bytes(total, self.world) <= self.config.lamport_limit())
 
     # -- reduce_scatterv --------------------------------------------------------------------

@@ -33,6 +33,7 @@ BARRIER_MAX_RANKS = 32  # ranks of a device-side barrier (moecomm.barrier)
 VC_MAX_RANKS = 16        # ranks of an IPC all_gatherv / reduce_scatterv group
 VC_MAX_TENSORS = 8       # tensors of one all_gatherv call
 VC_MAX_BLOCKS = 512      # blocks of one v-collective launch (flag slots per rank)
+VC_LAMPORT_HEADER_BYTES = 16  # arrival vector at the start of each v-collective Lamport slot
 
 COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
@@ -253,6 +254,7 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_VC_MAX_RANKS": VC_MAX_RANKS,
         "MOECOMM_VC_MAX_TENSORS": VC_MAX_TENSORS,
         "MOECOMM_VC_MAX_BLOCKS": VC_MAX_BLOCKS,
+        "MOECOMM_VC_LAMPORT_HEADER_BYTES": VC_LAMPORT_HEADER_BYTES,
         "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
         "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
     }

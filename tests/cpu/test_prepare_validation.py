@@ -177,6 +177,9 @@ def test_lamport_stream_and_slot_bytes():
     assert slot(4096, 100_000, 2) < s2         # capped by max_bytes
     assert slot(4096, 100_000, 2) >= lg([4096], [1])
     assert slot(1 << 30, 100_000, 1) >= lg([100_000], [1])
+    # every slot starts with the arrival vector, so a stream that fills it exactly does not fit
+    header = collectives.VC_LAMPORT_HEADER_BYTES
+    assert header == 16 and slot(1 << 30, 100_000, 1) >= header + lg([100_000], [1])
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])

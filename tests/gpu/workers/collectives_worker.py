@@ -20,6 +20,7 @@ from moecomm import reference as ref
 from moecomm.collectives import (VCollectiveConfig, VCollectiveWorkspace,
                                  create_vcollective_workspace, lamport_crossover, received_bytes)
 from moecomm.errors import PeerTimeoutError
+from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import bits, main, raw, zeros
 from tests.mpi import case
 
@@ -174,6 +175,55 @@ def all_gatherv_sentinel_words(ctx):
                     for x in xs:
                         x[0][...] = SENTINEL
                 check_gather(ctx, ws, sizes, xs)
+
+
+@case
+def lamport_receiver_of_nothing_waits(ctx):
+    """A rank that receives nothing (reduce_scatterv: no rows of its own; all_gatherv: no
+    rows from any peer) issues three Lamport calls back to back while its peers start late:
+    it must not run two calls ahead and write a peer's buffer that peer is still refilling
+    (on the old protocol the peers' third call timed out or summed stale rows)."""
+    import time
+
+    ws = workspace(ctx, path="lamport")
+    runner = 0
+    rngs = ctx.rank_rngs()
+    for op in ("reduce_scatterv", "all_gatherv"):
+        # reduce_scatterv: rank 0 has no rows; all_gatherv: only rank 0 has rows, so every
+        # other rank receives from rank 0 alone and rank 0 receives nothing
+        sizes = [0] + [5] * (ctx.world - 1) if op == "reduce_scatterv" else [5] + [0] * (ctx.world - 1)
+        calls = []
+        for _ in range(3):
+            if op == "reduce_scatterv":
+                xs = [ref.cast_from_float32(rngs[r].standard_normal((sum(sizes), H)).astype(
+                    np.float32), bfloat16) for r in range(ctx.world)]
+            else:
+                xs = [[rngs[r].integers(0, 256, (sizes[r], 48), dtype=np.uint8)]
+                      for r in range(ctx.world)]
+            calls.append(xs)
+        path = (ws.scatter_path(sizes, 2 * H) if op == "reduce_scatterv"
+                else ws.gather_path(sizes, [48]))
+        assert path == "lamport", path
+        ctx.stream.synchronize()
+        ctx.group.barrier()
+        if ctx.rank != runner:
+            time.sleep(0.3)  # the runner's three calls are all issued by now
+        outs = []
+        for xs in calls:
+            if op == "reduce_scatterv":
+                outs.append(ws.reduce_scatterv(ctx.device(xs[ctx.rank]), sizes, stream=ctx.stream))
+            else:
+                outs.append(ws.all_gatherv([ctx.device(xs[ctx.rank][0], bf16=False)], sizes,
+                                           stream=ctx.stream)[0])
+        ctx.stream.synchronize()
+        for i, (xs, got) in enumerate(zip(calls, outs)):
+            if op == "reduce_scatterv":
+                want = ref.reduce_scatterv(xs, sizes)[ctx.rank]
+                assert np.array_equal(bits(ctx.host(got)), bits(want)), (op, i)
+            else:
+                want = ref.all_gatherv(xs, sizes)[0]
+                assert same_bytes(ctx.host(got), want), (op, i)
+        ws.check(ctx.stream)
 
 
 @case
