@@ -303,6 +303,8 @@ class EPAllToAll(Op):
         try:
             sms = self._a2a.num_sms  # the SM budget of MoeAlltoAllConfig.num_sms
             self._sms, self._max_grid = sms, 2 * sms
+            self._y_view = None  # the combine input array, made on first use
+            self._prefix: dict[int, tuple] = {}  # T -> (token indices, unit weights, code rows)
             # One spare row past the capacity in recv_x / src / recv_weights: nothing may
             # ever be written there (tests poison and check it).
             self._recv_x_buf = empty((cap + 1, H), self.dtype)
@@ -310,7 +312,6 @@ class EPAllToAll(Op):
             if self.local_combine:
                 self._recv_w_buf = cupy.zeros(cap + 1, np.float32)
                 self._inv = cupy.full(ep * self.max_num_tokens * k, -1, np.int32)
-                self._y_local = None
             else:
                 self._y_off = 0
                 self._w_off = round_up(cap * row_y, 256)
@@ -467,7 +468,7 @@ class EPAllToAll(Op):
             raise ValueError(f"topk_ids: {T} tokens exceed runtime_max_tokens_per_rank={rmax}")
         xa = as_array(x, "x", dtype=self.dtype, shape=(T, self.hidden), stream=stream)
         if weights is None:
-            w = self._ones[:T]
+            w = self._prefix_views(T)[1]
         else:
             w = as_array(weights, "weights", dtype=np.float32, shape=(T, k), stream=stream)
 
@@ -475,7 +476,7 @@ class EPAllToAll(Op):
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
                                     op="EPAllToAll.dispatch")
-        recv = self._a2a.dispatch(ids, [xa, ids, self._iota[:T], w], rmax, stream=stream,
+        recv = self._a2a.dispatch(ids, [xa, ids, self._prefix_views(T)[0], w], rmax, stream=stream,
                                   handle=handle, return_handle=return_handle)
         if return_handle:
             recv, route = recv
@@ -505,12 +506,13 @@ class EPAllToAll(Op):
         ``combine`` of this very array skips the copy into the exchange buffer. Write it
         on the op's stream, after the dispatch (peers read it until then)."""
         self.usable("get_combine_input_tensor_in_workspace")
-        if self.local_combine:  # y is read locally: any array will do, this one included
-            if self._y_local is None:
-                self._y_local = empty((self.capacity, self.hidden), self.combine_dtype)
-            return self._y_local
-        return self._sym.view(self.combine_dtype, (self.capacity, self.hidden),
-                              offset=self._y_off)
+        if self._y_view is None:
+            if self.local_combine:  # y is read locally: any array will do, this one included
+                self._y_view = empty((self.capacity, self.hidden), self.combine_dtype)
+            else:
+                self._y_view = self._sym.view(self.combine_dtype, (self.capacity, self.hidden),
+                                              offset=self._y_off)
+        return self._y_view
 
     def combine(self, y, layout: EPLayout, apply_weights: bool = False, stream=None, *,
                 out=None, previous_event=None, async_op: bool = False) -> cupy.ndarray:
@@ -563,7 +565,7 @@ class EPAllToAll(Op):
                 units = ya.nbytes // 16
                 self._stage(self._combine_grid(units), _COMBINE_THREADS, handle)
             self._a2a.combine(self._codes_region, rmax, payload_in_workspace=True, stream=stream,
-                              out=self._codes_out[:T])
+                              out=self._prefix_views(T)[2])
             if T:
                 args = self._pull.args
                 args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
@@ -572,6 +574,18 @@ class EPAllToAll(Op):
         self.phase = Phase.IDLE
         return events.finish(out, handle, async_op, owner=self, op="EPAllToAll.combine",
                              keep=(y, out))
+
+    def _prefix_views(self, T: int) -> tuple:
+        """(token indices [T], unit weights [T, k], code rows [T, code_width] or None): the
+        first T rows of the layer's constant buffers, sliced once per T (a CuPy slice
+        costs microseconds per call)."""
+        views = self._prefix.get(T)
+        if views is None:
+            if len(self._prefix) >= 64:
+                self._prefix.clear()
+            views = self._prefix[T] = (self._iota[:T], self._ones[:T],
+                                       None if self.local_combine else self._codes_out[:T])
+        return views
 
     def _combine_grid(self, units: int) -> int:
         return max(1, min(4 * self._sms, -(-units // _COMBINE_THREADS)))
