@@ -275,21 +275,30 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
 
 // Zero the padding of a swizzled NVFP4 scale array (rows up to a multiple of 128, block
 // columns up to a multiple of 4) so it matches the reference byte for byte. Padding rows
-// live in the last 128-row band only; that band's 512-byte tiles are walked word by word
-// in memory order (consecutive threads, consecutive words: coalesced), a word (4 scale
-// columns of one row) zeroed when its row is padding. The bytes past the last column of
-// real rows (hidden % 64 != 0) follow one by one.
+// live in the last 128-row band only; that band's 512-byte tiles are walked 16 bytes at a
+// time in memory order (consecutive threads, consecutive chunks: coalesced). Chunk m of a
+// tile holds 4 scale columns of rows m, m + 32, m + 64, m + 96 of the band (one word
+// each): one 16-byte store of zeros when all four rows are padding (and the array is
+// 16-byte aligned), else a word per padding row. The bytes past the last column of real rows (hidden % 64 != 0) follow one
+// by one.
 __device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
   const uint32_t cols = a.hidden / 16, tiles = (cols + 3) / 4;
   const uint32_t rows = (uint32_t)a.tokens, band = rows / 128;
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
   const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
   if (rows % 128) {
+    const bool wide = (reinterpret_cast<uintptr_t>(sf) & 15) == 0;  // else 4-byte aligned
     uint8_t* tile0 = sf + (size_t)band * tiles * 512;
-    for (uint32_t i = tid; i < tiles * 128; i += stride) {
-      const uint32_t j = i % 128;  // word j of its tile: row (j / 4) + 32 * (j % 4) of the band
-      if (band * 128 + j / 4 + 32 * (j % 4) >= rows)
-        *reinterpret_cast<uint32_t*>(tile0 + (size_t)(i / 128) * 512 + j * 4) = 0u;
+    for (uint32_t i = tid; i < tiles * 32; i += stride) {
+      const uint32_t m = i % 32, row = band * 128 + m;  // the row of the chunk's word 0
+      uint8_t* chunk = tile0 + (size_t)(i / 32) * 512 + m * 16;
+      if (row >= rows && wide) {
+        st_vec16(chunk, Vec16{0u, 0u, 0u, 0u});
+      } else {
+#pragma unroll
+        for (uint32_t q = 0; q < 4; ++q)
+          if (row + 32 * q >= rows) reinterpret_cast<uint32_t*>(chunk)[q] = 0u;
+      }
     }
   }
   const uint32_t tail = tiles * 4 - cols;  // padding bytes in the last word of a real row
