@@ -478,11 +478,14 @@ class FlashInferAllGatherMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFin
 
 
 class _A2AInfo(NamedTuple):
-    """What finalize needs from prepare (the reference's ``alltoall_info``)."""
+    """What finalize needs from prepare (the reference's ``alltoall_info``); across nodes
+    also the plan's gathered-row -> received-row map, held here rather than looked up
+    again in the buffer cache, which may drop it in between."""
 
     sizes: tuple
     runtime_max: int
     num_tokens: int
+    inv: cupy.ndarray | None = None
 
 
 class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFinalize):
@@ -612,20 +615,24 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         rows = self.group.size * rmax
         payloads = [*tensors, _cupy(ids, handle)]
         id_index = len(tensors)
+        inv = None
         if self.all2all_manager is not None:
             recv = self.all2all_manager.dispatch(ids.obj, payloads, rmax,
                                                  invalid_token_expert_id=-1,
                                                  expert_id_payload_index=id_index, stream=handle)
             recv = [v.reshape(rows, *v.shape[2:]) for v in recv]
         else:
-            recv = self._nccl_dispatch(payloads, id_index, sizes, rmax, handle)
+            recv, inv = self._nccl_dispatch(payloads, id_index, sizes, rmax, handle)
         self._map_ids(recv[id_index], expert_map, self.num_experts, handle)
         self.local_tokens, self.local_sizes = ids.shape[0], sizes
-        self.alltoall_info = _A2AInfo(sizes, rmax, ids.shape[0])
+        self.alltoall_info = _A2AInfo(sizes, rmax, ids.shape[0], inv)
         return recv[:id_index], recv[id_index]
 
-    def _nccl_dispatch(self, payloads, id_index: int, sizes, rmax: int, handle: int) -> list:
-        """All-gather every rank's tokens, then take the rows routed here (module doc)."""
+    def _nccl_dispatch(self, payloads, id_index: int, sizes, rmax: int,
+                       handle: int) -> tuple[list, cupy.ndarray]:
+        """All-gather every rank's tokens, then take the rows routed here (module doc).
+        Returns the received arrays and the plan's map of gathered rows to received rows
+        (-1: not received here), which finalize needs."""
         total, ep = sum(sizes), self.group.size
         gathered = [self._buffer(f"gathered{i}", (total, *p.shape[1:]), p.dtype, handle)
                     for i, p in enumerate(payloads)]
@@ -651,7 +658,7 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         t.lo = self.group.rank * self.experts_per_rank
         t.hi = t.lo + self.experts_per_rank
         take(max(1, min(1024, -(-ep * rmax // 8))), 256, handle)
-        return recv
+        return recv, inv
 
     def finalize(self, output, fused_expert_output, topk_weights, topk_ids,
                  apply_router_weight_on_input: bool, weight_and_reduce_impl=None, *,
@@ -694,7 +701,7 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         put = self._launcher("a2a_put_rows", A2aPutRowsArgs)
         p = put.args
         p.y, p.z = y.data.ptr, z.data.ptr
-        p.inv = self._buffer("inv", (max(1, total),), np.int32, handle).data.ptr
+        p.inv = info.inv.data.ptr
         p.total, p.row_bytes = total, row
         if total:
             put(max(1, min(1024, -(-total // 8))), 256, handle)

@@ -479,6 +479,31 @@ def test_alltoall_across_nodes_wiring(fakes, monkeypatch):
         obj.finalize(out, Arr((9, 128), BF16), w, ids, False)
 
 
+def test_alltoall_across_nodes_finalize_keeps_the_plan(fakes, monkeypatch):
+    """finalize puts rows back with the map prepare's plan wrote, even when the buffer
+    cache is dropped in between (it holds at most 64 arrays; ragged sizes fill it with new
+    shapes): a map looked up again would be a new, unwritten array (on 2 x H200 that read
+    garbage rows or faulted)."""
+    q = FakeQuant()
+    monkeypatch.setattr(pf, "_quant", lambda: q)
+    ptrs = iter(range(1 << 24, 1 << 40, 1 << 20))  # a new address per allocation
+    monkeypatch.setattr(pf, "empty", lambda shape, dtype, stream=None: Arr(shape, dtype, next(ptrs)))
+    obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
+        pf.FlashInferAllToAllMoEPrepareAndFinalize)
+    obj.use_dp, obj.num_dispatchers_, obj.group = True, 1, FakeGroup(2, 1, spans_nodes=True)
+    obj.device_id, obj._buffers, obj._launchers, obj._closed = 0, {}, {}, False
+    obj.num_experts, obj.top_k, obj.max_num_tokens, obj.experts_per_rank = 256, 8, 16, 128
+    obj.all2all_manager, obj.workspace, obj.alltoall_info = None, RecordingCollectives(), None
+    a1, w, ids = inputs(T=5)
+    obj.prepare(a1, w, ids, 256, None, False, pf.FusedMoEQuantConfig(None), sizes=[3, 5])
+    (plan,) = [a for k, _, _, a in fakes if k == "a2a_plan"]
+    for i in range(70):  # arrays of earlier calls' shapes: the next new shape drops them all
+        obj._buffers[("old", (i,), np.dtype(np.uint8))] = Arr((i,), np.uint8)
+    obj.finalize(Arr((5, 128), BF16), Arr((10, 128), BF16), w, ids, False)
+    assert fakes[-1][0] == "a2a_put_rows" and len(obj._buffers) < 70
+    assert fakes[-1][3].inv == plan.inv
+
+
 class RecordingMoeAlltoAll:
     """MoeAlltoAll as the all-to-all-v path calls it inside a node."""
 
