@@ -439,17 +439,24 @@ class RecordingCollectives:
         return out
 
 
+def alltoall_over_fakes(group, manager, workspace):
+    """An all-to-all-v prepare/finalize (256 experts, top-8, 16 tokens) over the given
+    fakes: ``manager`` inside a node, ``workspace`` across nodes."""
+    obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
+        pf.FlashInferAllToAllMoEPrepareAndFinalize)
+    obj.use_dp, obj.num_dispatchers_, obj.group = True, 1, group
+    obj.device_id, obj._buffers, obj._launchers, obj._closed = 0, {}, {}, False
+    obj.num_experts, obj.top_k, obj.max_num_tokens, obj.experts_per_rank = 256, 8, 16, 128
+    obj.all2all_manager, obj.workspace, obj.alltoall_info = manager, workspace, None
+    return obj
+
+
 def test_alltoall_across_nodes_wiring(fakes, monkeypatch):
     """The path across nodes: all-gather of the four tensors, the plan and the row take on
     the gathered ids, interleave; finalize puts rows back and reduce-scatters."""
     q = FakeQuant()
     monkeypatch.setattr(pf, "_quant", lambda: q)
-    obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
-        pf.FlashInferAllToAllMoEPrepareAndFinalize)
-    obj.use_dp, obj.num_dispatchers_, obj.group = True, 1, FakeGroup(2, 1, spans_nodes=True)
-    obj.device_id, obj._buffers, obj._launchers, obj._closed = 0, {}, {}, False
-    obj.num_experts, obj.top_k, obj.max_num_tokens, obj.experts_per_rank = 256, 8, 16, 128
-    obj.all2all_manager, obj.workspace, obj.alltoall_info = None, RecordingCollectives(), None
+    obj = alltoall_over_fakes(FakeGroup(2, 1, spans_nodes=True), None, RecordingCollectives())
     a1, w, ids = inputs(T=5)
     gs = Arr((1,), np.float32)
     res = obj.prepare(a1, w, ids, 256, Arr((256,), np.int32), False,
@@ -488,12 +495,7 @@ def test_alltoall_across_nodes_finalize_keeps_the_plan(fakes, monkeypatch):
     monkeypatch.setattr(pf, "_quant", lambda: q)
     ptrs = iter(range(1 << 24, 1 << 40, 1 << 20))  # a new address per allocation
     monkeypatch.setattr(pf, "empty", lambda shape, dtype, stream=None: Arr(shape, dtype, next(ptrs)))
-    obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
-        pf.FlashInferAllToAllMoEPrepareAndFinalize)
-    obj.use_dp, obj.num_dispatchers_, obj.group = True, 1, FakeGroup(2, 1, spans_nodes=True)
-    obj.device_id, obj._buffers, obj._launchers, obj._closed = 0, {}, {}, False
-    obj.num_experts, obj.top_k, obj.max_num_tokens, obj.experts_per_rank = 256, 8, 16, 128
-    obj.all2all_manager, obj.workspace, obj.alltoall_info = None, RecordingCollectives(), None
+    obj = alltoall_over_fakes(FakeGroup(2, 1, spans_nodes=True), None, RecordingCollectives())
     a1, w, ids = inputs(T=5)
     obj.prepare(a1, w, ids, 256, None, False, pf.FusedMoEQuantConfig(None), sizes=[3, 5])
     (plan,) = [a for k, _, _, a in fakes if k == "a2a_plan"]
@@ -524,12 +526,7 @@ class RecordingMoeAlltoAll:
 def test_alltoall_inside_a_node_rides_on_moe_alltoall(fakes, monkeypatch):
     q = FakeQuant()
     monkeypatch.setattr(pf, "_quant", lambda: q)
-    obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
-        pf.FlashInferAllToAllMoEPrepareAndFinalize)
-    obj.use_dp, obj.num_dispatchers_, obj.group = True, 1, FakeGroup(2, 0)
-    obj.device_id, obj._buffers, obj._launchers, obj._closed = 0, {}, {}, False
-    obj.num_experts, obj.top_k, obj.max_num_tokens, obj.experts_per_rank = 256, 8, 16, 128
-    obj.all2all_manager, obj.workspace, obj.alltoall_info = RecordingMoeAlltoAll(2), None, None
+    obj = alltoall_over_fakes(FakeGroup(2, 0), RecordingMoeAlltoAll(2), None)
     a1, w, ids = inputs(T=6)
     res = obj.prepare(a1, w, ids, 256, None, False,
                       pf.FusedMoEQuantConfig("nvfp4", a1_gscale=Arr((1,), np.float32)),
