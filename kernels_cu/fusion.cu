@@ -279,8 +279,8 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
 // time in memory order (consecutive threads, consecutive chunks: coalesced). Chunk m of a
 // tile holds 4 scale columns of rows m, m + 32, m + 64, m + 96 of the band (one word
 // each): one 16-byte store of zeros when all four rows are padding (and the array is
-// 16-byte aligned), else a word per padding row. The bytes past the last column of real rows (hidden % 64 != 0) follow one
-// by one.
+// 16-byte aligned), else a word per padding row. The bytes past the last column of real
+// rows (hidden % 64 != 0) follow one by one.
 __device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
   const uint32_t cols = a.hidden / 16, tiles = (cols + 3) / 4;
   const uint32_t rows = (uint32_t)a.tokens, band = rows / 128;
