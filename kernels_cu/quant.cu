@@ -302,7 +302,7 @@ __device__ __forceinline__ void nvfp4(const QuantArgs& a) {
       const uint32_t row = band * 128 + (j % 16) / 4 * 32 + j / 16;
       const uint32_t kb = rem / 512 * 4 + j % 4;
       const uint32_t s = nvfp4_pair<T>(a, row, kb, kc, gs, wide_q);
-      *reinterpret_cast<uint16_t*>(sf + band * band_bytes + rem) = (uint16_t)s;
+      *reinterpret_cast<uint16_t*>(sf + (size_t)band * band_bytes + rem) = (uint16_t)s;
       band += dband;
       rem += drem;
       if (rem >= band_bytes) {
@@ -317,7 +317,8 @@ __device__ __forceinline__ void nvfp4(const QuantArgs& a) {
   const uint32_t drow = stride / items, dk = stride - drow * items;
   uint32_t row = start / items, k = start - row * items;
   while (row < rows) {
-    const uint32_t kb = 2 * k, off = row * kc + kb;
+    const uint32_t kb = 2 * k;
+    const size_t off = (size_t)row * kc + kb;
     const uint32_t s = nvfp4_pair<T>(a, row, kb, kc, gs, wide_q);
     if (wide_sf) {
       *reinterpret_cast<uint16_t*>(sf + off) = (uint16_t)s;
