@@ -160,11 +160,7 @@ __device__ __forceinline__ bool reduce_lamport(const ArWorkspace& ws, int buf, s
     for (int i = 0; i < kPollSlots; ++i) {
       const int s = s0 + i;
       if (s >= ws.world) continue;
-      SpinTimer timer;
-      while (Lamport<T>::pending(x[i])) {
-        if (timer.give_up(w, s)) return false;
-        x[i] = ld_vec16_volatile(slot0 + s * ws.lamport_slot);
-      }
+      if (!lamport_wait<T>(slot0 + s * ws.lamport_slot, x[i], w, s)) return false;
       accumulate<T>(acc, x[i], s == 0);
     }
   }

@@ -398,9 +398,8 @@ __device__ __forceinline__ void announce(const ArWorkspace& ws, int buf) {
 __device__ __forceinline__ void await_peers(const ArWorkspace& ws, int buf, const WaitContext& w) {
   if (blockIdx.x != 0 || threadIdx.x >= ws.world || threadIdx.x == ws.rank) return;
   const uint8_t* src = lamport(ws, ws.rank, buf, threadIdx.x);
-  SpinTimer timer;
   Vec16 x = ld_vec16_volatile(src);
-  while (Lamport<float>::pending(x) && !timer.give_up(w, threadIdx.x)) x = ld_vec16_volatile(src);
+  lamport_wait<float>(src, x, w, threadIdx.x);
 }
 
 }  // namespace
@@ -465,14 +464,7 @@ extern "C" __global__ void __launch_bounds__(1024) vc_all_gatherv_lamport(const 
     if (i >= 0 || lane == kLineVecs) {
       const uint8_t* src = lamport(ws, rank, buf, s) + kHeader + l * kLineBytes + lane * 16;
       x = ld_vec16_volatile(src);
-      SpinTimer timer;
-      while (Lamport<float>::pending(x)) {
-        if (timer.give_up(w, s)) {
-          ok = false;
-          break;
-        }
-        x = ld_vec16_volatile(src);
-      }
+      ok = lamport_wait<float>(src, x, w, s);
     }
     if (!__all_sync(~0u, ok)) break;
     const uint32_t bit = 1u << lane;
@@ -548,16 +540,7 @@ __device__ __forceinline__ void reduce_scatterv_lamport(const ReduceScattervArgs
       for (int u = 0; u < kPoll; ++u) {
         const int s = s0 + u;
         if (!ok || s >= ws.world) continue;
-        if (s != rank) {
-          SpinTimer timer;
-          while (Lamport<float>::pending(x[u])) {
-            if (timer.give_up(w, s)) {
-              ok = false;
-              break;
-            }
-            x[u] = ld_vec16_volatile(slot0 + s * ws.lamport_slot + v * 16);
-          }
-        }
+        if (s != rank) ok = lamport_wait<float>(slot0 + s * ws.lamport_slot + v * 16, x[u], w, s);
         if (ok) accumulate<T>(acc, x[u], false);
       }
     }

@@ -269,6 +269,19 @@ __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t tar
   return true;
 }
 
+// Re-polls the Lamport vector at p (x: its value as last loaded) until no word of it is
+// pending, i.e. peer `peer` wrote it. False when the wait gave up (see SpinTimer).
+template <typename T>
+__device__ __forceinline__ bool lamport_wait(const uint8_t* p, Vec16& x, const WaitContext& w,
+                                             int peer) {
+  SpinTimer timer;
+  while (Lamport<T>::pending(x)) {
+    if (timer.give_up(w, peer)) return false;
+    x = ld_vec16_volatile(p);
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------- block reductions
 // Sum / max of one float per thread over the whole block (every thread gets the result;
 // the max is of non-negative values, such as an amax: 0 is its identity).

@@ -37,12 +37,7 @@ __device__ __forceinline__ bool is_source(const MixedArgs& a, int s) {
 template <typename T>
 __device__ __forceinline__ bool poll(const uint8_t* p, Vec16& x, int s, const WaitContext& w) {
   x = ld_vec16_volatile(p);
-  SpinTimer timer;
-  while (Lamport<T>::pending(x)) {
-    if (timer.give_up(w, s)) return false;
-    x = ld_vec16_volatile(p);
-  }
-  return true;
+  return lamport_wait<T>(p, x, w, s);
 }
 
 template <typename T>
