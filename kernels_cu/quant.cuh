@@ -58,15 +58,6 @@ __device__ __forceinline__ uint32_t e2m1_fused_add(float x) {
   return __float_as_uint(__fmaf_rn(__uint_as_float(t), 4194304.f, a));
 }
 
-__device__ __forceinline__ uint32_t e2m1_magnitude_plus_298(float x) {
-  const uint32_t f = e2m1_fused_add(x);
-  return (f & 0x7Fu) + (f >> 22);  // steps + 2 * (149 + max(e, 0))
-}
-
-__device__ __forceinline__ uint32_t e2m1_encode(float x) {
-  return (e2m1_magnitude_plus_298(x) - 298u) | ((__float_as_uint(x) >> 28) & 0x8u);
-}
-
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
   uint32_t r;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));

@@ -294,30 +294,22 @@ def test_reference_interleave(rows, kcols):
 
 
 # ------------------------------------------------------------------ quant.cuh's e2m1 encoder
-def _e2m1_plus_298(x):
-    """``e2m1_magnitude_plus_298`` of kernels_cu/quant.cuh in NumPy fp32 (one fp32
-    rounding per operation; its fma is a plain add here, since ``t * 2^22`` is exact)."""
-    x = np.asarray(x, np.float32)
-    a = np.fmin(np.abs(x), np.float32(6.0))
-    t = np.maximum(a.view(np.uint32), np.uint32(0x3F800000)) & np.uint32(0x7F800000)
-    f = (t.view(np.float32) * np.float32(2.0 ** 22) + a).astype(np.float32).view(np.uint32)
-    return (f & 0x7F) + (f >> 22)
-
-
-def _e2m1_fused_add(x):
-    """``e2m1_encode`` of kernels_cu/quant.cuh."""
-    x = np.asarray(x, np.float32)
-    return ((_e2m1_plus_298(x) - 298) | ((x.view(np.uint32) >> 28) & 8)).astype(np.uint8)
-
-
 def _e2m1_fused_sum(x):
-    """``f + (f >> 22)`` of ``e2m1_pack8``, f = ``e2m1_fused_add(x)``: its low byte is the
-    magnitude code + 42."""
+    """``f + (f >> 22)`` of ``e2m1_pack8``, f = ``e2m1_fused_add(x)`` of
+    kernels_cu/quant.cuh in NumPy fp32 (one rounding per operation; its fma is a plain add
+    here, since ``t * 2^22`` is exact): its low byte is the magnitude code + 42."""
     x = np.asarray(x, np.float32)
     a = np.fmin(np.abs(x), np.float32(6.0))
     t = np.maximum(a.view(np.uint32), np.uint32(0x3F800000)) & np.uint32(0x7F800000)
     f = (t.view(np.float32) * np.float32(2.0 ** 22) + a).astype(np.float32).view(np.uint32)
     return f + (f >> np.uint32(22))
+
+
+def _e2m1_code(x):
+    """One element's code as ``e2m1_pack8`` forms it: the magnitude byte less 42, the sign
+    bit above it."""
+    x = np.asarray(x, np.float32)
+    return (((_e2m1_fused_sum(x) & 0xFF) - 42) | ((x.view(np.uint32) >> 28) & 8)).astype(np.uint8)
 
 
 def _prmt(a, b, selector):
@@ -366,8 +358,8 @@ def test_e2m1_encoder_algorithm():
         for sign in (0, 0x80000000):
             x = (bits | np.uint32(sign)).view(np.float32)
             x = x[~np.isnan(x)]  # NaN: 0x7 for the positive NaN the GPU's products give
-            np.testing.assert_array_equal(_e2m1_fused_add(x), ref.fp4_e2m1_encode(x))
-    assert _e2m1_fused_add(np.float32(np.nan)) == ref.fp4_e2m1_encode(np.float32(np.nan))
+            np.testing.assert_array_equal(_e2m1_code(x), ref.fp4_e2m1_encode(x))
+    assert _e2m1_code(np.float32(np.nan)) == ref.fp4_e2m1_encode(np.float32(np.nan))
     # eight codes a word, the low nibble first: the reference's packing, as little-endian
     x = (rng.standard_normal((4096, 8)) * np.exp(rng.uniform(-4, 3, (4096, 1)))).astype(np.float32)
     x[::7] = -0.0
