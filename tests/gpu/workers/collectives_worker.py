@@ -10,6 +10,7 @@ crossover), with payload words equal to the Lamport sentinel 0x80000000 in every
 """
 
 import re
+import time
 
 import cupy
 import numpy as np
@@ -183,8 +184,6 @@ def lamport_receiver_of_nothing_waits(ctx):
     rows from any peer) issues three Lamport calls back to back while its peers start late:
     it must not run two calls ahead and write a peer's buffer that peer is still refilling
     (on the old protocol the peers' third call timed out or summed stale rows)."""
-    import time
-
     ws = workspace(ctx, path="lamport")
     runner = 0
     rngs = ctx.rank_rngs()
