@@ -15,7 +15,7 @@ import pytest
 
 import moecomm
 from moecomm import reference
-from moecomm.allreduce import Algorithm, all_reduce, create_allreduce_workspace
+from moecomm.allreduce import Algorithm, AllReduceConfig, all_reduce, create_allreduce_workspace
 from moecomm.errors import PeerTimeoutError
 from tests.gpu.workers.common import bits, dtype_label, main, reduce_inputs
 from tests.mpi import case
@@ -67,6 +67,27 @@ def exact(ctx, dtype):
         all_reduce(inplace, ws, out=inplace)
         check_exact(ctx, inplace, xs, f"in place {shape}")
         assert cupy.array_equal(mine, cupy.asarray(xs[ctx.rank])), "input was modified"
+
+
+@case(dtypes=DTYPES)
+def oneshot_more_vectors_than_threads(ctx, dtype):
+    """One-shot messages with more 16-byte vectors than the grid has threads (half of each
+    block pushes, half reduces): a small grid, the default one and one whose blocks cannot
+    split (96 threads); ragged sizes, three calls each (the Lamport buffers rotate)."""
+    item = dtype.itemsize
+    configs = (AllReduceConfig(oneshot_threads=64, oneshot_blocks_per_sm=1),
+               AllReduceConfig(), AllReduceConfig(oneshot_threads=96, oneshot_blocks_per_sm=1))
+    for config in configs:
+        with create_allreduce_workspace(ctx.group, max_bytes=4 << 20, dtype=dtype,
+                                        max_oneshot_bytes=4 << 20, config=config) as ws:
+            for n in ((4 << 20) // item, 300_001, (1 << 18) + 3, 1000):
+                for call in range(3):
+                    xs = reduce_inputs(ctx, (n,), dtype)
+                    out = poisoned((n,), dtype)
+                    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out,
+                               algorithm=Algorithm.ONESHOT)
+                    check_exact(ctx, out, xs, f"{config} n={n} call {call}")
+            ws.check()
 
 
 @case(dtypes=DTYPES)
