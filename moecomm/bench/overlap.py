@@ -41,6 +41,7 @@ The GEMM needs cuBLAS (``pip install nvidia-cublas-cu12``, or ``-cu13``).
 from __future__ import annotations
 
 import ctypes
+import math
 
 import cupy
 import numpy as np
@@ -84,17 +85,16 @@ def add_arguments(p) -> None:
 
 
 def gemm_shape(target_us: float, full_us: float, m: int) -> tuple[int, int]:
-    """(rows, reps): GEMMs of ``rows`` <= ``m`` rows of A, ``reps`` of them, lasting about
-    ``target_us`` when one full GEMM lasts ``full_us``: whole GEMMs where the target is
-    at least one, else one GEMM of fewer rows (time taken as proportional to M; multiples
-    of ``M_STEP``, at least one step)."""
+    """(rows, reps): ``reps`` GEMMs of ``rows`` <= ``m`` rows of A lasting about
+    ``target_us`` when one full GEMM lasts ``full_us``: as few GEMMs as reach the target,
+    each shrunk to share it (time taken as proportional to M; multiples of ``M_STEP``, at
+    least one step)."""
     if target_us <= 0 or full_us <= 0:
         raise ValueError(f"gemm_shape: durations must be positive, got target {target_us} "
                          f"and GEMM {full_us} us")
-    if target_us >= full_us:
-        return m, max(1, int(round(target_us / full_us)))
-    rows = int(round(m * target_us / full_us / M_STEP)) * M_STEP
-    return max(min(M_STEP, m), min(m, rows)), 1
+    reps = max(1, math.ceil(target_us / full_us - 0.05))  # 5% over one GEMM: still one
+    rows = int(round(m * target_us / (reps * full_us) / M_STEP)) * M_STEP
+    return max(min(M_STEP, m), min(m, rows)), reps
 
 
 def hidden_fraction(compute: float, comm: float, overlapped: float) -> float:

@@ -184,8 +184,11 @@ def test_barrier_refuses_a_non_group():
 def test_bench_overlap_gemm_shape_follows_the_target():
     from moecomm.bench.overlap import M_STEP, gemm_shape
 
-    assert gemm_shape(1000.0, 340.0, 8192) == (8192, 3)   # whole GEMMs
+    assert gemm_shape(1000.0, 340.0, 8192) == (8064, 3)   # three GEMMs share the target
     assert gemm_shape(340.0, 340.0, 8192) == (8192, 1)
+    assert gemm_shape(350.0, 340.0, 8192) == (8192, 1)    # within 5% of one GEMM
+    rows, reps = gemm_shape(482.0, 337.0, 8192)            # 1.4 GEMMs: two shorter ones
+    assert reps == 2 and abs(rows * reps - 8192 * 482 / 337) <= 2 * M_STEP
     rows, reps = gemm_shape(68.0, 340.0, 8192)             # shorter than one GEMM
     assert reps == 1 and rows % M_STEP == 0 and abs(rows - 8192 * 68 / 340) <= M_STEP
     assert gemm_shape(0.01, 340.0, 8192) == (M_STEP, 1)   # at least one step of M
