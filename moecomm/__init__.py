@@ -3,7 +3,6 @@
 Arrays go in through DLPack (CuPy, PyTorch, JAX) and come out as ``cupy.ndarray``.
 """
 
-from .group import ProcessGroup, default_group, init
 from .mapping import Mapping
 
 __version__ = "0.1.0"
@@ -12,9 +11,12 @@ __all__ = ["ProcessGroup", "Mapping", "init", "default_group", "__version__"]
 
 
 def __getattr__(name):
-    # CUDA-facing parts import CuPy; load them on first use so `import moecomm` (and the
-    # pure-Python Mapping, group and reference) work on machines without a CUDA driver.
+    # CUDA-facing parts import CuPy, and the group mpi4py (whose import initialises MPI):
+    # load them on first use, so `import moecomm` (and the pure-Python Mapping, logger and
+    # reference) neither needs a CUDA driver nor starts MPI in a program that never
+    # makes a group.
     lazy = {
+        **{n: "group" for n in ("ProcessGroup", "default_group", "init")},
         "SymmetricBuffer": "symmetric",
         "create_shared_buffer": "symmetric",
         "free_shared_buffer": "symmetric",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -376,8 +377,8 @@ def test_from_group_invalid():
 
 
 def test_mapping_module_imports_only_the_standard_library():
-    # Load mapping.py on its own (not through the package, whose __init__ imports the
-    # group and so mpi4py) and check nothing heavy came with it.
+    # Load mapping.py on its own (not through the package, which imports numpy) and check
+    # nothing heavy came with it.
     path = moecomm.mapping.__file__
     code = (
         "import importlib.util, sys\n"
@@ -390,3 +391,17 @@ def test_mapping_module_imports_only_the_standard_library():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_importing_the_package_does_not_start_mpi():
+    # mpi4py initialises MPI when imported; a program that only uses the package's
+    # pure-Python parts (or has not made a group yet) must not start it: under an MPI
+    # without a launcher that would fail. The group is loaded on first use.
+    code = (
+        "import sys, moecomm, moecomm.log, moecomm.mapping, moecomm.reference\n"
+        "assert moecomm.Mapping(2, 0, tp_size=2).tp_size == 2\n"
+        "assert 'mpi4py' not in sys.modules, 'mpi4py was imported'\n"
+        "assert callable(moecomm.init) and 'mpi4py' in sys.modules\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
