@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,21 @@ def median_us(fn: Callable[[], None], *, iters: int = 50, warmup: int = 10, stre
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
     return float(np.median(times))
+
+
+def batch_wall_us(fn: Callable[[], None], calls: int, barrier=None) -> float:
+    """Wall microseconds per call of ``calls`` back-to-back ``fn()`` calls, synchronised
+    once at the end (the GPU drained first; ``barrier()``, if given, lines the ranks up)."""
+    import cupy
+
+    cupy.cuda.runtime.deviceSynchronize()
+    if barrier is not None:
+        barrier()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    cupy.cuda.runtime.deviceSynchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def graph_median_us(fn: Callable[[], None], *, calls: int = 10, iters: int = 50,

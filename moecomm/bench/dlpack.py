@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .common import environment, print_table, require_gpu, write_result
+from .common import batch_wall_us, environment, print_table, require_gpu, write_result
 
 NBYTES = 8192
 
@@ -38,20 +38,9 @@ def add_arguments(p) -> None:
 
 # ---------------------------------------------------------------------------- GPU
 def _wall_us(fn, calls: int, repeats: int, group) -> float:
-    import cupy
-
     for _ in range(50):
         fn()
-    cupy.cuda.runtime.deviceSynchronize()
-    times = []
-    for _ in range(repeats):
-        group.barrier()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cupy.cuda.runtime.deviceSynchronize()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return float(np.median(times))
+    return float(np.median([batch_wall_us(fn, calls, group.barrier) for _ in range(repeats)]))
 
 
 ENQUEUE_CALLS = 200  # calls enqueued behind a spin kernel to time the host alone

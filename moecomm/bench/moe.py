@@ -83,7 +83,8 @@ from ..kernels import get_kernel
 from ..moe import EPAllToAll, Fp8Dispatch, MoeAlltoAll, MoeAlltoAllConfig
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
-from .common import environment, graph_median_us, print_table, pyplot, require_gpu, write_result
+from .common import (batch_wall_us, environment, graph_median_us, print_table, pyplot,
+                     require_gpu, write_result)
 
 TOKENS = [1, 32, 128, 512, 1024, 4096]
 ROUTINGS = ("uniform", "skewed")
@@ -425,13 +426,7 @@ def _wall_us(fn, group, calls: int, spin) -> tuple[float, float]:
         fn()
     walls, hosts = [], []
     for _ in range(BATCHES):
-        cupy.cuda.runtime.deviceSynchronize()
-        group.barrier()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cupy.cuda.runtime.deviceSynchronize()
-        walls.append((time.perf_counter() - t0) / calls * 1e6)
+        walls.append(batch_wall_us(fn, calls, group.barrier))
         group.barrier()
         spin(HOST_SPIN_US)
         t0 = time.perf_counter()
