@@ -28,14 +28,14 @@ model: ``lamport_crossover()``): they go through Lamport buffers owned by the wo
 with the all-reduce's protocol of ``kernels_cu/allreduce.cuh`` (three rotating buffers,
 slots written only by their rank, every word the sentinel 0x80000000 between uses, a
 device call counter, each call refilling what its peers wrote two calls before): one
-kernel, no barrier, no flag round trip. Each slot starts with an arrival vector written
-and awaited every call, rows or not, so that a rank with nothing to receive cannot run two
-calls ahead into a buffer its peer is still refilling. Payload words equal to the sentinel stay exact:
-all_gatherv sends 512-byte lines of 31 payload vectors and one mask vector whose bits
+kernel, no barrier, no flag round trip. Each slot starts with an arrival vector written and
+awaited every call, rows or not, so that a rank with nothing to receive cannot run two calls
+ahead into a buffer its peer is still refilling. Payload words equal to the sentinel stay
+exact: all_gatherv sends 512-byte lines of 31 payload vectors and one mask vector whose bits
 mark the words that were 0x80000000 (sent as 0, restored by the receiver), so any bytes
 arrive bitwise at 1/32 extra traffic; reduce_scatterv sends -0.0 as +0.0, which cannot
-change a sum that starts at +0. The path depends only on sizes, row bytes and the
-workspace, so every rank takes the same one.
+change a sum that starts at +0. The path depends only on sizes, row bytes and the workspace,
+so every rank takes the same one.
 
 Across nodes (or with ``MOECOMM_GPUS_PER_NODE`` cutting the group) the same calls go
 through ``NcclCommunicator``: ``all_gather_v`` of every array in one NCCL group, and for

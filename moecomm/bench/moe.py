@@ -53,14 +53,14 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   ``of_best`` (its bandwidth over the best n's).
 * ``fp8``: eager ``dispatch_us`` of the bf16 hidden payload vs the same dispatch with
   ``quantize=Fp8Dispatch()`` (fp32 scales, 128-element groups), and their ratio.
-* ``host``: the eager cost of a call as a user sees it: wall time per dispatch+combine
-  pair over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
+* ``host``: the eager cost of a call as a user sees it: wall time per dispatch+combine pair
+  over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
   synchronisation at the end, the slowest rank's; ``host_us`` is the host time alone: the
   enqueue time per pair of 100 pairs issued while the GPU runs a 40 ms spin kernel (no
-  launch waits for the GPU). Both are medians of 5 batches. ``wall_us`` is about max(``host_us``, the GPU's eager time
-  per pair). Rows: CuPy arrays with the stream omitted (CuPy's
-  current stream), given as a CuPy stream and as a raw handle; torch tensors (when torch
-  is importable) with the stream omitted, a torch Stream and a raw handle; and the
+  launch waits for the GPU). Both are medians of 5 batches. ``wall_us`` is about
+  max(``host_us``, the GPU's eager time per pair). Rows: CuPy arrays with the stream omitted
+  (CuPy's current stream), given as a CuPy stream and as a raw handle; torch tensors (when
+  torch is importable) with the stream omitted, a torch Stream and a raw handle; and the
   compact ``EPAllToAll`` pair with CuPy arrays on a CuPy stream.
 
 Validation, once per configuration before timing, on both paths: hidden values are small

@@ -32,8 +32,8 @@ Every time is the maximum over ranks. Reported per case: the hidden fraction
 ``(compute + comm - overlapped) / min(compute, comm)`` (1: the shorter one fully hidden,
 0: serialized; compute is the GEMM alone on its SMs) and ``gemm_keep``, the same GEMMs'
 standalone time on every SM (``compute_all_us``) over their time while overlapped (1.0:
-neither the SMs given up nor the overlap slowed them). Target on 2 x H200: ``hidden >= 0.85`` at some
-``num_sms <= 24`` with ``gemm_keep >= 0.85``.
+neither the SMs given up nor the overlap slowed them). Target on 2 x H200:
+``hidden >= 0.85`` at some ``num_sms <= 24`` with ``gemm_keep >= 0.85``.
 
 The GEMM needs cuBLAS (``pip install nvidia-cublas-cu12``, or ``-cu13``).
 """
