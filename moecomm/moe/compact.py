@@ -100,6 +100,14 @@ class CapacityError(RuntimeError):
         self.needed, self.capacity = needed, capacity
 
 
+class _PrefixViews(NamedTuple):
+    """The first T rows of an ``EPAllToAll``'s constant buffers."""
+
+    tokens: cupy.ndarray  # int32 [T]: token indices 0..T-1 (a dispatch payload)
+    ones: cupy.ndarray  # fp32 [T, k]: unit weights, when dispatch is given none
+    codes: cupy.ndarray | None  # fp32 [T, code width]: combine's code rows (exact combine)
+
+
 class EPDispatchOutput(NamedTuple):
     """What ``dispatch`` returns; unpacks as ``recv_x, recv_weights, layout`` (as in 003).
 
@@ -304,7 +312,7 @@ class EPAllToAll(Op):
             sms = self._a2a.num_sms  # the SM budget of MoeAlltoAllConfig.num_sms
             self._sms, self._max_grid = sms, 2 * sms
             self._y_view = None  # the combine input array, made on first use
-            self._prefix: dict[int, tuple] = {}  # T -> (token indices, unit weights, code rows)
+            self._prefix: dict[int, _PrefixViews] = {}  # by token count
             # One spare row past the capacity in recv_x / src / recv_weights: nothing may
             # ever be written there (tests poison and check it).
             self._recv_x_buf = empty((cap + 1, H), self.dtype)
@@ -467,8 +475,9 @@ class EPAllToAll(Op):
         if T > rmax:
             raise ValueError(f"topk_ids: {T} tokens exceed runtime_max_tokens_per_rank={rmax}")
         xa = as_array(x, "x", dtype=self.dtype, shape=(T, self.hidden), stream=stream)
+        prefix = self._prefix_views(T)
         if weights is None:
-            w = self._prefix_views(T)[1]
+            w = prefix.ones
         else:
             w = as_array(weights, "weights", dtype=np.float32, shape=(T, k), stream=stream)
 
@@ -476,7 +485,7 @@ class EPAllToAll(Op):
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
                                     op="EPAllToAll.dispatch")
-        recv = self._a2a.dispatch(ids, [xa, ids, self._prefix_views(T)[0], w], rmax, stream=stream,
+        recv = self._a2a.dispatch(ids, [xa, ids, prefix.tokens, w], rmax, stream=stream,
                                   handle=handle, return_handle=return_handle)
         if return_handle:
             recv, route = recv
@@ -565,7 +574,7 @@ class EPAllToAll(Op):
                 units = ya.nbytes // 16
                 self._stage(self._combine_grid(units), _COMBINE_THREADS, handle)
             self._a2a.combine(self._codes_region, rmax, payload_in_workspace=True, stream=stream,
-                              out=self._prefix_views(T)[2])
+                              out=self._prefix_views(T).codes)
             if T:
                 args = self._pull.args
                 args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
@@ -575,16 +584,16 @@ class EPAllToAll(Op):
         return events.finish(out, handle, async_op, owner=self, op="EPAllToAll.combine",
                              keep=(y, out))
 
-    def _prefix_views(self, T: int) -> tuple:
-        """(token indices [T], unit weights [T, k], code rows [T, code_width] or None): the
-        first T rows of the layer's constant buffers, sliced once per T (a CuPy slice
-        costs microseconds per call)."""
+    def _prefix_views(self, T: int) -> _PrefixViews:
+        """The first T rows of the layer's constant buffers, sliced once per T (a CuPy
+        slice costs microseconds per call)."""
         views = self._prefix.get(T)
         if views is None:
             if len(self._prefix) >= 64:
                 self._prefix.clear()
-            views = self._prefix[T] = (self._iota[:T], self._ones[:T],
-                                       None if self.local_combine else self._codes_out[:T])
+            views = self._prefix[T] = _PrefixViews(
+                self._iota[:T], self._ones[:T],
+                None if self.local_combine else self._codes_out[:T])
         return views
 
     def _combine_grid(self, units: int) -> int:
