@@ -172,8 +172,6 @@ struct CompactDispatchArgs {
   int32_t* src;                // [capacity, 3] out: (source rank, token, k slot)
   int32_t* inv;                // [ep, rmax, top_k] out: row of each entry or -1; or null
   float* codes;                // [ep, rmax, code_width] out (combine region); or null
-  int32_t* hist;               // [G, epr] scratch
-  int32_t* base;               // [G, epr] scratch
   int32_t* stats;              // [8] (moecomm.constants.CompactStat)
   int32_t* tokens_per_expert;  // [epr] out
   int32_t* offsets;            // [epr + 1] out

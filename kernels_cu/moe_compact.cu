@@ -5,18 +5,20 @@
 // its experts, block s of each receive tensor holding source s's tokens in token order.
 // The kernels here are local to a rank:
 //
-// count   (grid G): the received rows (s, i) with i < recv_counts[s], flattened in (s, i)
-//         order, are cut into G equal chunks; block b counts its chunk's entries
-//         (s, i, j) per local expert into hist[b]. The last block to finish turns the
-//         histograms into base[b][e] = offset of expert e + entries of e in chunks < b,
-//         and writes tokens_per_expert, the expert offsets and the overflow stats.
-// scatter (grid G, the same chunks): block b walks its chunk in order; warp 0 gives each
-//         local entry its row pos = base[b][e] + entries of e before it (a stable counting
-//         sort: rows ordered by local expert, then source rank, token, k slot), and the
-//         block copies row (s, i) of the received x to recv_x[pos] with the entry's
-//         (s, token, j) and weight. Rows at pos >= capacity are dropped (counted, never
-//         written). It also records where each (s, i, j) went, for combine: `inv` (local
-//         combine) or the `codes` row of (s, i) in MoeAlltoAll's combine region.
+// expand  (grid G): the received rows (s, i) with i < recv_counts[s], flattened in (s, i)
+//         order, are cut into G equal chunks, one per block. Every block counts the local
+//         entries (s, i, j) of all rows per local expert (the expert offsets) and of the
+//         rows before its chunk (its chunk's start in each expert): a redundant read of
+//         the received ids instead of a grid-wide count pass and a second kernel. Block 0
+//         writes tokens_per_expert, the expert offsets and the overflow stats. Then each
+//         block walks its chunk in order: warp 0 gives each local entry its row pos =
+//         chunk start of e + entries of e before it (a stable counting sort: rows ordered
+//         by local expert, then source rank, token, k slot), and the block copies row
+//         (s, i) of the received x, read once, to recv_x[pos] of each of its entries, with
+//         the entry's (s, token, j) and weight. Rows at pos >= capacity are dropped
+//         (counted, never written). It also records where each (s, i, j) went, for
+//         combine: `inv` (local combine) or the `codes` row of (s, i) in MoeAlltoAll's
+//         combine region.
 // pull    (exact combine): after MoeAlltoAll.combine has summed the code rows back to the
 //         source (each slot's code comes from exactly one rank, others add +0, so the fp32
 //         sum is exact), every token pulls its k rows from the owners' y buffers (CUDA
@@ -34,10 +36,9 @@ namespace {
 
 constexpr int kMaxRanks = config::kA2aMaxRanks;
 constexpr int kMaxExperts = config::kCompactMaxLocalExperts;
-constexpr int kTile = config::kCompactMaxTopK;  // entries (row, slot) a scatter step ranks
+constexpr int kTile = config::kCompactMaxTopK;  // entries (row, slot) an expand step ranks
 
 // Words of the stats array (moecomm.constants.CompactStat).
-constexpr int kStatArrive = MOECOMM_STAT_ARRIVE;
 constexpr int kStatRows = MOECOMM_STAT_ROWS;
 constexpr int kStatNeeded = MOECOMM_STAT_NEEDED;
 constexpr int kStatDropped = MOECOMM_STAT_DROPPED;
@@ -86,20 +87,6 @@ __device__ __forceinline__ int local_expert(int32_t id, int lo, int epr) {
   return id >= lo && e < epr ? e : -1;
 }
 
-// True in the one block that arrives last; every block's earlier writes are then visible.
-__device__ bool last_block(uint32_t* counter) {
-  __shared__ int s_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    if (s_last) *counter = 0;
-  }
-  __syncthreads();
-  if (s_last) __threadfence();
-  return s_last;
-}
-
 // In place: s_val[0..n) := exclusive prefix sums; returns the total. Every thread calls;
 // blockDim.x a multiple of 32.
 __device__ int32_t block_exclusive_scan(int32_t* s_val, int n) {
@@ -137,58 +124,6 @@ __device__ int32_t block_exclusive_scan(int32_t* s_val, int n) {
   const int32_t total = s_warp[nwarps - 1];
   __syncthreads();
   return total;
-}
-
-// The last count block: hist [G, epr] -> base, tokens_per_expert, offsets, stats.
-// Work item (e, slice) sums hist over the slice's chunks, so all threads share the loads.
-__device__ void finish_counts(const DispatchParams& p) {
-  __shared__ int32_t s_part[kMaxExperts];  // items = epr * slices <= max(epr, blockDim)
-  __shared__ int32_t s_off[kMaxExperts];
-  __shared__ int32_t s_tot[kMaxExperts];
-  const int epr = (int)p.experts_per_rank;
-  const int G = gridDim.x;
-  const int slices = max(1, (int)blockDim.x / epr);
-  const int per = (G + slices - 1) / slices;
-  const int items = epr * slices;
-  for (int it = threadIdx.x; it < items; it += blockDim.x) {
-    const int e = it % epr, sl = it / epr;
-    int32_t sum = 0;
-    for (int b = sl * per; b < min(G, (sl + 1) * per); ++b) sum += __ldcg(p.hist + (size_t)b * epr + e);
-    s_part[it] = sum;
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < epr; e += blockDim.x) {
-    int32_t tot = 0;
-    for (int sl = 0; sl < slices; ++sl) tot += s_part[e + sl * epr];
-    s_tot[e] = s_off[e] = tot;
-  }
-  __syncthreads();
-  const int32_t needed = block_exclusive_scan(s_off, epr);
-  for (int it = threadIdx.x; it < items; it += blockDim.x) {
-    const int e = it % epr, sl = it / epr;
-    int32_t run = s_off[e];
-    for (int q = 0; q < sl; ++q) run += s_part[e + q * epr];
-    for (int b = sl * per; b < min(G, (sl + 1) * per); ++b) {
-      p.base[(size_t)b * epr + e] = run;
-      run += __ldcg(p.hist + (size_t)b * epr + e);
-    }
-  }
-  const int32_t cap = (int32_t)p.capacity;
-  for (int e = threadIdx.x; e < epr; e += blockDim.x) {
-    const int32_t lo = min(s_off[e], cap);
-    p.tokens_per_expert[e] = min(s_off[e] + s_tot[e], cap) - lo;
-    p.offsets[e] = lo;
-  }
-  if (threadIdx.x == 0) {
-    const int32_t stored = min(needed, cap);
-    const int32_t dropped = needed - stored;
-    p.offsets[epr] = stored;
-    p.stats[kStatRows] = stored;
-    p.stats[kStatNeeded] = needed;
-    p.stats[kStatDropped] = dropped;
-    atomicMax(p.stats + kStatMaxNeeded, needed);
-    atomicMax(p.stats + kStatMaxDropped, dropped);
-  }
 }
 
 // ---------------------------------------------------------------- combine helpers
@@ -284,38 +219,37 @@ __device__ void reduce(const ReduceParams& p) {
   }
 }
 
+// Block 0: the layout's per-expert outputs and the stats, from the totals s_tot and their
+// exclusive prefix s_off (needed = all entries).
+__device__ void write_layout(const DispatchParams& p, const int32_t* s_tot, const int32_t* s_off,
+                             int32_t needed) {
+  const int epr = (int)p.experts_per_rank;
+  const int32_t cap = (int32_t)p.capacity;
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) {
+    const int32_t lo = min(s_off[e], cap);
+    p.tokens_per_expert[e] = min(s_off[e] + s_tot[e], cap) - lo;
+    p.offsets[e] = lo;
+  }
+  if (threadIdx.x == 0) {
+    const int32_t stored = min(needed, cap);
+    const int32_t dropped = needed - stored;
+    p.offsets[epr] = stored;
+    p.stats[kStatRows] = stored;
+    p.stats[kStatNeeded] = needed;
+    p.stats[kStatDropped] = dropped;
+    p.stats[kStatMaxNeeded] = max(p.stats[kStatMaxNeeded], needed);
+    p.stats[kStatMaxDropped] = max(p.stats[kStatMaxDropped], dropped);
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- dispatch side
-extern "C" __global__ void __launch_bounds__(1024) moe_compact_count(const DispatchParams p) {
+extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const DispatchParams p) {
   __shared__ int32_t s_pref[kMaxRanks + 1];
-  __shared__ int32_t s_hist[kMaxExperts];
-  const int ep = (int)p.ep_size;
-  const int epr = (int)p.experts_per_rank;
-  const int k = (int)p.top_k;
-  const int lo = (int)(p.rank * p.experts_per_rank);
-  load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
-  for (int e = threadIdx.x; e < epr; e += blockDim.x) s_hist[e] = 0;
-  __syncthreads();
-  int64_t v0, v1;
-  block_rows(s_pref, ep, v0, v1);
-  for (int64_t q = v0 * k + threadIdx.x; q < v1 * k; q += blockDim.x) {
-    const int64_t v = q / k;
-    const int j = (int)(q - v * k);
-    const int s = source_of(v, s_pref);
-    const int64_t flat = (int64_t)s * p.runtime_max + (v - s_pref[s]);
-    const int e = local_expert(p.ids[flat * k + j], lo, epr);
-    if (e >= 0) atomicAdd(&s_hist[e], 1);
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < epr; e += blockDim.x)
-    p.hist[(size_t)blockIdx.x * epr + e] = s_hist[e];
-  if (last_block(reinterpret_cast<uint32_t*>(p.stats + kStatArrive))) finish_counts(p);
-}
-
-extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const DispatchParams p) {
-  __shared__ int32_t s_pref[kMaxRanks + 1];
-  __shared__ int32_t s_run[kMaxExperts];  // next row of each local expert
+  __shared__ int32_t s_tot[kMaxExperts];  // entries of each local expert, all rows
+  __shared__ int32_t s_off[kMaxExperts];  // then its exclusive prefix: the expert's offset
+  __shared__ int32_t s_run[kMaxExperts];  // entries before the chunk, then the next row
   __shared__ int32_t s_pos[kTile];        // row of each entry of the tile, -1: not stored
   __shared__ int16_t s_list[kTile];       // the tile's stored entries, in order
   __shared__ int64_t s_flat[kTile];       // received row (s * rmax + i) of each tile row
@@ -330,14 +264,33 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
   const int warp = threadIdx.x >> 5;
   const int tile_rows = kTile / k;
   load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
-  for (int e = threadIdx.x; e < epr; e += blockDim.x)
-    s_run[e] = p.base[(size_t)blockIdx.x * epr + e];
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) s_tot[e] = s_run[e] = 0;
   __syncthreads();
   int64_t v0, v1;
   block_rows(s_pref, ep, v0, v1);
+
+  // 1. Count. Source s's received ids are contiguous: [s * rmax * k, + rows_s * k).
+  for (int s = 0; s < ep; ++s) {
+    const int32_t* ids = p.ids + (int64_t)s * p.runtime_max * k;
+    const int64_t n = (int64_t)(s_pref[s + 1] - s_pref[s]) * k;
+    const int64_t before = min(n, max((int64_t)0, (v0 - s_pref[s]) * k));
+    for (int64_t q = threadIdx.x; q < n; q += blockDim.x) {
+      const int e = local_expert(ids[q], lo, epr);
+      if (e < 0) continue;
+      atomicAdd(&s_tot[e], 1);
+      if (q < before) atomicAdd(&s_run[e], 1);
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) s_off[e] = s_tot[e];
+  __syncthreads();
+  const int32_t needed = block_exclusive_scan(s_off, epr);
+  if (blockIdx.x == 0) write_layout(p, s_tot, s_off, needed);
+  for (int e = threadIdx.x; e < epr; e += blockDim.x) s_run[e] += s_off[e];
+  __syncthreads();
+
   const int64_t row = p.row_bytes;
   const int64_t nvec = row / 16;
-
   for (int64_t r0 = v0; r0 < v1; r0 += tile_rows) {
     const int nrows = (int)min((int64_t)tile_rows, v1 - r0);
     const int nent = nrows * k;
@@ -348,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
     }
     __syncthreads();
 
-    // 1. Warp 0 ranks the tile's entries in order: equal experts within 32 entries are
+    // 2. Warp 0 ranks the tile's entries in order: equal experts within 32 entries are
     //    found with match_any, earlier lanes first, then the expert's counter advances.
     if (warp == 0) {
       int n = 0;
@@ -373,7 +326,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
     __syncthreads();
     const int stored = s_count;
 
-    // 2. Where every (s, i, j) of the tile went, for combine.
+    // 3. Where every (s, i, j) of the tile went, for combine.
     if (p.inv != nullptr)
       for (int q = threadIdx.x; q < nent; q += blockDim.x)
         p.inv[s_flat[q / k] * k + q % k] = s_pos[q];
@@ -387,7 +340,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
       }
     }
 
-    // 3. Each stored entry's source, weight and hidden row.
+    // 4. Each stored entry's source, weight and hidden row; a row's vector is read once
+    //    and stored to every entry of the row.
     for (int n = threadIdx.x; n < stored; n += blockDim.x) {
       const int q = s_list[n];
       const int r = q / k, j = q - r * k;
@@ -397,25 +351,30 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_scatter(const Dis
       p.src[3 * (size_t)pos + 2] = j;
       p.recv_w[pos] = p.w[s_flat[r] * k + j];
     }
-    constexpr int kUnroll = 4;
-    const int64_t total = (int64_t)stored * nvec;
-    for (int64_t b = threadIdx.x; b < total; b += kUnroll * blockDim.x) {
-      Vec16 v[kUnroll];
+    if (stored) {
+      constexpr int kUnroll = 4;
+      const int64_t total = (int64_t)nrows * nvec;
+      for (int64_t b = threadIdx.x; b < total; b += kUnroll * blockDim.x) {
+        Vec16 v[kUnroll];
 #pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        const int64_t u = b + i * blockDim.x;
-        if (u < total) {
-          const int64_t n = u / nvec;
-          const int q = s_list[n];
-          v[i] = ld_vec16(p.x + s_flat[q / k] * row + (u - n * nvec) * 16);
+        for (int i = 0; i < kUnroll; ++i) {
+          const int64_t u = b + i * blockDim.x;
+          if (u < total) {
+            const int64_t r = u / nvec;
+            v[i] = ld_vec16(p.x + s_flat[r] * row + (u - r * nvec) * 16);
+          }
         }
-      }
 #pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        const int64_t u = b + i * blockDim.x;
-        if (u >= total) break;
-        const int64_t n = u / nvec;
-        st_vec16(p.recv_x + (int64_t)s_pos[s_list[n]] * row + (u - n * nvec) * 16, v[i]);
+        for (int i = 0; i < kUnroll; ++i) {
+          const int64_t u = b + i * blockDim.x;
+          if (u >= total) break;
+          const int64_t r = u / nvec;
+          const int64_t col = (u - r * nvec) * 16;
+          for (int j = 0; j < k; ++j) {
+            const int32_t pos = s_pos[r * k + j];
+            if (pos >= 0) st_vec16(p.recv_x + (int64_t)pos * row + col, v[i]);
+          }
+        }
       }
     }
     __syncthreads();

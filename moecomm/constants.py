@@ -97,12 +97,11 @@ class MixedCommOp(enum.IntEnum):
 class CompactStat(enum.IntEnum):
     """Words of EPAllToAll's int32 stats array on the device (moe_compact.cu)."""
 
-    ARRIVE = 0        # arrival counter of the count kernel
-    ROWS = 1          # rows stored by the last dispatch
-    NEEDED = 2        # rows the last dispatch produced
-    DROPPED = 3       # rows it dropped (needed - capacity, or 0)
-    MAX_NEEDED = 4    # sticky max of NEEDED until the host resets it
-    MAX_DROPPED = 5   # sticky max of DROPPED
+    ROWS = 0          # rows stored by the last dispatch
+    NEEDED = 1        # rows the last dispatch produced
+    DROPPED = 2       # rows it dropped (needed - capacity, or 0)
+    MAX_NEEDED = 3    # sticky max of NEEDED until the host resets it
+    MAX_DROPPED = 4   # sticky max of DROPPED
 
 
 class Quant(enum.IntEnum):

@@ -82,7 +82,7 @@ class SanitizeArgs(ctypes.Structure):
 
 class CompactDispatchArgs(ctypes.Structure):
     _fields_ = _fields(
-        ("ids tok x w recv_counts recv_x recv_w src inv codes hist base stats "
+        ("ids tok x w recv_counts recv_x recv_w src inv codes stats "
          "tokens_per_expert offsets", _ptr),
         ("ep_size rank experts_per_rank top_k runtime_max capacity row_bytes code_width", _i64))
 

@@ -45,7 +45,7 @@ Rules of use (as for ``MoeAlltoAll``, which carries the exchange):
 * Waits for peers are bounded (``timeout_s``); a timeout surfaces as ``PeerTimeoutError``
   from the next call or ``check_error``.
 
-Kernels: ``kernels_cu/moe_compact.cu`` (count + scatter after the MoeAlltoAll dispatch;
+Kernels: ``kernels_cu/moe_compact.cu`` (expand after the MoeAlltoAll dispatch;
 pull or reduce around the MoeAlltoAll combine).
 """
 
@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 MAX_LOCAL_EXPERTS = COMPACT_MAX_LOCAL_EXPERTS
-MAX_TOP_K = COMPACT_MAX_TOP_K  # one row's k entries fit a scatter tile
+MAX_TOP_K = COMPACT_MAX_TOP_K  # one row's k entries fit an expand tile
 MAX_CAPACITY = COMPACT_MAX_CAPACITY
 _SOURCE = "moe_compact.cu"
 _DISPATCH_THREADS = 512
@@ -326,8 +326,6 @@ class EPAllToAll(Op):
                 self._sym = SymmetricBuffer(group, self._w_off + round_up(4 * (cap + 1), 256))
                 self._recv_w_buf = self._sym.view(np.float32, (cap + 1,), offset=self._w_off)
                 self._codes_out = cupy.zeros((self.max_num_tokens, self._code_width), np.float32)
-            self._hist = cupy.zeros(self._max_grid * epr, np.int32)
-            self._base = cupy.zeros(self._max_grid * epr, np.int32)
             self._stats = cupy.zeros(8, np.int32)
             self._tpe = cupy.zeros(epr, np.int32)
             self._offsets = cupy.zeros(epr + 1, np.int32)
@@ -336,13 +334,13 @@ class EPAllToAll(Op):
             self._recv_x, self._src = self._recv_x_buf[:cap], self._src_buf[:cap]
             self._recv_w = self._recv_w_buf[:cap]
 
-            self._count = Launcher(get_kernel(_SOURCE, "moe_compact_count"), CompactDispatchArgs)
-            self._scatter = Launcher(get_kernel(_SOURCE, "moe_compact_scatter"), self._count.args)
-            d = self._count.args
+            self._expand = Launcher(get_kernel(_SOURCE, "moe_compact_expand"),
+                                    CompactDispatchArgs)
+            d = self._expand.args
             d.recv_counts, d.recv_x = self._a2a.recv_counts.data.ptr, self._recv_x_buf.data.ptr
             d.recv_w, d.src = self._recv_w_buf.data.ptr, self._src_buf.data.ptr
             d.inv = self._inv.data.ptr if self.local_combine else None
-            d.hist, d.base, d.stats = self._hist.data.ptr, self._base.data.ptr, self._stats.data.ptr
+            d.stats = self._stats.data.ptr
             d.tokens_per_expert, d.offsets = self._tpe.data.ptr, self._offsets.data.ptr
             d.ep_size, d.rank, d.experts_per_rank, d.top_k = ep, self.ep_rank, epr, k
             d.capacity, d.row_bytes, d.code_width = cap, row_x, self._code_width
@@ -413,9 +411,9 @@ class EPAllToAll(Op):
         """Fill every output buffer (recv_x with its spare row past the capacity, src,
         recv_weights, tokens_per_expert, offsets, the row counters, the combine input
         region, the exchange's code rows) with 0xFF bytes and poison the exchange
-        (``MoeAlltoAll.poison``), keeping the arrival counter and the sticky capacity
-        record: tests use it to prove that every valid output is written. Synchronizes
-        the device; not collective."""
+        (``MoeAlltoAll.poison``), keeping the sticky capacity record: tests use it to
+        prove that every valid output is written. Synchronizes the device; not
+        collective."""
         self.usable("poison")
         cupy.cuda.runtime.deviceSynchronize()
         for buf in (self._recv_x_buf, self._src_buf, self._recv_w_buf, self._tpe, self._offsets):
@@ -448,7 +446,7 @@ class EPAllToAll(Op):
                 on every rank; default max_num_tokens).
             handle, return_handle: the exchange's ``RoutingHandle`` (``MoeAlltoAll.
                 dispatch``): replaying one skips the sender's layout pass; the receiver's
-                count + scatter still run (they depend on every peer's ids).
+                expand still runs (it depends on every peer's ids).
             previous_event, async_op: overlap options (``moecomm.events``).
 
         Returns ``EPDispatchOutput(recv_x, recv_weights, layout)`` (views of the layer's
@@ -489,7 +487,7 @@ class EPAllToAll(Op):
                                   handle=handle, return_handle=return_handle)
         if return_handle:
             recv, route = recv
-        args = self._count.args
+        args = self._expand.args
         args.x, args.ids, args.tok, args.w = (a.data.ptr for a in recv)
         args.runtime_max = rmax
         self._codes_region = None
@@ -497,9 +495,10 @@ class EPAllToAll(Op):
             self._codes_region = self._a2a.get_combine_payload_tensor_in_workspace(
                 rmax, self._code_width, np.float32)
             args.codes = self._codes_region.data.ptr
-        grid = max(1, min(self._max_grid, -(-self.ep_size * rmax // 8)))
-        self._count(grid, _DISPATCH_THREADS, stream_ptr)
-        self._scatter(grid, _DISPATCH_THREADS, stream_ptr)
+        # One received row per block while rows are few: the copy, not the count, sets
+        # the time (every block counts all rows).
+        self._expand(max(1, min(self._max_grid, self.ep_size * rmax)), _DISPATCH_THREADS,
+                     stream_ptr)
         self._epoch += 1
         self.phase, self._rmax = Phase.DISPATCHED, rmax
         self._layout = EPLayout(self, self._epoch, T, rmax)
