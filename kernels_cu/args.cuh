@@ -170,8 +170,12 @@ struct CompactDispatchArgs {
   uint8_t* recv_x;             // [capacity, row_bytes] out
   float* recv_w;               // [capacity] out
   int32_t* src;                // [capacity, 3] out: (source rank, token, k slot)
-  int32_t* inv;                // [ep, rmax, top_k] out: row of each entry or -1; or null
-  float* codes;                // [ep, rmax, code_width] out (combine region); or null
+  int32_t* inv;                // [ep, rmax, top_k] out: row of each entry or < 0; or null
+  uint64_t peers[MOECOMM_A2A_MAX_RANKS];  // exact combine: every rank's symmetric buffer
+  int64_t codes_off;           // exact combine: codes i32 [max_tokens, top_k] in it, or -1
+  const int32_t* ids_in;       // [T, top_k] this rank's topk_ids ...
+  int32_t* ids_copy;           // ... kept here for its combine
+  int64_t num_tokens;          // T
   int32_t* stats;              // [8] (moecomm.constants.CompactStat)
   int32_t* tokens_per_expert;  // [epr] out
   int32_t* offsets;            // [epr + 1] out
@@ -182,22 +186,22 @@ struct CompactDispatchArgs {
   int64_t runtime_max;
   int64_t capacity;
   int64_t row_bytes;           // a multiple of 16
-  int64_t code_width;          // floats per codes row: 2 * top_k rounded up to 4
 };
 
 struct CompactPullArgs {
-  uint64_t peers[MOECOMM_A2A_MAX_RANKS];  // symmetric y buffer base of every rank
-  const float* codes;          // [T, code_width] (pos + 1, rank) per slot, 0 when absent
+  uint64_t peers[MOECOMM_A2A_MAX_RANKS];  // every rank's symmetric buffer (y, weights, codes)
+  const int32_t* ids;          // [T, top_k] this rank's topk_ids (the dispatch's copy)
+  const int32_t* codes;        // [T, top_k] slot j's row + 1 at its owner, 0: dropped
   uint8_t* out;                // [T, row_bytes]
   int64_t y_off;               // the y buffer [capacity, row_bytes] in the symmetric buffer
   int64_t w_off;               // the received weights [capacity] fp32 in it
   int64_t num_tokens;
   int64_t top_k;
-  int64_t code_width;
+  int64_t experts_per_rank;
   int64_t row_bytes;
-  int64_t ep_size;
   int64_t capacity;
   int64_t apply_weights;
+  A2aWorkspace ws;             // the exchange's: the combine handshake (a2a.cuh)
 };
 
 struct CompactReduceArgs {

@@ -30,6 +30,8 @@ constexpr int kVcLamportHeaderBytes = MOECOMM_VC_LAMPORT_HEADER_BYTES;
 
 constexpr int kCompactMaxLocalExperts = MOECOMM_COMPACT_MAX_LOCAL_EXPERTS;
 constexpr int kCompactMaxTopK = MOECOMM_COMPACT_MAX_TOP_K;
+constexpr int kCompactPullUnits = MOECOMM_COMPACT_PULL_UNITS;
+constexpr int kCompactCombineThreads = MOECOMM_COMPACT_COMBINE_THREADS;
 
 // Error codes of the device error word (moecomm.constants.ErrorCode).
 constexpr uint32_t kErrAllreduceOneshot = MOECOMM_ERR_ALLREDUCE_ONESHOT;

@@ -8,14 +8,9 @@
 //   region_off ...         the combine region [ep, runtime_max, row_bytes] (after the above)
 // and local memory: send_slot i32[T, ep] (token t's row in block `rank` of rank r's
 // receive tensors, -1 if t does not go to r), recv_counts i32[ep] (rows received from each
-// source by the last dispatch) and state u32[8] (kState* below).
+// source by the last dispatch) and state u32[8] (a2a.cuh's kState*).
 //
-// Both kernels run on a grid that is the same on every rank (the host derives it from
-// runtime_max and the SM budget), and every block of every rank adds 1 to a counter in
-// each peer's header once its writes are done (fence, then a system-scope release add).
-// A rank's counter from source s thus grows by the grid size per call; the expected
-// value lives in local state (kStateDispatchSeen / kStateCombineSeen), so counters are
-// never reset and never raced.
+// The handshake of both kernels (and of EPAllToAll's exact combine) is a2a.cuh's.
 //
 // Dispatch. Block b owns tokens [b*chunk, (b+1)*chunk). It counts, per target rank, the
 // routed tokens before its chunk and in total (a ballot scan over the tokens before it);
@@ -50,10 +45,11 @@
 // the signal); a rank rewrites its combine region only after its dispatch k+1 completed,
 // i.e. after every peer finished combine k (a peer sends dispatch k+1 only after its
 // combine k). dispatch and combine must alternate.
-#include "args.cuh"
+#include "a2a.cuh"
 #include "quant.cuh"
 
 using namespace moecomm;
+using namespace moecomm::a2a;
 
 namespace {
 
@@ -65,22 +61,11 @@ constexpr int kUnits = config::kA2aCombineUnits;
 constexpr int kGroup = 2;
 constexpr int kPiece = 32 * kUnits;
 
-// Header byte offsets in every rank's workspace.
-constexpr size_t kDispatchCountOff = 0;
-constexpr size_t kCombineCountOff = 128;
-constexpr size_t kRecvCountOff = 256;
-
 // DispatchArgs::route_mode: the layout pass alone, the layout pass recorded into a routing
 // handle (route_slot = send_slot, route_total = rows per target), or the layout replayed
 // from one (steps 1 and the slot assignment skipped; the handle's ids were the same).
 constexpr int kRouteRecord = 1;
 constexpr int kRouteReplay = 2;
-
-// Local state words.
-constexpr int kStateDispatchSeen = 0;  // dispatch signals expected from each source so far
-constexpr int kStateCombineSeen = 1;   // combine signals likewise
-constexpr int kStateArrived = 2;       // blocks of the running kernel that read the above
-constexpr int kStateAbort = 3;         // raised by a wait that gave up (common.cuh)
 
 // ---------------------------------------------------------------- word access
 // A row is moved as 16-byte vectors or, when its size or address is not a multiple of
@@ -113,10 +98,6 @@ struct Word<Vec16> {
                  Word<uint32_t>::keep(v.z, lo, hi, bad), Word<uint32_t>::keep(v.w, lo, hi, bad)};
   }
 };
-
-__device__ __forceinline__ uint8_t* peer_base(const A2aWorkspace& ws, int r) {
-  return reinterpret_cast<uint8_t*>(ws.peers[r]);
-}
 
 // Bit r set: token t has a valid expert on rank r.
 __device__ __forceinline__ uint32_t route_mask(const DispatchArgs& p, int64_t t) {
@@ -258,46 +239,6 @@ __device__ void pad_ids(const DispatchArgs& p, const int32_t* s_total) {
   }
 }
 
-
-__device__ __forceinline__ WaitContext wait_context(const A2aWorkspace& ws, uint32_t code) {
-  return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
-}
-
-// Every thread reads local state word `word`, then the block arrives (grid_arrive) so
-// block 0 may change it at its end (end).
-__device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
-  const uint32_t value = *(volatile const uint32_t*)&ws.state[word];
-  grid_arrive(&ws.state[kStateArrived]);
-  return value;
-}
-
-__device__ __forceinline__ void end(const A2aWorkspace& ws, int word, uint32_t value) {
-  if (grid_all_arrived(&ws.state[kStateArrived])) ws.state[word] = value;
-}
-
-// After this block's writes to every rank: add 1 to entry `rank` of counter array
-// `count_off` in every rank's header. The barrier puts every thread's writes before the
-// signalling thread's system-scope release, which is cumulative (allreduce.cuh,
-// signal_peers).
-__device__ __forceinline__ void signal_all(const A2aWorkspace& ws, size_t count_off) {
-  __syncthreads();
-  if (threadIdx.x < ws.ep_size)
-    red_add_release_sys(
-        reinterpret_cast<uint32_t*>(peer_base(ws, threadIdx.x) + count_off) + ws.rank, 1u);
-}
-
-// Threads 0..ep-1 wait until entry s of the own counter array `count_off` reaches
-// `target`. Block-uniform; false if a wait gave up.
-__device__ __forceinline__ bool wait_all(const A2aWorkspace& ws, size_t count_off,
-                                         uint32_t target, const WaitContext& w) {
-  bool ok = true;
-  if (threadIdx.x < ws.ep_size) {
-    const uint32_t* count =
-        reinterpret_cast<const uint32_t*>(peer_base(ws, ws.rank) + count_off) + threadIdx.x;
-    ok = wait_flag_geq(count, target, w, threadIdx.x);
-  }
-  return __syncthreads_and(ok);
-}
 
 // ---------------------------------------------------------------- combine
 template <typename T>

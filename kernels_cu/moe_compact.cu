@@ -17,18 +17,20 @@
 //         (s, i) of the received x, read once, to recv_x[pos] of each of its entries, with
 //         the entry's (s, token, j) and weight. Rows at pos >= capacity are dropped
 //         (counted, never written). It also records where each (s, i, j) went, for
-//         combine: `inv` (local combine) or the `codes` row of (s, i) in MoeAlltoAll's
-//         combine region.
-// pull    (exact combine): after MoeAlltoAll.combine has summed the code rows back to the
-//         source (each slot's code comes from exactly one rank, others add +0, so the fp32
-//         sum is exact), every token pulls its k rows from the owners' y buffers (CUDA
-//         IPC) and sums them in slot order in fp32 - the reference's single sum.
+//         combine: `inv` (local combine), or, for the exact combine, pos + 1 (0: dropped)
+//         stored straight into source s's `codes` [token, j] (CUDA IPC); and it keeps a
+//         copy of this rank's own topk_ids, which name each slot's owner for its pull.
+// pull    (exact combine, one kernel): the combine handshake of MoeAlltoAll (a2a.cuh:
+//         "my y, weights and codes are ready", then wait for every rank's), after which
+//         every token pulls its k rows from the owners' y buffers and sums them in slot
+//         order in fp32 - the reference's single sum. Using the exchange's own combine
+//         counters keeps its reasoning for the next dispatch (moe_a2a.cu) intact.
 // reduce  (local combine): each received (s, i) sums its own rows in slot order in fp32
 //         into MoeAlltoAll's combine payload (rounded to y's dtype); MoeAlltoAll.combine
 //         then sums the ranks' partials in rank order.
 // stage   copies the valid rows of y into the symmetric y buffer (exact combine, when y
 //         was not written there directly).
-#include "args.cuh"
+#include "a2a.cuh"
 
 using namespace moecomm;
 
@@ -36,6 +38,7 @@ namespace {
 
 constexpr int kMaxRanks = config::kA2aMaxRanks;
 constexpr int kMaxExperts = config::kCompactMaxLocalExperts;
+constexpr int kCombineThreads = config::kCompactCombineThreads;  // pull, reduce
 constexpr int kTile = config::kCompactMaxTopK;  // entries (row, slot) an expand step ranks
 
 // Words of the stats array (moecomm.constants.CompactStat).
@@ -161,33 +164,99 @@ __device__ __forceinline__ Vec16 sum_slots(int k, bool weighted, Fetch fetch) {
   return round_pack<T>(acc);
 }
 
-// Exact combine: token t sums, slot by slot, the row its slot's owner stored at pos.
+// Exact combine. A warp takes a piece of kPullUnits x 32 16-byte columns of token t's
+// row: lane j reads slot j's id and code once (32 slots at a time) and the slot's owner
+// row address and weight are shuffled to the warp; each lane then loads its columns of
+// kPullSlots slots before adding, in slot order.
+constexpr int kPullUnits = config::kCompactPullUnits;  // (the host sizes the grid with it)
+constexpr int kPullSlots = 8;  // top-8: one round of loads
+constexpr int kPullPiece = 32 * kPullUnits;
+
 template <typename T>
 __device__ void pull(const PullParams& p) {
-  const int ep = (int)p.ep_size;
-  const int64_t row = p.row_bytes;
-  const int64_t nvec = row / 16;
-  const int64_t units = p.num_tokens * nvec;
-  const int k = (int)p.top_k;
-  const bool weighted = p.apply_weights != 0;
-  const float cap = (float)p.capacity;
-  for (int64_t u = global_thread_id(); u < units; u += global_thread_count()) {
-    const int64_t t = u / nvec;
-    const int64_t col = (u - t * nvec) * 16;
-    const float* code = p.codes + t * p.code_width;
-    const Vec16 sum = sum_slots<T>(k, weighted, [&](int j, Vec16& x, float& w) {
-      const float fp = code[2 * j], fr = code[2 * j + 1];
-      // Codes are exact small integers; anything else (a failed exchange) is skipped,
-      // so no read ever leaves the peers' buffers.
-      if (!(fp >= 1.f && fp <= cap && fr >= 0.f && fr < (float)ep)) return false;
-      const int64_t pos = (int64_t)fp - 1;
-      const uint8_t* base = reinterpret_cast<const uint8_t*>(p.peers[(int)fr]);
-      x = ld_vec16_cg(base + p.y_off + pos * row + col);
-      w = weighted ? __ldcg(reinterpret_cast<const float*>(base + p.w_off) + pos) : 1.f;
-      return true;
-    });
-    st_vec16(p.out + t * row + col, sum);
+  constexpr int K = Pack16<T>::kLanes;
+  const A2aWorkspace& ws = p.ws;
+  pdl_wait();
+  const uint32_t target = a2a::begin(ws, a2a::kStateCombineSeen) + gridDim.x;
+  a2a::signal_all(ws, a2a::kCombineCountOff);
+  const bool ok = a2a::wait_all(ws, a2a::kCombineCountOff, target,
+                                a2a::wait_context(ws, config::kErrA2aCombine));
+  pdl_launch_dependents();
+  if (ok) {
+    const int k = (int)p.top_k;
+    const int epr = (int)p.experts_per_rank;
+    const int num_experts = ws.ep_size * epr;
+    const bool weighted = p.apply_weights != 0;
+    const int64_t row = p.row_bytes;
+    const int nvec = (int)(row / 16);
+    const int pieces_per_row = (nvec + kPullPiece - 1) / kPullPiece;
+    const int64_t pieces = p.num_tokens * pieces_per_row;
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t q = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); q < pieces;
+         q += warps) {
+      const int64_t t = q / pieces_per_row;
+      const int c0 = (int)(q - t * pieces_per_row) * kPullPiece + lane;
+      float acc[kPullUnits][K];
+#pragma unroll
+      for (int u = 0; u < kPullUnits; ++u) {
+#pragma unroll
+        for (int i = 0; i < K; ++i) acc[u][i] = 0.f;
+      }
+      for (int j0 = 0; j0 < k; j0 += 32) {
+        // Lane j: slot j0 + j's owner row (0: nothing to add) and weight. Codes are
+        // checked, so no read ever leaves the owner's buffer.
+        uint64_t my_row = 0;
+        float my_w = 1.f;
+        if (j0 + lane < k) {
+          const int64_t at = t * k + j0 + lane;
+          const int32_t id = p.ids[at];
+          const int32_t code = p.codes[at];
+          if (id >= 0 && id < num_experts && code >= 1 && code <= p.capacity) {
+            const uint64_t base = p.peers[id / epr];
+            my_row = base + p.y_off + (uint64_t)(code - 1) * row;
+            if (weighted) my_w = __ldcg(reinterpret_cast<const float*>(base + p.w_off) + code - 1);
+          }
+        }
+        const int n = min(32, k - j0);
+        for (int g = 0; g < n; g += kPullSlots) {
+          uint64_t src[kPullSlots];
+          float w[kPullSlots];
+          Vec16 x[kPullUnits][kPullSlots];
+#pragma unroll
+          for (int i = 0; i < kPullSlots; ++i) {
+            src[i] = __shfl_sync(~0u, my_row, (g + i) & 31);
+            w[i] = __shfl_sync(~0u, my_w, (g + i) & 31);
+            if (g + i >= n) src[i] = 0;  // warp-uniform
+          }
+#pragma unroll
+          for (int i = 0; i < kPullSlots; ++i) {
+            if (!src[i]) continue;
+#pragma unroll
+            for (int u = 0; u < kPullUnits; ++u) {
+              const int c = c0 + 32 * u;
+              if (c < nvec)
+                x[u][i] = ld_vec16_cg(reinterpret_cast<const uint8_t*>(src[i]) + (size_t)c * 16);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kPullSlots; ++i) {
+            if (!src[i]) continue;
+#pragma unroll
+            for (int u = 0; u < kPullUnits; ++u)
+              if (c0 + 32 * u < nvec) accumulate<T>(acc[u], x[u][i], weighted, w[i]);
+          }
+        }
+      }
+      uint8_t* dst = p.out + (size_t)t * row;
+#pragma unroll
+      for (int u = 0; u < kPullUnits; ++u) {
+        const int c = c0 + 32 * u;
+        if (c < nvec) st_vec16(dst + (size_t)c * 16, round_pack<T>(acc[u]));
+      }
+    }
   }
+  a2a::end(ws, a2a::kStateCombineSeen, target);
 }
 
 // Local combine: received row (s, i) sums its own rows (slot order) into the payload.
@@ -250,7 +319,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   __shared__ int32_t s_tot[kMaxExperts];  // entries of each local expert, all rows
   __shared__ int32_t s_off[kMaxExperts];  // then its exclusive prefix: the expert's offset
   __shared__ int32_t s_run[kMaxExperts];  // entries before the chunk, then the next row
-  __shared__ int32_t s_pos[kTile];        // row of each entry of the tile, -1: not stored
+  __shared__ int32_t s_pos[kTile];        // row of each entry of the tile; -1: another
+                                          // rank's (or no) expert, -2: dropped
   __shared__ int16_t s_list[kTile];       // the tile's stored entries, in order
   __shared__ int64_t s_flat[kTile];       // received row (s * rmax + i) of each tile row
   __shared__ int32_t s_src[kTile];        // its source rank
@@ -263,8 +333,13 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tile_rows = kTile / k;
+  pdl_wait();  // the dispatch's receive tensors and counts
+  pdl_launch_dependents();
   load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
   for (int e = threadIdx.x; e < epr; e += blockDim.x) s_tot[e] = s_run[e] = 0;
+  if (p.ids_copy != nullptr)
+    for (int64_t q = global_thread_id(); q < p.num_tokens * k; q += global_thread_count())
+      p.ids_copy[q] = p.ids_in[q];
   __syncthreads();
   int64_t v0, v1;
   block_rows(s_pref, ep, v0, v1);
@@ -318,7 +393,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
         const bool stored = e >= 0 && pos < cap;
         const uint32_t ballot = __ballot_sync(~0u, stored);
         if (stored) s_list[n + __popc(ballot & ((1u << lane) - 1u))] = (int16_t)q;
-        if (q < nent) s_pos[q] = stored ? pos : -1;
+        if (q < nent) s_pos[q] = stored ? pos : e >= 0 ? -2 : -1;
         n += __popc(ballot);
       }
       if (lane == 0) s_count = n;
@@ -330,15 +405,14 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
     if (p.inv != nullptr)
       for (int q = threadIdx.x; q < nent; q += blockDim.x)
         p.inv[s_flat[q / k] * k + q % k] = s_pos[q];
-    if (p.codes != nullptr) {
-      const int cw = (int)p.code_width;
-      for (int u = threadIdx.x; u < nrows * cw; u += blockDim.x) {
-        const int r = u / cw, c = u - r * cw, j = c >> 1;
-        const int32_t pos = j < k ? s_pos[r * k + j] : -1;
-        const float v = pos < 0 ? 0.f : (c & 1) ? (float)p.rank : (float)(pos + 1);
-        p.codes[s_flat[r] * cw + c] = v;
+    if (p.codes_off >= 0)
+      for (int q = threadIdx.x; q < nent; q += blockDim.x) {
+        const int32_t pos = s_pos[q];
+        if (pos == -1) continue;  // the slot's owner is another rank (or none)
+        const int r = q / k;
+        int32_t* codes = reinterpret_cast<int32_t*>(p.peers[s_src[r]] + p.codes_off);
+        codes[(int64_t)p.tok[s_flat[r]] * k + (q - r * k)] = pos >= 0 ? pos + 1 : 0;
       }
-    }
 
     // 4. Each stored entry's source, weight and hidden row; a row's vector is read once
     //    and stored to every entry of the row.
@@ -389,11 +463,11 @@ extern "C" __global__ void moe_compact_stage(const CompactStageArgs a) {
 }
 
 #define MOECOMM_COMPACT_COMBINE(SUFFIX, T)                                                   \
-  extern "C" __global__ void __launch_bounds__(1024) moe_compact_pull_##SUFFIX(              \
+  extern "C" __global__ void __launch_bounds__(kCombineThreads) moe_compact_pull_##SUFFIX(   \
       const PullParams p) {                                                                  \
     pull<T>(p);                                                                              \
   }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(1024) moe_compact_reduce_##SUFFIX(            \
+  extern "C" __global__ void __launch_bounds__(kCombineThreads) moe_compact_reduce_##SUFFIX( \
       const ReduceParams p) {                                                                \
     reduce<T>(p);                                                                            \
   }

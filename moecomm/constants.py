@@ -37,7 +37,9 @@ VC_LAMPORT_HEADER_BYTES = 16  # arrival vector at the start of each v-collective
 
 COMPACT_MAX_LOCAL_EXPERTS = 1024
 COMPACT_MAX_TOP_K = 256
-COMPACT_MAX_CAPACITY = 1 << 24  # row indices travel as exact fp32 integers
+COMPACT_MAX_CAPACITY = 1 << 24  # rows of recv_x (int32 row indices, far from overflow)
+COMPACT_PULL_UNITS = 1  # 16-byte columns an exact-combine lane sums at once (a warp: 32x)
+COMPACT_COMBINE_THREADS = 256  # block size of the combine kernels (their launch bounds)
 
 # ------------------------------------------------------------------------ decode CP all-to-all
 DCP_MAX_RANKS = AR_MAX_RANKS  # the exchange reuses the all-reduce's Lamport workspace protocol
@@ -256,6 +258,8 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_VC_LAMPORT_HEADER_BYTES": VC_LAMPORT_HEADER_BYTES,
         "MOECOMM_COMPACT_MAX_LOCAL_EXPERTS": COMPACT_MAX_LOCAL_EXPERTS,
         "MOECOMM_COMPACT_MAX_TOP_K": COMPACT_MAX_TOP_K,
+        "MOECOMM_COMPACT_PULL_UNITS": COMPACT_PULL_UNITS,
+        "MOECOMM_COMPACT_COMBINE_THREADS": COMPACT_COMBINE_THREADS,
     }
     values.update(_enum_defines("ERR", ErrorCode))
     values.update(_enum_defines("QUANT", Quant))

@@ -82,15 +82,16 @@ class SanitizeArgs(ctypes.Structure):
 
 class CompactDispatchArgs(ctypes.Structure):
     _fields_ = _fields(
-        ("ids tok x w recv_counts recv_x recv_w src inv codes stats "
-         "tokens_per_expert offsets", _ptr),
-        ("ep_size rank experts_per_rank top_k runtime_max capacity row_bytes code_width", _i64))
+        ("ids tok x w recv_counts recv_x recv_w src inv", _ptr), ("peers", _u64 * A2A_MAX_RANKS),
+        ("codes_off", _i64), ("ids_in ids_copy", _ptr), ("num_tokens", _i64),
+        ("stats tokens_per_expert offsets", _ptr),
+        ("ep_size rank experts_per_rank top_k runtime_max capacity row_bytes", _i64))
 
 
 class CompactPullArgs(ctypes.Structure):
-    _fields_ = _fields(("peers", _u64 * A2A_MAX_RANKS), ("codes out", _ptr),
-                       ("y_off w_off num_tokens top_k code_width row_bytes ep_size capacity "
-                        "apply_weights", _i64))
+    _fields_ = _fields(("peers", _u64 * A2A_MAX_RANKS), ("ids codes out", _ptr),
+                       ("y_off w_off num_tokens top_k experts_per_rank row_bytes capacity "
+                        "apply_weights", _i64), ("ws", A2aWorkspace))
 
 
 class CompactReduceArgs(ctypes.Structure):

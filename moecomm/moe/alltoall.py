@@ -110,7 +110,7 @@ MAX_PAYLOADS = A2A_MAX_PAYLOADS
 HEADER_BYTES = A2A_HEADER_BYTES
 FP8_GROUP_SIZE = A2A_FP8_GROUP
 _SOURCE = "moe_a2a.cu"
-_STATE_WORDS = 8  # kState* in moe_a2a.cu
+_STATE_WORDS = 8  # kState* in kernels_cu/a2a.cuh
 _COMBINE_KERNELS = {np.dtype(np.float16): "moe_a2a_combine_fp16",
                     np.dtype(np.float32): "moe_a2a_combine_fp32"}
 if bfloat16 is not None:
@@ -831,6 +831,22 @@ class MoeAlltoAll(Op):
             return out
         return events.finish(out, handle, True, owner=self, op="MoeAlltoAll.combine",
                              keep=(payload, out))
+
+    def combine_launcher(self, kernel, args_type) -> Launcher:
+        """A launcher of ``kernel``, whose argument struct has this exchange's
+        ``A2aWorkspace`` as field ``ws`` (filled in here), for ``combine_with``."""
+        return self._new_launcher(kernel, args_type)
+
+    def combine_with(self, launcher: Launcher, grid: int, block: int, stream: int) -> None:
+        """Run ``launcher`` (``combine_launcher``) as the combine of the current dispatch:
+        a kernel of another layer that keeps this exchange's combine handshake
+        (``kernels_cu/a2a.cuh``) and reads what it needs itself. ``grid`` must be the
+        same on every rank, and small enough that all its blocks are resident at once
+        (every block waits for the peers)."""
+        self.usable("combine")
+        self._require_dispatched("combine")
+        launcher(grid, block, stream)
+        self.phase = Phase.IDLE
 
     def _in_place_source(self, ptr: int, row: int, plan: DispatchPlan) -> int | None:
         """The workspace offset peers may read the payload at in place: the combine region,

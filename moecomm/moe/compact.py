@@ -45,8 +45,9 @@ Rules of use (as for ``MoeAlltoAll``, which carries the exchange):
 * Waits for peers are bounded (``timeout_s``); a timeout surfaces as ``PeerTimeoutError``
   from the next call or ``check_error``.
 
-Kernels: ``kernels_cu/moe_compact.cu`` (expand after the MoeAlltoAll dispatch;
-pull or reduce around the MoeAlltoAll combine).
+Kernels: ``kernels_cu/moe_compact.cu``: expand after the MoeAlltoAll dispatch; the exact
+combine is one pull kernel that keeps the exchange's combine handshake; the local combine
+reduces, then runs the MoeAlltoAll combine.
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ import numpy as np
 from .. import events
 from .. import group as _group
 from ..constants import (A2A_MAX_RANKS, COMPACT_MAX_CAPACITY, COMPACT_MAX_LOCAL_EXPERTS,
-                         COMPACT_MAX_TOP_K, CompactStat)
+                         COMPACT_MAX_TOP_K, COMPACT_PULL_UNITS, COMPACT_COMBINE_THREADS,
+                         CompactStat)
 from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceArgs,
                            CompactStageArgs)
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import Op, Phase, empty, ep_group, int_at_least, out_array, round_up
+from ..op import Op, Phase, device_facts, empty, ep_group, int_at_least, out_array, round_up
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, stream_handle
 from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
@@ -86,7 +88,8 @@ MAX_TOP_K = COMPACT_MAX_TOP_K  # one row's k entries fit an expand tile
 MAX_CAPACITY = COMPACT_MAX_CAPACITY
 _SOURCE = "moe_compact.cu"
 _DISPATCH_THREADS = 512
-_COMBINE_THREADS = 256
+_COMBINE_THREADS = COMPACT_COMBINE_THREADS
+_PULL_PIECE = 32 * COMPACT_PULL_UNITS  # 16-byte columns of a pull warp's piece of a row
 _SUFFIX = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}
 if bfloat16 is not None:
     _SUFFIX[bfloat16] = "bf16"
@@ -105,7 +108,6 @@ class _PrefixViews(NamedTuple):
 
     tokens: cupy.ndarray  # int32 [T]: token indices 0..T-1 (a dispatch payload)
     ones: cupy.ndarray  # fp32 [T, k]: unit weights, when dispatch is given none
-    codes: cupy.ndarray | None  # fp32 [T, code width]: combine's code rows (exact combine)
 
 
 class EPDispatchOutput(NamedTuple):
@@ -300,8 +302,9 @@ class EPAllToAll(Op):
         k, H, cap, epr = self.top_k, self.hidden, self.capacity, self.experts_per_rank
         row_x = H * self.dtype.itemsize
         row_y = H * self.combine_dtype.itemsize
-        self._code_width = round_up(2 * k, 4)
-        combine_bytes = row_y if self.local_combine else 4 * self._code_width
+        # The exact combine reads y from the layer's own symmetric buffer, not the
+        # exchange's combine region.
+        combine_bytes = row_y if self.local_combine else 16
         ws = moe_a2a_get_workspace_size_per_rank(
             ep, self.max_num_tokens, row_x + 8 * k + 4, combine_bytes, num_payloads=4)
         self._a2a = MoeAlltoAll(group, self.max_num_tokens, k, self.num_experts,
@@ -320,12 +323,16 @@ class EPAllToAll(Op):
             if self.local_combine:
                 self._recv_w_buf = cupy.zeros(cap + 1, np.float32)
                 self._inv = cupy.full(ep * self.max_num_tokens * k, -1, np.int32)
-            else:
+            else:  # symmetric: y [cap, H], weights [cap + 1], codes i32 [max_num_tokens, k]
                 self._y_off = 0
                 self._w_off = round_up(cap * row_y, 256)
-                self._sym = SymmetricBuffer(group, self._w_off + round_up(4 * (cap + 1), 256))
+                self._codes_off = self._w_off + round_up(4 * (cap + 1), 256)
+                self._sym = SymmetricBuffer(
+                    group, self._codes_off + round_up(4 * self.max_num_tokens * k, 256))
                 self._recv_w_buf = self._sym.view(np.float32, (cap + 1,), offset=self._w_off)
-                self._codes_out = cupy.zeros((self.max_num_tokens, self._code_width), np.float32)
+                self._codes = self._sym.view(np.int32, (self.max_num_tokens, k),
+                                             offset=self._codes_off)
+                self._ids_copy = cupy.zeros((self.max_num_tokens, k), np.int32)
             self._stats = cupy.zeros(8, np.int32)
             self._tpe = cupy.zeros(epr, np.int32)
             self._offsets = cupy.zeros(epr + 1, np.int32)
@@ -335,15 +342,19 @@ class EPAllToAll(Op):
             self._recv_w = self._recv_w_buf[:cap]
 
             self._expand = Launcher(get_kernel(_SOURCE, "moe_compact_expand"),
-                                    CompactDispatchArgs)
+                                    CompactDispatchArgs, pdl=self._a2a.config.pdl)
             d = self._expand.args
             d.recv_counts, d.recv_x = self._a2a.recv_counts.data.ptr, self._recv_x_buf.data.ptr
             d.recv_w, d.src = self._recv_w_buf.data.ptr, self._src_buf.data.ptr
             d.inv = self._inv.data.ptr if self.local_combine else None
+            d.codes_off = -1 if self.local_combine else self._codes_off
+            if not self.local_combine:
+                d.peers[:ep] = self._sym.ptrs
+                d.ids_copy = self._ids_copy.data.ptr
             d.stats = self._stats.data.ptr
             d.tokens_per_expert, d.offsets = self._tpe.data.ptr, self._offsets.data.ptr
             d.ep_size, d.rank, d.experts_per_rank, d.top_k = ep, self.ep_rank, epr, k
-            d.capacity, d.row_bytes, d.code_width = cap, row_x, self._code_width
+            d.capacity, d.row_bytes = cap, row_x
             suffix = _SUFFIX[self.combine_dtype]
             if self.local_combine:
                 self._reduce = Launcher(get_kernel(_SOURCE, f"moe_compact_reduce_{suffix}"),
@@ -353,13 +364,15 @@ class EPAllToAll(Op):
                 r.recv_counts, r.ep_size, r.top_k = self._a2a.recv_counts.data.ptr, ep, k
                 r.row_bytes, r.capacity = row_y, cap
             else:
-                self._pull = Launcher(get_kernel(_SOURCE, f"moe_compact_pull_{suffix}"),
-                                      CompactPullArgs)
+                kernel = get_kernel(_SOURCE, f"moe_compact_pull_{suffix}")
+                self._pull = self._a2a.combine_launcher(kernel, CompactPullArgs)
+                # Every block of the pull waits for the peers: at most what is resident.
+                self._pull_blocks = sms * device_facts().blocks_per_sm(kernel, _COMBINE_THREADS)
                 q = self._pull.args
                 q.peers[:ep] = self._sym.ptrs
-                q.codes, q.y_off, q.w_off = self._codes_out.data.ptr, self._y_off, self._w_off
-                q.top_k, q.code_width, q.row_bytes = k, self._code_width, row_y
-                q.ep_size, q.capacity = ep, cap
+                q.ids, q.codes = self._ids_copy.data.ptr, self._codes.data.ptr
+                q.y_off, q.w_off, q.top_k, q.experts_per_rank = self._y_off, self._w_off, k, epr
+                q.row_bytes, q.capacity = row_y, cap
                 self._stage = Launcher(get_kernel(_SOURCE, "moe_compact_stage"), CompactStageArgs)
                 g = self._stage.args
                 g.dst, g.stats = self._sym.ptr + self._y_off, self._stats.data.ptr
@@ -410,7 +423,7 @@ class EPAllToAll(Op):
     def poison(self) -> None:
         """Fill every output buffer (recv_x with its spare row past the capacity, src,
         recv_weights, tokens_per_expert, offsets, the row counters, the combine input
-        region, the exchange's code rows) with 0xFF bytes and poison the exchange
+        region, the code rows and the ids copy) with 0xFF bytes and poison the exchange
         (``MoeAlltoAll.poison``), keeping the sticky capacity record: tests use it to
         prove that every valid output is written. Synchronizes the device; not
         collective."""
@@ -421,7 +434,8 @@ class EPAllToAll(Op):
         self._stats[CompactStat.ROWS:CompactStat.DROPPED + 1] = -1
         if not self.local_combine:
             self.get_combine_input_tensor_in_workspace().view(np.uint8).fill(0xFF)
-            self._codes_out.view(np.uint8).fill(0xFF)
+            for buf in (self._codes, self._ids_copy):
+                buf.view(np.uint8).fill(0xFF)
         self._a2a.poison()
 
     def overrun_guard(self) -> tuple:
@@ -489,12 +503,7 @@ class EPAllToAll(Op):
             recv, route = recv
         args = self._expand.args
         args.x, args.ids, args.tok, args.w = (a.data.ptr for a in recv)
-        args.runtime_max = rmax
-        self._codes_region = None
-        if not self.local_combine:
-            self._codes_region = self._a2a.get_combine_payload_tensor_in_workspace(
-                rmax, self._code_width, np.float32)
-            args.codes = self._codes_region.data.ptr
+        args.runtime_max, args.ids_in, args.num_tokens = rmax, ids.data.ptr, T
         # One received row per block while rows are few: the copy, not the count, sets
         # the time (every block counts all rows).
         self._expand(max(1, min(self._max_grid, self.ep_size * rmax)), _DISPATCH_THREADS,
@@ -572,13 +581,9 @@ class EPAllToAll(Op):
                 self._stage.args.y = ya.data.ptr
                 units = ya.nbytes // 16
                 self._stage(self._combine_grid(units), _COMBINE_THREADS, handle)
-            self._a2a.combine(self._codes_region, rmax, payload_in_workspace=True, stream=stream,
-                              out=self._prefix_views(T).codes)
-            if T:
-                args = self._pull.args
-                args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
-                units = T * (self.hidden * self.combine_dtype.itemsize // 16)
-                self._pull(self._combine_grid(units), _COMBINE_THREADS, handle)
+            args = self._pull.args
+            args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
+            self._a2a.combine_with(self._pull, self._pull_grid(rmax), _COMBINE_THREADS, handle)
         self.phase = Phase.IDLE
         return events.finish(out, handle, async_op, owner=self, op="EPAllToAll.combine",
                              keep=(y, out))
@@ -590,13 +595,17 @@ class EPAllToAll(Op):
         if views is None:
             if len(self._prefix) >= 64:
                 self._prefix.clear()
-            views = self._prefix[T] = _PrefixViews(
-                self._iota[:T], self._ones[:T],
-                None if self.local_combine else self._codes_out[:T])
+            views = self._prefix[T] = _PrefixViews(self._iota[:T], self._ones[:T])
         return views
 
     def _combine_grid(self, units: int) -> int:
         return max(1, min(4 * self._sms, -(-units // _COMBINE_THREADS)))
+
+    def _pull_grid(self, rmax: int) -> int:
+        """The pull's grid: a warp per piece of _PULL_PIECE columns of up to rmax tokens'
+        rows (the same on every rank), all blocks resident."""
+        pieces = rmax * -(-(self.hidden * self.combine_dtype.itemsize // 16) // _PULL_PIECE)
+        return max(1, min(self._pull_blocks, -(-pieces // (_COMBINE_THREADS // 32))))
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:

@@ -80,7 +80,7 @@ def test_limits_come_from_constants():
 
 
 def test_header_fits():
-    source = kernel_source("moe_a2a.cu")
+    source = kernel_source("a2a.cuh")
     offs = dict(re.findall(r"constexpr size_t (k\w+Off) = (\d+);", source))
     assert int(offs["kRecvCountOff"]) + 4 * a2a.MAX_RANKS <= a2a.HEADER_BYTES
     assert int(offs["kCombineCountOff"]) + 4 * a2a.MAX_RANKS <= int(offs["kRecvCountOff"])

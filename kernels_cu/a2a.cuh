@@ -1,0 +1,74 @@
+// The handshake of the MoE all-to-all kernels (moe_a2a.cu; moe_compact.cu's exact combine
+// keeps the combine half of it).
+//
+// The dispatch and combine kernels run on a grid that is the same on every rank (the host derives it from
+// runtime_max and the SM budget), and every block of every rank adds 1 to a counter in
+// each peer's header once its writes are done (fence, then a system-scope release add).
+// A rank's counter from source s thus grows by the grid size per call; the expected
+// value lives in local state (kStateDispatchSeen / kStateCombineSeen), so counters are
+// never reset and never raced.
+//
+// Header of every rank's workspace (moecomm/moe/alltoall.py): dispatch_count u32[32] at 0,
+// combine_count u32[32] at 128, recv_count i32[32] at 256; entry s is written by rank s.
+#pragma once
+#include "args.cuh"
+
+namespace moecomm {
+namespace a2a {
+
+constexpr size_t kDispatchCountOff = 0;
+constexpr size_t kCombineCountOff = 128;
+constexpr size_t kRecvCountOff = 256;
+
+// Local state words (u32[8]).
+constexpr int kStateDispatchSeen = 0;  // dispatch signals expected from each source so far
+constexpr int kStateCombineSeen = 1;   // combine signals likewise
+constexpr int kStateArrived = 2;       // blocks of the running kernel that read the above
+constexpr int kStateAbort = 3;         // raised by a wait that gave up (common.cuh)
+
+__device__ __forceinline__ uint8_t* peer_base(const A2aWorkspace& ws, int r) {
+  return reinterpret_cast<uint8_t*>(ws.peers[r]);
+}
+
+__device__ __forceinline__ WaitContext wait_context(const A2aWorkspace& ws, uint32_t code) {
+  return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
+}
+
+// Every thread reads local state word `word`, then the block arrives (grid_arrive) so
+// block 0 may change it at its end (end).
+__device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
+  const uint32_t value = *(volatile const uint32_t*)&ws.state[word];
+  grid_arrive(&ws.state[kStateArrived]);
+  return value;
+}
+
+__device__ __forceinline__ void end(const A2aWorkspace& ws, int word, uint32_t value) {
+  if (grid_all_arrived(&ws.state[kStateArrived])) ws.state[word] = value;
+}
+
+// After this block's writes to every rank: add 1 to entry `rank` of counter array
+// `count_off` in every rank's header. The barrier puts every thread's writes before the
+// signalling thread's system-scope release, which is cumulative (allreduce.cuh,
+// signal_peers).
+__device__ __forceinline__ void signal_all(const A2aWorkspace& ws, size_t count_off) {
+  __syncthreads();
+  if (threadIdx.x < ws.ep_size)
+    red_add_release_sys(
+        reinterpret_cast<uint32_t*>(peer_base(ws, threadIdx.x) + count_off) + ws.rank, 1u);
+}
+
+// Threads 0..ep-1 wait until entry s of the own counter array `count_off` reaches
+// `target`. Block-uniform; false if a wait gave up.
+__device__ __forceinline__ bool wait_all(const A2aWorkspace& ws, size_t count_off,
+                                         uint32_t target, const WaitContext& w) {
+  bool ok = true;
+  if (threadIdx.x < ws.ep_size) {
+    const uint32_t* count =
+        reinterpret_cast<const uint32_t*>(peer_base(ws, ws.rank) + count_off) + threadIdx.x;
+    ok = wait_flag_geq(count, target, w, threadIdx.x);
+  }
+  return __syncthreads_and(ok);
+}
+
+}  // namespace a2a
+}  // namespace moecomm
