@@ -37,6 +37,7 @@ using namespace moecomm;
 namespace {
 
 constexpr int kMaxRanks = config::kA2aMaxRanks;
+static_assert(kMaxRanks <= 32, "load_prefix scans the counts in one warp");
 constexpr int kMaxExperts = config::kCompactMaxLocalExperts;
 constexpr int kCombineThreads = config::kCompactCombineThreads;  // pull, reduce
 constexpr int kTile = config::kCompactMaxTopK;  // entries (row, slot) an expand step ranks
@@ -57,14 +58,18 @@ using ReduceParams = CompactReduceArgs;
 namespace {
 
 // s_pref[s] = received rows from sources < s (counts clamped to [0, rmax]); s_pref[ep] = V.
+// Warp 0 loads the counts at once and scans them; the caller synchronizes.
 __device__ void load_prefix(const int32_t* recv_counts, int ep, int64_t rmax, int32_t* s_pref) {
-  if (threadIdx.x == 0) {
-    int32_t acc = 0;
-    s_pref[0] = 0;
-    for (int s = 0; s < ep; ++s) {
-      acc += (int32_t)min((int64_t)max(recv_counts[s], 0), rmax);
-      s_pref[s + 1] = acc;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int32_t n = lane < ep ? (int32_t)min((int64_t)max(recv_counts[lane], 0), rmax) : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t y = __shfl_up_sync(~0u, n, o);
+      if (lane >= o) n += y;
     }
+    if (lane < ep) s_pref[lane + 1] = n;
+    if (lane == 0) s_pref[0] = 0;
   }
 }
 
