@@ -40,6 +40,7 @@ constexpr uint32_t kErrMixed = MOECOMM_ERR_MIXED;
 constexpr uint32_t kErrAllreduceRegistered = MOECOMM_ERR_ALLREDUCE_REGISTERED;
 constexpr uint32_t kErrA2aDispatch = MOECOMM_ERR_A2A_DISPATCH;
 constexpr uint32_t kErrA2aCombine = MOECOMM_ERR_A2A_COMBINE;
+constexpr uint32_t kErrCompactCombine = MOECOMM_ERR_COMPACT_COMBINE;
 constexpr uint32_t kErrDcpAlltoall = MOECOMM_ERR_DCP_ALLTOALL;
 constexpr uint32_t kErrBarrier = MOECOMM_ERR_BARRIER;
 constexpr uint32_t kErrAllGatherv = MOECOMM_ERR_ALL_GATHERV;

@@ -185,7 +185,7 @@ __device__ void pull(const PullParams& p) {
   const uint32_t target = a2a::begin(ws, a2a::kStateCombineSeen) + gridDim.x;
   a2a::signal_all(ws, a2a::kCombineCountOff);
   const bool ok = a2a::wait_all(ws, a2a::kCombineCountOff, target,
-                                a2a::wait_context(ws, config::kErrA2aCombine));
+                                a2a::wait_context(ws, config::kErrCompactCombine));
   pdl_launch_dependents();
   if (ok) {
     const int k = (int)p.top_k;

@@ -55,6 +55,7 @@ class ErrorCode(enum.IntEnum):
     ALLREDUCE_REGISTERED = 4
     A2A_DISPATCH = 16
     A2A_COMBINE = 17
+    COMPACT_COMBINE = 18
     DCP_ALLTOALL = 32
     BARRIER = 48
     ALL_GATHERV = 34
@@ -72,6 +73,7 @@ _ERROR_OPS = {
     ErrorCode.ALLREDUCE_REGISTERED: "CustomAllReduce.all_reduce (registered buffers)",
     ErrorCode.A2A_DISPATCH: "MoeAlltoAll.dispatch",
     ErrorCode.A2A_COMBINE: "MoeAlltoAll.combine",
+    ErrorCode.COMPACT_COMBINE: "EPAllToAll.combine",
     ErrorCode.DCP_ALLTOALL: "DcpAlltoAll.alltoall",
     ErrorCode.BARRIER: "barrier",
     ErrorCode.ALL_GATHERV: "all_gatherv",

@@ -17,6 +17,9 @@ def test_constants_match_kernels():
     source = kernel_source("moe_compact.cu")
     for stat in constants.CompactStat:
         assert f"MOECOMM_STAT_{stat.name}" in source
+    # the exact combine's own handshake reports its timeouts under its own name
+    assert constants.ErrorCode.COMPACT_COMBINE.op == "EPAllToAll.combine"
+    assert "config::kErrCompactCombine" in source
 
 
 def _bare(max_num_tokens=16, top_k=4):

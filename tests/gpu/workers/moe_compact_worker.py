@@ -15,13 +15,14 @@ import pytest
 
 import moecomm
 from moecomm import reference as ref
+from moecomm.errors import PeerTimeoutError
 from moecomm.moe import CapacityError, EPAll2AllLayer, EPAllToAll
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import all_bytes, bits, host_dtype, main, raw, zeros
 from tests.mpi import case, dtype_of
 
 EPR = 3  # experts per rank
-TOP_K = 6  # not a multiple of 4: padded code rows, 24-byte id rows (MoeAlltoAll word path)
+TOP_K = 6  # not a multiple of 4: 24-byte id rows (MoeAlltoAll word path)
 H = 128
 MAX_T = 40
 NAN = {np.dtype(np.uint16): 0x7FC1, np.dtype(np.float16): np.float16(np.nan),
@@ -40,7 +41,7 @@ class Exchange:
     """
 
     def __init__(self, ctx, seed, ep=None, mode="random", weights="all", x_dtype=np.uint16,
-                 T=None):
+                 T=None, top_k=TOP_K):
         self.ctx = ctx
         ep = ctx.group.local_size if ep is None else ep
         self.ep, self.E = ep, EPR * ep
@@ -58,18 +59,18 @@ class Exchange:
         self.ids, self.x, self.w, self.w_given = [], [], [], []
         for s in range(ep):
             t = T[s]
-            ids = rng.integers(0, self.E, (t, TOP_K)).astype(np.int32)
+            ids = rng.integers(0, self.E, (t, top_k)).astype(np.int32)
             if mode == "one_expert":
                 ids[:] = self.E - 1
             if mode == "dup":
                 ids[:, 1], ids[:, 3] = ids[:, 0], ids[:, 2]
-            bad = rng.random((t, TOP_K)) < 0.12
+            bad = rng.random((t, top_k)) < 0.12
             ids[bad] = rng.choice(np.array([-1, -100, self.E, self.E + 7], np.int32), bad.sum())
             if mode == "all_invalid" and s == min(1, ep - 1):
                 ids[:] = -1
             x32 = rng.standard_normal((t, H)).astype(np.float32)
             x = ref.cast_from_float32(x32, x_dtype)
-            w = rng.standard_normal((t, TOP_K)).astype(np.float32)
+            w = rng.standard_normal((t, top_k)).astype(np.float32)
             given = weights == "all" or (weights == "mixed" and s % 2 == 0)
             self.ids.append(ids)
             self.x.append(x)
@@ -356,6 +357,37 @@ def exact_no_tokens_then_graph_replay(ctx):
         stale.tokens_per_expert
     layer.check_capacity(ctx.stream)  # nothing dropped
     layer.check_error(ctx.stream, synchronize=True)
+
+
+@case
+def exact_wide_top_k(ctx):
+    """top_k 40: the pull reads a token's slots 32 at a time, 8 loads per round, the last
+    round partial; experts repeat within a token (3 per rank)."""
+    n, k = ctx.group.local_size, 40
+    with EPAllToAll(ctx.group, MAX_T, k, EPR * n, H) as layer:
+        seed = ctx.new_seed()
+        for i, mode in enumerate(("random", "zero")):
+            run_pair(ctx, layer, Exchange(ctx, seed + i, mode=mode, top_k=k), apply=i == 0,
+                     zero_copy=i == 1)
+
+
+@case(own_job=True)
+def exact_missing_peer_at_combine_times_out(ctx):
+    """Every rank dispatches; the last never combines: the others' exact combine (its own
+    handshake) raises PeerTimeoutError naming it."""
+    n = ctx.group.local_size
+    missing = n - 1  # local rank == group rank: the group is one host's COMM_WORLD
+    with EPAllToAll(ctx.group, MAX_T, TOP_K, EPR * n, H, timeout_s=1.0) as layer:
+        x, ids, w = Exchange(ctx, ctx.new_seed()).inputs(layer.ep_rank)
+        _, _, lay = layer.dispatch(x, ids, w, stream=ctx.stream)
+        layer.check_error(ctx.stream, synchronize=True)
+        ctx.quiesce()
+        if layer.ep_rank != missing:
+            layer.combine(layer.get_combine_input_tensor_in_workspace(), lay, stream=ctx.stream)
+            with pytest.raises(PeerTimeoutError, match=f"EPAllToAll.combine.*rank {missing} "
+                               "never arrived") as info:
+                layer.check_error(ctx.stream, synchronize=True)
+            assert info.value.rank == missing, info.value.rank
 
 
 @case
