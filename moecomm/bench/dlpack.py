@@ -3,11 +3,12 @@
 ``mpiexec -n 2 python -m moecomm.bench dlpack`` times ``all_reduce(x, ws, stream=s)`` on
 a 4096-element bf16 ``x`` (8 KiB, one-shot): wall time per call over ``--calls``
 back-to-back eager calls, the device synchronised at the end, median of ``--repeats``.
-Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array; ``s`` omitted, a
+Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array, with a new output per call
+(``out`` False) or, in one row per framework, a preallocated ``out=``; ``s`` omitted, a
 ``torch.cuda.Stream`` (made torch's current stream for the torch rows, as torch code
 runs), its raw handle, or a ``cupy.cuda.Stream`` (torch's current stream is then another
 one, so the torch rows include the event that orders it first). ``delta_us`` is the
-difference to the CuPy row with the same stream; ``import_us`` the cost of
+difference to the CuPy row with the same stream (and ``out``); ``import_us`` the cost of
 ``tensors.import_array`` alone; ``host_us`` the host time of a whole call alone (200 calls
 enqueued while the op's stream runs a 30 ms spin kernel: no launch waits for the GPU or
 the peer), so ``us_per_call`` above ``host_us`` is time the GPU or the peer rank sets. Targets: CuPy <= 12 us, torch <= CuPy + 3 us.
@@ -132,8 +133,8 @@ def run(args) -> int:
         streams = {"omitted": None, "torch Stream": ts, "raw handle": ts.cuda_stream,
                    "cupy Stream": cs}
 
-    def measure(x, stream, current=None):
-        call = (lambda: all_reduce(x, ws, stream=stream))
+    def measure(x, stream, current=None, out=None):
+        call = (lambda: all_reduce(x, ws, out=out, stream=stream))
         handle = stream_handle(stream)
         imp = (lambda: import_array(x, "x", dtype=FLOAT_DTYPES, device=dev, stream=handle))
         if current is None:
@@ -147,24 +148,32 @@ def run(args) -> int:
     for mode, stream in streams.items():
         us, imp, host = measure(xc, stream)
         base[mode] = us
-        rows.append({"framework": "cupy", "stream": mode, "us_per_call": us, "delta_us": 0.0,
-                     "import_us": imp, "host_us": host})
+        rows.append({"framework": "cupy", "stream": mode, "out": False, "us_per_call": us,
+                     "delta_us": 0.0, "import_us": imp, "host_us": host})
+    # The same with a preallocated output: no allocation per call.
+    us, imp, host = measure(xc, None, out=cupy.empty_like(xc))
+    base["omitted, out="] = us
+    rows.append({"framework": "cupy", "stream": "omitted", "out": True, "us_per_call": us,
+                 "delta_us": 0.0, "import_us": imp, "host_us": host})
     if have_torch:
         for mode, stream in streams.items():
             current = ts if mode in ("torch Stream", "raw handle") else None
             us, imp, host = measure(xt, stream, current)
-            rows.append({"framework": "torch", "stream": mode, "us_per_call": us,
+            rows.append({"framework": "torch", "stream": mode, "out": False, "us_per_call": us,
                          "delta_us": us - base[mode], "import_us": imp, "host_us": host})
+        us, imp, host = measure(xt, None, out=torch.empty_like(xt))
+        rows.append({"framework": "torch", "stream": "omitted", "out": True, "us_per_call": us,
+                     "delta_us": us - base["omitted, out="], "import_us": imp, "host_us": host})
     if have_jax:
         jx = jax[0].device_put(values, jax[1]).block_until_ready()
         us, imp, host = measure(jx, None)
-        rows.append({"framework": "jax", "stream": "omitted", "us_per_call": us,
+        rows.append({"framework": "jax", "stream": "omitted", "out": False, "us_per_call": us,
                      "delta_us": us - base["omitted"], "import_us": imp, "host_us": host})
     ws.close()
     if group.rank == 0:
         print(f"# eager all_reduce of {NBYTES} B bf16, {group.size} ranks, {env['device']}: "
               f"wall us per call ({args.calls} calls, median of {args.repeats})")
-        print_table(rows, ["framework", "stream", "us_per_call", "delta_us", "import_us",
+        print_table(rows, ["framework", "stream", "out", "us_per_call", "delta_us", "import_us",
                            "host_us"])
         print(f"wrote {write_result(args.out, 'dlpack', env, rows, nbytes=NBYTES)}")
     group.close()
