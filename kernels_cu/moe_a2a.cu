@@ -99,15 +99,35 @@ struct Word<Vec16> {
   }
 };
 
+// The rank owning a valid expert id x (0 <= x < num_experts), x / experts_per_rank,
+// without a division per id: every block maps every id of every token in its layout pass,
+// and with the division that pass was bound by instruction issue (14 us at 4096 tokens,
+// top-8). floor(x / d) = umulhi(x, floor((2^32 - 1) / d) + 1) whenever x * d < 2^32; else
+// (and for d = 1, where the factor wraps to 0) the plain quotient.
+struct ExpertOwner {
+  uint32_t factor;
+  int epr;
+  bool exact;
+
+  __device__ __forceinline__ explicit ExpertOwner(const DispatchArgs& p)
+      : factor(0xFFFFFFFFu / (uint32_t)p.experts_per_rank + 1u), epr(p.experts_per_rank),
+        exact((uint64_t)p.num_experts * (uint32_t)p.experts_per_rank < (1ull << 32)) {}
+
+  __device__ __forceinline__ int operator()(int x) const {
+    if (factor == 0u) return x;
+    return exact ? (int)__umulhi((uint32_t)x, factor) : x / epr;
+  }
+};
+
 // Bit r set: token t has a valid expert on rank r.
-__device__ __forceinline__ uint32_t route_mask(const DispatchArgs& p, int64_t t) {
+__device__ __forceinline__ uint32_t route_mask(const DispatchArgs& p, const ExpertOwner& owner,
+                                               int64_t t) {
   const int32_t* e = p.experts + t * p.top_k;
   const int num_experts = p.num_experts;
-  const int epr = p.experts_per_rank;
   uint32_t m = 0;
   for (int k = 0; k < p.top_k; ++k) {
     const int x = e[k];
-    if (x >= 0 && x < num_experts) m |= 1u << (x / epr);
+    if (x >= 0 && x < num_experts) m |= 1u << owner(x);
   }
   return m;
 }
@@ -353,6 +373,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
 
+  const ExpertOwner owner(p);
   if (threadIdx.x < kMaxRanks) s_before[threadIdx.x] = s_total[threadIdx.x] = 0;
   pdl_wait();
   const uint32_t target = begin(ws, kStateDispatchSeen) + gridDim.x;
@@ -366,7 +387,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
     int before = 0, total = 0;
     for (int64_t base = (int64_t)warp * 32; base < T; base += (int64_t)nwarps * 32) {
       const int64_t t = base + lane;
-      const uint32_t m = t < T ? route_mask(p, t) : 0u;
+      const uint32_t m = t < T ? route_mask(p, owner, t) : 0u;
       const uint32_t pre = __ballot_sync(~0u, t < t0);
       for (int r = 0; r < ep; ++r) {
         const uint32_t b = __ballot_sync(~0u, (m >> r) & 1u);
@@ -396,7 +417,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
       }
     } else if (warp == 0) {
       const int64_t t = c0 + lane;
-      const uint32_t m = lane < n ? route_mask(p, t) : 0u;
+      const uint32_t m = lane < n ? route_mask(p, owner, t) : 0u;
       const uint32_t below = (1u << lane) - 1u;
       for (int r = 0; r < ep; ++r) {
         const bool go = (m >> r) & 1u;

@@ -32,10 +32,10 @@ ID_PAYLOAD = 3  # [hidden bf16, hidden fp8, scales fp32, ids int32, weights fp32
 
 # ---------------------------------------------------------------- inputs and reference
 class Exchange:
-    """Every rank's routing and payloads; ``ep`` ranks, ``num_experts = EPR * ep``."""
+    """Every rank's routing and payloads; ``ep`` ranks, ``num_experts = epr * ep``."""
 
-    def __init__(self, seed, ep, mode="random", rmax_extra=0, T=None):
-        self.ep, self.E = ep, EPR * ep
+    def __init__(self, seed, ep, mode="random", rmax_extra=0, T=None, epr=EPR):
+        self.ep, self.E = ep, epr * ep
         rng = np.random.default_rng(seed)
         if T is None:
             T = [int(rng.integers(1, MAX_T - rmax_extra + 1)) for _ in range(ep)]
@@ -50,7 +50,7 @@ class Exchange:
             t = self.T[s]
             ids = rng.integers(0, self.E, (t, TOP_K)).astype(np.int32)
             if mode == "one_rank":
-                ids = (ep - 1) * EPR + rng.integers(0, EPR, (t, TOP_K)).astype(np.int32)
+                ids = (ep - 1) * epr + rng.integers(0, epr, (t, TOP_K)).astype(np.int32)
             bad = rng.random((t, TOP_K)) < 0.12
             ids[bad] = rng.choice(np.array([-1, -100, self.E, self.E + 3], np.int32), bad.sum())
             if mode == "all_invalid" and s == min(1, ep - 1):
@@ -293,6 +293,17 @@ def pair(ctx, scenario):
     if callable(exchange_kw):
         exchange_kw = exchange_kw(n)
     run_pair(ctx, workspace(ctx), Exchange(ctx.new_seed(), n, **exchange_kw), **pair_kw)
+
+
+@case
+def experts_per_rank(ctx):
+    """Owner ranks for 1, 3 and 7 experts per rank (the layout pass maps ids to ranks by a
+    multiply-high, exact only under its bound; 1 takes its own branch)."""
+    n = ctx.group.local_size
+    for epr in (1, 3, 7):
+        with MoeAlltoAll(ctx.group, MAX_T, TOP_K, epr * n,
+                         workspace_size_per_rank=workspace_bytes(n)) as a2a:
+            run_pair(ctx, a2a, Exchange(ctx.new_seed(), n, epr=epr))
 
 
 @case
