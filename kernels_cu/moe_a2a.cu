@@ -101,9 +101,9 @@ struct Word<Vec16> {
 
 // The rank owning a valid expert id x (0 <= x < num_experts), x / experts_per_rank,
 // without a division per id: every block maps every id of every token in its layout pass,
-// and with the division that pass was bound by instruction issue (14 us at 4096 tokens,
-// top-8). floor(x / d) = umulhi(x, floor((2^32 - 1) / d) + 1) whenever x * d < 2^32; else
-// (and for d = 1, where the factor wraps to 0) the plain quotient.
+// and the divisions took about 3 of that pass's 14 us at 4096 tokens, top-8.
+// floor(x / d) = umulhi(x, floor((2^32 - 1) / d) + 1) whenever x * d < 2^32; else (and for
+// d = 1, where the factor wraps to 0) the plain quotient.
 struct ExpertOwner {
   uint32_t factor;
   int epr;
