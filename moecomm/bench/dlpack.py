@@ -2,7 +2,8 @@
 
 ``mpiexec -n 2 python -m moecomm.bench dlpack`` times ``all_reduce(x, ws, stream=s)`` on
 a 4096-element bf16 ``x`` (8 KiB, one-shot): wall time per call over ``--calls``
-back-to-back eager calls, the device synchronised at the end, median of ``--repeats``.
+back-to-back eager calls, the device synchronised at the end, median of ``--repeats``
+(the rows' batches interleaved: round r times every row once).
 Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array, with a new output per call
 (``out`` False) or, in one row per framework, a preallocated ``out=``; ``s`` omitted, a
 ``torch.cuda.Stream`` (made torch's current stream for the torch rows, as torch code
@@ -20,6 +21,7 @@ host capsules, a whole ``as_array`` of a DLPack producer that reports a CUDA dev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -38,10 +40,14 @@ def add_arguments(p) -> None:
 
 
 # ---------------------------------------------------------------------------- GPU
-def _wall_us(fn, calls: int, repeats: int, group) -> float:
+def _warm(fn) -> None:
+    """50 calls, then a device synchronisation: the next row may use another stream, and
+    calls on one workspace must not overlap."""
+    import cupy
+
     for _ in range(50):
         fn()
-    return float(np.median([batch_wall_us(fn, calls, group.barrier) for _ in range(repeats)]))
+    cupy.cuda.runtime.deviceSynchronize()
 
 
 ENQUEUE_CALLS = 200  # calls enqueued behind a spin kernel to time the host alone
@@ -133,42 +139,47 @@ def run(args) -> int:
         streams = {"omitted": None, "torch Stream": ts, "raw handle": ts.cuda_stream,
                    "cupy Stream": cs}
 
-    def measure(x, stream, current=None, out=None):
-        call = (lambda: all_reduce(x, ws, out=out, stream=stream))
-        handle = stream_handle(stream)
-        imp = (lambda: import_array(x, "x", dtype=FLOAT_DTYPES, device=dev, stream=handle))
-        if current is None:
-            return (_wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls),
-                    _enqueue_us(call, handle, group))
-        with torch.cuda.stream(current):  # torch code runs on its current stream
-            return (_wall_us(call, args.calls, args.repeats, group), _host_us(imp, args.calls),
-                    _enqueue_us(call, handle, group))
-
-    rows, base = [], {}
-    for mode, stream in streams.items():
-        us, imp, host = measure(xc, stream)
-        base[mode] = us
-        rows.append({"framework": "cupy", "stream": mode, "out": False, "us_per_call": us,
-                     "delta_us": 0.0, "import_us": imp, "host_us": host})
-    # The same with a preallocated output: no allocation per call.
-    us, imp, host = measure(xc, None, out=cupy.empty_like(xc))
-    base_out = us
-    rows.append({"framework": "cupy", "stream": "omitted", "out": True, "us_per_call": us,
-                 "delta_us": 0.0, "import_us": imp, "host_us": host})
+    # Every row first, then its timed batches interleaved with the other rows' (round r
+    # times each row once), so that a drift of the host or the peer over the run moves
+    # every row alike and the deltas compare like with like.
+    cases = [("cupy", mode, xc, stream, None, None) for mode, stream in streams.items()]
+    cases.append(("cupy", "omitted", xc, None, None, cupy.empty_like(xc)))
     if have_torch:
-        for mode, stream in streams.items():
-            current = ts if mode in ("torch Stream", "raw handle") else None
-            us, imp, host = measure(xt, stream, current)
-            rows.append({"framework": "torch", "stream": mode, "out": False, "us_per_call": us,
-                         "delta_us": us - base[mode], "import_us": imp, "host_us": host})
-        us, imp, host = measure(xt, None, out=torch.empty_like(xt))
-        rows.append({"framework": "torch", "stream": "omitted", "out": True, "us_per_call": us,
-                     "delta_us": us - base_out, "import_us": imp, "host_us": host})
+        cases += [("torch", mode, xt, stream,
+                   ts if mode in ("torch Stream", "raw handle") else None, None)
+                  for mode, stream in streams.items()]
+        cases.append(("torch", "omitted", xt, None, None, torch.empty_like(xt)))
     if have_jax:
         jx = jax[0].device_put(values, jax[1]).block_until_ready()
-        us, imp, host = measure(jx, None)
-        rows.append({"framework": "jax", "stream": "omitted", "out": False, "us_per_call": us,
-                     "delta_us": us - base["omitted"], "import_us": imp, "host_us": host})
+        cases.append(("jax", "omitted", jx, None, None, None))
+
+    def scope(current):
+        return torch.cuda.stream(current) if current is not None else contextlib.nullcontext()
+
+    calls = [(lambda x=x, s=s, o=o: all_reduce(x, ws, out=o, stream=s))
+             for _, _, x, s, _, o in cases]
+    batches = [[] for _ in cases]
+    for (_, _, _, _, current, _), call in zip(cases, calls):
+        with scope(current):
+            _warm(call)
+    for _ in range(args.repeats):
+        for i, ((_, _, _, _, current, _), call) in enumerate(zip(cases, calls)):
+            with scope(current):  # torch code runs on its current stream
+                batches[i].append(batch_wall_us(call, args.calls, group.barrier))
+    rows, base = [], {}
+    for (fw, mode, x, stream, current, out), call, b in zip(cases, calls, batches):
+        handle = stream_handle(stream)
+        with scope(current):
+            imp = _host_us(lambda: import_array(x, "x", dtype=FLOAT_DTYPES, device=dev,
+                                                stream=handle), args.calls)
+            host = _enqueue_us(call, handle, group)
+        us = float(np.median(b))
+        key = (mode, out is not None)
+        if fw == "cupy":
+            base[key] = us
+        rows.append({"framework": fw, "stream": mode, "out": out is not None,
+                     "us_per_call": us, "delta_us": us - base[key], "import_us": imp,
+                     "host_us": host})
     ws.close()
     if group.rank == 0:
         print(f"# eager all_reduce of {NBYTES} B bf16, {group.size} ranks, {env['device']}: "
