@@ -306,11 +306,26 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
     const int lane = threadIdx.x & 31;
     const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
     const size_t src_off = p.region_off + (size_t)rank * block_bytes;
-    for (int64_t q = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); q < pieces;
-         q += warps) {
-      const int64_t t = q / pieces_per_row;
-      const int c0 = (int)(q - t * pieces_per_row) * kPiece + lane;
-      const int my_slot = lane < ep ? p.send_slot[t * ep + lane] : -1;
+    // The warp's next piece: token t, piece pc of its row, advanced by `warps` pieces at a
+    // time without a division. Its slots are loaded one piece ahead, so that their latency
+    // overlaps the current piece's row loads instead of preceding them.
+    const int64_t dt = warps / pieces_per_row;
+    const int dpc = (int)(warps - dt * pieces_per_row);
+    int64_t q = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int64_t t = q / pieces_per_row;
+    int pc = (int)(q - t * pieces_per_row);
+    int next_slot = lane < ep && q < pieces ? p.send_slot[t * ep + lane] : -1;
+    for (; q < pieces; q += warps) {
+      const int my_slot = next_slot;
+      const int64_t tq = t;
+      const int c0 = pc * kPiece + lane;
+      t += dt;
+      pc += dpc;
+      if (pc >= pieces_per_row) {
+        pc -= pieces_per_row;
+        ++t;
+      }
+      if (lane < ep && q + warps < pieces) next_slot = p.send_slot[t * ep + lane];
       float acc[kUnits][K];
 #pragma unroll
       for (int j = 0; j < kUnits; ++j) {
@@ -343,7 +358,7 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
             if (c0 + 32 * j < nvec) add_row<T>(acc[j], x[j][i]);
         }
       }
-      uint8_t* dst = p.out + (size_t)t * row;
+      uint8_t* dst = p.out + (size_t)tq * row;
 #pragma unroll
       for (int j = 0; j < kUnits; ++j) {
         const int c = c0 + 32 * j;
