@@ -174,6 +174,27 @@ __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
   return v;
 }
 
+// ---------------------------------------------------------------- asynchronous copies
+// cp.async (sm_80+): 16 bytes from global (or a peer's) memory into shared memory without
+// a register; `src_bytes` 0 writes 16 zero bytes and reads nothing. Bytes in flight then
+// cost shared memory, not registers. A thread's copies land in commit groups, in order.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                   (uint32_t)__cvta_generic_to_shared(smem)),
+               "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Returns once at most N of this thread's commit groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // ---------------------------------------------------------------- grid arrival
 // A kernel whose block 0 updates local state words at its end, that every block reads at
 // its start: each block, once all its threads have read them, arrives (a release

@@ -36,8 +36,9 @@
 // pulls, for each token, the row of every target rank r (ascending r) from r's region at
 // [rank, send_slot[t, r]], summing in fp32 from +0, rounding once. The pull is token-major:
 // a warp reads a token's slots once and then streams a piece of its rows, with several
-// 16-byte loads of two ranks in flight per lane (no load waits on another, so a few SMs
-// keep the link busy).
+// 16-byte loads of two ranks in flight per lane, either into registers (pull_registers:
+// the lowest latency) or, under an SM budget, into a shared-memory ring that keeps more
+// bytes in flight per SM than registers can hold (pull_ring).
 //
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
 // tensors only after its own combine k saw every peer's combine signals k, i.e. after
@@ -58,7 +59,8 @@ constexpr int kSub = 32;  // tokens a block assigns slots to (warp 0) before cop
 // Combine: 16-byte columns a lane sums at once, ranks loaded before adding, and the
 // columns of a warp's piece of a row (the host sizes the grid with the same kPiece).
 constexpr int kUnits = config::kA2aCombineUnits;
-constexpr int kGroup = 2;
+constexpr int kGroup = config::kA2aCombineGroup;
+constexpr int kDepth = config::kA2aCombineDepth;  // copies in flight per lane (see combine)
 constexpr int kPiece = 32 * kUnits;
 
 // DispatchArgs::route_mode: the layout pass alone, the layout pass recorded into a routing
@@ -269,9 +271,201 @@ __device__ __forceinline__ void add_row(float (&acc)[Pack16<T>::kLanes], const V
   for (int i = 0; i < Pack16<T>::kLanes; ++i) acc[i] += to_float(x.lane[i]);
 }
 
+// Step 3 of combine with register loads: a warp takes pieces w, w + warps, ...; lanes
+// 0..ep-1 hold the piece's slots (loaded one piece ahead), and every lane loads its kUnits
+// columns of kGroup ranks before adding, so that kUnits x kGroup loads are in flight per
+// lane. The lowest latency: the path with every SM.
+template <typename T>
+__device__ __forceinline__ void pull_registers(const CombineArgs& p, size_t src_off) {
+  constexpr int K = Pack16<T>::kLanes;
+  const A2aWorkspace& ws = p.ws;
+  const int ep = ws.ep_size;
+  const int rank = ws.rank;
+  const int64_t row = (int64_t)p.row_bytes;
+  const int nvec = (int)(row / 16);
+  const int pieces_per_row = (nvec + kPiece - 1) / kPiece;
+  const int64_t pieces = (int64_t)p.num_tokens * pieces_per_row;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  // The warp's next piece: token t, piece pc of its row, advanced by `warps` pieces at a
+  // time without a division. Its slots are loaded one piece ahead, so that their latency
+  // overlaps the current piece's row loads instead of preceding them.
+  const int64_t dt = warps / pieces_per_row;
+  const int dpc = (int)(warps - dt * pieces_per_row);
+  int64_t q = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  int64_t t = q / pieces_per_row;
+  int pc = (int)(q - t * pieces_per_row);
+  int next_slot = lane < ep && q < pieces ? p.send_slot[t * ep + lane] : -1;
+  for (; q < pieces; q += warps) {
+    const int my_slot = next_slot;
+    const int64_t tq = t;
+    const int c0 = pc * kPiece + lane;
+    t += dt;
+    pc += dpc;
+    if (pc >= pieces_per_row) {
+      pc -= pieces_per_row;
+      ++t;
+    }
+    if (lane < ep && q + warps < pieces) next_slot = p.send_slot[t * ep + lane];
+    float acc[kUnits][K];
+#pragma unroll
+    for (int j = 0; j < kUnits; ++j) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) acc[j][i] = 0.f;
+    }
+    for (int r0 = 0; r0 < ep; r0 += kGroup) {
+      int slot[kGroup];
+      Vec16 x[kUnits][kGroup];
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        const int s = __shfl_sync(~0u, my_slot, (r0 + i) & 31);
+        slot[i] = r0 + i < ep ? s : -1;  // warp-uniform
+      }
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        if (slot[i] < 0) continue;
+        const uint8_t* src = peer_base(ws, r0 + i) + src_off + (size_t)slot[i] * row;
+#pragma unroll
+        for (int j = 0; j < kUnits; ++j) {
+          const int c = c0 + 32 * j;
+          if (c < nvec) x[j][i] = ld_vec16_cg(src + (size_t)c * 16);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        if (slot[i] < 0) continue;
+#pragma unroll
+        for (int j = 0; j < kUnits; ++j)
+          if (c0 + 32 * j < nvec) add_row<T>(acc[j], x[j][i]);
+      }
+    }
+    uint8_t* dst = p.out + (size_t)tq * row;
+#pragma unroll
+    for (int j = 0; j < kUnits; ++j) {
+      const int c = c0 + 32 * j;
+      if (c < nvec) st_vec16(dst + (size_t)c * 16, round_pack<T>(acc[j]));
+    }
+  }
+}
+
+// Step 3 of combine through a shared-memory ring: the same walk, but a unit (a piece's
+// columns of kGroup consecutive ranks) is copied by cp.async into the lane's own entries
+// of the warp's ring (zeros for a rank the token did not go to, or past ep: adding +0 to a
+// sum that started at +0 changes no bit), kDepth units in flight while the lane adds the
+// oldest. Bytes in flight then cost shared memory instead of registers, so that a few SMs
+// (an SM budget) keep the link busy.
+template <typename T>
+__device__ __forceinline__ void pull_ring(const CombineArgs& p, size_t src_off) {
+  constexpr int K = Pack16<T>::kLanes;
+  const A2aWorkspace& ws = p.ws;
+  const int ep = ws.ep_size;
+  const int rank = ws.rank;
+  const int64_t row = (int64_t)p.row_bytes;
+  extern __shared__ __align__(16) Vec16 s_pull[];  // [warp][kDepth][kUnits][kGroup][32]
+  const int nvec = (int)(row / 16);
+  const int pieces_per_row = (nvec + kPiece - 1) / kPiece;
+  const int64_t pieces = (int64_t)p.num_tokens * pieces_per_row;
+  const int groups = (ep + kGroup - 1) / kGroup;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  const int64_t q0 = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t units = (q0 < pieces ? (pieces - q0 + warps - 1) / warps : 0) * groups;
+  Vec16* ring = s_pull + (size_t)(threadIdx.x >> 5) * kDepth * kUnits * kGroup * 32 + lane;
+  const int64_t dt = warps / pieces_per_row;  // the walk advances without a division
+  const int dpc = (int)(warps - dt * pieces_per_row);
+  struct Cursor {
+    int64_t t;
+    int pc, g, st;
+  };
+  auto advance = [&](Cursor& x) {
+    if (++x.st == kDepth) x.st = 0;
+    if (++x.g < groups) return;
+    x.g = 0;
+    x.t += dt;
+    x.pc += dpc;
+    if (x.pc >= pieces_per_row) {
+      x.pc -= pieces_per_row;
+      ++x.t;
+    }
+  };
+  const int64_t t0 = q0 / pieces_per_row;
+  Cursor in{t0, (int)(q0 - t0 * pieces_per_row), 0, 0}, out = in;
+  auto slot_of = [&](const Cursor& x) {  // lane r: the slot of rank r
+    return lane < ep ? p.send_slot[x.t * ep + lane] : -1;
+  };
+  int in_slot = units > 0 ? slot_of(in) : -1, next_slot = -1;
+  if (units > groups) {
+    Cursor n = in;
+    for (int g = 0; g < groups; ++g) advance(n);
+    next_slot = slot_of(n);
+  }
+  int64_t issued = 0;
+  auto issue = [&]() {  // the unit at `in`, or an empty commit group past the last
+    if (issued < units) {
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        const int r = in.g * kGroup + i;
+        const int s = __shfl_sync(~0u, in_slot, r & 31);
+        const bool routed = r < ep && s >= 0;  // warp-uniform
+        const uint8_t* src =
+            peer_base(ws, routed ? r : rank) + src_off + (routed ? (size_t)s * row : 0);
+#pragma unroll
+        for (int j = 0; j < kUnits; ++j) {
+          const int c = in.pc * kPiece + lane + 32 * j;
+          if (c < nvec)
+            cp_async16(ring + ((in.st * kUnits + j) * kGroup + i) * 32,
+                       src + (routed ? (size_t)c * 16 : 0), routed ? 16u : 0u);
+        }
+      }
+      ++issued;
+      const bool new_piece = in.g == groups - 1;
+      advance(in);
+      if (new_piece) {
+        in_slot = next_slot;
+        if (issued + groups < units) {
+          Cursor n = in;
+          for (int g = 0; g < groups; ++g) advance(n);
+          next_slot = slot_of(n);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int d = 0; d < kDepth - 1; ++d) issue();
+  float acc[kUnits][K];
+  for (int64_t u = 0; u < units; ++u) {
+    issue();  // unit u + kDepth - 1, into the stage unit u - 1 used
+    cp_async_wait<kDepth - 1>();  // unit u has landed
+    if (out.g == 0) {
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j) {
+#pragma unroll
+        for (int i = 0; i < K; ++i) acc[j][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j)
+        if (out.pc * kPiece + lane + 32 * j < nvec)
+          add_row<T>(acc[j], ring[((out.st * kUnits + j) * kGroup + i) * 32]);
+    }
+    if (out.g == groups - 1) {
+      uint8_t* dst = p.out + (size_t)out.t * row;
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j) {
+        const int c = out.pc * kPiece + lane + 32 * j;
+        if (c < nvec) st_vec16(dst + (size_t)c * 16, round_pack<T>(acc[j]));
+      }
+    }
+    advance(out);
+  }
+  cp_async_wait<0>();
+}
+
 template <typename T>
 __device__ __forceinline__ void combine(const CombineArgs& p) {
-  constexpr int K = Pack16<T>::kLanes;
   const A2aWorkspace& ws = p.ws;
   const int ep = ws.ep_size;
   const int rank = ws.rank;
@@ -295,76 +489,14 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
   pdl_launch_dependents();
 
   // 3. Token t sums row (rank, slot) of every target r's region, r ascending, fp32 from +0.
-  //    A row is cut into pieces of 32 x kUnits 16-byte columns; warp w takes pieces w,
-  //    w + warps, ...: lanes 0..ep-1 read the piece's token's slots once (shuffled to the
-  //    warp), and every lane loads its kUnits columns of kGroup ranks before adding, so
-  //    that kUnits x kGroup loads are in flight per lane.
+  //    A row is cut into pieces of 32 x kUnits 16-byte columns (kPiece); the host picks
+  //    the path (CombineArgs::ring).
   if (ok) {
-    const int nvec = (int)(row / 16);
-    const int pieces_per_row = (nvec + kPiece - 1) / kPiece;
-    const int64_t pieces = (int64_t)p.num_tokens * pieces_per_row;
-    const int lane = threadIdx.x & 31;
-    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
     const size_t src_off = p.region_off + (size_t)rank * block_bytes;
-    // The warp's next piece: token t, piece pc of its row, advanced by `warps` pieces at a
-    // time without a division. Its slots are loaded one piece ahead, so that their latency
-    // overlaps the current piece's row loads instead of preceding them.
-    const int64_t dt = warps / pieces_per_row;
-    const int dpc = (int)(warps - dt * pieces_per_row);
-    int64_t q = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int64_t t = q / pieces_per_row;
-    int pc = (int)(q - t * pieces_per_row);
-    int next_slot = lane < ep && q < pieces ? p.send_slot[t * ep + lane] : -1;
-    for (; q < pieces; q += warps) {
-      const int my_slot = next_slot;
-      const int64_t tq = t;
-      const int c0 = pc * kPiece + lane;
-      t += dt;
-      pc += dpc;
-      if (pc >= pieces_per_row) {
-        pc -= pieces_per_row;
-        ++t;
-      }
-      if (lane < ep && q + warps < pieces) next_slot = p.send_slot[t * ep + lane];
-      float acc[kUnits][K];
-#pragma unroll
-      for (int j = 0; j < kUnits; ++j) {
-#pragma unroll
-        for (int i = 0; i < K; ++i) acc[j][i] = 0.f;
-      }
-      for (int r0 = 0; r0 < ep; r0 += kGroup) {
-        int slot[kGroup];
-        Vec16 x[kUnits][kGroup];
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          const int s = __shfl_sync(~0u, my_slot, (r0 + i) & 31);
-          slot[i] = r0 + i < ep ? s : -1;  // warp-uniform
-        }
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          if (slot[i] < 0) continue;
-          const uint8_t* src = peer_base(ws, r0 + i) + src_off + (size_t)slot[i] * row;
-#pragma unroll
-          for (int j = 0; j < kUnits; ++j) {
-            const int c = c0 + 32 * j;
-            if (c < nvec) x[j][i] = ld_vec16_cg(src + (size_t)c * 16);
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          if (slot[i] < 0) continue;
-#pragma unroll
-          for (int j = 0; j < kUnits; ++j)
-            if (c0 + 32 * j < nvec) add_row<T>(acc[j], x[j][i]);
-        }
-      }
-      uint8_t* dst = p.out + (size_t)tq * row;
-#pragma unroll
-      for (int j = 0; j < kUnits; ++j) {
-        const int c = c0 + 32 * j;
-        if (c < nvec) st_vec16(dst + (size_t)c * 16, round_pack<T>(acc[j]));
-      }
-    }
+    if (p.ring)
+      pull_ring<T>(p, src_off);
+    else
+      pull_registers<T>(p, src_off);
   }
   end(ws, kStateCombineSeen, target);
 }

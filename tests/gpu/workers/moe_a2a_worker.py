@@ -309,21 +309,50 @@ def experts_per_rank(ctx):
 @case
 def sm_budget(ctx):
     """num_sms=1: one dispatch block walks all 48 tokens in 32-token steps (the running
-    slot prefix carried across steps) and one SM's combine blocks cover every row."""
+    slot prefix carried across steps) and one SM's combine blocks cover every row (through
+    the ring: a budget below the device's SMs picks it)."""
     n = ctx.group.local_size
     config = MoeAlltoAllConfig(num_sms=1, dispatch_blocks_per_sm=1)
     with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, workspace_size_per_rank=workspace_bytes(n),
                      config=config) as a2a:
-        assert a2a.num_sms == 1
+        assert a2a.num_sms == 1 and a2a._combine_ring
         seed = ctx.new_seed()
         run_pair(ctx, a2a, Exchange(seed, n, mode="full"), combine="bf16", use_out=True)
         run_pair(ctx, a2a, Exchange(seed + 1, n), combine="fp32", zero_copy=True)
 
 
 @case
+def combine_paths(ctx):
+    """Both pulls of the combine against the reference, whatever the SM budget: the
+    shared-memory ring with every SM, with 32-thread blocks on 2 SMs (many pieces per
+    warp, the ring wrapping), and register loads under a budget of 1 SM; ragged and empty
+    ranks, staged, in-place and round-trip payloads, every dtype, and a graph replay. With
+    an odd ep the ring's last rank group copies zeros past ep."""
+    n = ctx.group.local_size
+    seed = ctx.new_seed()
+    for ring, threads, sms in ((True, None, None), (True, 32, 2), (False, None, 1)):
+        config = MoeAlltoAllConfig(combine_ring=ring, combine_threads=threads, num_sms=sms)
+        with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, config=config,
+                         workspace_size_per_rank=workspace_bytes(n)) as a2a:
+            assert a2a._combine_ring == ring
+            seed += 10
+            run_pair(ctx, a2a, Exchange(seed, n, mode="full"), combine="bf16", use_out=True)
+            run_pair(ctx, a2a, Exchange(seed + 1, n), combine="fp32", zero_copy=True)
+            run_pair(ctx, a2a, Exchange(seed + 2, n, mode="zero"), combine="fp16")
+            run_pair(ctx, a2a, Exchange(seed + 3, n, mode="one_rank"), roundtrip=True)
+            replay(ctx, a2a)
+
+
+@case
 def graph_replay(ctx):
     """dispatch + round-trip combine captured once, replayed with new routings/payloads."""
-    a2a, n, stream = workspace(ctx), ctx.group.local_size, ctx.stream
+    replay(ctx, workspace(ctx))
+
+
+def replay(ctx, a2a):
+    """Capture a dispatch + round-trip combine on ``a2a``, replay it three times with new
+    routings and payloads of the same token counts, check each against the reference."""
+    n, stream = ctx.group.local_size, ctx.stream
     r, seed = a2a.ep_rank, ctx.new_seed()
     base = Exchange(seed, n)
     ids = ctx.device(base.ids[r])
