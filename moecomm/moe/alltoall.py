@@ -66,7 +66,9 @@ fp8 dispatch: its rows are H + scale bytes instead of 2H).
 Launch: ``MoeAlltoAllConfig`` sets the SM budget (``num_sms``) and block sizes; grids are
 the same on every rank (derived from ``runtime_max_tokens_per_rank``), kernels use
 programmatic dependent launch, and each call patches a prepared argument struct (no
-per-call allocation or NumPy on the host). Protocol: ``kernels_cu/moe_a2a.cu``.
+per-call allocation or NumPy on the host). Under an SM budget the combine pulls through
+a shared-memory ring per warp (``combine_ring``), which keeps the link busy from fewer
+SMs. Protocol: ``kernels_cu/moe_a2a.cu``.
 
 Routing handle (decode): ``dispatch(..., return_handle=True)`` also returns a
 ``RoutingHandle``; ``dispatch(..., handle=h)`` with the same ``token_selected_experts``
