@@ -149,3 +149,13 @@ def test_fp8_rows_and_kernel():
     bound = re.search(r"__launch_bounds__\((\d+)\) moe_a2a_dispatch_fp8\(", source)
     assert bound and int(bound.group(1)) >= a2a.MoeAlltoAllConfig().dispatch_threads
     assert a2a._SCALE_FORMATS == {"fp32": 0, "ue8m0": 1}  # scale_format in DispatchArgs
+
+
+def test_config_combine_options():
+    cfg = a2a.MoeAlltoAllConfig()
+    assert cfg.combine_threads is None and cfg.combine_ring is None
+    a2a.MoeAlltoAllConfig(combine_threads=64, combine_ring=True)
+    for bad in (48, 0, 1024):
+        with pytest.raises(ValueError, match="combine_threads"):
+            a2a.MoeAlltoAllConfig(combine_threads=bad)
+
