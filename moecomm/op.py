@@ -105,6 +105,7 @@ class DeviceFacts:
     sms: int                   # multiprocessors
     arch: tuple[int, int]      # compute capability
     max_threads_per_sm: int
+    max_shared_per_block: int  # bytes of shared memory a block may opt in to
 
     def blocks_per_sm(self, kernel, threads: int, shared_mem: int = 0) -> int:
         """Resident blocks of ``kernel`` (a cupy.RawKernel) per SM at ``threads``."""
@@ -119,7 +120,12 @@ def _facts(device_id: int) -> DeviceFacts:
     props = cupy.cuda.runtime.getDeviceProperties(device_id)
     return DeviceFacts(device_id, int(props["multiProcessorCount"]),
                        (int(props["major"]), int(props["minor"])),
-                       int(props["maxThreadsPerMultiProcessor"]))
+                       int(props["maxThreadsPerMultiProcessor"]),
+                       cupy.cuda.runtime.deviceGetAttribute(_ATTR_MAX_SHARED_PER_BLOCK_OPTIN,
+                                                            device_id))
+
+
+_ATTR_MAX_SHARED_PER_BLOCK_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
 def device_facts(device_id: int | None = None) -> DeviceFacts:
