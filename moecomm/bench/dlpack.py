@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,6 +41,18 @@ def add_arguments(p) -> None:
 
 
 # ---------------------------------------------------------------------------- GPU
+class _Case(NamedTuple):
+    """One row: ``x`` of ``framework`` reduced on ``stream`` (named ``mode``), with torch's
+    current stream set to ``current`` meanwhile, into ``out`` (None: a new array)."""
+
+    framework: str
+    mode: str
+    x: Any
+    stream: Any
+    current: Any = None
+    out: Any = None
+
+
 def _warm(fn) -> None:
     """50 calls, then a device synchronisation: the next row may use another stream, and
     calls on one workspace must not overlap."""
@@ -142,44 +155,44 @@ def run(args) -> int:
     # Every row first, then its timed batches interleaved with the other rows' (round r
     # times each row once), so that a drift of the host or the peer over the run moves
     # every row alike and the deltas compare like with like.
-    cases = [("cupy", mode, xc, stream, None, None) for mode, stream in streams.items()]
-    cases.append(("cupy", "omitted", xc, None, None, cupy.empty_like(xc)))
+    cases = [_Case("cupy", mode, xc, stream) for mode, stream in streams.items()]
+    cases.append(_Case("cupy", "omitted", xc, None, out=cupy.empty_like(xc)))
     if have_torch:
-        cases += [("torch", mode, xt, stream,
-                   ts if mode in ("torch Stream", "raw handle") else None, None)
+        cases += [_Case("torch", mode, xt, stream,
+                        current=ts if mode in ("torch Stream", "raw handle") else None)
                   for mode, stream in streams.items()]
-        cases.append(("torch", "omitted", xt, None, None, torch.empty_like(xt)))
+        cases.append(_Case("torch", "omitted", xt, None, out=torch.empty_like(xt)))
     if have_jax:
         jx = jax[0].device_put(values, jax[1]).block_until_ready()
-        cases.append(("jax", "omitted", jx, None, None, None))
+        cases.append(_Case("jax", "omitted", jx, None))
 
-    def scope(current):
-        return torch.cuda.stream(current) if current is not None else contextlib.nullcontext()
+    def scope(case):  # torch code runs on its current stream
+        return (torch.cuda.stream(case.current) if case.current is not None
+                else contextlib.nullcontext())
 
-    calls = [(lambda x=x, s=s, o=o: all_reduce(x, ws, out=o, stream=s))
-             for _, _, x, s, _, o in cases]
+    calls = [(lambda c=c: all_reduce(c.x, ws, out=c.out, stream=c.stream)) for c in cases]
     batches = [[] for _ in cases]
-    for (_, _, _, _, current, _), call in zip(cases, calls):
-        with scope(current):
+    for case, call in zip(cases, calls):
+        with scope(case):
             _warm(call)
     for _ in range(args.repeats):
-        for i, ((_, _, _, _, current, _), call) in enumerate(zip(cases, calls)):
-            with scope(current):  # torch code runs on its current stream
-                batches[i].append(batch_wall_us(call, args.calls, group.barrier))
+        for case, call, b in zip(cases, calls, batches):
+            with scope(case):
+                b.append(batch_wall_us(call, args.calls, group.barrier))
     rows, base = [], {}
-    for (fw, mode, x, stream, current, out), call, b in zip(cases, calls, batches):
-        handle = stream_handle(stream)
-        with scope(current):
-            imp = _host_us(lambda: import_array(x, "x", dtype=FLOAT_DTYPES, device=dev,
+    for case, call, b in zip(cases, calls, batches):
+        handle = stream_handle(case.stream)
+        with scope(case):
+            imp = _host_us(lambda: import_array(case.x, "x", dtype=FLOAT_DTYPES, device=dev,
                                                 stream=handle), args.calls)
             host = _enqueue_us(call, handle, group)
         us = float(np.median(b))
-        key = (mode, out is not None)
-        if fw == "cupy":
+        key = (case.mode, case.out is not None)
+        if case.framework == "cupy":
             base[key] = us
-        rows.append({"framework": fw, "stream": mode, "out": out is not None,
-                     "us_per_call": us, "delta_us": us - base[key], "import_us": imp,
-                     "host_us": host})
+        rows.append({"framework": case.framework, "stream": case.mode,
+                     "out": case.out is not None, "us_per_call": us,
+                     "delta_us": us - base[key], "import_us": imp, "host_us": host})
     ws.close()
     if group.rank == 0:
         print(f"# eager all_reduce of {NBYTES} B bf16, {group.size} ranks, {env['device']}: "
