@@ -20,6 +20,7 @@ constexpr int kA2aMaxRanks = MOECOMM_A2A_MAX_RANKS;
 constexpr int kA2aMaxPayloads = MOECOMM_A2A_MAX_PAYLOADS;
 constexpr int kA2aHeaderBytes = MOECOMM_A2A_HEADER_BYTES;
 constexpr int kA2aFp8Group = MOECOMM_A2A_FP8_GROUP;
+constexpr int kA2aDispatchSub = MOECOMM_A2A_DISPATCH_SUB;
 constexpr int kA2aCombineUnits = MOECOMM_A2A_COMBINE_UNITS;
 constexpr int kA2aCombineGroup = MOECOMM_A2A_COMBINE_GROUP;
 constexpr int kA2aCombineDepth = MOECOMM_A2A_COMBINE_DEPTH;

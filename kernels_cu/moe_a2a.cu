@@ -13,11 +13,12 @@
 // The handshake of both kernels (and of EPAllToAll's exact combine) is a2a.cuh's.
 //
 // Dispatch. Block b owns tokens [b*chunk, (b+1)*chunk). It counts, per target rank, the
-// routed tokens before its chunk and in total (a ballot scan over the tokens before it);
-// warp 0 then gives each chunk token its slot per target (running prefix, source order)
-// and the block writes the token's payload rows straight into each target's receive
-// tensors (16-byte stores when rows and pointers allow, else 4-byte words), sanitising the
-// id payload per target on the way. Block 0 writes this rank's counts into every target's
+// routed tokens before its chunk and in total (a ballot scan over all tokens); then, kSub
+// tokens at a time, warps 0..kSub/32-1 give each token its slot per target (a prefix over
+// the warps, source order) and the block writes the tokens' rows of every payload, in one
+// walk, straight into each target's receive tensors (16-byte stores when rows and pointers
+// allow, else 4-byte words), sanitising the id payload per target on the way. Block 0
+// writes this rank's counts into every target's
 // header; all blocks pad the id rows past the count with the invalid id, then signal.
 // Block 0 waits (bounded) until every source's blocks have signalled and copies the counts.
 //
@@ -55,7 +56,12 @@ using namespace moecomm::a2a;
 namespace {
 
 constexpr int kMaxRanks = config::kA2aMaxRanks;
-constexpr int kSub = 32;  // tokens a block assigns slots to (warp 0) before copying them
+// Dispatch: a block's chunk goes in sub-chunks of kSub tokens; warps 0..kSubWarps-1 give
+// 32 tokens each their slots (counting them while the other warps still copy). The slots
+// live in dynamic shared memory, int32 [kSub, ep] (the host sizes it).
+constexpr int kSub = config::kA2aDispatchSub;
+constexpr int kSubWarps = kSub / 32;
+static_assert(kSub % 32 == 0, "A2A_DISPATCH_SUB: whole warps");
 // Combine: 16-byte columns a lane sums at once, ranks loaded before adding, and the
 // columns of a warp's piece of a row (the host sizes the grid with the same kPiece).
 constexpr int kUnits = config::kA2aCombineUnits;
@@ -121,54 +127,83 @@ struct ExpertOwner {
   }
 };
 
-// Bit r set: token t has a valid expert on rank r.
+// Bit r set: token t has a valid expert on rank r. The ids are read as 16-byte vectors
+// when top_k % 4 == 0 and the array is 16-byte aligned (two loads in flight at top-8).
 __device__ __forceinline__ uint32_t route_mask(const DispatchArgs& p, const ExpertOwner& owner,
                                                int64_t t) {
   const int32_t* e = p.experts + t * p.top_k;
-  const int num_experts = p.num_experts;
+  const uint32_t num_experts = (uint32_t)p.num_experts;
   uint32_t m = 0;
-  for (int k = 0; k < p.top_k; ++k) {
-    const int x = e[k];
-    if (x >= 0 && x < num_experts) m |= 1u << owner(x);
+  auto add = [&](int x) {
+    if ((uint32_t)x < num_experts) m |= 1u << owner(x);
+  };
+  if ((p.top_k & 3) == 0 && (reinterpret_cast<uintptr_t>(p.experts) & 15u) == 0) {
+    const int4* v = reinterpret_cast<const int4*>(e);
+    const int n = p.top_k >> 2;
+    int k = 0;
+    for (; k + 2 <= n; k += 2) {
+      const int4 a = __ldg(v + k), b = __ldg(v + k + 1);
+      add(a.x), add(a.y), add(a.z), add(a.w), add(b.x), add(b.y), add(b.z), add(b.w);
+    }
+    if (k < n) {
+      const int4 a = __ldg(v + k);
+      add(a.x), add(a.y), add(a.z), add(a.w);
+    }
+  } else {
+#pragma unroll 4
+    for (int k = 0; k < p.top_k; ++k) add(__ldg(e + k));
   }
   return m;
 }
 
-// Copy the rows of n tokens (local indices 0..n-1, slots in s_slot) of one payload to
-// every target, 4 words in flight per thread.
+// Copy the rows of n tokens (c0 .. c0+n-1, slots in s_slot) of the payloads in bit mask
+// `payloads` to every target, moved as words W, 4 words in flight per thread. The payloads
+// share one flat walk (payload by payload, row-major within each), so that small rows
+// (ids, weights) ride in the big payload's load rounds instead of adding their own.
 template <typename W>
-__device__ void copy_rows(const DispatchArgs& p,
-                          const int32_t (*s_slot)[kMaxRanks], const uint8_t* src, int64_t row,
-                          size_t dst_off, int n, bool sanitize) {
+__device__ void copy_rows(const DispatchArgs& p, const int32_t* s_slot, int64_t c0,
+                          int n, uint32_t payloads) {
   constexpr int kUnroll = 4;
   const int ep = p.ws.ep_size;
   const int rank = p.ws.rank;
   const int epr = p.experts_per_rank;
   const uint32_t bad = (uint32_t)(int32_t)p.invalid_id;
-  const int per_row = (int)(row / sizeof(W));
-  const int total = n * per_row;
+  int total = 0;
+  for (uint32_t m = payloads; m; m &= m - 1)
+    total += n * (int)(p.row_bytes[__ffs(m) - 1] / sizeof(W));
   for (int base = threadIdx.x; base < total; base += kUnroll * blockDim.x) {
     W x[kUnroll];
+    int item[kUnroll][2];  // payload * kSub + token (local), word in the row
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * blockDim.x;
-      if (i < total) {
-        const int tl = i / per_row;
-        x[u] = Word<W>::load(src + tl * row + (size_t)(i - tl * per_row) * sizeof(W));
+      int j = base + u * blockDim.x;
+      if (j >= total) break;
+      int q = 0, per_row = 0;
+      for (uint32_t m = payloads;; m &= m - 1) {
+        q = __ffs(m) - 1;
+        per_row = (int)(p.row_bytes[q] / sizeof(W));
+        if (j < n * per_row) break;
+        j -= n * per_row;
       }
+      const int tl = j / per_row;
+      item[u][0] = q * kSub + tl, item[u][1] = j - tl * per_row;
+      x[u] = Word<W>::load(reinterpret_cast<const uint8_t*>(p.src[q]) +
+                           (size_t)(c0 + tl) * p.row_bytes[q] + (size_t)item[u][1] * sizeof(W));
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * blockDim.x;
-      if (i >= total) break;
-      const int tl = i / per_row;
-      const size_t col = (size_t)(i - tl * per_row) * sizeof(W);
+      if (base + u * blockDim.x >= total) break;
+      const int q = item[u][0] / kSub, tl = item[u][0] % kSub;
+      const size_t row = p.row_bytes[q];
+      const size_t off = p.recv_off[q] + (size_t)rank * p.runtime_max * row +
+                         (size_t)item[u][1] * sizeof(W);
+      const bool sanitize = q == p.id_payload;
       for (int j = 1; j <= ep; ++j) {
         const int r = (rank + j) % ep;  // peers first, self last
-        const int slot = s_slot[tl][r];
+        const int slot = s_slot[tl * ep + r];
         if (slot < 0) continue;
         const W y = sanitize ? Word<W>::keep(x[u], r * epr, (r + 1) * epr, bad) : x[u];
-        Word<W>::store(peer_base(p.ws, r) + dst_off + (size_t)slot * row + col, y);
+        Word<W>::store(peer_base(p.ws, r) + off + (size_t)slot * row, y);
       }
     }
   }
@@ -194,8 +229,7 @@ __device__ __forceinline__ uint32_t e4m3x4(const Pack16<__nv_bfloat16>& x, int i
 // (multiplications, not one division per element: x * fp32(1/s) may differ from x / s in
 // the last fp32 bit before the e4m3 rounding; the reference specifies the product).
 // NaN inputs are outside the contract (fmaxf drops them from amax).
-__device__ void quant_rows(const DispatchArgs& p,
-                           const int32_t (*s_slot)[kMaxRanks], const uint8_t* src,
+__device__ void quant_rows(const DispatchArgs& p, const int32_t* s_slot, const uint8_t* src,
                            int64_t hidden, size_t code_off, size_t scale_off, int n) {
   const int ep = p.ws.ep_size;
   const int rank = p.ws.rank;
@@ -233,7 +267,7 @@ __device__ void quant_rows(const DispatchArgs& p,
                      e4m3x4(x[1], 4, mul)};
     for (int j = 1; j <= ep; ++j) {
       const int r = (rank + j) % ep;  // peers first, self last
-      const int slot = s_slot[tl][r];
+      const int slot = s_slot[tl * ep + r];
       if (slot < 0) continue;
       uint8_t* base = peer_base(p.ws, r);
       st_vec16(base + code_off + (size_t)slot * hidden + (size_t)u * 16, q);
@@ -508,7 +542,9 @@ template <bool kFp8>
 __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   __shared__ int32_t s_before[kMaxRanks];  // routed tokens before this block's chunk
   __shared__ int32_t s_total[kMaxRanks];   // routed tokens in all
-  __shared__ int32_t s_slot[kSub][kMaxRanks];
+  extern __shared__ int32_t s_slot[];     // [kSub, ep]: the sub-chunk's slots
+  __shared__ int32_t s_count[kSubWarps][kMaxRanks];  // per assigning warp: tokens per target
+  __shared__ int32_t s_next[2][kMaxRanks];  // next free slot per target, by sub-chunk parity
   const A2aWorkspace& ws = p.ws;
   const int ep = ws.ep_size;
   const int rank = ws.rank;
@@ -525,22 +561,25 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   pdl_wait();
   const uint32_t target = begin(ws, kStateDispatchSeen) + gridDim.x;
 
-  // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r.
-  //    Replaying a routing handle: the totals are the handle's, the slots too (step 2).
+  // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r, two
+  //    tokens per lane at a time. Replaying a routing handle: the totals are the handle's,
+  //    the slots too (step 2).
   const bool replay = p.route_mode == kRouteReplay;
   if (replay) {
     if (threadIdx.x < ep) s_total[threadIdx.x] = p.route_total[threadIdx.x];
   } else {
     int before = 0, total = 0;
-    for (int64_t base = (int64_t)warp * 32; base < T; base += (int64_t)nwarps * 32) {
-      const int64_t t = base + lane;
-      const uint32_t m = t < T ? route_mask(p, owner, t) : 0u;
-      const uint32_t pre = __ballot_sync(~0u, t < t0);
+    for (int64_t base = (int64_t)warp * 64; base < T; base += (int64_t)nwarps * 64) {
+      const int64_t ta = base + lane, tb = ta + 32;
+      const uint32_t ma = ta < T ? route_mask(p, owner, ta) : 0u;
+      const uint32_t mb = tb < T ? route_mask(p, owner, tb) : 0u;
+      const uint32_t pa = __ballot_sync(~0u, ta < t0), pb = __ballot_sync(~0u, tb < t0);
       for (int r = 0; r < ep; ++r) {
-        const uint32_t b = __ballot_sync(~0u, (m >> r) & 1u);
+        const uint32_t ba = __ballot_sync(~0u, (ma >> r) & 1u);
+        const uint32_t bb = __ballot_sync(~0u, (mb >> r) & 1u);
         if (lane == r) {
-          total += __popc(b);
-          before += __popc(b & pre);
+          total += __popc(ba) + __popc(bb);
+          before += __popc(ba & pa) + __popc(bb & pb);
         }
       }
     }
@@ -550,52 +589,72 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
     }
   }
   __syncthreads();
+  if (threadIdx.x < ep) s_next[0][threadIdx.x] = s_before[threadIdx.x];
 
-  // 2. The chunk, kSub tokens at a time: warp 0 assigns slots in token order, then the
-  //    whole block copies those tokens' rows.
-  int running = warp == 0 && lane < ep ? s_before[lane] : 0;  // lane r: next slot on r
-  for (int64_t c0 = t0; c0 < t1; c0 += kSub) {
-    const int n = (int)min((int64_t)kSub, t1 - c0);
-    if (replay) {
-      for (int i = threadIdx.x; i < n * ep; i += blockDim.x) {
-        const int slot = p.route_slot[c0 * ep + i];
-        s_slot[i / ep][i % ep] = slot;
-        p.send_slot[c0 * ep + i] = slot;
+  // 2. The chunk, `sub` tokens at a time: each assigning warp counts its 32 tokens per
+  //    target (while the other warps may still copy the previous sub-chunk), then gives
+  //    them their slots in token order after the earlier warps' tokens; the whole block
+  //    then copies the sub-chunk's rows of every payload.
+  const int sub_warps = min(kSubWarps, nwarps);
+  const int sub = 32 * sub_warps;
+  const bool assigns = !replay && warp < sub_warps;
+  uint32_t vec_payloads = 0, word_payloads = 0;
+  for (int q = 0; q < p.num_payloads; ++q) {
+    if (kFp8 && q == p.quant_payload) continue;
+    if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
+      vec_payloads |= 1u << q;
+    else
+      word_payloads |= 1u << q;
+  }
+  uint32_t m = 0;  // assigning warps: the route mask of the lane's token
+  int parity = 0;
+  for (int64_t c0 = t0; c0 < t1; c0 += sub, parity ^= 1) {
+    const int n = (int)min((int64_t)sub, t1 - c0);
+    const int i = warp * 32 + lane;  // the assigning lane's token in the sub-chunk
+    if (assigns) {
+      m = i < n ? route_mask(p, owner, c0 + i) : 0u;
+      for (int r = 0; r < ep; ++r) {
+        const uint32_t b = __ballot_sync(~0u, (m >> r) & 1u);
+        if (lane == r) s_count[warp][r] = __popc(b);
       }
-    } else if (warp == 0) {
-      const int64_t t = c0 + lane;
-      const uint32_t m = lane < n ? route_mask(p, owner, t) : 0u;
+    }
+    __syncthreads();  // counts in; the previous sub-chunk's copies done (s_slot free)
+    if (replay) {
+      for (int k = threadIdx.x; k < n * ep; k += blockDim.x) {
+        const int slot = p.route_slot[c0 * ep + k];
+        s_slot[k] = slot;
+        p.send_slot[c0 * ep + k] = slot;
+      }
+    } else if (assigns) {
+      int start = 0;  // lane r: the first slot of this warp's tokens on target r
+      if (lane < ep) {
+        start = s_next[parity][lane];
+        for (int w = 0; w < warp; ++w) start += s_count[w][lane];
+        if (warp == sub_warps - 1) s_next[parity ^ 1][lane] = start + s_count[warp][lane];
+      }
       const uint32_t below = (1u << lane) - 1u;
       for (int r = 0; r < ep; ++r) {
         const bool go = (m >> r) & 1u;
         const uint32_t b = __ballot_sync(~0u, go);
-        const int start = __shfl_sync(~0u, running, r);
-        const int slot = go ? start + __popc(b & below) : -1;
-        if (lane < n) {
-          s_slot[lane][r] = slot;
-          p.send_slot[t * ep + r] = slot;
-          if (p.route_mode == kRouteRecord) p.route_slot[t * ep + r] = slot;
+        const int first = __shfl_sync(~0u, start, r);
+        const int slot = go ? first + __popc(b & below) : -1;
+        if (i < n) {
+          s_slot[i * ep + r] = slot;
+          p.send_slot[(c0 + i) * ep + r] = slot;
+          if (p.route_mode == kRouteRecord) p.route_slot[(c0 + i) * ep + r] = slot;
         }
-        if (lane == r) running += __popc(b);
       }
     }
-    __syncthreads();
-    for (int q = 0; q < p.num_payloads; ++q) {
-      const int64_t row = (int64_t)p.row_bytes[q];
-      const size_t dst_off = p.recv_off[q] + (size_t)rank * p.runtime_max * row;
-      if (kFp8 && q == p.quant_payload) {  // bf16 in: 2 * row bytes per token
-        quant_rows(p, s_slot, reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * 2 * row, row,
-                   dst_off, p.scale_off + (size_t)rank * p.runtime_max * p.scale_row_bytes, n);
-        continue;
-      }
-      const uint8_t* src = reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * row;
-      const bool sanitize = q == p.id_payload;
-      if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
-        copy_rows<Vec16>(p, s_slot, src, row, dst_off, n, sanitize);
-      else
-        copy_rows<uint32_t>(p, s_slot, src, row, dst_off, n, sanitize);
+    __syncthreads();  // slots in
+    if (kFp8) {
+      const int q = p.quant_payload;
+      const int64_t row = (int64_t)p.row_bytes[q];  // bf16 in: 2 * row bytes per token
+      quant_rows(p, s_slot, reinterpret_cast<const uint8_t*>(p.src[q]) + c0 * 2 * row, row,
+                 p.recv_off[q] + (size_t)rank * p.runtime_max * row,
+                 p.scale_off + (size_t)rank * p.runtime_max * p.scale_row_bytes, n);
     }
-    __syncthreads();
+    if (vec_payloads) copy_rows<Vec16>(p, s_slot, c0, n, vec_payloads);
+    if (word_payloads) copy_rows<uint32_t>(p, s_slot, c0, n, word_payloads);
   }
 
   // 3. Counts into every target's header; id padding rows; then this block is done.

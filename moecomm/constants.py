@@ -26,6 +26,7 @@ A2A_MAX_RANKS = 32       # ep size of MoeAlltoAll / EPAllToAll
 A2A_MAX_PAYLOADS = 8     # payloads of one dispatch
 A2A_HEADER_BYTES = 4096  # flags and counts at the start of a MoE workspace
 A2A_FP8_GROUP = 128      # elements per scale of the FP8 dispatch
+A2A_DISPATCH_SUB = 128   # tokens a dispatch block gives slots at once (32 per warp)
 A2A_COMBINE_UNITS = 4    # 16-byte columns a combine lane sums at once (a warp: 32x that)
 A2A_COMBINE_GROUP = 2    # ranks whose columns a combine lane copies at once
 A2A_COMBINE_DEPTH = 2    # such copies in flight per combine lane (shared-memory ring)
@@ -254,6 +255,7 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_MAX_PAYLOADS": A2A_MAX_PAYLOADS,
         "MOECOMM_A2A_HEADER_BYTES": A2A_HEADER_BYTES,
         "MOECOMM_A2A_FP8_GROUP": A2A_FP8_GROUP,
+        "MOECOMM_A2A_DISPATCH_SUB": A2A_DISPATCH_SUB,
         "MOECOMM_A2A_COMBINE_UNITS": A2A_COMBINE_UNITS,
         "MOECOMM_A2A_COMBINE_GROUP": A2A_COMBINE_GROUP,
         "MOECOMM_A2A_COMBINE_DEPTH": A2A_COMBINE_DEPTH,

@@ -87,8 +87,9 @@ from typing import NamedTuple, Sequence
 import cupy
 import numpy as np
 
-from ..constants import (A2A_COMBINE_DEPTH, A2A_COMBINE_GROUP, A2A_COMBINE_UNITS, A2A_FP8_GROUP,
-                         A2A_HEADER_BYTES, A2A_MAX_PAYLOADS, A2A_MAX_RANKS, REGION_ALIGN)
+from ..constants import (A2A_COMBINE_DEPTH, A2A_COMBINE_GROUP, A2A_COMBINE_UNITS,
+                         A2A_DISPATCH_SUB, A2A_FP8_GROUP, A2A_HEADER_BYTES, A2A_MAX_PAYLOADS,
+                         A2A_MAX_RANKS, REGION_ALIGN)
 from .. import events
 from .. import group as _group
 from ..errors import ErrorWord, timeout_ns
@@ -601,7 +602,7 @@ class MoeAlltoAll(Op):
             a.route_slot, a.route_total = route._slot.data.ptr, route._total.data.ptr
             a.route_mode = _ROUTE_REPLAY if route.recorded else _ROUTE_RECORD
             route.num_tokens = T
-        prepared.launcher(prepared.grid, prepared.block, stream_ptr)
+        prepared.launcher(prepared.grid, prepared.block, stream_ptr, prepared.shared_mem)
         self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
         result = list(prepared.views)
         if return_handle:
@@ -679,10 +680,12 @@ class MoeAlltoAll(Op):
                 self._ws.view(quantize.scale_dtype,
                               (self.ep_size, rmax, quantize.scale_width(hidden)),
                               offset=plan.recv_off[-1]))
+        smem = A2A_DISPATCH_SUB * self.ep_size * 4  # a sub-chunk's slots, int32 [sub, ep]
         per_sm = min(self.config.dispatch_blocks_per_sm,
-                     device_facts().blocks_per_sm(kernel, self.config.dispatch_threads))
+                     device_facts().blocks_per_sm(kernel, self.config.dispatch_threads, smem))
         grid = max(1, min(rmax, self.num_sms * per_sm))
-        return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views, {})
+        return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views, {},
+                         shared_mem=smem)
 
     def _payloads(self, input_payloads, T: int, stream: int) -> list:
         if not isinstance(input_payloads, (list, tuple)):
