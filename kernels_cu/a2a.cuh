@@ -1,12 +1,19 @@
 // The handshake of the MoE all-to-all kernels (moe_a2a.cu; moe_compact.cu's exact combine
 // keeps the combine half of it).
 //
-// The dispatch and combine kernels run on a grid that is the same on every rank (the host derives it from
-// runtime_max and the SM budget), and every block of every rank adds 1 to a counter in
-// each peer's header once its writes are done (fence, then a system-scope release add).
-// A rank's counter from source s thus grows by the grid size per call; the expected
-// value lives in local state (kStateDispatchSeen / kStateCombineSeen), so counters are
+// The dispatch and combine kernels run on a grid that is the same on every rank (the host
+// derives it from runtime_max and the SM budget), and each call adds exactly the grid size
+// to a rank's entry in every peer's header (system-scope release adds); the value before
+// the call lives in local state (kStateDispatchSeen / kStateCombineSeen), so counters are
 // never reset and never raced.
+//
+// Dispatch: every block adds 1 once its rows are written; block 0 waits for the whole
+// grid of every source. Combine ("ready"): an entry past seen + 1 means that rank's rows
+// of this call can be read. With nothing to stage, every block adds 1 as it starts (the
+// rows were ready when the kernel started); with staging, the block that completes the
+// last staging unit adds the grid size at once. Readers wait for one add, not for every
+// block of the peer, so a grid that does not fit on the SMs it gets (a GEMM on another
+// stream holding the rest) runs in turns instead of stalling until the SMs free up.
 //
 // Header of every rank's workspace (moecomm/moe/alltoall.py): dispatch_count u32[32] at 0,
 // combine_count u32[32] at 128, recv_count i32[32] at 256; entry s is written by rank s.
@@ -25,6 +32,8 @@ constexpr int kStateDispatchSeen = 0;  // dispatch signals expected from each so
 constexpr int kStateCombineSeen = 1;   // combine signals likewise
 constexpr int kStateArrived = 2;       // blocks of the running kernel that read the above
 constexpr int kStateAbort = 3;         // raised by a wait that gave up (common.cuh)
+constexpr int kStateStageClaim = 4;    // combine staging units claimed (+1 per block's last try)
+constexpr int kStateStageDone = 5;     // combine staging units completed
 
 __device__ __forceinline__ uint8_t* peer_base(const A2aWorkspace& ws, int r) {
   return reinterpret_cast<uint8_t*>(ws.peers[r]);
@@ -55,6 +64,15 @@ __device__ __forceinline__ void signal_all(const A2aWorkspace& ws, size_t count_
   if (threadIdx.x < ws.ep_size)
     red_add_release_sys(
         reinterpret_cast<uint32_t*>(peer_base(ws, threadIdx.x) + count_off) + ws.rank, 1u);
+}
+
+// After the grid's staging is complete: add `n` to entry `rank` of counter array
+// `count_off` at every rank (one thread; its acquire of the staging count makes the
+// release cumulative over every block's writes).
+__device__ __forceinline__ void signal_all_from_thread(const A2aWorkspace& ws, size_t count_off,
+                                                       uint32_t n) {
+  for (int r = 0; r < ws.ep_size; ++r)
+    red_add_release_sys(reinterpret_cast<uint32_t*>(peer_base(ws, r) + count_off) + ws.rank, n);
 }
 
 // Threads 0..ep-1 wait until entry s of the own counter array `count_off` reaches

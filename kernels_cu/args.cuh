@@ -143,8 +143,6 @@ struct CombineArgs {
   int32_t num_tokens;         // T of the dispatch
   int32_t runtime_max;
   int32_t stage;              // 1: copy the payload's valid rows into the region first
-  int32_t ring;               // 1: pull through the shared-memory ring (dynamic smem:
-                              //    blockDim x kDepth x kUnits x kGroup x 16 bytes)
   A2aWorkspace ws;
 };
 

@@ -168,6 +168,13 @@ __device__ __forceinline__ void red_add_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+// Returns the old value; acquires what earlier adds released (a release sequence).
+__device__ __forceinline__ uint32_t atom_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
 __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -385,11 +392,13 @@ __device__ __forceinline__ size_t global_thread_count() {
   return (size_t)gridDim.x * blockDim.x;
 }
 
-// dst[i] = src[i] for nvec 16-byte vectors, the grid sharing them, four loads in flight
-// per thread before the first store.
-__device__ __forceinline__ void copy_vec16(uint8_t* dst, const uint8_t* src, size_t nvec) {
-  const size_t stride = global_thread_count();
-  size_t i = global_thread_id();
+// dst[i] = src[i] for nvec 16-byte vectors, the grid sharing them (or threads first,
+// first + stride, ...: a part of them), four loads in flight per thread before the first
+// store.
+__device__ __forceinline__ void copy_vec16(uint8_t* dst, const uint8_t* src, size_t nvec,
+                                           size_t first = global_thread_id(),
+                                           size_t stride = global_thread_count()) {
+  size_t i = first;
   for (; i + 3 * stride < nvec; i += 4 * stride) {
     const Vec16 a = ld_vec16(src + 16 * i), b = ld_vec16(src + 16 * (i + stride));
     const Vec16 c = ld_vec16(src + 16 * (i + 2 * stride));

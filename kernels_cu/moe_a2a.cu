@@ -33,8 +33,9 @@
 // Combine. The rows peers read sit at region_off: the combine region, or a receive tensor
 // whose rows the payload is (read in place: block s of it is written and read by rank s
 // alone); any other payload is first copied (its valid rows, recv_counts[s] of block s)
-// into the combine region. Every block then signals, waits for all peers' signals and
-// pulls, for each token, the row of every target rank r (ascending r) from r's region at
+// into the combine region (units claimed by whichever blocks run). The rank then signals
+// that its rows are ready, waits until every peer's are (a2a.cuh) and pulls, for each
+// token, the row of every target rank r (ascending r) from r's region at
 // [rank, send_slot[t, r]], summing in fp32 from +0, rounding once. The pull is token-major:
 // a warp reads a token's slots once and then streams a piece of its rows, with several
 // 16-byte loads of two ranks in flight per lane, either into registers (pull_registers:
@@ -42,9 +43,9 @@
 // bytes in flight per SM than registers can hold (pull_ring).
 //
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
-// tensors only after its own combine k saw every peer's combine signals k, i.e. after
-// every peer finished reading its own receive tensors for call k (staging happens before
-// the signal); a rank rewrites its combine region only after its dispatch k+1 completed,
+// tensors only after its own combine k saw every peer ready in combine k, i.e. after every
+// peer finished reading its own receive tensors for call k (its expert work came before
+// its combine; staging happens before the signal); a rank rewrites its combine region only after its dispatch k+1 completed,
 // i.e. after every peer finished combine k (a peer sends dispatch k+1 only after its
 // combine k). dispatch and combine must alternate.
 #include "a2a.cuh"
@@ -498,7 +499,36 @@ __device__ __forceinline__ void pull_ring(const CombineArgs& p, size_t src_off) 
   cp_async_wait<0>();
 }
 
-template <typename T>
+// Step 1 of combine with a payload to stage: copy the valid rows of every source block
+// into this rank's combine region. The copy is cut into gridDim.x units (unit u: the
+// vectors a block u of a static split would copy) that blocks claim until none is left,
+// so that whichever blocks are resident do all of it; the block completing the last unit
+// adds gridDim.x to this rank's entry at every rank.
+// `s_unit`: one shared word.
+__device__ void stage(const CombineArgs& p, uint32_t& s_unit) {
+  const A2aWorkspace& ws = p.ws;
+  const int64_t row = (int64_t)p.row_bytes;
+  const int64_t block_bytes = (int64_t)p.runtime_max * row;
+  uint8_t* region = peer_base(ws, ws.rank) + p.region_off;
+  const uint32_t units = gridDim.x;
+  for (;;) {
+    if (threadIdx.x == 0) s_unit = atomicAdd(&ws.state[kStateStageClaim], 1u);
+    __syncthreads();
+    const uint32_t u = s_unit;
+    if (u >= units) break;  // block-uniform
+    for (int s = 0; s < ws.ep_size; ++s)
+      copy_vec16(region + s * block_bytes, p.payload + s * block_bytes,
+                 (size_t)p.recv_counts[s] * row / 16, (size_t)u * blockDim.x + threadIdx.x,
+                 (size_t)units * blockDim.x);
+    __syncthreads();  // the unit's writes before the count; s_unit read by every thread
+    if (threadIdx.x == 0 && atom_add_acq_rel_gpu(&ws.state[kStateStageDone], 1u) == units - 1)
+      signal_all_from_thread(ws, kCombineCountOff, units);
+  }
+}
+
+// kRing: pull through the shared-memory ring (the moe_a2a_combine_ring_* kernels), else
+// into registers; two kernels, so that each keeps only its own path's registers.
+template <typename T, bool kRing>
 __device__ __forceinline__ void combine(const CombineArgs& p) {
   const A2aWorkspace& ws = p.ws;
   const int ep = ws.ep_size;
@@ -506,33 +536,47 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
   const int64_t row = (int64_t)p.row_bytes;
   const int64_t block_bytes = (int64_t)p.runtime_max * row;
   pdl_wait();
-  const uint32_t target = begin(ws, kStateCombineSeen) + gridDim.x;
+  const uint32_t seen = begin(ws, kStateCombineSeen);
 
-  // 1. Stage the valid rows of every block into this rank's combine region.
+  // 1-2. This rank's rows are ready (staged into the combine region first, if they must
+  //      be): tell every rank (a2a.cuh, "ready"), then wait until every rank's are.
   if (p.stage) {
-    uint8_t* region = peer_base(ws, rank) + p.region_off;
-    for (int s = 0; s < ep; ++s)
-      copy_vec16(region + s * block_bytes, p.payload + s * block_bytes,
-                 (size_t)p.recv_counts[s] * row / 16);
-  }
-
-  // 2. This rank's rows are ready: tell every rank, then wait for every rank's.
-  signal_all(ws, kCombineCountOff);
-  const bool ok = wait_all(ws, kCombineCountOff, target,
+    // the claim's shared word: the ring's first (the ring fills after the wait below); a
+    // static shared variable would halve the ring kernel's speed (measured: blocks with
+    // static and dynamic shared memory)
+    if constexpr (kRing) {
+      extern __shared__ __align__(16) Vec16 s_dynamic[];
+      stage(p, *reinterpret_cast<uint32_t*>(s_dynamic));
+    } else {
+      __shared__ uint32_t s_unit;
+      stage(p, s_unit);
+    }
+  } else
+    signal_all(ws, kCombineCountOff);
+  const bool ok = wait_all(ws, kCombineCountOff, seen + 1,
                            wait_context(ws, config::kErrA2aCombine));
   pdl_launch_dependents();
 
   // 3. Token t sums row (rank, slot) of every target r's region, r ascending, fp32 from +0.
   //    A row is cut into pieces of 32 x kUnits 16-byte columns (kPiece); the host picks
-  //    the path (CombineArgs::ring).
+  //    the kernel, hence the path.
   if (ok) {
     const size_t src_off = p.region_off + (size_t)rank * block_bytes;
-    if (p.ring)
+    if constexpr (kRing)
       pull_ring<T>(p, src_off);
     else
       pull_registers<T>(p, src_off);
   }
-  end(ws, kStateCombineSeen, target);
+  if (p.stage && blockIdx.x == 0 && threadIdx.x == 0) {
+    // every block has made its last claim (2 per unit-count: gridDim.x units, gridDim.x
+    // failed tries): zero both counts for the next call
+    uint32_t* claim = &ws.state[kStateStageClaim];
+    while (ld_acquire_gpu(claim) < 2 * gridDim.x) {
+    }
+    atomicSub(claim, 2 * gridDim.x);
+    atomicSub(&ws.state[kStateStageDone], gridDim.x);
+  }
+  end(ws, kStateCombineSeen, seen + gridDim.x);
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -692,10 +736,16 @@ extern "C" __global__ void __launch_bounds__(512) moe_a2a_dispatch_fp8(const Dis
   dispatch<true>(p);
 }
 
+// moe_a2a_combine_<dtype> pulls into registers, moe_a2a_combine_ring_<dtype> through the
+// ring (dynamic shared memory: blockDim x kDepth x kUnits x kGroup x 16 bytes).
 #define MOECOMM_A2A_COMBINE(SUFFIX, T)                                                     \
   extern "C" __global__ void __launch_bounds__(512) moe_a2a_combine_##SUFFIX(              \
       const CombineArgs p) {                                                               \
-    combine<T>(p);                                                                         \
+    combine<T, false>(p);                                                                  \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(512) moe_a2a_combine_ring_##SUFFIX(         \
+      const CombineArgs p) {                                                               \
+    combine<T, true>(p);                                                                   \
   }
 
 MOECOMM_A2A_COMBINE(bf16, __nv_bfloat16)

@@ -182,9 +182,9 @@ __device__ void pull(const PullParams& p) {
   constexpr int K = Pack16<T>::kLanes;
   const A2aWorkspace& ws = p.ws;
   pdl_wait();
-  const uint32_t target = a2a::begin(ws, a2a::kStateCombineSeen) + gridDim.x;
-  a2a::signal_all(ws, a2a::kCombineCountOff);
-  const bool ok = a2a::wait_all(ws, a2a::kCombineCountOff, target,
+  const uint32_t seen = a2a::begin(ws, a2a::kStateCombineSeen);
+  a2a::signal_all(ws, a2a::kCombineCountOff);  // ready at the start (a2a.cuh)
+  const bool ok = a2a::wait_all(ws, a2a::kCombineCountOff, seen + 1,
                                 a2a::wait_context(ws, config::kErrCompactCombine));
   pdl_launch_dependents();
   if (ok) {
@@ -261,7 +261,7 @@ __device__ void pull(const PullParams& p) {
       }
     }
   }
-  a2a::end(ws, a2a::kStateCombineSeen, target);
+  a2a::end(ws, a2a::kStateCombineSeen, seen + gridDim.x);
 }
 
 // Local combine: received row (s, i) sums its own rows (slot order) into the payload.

@@ -71,7 +71,7 @@ class DispatchArgs(ctypes.Structure):
 
 class CombineArgs(ctypes.Structure):
     _fields_ = _fields(("payload out send_slot recv_counts", _ptr),
-                       ("region_off row_bytes", _u64), ("num_tokens runtime_max stage ring", _i32),
+                       ("region_off row_bytes", _u64), ("num_tokens runtime_max stage", _i32),
                        ("ws", A2aWorkspace))
 
 

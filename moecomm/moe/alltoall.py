@@ -114,10 +114,11 @@ HEADER_BYTES = A2A_HEADER_BYTES
 FP8_GROUP_SIZE = A2A_FP8_GROUP
 _SOURCE = "moe_a2a.cu"
 _STATE_WORDS = 8  # kState* in kernels_cu/a2a.cuh
-_COMBINE_KERNELS = {np.dtype(np.float16): "moe_a2a_combine_fp16",
-                    np.dtype(np.float32): "moe_a2a_combine_fp32"}
+# The combine kernel of each payload dtype: moe_a2a_combine_<suffix> (register path) or
+# moe_a2a_combine_ring_<suffix> (the shared-memory ring).
+_COMBINE_KERNELS = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}
 if bfloat16 is not None:
-    _COMBINE_KERNELS[bfloat16] = "moe_a2a_combine_bf16"
+    _COMBINE_KERNELS[bfloat16] = "bf16"
 _COMBINE_DTYPES = tuple(_COMBINE_KERNELS)
 _PLAN_CACHE = 64  # prepared dispatch / combine launches kept per MoeAlltoAll
 
@@ -446,8 +447,9 @@ class MoeAlltoAll(Op):
                                       timeout_ns=self._timeout_ns, rank=self.ep_rank, ep_size=ep)
         self._dispatch_kernels = {False: get_kernel(_SOURCE, "moe_a2a_dispatch"),
                                   True: get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")}
-        self._combine_kernels = {dt: get_kernel(_SOURCE, name)
-                                 for dt, name in _COMBINE_KERNELS.items()}
+        path = "moe_a2a_combine_ring_" if ring else "moe_a2a_combine_"
+        self._combine_kernels = {dt: get_kernel(_SOURCE, path + suffix)
+                                 for dt, suffix in _COMBINE_KERNELS.items()}
         self._combine_ring, self._combine_threads = bool(ring), combine_threads
         self._combine_smem = combine_threads * _COMBINE_RING_BYTES_PER_THREAD if ring else 0
         for k in self._combine_kernels.values():
@@ -881,9 +883,9 @@ class MoeAlltoAll(Op):
     def combine_with(self, launcher: Launcher, grid: int, block: int, stream: int) -> None:
         """Run ``launcher`` (``combine_launcher``) as the combine of the current dispatch:
         a kernel of another layer that keeps this exchange's combine handshake
-        (``kernels_cu/a2a.cuh``) and reads what it needs itself. ``grid`` must be the
-        same on every rank, and small enough that all its blocks are resident at once
-        (every block waits for the peers)."""
+        (``kernels_cu/a2a.cuh``: every block signals as it starts and waits for the
+        peers' first signals) and reads what it needs itself. ``grid`` must be the same on
+        every rank."""
         self.usable("combine")
         self._require_dispatched("combine")
         launcher(grid, block, stream)
@@ -909,10 +911,9 @@ class MoeAlltoAll(Op):
         a.send_slot, a.recv_counts = self._send_slot.data.ptr, self._recv_counts.data.ptr
         a.region_off = plan.combine_off if source is None else source
         a.row_bytes, a.runtime_max, a.stage = row, plan.runtime_max, int(source is None)
-        a.ring = int(self._combine_ring)
         block = self._combine_threads
-        # A warp per piece of A2A_COMBINE_UNITS x 32 columns of a row at most; every block
-        # waits for the peers, so all must be resident at once.
+        # A warp per piece of A2A_COMBINE_UNITS x 32 columns of a row at most, and the
+        # blocks the budget's SMs hold at once (more would only run in turns).
         pieces = plan.runtime_max * -(-(row // 16) // (32 * A2A_COMBINE_UNITS))
         grid = max(1, min(-(-pieces // (block // 32)), self.num_sms * self._combine_blocks_per_sm))
         return _Prepared(launcher, grid, block, None, None, shared_mem=self._combine_smem)
