@@ -17,6 +17,7 @@ import moecomm
 from moecomm import reference as ref
 from moecomm.errors import PeerTimeoutError
 from moecomm.moe import MoeAlltoAll, MoeAlltoAllConfig
+from moecomm.op import device_facts
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import bits, main
 from tests.mpi import case
@@ -101,10 +102,13 @@ def workspace(ctx):
 
 # ---------------------------------------------------------------- one dispatch + combine
 def run_pair(ctx, a2a, exchange, *, sanitize=True, combine="bf16", zero_copy=False,
-             use_out=False, roundtrip=False, between=None):
-    """Dispatch the exchange's inputs, check every received row, combine, check the sum."""
+             use_out=False, roundtrip=False, between=None, before=None):
+    """Dispatch the exchange's inputs, check every received row, combine, check the sum.
+    ``before(ctx)`` runs after the workspace is poisoned, right before the dispatch."""
     r, stream = a2a.ep_rank, ctx.stream
     ctx.poison(a2a)
+    if before is not None:
+        before(ctx)
     recv_ref, counts_ref, routing = exchange.reference(sanitize)
     ids = ctx.device(exchange.ids[r])
     payloads = [ctx.device(p) for p in exchange.payloads[r]]
@@ -341,6 +345,59 @@ def combine_paths(ctx):
             run_pair(ctx, a2a, Exchange(seed + 2, n, mode="zero"), combine="fp16")
             run_pair(ctx, a2a, Exchange(seed + 3, n, mode="one_rank"), roundtrip=True)
             replay(ctx, a2a)
+
+
+# Compute on another stream that holds SMs: one block per SM with all of the SM's shared
+# memory (nothing runs beside it), spinning for `ns`; the gate, on the stream of the
+# exchange, lets later work start only once every holding block is resident.
+_HOLD_SOURCE = r'''
+extern "C" __global__ void hold_sms(unsigned int* started, unsigned long long ns) {
+  if (threadIdx.x == 0) atomicAdd(started, 1u);
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+extern "C" __global__ void gate(const volatile unsigned int* started, unsigned int n) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
+  while (*started < n && t - t0 < 5000000000ull);
+}
+'''
+
+
+@case
+def busy_sms(ctx):
+    """Compute on another stream holds every SM but two for 1.5 s, three times the
+    exchange's wait timeout: dispatch and combine, their grids sized for every SM, run on
+    the two SMs left in turns (a combine waits for each peer's first signal, not for every
+    block of it) and match the reference, staged and in place."""
+    if not ctx.exclusive:
+        pytest.skip("ranks share a GPU: one rank's held SMs would starve the other's")
+    n = ctx.group.local_size
+    facts = device_facts()
+    module = cupy.RawModule(code=_HOLD_SOURCE)
+    hold, gate = module.get_function("hold_sms"), module.get_function("gate")
+    hold.max_dynamic_shared_size_bytes = facts.max_shared_per_block
+    blocks = facts.sms - 2
+    started = cupy.zeros(1, np.uint32)
+    side = cupy.cuda.Stream(non_blocking=True)
+
+    def busy(ctx):
+        started.fill(0)
+        cupy.cuda.runtime.deviceSynchronize()
+        hold((blocks,), (32,), (started, np.uint64(1_500_000_000)), stream=side,
+             shared_mem=facts.max_shared_per_block)
+        gate((1,), (1,), (started, np.uint32(blocks)), stream=ctx.stream)
+
+    with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, workspace_size_per_rank=workspace_bytes(n),
+                     timeout_s=0.5) as a2a:
+        assert not a2a._combine_ring  # every SM: the register path, one 512-thread block per SM
+        seed = ctx.new_seed()
+        for i, kw in enumerate((dict(use_out=True), dict(roundtrip=True))):
+            run_pair(ctx, a2a, Exchange(seed + i, n, mode="full"), before=busy, **kw)
+            assert int(started.get()[0]) == blocks
+            side.synchronize()
 
 
 @case
