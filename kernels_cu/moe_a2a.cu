@@ -18,9 +18,9 @@
 // the warps, source order) and the block writes the tokens' rows of every payload, in one
 // walk, straight into each target's receive tensors (16-byte stores when rows and pointers
 // allow, else 4-byte words), sanitising the id payload per target on the way. Block 0
-// writes this rank's counts into every target's
-// header; all blocks pad the id rows past the count with the invalid id, then signal.
-// Block 0 waits (bounded) until every source's blocks have signalled and copies the counts.
+// writes this rank's counts into every target's header; all blocks pad the id rows past
+// the count with the invalid id, then signal. Block 0 waits (bounded) until every
+// source's blocks have signalled and copies the counts.
 //
 // FP8 dispatch (kernel moe_a2a_dispatch_fp8, the same steps): payload quant_payload is
 // bf16 [T, H], H % 128 == 0. The block quantizes each of its tokens once, in registers,
@@ -35,8 +35,8 @@
 // alone); any other payload is first copied (its valid rows, recv_counts[s] of block s)
 // into the combine region (units claimed by whichever blocks run). The rank then signals
 // that its rows are ready, waits until every peer's are (a2a.cuh) and pulls, for each
-// token, the row of every target rank r (ascending r) from r's region at
-// [rank, send_slot[t, r]], summing in fp32 from +0, rounding once. The pull is token-major:
+// token, the row of every target rank r (ascending r) from r's region at [rank,
+// send_slot[t, r]], summing in fp32 from +0, rounding once. The pull is token-major:
 // a warp reads a token's slots once and then streams a piece of its rows, with several
 // 16-byte loads of two ranks in flight per lane, either into registers (pull_registers:
 // the lowest latency) or, under an SM budget, into a shared-memory ring that keeps more
@@ -45,9 +45,9 @@
 // Why no barrier is needed between calls: a rank's dispatch k+1 writes a peer's receive
 // tensors only after its own combine k saw every peer ready in combine k, i.e. after every
 // peer finished reading its own receive tensors for call k (its expert work came before
-// its combine; staging happens before the signal); a rank rewrites its combine region only after its dispatch k+1 completed,
-// i.e. after every peer finished combine k (a peer sends dispatch k+1 only after its
-// combine k). dispatch and combine must alternate.
+// its combine; staging happens before the signal); a rank rewrites its combine region
+// only after its dispatch k+1 completed, i.e. after every peer finished combine k (a peer
+// sends dispatch k+1 only after its combine k). dispatch and combine must alternate.
 #include "a2a.cuh"
 #include "quant.cuh"
 
