@@ -116,18 +116,7 @@ def run_pair(ctx, a2a, exchange, *, sanitize=True, combine="bf16", zero_copy=Fal
                         invalid_token_expert_id=INVALID if sanitize else None,
                         expert_id_payload_index=ID_PAYLOAD if sanitize else None, stream=stream)
     assert len(recv) == 5
-    counts = ctx.host(a2a.recv_counts)
-    assert np.array_equal(counts, counts_ref[r]), (counts, counts_ref[r])
-    for p, (got, want) in enumerate(zip(recv, recv_ref[r])):
-        got = ctx.host(got)
-        assert got.shape == want.shape and got.dtype == want.dtype, (p, got.shape, got.dtype)
-        if sanitize and p == ID_PAYLOAD:  # padding rows included
-            assert np.array_equal(got, want), f"sanitised ids differ (T={exchange.T})"
-            continue
-        for s in range(exchange.ep):
-            c = counts_ref[r][s]
-            assert np.array_equal(got[s, :c], want[s, :c]), \
-                f"payload {p} block {s} (T={exchange.T})"
+    check_received(ctx, a2a, recv, recv_ref, counts_ref, sanitize, f"T={exchange.T}")
     if between is not None:
         between(ctx, a2a, recv, recv_ref, counts_ref)
 
@@ -160,6 +149,23 @@ def run_pair(ctx, a2a, exchange, *, sanitize=True, combine="bf16", zero_copy=Fal
         f"combine {combine} zero_copy={zero_copy} roundtrip={roundtrip} T={exchange.T}: "
         f"{np.argwhere(bits(got) != bits(want))[:5]}")
     a2a.check_error(stream, synchronize=True)
+
+
+def check_received(ctx, a2a, recv, recv_ref, counts_ref, sanitize, what):
+    """The receive counts and every received row (with sanitised ids: the padding rows
+    too) against the reference."""
+    r = a2a.ep_rank
+    counts = ctx.host(a2a.recv_counts)
+    assert np.array_equal(counts, counts_ref[r]), (what, counts, counts_ref[r])
+    for p, (got, want) in enumerate(zip(recv, recv_ref[r])):
+        got = ctx.host(got)
+        assert got.shape == want.shape and got.dtype == want.dtype, (p, got.shape, got.dtype)
+        if sanitize and p == ID_PAYLOAD:  # padding rows included
+            assert np.array_equal(got, want), f"sanitised ids differ ({what})"
+            continue
+        for s in range(len(counts)):
+            c = counts_ref[r][s]
+            assert np.array_equal(got[s, :c], want[s, :c]), f"payload {p} block {s} ({what})"
 
 
 def bad_combines(ctx, a2a, recv, recv_ref, counts_ref):
@@ -312,9 +318,8 @@ def experts_per_rank(ctx):
 
 @case
 def sm_budget(ctx):
-    """num_sms=1: one dispatch block walks all 48 tokens in 32-token steps (the running
-    slot prefix carried across steps) and one SM's combine blocks cover every row (through
-    the ring: a budget below the device's SMs picks it)."""
+    """num_sms=1: one dispatch block walks all 48 tokens and one SM's combine blocks cover
+    every row (through the ring: a budget below the device's SMs picks it)."""
     n = ctx.group.local_size
     config = MoeAlltoAllConfig(num_sms=1, dispatch_blocks_per_sm=1)
     with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, workspace_size_per_rank=workspace_bytes(n),
@@ -323,6 +328,45 @@ def sm_budget(ctx):
         seed = ctx.new_seed()
         run_pair(ctx, a2a, Exchange(seed, n, mode="full"), combine="bf16", use_out=True)
         run_pair(ctx, a2a, Exchange(seed + 1, n), combine="fp32", zero_copy=True)
+
+
+@case
+def dispatch_sub_chunks(ctx):
+    """One dispatch block of 512 and of 64 threads walks 300 tokens per rank in sub-chunks
+    (128 or 64 tokens: 32 per assigning warp), the next free slot of each target carried
+    from one to the next: a pair, a dispatch recorded into a routing handle and one
+    replayed from it, and a graph replay."""
+    n = ctx.group.local_size
+    T = 300
+    size = MoeAlltoAll.get_moe_workspace_size_per_rank(
+        n, TOP_K, T, H, extra_payload_bytes_per_token=H + 4 * SCALES + 2 * H)
+    seed = ctx.new_seed()
+    for threads in (512, 64):
+        config = MoeAlltoAllConfig(num_sms=1, dispatch_blocks_per_sm=1, dispatch_threads=threads)
+        with MoeAlltoAll(ctx.group, T, TOP_K, EPR * n, workspace_size_per_rank=size,
+                         config=config) as a2a:
+            seed += 10
+            run_pair(ctx, a2a, Exchange(seed, n, T=[T - 7 * s for s in range(n)]),
+                     combine="fp32", use_out=True)
+            exchange = Exchange(seed + 1, n, T=[T - 3 * s for s in range(n)])
+            recv_ref, counts_ref, _ = exchange.reference(True)
+            r = a2a.ep_rank
+            ids = ctx.device(exchange.ids[r])
+            payloads = [ctx.device(x) for x in exchange.payloads[r]]
+            handle = None
+            for step in ("recorded", "replayed"):
+                ctx.poison(a2a)
+                if handle is None:
+                    recv, handle = a2a.dispatch(ids, payloads, exchange.rmax, INVALID,
+                                                ID_PAYLOAD, stream=ctx.stream, return_handle=True)
+                else:
+                    recv = a2a.dispatch(ids, payloads, exchange.rmax, INVALID, ID_PAYLOAD,
+                                        stream=ctx.stream, handle=handle)
+                check_received(ctx, a2a, recv, recv_ref, counts_ref, True,
+                               f"{threads} threads, {step}")
+                a2a.combine(recv[0], exchange.rmax, stream=ctx.stream)
+            a2a.check_error(ctx.stream, synchronize=True)
+            replay(ctx, a2a, T=[T - 5 * s for s in range(n)])
 
 
 @case
@@ -406,12 +450,13 @@ def graph_replay(ctx):
     replay(ctx, workspace(ctx))
 
 
-def replay(ctx, a2a):
+def replay(ctx, a2a, T=None):
     """Capture a dispatch + round-trip combine on ``a2a``, replay it three times with new
-    routings and payloads of the same token counts, check each against the reference."""
+    routings and payloads of the same token counts (``T`` per rank, default random), check
+    each against the reference."""
     n, stream = ctx.group.local_size, ctx.stream
     r, seed = a2a.ep_rank, ctx.new_seed()
-    base = Exchange(seed, n)
+    base = Exchange(seed, n, T=T)
     ids = ctx.device(base.ids[r])
     payloads = [ctx.device(p) for p in base.payloads[r]]
     out = ctx.device(np.zeros((base.T[r], H), np.uint16))
