@@ -603,7 +603,7 @@ class EPAllToAll(Op):
 
     def _pull_grid(self, rmax: int) -> int:
         """The pull's grid: a warp per piece of _PULL_PIECE columns of up to rmax tokens'
-        rows (the same on every rank), all blocks resident."""
+        rows (the same on every rank), at most the blocks the SMs hold at once."""
         pieces = rmax * -(-(self.hidden * self.combine_dtype.itemsize // 16) // _PULL_PIECE)
         return max(1, min(self._pull_blocks, -(-pieces // (_COMBINE_THREADS // 32))))
 
