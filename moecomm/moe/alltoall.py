@@ -157,8 +157,8 @@ class MoeAlltoAllConfig:
         True: through a shared-memory ring per warp (cp.async), which keeps more bytes in
         flight per SM than registers can hold; None: the ring under an SM budget
         (``num_sms`` below the device's SMs), registers otherwise. Measured on 2 x H200 at
-        4096 tokens: at 16 SMs the pair takes 378 us with the ring, 461 without; with
-        every SM the same, and 0.4-1 us more at 1-1024 tokens.
+        4096 tokens (bench/results/moe-*T061922): at 16 SMs the pair took 378 us with the
+        ring, 461 without; with every SM the same, and 0.4-1 us more at 1-1024 tokens.
     pdl: launch with programmatic dependent launch.
     """
 

@@ -366,7 +366,7 @@ class EPAllToAll(Op):
             else:
                 kernel = get_kernel(_SOURCE, f"moe_compact_pull_{suffix}")
                 self._pull = self._a2a.combine_launcher(kernel, CompactPullArgs)
-                # Every block of the pull waits for the peers: at most what is resident.
+                # At most the blocks the SMs hold at once (more would only run in turns).
                 self._pull_blocks = sms * device_facts().blocks_per_sm(kernel, _COMBINE_THREADS)
                 q = self._pull.args
                 q.peers[:ep] = self._sym.ptrs
