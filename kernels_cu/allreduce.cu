@@ -9,6 +9,7 @@ using namespace moecomm::allreduce;
 namespace {
 
 constexpr int kUnroll = 4;  // 16-byte vectors a thread has in flight in the copy loops
+constexpr int kReduceUnroll = 4;  // vectors a split one-shot reducer takes at once
 
 // One-shot: every thread pushes its vectors into slot `rank` of every peer's Lamport
 // buffer, clears its share of the previous buffer, then polls its vectors' peer slots and
@@ -36,6 +37,71 @@ __device__ __forceinline__ void oneshot(const AllReduceArgs& a) {
     const Vec16 own = Lamport<T>::canonical(v == tid ? first : load_input(in, v, a.n));
     if (!reduce_lamport<T>(ws, buf, v * 16, own, acc, w)) break;
     store_output(out, v, a.n, round_pack<T>(acc));
+  }
+  end_call(ws, call, (uint32_t)(nvec * 16));
+}
+
+// One-shot for large messages, the roles split by SM: blocks [0, push_blocks) push every
+// vector (kUnroll loads in flight per thread); the others clear the previous buffer, then
+// poll and reduce. The host gives each block an SM of its own (its shared memory request
+// admits one per SM), so the reducers' local loads and stores never queue behind the
+// remote stores in an SM's memory pipeline, and the reduction keeps pace with the
+// arrivals instead of starting after the pushes drained. The pushers have the lower block
+// indices, hence are made resident first.
+template <typename T>
+__device__ __forceinline__ void oneshot_split(const AllReduceArgs& a) {
+  constexpr int K = Pack16<T>::kLanes;
+  const ArWorkspace& ws = a.ws;
+  const T* in = static_cast<const T*>(a.in);
+  T* out = static_cast<T*>(a.out);
+  const size_t nvec = (a.n + K - 1) / K;
+  const uint32_t pushers = a.push_blocks;
+  pdl_wait();
+  const Call call = begin_call(ws);
+  const int buf = call.index % 3;
+  if (blockIdx.x < pushers) {
+    constexpr int PU = kUnroll;
+    const size_t stride = (size_t)pushers * blockDim.x;
+    for (size_t v0 = blockIdx.x * blockDim.x + threadIdx.x; v0 < nvec; v0 += PU * stride) {
+      Vec16 x[PU];
+#pragma unroll
+      for (int u = 0; u < PU; ++u)
+        if (v0 + u * stride < nvec) x[u] = load_input(in, v0 + u * stride, a.n);
+#pragma unroll
+      for (int u = 0; u < PU; ++u)
+        if (v0 + u * stride < nvec)
+          push_lamport(ws, buf, (v0 + u * stride) * 16, Lamport<T>::canonical(x[u]));
+    }
+    pdl_launch_dependents();
+  } else {
+    const uint32_t tid = (blockIdx.x - pushers) * blockDim.x + threadIdx.x;
+    const uint32_t stride = (gridDim.x - pushers) * blockDim.x;
+    pdl_launch_dependents();
+    clear_previous<T>(ws, call, tid, stride);
+    const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
+    constexpr int RU = kReduceUnroll;
+    const uint8_t* slot0 = lamport(ws, ws.rank, buf, 0);
+    bool ok = true;
+    for (size_t v0 = tid; ok && v0 < nvec; v0 += RU * (size_t)stride) {
+      Vec16 own[RU];
+#pragma unroll
+      for (int u = 0; u < RU; ++u) {
+        const size_t v = v0 + u * (size_t)stride;
+        if (v >= nvec) break;
+        own[u] = Lamport<T>::canonical(load_input(in, v, a.n));
+        if (u > 0)
+          for (int s = 0; s < ws.world; ++s)
+            if (s != ws.rank) prefetch_l2(slot0 + s * ws.lamport_slot + v * 16);
+      }
+#pragma unroll
+      for (int u = 0; u < RU; ++u) {
+        const size_t v = v0 + u * (size_t)stride;
+        if (v >= nvec) break;
+        float acc[K];
+        if (!(ok = reduce_lamport<T>(ws, buf, v * 16, own[u], acc, w))) break;
+        store_output(out, v, a.n, round_pack<T>(acc));
+      }
+    }
   }
   end_call(ws, call, (uint32_t)(nvec * 16));
 }
@@ -141,6 +207,10 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   extern "C" __global__ void __launch_bounds__(1024)                                     \
       allreduce_oneshot_##SUFFIX(const AllReduceArgs a) {                                \
     oneshot<T>(a);                                                                       \
+  }                                                                                      \
+  extern "C" __global__ void __launch_bounds__(1024)                                     \
+      allreduce_oneshot_split_##SUFFIX(const AllReduceArgs a) {                          \
+    oneshot_split<T>(a);                                                                 \
   }                                                                                      \
   extern "C" __global__ void __launch_bounds__(512)                                      \
       allreduce_twoshot_##SUFFIX(const AllReduceArgs a) {                                \

@@ -78,19 +78,25 @@ __device__ __forceinline__ void end_call(const ArWorkspace& ws, const Call& call
 }
 
 // Refill the slots of Lamport buffer (k + 2) % 3 that call k - 1's peers wrote with the
-// sentinel of T (a rank never writes its own slot); the grid shares the work.
+// sentinel of T (a rank never writes its own slot); threads tid, tid + stride, ... share
+// the work (by default the grid's).
 template <typename T>
-__device__ __forceinline__ void clear_previous(const ArWorkspace& ws, const Call& call) {
+__device__ __forceinline__ void clear_previous(const ArWorkspace& ws, const Call& call,
+                                               uint32_t tid, uint32_t stride) {
   const uint32_t nvec = call.clear_bytes / 16;
   if (nvec == 0) return;
   const Vec16 s = Lamport<T>::sentinel();
   const int prev = (call.index + 2) % 3;
-  const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
   for (int slot = 0; slot < ws.world; ++slot) {
     if (slot == ws.rank) continue;
     uint8_t* p = lamport(ws, ws.rank, prev, slot);
     for (uint32_t i = tid; i < nvec; i += stride) st_vec16(p + (size_t)i * 16, s);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void clear_previous(const ArWorkspace& ws, const Call& call) {
+  clear_previous<T>(ws, call, (uint32_t)global_thread_id(), (uint32_t)global_thread_count());
 }
 
 // Input vector v of n elements; lanes past the end read as +0.

@@ -34,6 +34,7 @@ struct AllReduceArgs {
   void* out;            // [n] of T, may be `in`
   uint64_t n;           // elements
   uint32_t chunk_vecs;  // two-shot: 16-byte vectors a block moves per pipelined chunk
+  uint32_t push_blocks;  // one-shot: 0, or the blocks that only push (the rest reduce)
   ArWorkspace ws;
 };
 

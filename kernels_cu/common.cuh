@@ -42,6 +42,11 @@ __device__ __forceinline__ void st_vec16(void* p, const Vec16& v) {
   *reinterpret_cast<Vec16*>(p) = v;
 }
 
+// Brings the line of p into L2 (a hint: no value is returned, nothing is ordered).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // Loads memory that a peer writes while we poll it: bypasses L1, sees the latest value.
 __device__ __forceinline__ Vec16 ld_vec16_volatile(const void* p) {
   Vec16 v;

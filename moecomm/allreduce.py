@@ -8,7 +8,10 @@ as +0.0, the Lamport sentinel).
 - one-shot: each rank writes its whole input into its slot of every rank's Lamport
   buffer; readers spin until no -0.0 sentinel is left and sum. One kernel, no barrier;
   three rotating buffers and a device-side call counter keep it graph-capturable.
-  Moves ``(world-1) * bytes`` per rank over NVLink: best for small messages.
+  Moves ``(world-1) * bytes`` per rank over NVLink. Large messages split the SMs by role
+  (``AllReduceConfig.split_min_bytes``): a few SMs push, the others clear, poll and
+  reduce as the data arrives; at 2 ranks, where both algorithms move the same bytes over
+  the link, that beats two-shot at every size measured (up to 64 MiB).
 - two-shot: reduce-scatter then all-gather through the workspace, pipelined in chunks
   with per-block flags; ``2 * (world-1)/world * bytes`` per rank: best for large messages.
 - nccl: ``NcclCommunicator.all_reduce``; the only path when the group spans nodes.
@@ -35,7 +38,8 @@ from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
 from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
 from .launch import Launcher
-from .op import Op, empty, group_sms, int_at_least, options, round_up, supported_dtype
+from .op import (Op, device_facts, empty, group_sms, int_at_least, options, round_up,
+                 supported_dtype)
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
@@ -69,6 +73,13 @@ class AllReduceConfig:
         chunks are used when that leaves blocks idle).
     oneshot_max_bytes: the ``auto`` crossover; None: ``tuning.ALLREDUCE_ONESHOT_MAX_BYTES``
         for the group's size.
+    split_min_bytes: one-shot messages of at least this many bytes split the SMs by role:
+        ``split_push_sms`` SMs push the message to the peers, the others clear and reduce,
+        one block of ``split_threads`` per SM (the reducers then keep pace with the
+        arrivals instead of queueing behind the remote stores). None: the measured
+        ``tuning.ALLREDUCE_SPLIT_MIN_BYTES`` for the group's size (no split where none is
+        measured); a value above ``max_bytes`` turns it off. The split needs more than
+        ``2 * split_push_sms`` SMs in the budget.
     pdl: launch with programmatic dependent launch.
     num_sms: SMs the kernels (and ``allreduce_fusion``'s) may occupy (None: every SM):
         grids hold at most ``num_sms`` SMs' worth of resident blocks, the rest of the GPU
@@ -82,15 +93,22 @@ class AllReduceConfig:
     twoshot_blocks_per_sm: int = 1
     twoshot_chunk_bytes: int = 64 << 10
     oneshot_max_bytes: int | None = None
+    split_min_bytes: int | None = None
+    split_push_sms: int = 12
+    split_threads: int = 512
     pdl: bool = True
     num_sms: int | None = None
 
     def __post_init__(self):
-        for name in ("oneshot_threads", "twoshot_threads"):
+        for name, most in (("oneshot_threads", 1024), ("twoshot_threads", 512),
+                           ("split_threads", 1024)):
             threads = int_at_least(f"AllReduceConfig.{name}", getattr(self, name), 32)
-            if threads % 32 or threads > (1024 if name == "oneshot_threads" else 512):
+            if threads % 32 or threads > most:
                 raise ValueError(f"AllReduceConfig.{name}={threads}: a multiple of 32, at most "
-                                 f"{1024 if name == 'oneshot_threads' else 512}")
+                                 f"{most}")
+        int_at_least("AllReduceConfig.split_push_sms", self.split_push_sms)
+        if self.split_min_bytes is not None:
+            int_at_least("AllReduceConfig.split_min_bytes", self.split_min_bytes, 0)
         int_at_least("AllReduceConfig.oneshot_blocks_per_sm", self.oneshot_blocks_per_sm)
         int_at_least("AllReduceConfig.twoshot_blocks_per_sm", self.twoshot_blocks_per_sm)
         chunk = int_at_least("AllReduceConfig.twoshot_chunk_bytes", self.twoshot_chunk_bytes)
@@ -106,6 +124,14 @@ class AllReduceConfig:
         if self.oneshot_max_bytes is not None:
             return self.oneshot_max_bytes
         return tuning.lookup(tuning.ALLREDUCE_ONESHOT_MAX_BYTES, world)
+
+    def split_from(self, world: int, sms: int) -> float:
+        """Bytes from which a one-shot call splits the SMs by role (inf: never)."""
+        if sms <= 2 * self.split_push_sms:
+            return float("inf")
+        if self.split_min_bytes is not None:
+            return self.split_min_bytes
+        return tuning.ALLREDUCE_SPLIT_MIN_BYTES.get(world, float("inf"))
 
     def oneshot_grid(self, nvec: int, sms: int) -> tuple[int, int]:
         """(blocks, threads) of a one-shot call over ``nvec`` 16-byte vectors."""
@@ -203,6 +229,16 @@ class AllReduceWorkspace(Op):
                                 AllReduceArgs, pdl=self.config.pdl)
             launcher.args.ws = self.kernel_workspace
             self._launchers[algo] = launcher
+        # The one-shot split by SM role: from split_from bytes, one block per SM, which
+        # split_shared_mem bytes of (unused) shared memory ensure.
+        self.split_from = self.config.split_from(self.world, self.sms)
+        self.split_shared_mem = device_facts().max_shared_per_block // 2 + 1024
+        split = kernels.get_kernel("allreduce.cu", f"allreduce_oneshot_split_{suffix}")
+        if split.max_dynamic_shared_size_bytes < self.split_shared_mem:
+            split.max_dynamic_shared_size_bytes = self.split_shared_mem
+        self._split = Launcher(split, AllReduceArgs, pdl=self.config.pdl)
+        self._split.args.ws = self.kernel_workspace
+        self._split.args.push_blocks = self.config.split_push_sms
         lamport_bytes = AR_LAMPORT_BUFFERS * self.world * slot
         if lamport_bytes:
             fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
@@ -252,6 +288,11 @@ class AllReduceWorkspace(Op):
         """Launch the ``algorithm`` kernel over ``n`` elements at validated addresses
         (``all_reduce`` checks)."""
         nbytes = n * self.dtype.itemsize
+        if algorithm == Algorithm.ONESHOT and nbytes >= self.split_from:
+            args = self._split.args
+            args.in_, args.out, args.n = x_ptr, out_ptr, n
+            self._split(self.sms, self.config.split_threads, stream_ptr, self.split_shared_mem)
+            return
         geometry = self._geometry.get((nbytes, algorithm))
         if geometry is None:
             nvec = -(-nbytes // 16)

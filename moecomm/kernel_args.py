@@ -30,7 +30,7 @@ class ArWorkspace(ctypes.Structure):
 
 
 class AllReduceArgs(ctypes.Structure):
-    _fields_ = _fields(("in_ out", _ptr), ("n", _u64), ("chunk_vecs", _u32),
+    _fields_ = _fields(("in_ out", _ptr), ("n", _u64), ("chunk_vecs push_blocks", _u32),
                        ("ws", ArWorkspace))
 
 

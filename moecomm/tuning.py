@@ -10,10 +10,22 @@ the entry of the next larger measured world size.
 from __future__ import annotations
 
 # Largest message (bytes) that all_reduce "auto" sends one-shot.
-# 2 ranks: bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261129T211508.json (and the
-# four runs after it): one-shot faster up to 4 MiB (19.6 vs 20.1 us), two-shot from 8 MiB
-# (32.9 vs 37.8 us). 4 and 8 ranks: byte model, to be measured.
-ALLREDUCE_ONESHOT_MAX_BYTES = {2: 4 << 20, 4: 512 << 10, 8: 256 << 10, 16: 128 << 10}
+# 2 ranks: bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261130T081351.json: with the
+# one-shot split by SM role from 2 MiB (below), one-shot is faster at every size up to
+# 64 MiB (16 MiB 54.1 vs 58.4 us, 64 MiB 206 vs 210); the Lamport buffers cost
+# 3 x world x this per rank, so one-shot stops at 16 MiB. 4 and 8 ranks: byte model, to
+# be measured.
+ALLREDUCE_ONESHOT_MAX_BYTES = {2: 16 << 20, 4: 512 << 10, 8: 256 << 10, 16: 128 << 10}
+
+# Smallest one-shot all_reduce message (bytes) that splits the SMs by role (pushers and
+# reducers, AllReduceConfig.split_min_bytes). 2 ranks, 2 x H200, graph replay, the split
+# (12 pushing SMs of 512 threads) in bench/results/allreduce-bf16-r2-2xNVIDIA_H200-
+# 20261130T082431.json against the one-shot without it (split_min_bytes above every size)
+# in ...T082438.json: 2 MiB 9.6 vs 10.5 us, 4 MiB 15.9 vs 19.1, 8 MiB 29.3 vs 37.4,
+# 16 MiB 52.9 vs 78.8. At 256 KiB and 1 MiB a probe of the split was slower (4.2 vs 3.4
+# and 6.4 vs 6.1 us): one block per SM hides less latency than four. Other world sizes:
+# not measured, no split.
+ALLREDUCE_SPLIT_MIN_BYTES = {2: 2 << 20}
 
 # Largest message (bytes, tokens x hidden x itemsize) that allreduce_fusion "auto" runs
 # one-shot. 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261129T212806.json: one-shot

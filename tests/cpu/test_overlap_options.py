@@ -140,6 +140,20 @@ def test_allreduce_grids_stay_within_the_budget():
         assert blocks * chunk * 4095 >= -(-nvec // 2)  # every vector in some chunk
 
 
+def test_allreduce_split_rule():
+    """The one-shot's SM split: the measured table by world size, an explicit threshold,
+    and never when the budget leaves no more reducing than pushing SMs."""
+    assert AllReduceConfig().split_from(2, 132) == 2 << 20
+    assert AllReduceConfig().split_from(4, 132) == float("inf")  # not measured
+    assert AllReduceConfig(split_min_bytes=0).split_from(4, 132) == 0
+    assert AllReduceConfig(split_min_bytes=0).split_from(2, 24) == float("inf")
+    assert AllReduceConfig(split_min_bytes=0, split_push_sms=3).split_from(2, 8) == 0
+    for bad in (dict(split_push_sms=0), dict(split_threads=48), dict(split_threads=2048),
+                dict(split_min_bytes=-1)):
+        with pytest.raises(ValueError):
+            AllReduceConfig(**bad)
+
+
 def test_barrier_error_code_reaches_the_kernels():
     assert ErrorCode.BARRIER.op == "barrier"
     defines = kernel_defines()

@@ -1,7 +1,8 @@
 """all_reduce on every rank against the NumPy reference, bit for bit.
 
 Per dtype, in sequence on one workspace: sizes x algorithms (poisoned outputs, in place),
-rotation over many calls, graph replay, bad input, the NCCL algorithm (one rank per GPU
+the one-shot split into pushing and reducing SMs (workspaces of its own), rotation over
+many calls, graph replay, bad input, the NCCL algorithm (one rank per GPU
 only), closing. Then a group spanning declared nodes (NCCL, one-shot refused). In jobs of
 their own: a rank that skips a call (the others time out naming it), and MOECOMM_DEBUG=1
 catching arguments that differ across ranks.
@@ -88,6 +89,47 @@ def oneshot_more_vectors_than_threads(ctx, dtype):
                                algorithm=Algorithm.ONESHOT)
                     check_exact(ctx, out, xs, f"{config} n={n} call {call}")
             ws.check()
+
+
+@case(dtypes=DTYPES)
+def oneshot_split(ctx, dtype):
+    """The one-shot with its SMs split into pushers and reducers (forced from 0 bytes): the
+    default split, and 3 pushers of 64 threads (many vectors per thread, every unrolled
+    tail); ragged sizes, three calls each, then a graph of four calls replayed on new
+    inputs."""
+    item = dtype.itemsize
+    configs = (AllReduceConfig(split_min_bytes=0),
+               AllReduceConfig(split_min_bytes=0, split_push_sms=3, split_threads=64))
+    sizes = ((4 << 20) // item, 300_001, (1 << 18) + 3, 3 * 1001, 127, 1)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for config in configs:
+        with create_allreduce_workspace(ctx.group, max_bytes=4 << 20, dtype=dtype,
+                                        max_oneshot_bytes=4 << 20, config=config) as ws:
+            for n in sizes:
+                for call in range(3):
+                    xs = reduce_inputs(ctx, (n,), dtype)
+                    out = poisoned((n,), dtype)
+                    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out,
+                               algorithm=Algorithm.ONESHOT)
+                    check_exact(ctx, out, xs, f"split {config} n={n} call {call}")
+            ins = [cupy.empty((n,), dtype) for n in sizes[:4]]
+            outs = [cupy.empty((n,), dtype) for n in sizes[:4]]
+            with stream:
+                stream.begin_capture()
+                for x, out in zip(ins, outs):
+                    all_reduce(x, ws, out=out, algorithm=Algorithm.ONESHOT, stream=stream)
+                graph = stream.end_capture()
+            for replay in range(2):
+                data = [reduce_inputs(ctx, (n,), dtype) for n in sizes[:4]]
+                for x, out, d in zip(ins, outs, data):
+                    x.set(d[ctx.rank])
+                    out.fill(np.nan)
+                cupy.cuda.runtime.deviceSynchronize()
+                graph.launch(stream)
+                stream.synchronize()
+                for out, d, n in zip(outs, data, sizes):
+                    check_exact(ctx, out, d, f"split graph replay {replay} n={n}")
+            ws.check(stream)
 
 
 @case(dtypes=DTYPES)
@@ -195,10 +237,12 @@ def spanning_group_uses_nccl(ctx):
 
 @case(own_job=True, ranks=(2, 3))
 def missing_peer_times_out(ctx):
-    """Rank 1 skips one call: the other ranks' kernels give up and name rank 1."""
-    for algo in ("oneshot", "twoshot"):
+    """Rank 1 skips one call: the other ranks' kernels give up and name rank 1 (the
+    one-shot also with its SMs split by role)."""
+    for algo, config in (("oneshot", None), ("twoshot", None),
+                         ("oneshot", AllReduceConfig(split_min_bytes=0))):
         ws = create_allreduce_workspace(ctx.group, max_bytes=1 << 16, dtype=np.float32,
-                                        timeout_s=0.5)
+                                        timeout_s=0.5, config=config)
         x = cupy.ones(1000, np.float32)
         all_reduce(x, ws, algorithm=algo)
         ws.check()
