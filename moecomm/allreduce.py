@@ -71,8 +71,9 @@ class AllReduceConfig:
     twoshot_threads / twoshot_blocks_per_sm: the same for two-shot.
     twoshot_chunk_bytes: most bytes a two-shot block moves per pipelined chunk (smaller
         chunks are used when that leaves blocks idle).
-    oneshot_max_bytes: the ``auto`` crossover; None: ``tuning.ALLREDUCE_ONESHOT_MAX_BYTES``
-        for the group's size.
+    oneshot_max_bytes: the ``auto`` crossover; None: the measured tables of
+        ``moecomm.tuning`` for the group's size (``ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES``
+        where the split below applies, else ``ALLREDUCE_ONESHOT_MAX_BYTES``).
     split_min_bytes: one-shot messages of at least this many bytes split the SMs by role:
         ``split_push_sms`` SMs push the message to the peers, the others clear and reduce,
         one block of ``split_threads`` per SM (the reducers then keep pace with the
@@ -120,9 +121,15 @@ class AllReduceConfig:
         if self.num_sms is not None:
             int_at_least("AllReduceConfig.num_sms", self.num_sms)
 
-    def crossover(self, world: int) -> int:
+    def crossover(self, world: int, sms: int) -> int:
+        """The ``auto`` crossover in bytes for ``world`` ranks and an SM budget of ``sms``:
+        the split one-shot's where it applies, else the plain one-shot's."""
         if self.oneshot_max_bytes is not None:
             return self.oneshot_max_bytes
+        if self.split_from(world, sms) != float("inf"):
+            split = tuning.ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES.get(world)
+            if split is not None:
+                return split
         return tuning.lookup(tuning.ALLREDUCE_ONESHOT_MAX_BYTES, world)
 
     def split_from(self, world: int, sms: int) -> float:
@@ -193,7 +200,10 @@ class AllReduceWorkspace(Op):
 
     def _make(self, max_oneshot_bytes, segment_bytes) -> None:
         self.group.check_uniform("AllReduceConfig.num_sms", self.config.num_sms)
-        crossover = self.config.crossover(self.world)
+        sms = group_sms(self.group)
+        self.device_sms = sms  # the node's SMs per GPU, whatever the budget
+        self.sms = min(sms, self.config.num_sms or sms)  # the SM budget of every grid
+        crossover = self.config.crossover(self.world, self.sms)
         slot = round_up(min(self.max_bytes, crossover) if max_oneshot_bytes is None
                         else int_at_least("max_oneshot_bytes", max_oneshot_bytes, 0), 16)
         rs_slot = round_up(segment_bytes if segment_bytes is not None
@@ -210,9 +220,6 @@ class AllReduceWorkspace(Op):
             self.ipc = False
             return
         self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
-        sms = group_sms(self.group)
-        self.device_sms = sms  # the node's SMs per GPU, whatever the budget
-        self.sms = min(sms, self.config.num_sms or sms)  # the SM budget of every grid
         self.state = cupy.zeros(_STATE_WORDS, np.uint32)
         self.error = ErrorWord(self.group.local_comm.allgather(self.rank))
         # The workspace as kernels see it; copied into every launcher's argument struct.

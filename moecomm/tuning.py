@@ -9,13 +9,18 @@ the entry of the next larger measured world size.
 
 from __future__ import annotations
 
-# Largest message (bytes) that all_reduce "auto" sends one-shot.
-# 2 ranks: bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261130T081351.json: with the
-# one-shot split by SM role from 2 MiB (below), one-shot is faster at every size up to
-# 64 MiB (16 MiB 54.1 vs 58.4 us, 64 MiB 206 vs 210); the Lamport buffers cost
-# 3 x world x this per rank, so one-shot stops at 16 MiB. 4 and 8 ranks: byte model, to
-# be measured.
-ALLREDUCE_ONESHOT_MAX_BYTES = {2: 16 << 20, 4: 512 << 10, 8: 256 << 10, 16: 128 << 10}
+# Largest message (bytes) that all_reduce "auto" sends one-shot where the split below
+# does not apply (other world sizes, SM budgets of 2 x split_push_sms or fewer).
+# 2 ranks: bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261129T211508.json (and the
+# four runs after it): one-shot faster up to 4 MiB (19.6 vs 20.1 us), two-shot from 8 MiB
+# (32.9 vs 37.8 us). 4 and 8 ranks: byte model, to be measured.
+ALLREDUCE_ONESHOT_MAX_BYTES = {2: 4 << 20, 4: 512 << 10, 8: 256 << 10, 16: 128 << 10}
+
+# The same where the one-shot splits the SMs by role. 2 ranks:
+# bench/results/allreduce-bf16-r2-2xNVIDIA_H200-20261130T081351.json: the split one-shot
+# is faster at every size up to 64 MiB (16 MiB 54.1 vs 58.4 us, 64 MiB 206 vs 210); the
+# Lamport buffers cost 3 x world x this per rank, so one-shot stops at 16 MiB.
+ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES = {2: 16 << 20}
 
 # Smallest one-shot all_reduce message (bytes) that splits the SMs by role (pushers and
 # reducers, AllReduceConfig.split_min_bytes). 2 ranks, 2 x H200, graph replay, the split

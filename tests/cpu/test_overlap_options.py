@@ -148,6 +148,12 @@ def test_allreduce_split_rule():
     assert AllReduceConfig(split_min_bytes=0).split_from(4, 132) == 0
     assert AllReduceConfig(split_min_bytes=0).split_from(2, 24) == float("inf")
     assert AllReduceConfig(split_min_bytes=0, split_push_sms=3).split_from(2, 8) == 0
+    # auto's crossover follows the split: 16 MiB with it, the plain one-shot's 4 MiB under
+    # a budget that rules it out
+    assert AllReduceConfig().crossover(2, 132) == 16 << 20
+    assert AllReduceConfig(num_sms=16).crossover(2, 16) == 4 << 20
+    assert AllReduceConfig().crossover(4, 132) == 512 << 10
+    assert AllReduceConfig(oneshot_max_bytes=1000).crossover(2, 132) == 1000
     for bad in (dict(split_push_sms=0), dict(split_threads=48), dict(split_threads=2048),
                 dict(split_min_bytes=-1)):
         with pytest.raises(ValueError):
