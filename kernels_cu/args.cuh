@@ -92,6 +92,7 @@ struct FusionArgs {
   uint32_t moe_count;        // experts E (reduction) or top_k (finalize)
   uint32_t moe_scale_fp32;   // finalize: moe_scale is fp32 (1) or the I/O dtype (0)
   float routed_scaling;      // finalize: multiplies the routed sum
+  uint32_t push_blocks;      // one-shot: 0, or the blocks that only push (the rest reduce)
   ArWorkspace ws;            // unused by rmsnorm_fusion
 };
 

@@ -281,11 +281,12 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
 // each): one 16-byte store of zeros when all four rows are padding (and the array is
 // 16-byte aligned), else a word per padding row. The bytes past the last column of real
 // rows (hidden % 64 != 0) follow one by one.
-__device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
+// Threads tid, tid + stride, ... share the work.
+__device__ __forceinline__ void zero_sf_padding(const FusionArgs& a, uint32_t tid,
+                                                uint32_t stride) {
   const uint32_t cols = a.hidden / 16, tiles = (cols + 3) / 4;
   const uint32_t rows = (uint32_t)a.tokens, band = rows / 128;
   uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
-  const uint32_t tid = (uint32_t)global_thread_id(), stride = (uint32_t)global_thread_count();
   if (rows % 128) {
     const bool wide = (reinterpret_cast<uintptr_t>(sf) & 15) == 0;  // else 4-byte aligned
     uint8_t* tile0 = sf + (size_t)band * tiles * 512;
@@ -306,28 +307,79 @@ __device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
     sf[nvfp4_swizzled_offset(i / tail, cols + i % tail, a.hidden)] = 0;
 }
 
+__device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
+  zero_sf_padding(a, (uint32_t)global_thread_id(), (uint32_t)global_thread_count());
+}
+
+// The split one-shot's pushers (push_blocks > 0): every row's contributions, walked flat
+// (vector i of the walk is vector i % hvec of row i / hvec, advanced without a division),
+// kPushUnroll vectors in flight per thread.
+template <typename T>
+__device__ __forceinline__ void push_rows_flat(const FusionArgs& a, int buf) {
+  constexpr int kPushUnroll = 4;
+  const int hvec = a.hidden / 8;
+  const size_t total = a.tokens * hvec, stride = (size_t)a.push_blocks * blockDim.x;
+  const size_t drow = stride / hvec;
+  const int dv = (int)(stride - drow * hvec);
+  size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t row = i0 / hvec;
+  int v = (int)(i0 - row * hvec);
+  for (; i0 < total; i0 += kPushUnroll * stride) {
+    Vec16 x[kPushUnroll];
+#pragma unroll
+    for (int u = 0; u < kPushUnroll; ++u) {
+      if (i0 + u * stride < total) x[u] = contribution<T>(a, row, v);
+      row += drow;
+      v += dv;
+      if (v >= hvec) {
+        v -= hvec;
+        ++row;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPushUnroll; ++u)
+      if (i0 + u * stride < total)
+        push_lamport(a.ws, buf, (i0 + u * stride) * 16, Lamport<T>::canonical(x[u]));
+  }
+}
+
+// One-shot. With push_blocks = 0, every block (cluster) pushes its rows' contributions,
+// then polls, reduces and runs the epilogue on them. With push_blocks = P (the split, as
+// allreduce.cu's oneshot_split: one block per SM, no clusters), blocks [0, P) push every
+// row and only arrive; blocks P.. clear, poll, reduce and run the epilogue on rows
+// blockIdx.x - P, stepping by gridDim.x - P.
 template <typename T, int Q, int V>
 __device__ __forceinline__ void oneshot(const FusionArgs& a) {
   const ArWorkspace& ws = a.ws;
   const int hvec = a.hidden / 8;
   const RowSlice sl(hvec);
+  const uint32_t pushers = a.push_blocks;
   pdl_wait();
   const Call call = begin_call(ws);
   const int buf = call.index % 3;
-  for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
+  if (pushers == 0) {
+    for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
 #pragma unroll
-    for (int k = 0; k < V; ++k)
-      if (sl.has(k))
-        push_lamport(ws, buf, (row * hvec + sl.vec(k)) * 16,
-                     Lamport<T>::canonical(contribution<T>(a, row, sl.vec(k))));
+      for (int k = 0; k < V; ++k)
+        if (sl.has(k))
+          push_lamport(ws, buf, (row * hvec + sl.vec(k)) * 16,
+                       Lamport<T>::canonical(contribution<T>(a, row, sl.vec(k))));
+    }
+  } else if (blockIdx.x < pushers) {
+    push_rows_flat<T>(a, buf);
+    pdl_launch_dependents();
+    end_call(ws, call, (uint32_t)(a.tokens * a.hidden * sizeof(T)));
+    return;
   }
   pdl_launch_dependents();
   const Prefetch<V> f = prefetch<T, Q, V>(a, sl);
-  clear_previous<T>(ws, call);
-  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
+  const uint32_t tid = (blockIdx.x - pushers) * blockDim.x + threadIdx.x;
+  const uint32_t nthreads = (gridDim.x - pushers) * blockDim.x;
+  clear_previous<T>(ws, call, tid, nthreads);
+  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a, tid, nthreads);
 
   const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
-  for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
+  for (size_t row = sl.first_row() - pushers; row < a.tokens; row += sl.row_step() - pushers) {
     RowVecs<V> res, ar;
     if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);
 #pragma unroll

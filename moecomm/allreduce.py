@@ -240,10 +240,9 @@ class AllReduceWorkspace(Op):
         # split_shared_mem bytes of (unused) shared memory ensure.
         self.split_from = self.config.split_from(self.world, self.sms)
         self.split_shared_mem = device_facts().max_shared_per_block // 2 + 1024
-        split = kernels.get_kernel("allreduce.cu", f"allreduce_oneshot_split_{suffix}")
-        if split.max_dynamic_shared_size_bytes < self.split_shared_mem:
-            split.max_dynamic_shared_size_bytes = self.split_shared_mem
-        self._split = Launcher(split, AllReduceArgs, pdl=self.config.pdl)
+        self._split = Launcher(self.split_kernel(
+            kernels.get_kernel("allreduce.cu", f"allreduce_oneshot_split_{suffix}")),
+            AllReduceArgs, pdl=self.config.pdl)
         self._split.args.ws = self.kernel_workspace
         self._split.args.push_blocks = self.config.split_push_sms
         lamport_bytes = AR_LAMPORT_BUFFERS * self.world * slot
@@ -254,6 +253,12 @@ class AllReduceWorkspace(Op):
             fill(min(self.sms * 4, -(-lamport_bytes // (16 * 256))), 256, 0)
         cupy.cuda.runtime.deviceSynchronize()
         self.group.barrier()  # every sentinel is in place before any peer writes
+
+    def split_kernel(self, kernel):
+        """``kernel`` (a cupy.RawKernel) allowed ``split_shared_mem`` bytes of shared memory."""
+        if kernel.max_dynamic_shared_size_bytes < self.split_shared_mem:
+            kernel.max_dynamic_shared_size_bytes = self.split_shared_mem
+        return kernel
 
     # ------------------------------------------------------------------------------------
     def choose(self, nbytes: int, algorithm: Algorithm | str = Algorithm.AUTO) -> Algorithm:

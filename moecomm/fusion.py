@@ -47,7 +47,8 @@ from .group import ProcessGroup, default_group
 from .kernel_args import FusionArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, ue8m0_mn_major_storage_size
-from .op import Op, device_facts, int_at_least, require_aligned, supported_dtype
+from .op import Op, device_facts, group_sms, int_at_least, require_aligned, supported_dtype
+from .op import options as config_options
 from .tensors import (CODE_DTYPES, E4M3_SCALE_DTYPES, FP4_DTYPES, UE8M0_DTYPES, as_array,
                       bfloat16, dtype_name, stream_handle)
 
@@ -152,9 +153,11 @@ class AllReduceFusionWorkspace(Op):
     """The all-reduce workspace sized for ``[max_token_num, hidden_dim]`` rows of ``dtype``.
 
     ``.allreduce`` is the underlying ``AllReduceWorkspace`` (plain ``all_reduce`` calls may
-    share it). ``oneshot_max_bytes``: the ``auto`` crossover (default: the measured table of
-    ``moecomm.tuning``). Other options as for ``AllReduceWorkspace``. Collective creation
-    and ``close()``.
+    share it). ``oneshot_max_bytes``: the ``auto`` crossover (default: the measured tables
+    of ``moecomm.tuning``, ``FUSION_SPLIT_ONESHOT_MAX_BYTES`` where the config's one-shot
+    split applies, else ``FUSION_ONESHOT_MAX_BYTES``); it also sizes the Lamport buffers
+    (3 x world x min(its value, the largest message) per rank). Other options as for
+    ``AllReduceWorkspace``. Collective creation and ``close()``.
     """
 
     name = "AllReduceFusionWorkspace"
@@ -168,9 +171,17 @@ class AllReduceFusionWorkspace(Op):
         _check_hidden(self.hidden_dim, "hidden_dim")
         group = default_group() if group is None else group
         world = group.size
-        self.crossover = (tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world)
-                          if oneshot_max_bytes is None
-                          else int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0))
+        if oneshot_max_bytes is None:
+            # the split one-shot's crossover where the budget allows the split (as all_reduce)
+            cfg = config_options(AllReduceConfig, config)
+            sms = group_sms(group)
+            split_table = (tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES
+                           if cfg.split_from(world, min(sms, cfg.num_sms or sms)) != float("inf")
+                           else {})
+            self.crossover = split_table.get(
+                world, tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world))
+        else:
+            self.crossover = int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0)
         row = self.hidden_dim * self.dtype.itemsize
         max_bytes = self.max_token_num * row
         self.allreduce = AllReduceWorkspace(
@@ -187,9 +198,11 @@ class AllReduceFusionWorkspace(Op):
         return self.allreduce.world
 
     def launcher(self, algorithm: Algorithm, quant: Quant, tokens: int) -> tuple:
-        """(launcher, grid, block, cluster) of a call over ``tokens`` rows, made on first
-        use: one-shot spreads a decode row over a cluster where the device has them; every
-        block is resident at once (blocks wait for peers)."""
+        """(launcher, grid, block, cluster, push blocks, shared memory) of a call over
+        ``tokens`` rows, made on first use: one-shot spreads a decode row over a cluster
+        where the device has them, and from the all-reduce's ``split_from`` bytes splits
+        the SMs by role (one block per SM, ``split_push_sms`` of them pushing); every block
+        is resident at once (blocks wait for peers)."""
         key = (algorithm, quant, tokens)
         entry = self._geometry.get(key)
         if entry is None:
@@ -206,13 +219,22 @@ class AllReduceFusionWorkspace(Op):
                                     FusionArgs, pdl=self.allreduce.config.pdl)
                 launcher.args.ws = self.allreduce.kernel_workspace
                 self._launchers[(algorithm, quant, plan.variant)] = launcher
-            resident = (sms * device_facts().blocks_per_sm(launcher.kernel, plan.block)
-                        // plan.cluster)
-            rows = tokens if oneshot else -(-tokens // self.world_size)
-            grid = max(1, min(rows, resident)) * plan.cluster
+            ar = self.allreduce
+            # the split: rows of one block and one vector a thread (the variants tested)
+            if (oneshot and plan.cluster == 1 and plan.v == 1
+                    and tokens * self.hidden_dim * self.dtype.itemsize >= ar.split_from):
+                ar.split_kernel(launcher.kernel)
+                entry = (launcher, sms, plan.block, 1, ar.config.split_push_sms,
+                         ar.split_shared_mem)
+            else:
+                resident = (sms * device_facts().blocks_per_sm(launcher.kernel, plan.block)
+                            // plan.cluster)
+                rows = tokens if oneshot else -(-tokens // self.world_size)
+                grid = max(1, min(rows, resident)) * plan.cluster
+                entry = (launcher, grid, plan.block, plan.cluster, 0, 0)
             if len(self._geometry) > 1024:
                 self._geometry.clear()
-            entry = self._geometry[key] = (launcher, grid, plan.block, plan.cluster)
+            self._geometry[key] = entry
         return entry
 
     def choose(self, nbytes: int, use_oneshot: bool | None) -> Algorithm:
@@ -391,9 +413,11 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
         async_op = events.issue(handle, previous_event, async_op, owner=ws,
                                 op="allreduce_fusion")
     if tokens:
-        launcher, grid, block, cluster = ws.launcher(algo, spec.quant, tokens)
+        launcher, grid, block, cluster, pushers, shared_mem = ws.launcher(algo, spec.quant,
+                                                                          tokens)
         _fill(launcher.args, fields)
-        launcher(grid, block, handle, cluster=cluster)
+        launcher.args.push_blocks = pushers
+        launcher(grid, block, handle, shared_mem, cluster=cluster)
     if not async_op:
         return outputs
     return events.finish(outputs, handle, True, owner=ws, op="allreduce_fusion",

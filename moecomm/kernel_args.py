@@ -51,7 +51,7 @@ class FusionArgs(ctypes.Structure):
          "moe_rows moe_scale moe_extra moe_index", _ptr),
         ("tokens", _u64), ("hidden source", _u32), ("eps weight_bias", _f32),
         ("group_size swizzled moe_count moe_scale_fp32", _u32), ("routed_scaling", _f32),
-        ("ws", ArWorkspace))
+        ("push_blocks", _u32), ("ws", ArWorkspace))
 
 
 class A2aWorkspace(ctypes.Structure):

@@ -33,8 +33,16 @@ ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES = {2: 16 << 20}
 ALLREDUCE_SPLIT_MIN_BYTES = {2: 2 << 20}
 
 # Largest message (bytes, tokens x hidden x itemsize) that allreduce_fusion "auto" runs
-# one-shot. 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261129T212806.json: one-shot
-# faster at 512 x 4096 bf16 = 4 MiB (21.0 vs 24.2 us), two-shot at 512 x 7168 = 7 MiB
+# one-shot where the one-shot splits the SMs by role (AllReduceConfig.split_min_bytes, the
+# same threshold as all_reduce's). 2 ranks:
+# bench/results/fusion-r2-2xNVIDIA_H200-20261130T084629.json (one-shot allowed up to
+# 32 MiB): the split one-shot is faster than two-shot at every size, 2048 x 7168 bf16
+# = 28 MiB included (95.4 vs 124.2 us); 32 MiB bounds the Lamport buffers.
+FUSION_SPLIT_ONESHOT_MAX_BYTES = {2: 32 << 20}
+
+# The same where the split does not apply (other world sizes, small SM budgets). 2 ranks:
+# bench/results/fusion-r2-2xNVIDIA_H200-20261129T212806.json: one-shot faster at
+# 512 x 4096 bf16 = 4 MiB (21.0 vs 24.2 us), two-shot at 512 x 7168 = 7 MiB
 # (36.3 vs 37.1 us) and above. 4 and 8 ranks: byte model.
 FUSION_ONESHOT_MAX_BYTES = {2: 4 << 20, 4: 1 << 20, 8: 512 << 10, 16: 256 << 10}
 

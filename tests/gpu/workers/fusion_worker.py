@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from moecomm import reference
+from moecomm.allreduce import AllReduceConfig
 from moecomm.constants import PATTERNS, Quant, Source
 from moecomm.constants import AllReduceFusionPattern as _Named
 from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,
@@ -188,6 +189,44 @@ def patterns(ctx, shape):
                          group_size=64)
     ws.check()
     ws.close()
+
+
+@case(variants={"h1024": 1024, "h5120": 5120})
+def oneshot_split(ctx, hidden):
+    """The one-shot with its SMs split into pushers and reducers (forced from 0 bytes):
+    every plain pattern at 1, 7 and MAX_TOKENS tokens, twice each (the Lamport buffers
+    rotate), with the default split and with 3 pushers; the MoE reduction source too."""
+    for config in (AllReduceConfig(split_min_bytes=0),
+                   AllReduceConfig(split_min_bytes=0, split_push_sms=3)):
+        ws = create_allreduce_fusion_workspace(ctx.group, MAX_TOKENS, hidden, bfloat16,
+                                               oneshot_max_bytes=8 << 20, config=config)
+        for tokens in (1, 7, MAX_TOKENS):
+            for call in range(2):
+                inputs = Inputs(ctx, tokens, hidden, bfloat16, weight_bias=0.0)
+                done = {}
+                for pattern in sorted(PLAIN, key=lambda p: p not in OUT_OF.values()):
+                    what = (f"split {config.split_push_sms} {tokens}x{hidden} {pattern.name} "
+                            f"call {call}")
+                    outs = inputs.run(ws, pattern, True)
+                    agree = ctx.ranks_agree(written(outs))  # collective: before any assertion
+                    inputs.check(pattern, outs, what, out_variant=done.get(OUT_OF.get(pattern)))
+                    assert agree, f"{what}: ranks differ"
+                    done[pattern] = outs
+        inputs = Inputs(ctx, 7, hidden, bfloat16, weight_bias=0.0)
+        rng = ctx.rank_rngs()
+        active = [r.standard_normal((E, 7, hidden)).astype(bfloat16) for r in rng]
+        scales = [r.random((E, 7)).astype(np.float32) for r in rng]
+        tokens_in = [r.standard_normal((7, hidden)).astype(bfloat16) for r in rng]
+        inputs.ref = reference.moe_allreduce_fusion(active, scales, tokens_in,
+                                                    "kARResidualRMSNorm",
+                                                    **moe_reference_kw(inputs))
+        outs, opts = inputs.prepare(P.kARResidualRMSNorm, True)
+        moe_allreduce_fusion(cupy.asarray(active[ctx.rank]), cupy.asarray(scales[ctx.rank]),
+                             cupy.asarray(tokens_in[ctx.rank]), ws, P.kARResidualRMSNorm,
+                             opts, outs)
+        inputs.check(P.kARResidualRMSNorm, outs, f"split moe_allreduce_fusion {hidden}")
+        ws.check()
+        ws.close()
 
 
 @case(dtypes=("bf16", "fp16"))
