@@ -1,6 +1,7 @@
-// Custom all-reduce over CUDA IPC: Lamport one-shot and pipelined two-shot
-// (protocol: allreduce.cuh). Kernels allreduce_{oneshot,twoshot}_{bf16,fp16,fp32} and
-// lamport_fill take one argument struct (args.cuh).
+// Custom all-reduce over CUDA IPC: Lamport one-shot (for large messages with its SMs split
+// into pushers and reducers) and pipelined two-shot (protocol: allreduce.cuh). Kernels
+// allreduce_{oneshot,oneshot_split,twoshot}_{bf16,fp16,fp32} and fill_words take one
+// argument struct (args.cuh).
 #include "allreduce.cuh"
 
 using namespace moecomm;
@@ -43,11 +44,12 @@ __device__ __forceinline__ void oneshot(const AllReduceArgs& a) {
 
 // One-shot for large messages, the roles split by SM: blocks [0, push_blocks) push every
 // vector (kUnroll loads in flight per thread); the others clear the previous buffer, then
-// poll and reduce. The host gives each block an SM of its own (its shared memory request
-// admits one per SM), so the reducers' local loads and stores never queue behind the
-// remote stores in an SM's memory pipeline, and the reduction keeps pace with the
-// arrivals instead of starting after the pushes drained. The pushers have the lower block
-// indices, hence are made resident first.
+// poll and reduce kReduceUnroll vectors per thread at a time (the later ones' peer slots
+// prefetched into L2 while the first is polled). The host gives each block an SM of its
+// own (its shared memory request admits one per SM), so the reducers' local loads and
+// stores never queue behind the remote stores in an SM's memory pipeline, and the
+// reduction keeps pace with the arrivals instead of starting after the pushes drained.
+// Pushers never wait, and have the lower block indices, hence are made resident first.
 template <typename T>
 __device__ __forceinline__ void oneshot_split(const AllReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
