@@ -47,6 +47,17 @@ def poisoned(shape, dtype):
     return cupy.full(shape, np.nan, dtype)
 
 
+def oneshot_calls(ctx, ws, dtype, sizes, what, calls=3):
+    """``calls`` one-shot calls per size on fresh inputs (the Lamport buffers rotate), each
+    checked against the reference on a poisoned output."""
+    for n in sizes:
+        for call in range(calls):
+            xs = reduce_inputs(ctx, (n,), dtype)
+            out = poisoned((n,), dtype)
+            all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out, algorithm=Algorithm.ONESHOT)
+            check_exact(ctx, out, xs, f"{what} n={n} call {call}")
+
+
 @case(dtypes=DTYPES)
 def exact(ctx, dtype):
     """Odd sizes, one past the one-shot limit, the largest; every algorithm; in place."""
@@ -81,13 +92,8 @@ def oneshot_more_vectors_than_threads(ctx, dtype):
     for config in configs:
         with create_allreduce_workspace(ctx.group, max_bytes=4 << 20, dtype=dtype,
                                         max_oneshot_bytes=4 << 20, config=config) as ws:
-            for n in ((4 << 20) // item, 300_001, (1 << 18) + 3, 1000):
-                for call in range(3):
-                    xs = reduce_inputs(ctx, (n,), dtype)
-                    out = poisoned((n,), dtype)
-                    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out,
-                               algorithm=Algorithm.ONESHOT)
-                    check_exact(ctx, out, xs, f"{config} n={n} call {call}")
+            oneshot_calls(ctx, ws, dtype, ((4 << 20) // item, 300_001, (1 << 18) + 3, 1000),
+                          f"{config}")
             ws.check()
 
 
@@ -105,13 +111,7 @@ def oneshot_split(ctx, dtype):
     for config in configs:
         with create_allreduce_workspace(ctx.group, max_bytes=4 << 20, dtype=dtype,
                                         max_oneshot_bytes=4 << 20, config=config) as ws:
-            for n in sizes:
-                for call in range(3):
-                    xs = reduce_inputs(ctx, (n,), dtype)
-                    out = poisoned((n,), dtype)
-                    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out,
-                               algorithm=Algorithm.ONESHOT)
-                    check_exact(ctx, out, xs, f"split {config} n={n} call {call}")
+            oneshot_calls(ctx, ws, dtype, sizes, f"split {config}")
             ins = [cupy.empty((n,), dtype) for n in sizes[:4]]
             outs = [cupy.empty((n,), dtype) for n in sizes[:4]]
             with stream:
