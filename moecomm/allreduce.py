@@ -121,16 +121,26 @@ class AllReduceConfig:
         if self.num_sms is not None:
             int_at_least("AllReduceConfig.num_sms", self.num_sms)
 
+    def budget(self, device_sms: int) -> int:
+        """The SMs every grid may hold on a device of ``device_sms``."""
+        return min(device_sms, self.num_sms or device_sms)
+
     def crossover(self, world: int, sms: int) -> int:
         """The ``auto`` crossover in bytes for ``world`` ranks and an SM budget of ``sms``:
-        the split one-shot's where it applies, else the plain one-shot's."""
+        ``oneshot_max_bytes``, else the measured one (``measured_crossover``)."""
         if self.oneshot_max_bytes is not None:
             return self.oneshot_max_bytes
-        if self.split_from(world, sms) != float("inf"):
-            split = tuning.ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES.get(world)
-            if split is not None:
-                return split
-        return tuning.lookup(tuning.ALLREDUCE_ONESHOT_MAX_BYTES, world)
+        return self.measured_crossover(world, sms, fused=False)
+
+    def measured_crossover(self, world: int, sms: int, fused: bool) -> int:
+        """The measured one-shot limit of ``all_reduce`` (or ``allreduce_fusion``) in bytes:
+        the split one-shot's table where the split applies, else the plain one-shot's."""
+        plain, split = ((tuning.FUSION_ONESHOT_MAX_BYTES, tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES)
+                        if fused else (tuning.ALLREDUCE_ONESHOT_MAX_BYTES,
+                                       tuning.ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES))
+        if self.split_from(world, sms) != float("inf") and world in split:
+            return split[world]
+        return tuning.lookup(plain, world)
 
     def split_from(self, world: int, sms: int) -> float:
         """Bytes from which a one-shot call splits the SMs by role (inf: never)."""
@@ -202,7 +212,7 @@ class AllReduceWorkspace(Op):
         self.group.check_uniform("AllReduceConfig.num_sms", self.config.num_sms)
         sms = group_sms(self.group)
         self.device_sms = sms  # the node's SMs per GPU, whatever the budget
-        self.sms = min(sms, self.config.num_sms or sms)  # the SM budget of every grid
+        self.sms = self.config.budget(sms)  # the SM budget of every grid
         crossover = self.config.crossover(self.world, self.sms)
         slot = round_up(min(self.max_bytes, crossover) if max_oneshot_bytes is None
                         else int_at_least("max_oneshot_bytes", max_oneshot_bytes, 0), 16)

@@ -39,7 +39,7 @@ import cupy
 import numpy as np
 
 from . import group as _group
-from . import events, kernels, tuning
+from . import events, kernels
 from .allreduce import Algorithm, AllReduceConfig, AllReduceWorkspace
 from .constants import (FUSION_MAX_HIDDEN, GROUP_FP8_SIZES, PATTERNS, AllReduceFusionPattern,
                         PatternSpec, Quant, QuantizationSFLayout, Source)
@@ -172,14 +172,9 @@ class AllReduceFusionWorkspace(Op):
         group = default_group() if group is None else group
         world = group.size
         if oneshot_max_bytes is None:
-            # the split one-shot's crossover where the budget allows the split (as all_reduce)
             cfg = config_options(AllReduceConfig, config)
-            sms = group_sms(group)
-            split_table = (tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES
-                           if cfg.split_from(world, min(sms, cfg.num_sms or sms)) != float("inf")
-                           else {})
-            self.crossover = split_table.get(
-                world, tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world))
+            self.crossover = cfg.measured_crossover(world, cfg.budget(group_sms(group)),
+                                                    fused=True)
         else:
             self.crossover = int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0)
         row = self.hidden_dim * self.dtype.itemsize

@@ -154,6 +154,11 @@ def test_allreduce_split_rule():
     assert AllReduceConfig(num_sms=16).crossover(2, 16) == 4 << 20
     assert AllReduceConfig().crossover(4, 132) == 512 << 10
     assert AllReduceConfig(oneshot_max_bytes=1000).crossover(2, 132) == 1000
+    # allreduce_fusion's tables follow the same rule (its own crossover option aside)
+    assert AllReduceConfig(oneshot_max_bytes=1000).measured_crossover(2, 132, fused=True) \
+        == 32 << 20
+    assert AllReduceConfig(num_sms=16).measured_crossover(2, 16, fused=True) == 4 << 20
+    assert AllReduceConfig(num_sms=16).budget(132) == 16 and AllReduceConfig().budget(132) == 132
     for bad in (dict(split_push_sms=0), dict(split_threads=48), dict(split_threads=2048),
                 dict(split_min_bytes=-1)):
         with pytest.raises(ValueError):
