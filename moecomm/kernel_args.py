@@ -61,7 +61,7 @@ class A2aWorkspace(ctypes.Structure):
 
 class DispatchArgs(ctypes.Structure):
     _fields_ = _fields(
-        ("experts send_slot recv_counts route_slot route_total", _ptr),
+        ("experts send_slot recv_counts route_slot route_total chunk_counts", _ptr),
         ("src", _u64 * A2A_MAX_PAYLOADS), ("row_bytes", _u64 * A2A_MAX_PAYLOADS),
         ("recv_off", _u64 * A2A_MAX_PAYLOADS), ("scale_off scale_row_bytes", _u64),
         ("num_tokens top_k num_experts experts_per_rank runtime_max num_payloads id_payload "

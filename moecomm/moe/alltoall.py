@@ -442,6 +442,9 @@ class MoeAlltoAll(Op):
         self._state = cupy.zeros(_STATE_WORDS, np.uint32)
         self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
         self._recv_counts = cupy.zeros(ep, np.int32)
+        # the dispatch blocks' tagged counts, [grid, ep] (kernels_cu/moe_a2a.cu, step 1)
+        self._chunk_counts = cupy.zeros(
+            self.num_sms * self.config.dispatch_blocks_per_sm * ep, np.uint64)
         error = ErrorWord(ranks)
         self._kernel_workspace = dict(state=self._state.data.ptr, error_word=error.ptr,
                                       timeout_ns=self._timeout_ns, rank=self.ep_rank, ep_size=ep)
@@ -666,6 +669,7 @@ class MoeAlltoAll(Op):
         launcher = self._new_launcher(kernel, DispatchArgs)
         a = launcher.args
         a.send_slot, a.recv_counts = self._send_slot.data.ptr, self._recv_counts.data.ptr
+        a.chunk_counts = self._chunk_counts.data.ptr
         a.top_k, a.num_experts, a.experts_per_rank = self.top_k, self.num_experts, self.experts_per_rank
         a.runtime_max, a.num_payloads = rmax, len(payloads)
         a.id_payload, a.invalid_id, a.quant_payload = id_payload, invalid, -1
