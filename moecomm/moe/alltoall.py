@@ -121,6 +121,16 @@ if bfloat16 is not None:
     _COMBINE_KERNELS[bfloat16] = "bf16"
 _COMBINE_DTYPES = tuple(_COMBINE_KERNELS)
 _PLAN_CACHE = 64  # prepared dispatch / combine launches kept per MoeAlltoAll
+# Dispatch grid: one block per _DISPATCH_TOKENS_PER_BLOCK tokens of runtime_max, but at
+# least _DISPATCH_MIN_BLOCKS (or runtime_max) blocks, within the SM budget: fewer blocks
+# send fewer release signals, and each block's signal takes longer the more blocks signal
+# at once. Graph-replayed pair on 2 x H200, top-8 of 256, hidden 7168, one block per token
+# against 2, 3, 4, 6 and 8 tokens per block (bench/results/moe-dispatch-grid-2xH200-
+# 20261130T1010.txt): 48 tokens 16.6 us at one token per block, 17.1 at two; 96 tokens
+# 21.5 against 20.6 at three; 128 24.5 against 23.6 at four; 192 30.3 against 29.4 at
+# four; 512 58.4 against 57.7 at four; from 1024 tokens the SM budget caps the grid.
+_DISPATCH_TOKENS_PER_BLOCK = 4
+_DISPATCH_MIN_BLOCKS = 48
 
 
 def _align(n: int, a: int = REGION_ALIGN) -> int:
@@ -689,7 +699,8 @@ class MoeAlltoAll(Op):
         smem = A2A_DISPATCH_SUB * self.ep_size * 4  # a sub-chunk's slots, int32 [sub, ep]
         per_sm = min(self.config.dispatch_blocks_per_sm,
                      device_facts().blocks_per_sm(kernel, self.config.dispatch_threads, smem))
-        grid = max(1, min(rmax, self.num_sms * per_sm))
+        wanted = max(min(rmax, _DISPATCH_MIN_BLOCKS), -(-rmax // _DISPATCH_TOKENS_PER_BLOCK))
+        grid = max(1, min(wanted, self.num_sms * per_sm))
         return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views, {},
                          shared_mem=smem)
 
