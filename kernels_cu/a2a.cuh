@@ -9,9 +9,10 @@
 //
 // Dispatch: every block adds 1 once its rows are written; block 0 waits for the whole
 // grid of every source. Combine ("ready"): an entry past seen + 1 means that rank's rows
-// of this call can be read. With nothing to stage, every block adds 1 as it starts (the
-// rows were ready when the kernel started); with staging, the block that completes the
-// last staging unit adds the grid size at once. Readers wait for one add, not for every
+// of this call can be read. With nothing to stage, block 0 adds the grid size as it starts
+// (the rows were ready when the kernel started; blocks start in index order, and one add
+// instead of one per block keeps the peers' counters free of contention); with staging,
+// the block that completes the last staging unit adds the grid size at once. Readers wait for one add, not for every
 // block of the peer, so a grid that does not fit on the SMs it gets (a GEMM on another
 // stream holding the rest) runs in turns instead of stalling until the SMs free up.
 //
@@ -64,6 +65,15 @@ __device__ __forceinline__ void signal_all(const A2aWorkspace& ws, size_t count_
   if (threadIdx.x < ws.ep_size)
     red_add_release_sys(
         reinterpret_cast<uint32_t*>(peer_base(ws, threadIdx.x) + count_off) + ws.rank, 1u);
+}
+
+// Combine with nothing to stage: block 0 adds the grid size to entry `rank` of counter
+// array `count_off` in every rank's header (the rows were ready before the kernel began).
+__device__ __forceinline__ void signal_ready(const A2aWorkspace& ws, size_t count_off) {
+  if (blockIdx.x == 0 && threadIdx.x < ws.ep_size)
+    red_add_release_sys(
+        reinterpret_cast<uint32_t*>(peer_base(ws, threadIdx.x) + count_off) + ws.rank,
+        gridDim.x);
 }
 
 // After the grid's staging is complete: add `n` to entry `rank` of counter array

@@ -556,7 +556,7 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
       stage(p, s_unit);
     }
   } else
-    signal_all(ws, kCombineCountOff);
+    signal_ready(ws, kCombineCountOff);
   const bool ok = wait_all(ws, kCombineCountOff, seen + 1,
                            wait_context(ws, config::kErrA2aCombine));
   pdl_launch_dependents();

@@ -183,7 +183,7 @@ __device__ void pull(const PullParams& p) {
   const A2aWorkspace& ws = p.ws;
   pdl_wait();
   const uint32_t seen = a2a::begin(ws, a2a::kStateCombineSeen);
-  a2a::signal_all(ws, a2a::kCombineCountOff);  // ready at the start (a2a.cuh)
+  a2a::signal_ready(ws, a2a::kCombineCountOff);  // ready at the start (a2a.cuh)
   const bool ok = a2a::wait_all(ws, a2a::kCombineCountOff, seen + 1,
                                 a2a::wait_context(ws, config::kErrCompactCombine));
   pdl_launch_dependents();
