@@ -12,9 +12,10 @@
 // of this call can be read. With nothing to stage, block 0 adds the grid size as it starts
 // (the rows were ready when the kernel started; blocks start in index order, and one add
 // instead of one per block keeps the peers' counters free of contention); with staging,
-// the block that completes the last staging unit adds the grid size at once. Readers wait for one add, not for every
-// block of the peer, so a grid that does not fit on the SMs it gets (a GEMM on another
-// stream holding the rest) runs in turns instead of stalling until the SMs free up.
+// the block that completes the last staging unit adds the grid size at once. Readers wait
+// for one add, not for every block of the peer, so a grid that does not fit on the SMs it
+// gets (a GEMM on another stream holding the rest) runs in turns instead of stalling until
+// the SMs free up.
 //
 // Header of every rank's workspace (moecomm/moe/alltoall.py): dispatch_count u32[32] at 0,
 // combine_count u32[32] at 128, recv_count i32[32] at 256; entry s is written by rank s.

@@ -115,7 +115,7 @@ struct DispatchArgs {
   int32_t* recv_counts;                         // [ep] local: rows received per source
   int32_t* route_slot;                          // routing handle [T, ep]: send_slot's copy
   int32_t* route_total;                         // routing handle [ep]: rows sent per target
-  uint64_t* chunk_counts;                       // [grid, ep] local: (call << 32) | block b's tokens per target
+  uint64_t* chunk_counts;                       // [grid, ep] local: (tag << 32) | count
   uint64_t src[MOECOMM_A2A_MAX_PAYLOADS];       // payload p: [T, *] input rows
   uint64_t row_bytes[MOECOMM_A2A_MAX_PAYLOADS]; // bytes per received row (fp8: H codes)
   uint64_t recv_off[MOECOMM_A2A_MAX_PAYLOADS];  // workspace offset of receive tensor p
