@@ -334,15 +334,19 @@ def sm_budget(ctx):
 def dispatch_sub_chunks(ctx):
     """One dispatch block of 512 and of 64 threads walks 300 tokens per rank in sub-chunks
     (128 or 64 tokens: 32 per assigning warp), the next free slot of each target carried
-    from one to the next: a pair, a dispatch recorded into a routing handle and one
-    replayed from it, and a graph replay."""
+    from one to the next; then 8 blocks of 64 threads, too few warps to scan every token
+    in one pass, so each counts its own chunk and sums the counts the blocks before it
+    published (the last one writing the totals and the id padding). Each: a pair, a
+    dispatch recorded into a routing handle and one replayed from it, and a graph
+    replay."""
     n = ctx.group.local_size
     T = 300
     size = MoeAlltoAll.get_moe_workspace_size_per_rank(
         n, TOP_K, T, H, extra_payload_bytes_per_token=H + 4 * SCALES + 2 * H)
     seed = ctx.new_seed()
-    for threads in (512, 64):
-        config = MoeAlltoAllConfig(num_sms=1, dispatch_blocks_per_sm=1, dispatch_threads=threads)
+    for threads, sms, per_sm in ((512, 1, 1), (64, 1, 1), (64, 4, 2)):
+        config = MoeAlltoAllConfig(num_sms=sms, dispatch_blocks_per_sm=per_sm,
+                                   dispatch_threads=threads)
         with MoeAlltoAll(ctx.group, T, TOP_K, EPR * n, workspace_size_per_rank=size,
                          config=config) as a2a:
             seed += 10
@@ -363,7 +367,7 @@ def dispatch_sub_chunks(ctx):
                     recv = a2a.dispatch(ids, payloads, exchange.rmax, INVALID, ID_PAYLOAD,
                                         stream=ctx.stream, handle=handle)
                 check_received(ctx, a2a, recv, recv_ref, counts_ref, True,
-                               f"{threads} threads, {step}")
+                               f"{sms * per_sm} blocks of {threads} threads, {step}")
                 a2a.combine(recv[0], exchange.rmax, stream=ctx.stream)
             a2a.check_error(ctx.stream, synchronize=True)
             replay(ctx, a2a, T=[T - 5 * s for s in range(n)])
