@@ -604,6 +604,12 @@ __device__ void sum_counts(const uint64_t* counts, int64_t n, int ep, int rank, 
   }
 }
 
+// Step 1 of dispatch counts by a scan of every token (else by published chunk counts)
+// where one pass of the block's warps, 64 tokens each, covers them all.
+__device__ __forceinline__ bool counts_by_scan(const DispatchArgs& p) {
+  return p.num_tokens <= (int64_t)(blockDim.x >> 5) * 64;
+}
+
 // kFp8: the moe_a2a_dispatch_fp8 instantiation, which quantizes payload quant_payload on
 // the way; a kernel of its own so that the plain dispatch keeps its registers.
 template <bool kFp8>
@@ -639,7 +645,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   //    every block reading every id had cost 11 us.
   //    Replaying a routing handle: the totals are the handle's, the slots too (step 2).
   const bool replay = p.route_mode == kRouteReplay;
-  const bool scan = !replay && T <= (int64_t)nwarps * 64;
+  const bool scan = !replay && counts_by_scan(p);
   const bool last = blockIdx.x == gridDim.x - 1;
   if (replay) {
     if (threadIdx.x < ep) s_total[threadIdx.x] = p.route_total[threadIdx.x];
@@ -747,7 +753,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   // 3. Counts into every target's header (block 0, or the last block where only it knows
   //    them), id padding rows (every block, or that block alone); then this block is done.
   // (recomputed from the arguments: a flag kept live across step 2 spills a register)
-  const bool known = p.route_mode == kRouteReplay || T <= (int64_t)nwarps * 64;
+  const bool known = p.route_mode == kRouteReplay || counts_by_scan(p);
   const bool last_block = blockIdx.x == gridDim.x - 1;
   if ((known ? blockIdx.x == 0 : last_block) && threadIdx.x < ep) {
     reinterpret_cast<int32_t*>(peer_base(ws, threadIdx.x) + kRecvCountOff)[rank] =
