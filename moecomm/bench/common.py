@@ -66,6 +66,42 @@ def batch_wall_us(fn: Callable[[], None], calls: int, barrier=None) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def host_speed(group, calls: int = 400) -> list[dict]:
+    """Each rank's host speed, measured in the process that runs the benchmark: host
+    microseconds per bare kernel launch (a zero-length ``bench_spin`` through CuPy,
+    enqueued behind a spin so that no launch waits for the GPU; ``calls`` stays well
+    below the launch queue's depth, past which a launch waits for the spin to end) and
+    per 8 KiB ``cupy.empty``, medians of 5 batches of ``calls``.
+
+    Eager (host-bound) results mean little without it: on the virtual machines of the
+    2 x H200 hosts a process at times runs every piece of host code 1.4-1.9x slower than
+    the other rank on the same machine (a bare launch 5.5-6.2 instead of 4.1-4.5 us), for
+    seconds at a stretch; this is its state at the time of the call."""
+    import cupy
+    import numpy as np
+
+    from ..kernels import get_kernel
+
+    spin = get_kernel("bench_moe.cu", "bench_spin")
+    zero = (np.uint64(0),)
+    launch, alloc = [], []
+    for _ in range(5):
+        cupy.cuda.runtime.deviceSynchronize()
+        spin((1,), (1,), (np.uint64(20_000_000),))  # 20 ms, longer than the batch's launches
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            spin((1,), (1,), zero)
+        launch.append((time.perf_counter() - t0) / calls * 1e6)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            cupy.empty(4096, np.uint16)
+        alloc.append((time.perf_counter() - t0) / calls * 1e6)
+    cupy.cuda.runtime.deviceSynchronize()
+    mine = {"rank": group.rank, "launch_us": float(np.median(launch)),
+            "alloc_us": float(np.median(alloc))}
+    return group.allgather(mine)
+
+
 def graph_median_us(fn: Callable[[], None], *, calls: int = 10, iters: int = 50,
                     warmup: int = 5, stream=None) -> float:
     """Median time per ``fn()`` of a captured graph of ``calls`` calls, replayed."""

@@ -3,16 +3,21 @@
 ``mpiexec -n 2 python -m moecomm.bench dlpack`` times ``all_reduce(x, ws, stream=s)`` on
 a 4096-element bf16 ``x`` (8 KiB, one-shot): wall time per call over ``--calls``
 back-to-back eager calls, the device synchronised at the end, median of ``--repeats``
-(the rows' batches interleaved: round r times every row once).
+(the rows' batches interleaved: round r times every row once); ``best_us`` is the fastest
+batch (host noise only adds time: the cost the code itself sets, as ``timeit`` advises).
 Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array, with a new output per call
 (``out`` False) or, in one row per framework, a preallocated ``out=``; ``s`` omitted, a
 ``torch.cuda.Stream`` (made torch's current stream for the torch rows, as torch code
 runs), its raw handle, or a ``cupy.cuda.Stream`` (torch's current stream is then another
 one, so the torch rows include the event that orders it first). ``delta_us`` is the
 difference to the CuPy row with the same stream (and ``out``); ``import_us`` the cost of
-``tensors.import_array`` alone; ``host_us`` the host time of a whole call alone (200 calls
-enqueued while the op's stream runs a 30 ms spin kernel: no launch waits for the GPU or
-the peer), so ``us_per_call`` above ``host_us`` is time the GPU or the peer rank sets. Targets: CuPy <= 12 us, torch <= CuPy + 3 us.
+``tensors.import_array`` alone; ``host_us`` the host time of a whole call alone, the
+slowest rank's (200 calls enqueued while the op's stream runs a 30 ms spin kernel: no
+launch waits for the GPU or the peer), so ``us_per_call`` above ``host_us`` is time the
+GPU sets. ``host_speed`` (printed after the table, kept in the result) is each rank's
+bare launch and allocation cost, the host's state: without it eager numbers of different
+runs do not compare (``bench.common.host_speed``). Targets: CuPy <= 12 us, torch <=
+CuPy + 3 us.
 
 ``python -m moecomm.bench dlpack --cpu`` needs no GPU and no MPI: a micro-profile of the
 host-side pieces of that path (stream handles, checks, the DLPack capsule consumer on
@@ -28,7 +33,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .common import batch_wall_us, environment, print_table, require_gpu, write_result
+from .common import (batch_wall_us, environment, host_speed, print_table, require_gpu,
+                     write_result)
 
 NBYTES = 8192
 
@@ -185,21 +191,24 @@ def run(args) -> int:
         with scope(case):
             imp = _host_us(lambda: import_array(case.x, "x", dtype=FLOAT_DTYPES, device=dev,
                                                 stream=handle), args.calls)
-            host = _enqueue_us(call, handle, group)
+            host = max(group.allgather(_enqueue_us(call, handle, group)))
         us = float(np.median(b))
         key = (case.mode, case.out is not None)
         if case.framework == "cupy":
             base[key] = us
         rows.append({"framework": case.framework, "stream": case.mode,
-                     "out": case.out is not None, "us_per_call": us,
+                     "out": case.out is not None, "us_per_call": us, "best_us": min(b),
                      "delta_us": us - base[key], "import_us": imp, "host_us": host})
     ws.close()
+    speed = host_speed(group)
     if group.rank == 0:
         print(f"# eager all_reduce of {NBYTES} B bf16, {group.size} ranks, {env['device']}: "
               f"wall us per call ({args.calls} calls, median of {args.repeats})")
-        print_table(rows, ["framework", "stream", "out", "us_per_call", "delta_us", "import_us",
-                           "host_us"])
-        print(f"wrote {write_result(args.out, 'dlpack', env, rows, nbytes=NBYTES)}")
+        print_table(rows, ["framework", "stream", "out", "us_per_call", "best_us", "delta_us",
+                           "import_us", "host_us"])
+        print("# host speed per rank (bench.common.host_speed)")
+        print_table(speed, ["rank", "launch_us", "alloc_us"])
+        print(f"wrote {write_result(args.out, 'dlpack', env, rows, nbytes=NBYTES, host_speed=speed)}")
     group.close()
     return 0
 

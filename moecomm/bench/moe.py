@@ -57,11 +57,14 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
   synchronisation at the end, the slowest rank's; ``host_us`` is the host time alone: the
   enqueue time per pair of 100 pairs issued while the GPU runs a 40 ms spin kernel (no
-  launch waits for the GPU). Both are medians of 5 batches. ``wall_us`` is about
+  launch waits for the GPU). Both are medians of 5 batches; ``best_wall_us`` is the
+  fastest batch's wall (host noise only adds time). ``wall_us`` is about
   max(``host_us``, the GPU's eager time per pair). Rows: CuPy arrays with the stream omitted
   (CuPy's current stream), given as a CuPy stream and as a raw handle; torch tensors (when
   torch is importable) with the stream omitted, a torch Stream and a raw handle; and the
   compact ``EPAllToAll`` pair with CuPy arrays on a CuPy stream.
+* ``host_speed``: each rank's bare launch and allocation cost in this run (the host's
+  state; ``bench.common.host_speed``), next to the ``host`` rows it explains.
 
 Validation, once per configuration before timing, on both paths: hidden values are small
 integers (exact in bf16); the receive counts equal the host's; every received id row holds
@@ -83,8 +86,8 @@ from ..kernels import get_kernel
 from ..moe import EPAllToAll, Fp8Dispatch, MoeAlltoAll, MoeAlltoAllConfig
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
-from .common import (batch_wall_us, environment, graph_median_us, print_table, pyplot,
-                     require_gpu, write_result)
+from .common import (batch_wall_us, environment, graph_median_us, host_speed, print_table,
+                     pyplot, require_gpu, write_result)
 
 TOKENS = [1, 32, 128, 512, 1024, 4096]
 ROUTINGS = ("uniform", "skewed")
@@ -415,8 +418,9 @@ def _fp8_dispatch(args, group, a2a, kernels, stream) -> dict:
             "speedup": slowest["bf16_dispatch_us"] / slowest["fp8_dispatch_us"]}
 
 
-def _wall_us(fn, group, calls: int, spin) -> tuple[float, float]:
-    """(wall, host) microseconds per ``fn()``, medians of ``BATCHES`` batches: wall over
+def _wall_us(fn, group, calls: int, spin) -> tuple[float, float, float]:
+    """(wall, host, best wall) microseconds per ``fn()``, medians of ``BATCHES`` batches
+    (and the fastest batch's wall): wall over
     ``calls`` back-to-back calls and one synchronisation; host = enqueue time per call of
     ``HOST_CALLS`` calls issued while the GPU runs a long spin kernel, so that no launch
     waits for the GPU."""
@@ -434,7 +438,7 @@ def _wall_us(fn, group, calls: int, spin) -> tuple[float, float]:
             fn()
         hosts.append((time.perf_counter() - t0) / HOST_CALLS * 1e6)
         cupy.cuda.runtime.deviceSynchronize()
-    return float(np.median(walls)), float(np.median(hosts))
+    return float(np.median(walls)), float(np.median(hosts)), float(min(walls))
 
 
 def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
@@ -472,14 +476,15 @@ def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
         for framework, given, fn in ways:
             if framework == "torch":
                 with torch.cuda.stream(ts):  # torch's current stream is the same stream
-                    wall, host = _wall_us(fn, group, args.host_calls, kernels.spin)
+                    times = _wall_us(fn, group, args.host_calls, kernels.spin)
             else:
-                wall, host = _wall_us(fn, group, args.host_calls, kernels.spin)
-            slow = group.allgather((wall, host))
+                times = _wall_us(fn, group, args.host_calls, kernels.spin)
+            slow = group.allgather(times)
             rows.append({"op": "EPAllToAll" if "EPAllToAll" in given else "MoeAlltoAll",
                          "arrays": framework, "stream": given.replace("EPAllToAll, ", ""),
-                         "tokens": T, "wall_us": max(w for w, _ in slow),
-                         "host_us": max(h for _, h in slow)})
+                         "tokens": T, "wall_us": max(t[0] for t in slow),
+                         "host_us": max(t[1] for t in slow),
+                         "best_wall_us": max(t[2] for t in slow)})
     a2a.check_error(stream, synchronize=True)
     return rows
 
@@ -567,6 +572,7 @@ def run(args) -> int:
         extras = {}
         if exclusive and not args.no_extras:
             extras["host"] = _host_cost(args, group, a2a, compact, kernels, stream)
+            extras["host_speed"] = host_speed(group)
             extras["fp8"] = _fp8_dispatch(args, group, a2a, kernels, stream)
             extras["sms"] = _sms_sweep(args, group, kernels, stream, calls)
     a2a.check_error(stream, synchronize=True)
@@ -600,7 +606,9 @@ def run(args) -> int:
                   f"fp8 {f['fp8_dispatch_us']:.1f} us, {f['speedup']:.2f}x")
             print("# eager cost per dispatch+combine pair (wall over back-to-back pairs)")
             print_table(extras["host"], ["op", "arrays", "stream", "tokens", "wall_us",
-                                         "host_us"])
+                                         "best_wall_us", "host_us"])
+            print("# host speed per rank (bench.common.host_speed)")
+            print_table(extras["host_speed"], ["rank", "launch_us", "alloc_us"])
         setup.update(sms_sweep_tokens=args.sweep_tokens, host_tokens=args.host_tokens,
                      host_calls=args.host_calls)
         path = write_result(args.out, "moe", env, rows, setup=setup, shared_gpu=not exclusive,
