@@ -10,7 +10,11 @@
 //                    code = e2m1(v * o), two codes per byte, the even element low.
 // Every kernel walks its work items with a grid-stride loop (the host caps the grid at
 // what the device keeps resident) and writes every byte of its outputs' layouts, padding
-// included, so no output needs clearing first.
+// included, so no output needs clearing first. Each is launched with programmatic
+// dependent launch unless the caller turns it off: it reads nothing before pdl_wait(), and
+// lets the next kernel start launching at once (a dependent that reads its outputs waits
+// for its whole grid in its own pdl_wait()), so that back-to-back kernels overlap one's
+// tail with the next one's launch.
 #include "args.cuh"
 #include "quant.cuh"
 
@@ -358,19 +362,29 @@ __device__ __forceinline__ void sf_interleave(const QuantArgs& a) {
   }
 }
 
+// Every kernel's first step (see the file comment).
+__device__ __forceinline__ void pdl_prologue() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
+
 }  // namespace
 
 #define MOECOMM_QUANT_KERNELS(SUFFIX, T)                                                       \
   extern "C" __global__ void __launch_bounds__(256) quant_fp8_static_##SUFFIX(const QuantArgs a) { \
+    pdl_prologue();                                                                            \
     fp8_static<T>(a);                                                                          \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) quant_fp8_token_##SUFFIX(const QuantArgs a) { \
+    pdl_prologue();                                                                            \
     fp8_token<T>(a);                                                                           \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) quant_fp8_group_##SUFFIX(const QuantArgs a) { \
+    pdl_prologue();                                                                            \
     fp8_group<T>(a);                                                                           \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) quant_nvfp4_##SUFFIX(const QuantArgs a) {  \
+    pdl_prologue();                                                                            \
     nvfp4<T>(a);                                                                               \
   }
 
@@ -379,5 +393,6 @@ MOECOMM_QUANT_KERNELS(fp16, __half)
 MOECOMM_QUANT_KERNELS(fp32, float)
 
 extern "C" __global__ void __launch_bounds__(256) nvfp4_sf_interleave(const QuantArgs a) {
+  pdl_prologue();
   sf_interleave(a);
 }

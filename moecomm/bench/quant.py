@@ -7,7 +7,8 @@ written), that over the graph time in GB/s, and its fractions of two ceilings:
 device-to-device copy, bytes read plus written: about 4.2 TB/s on an H200), and
 ``of_peak``, the datasheet's ``--peak`` (4.8 TB/s by default). ``copy_GBps`` is a copy of
 the input's own bytes (the traffic a perfect kernel of that size moves), for the fixed
-cost a kernel of that size pays.
+cost a kernel of that size pays. The calls use programmatic dependent launch (the default);
+``nopdl_us`` and ``nopdl_of_ceiling`` are the same graph with ``enable_pdl=False``.
 Run it with one rank: ``python -m moecomm.bench quant``.
 """
 
@@ -34,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=50)
 
 
-def _call(mode: str, x, scale, stream):
+def _call(mode: str, x, scale, stream, pdl: bool = True):
     """A zero-allocation call of ``mode`` on ``x`` (its outputs made once) and the bytes
     it moves."""
     m, k = x.shape
@@ -46,23 +47,26 @@ def _call(mode: str, x, scale, stream):
                         else (m, k // 16), np.uint8)
         if mode == "interleave":
             lin = cupy.zeros((m, k // 16), np.uint8)
-            return (lambda: nvfp4_block_scale_interleave(lin, out=sf, stream=stream),
+            return (lambda: nvfp4_block_scale_interleave(lin, out=sf, stream=stream,
+                                                         enable_pdl=pdl),
                     lin.nbytes + sf.nbytes)
         return (lambda: quantize(x, "nvfp4", scale=scale, is_fp4_scale_swizzled=swizzled,
-                                 out=q, scale_out=sf, stream=stream),
+                                 out=q, scale_out=sf, stream=stream, enable_pdl=pdl),
                 read + q.nbytes + sf.nbytes)
     q = cupy.empty((m, k), np.uint8)
     if mode == "fp8_static":
-        return lambda: quantize(x, "fp8", scale=scale, out=q, stream=stream), read + q.nbytes
+        return (lambda: quantize(x, "fp8", scale=scale, out=q, stream=stream, enable_pdl=pdl),
+                read + q.nbytes)
     if mode == "fp8_token":
         s = cupy.empty((m, 1), np.float32)
         return (lambda: quantize(x, "fp8", per_act_token_quant=True, out=q, scale_out=s,
-                                 stream=stream), read + q.nbytes + s.nbytes)
+                                 stream=stream, enable_pdl=pdl), read + q.nbytes + s.nbytes)
     fmt = ScaleFormat.UE8M0 if mode == "fp8_group_ue8m0" else ScaleFormat.FP32
     s = (cupy.empty(ue8m0_mn_major_storage_size(m, k // 128), np.int32) if fmt == ScaleFormat.UE8M0
          else cupy.empty((m, k // 128), np.float32))
     return (lambda: quantize(x, "fp8", block_shape=[1, 128], scale_format=fmt, out=q,
-                             scale_out=s, stream=stream), read + q.nbytes + s.nbytes)
+                             scale_out=s, stream=stream, enable_pdl=pdl),
+            read + q.nbytes + s.nbytes)
 
 
 _CEILING_BYTES = 256 << 20
@@ -97,18 +101,21 @@ def run(args) -> int:
         for mode in modes:
             fn, nbytes = _call(mode, x, scale, stream)
             graph = graph_median_us(fn, iters=args.iters, stream=stream)
+            plain = graph_median_us(_call(mode, x, scale, stream, pdl=False)[0],
+                                    iters=args.iters, stream=stream)
             with stream:
                 eager = median_us(fn, iters=args.iters, stream=stream)
             gbps = nbytes / graph / 1e3
             rows.append({"mode": mode, "tokens": m, "hidden": k, "bytes": nbytes,
                          "graph_us": graph, "eager_us": eager, "GBps": gbps,
                          "of_ceiling": gbps / ceiling, "of_peak": gbps / args.peak,
-                         "copy_GBps": copy})
+                         "copy_GBps": copy, "nopdl_us": plain,
+                         "nopdl_of_ceiling": nbytes / plain / 1e3 / ceiling})
     if group.rank == 0:
         print(f"# moecomm.quant, bf16 [tokens, {k}], {env['device']}, ceiling "
               f"{ceiling:.0f} GB/s (256 MiB copy), peak {args.peak:.0f} GB/s")
         print_table(rows, ["mode", "tokens", "graph_us", "eager_us", "GBps", "of_ceiling",
-                           "of_peak", "copy_GBps"])
+                           "of_peak", "copy_GBps", "nopdl_us", "nopdl_of_ceiling"])
         path = write_result(args.out, "quant", env, rows, peak_GBps=args.peak,
                             ceiling_GBps=ceiling)
         print(f"wrote {path}")

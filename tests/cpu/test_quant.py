@@ -42,8 +42,8 @@ def launches(monkeypatch):
         return SimpleNamespace(data=SimpleNamespace(ptr=1 << 24), shape=tuple(shape),
                                dtype=np.dtype(dtype))
 
-    def fake_launch(kernel, fields, units, h, block=quant._THREADS):
-        calls.append(SimpleNamespace(kernel=kernel, units=units, stream=h, **fields))
+    def fake_launch(kernel, fields, units, h, pdl, block=quant._THREADS):
+        calls.append(SimpleNamespace(kernel=kernel, units=units, stream=h, pdl=pdl, **fields))
 
     def fake_view(arr, shape, dtype, strides=None):
         return SimpleNamespace(base=arr.obj, shape=tuple(shape), dtype=np.dtype(dtype),
@@ -173,6 +173,14 @@ def test_moe_kernel_quantize_input(launches):
     assert [c.kernel for c in launches] == ["quant_fp8_static_bf16", "quant_fp8_token_bf16",
                                             "quant_fp8_group_bf16", "quant_nvfp4_bf16"]
     assert launches[3].swizzled == 0
+    assert all(c.pdl for c in launches)  # programmatic dependent launch by default
+
+
+def test_enable_pdl(launches):
+    quant.quantize(Arr((2, 32), BF16), "nvfp4", scale=scalar(), enable_pdl=False)
+    quant.nvfp4_block_scale_interleave(Arr((2, 2), np.uint8), enable_pdl=False)
+    quant.nvfp4_block_scale_interleave(Arr((2, 2), np.uint8))
+    assert [c.pdl for c in launches] == [False, False, True]
 
 
 # ------------------------------------------------------------------ errors
@@ -229,6 +237,8 @@ ERRORS = [
           scale_out=Arr((4, 4), np.uint8)), ValueError, "scale_out: shape"),
     (dict(quant_dtype="nvfp4", scale=True, scale_format=SF.UE8M0), ValueError,
      "per-token-group FP8 only"),
+    (dict(quant_dtype="nvfp4", scale=True, enable_pdl=None), TypeError,
+     "enable_pdl must be a bool"),
 ]
 
 

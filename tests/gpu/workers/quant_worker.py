@@ -405,6 +405,58 @@ def graph_replay(ctx):
 
 
 @case
+def pdl_chain(ctx):
+    """Programmatic dependent launch: a chain whose kernels each read what the one before
+    wrote, big enough that a kernel launched early overlaps its predecessor (4096 x 7168):
+    static FP8 of x into q8, NVFP4 (linear scales) of x, the interleave of those scales,
+    with PDL (the default) and without, eagerly and replayed in a graph, outputs poisoned
+    before each run."""
+    m, k = 1024, 7168
+    stream = cupy.cuda.Stream(non_blocking=True)
+    x = zeros((m, k), bfloat16)
+    gs, s8 = device_scale(1.0), device_scale(1.0)
+    q8 = poisoned((m, k), np.uint8)
+    q4, lin = poisoned((m, k // 2), np.uint8), poisoned((m, k // 16), np.uint8)
+    sw = poisoned((reference.compute_fp4_swizzled_layout_sf_size(m, k // 16),), np.uint8)
+
+    def chain(pdl):
+        quantize(x, "fp8", scale=s8, out=q8, stream=stream, enable_pdl=pdl)
+        quantize(x, "nvfp4", scale=gs, is_fp4_scale_swizzled=False, out=q4, scale_out=lin,
+                 stream=stream, enable_pdl=pdl)
+        nvfp4_block_scale_interleave(lin, out=sw, stream=stream, enable_pdl=pdl)
+
+    graphs = {}
+    for pdl in (True, False):
+        chain(pdl)  # load the kernels outside the capture
+        stream.synchronize()
+        with stream:
+            stream.begin_capture()
+            chain(pdl)
+            graphs[pdl] = stream.end_capture()
+    for run in range(4):
+        pdl, replay = run % 2 == 0, run >= 2
+        xh = make_x(ctx.rng, m, k, bfloat16)
+        gv, sv = float(ctx.rng.uniform(100, 3000)), float(ctx.rng.uniform(0.01, 2))
+        raw(x).set(xh)
+        gs.set(np.array([gv], np.float32))
+        s8.set(np.array([sv], np.float32))
+        for buf in (q8, q4, lin, sw):
+            poison(buf)
+        cupy.cuda.runtime.deviceSynchronize()
+        if replay:
+            graphs[pdl].launch(stream)
+        else:
+            chain(pdl)
+        stream.synchronize()
+        what = f"pdl={pdl} {'graph' if replay else 'eager'}"
+        same(q8, reference.quant_fp8(xh, sv), f"{what} fp8 codes")
+        want_q, want_lin = reference.quant_nvfp4(xh, gv, "linear")
+        same(q4, want_q, f"{what} nvfp4 codes")
+        same(lin, want_lin, f"{what} nvfp4 linear scales")
+        same(sw, reference.nvfp4_block_scale_interleave(want_lin), f"{what} interleave")
+
+
+@case
 def vllm_entry_point(ctx):
     """moe_kernel_quantize_input with vLLM's arguments: NVFP4 with linear scales (then the
     interleave, as the all-gather path does), a static scale beside per_act_token_quant,
@@ -471,6 +523,8 @@ def bad_input(ctx):
         quantize(x, "fp8", block_shape=[1, 128])
     with pytest.raises(ValueError, match="sf_linear: expected 2"):
         nvfp4_block_scale_interleave(cupy.zeros(16, np.uint8))
+    with pytest.raises(TypeError, match="enable_pdl must be a bool"):
+        quantize(x, "nvfp4", scale=gs, enable_pdl=1)
 
 
 @case
