@@ -75,8 +75,8 @@ def host_speed(group, calls: int = 400) -> list[dict]:
 
     Eager (host-bound) results mean little without it: on the virtual machines of the
     2 x H200 hosts a process at times runs every piece of host code 1.4-1.9x slower than
-    the other rank on the same machine (a bare launch 5.5-6.2 instead of 4.1-4.5 us), for
-    seconds at a stretch; this is its state at the time of the call."""
+    the other rank on the same machine (a bare launch 5.4-8.2 instead of 4.1-4.5 us), for
+    seconds at a stretch or all along; this is its state at the time of the call."""
     import cupy
     import numpy as np
 

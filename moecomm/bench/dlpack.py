@@ -208,7 +208,8 @@ def run(args) -> int:
                            "import_us", "host_us"])
         print("# host speed per rank (bench.common.host_speed)")
         print_table(speed, ["rank", "launch_us", "alloc_us"])
-        print(f"wrote {write_result(args.out, 'dlpack', env, rows, nbytes=NBYTES, host_speed=speed)}")
+        path = write_result(args.out, "dlpack", env, rows, nbytes=NBYTES, host_speed=speed)
+        print(f"wrote {path}")
     group.close()
     return 0
 
