@@ -419,11 +419,10 @@ def _fp8_dispatch(args, group, a2a, kernels, stream) -> dict:
 
 
 def _wall_us(fn, group, calls: int, spin) -> tuple[float, float, float]:
-    """(wall, host, best wall) microseconds per ``fn()``, medians of ``BATCHES`` batches
-    (and the fastest batch's wall): wall over
-    ``calls`` back-to-back calls and one synchronisation; host = enqueue time per call of
-    ``HOST_CALLS`` calls issued while the GPU runs a long spin kernel, so that no launch
-    waits for the GPU."""
+    """(wall, host, best wall) microseconds per ``fn()``: medians of ``BATCHES`` batches of
+    wall = ``calls`` back-to-back calls and one synchronisation, and of host = enqueue time
+    per call of ``HOST_CALLS`` calls issued while the GPU runs a long spin kernel (no launch
+    waits for the GPU); best wall = the fastest batch's wall."""
     import time
 
     for _ in range(EAGER_WARMUP):
