@@ -225,10 +225,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // its start: each block, once all its threads have read them, arrives (a release
 // reduction that returns nothing, so no thread waits), and block 0 updates only when
 // every block has arrived. No fence: the next kernel of the stream sees the update at the
-// kernel boundary.
-__device__ __forceinline__ void grid_arrive(uint32_t* arrived) {
+// kernel boundary. `thread` arrives for the block (its warp alone waits for the release).
+__device__ __forceinline__ void grid_arrive(uint32_t* arrived, unsigned thread = 0) {
   __syncthreads();
-  if (threadIdx.x == 0) red_add_release_gpu(arrived, 1u);
+  if (threadIdx.x == thread) red_add_release_gpu(arrived, 1u);
 }
 
 // Block 0, thread 0, at its end: waits until every block has arrived, resets the count

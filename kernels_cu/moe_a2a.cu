@@ -17,13 +17,15 @@
 // of the block covers them, else its own chunk's counts published in chunk_counts (local,
 // [grid, ep], tagged with the call) plus those of the blocks before it, the last block
 // alone learning the totals. Then, kSub tokens at a time, warps 0..kSub/32-1 give each
-// token its slot per target (a prefix over the warps, source order) and the block writes
-// the tokens' rows of every payload, in one walk, straight into each target's receive
-// tensors (16-byte stores when rows and pointers allow, else 4-byte words), sanitising the
-// id payload per target on the way. A block that knows the totals writes this rank's
-// counts into every target's header; the id rows past the count are padded with the
-// invalid id (by every block, or by the one that knows); then every block signals. Block 0
-// waits (bounded) until every source's blocks have signalled and copies the counts.
+// token its slot per target (a prefix over the warps, source order; where the scan saw
+// every token and the chunk is one sub-chunk, the scan's route masks give the slots) and
+// the block writes the tokens' rows of every payload, in one token-major walk, straight
+// into each target's receive tensors (16-byte stores when rows and pointers allow, else
+// 4-byte words), sanitising the id payload per target on the way. A block that knows the
+// totals writes this rank's counts into every target's header; the id rows past the count
+// are padded with the invalid id (by every block, or by the one that knows); then every
+// block signals. Block 0 waits (bounded) until every source's blocks have signalled and
+// copies the counts.
 //
 // FP8 dispatch (kernel moe_a2a_dispatch_fp8, the same steps): payload quant_payload is
 // bf16 [T, H], H % 128 == 0. The block quantizes each of its tokens once, in registers,
@@ -60,6 +62,8 @@ using namespace moecomm::a2a;
 namespace {
 
 constexpr int kMaxRanks = config::kA2aMaxRanks;
+constexpr int kMaxPayloads = config::kA2aMaxPayloads;
+static_assert(kMaxPayloads <= 8, "copy_rows packs a payload entry into 3 bits");
 // Dispatch: a block's chunk goes in sub-chunks of kSub tokens; warps 0..kSubWarps-1 give
 // 32 tokens each their slots (counting them while the other warps still copy). The slots
 // live in dynamic shared memory, int32 [kSub, ep] (the host sizes it).
@@ -160,54 +164,87 @@ __device__ __forceinline__ uint32_t route_mask(const DispatchArgs& p, const Expe
   return m;
 }
 
-// Copy the rows of n tokens (c0 .. c0+n-1, slots in s_slot) of the payloads in bit mask
-// `payloads` to every target, moved as words W, 4 words in flight per thread. The payloads
-// share one flat walk (payload by payload, row-major within each), so that small rows
-// (ids, weights) ride in the big payload's load rounds instead of adding their own.
+// One payload of a copy walk (copy_rows), set up once per block: its source rows, the
+// offset of this rank's block in every target's receive tensor, its row in bytes, and
+// where its words end within a token's share of the walk.
+struct CopyPayload {
+  const uint8_t* src;
+  size_t dst;
+  uint32_t row;
+  uint32_t end;  // words of this payload and the walk's earlier ones, per token
+};
+
+// The walk over the payloads in bit mask `payloads`, moved as words W: one entry per
+// payload in mask order (threads 0..num_payloads-1 fill them; a barrier must follow).
 template <typename W>
-__device__ void copy_rows(const DispatchArgs& p, const int32_t* s_slot, int64_t c0,
-                          int n, uint32_t payloads) {
+__device__ __forceinline__ void plan_copy(const DispatchArgs& p, uint32_t payloads,
+                                          CopyPayload* s_walk) {
+  const int q = threadIdx.x;
+  if (q >= p.num_payloads || !((payloads >> q) & 1u)) return;
+  uint32_t end = 0;
+  for (int e = 0; e <= q; ++e)
+    if ((payloads >> e) & 1u) end += (uint32_t)(p.row_bytes[e] / sizeof(W));
+  const int i = __popc(payloads & ((1u << q) - 1u));
+  s_walk[i] = CopyPayload{reinterpret_cast<const uint8_t*>(p.src[q]),
+                          p.recv_off[q] + (size_t)p.ws.rank * p.runtime_max * p.row_bytes[q],
+                          (uint32_t)p.row_bytes[q], end};
+}
+
+// Copy the rows of n tokens (c0 .. c0+n-1, slots in s_slot) of the payloads of walk
+// `s_walk` (plan_copy; `words` per token, `count` payloads, `id_walk` the id payload's
+// entry or -1) to every target, moved as words W, kUnroll words in flight per thread.
+// The walk is token-major: a token's words of every payload in turn, so that small rows
+// (ids, weights) ride in the big payload's load rounds instead of adding their own. A
+// thread's position (token, word) advances by blockDim.x words per step without a
+// division where a token's words outnumber the block's threads.
+template <typename W>
+__device__ void copy_rows(const DispatchArgs& p, const CopyPayload* s_walk, int count,
+                          uint32_t words, int id_walk, const int32_t* s_slot, int64_t c0,
+                          int n) {
   constexpr int kUnroll = 4;
   const int ep = p.ws.ep_size;
   const int rank = p.ws.rank;
   const int epr = p.experts_per_rank;
   const uint32_t bad = (uint32_t)(int32_t)p.invalid_id;
-  int total = 0;
-  for (uint32_t m = payloads; m; m &= m - 1)
-    total += n * (int)(p.row_bytes[__ffs(m) - 1] / sizeof(W));
-  for (int base = threadIdx.x; base < total; base += kUnroll * blockDim.x) {
+  const uint32_t step = blockDim.x;
+  const uint32_t wrap = step / words, skip = step - wrap * words;  // per step: tokens, words
+  int tl = (int)(threadIdx.x / words);
+  uint32_t w = threadIdx.x - (uint32_t)tl * words;
+  while (tl < n) {
     W x[kUnroll];
-    int item[kUnroll][2];  // payload * kSub + token (local), word in the row
+    int item[kUnroll][2];  // token; word in its row << 3 | payload entry
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      int j = base + u * blockDim.x;
-      if (j >= total) break;
-      int q = 0, per_row = 0;
-      for (uint32_t m = payloads;; m &= m - 1) {
-        q = __ffs(m) - 1;
-        per_row = (int)(p.row_bytes[q] / sizeof(W));
-        if (j < n * per_row) break;
-        j -= n * per_row;
+      item[u][0] = tl;
+      if (tl >= n) break;
+      int e = 0;
+      uint32_t first = 0;
+      while (e + 1 < count && w >= s_walk[e].end) first = s_walk[e++].end;
+      item[u][1] = (int)(w - first) << 3 | e;
+      const CopyPayload& c = s_walk[e];
+      x[u] = Word<W>::load(c.src + (size_t)(c0 + tl) * c.row + (size_t)(w - first) * sizeof(W));
+      tl += (int)wrap;
+      w += skip;
+      if (w >= words) {
+        w -= words;
+        ++tl;
       }
-      const int tl = j / per_row;
-      item[u][0] = q * kSub + tl, item[u][1] = j - tl * per_row;
-      x[u] = Word<W>::load(reinterpret_cast<const uint8_t*>(p.src[q]) +
-                           (size_t)(c0 + tl) * p.row_bytes[q] + (size_t)item[u][1] * sizeof(W));
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * blockDim.x >= total) break;
-      const int q = item[u][0] / kSub, tl = item[u][0] % kSub;
-      const size_t row = p.row_bytes[q];
-      const size_t off = p.recv_off[q] + (size_t)rank * p.runtime_max * row +
-                         (size_t)item[u][1] * sizeof(W);
-      const bool sanitize = q == p.id_payload;
-      for (int j = 1; j <= ep; ++j) {
-        const int r = (rank + j) % ep;  // peers first, self last
-        const int slot = s_slot[tl * ep + r];
+      const int t = item[u][0];
+      if (t >= n) break;
+      const int e = item[u][1] & 7;
+      const CopyPayload& c = s_walk[e];
+      const size_t off = c.dst + (size_t)(item[u][1] >> 3) * sizeof(W);
+      const bool sanitize = e == id_walk;
+      int r = rank;
+      for (int j = 0; j < ep; ++j) {  // peers first, self last
+        if (++r == ep) r = 0;
+        const int slot = s_slot[t * ep + r];
         if (slot < 0) continue;
         const W y = sanitize ? Word<W>::keep(x[u], r * epr, (r + 1) * epr, bad) : x[u];
-        Word<W>::store(peer_base(p.ws, r) + off + (size_t)slot * row, y);
+        Word<W>::store(peer_base(p.ws, r) + off + (size_t)slot * c.row, y);
       }
     }
   }
@@ -604,6 +641,16 @@ __device__ void sum_counts(const uint64_t* counts, int64_t n, int ep, int rank, 
   }
 }
 
+// Token t's slot on target r: into the sub-chunk's slots (s_slot, from token c0 on), the
+// combine's send_slot and, when recording, the routing handle.
+__device__ __forceinline__ void put_slot(const DispatchArgs& p, int32_t* s_slot, int64_t c0,
+                                         int64_t t, int r, int slot) {
+  const int ep = p.ws.ep_size;
+  s_slot[(t - c0) * ep + r] = slot;
+  p.send_slot[t * ep + r] = slot;
+  if (p.route_mode == kRouteRecord) p.route_slot[t * ep + r] = slot;
+}
+
 // Step 1 of dispatch counts by a scan of every token (else by published chunk counts)
 // where one pass of the block's warps, 64 tokens each, covers them all.
 __device__ __forceinline__ bool counts_by_scan(const DispatchArgs& p) {
@@ -630,10 +677,26 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
 
+  __shared__ CopyPayload s_vec_walk[kMaxPayloads], s_word_walk[kMaxPayloads];
+  __shared__ int32_t s_warp_count[32][kMaxRanks];  // scan: tokens per target of each warp
+  uint32_t scan_ma = 0, scan_mb = 0;  // scan: the route masks of the lane's two tokens
   const ExpertOwner owner(p);
   if (threadIdx.x < kMaxRanks) s_before[threadIdx.x] = s_total[threadIdx.x] = 0;
+  // payloads moved as 16-byte vectors where rows and pointers allow, else as 4-byte words
+  uint32_t vec_payloads = 0, word_payloads = 0;
+  for (int q = 0; q < p.num_payloads; ++q) {
+    if (kFp8 && q == p.quant_payload) continue;
+    if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
+      vec_payloads |= 1u << q;
+    else
+      word_payloads |= 1u << q;
+  }
+  plan_copy<Vec16>(p, vec_payloads, s_vec_walk);
+  plan_copy<uint32_t>(p, word_payloads, s_word_walk);
   pdl_wait();
-  const uint32_t target = begin(ws, kStateDispatchSeen) + gridDim.x;
+  // the call's target count (a2a.cuh); the block arrives once step 1 is done, by its last
+  // warp, so that the arrive's fence does not hold up the first warp's tokens
+  const uint32_t target = *(volatile const uint32_t*)&ws.state[kStateDispatchSeen] + gridDim.x;
 
   // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r, two
   //    tokens per lane at a time. Where one pass of the block's warps covers every token,
@@ -656,6 +719,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
       const int64_t ta = base + lane, tb = ta + 32;
       const uint32_t ma = ta < to ? route_mask(p, owner, ta) : 0u;
       const uint32_t mb = tb < to ? route_mask(p, owner, tb) : 0u;
+      scan_ma = ma, scan_mb = mb;
       const uint32_t pa = __ballot_sync(~0u, ta < t0), pb = __ballot_sync(~0u, tb < t0);
       for (int r = 0; r < ep; ++r) {
         const uint32_t ba = __ballot_sync(~0u, (ma >> r) & 1u);
@@ -670,6 +734,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
       atomicAdd(&s_before[lane], before);
       atomicAdd(&s_total[lane], own);  // without `scan`: the chunk's own, for now
     }
+    if (scan && lane < ep) s_warp_count[warp][lane] = own;  // one pass: this warp's tokens
     if (!scan) {
       __syncthreads();
       if (threadIdx.x < ep && !last)
@@ -681,64 +746,85 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
       if (last && threadIdx.x < ep) s_total[threadIdx.x] += s_before[threadIdx.x];
     }
   }
-  __syncthreads();
+  grid_arrive(&ws.state[kStateArrived], blockDim.x - 32);  // with the block's barrier
   if (threadIdx.x < ep) s_next[0][threadIdx.x] = s_before[threadIdx.x];
 
   // 2. The chunk, `sub` tokens at a time: each assigning warp counts its 32 tokens per
   //    target (while the other warps may still copy the previous sub-chunk), then gives
   //    them their slots in token order after the earlier warps' tokens; the whole block
   //    then copies the sub-chunk's rows of every payload.
+  //    Where the scan saw every token and the chunk is one sub-chunk, its route masks give
+  //    the chunk's slots at once (token t's slot on target r: the tokens before t routed
+  //    to r, those of the warps before t's plus t's rank in its warp), and the sub-chunk
+  //    loop only copies: measured on 2 x H200, the pair at 1 to 128 tokens took 0.x us
+  //    less.
   const int sub_warps = min(kSubWarps, nwarps);
   const int sub = 32 * sub_warps;
-  const bool assigns = !replay && warp < sub_warps;
-  uint32_t vec_payloads = 0, word_payloads = 0;
-  for (int q = 0; q < p.num_payloads; ++q) {
-    if (kFp8 && q == p.quant_payload) continue;
-    if (((p.row_bytes[q] | p.src[q]) & 15u) == 0)
-      vec_payloads |= 1u << q;
-    else
-      word_payloads |= 1u << q;
+  const bool slots_by_scan = scan && t1 - t0 <= sub;
+  const bool assigns = !replay && !slots_by_scan && warp < sub_warps;
+  if (slots_by_scan) {
+    if ((int64_t)warp * 64 < t1 && (int64_t)warp * 64 + 64 > t0) {
+      int first = 0;  // lane r: tokens on target r in the warps before this one
+      if (lane < ep)
+        for (int w = 0; w < warp; ++w) first += s_warp_count[w][lane];
+      const int64_t ta = (int64_t)warp * 64 + lane, tb = ta + 32;
+      const uint32_t below = (1u << lane) - 1u;
+      for (int r = 0; r < ep; ++r) {
+        const bool ga = (scan_ma >> r) & 1u, gb = (scan_mb >> r) & 1u;
+        const uint32_t ba = __ballot_sync(~0u, ga), bb = __ballot_sync(~0u, gb);
+        const int f = __shfl_sync(~0u, first, r);
+        if (ta >= t0 && ta < t1) put_slot(p, s_slot, t0, ta, r, ga ? f + __popc(ba & below) : -1);
+        if (tb >= t0 && tb < t1)
+          put_slot(p, s_slot, t0, tb, r, gb ? f + __popc(ba) + __popc(bb & below) : -1);
+      }
+    }
+    __syncthreads();  // slots in
   }
+  // the two copy walks (planned before step 1, whose barriers publish them)
+  const int vec_count = __popc(vec_payloads), word_count = __popc(word_payloads);
+  const uint32_t vec_words = vec_count ? s_vec_walk[vec_count - 1].end : 0u;
+  const uint32_t word_words = word_count ? s_word_walk[word_count - 1].end : 0u;
+  const bool id_vec = p.id_payload >= 0 && ((vec_payloads >> p.id_payload) & 1u);
+  const bool id_word = p.id_payload >= 0 && ((word_payloads >> p.id_payload) & 1u);
+  const int id_vec_walk = id_vec ? __popc(vec_payloads & ((1u << p.id_payload) - 1u)) : -1;
+  const int id_word_walk = id_word ? __popc(word_payloads & ((1u << p.id_payload) - 1u)) : -1;
   uint32_t m = 0;  // assigning warps: the route mask of the lane's token
   int parity = 0;
   for (int64_t c0 = t0; c0 < t1; c0 += sub, parity ^= 1) {
     const int n = (int)min((int64_t)sub, t1 - c0);
     const int i = warp * 32 + lane;  // the assigning lane's token in the sub-chunk
-    if (assigns) {
-      m = i < n ? route_mask(p, owner, c0 + i) : 0u;
-      for (int r = 0; r < ep; ++r) {
-        const uint32_t b = __ballot_sync(~0u, (m >> r) & 1u);
-        if (lane == r) s_count[warp][r] = __popc(b);
-      }
-    }
-    __syncthreads();  // counts in; the previous sub-chunk's copies done (s_slot free)
-    if (replay) {
-      for (int k = threadIdx.x; k < n * ep; k += blockDim.x) {
-        const int slot = p.route_slot[c0 * ep + k];
-        s_slot[k] = slot;
-        p.send_slot[c0 * ep + k] = slot;
-      }
-    } else if (assigns) {
-      int start = 0;  // lane r: the first slot of this warp's tokens on target r
-      if (lane < ep) {
-        start = s_next[parity][lane];
-        for (int w = 0; w < warp; ++w) start += s_count[w][lane];
-        if (warp == sub_warps - 1) s_next[parity ^ 1][lane] = start + s_count[warp][lane];
-      }
-      const uint32_t below = (1u << lane) - 1u;
-      for (int r = 0; r < ep; ++r) {
-        const bool go = (m >> r) & 1u;
-        const uint32_t b = __ballot_sync(~0u, go);
-        const int first = __shfl_sync(~0u, start, r);
-        const int slot = go ? first + __popc(b & below) : -1;
-        if (i < n) {
-          s_slot[i * ep + r] = slot;
-          p.send_slot[(c0 + i) * ep + r] = slot;
-          if (p.route_mode == kRouteRecord) p.route_slot[(c0 + i) * ep + r] = slot;
+    if (!slots_by_scan) {  // assign the sub-chunk's slots
+      if (assigns) {
+        m = i < n ? route_mask(p, owner, c0 + i) : 0u;
+        for (int r = 0; r < ep; ++r) {
+          const uint32_t b = __ballot_sync(~0u, (m >> r) & 1u);
+          if (lane == r) s_count[warp][r] = __popc(b);
         }
       }
+      __syncthreads();  // counts in; the previous sub-chunk's copies done (s_slot free)
+      if (replay) {
+        for (int k = threadIdx.x; k < n * ep; k += blockDim.x) {
+          const int slot = p.route_slot[c0 * ep + k];
+          s_slot[k] = slot;
+          p.send_slot[c0 * ep + k] = slot;
+        }
+      } else if (assigns) {
+        int start = 0;  // lane r: the first slot of this warp's tokens on target r
+        if (lane < ep) {
+          start = s_next[parity][lane];
+          for (int w = 0; w < warp; ++w) start += s_count[w][lane];
+          if (warp == sub_warps - 1) s_next[parity ^ 1][lane] = start + s_count[warp][lane];
+        }
+        const uint32_t below = (1u << lane) - 1u;
+        for (int r = 0; r < ep; ++r) {
+          const bool go = (m >> r) & 1u;
+          const uint32_t b = __ballot_sync(~0u, go);
+          const int first = __shfl_sync(~0u, start, r);
+          if (i < n) put_slot(p, s_slot, c0, c0 + i, r, go ? first + __popc(b & below) : -1);
+        }
+      }
+      __syncthreads();  // slots in
     }
-    __syncthreads();  // slots in
     if (kFp8) {
       const int q = p.quant_payload;
       const int64_t row = (int64_t)p.row_bytes[q];  // bf16 in: 2 * row bytes per token
@@ -746,8 +832,10 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
                  p.recv_off[q] + (size_t)rank * p.runtime_max * row,
                  p.scale_off + (size_t)rank * p.runtime_max * p.scale_row_bytes, n);
     }
-    if (vec_payloads) copy_rows<Vec16>(p, s_slot, c0, n, vec_payloads);
-    if (word_payloads) copy_rows<uint32_t>(p, s_slot, c0, n, word_payloads);
+    if (vec_count)
+      copy_rows<Vec16>(p, s_vec_walk, vec_count, vec_words, id_vec_walk, s_slot, c0, n);
+    if (word_count)
+      copy_rows<uint32_t>(p, s_word_walk, word_count, word_words, id_word_walk, s_slot, c0, n);
   }
 
   // 3. Counts into every target's header (block 0, or the last block where only it knows
