@@ -577,10 +577,12 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
   const int64_t row = (int64_t)p.row_bytes;
   const int64_t block_bytes = (int64_t)p.runtime_max * row;
   pdl_wait();
-  const uint32_t seen = begin(ws, kStateCombineSeen);
-
   // 1-2. This rank's rows are ready (staged into the combine region first, if they must
   //      be): tell every rank (a2a.cuh, "ready"), then wait until every rank's are.
+  //      Without staging the signal goes first, ahead of the call-number read and the
+  //      block's arrive, whose latencies it would otherwise add to every peer's wait.
+  if (!p.stage) signal_ready(ws, kCombineCountOff);
+  const uint32_t seen = begin(ws, kStateCombineSeen);
   if (p.stage) {
     // the claim's shared word: the ring's first (the ring fills after the wait below); a
     // static shared variable would halve the ring kernel's speed (measured: blocks with
@@ -592,8 +594,7 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
       __shared__ uint32_t s_unit;
       stage(p, s_unit);
     }
-  } else
-    signal_ready(ws, kCombineCountOff);
+  }
   const bool ok = wait_all(ws, kCombineCountOff, seen + 1,
                            wait_context(ws, config::kErrA2aCombine));
   pdl_launch_dependents();

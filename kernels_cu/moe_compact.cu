@@ -182,8 +182,8 @@ __device__ void pull(const PullParams& p) {
   constexpr int K = Pack16<T>::kLanes;
   const A2aWorkspace& ws = p.ws;
   pdl_wait();
-  const uint32_t seen = a2a::begin(ws, a2a::kStateCombineSeen);
   a2a::signal_ready(ws, a2a::kCombineCountOff);  // ready at the start (a2a.cuh)
+  const uint32_t seen = a2a::begin(ws, a2a::kStateCombineSeen);
   const bool ok = a2a::wait_all(ws, a2a::kCombineCountOff, seen + 1,
                                 a2a::wait_context(ws, config::kErrCompactCombine));
   pdl_launch_dependents();
