@@ -45,10 +45,16 @@ __device__ __forceinline__ WaitContext wait_context(const A2aWorkspace& ws, uint
   return WaitContext{ws.error_word, ws.state + kStateAbort, ws.timeout_ns, code};
 }
 
-// Every thread reads local state word `word`, then the block arrives (grid_arrive) so
-// block 0 may change it at its end (end).
+// Local state word `word` as the previous kernel left it. A block that reads it must
+// arrive (grid_arrive on kStateArrived) once all its threads have, so that block 0 may
+// change it at its end (end).
+__device__ __forceinline__ uint32_t read_state(const A2aWorkspace& ws, int word) {
+  return *(volatile const uint32_t*)&ws.state[word];
+}
+
+// Every thread reads local state word `word`, then the block arrives.
 __device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
-  const uint32_t value = *(volatile const uint32_t*)&ws.state[word];
+  const uint32_t value = read_state(ws, word);
   grid_arrive(&ws.state[kStateArrived]);
   return value;
 }

@@ -679,7 +679,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   const int nwarps = blockDim.x >> 5;
 
   __shared__ CopyPayload s_vec_walk[kMaxPayloads], s_word_walk[kMaxPayloads];
-  __shared__ int32_t s_warp_count[32][kMaxRanks];  // scan: tokens per target of each warp
+  __shared__ int32_t s_warp_count[1024 / 32][kMaxRanks];  // scan: each warp's tokens per target
   uint32_t scan_ma = 0, scan_mb = 0;  // scan: the route masks of the lane's two tokens
   const ExpertOwner owner(p);
   if (threadIdx.x < kMaxRanks) s_before[threadIdx.x] = s_total[threadIdx.x] = 0;
@@ -697,7 +697,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   pdl_wait();
   // the call's target count (a2a.cuh); the block arrives once step 1 is done, by its last
   // warp, so that the arrive's fence does not hold up the first warp's tokens
-  const uint32_t target = *(volatile const uint32_t*)&ws.state[kStateDispatchSeen] + gridDim.x;
+  const uint32_t target = read_state(ws, kStateDispatchSeen) + gridDim.x;
 
   // 1. Per target: tokens routed before t0 and in total. Lane r of each warp counts r, two
   //    tokens per lane at a time. Where one pass of the block's warps covers every token,
