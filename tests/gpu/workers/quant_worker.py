@@ -248,6 +248,25 @@ def nvfp4_saturating_scale(ctx):
 
 
 @case
+def nvfp4_global_scale_range(ctx):
+    """Global scales from 2^-110 to 2^120, each on rows whose amax puts the block scales
+    inside the e4m3 range (at 2^120 the output scale gs / sf overflows to inf for the
+    smallest block scales); bf16 rows into swizzled scales, fp32 rows into linear ones."""
+    for log2, mant in ((-110, 1.37), (-101, 1.5), (-100, 1.0), (-99, 1.37), (-30, 1.37),
+                       (0, 1.0), (45, 1.9), (99, 1.37), (100, 1.0), (100, 1.37), (120, 1.37)):
+        gs = float(np.float32(mant * 2.0 ** log2))
+        for dtype, mode in ((bfloat16, MODES["nvfp4-swizzled"]),
+                            (np.float32, MODES["nvfp4-linear"])):
+            base = make_x(ctx.rng, 129, 256, np.float32)
+            x = (base / np.abs(base).max() * np.float32(1200.0 / gs)).astype(np.float32)
+            xh = x.astype(bfloat16).view(np.uint16) if dtype == bfloat16 else x
+            out, sout = mode.outputs(129, 256)
+            q, sf = mode.call(ctx.device(xh), device_scale(gs), out, sout, stream=ctx.stream)
+            ctx.stream.synchronize()
+            mode.check(xh, gs, out, sout, q, sf, f"gs {mant} x 2^{log2}, {mode}")
+
+
+@case
 def nvfp4_unaligned_outputs(ctx):
     """Codes into a buffer 8 bytes past a 16-byte boundary and linear scales at an odd
     address (the kernel's narrow stores), at even and odd numbers of scale columns."""
