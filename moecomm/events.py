@@ -45,6 +45,7 @@ import weakref
 import numpy as np
 
 from . import group as _group
+from .op import bool_option
 
 __all__ = ["CommHandle", "event_handle", "issue", "finish"]
 
@@ -68,9 +69,7 @@ def event_handle(event, name: str = "previous_event") -> int:
 
 
 def check_async(async_op) -> bool:
-    if not isinstance(async_op, (bool, np.bool_)):
-        raise TypeError(f"async_op must be a bool, got {type(async_op).__name__}")
-    return bool(async_op)
+    return bool_option("async_op", async_op)
 
 
 class CommHandle:

@@ -58,6 +58,13 @@ def options(cls, value, name: str = "config"):
     return value
 
 
+def bool_option(name: str, value) -> bool:
+    """``value`` as a bool (TypeError for anything but a Python or NumPy bool)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def int_at_least(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (TypeError for non-integers, bools included)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

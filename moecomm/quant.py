@@ -63,7 +63,7 @@ from .kernel_args import QuantArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, pad_up, ue8m0_mn_major_storage_size, \
     ue8m0_words_per_row
-from .op import device_facts, empty
+from .op import bool_option, device_facts, empty
 from .tensors import FLOAT_DTYPES, DeviceArray, import_array, stream_handle
 
 __all__ = ["QuantDtype", "ScaleFormat", "quantize", "nvfp4_block_scale_interleave",
@@ -242,12 +242,6 @@ def _launch(kernel: str, fields: dict, units: int, h: int, pdl: bool,
     launcher(min(-(-units // per_block), resident), block, h)
 
 
-def _pdl(value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"enable_pdl must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
 def _fields(x_ptr=0, q_ptr=0, sf_ptr=0, scale_ptr=0, rows=0, cols=0, group_size=0,
             swizzled=0, ue8m0=0) -> dict:
     return {"x": x_ptr, "q": q_ptr, "scale_out": sf_ptr, "scale": scale_ptr, "rows": rows,
@@ -278,7 +272,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
         stream: as every op (default: CuPy's current stream).
         enable_pdl: launch with programmatic dependent launch (see the module doc).
     """
-    pdl = _pdl(enable_pdl)
+    pdl = bool_option("enable_pdl", enable_pdl)
     qd = _quant_dtype(quant_dtype)
     fmt = _scale_format(scale_format)
     if qd is None:
@@ -385,7 +379,7 @@ def nvfp4_block_scale_interleave(sf_linear, *, out=None, stream=None,
     bytes, padding 0 (``reference.nvfp4_block_scale_interleave``). ``out``: at least that
     many bytes, 4-byte aligned, any shape; must not overlap ``sf_linear``. ``enable_pdl``
     as ``quantize``'s."""
-    pdl = _pdl(enable_pdl)
+    pdl = bool_option("enable_pdl", enable_pdl)
     h = stream_handle(stream)
     src = import_array(sf_linear, "sf_linear", dtype=_CODE_DTYPES, ndim=2, stream=h)
     rows, kcols = src.shape

@@ -96,8 +96,8 @@ from ..errors import ErrorWord, timeout_ns
 from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import (Op, Phase, device_facts, empty, ep_group, group_sms, int_at_least, options,
-                  round_up)
+from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, group_sms,
+                  int_at_least, options, round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, import_array, stream_handle
 
@@ -635,9 +635,7 @@ class MoeAlltoAll(Op):
 
     def _route(self, handle, return_handle, ids_obj, T: int, stream) -> RoutingHandle | None:
         """The routing handle of a dispatch (validated), or None."""
-        if not isinstance(return_handle, (bool, np.bool_)):
-            raise TypeError(f"return_handle must be a bool, got {type(return_handle).__name__}")
-        if return_handle:
+        if bool_option("return_handle", return_handle):
             if handle is not None:
                 raise ValueError("pass handle= (to replay or record into it) or "
                                  "return_handle=True (a new handle), not both")

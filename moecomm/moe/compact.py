@@ -67,7 +67,7 @@ from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceAr
                            CompactStageArgs)
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import Op, Phase, device_facts, empty, ep_group, int_at_least, out_array, round_up
+from ..op import Op, Phase, bool_option, device_facts, empty, ep_group, int_at_least, out_array, round_up
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, stream_handle
 from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
@@ -251,9 +251,7 @@ class EPAllToAll(Op):
             if self.hidden * dt.itemsize % 16:
                 raise ValueError(f"hidden={self.hidden} with {name} {dt.name}: rows of "
                                  f"{self.hidden * dt.itemsize} bytes, must be a multiple of 16")
-        if not isinstance(local_combine, (bool, np.bool_)):
-            raise TypeError("local_combine must be a bool")
-        self.local_combine = bool(local_combine)
+        self.local_combine = bool_option("local_combine", local_combine)
         if max_recv_rows is not None and capacity_factor is not None:
             raise ValueError("pass max_recv_rows or capacity_factor, not both")
 
@@ -552,8 +550,7 @@ class EPAllToAll(Op):
         if layout is not self._layout or self.phase != Phase.DISPATCHED:
             raise RuntimeError("EPAllToAll.combine needs the layout of the dispatch just before "
                                "(dispatch and combine alternate)")
-        if not isinstance(apply_weights, (bool, np.bool_)):
-            raise TypeError(f"apply_weights must be a bool, got {type(apply_weights).__name__}")
+        apply_weights = bool_option("apply_weights", apply_weights)
         ya = as_array(y, "y", dtype=self.combine_dtype, shape=(self.capacity, self.hidden),
                       stream=stream)
         T, rmax = layout.num_tokens, self._rmax
