@@ -266,6 +266,22 @@ def nvfp4_global_scale_range(ctx):
             mode.check(xh, gs, out, sout, q, sf, f"gs {mant} x 2^{log2}, {mode}")
 
 
+@case(dtypes=("bf16", "fp32"))
+def nvfp4_grid_stride(ctx, dtype):
+    """Matrices with more scale bytes than the resident grid takes in one step (each warp
+    walks several), at odd and even numbers of scale columns, so that the linear walk's
+    (row, block) stepping wraps at every offset and the swizzled one crosses bands."""
+    for m, k in ((6000, 2064), (4099, 4096)):
+        xh = make_x(ctx.rng, m, k, dtype)
+        sv = MODES["nvfp4-linear"].scale_value(xh)
+        for name in ("nvfp4-swizzled", "nvfp4-linear"):
+            mode = MODES[name]
+            out, sout = mode.outputs(m, k)
+            q, sf = mode.call(ctx.device(xh), device_scale(sv), out, sout, stream=ctx.stream)
+            ctx.stream.synchronize()
+            mode.check(xh, sv, out, sout, q, sf, f"grid stride {mode} [{m}, {k}]")
+
+
 @case
 def nvfp4_unaligned_outputs(ctx):
     """Codes into a buffer 8 bytes past a 16-byte boundary and linear scales at an odd
