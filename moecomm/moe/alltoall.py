@@ -148,7 +148,7 @@ def _combine_threads(wanted: int | None, ring: bool) -> int:
     if not ring:
         return wanted or 512
     most = device_facts().max_shared_per_block // _COMBINE_RING_BYTES_PER_THREAD // 32 * 32
-    return max(32, min(wanted or 256, most))
+    return max(32, min(wanted or 512, most))
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,16 @@ class MoeAlltoAllConfig:
     """Launch configuration of ``MoeAlltoAll`` (checked at construction).
 
     num_sms: SMs dispatch and combine may occupy (None: every SM of the device); the rest
-        stay free for compute running beside them. The same on every rank.
+        stay free for compute running beside them. The same on every rank. Below the
+        device's SM count each grid has at most ``num_sms`` blocks, one per SM (the
+        block scheduler spreads a grid over free SMs first: two blocks per budgeted SM
+        would occupy twice the SMs while a GEMM beside them waits for its next kernel's).
     dispatch_threads: block size of dispatch (a multiple of 32, at most 512).
-    dispatch_blocks_per_sm: dispatch blocks per SM of the budget, capped at the blocks of
-        the kernel that fit on one SM (so that the grid fits on ``num_sms`` SMs).
+    dispatch_blocks_per_sm: dispatch blocks per SM, capped at the blocks of the kernel that
+        fit on one SM; under a budget, one block of that many times ``dispatch_threads``
+        (up to the kernel's limit) per SM instead.
     combine_threads: block size of combine (a multiple of 32, at most 512; fewer where a
-        block's shared memory cannot hold that many threads' rings). None: 512 with
-        register loads, 256 through the ring.
+        block's shared memory cannot hold that many threads' rings). None: 512.
     combine_ring: how the combine pulls rows. False: into registers (the lowest latency);
         True: through a shared-memory ring per warp (cp.async), which keeps more bytes in
         flight per SM than registers can hold; None: the ring under an SM budget
@@ -448,6 +451,7 @@ class MoeAlltoAll(Op):
         self.experts_per_rank = self.num_experts // ep
         self.workspace_size_per_rank = size
         self.num_sms = min(sms, self.config.num_sms or sms)
+        self.budgeted = self.num_sms < sms  # then one block per SM (MoeAlltoAllConfig.num_sms)
         self.device_id = cupy.cuda.runtime.getDevice()
         self._state = cupy.zeros(_STATE_WORDS, np.uint32)
         self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
@@ -468,7 +472,7 @@ class MoeAlltoAll(Op):
         for k in self._combine_kernels.values():
             if k.max_dynamic_shared_size_bytes < self._combine_smem:
                 k.max_dynamic_shared_size_bytes = self._combine_smem
-        self._combine_blocks_per_sm = min(
+        self._combine_blocks_per_sm = 1 if self.budgeted else min(
             device_facts().blocks_per_sm(k, combine_threads, self._combine_smem)
             for k in self._combine_kernels.values())
         self._prepared_dispatch: dict = {}
@@ -695,12 +699,15 @@ class MoeAlltoAll(Op):
                               (self.ep_size, rmax, quantize.scale_width(hidden)),
                               offset=plan.recv_off[-1]))
         smem = A2A_DISPATCH_SUB * self.ep_size * 4  # a sub-chunk's slots, int32 [sub, ep]
+        threads = self.config.dispatch_threads
         per_sm = min(self.config.dispatch_blocks_per_sm,
-                     device_facts().blocks_per_sm(kernel, self.config.dispatch_threads, smem))
+                     device_facts().blocks_per_sm(kernel, threads, smem))
+        if self.budgeted:  # one block per SM of the budget, holding what per_sm blocks would
+            threads = min(threads * per_sm, kernel.max_threads_per_block)
+            per_sm = 1
         wanted = max(min(rmax, _DISPATCH_MIN_BLOCKS), -(-rmax // _DISPATCH_TOKENS_PER_BLOCK))
         grid = max(1, min(wanted, self.num_sms * per_sm))
-        return _Prepared(launcher, grid, self.config.dispatch_threads, plan, views, {},
-                         shared_mem=smem)
+        return _Prepared(launcher, grid, threads, plan, views, {}, shared_mem=smem)
 
     def _payloads(self, input_payloads, T: int, stream: int) -> list:
         if not isinstance(input_payloads, (list, tuple)):

@@ -311,7 +311,11 @@ class EPAllToAll(Op):
         self._sym = None
         try:
             sms = self._a2a.num_sms  # the SM budget of MoeAlltoAllConfig.num_sms
-            self._sms, self._max_grid = sms, 2 * sms
+            # the expand's and the combine's most blocks: 2 and 4 per SM, one under a
+            # budget (see MoeAlltoAllConfig.num_sms)
+            budgeted = self._a2a.budgeted
+            self._max_grid = sms if budgeted else 2 * sms
+            self._max_combine_grid = sms if budgeted else 4 * sms
             self._y_view = None  # the combine input array, made on first use
             self._prefix: dict[int, _PrefixViews] = {}  # by token count
             # One spare row past the capacity in recv_x / src / recv_weights: nothing may
@@ -365,7 +369,8 @@ class EPAllToAll(Op):
                 kernel = get_kernel(_SOURCE, f"moe_compact_pull_{suffix}")
                 self._pull = self._a2a.combine_launcher(kernel, CompactPullArgs)
                 # At most the blocks the SMs hold at once (more would only run in turns).
-                self._pull_blocks = sms * device_facts().blocks_per_sm(kernel, _COMBINE_THREADS)
+                self._pull_blocks = sms * (1 if budgeted else
+                                           device_facts().blocks_per_sm(kernel, _COMBINE_THREADS))
                 q = self._pull.args
                 q.peers[:ep] = self._sym.ptrs
                 q.ids, q.codes = self._ids_copy.data.ptr, self._codes.data.ptr
@@ -596,7 +601,7 @@ class EPAllToAll(Op):
         return views
 
     def _combine_grid(self, units: int) -> int:
-        return max(1, min(4 * self._sms, -(-units // _COMBINE_THREADS)))
+        return max(1, min(self._max_combine_grid, -(-units // _COMBINE_THREADS)))
 
     def _pull_grid(self, rmax: int) -> int:
         """The pull's grid: a warp per piece of _PULL_PIECE columns of up to rmax tokens'

@@ -318,16 +318,23 @@ def experts_per_rank(ctx):
 
 @case
 def sm_budget(ctx):
-    """num_sms=1: one dispatch block walks all 48 tokens and one SM's combine blocks cover
-    every row (through the ring: a budget below the device's SMs picks it)."""
+    """num_sms=1: one dispatch block walks all 48 tokens and one combine block covers every
+    row (through the ring: a budget below the device's SMs picks it). num_sms=3 with two
+    dispatch blocks per SM: grids of at most 3 blocks (one per budgeted SM, the dispatch's
+    of twice the threads), so that the block scheduler cannot spread them over more SMs."""
     n = ctx.group.local_size
-    config = MoeAlltoAllConfig(num_sms=1, dispatch_blocks_per_sm=1)
-    with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n, workspace_size_per_rank=workspace_bytes(n),
-                     config=config) as a2a:
-        assert a2a.num_sms == 1 and a2a._combine_ring
-        seed = ctx.new_seed()
-        run_pair(ctx, a2a, Exchange(seed, n, mode="full"), combine="bf16", use_out=True)
-        run_pair(ctx, a2a, Exchange(seed + 1, n), combine="fp32", zero_copy=True)
+    for sms, per_sm in ((1, 1), (3, 2)):
+        config = MoeAlltoAllConfig(num_sms=sms, dispatch_blocks_per_sm=per_sm)
+        with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n,
+                         workspace_size_per_rank=workspace_bytes(n), config=config) as a2a:
+            assert a2a.num_sms == sms and a2a._combine_ring and a2a.budgeted
+            seed = ctx.new_seed()
+            run_pair(ctx, a2a, Exchange(seed, n, mode="full"), combine="bf16", use_out=True)
+            run_pair(ctx, a2a, Exchange(seed + 1, n), combine="fp32", zero_copy=True)
+            launches = list(a2a._prepared_dispatch.values()) + list(a2a._prepared_combine.values())
+            assert launches and all(p.grid <= sms for p in launches), \
+                [(p.grid, p.block) for p in launches]
+            assert {p.block for p in a2a._prepared_dispatch.values()} == {512 * per_sm}
 
 
 @case
@@ -344,7 +351,7 @@ def dispatch_sub_chunks(ctx):
     size = MoeAlltoAll.get_moe_workspace_size_per_rank(
         n, TOP_K, T, H, extra_payload_bytes_per_token=H + 4 * SCALES + 2 * H)
     seed = ctx.new_seed()
-    for threads, sms, per_sm in ((512, 1, 1), (64, 1, 1), (64, 4, 2)):
+    for threads, sms, per_sm in ((512, 1, 1), (64, 1, 1), (64, 8, 1)):
         config = MoeAlltoAllConfig(num_sms=sms, dispatch_blocks_per_sm=per_sm,
                                    dispatch_threads=threads)
         with MoeAlltoAll(ctx.group, T, TOP_K, EPR * n, workspace_size_per_rank=size,
