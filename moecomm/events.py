@@ -68,10 +68,6 @@ def event_handle(event, name: str = "previous_event") -> int:
                     f"an int cudaEvent_t, got {type(event).__name__}")
 
 
-def check_async(async_op) -> bool:
-    return bool_option("async_op", async_op)
-
-
 class CommHandle:
     """The completion of one asynchronous collective: ``event`` is recorded on the op's
     stream after its last kernel.
@@ -153,7 +149,7 @@ def issue(stream: int, previous_event=None, async_op: bool = False, *, owner=Non
     """Called by an op after its argument checks, before its first launch on ``stream``
     (a raw handle): validates the options, orders the stream after ``previous_event``.
     Returns ``async_op`` as a bool (pass it on to ``finish``)."""
-    async_op = check_async(async_op)
+    async_op = bool_option("async_op", async_op)
     ev = None if previous_event is None else event_handle(previous_event)
     if _group.DEBUG:
         _debug_check(owner, op)

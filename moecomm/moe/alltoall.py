@@ -472,7 +472,7 @@ class MoeAlltoAll(Op):
         for k in self._combine_kernels.values():
             if k.max_dynamic_shared_size_bytes < self._combine_smem:
                 k.max_dynamic_shared_size_bytes = self._combine_smem
-        self._combine_blocks_per_sm = 1 if self.budgeted else min(
+        self._combine_blocks_per_sm = min(
             device_facts().blocks_per_sm(k, combine_threads, self._combine_smem)
             for k in self._combine_kernels.values())
         self._prepared_dispatch: dict = {}
@@ -663,6 +663,11 @@ class MoeAlltoAll(Op):
                                      "RoutingHandle was recorded with (MOECOMM_DEBUG)")
         return handle
 
+    def max_blocks(self, per_sm: int) -> int:
+        """The most blocks a grid of this layer may have: ``per_sm`` per SM with every SM,
+        one per SM under a budget (``MoeAlltoAllConfig.num_sms``)."""
+        return self.num_sms * (1 if self.budgeted else per_sm)
+
     def _prepare_dispatch(self, rmax: int, payloads, invalid, id_index, quantize) -> _Prepared:
         """Validate the options of a new payload layout; its launcher, grid and views."""
         id_payload, invalid = self._sanitize_option(invalid, id_index, payloads)
@@ -702,11 +707,10 @@ class MoeAlltoAll(Op):
         threads = self.config.dispatch_threads
         per_sm = min(self.config.dispatch_blocks_per_sm,
                      device_facts().blocks_per_sm(kernel, threads, smem))
-        if self.budgeted:  # one block per SM of the budget, holding what per_sm blocks would
+        if self.budgeted:  # one block per SM holds what per_sm blocks would
             threads = min(threads * per_sm, kernel.max_threads_per_block)
-            per_sm = 1
         wanted = max(min(rmax, _DISPATCH_MIN_BLOCKS), -(-rmax // _DISPATCH_TOKENS_PER_BLOCK))
-        grid = max(1, min(wanted, self.num_sms * per_sm))
+        grid = max(1, min(wanted, self.max_blocks(per_sm)))
         return _Prepared(launcher, grid, threads, plan, views, {}, shared_mem=smem)
 
     def _payloads(self, input_payloads, T: int, stream: int) -> list:
@@ -935,7 +939,8 @@ class MoeAlltoAll(Op):
         # A warp per piece of A2A_COMBINE_UNITS x 32 columns of a row at most, and the
         # blocks the budget's SMs hold at once (more would only run in turns).
         pieces = plan.runtime_max * -(-(row // 16) // (32 * A2A_COMBINE_UNITS))
-        grid = max(1, min(-(-pieces // (block // 32)), self.num_sms * self._combine_blocks_per_sm))
+        grid = max(1, min(-(-pieces // (block // 32)),
+                          self.max_blocks(self._combine_blocks_per_sm)))
         return _Prepared(launcher, grid, block, None, None, shared_mem=self._combine_smem)
 
     def _same_runtime_max(self, value, plan: DispatchPlan) -> int:

@@ -67,7 +67,8 @@ from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceAr
                            CompactStageArgs)
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import Op, Phase, bool_option, device_facts, empty, ep_group, int_at_least, out_array, round_up
+from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, int_at_least, out_array,
+                  round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, stream_handle
 from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
@@ -310,12 +311,9 @@ class EPAllToAll(Op):
         self.ep_rank, self.ep_size = self._a2a.ep_rank, self._a2a.ep_size
         self._sym = None
         try:
-            sms = self._a2a.num_sms  # the SM budget of MoeAlltoAllConfig.num_sms
-            # the expand's and the combine's most blocks: 2 and 4 per SM, one under a
-            # budget (see MoeAlltoAllConfig.num_sms)
-            budgeted = self._a2a.budgeted
-            self._max_grid = sms if budgeted else 2 * sms
-            self._max_combine_grid = sms if budgeted else 4 * sms
+            # the expand's and the combine's most blocks: 2 and 4 per SM of the budget
+            self._max_grid = self._a2a.max_blocks(2)
+            self._max_combine_grid = self._a2a.max_blocks(4)
             self._y_view = None  # the combine input array, made on first use
             self._prefix: dict[int, _PrefixViews] = {}  # by token count
             # One spare row past the capacity in recv_x / src / recv_weights: nothing may
@@ -369,8 +367,8 @@ class EPAllToAll(Op):
                 kernel = get_kernel(_SOURCE, f"moe_compact_pull_{suffix}")
                 self._pull = self._a2a.combine_launcher(kernel, CompactPullArgs)
                 # At most the blocks the SMs hold at once (more would only run in turns).
-                self._pull_blocks = sms * (1 if budgeted else
-                                           device_facts().blocks_per_sm(kernel, _COMBINE_THREADS))
+                self._pull_blocks = self._a2a.max_blocks(
+                    device_facts().blocks_per_sm(kernel, _COMBINE_THREADS))
                 q = self._pull.args
                 q.peers[:ep] = self._sym.ptrs
                 q.ids, q.codes = self._ids_copy.data.ptr, self._codes.data.ptr
