@@ -131,6 +131,12 @@ _PLAN_CACHE = 64  # prepared dispatch / combine launches kept per MoeAlltoAll
 # four; 512 58.4 against 57.7 at four; from 1024 tokens the SM budget caps the grid.
 _DISPATCH_TOKENS_PER_BLOCK = 4
 _DISPATCH_MIN_BLOCKS = 48
+# Under an SM budget (sm_90+) the grids launch as thread block clusters of up to this many
+# blocks (the largest size that divides the grid), which the hardware places on the SMs of
+# one GPC. Measured on 2 x H200 at 4096 tokens (bench/results/moe-budget-clusters-*.txt),
+# dispatch + combine alone: 24 SMs 425 -> 376 us, 32 SMs 397 -> 372, 16 SMs 399 -> 389
+# (every SM: 368); clusters of 2 gained less, clusters of 8 delayed the combine beside a GEMM.
+_BUDGET_CLUSTER = 4
 
 
 def _align(n: int, a: int = REGION_ALIGN) -> int:
@@ -382,6 +388,7 @@ class _Prepared(NamedTuple):
     views: list | None
     combine_views: dict | None = None  # (runtime_max, hidden, dtype) -> combine region view
     shared_mem: int = 0  # dynamic shared memory of the launch, bytes
+    cluster: int = 1  # blocks per thread block cluster (MoeAlltoAll.cluster_size)
 
 
 class MoeAlltoAll(Op):
@@ -621,7 +628,8 @@ class MoeAlltoAll(Op):
             a.route_slot, a.route_total = route._slot.data.ptr, route._total.data.ptr
             a.route_mode = _ROUTE_REPLAY if route.recorded else _ROUTE_RECORD
             route.num_tokens = T
-        prepared.launcher(prepared.grid, prepared.block, stream_ptr, prepared.shared_mem)
+        prepared.launcher(prepared.grid, prepared.block, stream_ptr, prepared.shared_mem,
+                          prepared.cluster)
         self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
         result = list(prepared.views)
         if return_handle:
@@ -668,6 +676,14 @@ class MoeAlltoAll(Op):
         one per SM under a budget (``MoeAlltoAllConfig.num_sms``)."""
         return self.num_sms * (1 if self.budgeted else per_sm)
 
+    def cluster_size(self, grid: int) -> int:
+        """Blocks per thread block cluster of a ``grid``-block launch of this layer: under a
+        budget on sm_90+, the largest size up to 4 that divides ``grid`` (a cluster's
+        blocks run on one GPC: measured faster, _BUDGET_CLUSTER); else 1."""
+        if not self.budgeted or device_facts(self.device_id).arch < (9, 0):
+            return 1
+        return max(c for c in range(1, _BUDGET_CLUSTER + 1) if grid % c == 0)
+
     def _prepare_dispatch(self, rmax: int, payloads, invalid, id_index, quantize) -> _Prepared:
         """Validate the options of a new payload layout; its launcher, grid and views."""
         id_payload, invalid = self._sanitize_option(invalid, id_index, payloads)
@@ -711,7 +727,8 @@ class MoeAlltoAll(Op):
             threads = min(threads * per_sm, kernel.max_threads_per_block)
         wanted = max(min(rmax, _DISPATCH_MIN_BLOCKS), -(-rmax // _DISPATCH_TOKENS_PER_BLOCK))
         grid = max(1, min(wanted, self.max_blocks(per_sm)))
-        return _Prepared(launcher, grid, threads, plan, views, {}, shared_mem=smem)
+        return _Prepared(launcher, grid, threads, plan, views, {}, shared_mem=smem,
+                         cluster=self.cluster_size(grid))
 
     def _payloads(self, input_payloads, T: int, stream: int) -> list:
         if not isinstance(input_payloads, (list, tuple)):
@@ -892,7 +909,8 @@ class MoeAlltoAll(Op):
                                     op="MoeAlltoAll.combine")
         a = prepared.launcher.args
         a.payload, a.out, a.num_tokens = x.ptr, out_ptr, T
-        prepared.launcher(prepared.grid, prepared.block, handle, prepared.shared_mem)
+        prepared.launcher(prepared.grid, prepared.block, handle, prepared.shared_mem,
+                          prepared.cluster)
         self.phase = Phase.IDLE
         if not async_op:
             return out
@@ -912,7 +930,7 @@ class MoeAlltoAll(Op):
         every rank."""
         self.usable("combine")
         self._require_dispatched("combine")
-        launcher(grid, block, stream)
+        launcher(grid, block, stream, cluster=self.cluster_size(grid))
         self.phase = Phase.IDLE
 
     def _in_place_source(self, ptr: int, row: int, plan: DispatchPlan) -> int | None:
@@ -941,7 +959,8 @@ class MoeAlltoAll(Op):
         pieces = plan.runtime_max * -(-(row // 16) // (32 * A2A_COMBINE_UNITS))
         grid = max(1, min(-(-pieces // (block // 32)),
                           self.max_blocks(self._combine_blocks_per_sm)))
-        return _Prepared(launcher, grid, block, None, None, shared_mem=self._combine_smem)
+        return _Prepared(launcher, grid, block, None, None, shared_mem=self._combine_smem,
+                         cluster=self.cluster_size(grid))
 
     def _same_runtime_max(self, value, plan: DispatchPlan) -> int:
         rmax = int_at_least("runtime_max_tokens_per_rank", value)

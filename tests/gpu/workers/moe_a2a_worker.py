@@ -321,9 +321,10 @@ def sm_budget(ctx):
     """num_sms=1: one dispatch block walks all 48 tokens and one combine block covers every
     row (through the ring: a budget below the device's SMs picks it). num_sms=3 with two
     dispatch blocks per SM: grids of at most 3 blocks (one per budgeted SM, the dispatch's
-    of twice the threads), so that the block scheduler cannot spread them over more SMs."""
+    of twice the threads), so that the block scheduler cannot spread them over more SMs;
+    num_sms=6: grids of two thread block clusters of 3 blocks (sm_90+)."""
     n = ctx.group.local_size
-    for sms, per_sm in ((1, 1), (3, 2)):
+    for sms, per_sm in ((1, 1), (3, 2), (6, 1)):
         config = MoeAlltoAllConfig(num_sms=sms, dispatch_blocks_per_sm=per_sm)
         with MoeAlltoAll(ctx.group, MAX_T, TOP_K, EPR * n,
                          workspace_size_per_rank=workspace_bytes(n), config=config) as a2a:
@@ -335,6 +336,11 @@ def sm_budget(ctx):
             assert launches and all(p.grid <= sms for p in launches), \
                 [(p.grid, p.block) for p in launches]
             assert {p.block for p in a2a._prepared_dispatch.values()} == {512 * per_sm}
+            # sm_90+: thread block clusters of the largest size up to 4 dividing the grid
+            hopper = device_facts().arch >= (9, 0)
+            assert all(p.cluster == (max(c for c in (1, 2, 3, 4) if p.grid % c == 0)
+                                     if hopper else 1) for p in launches), \
+                [(p.grid, p.cluster) for p in launches]
 
 
 @case
