@@ -150,10 +150,16 @@ class AllReduceConfig:
             return self.split_min_bytes
         return tuning.ALLREDUCE_SPLIT_MIN_BYTES.get(world, float("inf"))
 
-    def oneshot_grid(self, nvec: int, sms: int) -> tuple[int, int]:
-        """(blocks, threads) of a one-shot call over ``nvec`` 16-byte vectors."""
-        threads = min(self.oneshot_threads, round_up(nvec, 32))
-        return max(1, min(-(-nvec // threads), sms * self.oneshot_blocks_per_sm)), threads
+    def oneshot_grid(self, nvec: int, sms: int, budgeted: bool = False) -> tuple[int, int]:
+        """(blocks, threads) of a one-shot call over ``nvec`` 16-byte vectors on ``sms``
+        SMs; ``budgeted`` (``num_sms`` below the device's): one block per SM holding what
+        ``oneshot_blocks_per_sm`` blocks would (the block scheduler spreads a grid over
+        free SMs first, so more blocks than SMs would occupy more SMs than the budget)."""
+        per_sm = self.oneshot_blocks_per_sm
+        threads = self.oneshot_threads * (per_sm if budgeted else 1)
+        threads = min(threads, 1024, round_up(nvec, 32))
+        most = sms if budgeted else sms * per_sm
+        return max(1, min(-(-nvec // threads), most)), threads
 
     def twoshot_grid(self, nvec: int, world: int, sms: int) -> tuple[int, int, int]:
         """(blocks, threads, chunk vectors) of a two-shot call over ``nvec`` vectors."""
@@ -319,7 +325,8 @@ class AllReduceWorkspace(Op):
         if geometry is None:
             nvec = -(-nbytes // 16)
             if algorithm == Algorithm.ONESHOT:
-                geometry = (*self.config.oneshot_grid(nvec, self.sms), 0)
+                geometry = (*self.config.oneshot_grid(nvec, self.sms,
+                                                      self.sms < self.device_sms), 0)
             else:
                 geometry = self.config.twoshot_grid(nvec, self.world, self.sms)
             if len(self._geometry) > 256:

@@ -135,6 +135,10 @@ def test_allreduce_grids_stay_within_the_budget():
     for nvec in (1, 1000, 1 << 16, 1 << 22):
         blocks, _ = cfg.oneshot_grid(nvec, 8)
         assert blocks <= 8 * cfg.oneshot_blocks_per_sm
+        # under a budget: one block per SM of oneshot_blocks_per_sm x oneshot_threads
+        blocks, threads = cfg.oneshot_grid(nvec, 8, budgeted=True)
+        assert blocks <= 8 and threads == min(512, -(-nvec // 32) * 32)
+        assert blocks * threads >= min(nvec, 8 * 512)
         blocks, threads, chunk = cfg.twoshot_grid(nvec, 2, 8)
         assert blocks <= 8 * cfg.twoshot_blocks_per_sm
         assert blocks * chunk * 4095 >= -(-nvec // 2)  # every vector in some chunk

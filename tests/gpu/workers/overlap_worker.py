@@ -111,8 +111,8 @@ def allreduce_async(ctx, algo):
 
 @case(variants={"8": 8, "16": 16, "1": 1})
 def allreduce_num_sms(ctx, num_sms):
-    """AllReduceConfig.num_sms: grids within the budget, results identical to the full
-    grid for one-shot and two-shot."""
+    """AllReduceConfig.num_sms: grids within the budget (one block per budgeted SM),
+    results identical to the full grid for one-shot and two-shot."""
     ws = ar_workspace(ctx, num_sms)
     full = ar_workspace(ctx)
     assert ws.sms == min(num_sms, full.sms)
@@ -124,9 +124,13 @@ def allreduce_num_sms(ctx, num_sms):
             exact(got.get(), want, f"num_sms={num_sms} {algo} n={n}")
             geometry = [g for (nbytes, a), g in ws._geometry.items()
                         if nbytes == n * 4 and a.value == algo]
-            blocks_per_sm = (ws.config.oneshot_blocks_per_sm if algo == "oneshot"
-                             else ws.config.twoshot_blocks_per_sm)
+            budgeted = ws.sms < full.sms
+            blocks_per_sm = 1 if budgeted else (ws.config.oneshot_blocks_per_sm
+                                                if algo == "oneshot"
+                                                else ws.config.twoshot_blocks_per_sm)
             assert geometry and geometry[0][0] <= ws.sms * blocks_per_sm, geometry
+            if budgeted and algo == "oneshot":  # one block of 4 x 128 threads per SM
+                assert geometry[0][1] == min(512, n * 4 // 16), geometry
     ws.check()
 
 
