@@ -119,17 +119,28 @@ def graph_median_us(fn: Callable[[], None], *, calls: int = 10, iters: int = 50,
                      stream=stream) / calls
 
 
+def source_commit() -> str:
+    """The commit of the running source: git's HEAD, with ``-dirty`` when tracked files
+    differ from it (results then belong to no commit); else MOECOMM_COMMIT or unknown."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"],
+                                capture_output=True, text=True, check=True,
+                                cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True,
+                                 cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MOECOMM_COMMIT", "unknown")
+    return commit + ("-dirty" if changed else "")
+
+
 def environment(group) -> dict:
     """Device, GPU count, host, date and commit, for the result file."""
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"],
-                                capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("MOECOMM_COMMIT", "unknown")
+    commit = source_commit()
     gpus = sorted(set(group.allgather((group.host, cupy.cuda.Device().pci_bus_id))))
     return {
         "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
