@@ -165,7 +165,8 @@ class MoeAlltoAllConfig:
         stay free for compute running beside them. The same on every rank. Below the
         device's SM count each grid has at most ``num_sms`` blocks, one per SM (the
         block scheduler spreads a grid over free SMs first: two blocks per budgeted SM
-        would occupy twice the SMs while a GEMM beside them waits for its next kernel's).
+        would occupy twice the SMs while a GEMM beside them waits for its next kernel's),
+        launched on sm_90+ as thread block clusters of up to 4 (``cluster_size``).
     dispatch_threads: block size of dispatch (a multiple of 32, at most 512).
     dispatch_blocks_per_sm: dispatch blocks per SM, capped at the blocks of the kernel that
         fit on one SM; under a budget, one block of that many times ``dispatch_threads``
