@@ -219,6 +219,7 @@ class AllReduceWorkspace(Op):
         sms = group_sms(self.group)
         self.device_sms = sms  # the node's SMs per GPU, whatever the budget
         self.sms = self.config.budget(sms)  # the SM budget of every grid
+        self.budgeted = self.sms < sms  # then one block per SM (AllReduceConfig.oneshot_grid)
         crossover = self.config.crossover(self.world, self.sms)
         slot = round_up(min(self.max_bytes, crossover) if max_oneshot_bytes is None
                         else int_at_least("max_oneshot_bytes", max_oneshot_bytes, 0), 16)
@@ -325,8 +326,7 @@ class AllReduceWorkspace(Op):
         if geometry is None:
             nvec = -(-nbytes // 16)
             if algorithm == Algorithm.ONESHOT:
-                geometry = (*self.config.oneshot_grid(nvec, self.sms,
-                                                      self.sms < self.device_sms), 0)
+                geometry = (*self.config.oneshot_grid(nvec, self.sms, self.budgeted), 0)
             else:
                 geometry = self.config.twoshot_grid(nvec, self.world, self.sms)
             if len(self._geometry) > 256:
