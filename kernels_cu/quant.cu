@@ -8,8 +8,8 @@
 //   group FP8 UE8M0: s = 2^ceil(log2(max(amax / 448, 1e-10))), q = e4m3(v / s);
 //   NVFP4:           sf = e4m3(gs * (amax * (1/6))), o = gs / float(sf) (0 if sf is 0),
 //                    code = e2m1(v * o), two codes per byte, the even element low.
-// Every kernel walks its work items with a grid-stride loop (the host caps the grid at
-// what the device keeps resident) and writes every byte of its outputs' layouts, padding
+// Every kernel walks its work items with a grid-stride loop (the host sizes the grid:
+// moecomm.quant._grid) and writes every byte of its outputs' layouts, padding
 // included, so no output needs clearing first. Each is launched with programmatic
 // dependent launch unless the caller turns it off: it reads nothing before pdl_wait(), and
 // lets the next kernel start launching at once (a dependent that reads its outputs waits

@@ -176,6 +176,15 @@ def test_moe_kernel_quantize_input(launches):
     assert all(c.pdl for c in launches)  # programmatic dependent launch by default
 
 
+def test_grid():
+    """One wave: a block per item group; beyond, two or three items a thread."""
+    assert quant._grid(112, 1056) == 112 and quant._grid(1056, 1056) == 1056
+    assert quant._grid(1795, 1056) == 1795          # 1.7 waves: one item a thread
+    assert quant._grid(3584, 1056) == 1792          # 3.4 waves: two
+    assert quant._grid(14336, 1056) == 4779         # 13.6 waves: three at most
+    assert quant._grid(1, 1) == 1
+
+
 def test_enable_pdl(launches):
     quant.quantize(Arr((2, 32), BF16), "nvfp4", scale=scalar(), enable_pdl=False)
     quant.nvfp4_block_scale_interleave(Arr((2, 2), np.uint8), enable_pdl=False)
