@@ -247,8 +247,8 @@ def _grid(blocks: int, resident: int) -> int:
     a thread (waves / 2, rounded) in blocks the scheduler hands out as others finish. A
     resident grid striding over the items instead gives some threads one item more than
     others (at 3.4 items a thread, some run the last quarter alone). Measured on H200,
-    NVFP4 of 7168-wide bf16 rows (quant-nvfp4-variants-*): 4096 rows 22.2 against 23.0
-    us, 16384 rows 75.3-77.5 against 79.6-80.1; 128 rows unchanged."""
+    7168-wide bf16 rows (bench/results/quant-grid-1xH200-20261130T1622.txt): NVFP4 4096
+    rows 22.0-22.3 against 22.6 us, 16384 rows 75.0 against 79.5; 128 rows unchanged."""
     if blocks <= resident:
         return blocks
     items = min(3, max(1, round(blocks / resident / 2)))

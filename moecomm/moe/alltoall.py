@@ -679,8 +679,8 @@ class MoeAlltoAll(Op):
 
     def cluster_size(self, grid: int) -> int:
         """Blocks per thread block cluster of a ``grid``-block launch of this layer: under a
-        budget on sm_90+, the largest size up to 4 that divides ``grid`` (a cluster's
-        blocks run on one GPC: measured faster, _BUDGET_CLUSTER); else 1."""
+        budget on sm_90+, the largest size up to _BUDGET_CLUSTER that divides ``grid`` (a
+        cluster's blocks run on one GPC: measured faster); else 1."""
         if not self.budgeted or device_facts(self.device_id).arch < (9, 0):
             return 1
         return max(c for c in range(1, _BUDGET_CLUSTER + 1) if grid % c == 0)
