@@ -161,11 +161,13 @@ class AllReduceConfig:
         most = sms if budgeted else sms * per_sm
         return max(1, min(-(-nvec // threads), most)), threads
 
-    def twoshot_grid(self, nvec: int, world: int, sms: int) -> tuple[int, int, int]:
-        """(blocks, threads, chunk vectors) of a two-shot call over ``nvec`` vectors."""
+    def twoshot_grid(self, nvec: int, world: int, sms: int,
+                     budgeted: bool = False) -> tuple[int, int, int]:
+        """(blocks, threads, chunk vectors) of a two-shot call over ``nvec`` vectors on
+        ``sms`` SMs; ``budgeted``: at most one block per SM (as ``oneshot_grid``)."""
         threads = self.twoshot_threads
         seg = -(-nvec // world)
-        most = min(sms * self.twoshot_blocks_per_sm, AR_MAX_BLOCKS)
+        most = min(sms * (1 if budgeted else self.twoshot_blocks_per_sm), AR_MAX_BLOCKS)
         chunk = min(self.twoshot_chunk_bytes // 16, round_up(-(-seg // most), threads))
         chunk = max(chunk, round_up(-(-seg // (most * _MAX_CHUNKS)), threads))
         return max(1, min(most, -(-seg // chunk))), threads, chunk
@@ -328,7 +330,7 @@ class AllReduceWorkspace(Op):
             if algorithm == Algorithm.ONESHOT:
                 geometry = (*self.config.oneshot_grid(nvec, self.sms, self.budgeted), 0)
             else:
-                geometry = self.config.twoshot_grid(nvec, self.world, self.sms)
+                geometry = self.config.twoshot_grid(nvec, self.world, self.sms, self.budgeted)
             if len(self._geometry) > 256:
                 self._geometry.clear()
             self._geometry[(nbytes, algorithm)] = geometry

@@ -197,7 +197,8 @@ class AllReduceFusionWorkspace(Op):
         ``tokens`` rows, made on first use: one-shot spreads a decode row over a cluster
         where the device has them, and from the all-reduce's ``split_from`` bytes splits
         the SMs by role (one block per SM, ``split_push_sms`` of them pushing); every block
-        is resident at once (blocks wait for peers)."""
+        is resident at once (blocks wait for peers). Under an SM budget a grid has at most
+        one block per budgeted SM."""
         key = (algorithm, quant, tokens)
         entry = self._geometry.get(key)
         if entry is None:
@@ -222,8 +223,11 @@ class AllReduceFusionWorkspace(Op):
                 entry = (launcher, sms, plan.block, 1, ar.config.split_push_sms,
                          ar.split_shared_mem)
             else:
-                resident = (sms * device_facts().blocks_per_sm(launcher.kernel, plan.block)
-                            // plan.cluster)
+                # under a budget one block per SM: the block scheduler spreads a grid over
+                # free SMs first, so more blocks than SMs would occupy more SMs than that
+                per_sm = 1 if ar.budgeted else device_facts().blocks_per_sm(launcher.kernel,
+                                                                            plan.block)
+                resident = max(1, sms * per_sm // plan.cluster)
                 rows = tokens if oneshot else -(-tokens // self.world_size)
                 grid = max(1, min(rows, resident)) * plan.cluster
                 entry = (launcher, grid, plan.block, plan.cluster, 0, 0)

@@ -142,6 +142,13 @@ def test_allreduce_grids_stay_within_the_budget():
         blocks, threads, chunk = cfg.twoshot_grid(nvec, 2, 8)
         assert blocks <= 8 * cfg.twoshot_blocks_per_sm
         assert blocks * chunk * 4095 >= -(-nvec // 2)  # every vector in some chunk
+    # two-shot under a budget: one block per SM whatever twoshot_blocks_per_sm says
+    cfg = AllReduceConfig(num_sms=8, twoshot_blocks_per_sm=3)
+    for nvec in (1, 1000, 1 << 16, 1 << 22):
+        assert cfg.twoshot_grid(nvec, 2, 8)[0] <= 24
+        blocks, threads, chunk = cfg.twoshot_grid(nvec, 2, 8, budgeted=True)
+        assert blocks <= 8 and blocks * chunk * 4095 >= -(-nvec // 2)
+    assert cfg.twoshot_grid(1 << 22, 2, 8)[0] == 24
 
 
 def test_allreduce_split_rule():

@@ -134,12 +134,13 @@ def allreduce_num_sms(ctx, num_sms):
     ws.check()
 
 
-def fusion_call(ws, x, res, gamma, stream, **kw):
+def fusion_call(ws, x, res, gamma, stream, use_oneshot=None, **kw):
     t, h = x.shape
     with stream:
         outs = AllReduceFusionOutputs(residual_out=cupy.full((t, h), np.nan, bfloat16),
                                       norm_out=cupy.full((t, h), np.nan, bfloat16))
-    opts = AllReduceFusionOptions(residual=res, rms_gamma=gamma, rms_eps=1e-5)
+    opts = AllReduceFusionOptions(residual=res, rms_gamma=gamma, rms_eps=1e-5,
+                                  use_oneshot=use_oneshot)
     return allreduce_fusion(x, ws, AllReduceFusionPattern.kARResidualRMSNorm, opts, outs,
                             stream=stream, **kw), outs
 
@@ -178,11 +179,19 @@ def fusion_async_num_sms(ctx):
         # all-reduce's contract (its fp32 sum of squares vs the reference's float64).
         for k, v in got.items():
             exact(v, getattr(plain, k), f"fusion {k} tokens={tokens} (budget, async vs plain)")
+        _, two = fusion_call(budget, mine, res, gam, compute, use_oneshot=False)
+        compute.synchronize()
+        for k in got:
+            exact(getattr(two, k), getattr(plain, k), f"fusion {k} tokens={tokens} (budget, "
+                  "two-shot vs plain)")
         exact(got["residual_out"], want["residual_out"], f"fusion residual_out tokens={tokens}")
         w32 = ref.to_float32(want["norm_out"])
         err = (np.abs(ref.to_float32(cupy.asnumpy(got["norm_out"])) - w32)
                / np.maximum(np.abs(w32), 1e-3))
         assert np.all(err <= 2 * 2.0 ** -7), f"fusion norm_out tokens={tokens}: off by {err.max()}"
+    # one block per budgeted SM in every grid: more would spread over more SMs
+    grids = {key: entry[1] for key, entry in budget._geometry.items()}
+    assert len(grids) >= 4 and max(grids.values()) <= 8, grids
     budget.check(comm)
 
 
