@@ -83,7 +83,8 @@ class AllReduceConfig:
         ``2 * split_push_sms`` SMs in the budget.
     pdl: launch with programmatic dependent launch.
     num_sms: SMs the kernels (and ``allreduce_fusion``'s) may occupy (None: every SM):
-        grids hold at most ``num_sms`` SMs' worth of resident blocks, the rest of the GPU
+        below the device's SMs every grid has at most ``num_sms`` blocks, one per SM (the
+        block scheduler spreads a grid over free SMs first), and the rest of the GPU
         stays free for compute running beside them. The same on every rank (checked at
         workspace creation).
     """
