@@ -133,10 +133,13 @@ _DISPATCH_TOKENS_PER_BLOCK = 4
 _DISPATCH_MIN_BLOCKS = 48
 # Under an SM budget (sm_90+) the grids launch as thread block clusters of up to this many
 # blocks (the largest size that divides the grid), which the hardware places on the SMs of
-# one GPC. Measured on 2 x H200 at 4096 tokens (bench/results/moe-budget-clusters-*.txt),
-# dispatch + combine alone: 24 SMs 425 -> 376 us, 32 SMs 397 -> 372, 16 SMs 399 -> 389
-# (every SM: 368); clusters of 2 gained less, clusters of 8 delayed the combine beside a GEMM.
-_BUDGET_CLUSTER = 4
+# one GPC. Measured on 2 x H200 at 4096 tokens, the pair alone by bench moe's sweep
+# (bench/results/moe-clusters-overlap-2xH200-20261130T1730.txt): 24 SMs 0.89 of every
+# SM's rate without clusters, 0.91-0.92 with pairs, 0.94 with fours. Beside a cuBLAS GEMM
+# on the other SMs a cluster waits until one GPC has that many SMs free: with fours the
+# pair at 16 SMs waited out a GEMM of 8-CTA clusters (0.16-0.20 of it hidden, 0.88-0.91
+# with pairs); clusters of 8 delayed the combine at 8 SMs (moe-budget-clusters-*T1600).
+_BUDGET_CLUSTER = 2
 
 
 def _align(n: int, a: int = REGION_ALIGN) -> int:
@@ -166,7 +169,7 @@ class MoeAlltoAllConfig:
         device's SM count each grid has at most ``num_sms`` blocks, one per SM (the
         block scheduler spreads a grid over free SMs first: two blocks per budgeted SM
         would occupy twice the SMs while a GEMM beside them waits for its next kernel's),
-        launched on sm_90+ as thread block clusters of up to 4 (``cluster_size``).
+        launched on sm_90+ as thread block clusters of up to 2 (``cluster_size``).
     dispatch_threads: block size of dispatch (a multiple of 32, at most 512).
     dispatch_blocks_per_sm: dispatch blocks per SM, capped at the blocks of the kernel that
         fit on one SM; under a budget, one block of that many times ``dispatch_threads``

@@ -322,7 +322,7 @@ def sm_budget(ctx):
     row (through the ring: a budget below the device's SMs picks it). num_sms=3 with two
     dispatch blocks per SM: grids of at most 3 blocks (one per budgeted SM, the dispatch's
     of twice the threads), so that the block scheduler cannot spread them over more SMs;
-    num_sms=6: grids of two thread block clusters of 3 blocks (sm_90+)."""
+    num_sms=6: grids of three thread block clusters of 2 blocks (sm_90+)."""
     n = ctx.group.local_size
     for sms, per_sm in ((1, 1), (3, 2), (6, 1)):
         config = MoeAlltoAllConfig(num_sms=sms, dispatch_blocks_per_sm=per_sm)
@@ -336,10 +336,10 @@ def sm_budget(ctx):
             assert launches and all(p.grid <= sms for p in launches), \
                 [(p.grid, p.block) for p in launches]
             assert {p.block for p in a2a._prepared_dispatch.values()} == {512 * per_sm}
-            # sm_90+: thread block clusters of the largest size up to 4 dividing the grid
+            # sm_90+: thread block clusters of 2 blocks where the grid is even
             hopper = device_facts().arch >= (9, 0)
-            assert all(p.cluster == (max(c for c in (1, 2, 3, 4) if p.grid % c == 0)
-                                     if hopper else 1) for p in launches), \
+            assert all(p.cluster == (2 if hopper and p.grid % 2 == 0 else 1)
+                       for p in launches), \
                 [(p.grid, p.cluster) for p in launches]
 
 
