@@ -198,7 +198,7 @@ class AllReduceFusionWorkspace(Op):
         where the device has them, and from the all-reduce's ``split_from`` bytes splits
         the SMs by role (one block per SM, ``split_push_sms`` of them pushing); every block
         is resident at once (blocks wait for peers). Under an SM budget a grid has at most
-        one block per budgeted SM."""
+        one block per budgeted SM (at least one cluster)."""
         key = (algorithm, quant, tokens)
         entry = self._geometry.get(key)
         if entry is None:
