@@ -137,7 +137,7 @@ _DISPATCH_MIN_BLOCKS = 48
 # (bench/results/moe-clusters-overlap-2xH200-20261130T1730.txt): 24 SMs 0.89 of every
 # SM's rate without clusters, 0.91-0.92 with pairs, 0.94 with fours. Beside a cuBLAS GEMM
 # on the other SMs a cluster waits until one GPC has that many SMs free: with fours the
-# pair at 16 SMs waited out an 8192 x 4096 x 7168 GEMM (0.16-0.20 of it hidden, 0.88-0.91
+# pair at 16 SMs waited out an 8192 x 4096 x 7168 GEMM (0.16-0.20 of it hidden, 0.91
 # with pairs); clusters of 8 delayed the combine at 8 SMs (moe-budget-clusters-*T1600).
 _BUDGET_CLUSTER = 2
 
