@@ -38,7 +38,7 @@ from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
 from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
 from .launch import Launcher
-from .op import (Op, device_facts, empty, group_sms, int_at_least, options, round_up,
+from .op import (Op, device_facts, empty, grid_limit, group_sms, int_at_least, options, round_up,
                  supported_dtype)
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
@@ -159,8 +159,7 @@ class AllReduceConfig:
         per_sm = self.oneshot_blocks_per_sm
         threads = self.oneshot_threads * (per_sm if budgeted else 1)
         threads = min(threads, 1024, round_up(nvec, 32))
-        most = sms if budgeted else sms * per_sm
-        return max(1, min(-(-nvec // threads), most)), threads
+        return max(1, min(-(-nvec // threads), grid_limit(sms, per_sm, budgeted))), threads
 
     def twoshot_grid(self, nvec: int, world: int, sms: int,
                      budgeted: bool = False) -> tuple[int, int, int]:
@@ -168,7 +167,7 @@ class AllReduceConfig:
         ``sms`` SMs; ``budgeted``: at most one block per SM (as ``oneshot_grid``)."""
         threads = self.twoshot_threads
         seg = -(-nvec // world)
-        most = min(sms * (1 if budgeted else self.twoshot_blocks_per_sm), AR_MAX_BLOCKS)
+        most = min(grid_limit(sms, self.twoshot_blocks_per_sm, budgeted), AR_MAX_BLOCKS)
         chunk = min(self.twoshot_chunk_bytes // 16, round_up(-(-seg // most), threads))
         chunk = max(chunk, round_up(-(-seg // (most * _MAX_CHUNKS)), threads))
         return max(1, min(most, -(-seg // chunk))), threads, chunk

@@ -47,7 +47,8 @@ from .group import ProcessGroup, default_group
 from .kernel_args import FusionArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, ue8m0_mn_major_storage_size
-from .op import Op, device_facts, group_sms, int_at_least, require_aligned, supported_dtype
+from .op import (Op, device_facts, grid_limit, group_sms, int_at_least, require_aligned,
+                 supported_dtype)
 from .op import options as config_options
 from .tensors import (CODE_DTYPES, E4M3_SCALE_DTYPES, FP4_DTYPES, UE8M0_DTYPES, as_array,
                       bfloat16, dtype_name, stream_handle)
@@ -223,11 +224,8 @@ class AllReduceFusionWorkspace(Op):
                 entry = (launcher, sms, plan.block, 1, ar.config.split_push_sms,
                          ar.split_shared_mem)
             else:
-                # under a budget one block per SM: the block scheduler spreads a grid over
-                # free SMs first, so more blocks than SMs would occupy more SMs than that
-                per_sm = 1 if ar.budgeted else device_facts().blocks_per_sm(launcher.kernel,
-                                                                            plan.block)
-                resident = max(1, sms * per_sm // plan.cluster)
+                per_sm = device_facts().blocks_per_sm(launcher.kernel, plan.block)
+                resident = max(1, grid_limit(sms, per_sm, ar.budgeted) // plan.cluster)
                 rows = tokens if oneshot else -(-tokens // self.world_size)
                 grid = max(1, min(rows, resident)) * plan.cluster
                 entry = (launcher, grid, plan.block, plan.cluster, 0, 0)

@@ -140,6 +140,13 @@ def device_facts(device_id: int | None = None) -> DeviceFacts:
     return _facts(cupy.cuda.runtime.getDevice() if device_id is None else int(device_id))
 
 
+def grid_limit(sms: int, per_sm: int, budgeted: bool) -> int:
+    """The most blocks a grid may have on ``sms`` SMs: ``per_sm`` per SM with every SM of
+    the device; under an SM budget (``budgeted``) one per SM, since the block scheduler
+    spreads a grid over free SMs first and more blocks would occupy more SMs than that."""
+    return sms * (1 if budgeted else per_sm)
+
+
 def group_sms(group: ProcessGroup) -> int:
     """The smallest SM count of the node-local ranks (collective): kernels whose blocks pair
     up across ranks need the same grid everywhere."""

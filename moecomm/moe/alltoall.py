@@ -96,7 +96,7 @@ from ..errors import ErrorWord, timeout_ns
 from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, group_sms,
+from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, grid_limit, group_sms,
                   int_at_least, options, round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import as_array, as_stream, bfloat16, import_array, stream_handle
@@ -678,7 +678,7 @@ class MoeAlltoAll(Op):
     def max_blocks(self, per_sm: int) -> int:
         """The most blocks a grid of this layer may have: ``per_sm`` per SM with every SM,
         one per SM under a budget (``MoeAlltoAllConfig.num_sms``)."""
-        return self.num_sms * (1 if self.budgeted else per_sm)
+        return grid_limit(self.num_sms, per_sm, self.budgeted)
 
     def cluster_size(self, grid: int) -> int:
         """Blocks per thread block cluster of a ``grid``-block launch of this layer: under a
