@@ -69,8 +69,10 @@ class AllReduceConfig:
     oneshot_threads / oneshot_blocks_per_sm: block size and most blocks per SM of the
         one-shot kernel (each thread takes one 16-byte vector until the grid is full).
     twoshot_threads / twoshot_blocks_per_sm: the same for two-shot.
-    twoshot_chunk_bytes: most bytes a two-shot block moves per pipelined chunk (smaller
-        chunks are used when that leaves blocks idle).
+    twoshot_chunk_bytes: most bytes a two-shot block moves per pipelined chunk with every
+        SM; each block gets the same number of equal chunks. Under ``num_sms`` every block
+        moves its share as one chunk: a chunk's flags cost its block a drain of its remote
+        writes, and a budget's few blocks are bound by such latencies, not by the link.
     oneshot_max_bytes: the ``auto`` crossover; None: the measured tables of
         ``moecomm.tuning`` for the group's size (``ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES``
         where the split below applies, else ``ALLREDUCE_ONESHOT_MAX_BYTES``).
@@ -93,7 +95,7 @@ class AllReduceConfig:
     oneshot_blocks_per_sm: int = 4
     twoshot_threads: int = 512
     twoshot_blocks_per_sm: int = 1
-    twoshot_chunk_bytes: int = 64 << 10
+    twoshot_chunk_bytes: int = 256 << 10
     oneshot_max_bytes: int | None = None
     split_min_bytes: int | None = None
     split_push_sms: int = 12
@@ -168,8 +170,9 @@ class AllReduceConfig:
         threads = self.twoshot_threads
         seg = -(-nvec // world)
         most = min(grid_limit(sms, self.twoshot_blocks_per_sm, budgeted), AR_MAX_BLOCKS)
-        chunk = min(self.twoshot_chunk_bytes // 16, round_up(-(-seg // most), threads))
-        chunk = max(chunk, round_up(-(-seg // (most * _MAX_CHUNKS)), threads))
+        per_block = -(-seg // most)
+        chunks = 1 if budgeted else -(-per_block // (self.twoshot_chunk_bytes // 16))
+        chunk = round_up(-(-seg // (most * min(chunks, _MAX_CHUNKS))), threads)
         return max(1, min(most, -(-seg // chunk))), threads, chunk
 
 

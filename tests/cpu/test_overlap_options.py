@@ -151,6 +151,31 @@ def test_allreduce_grids_stay_within_the_budget():
     assert cfg.twoshot_grid(1 << 22, 2, 8)[0] == 24
 
 
+def test_twoshot_chunks_are_balanced():
+    """Every two-shot block gets the same number of equal chunks (the last block may get
+    less): at most twoshot_chunk_bytes each with every SM, one chunk per block under a
+    budget."""
+    cfg = AllReduceConfig()
+    for nvec, sms in ((1 << 20, 132), (1 << 23, 132), (1 << 24, 132), (1000, 132),
+                      ((1 << 23) + 17, 100)):
+        seg = -(-nvec // 2)
+        blocks, threads, chunk = cfg.twoshot_grid(nvec, 2, sms)
+        assert chunk % threads == 0 and chunk * 16 <= max(cfg.twoshot_chunk_bytes, 16 * threads)
+        nchunks = -(-seg // chunk)
+        assert blocks == min(sms, nchunks)
+        per_block = -(-nchunks // blocks)  # chunk j goes to block j % blocks
+        assert per_block * chunk <= -(-seg // blocks) + per_block * threads
+    # 256 MiB of bf16 on 132 SMs: chunks of at most 256 KiB, the same count per block
+    blocks, _, chunk = cfg.twoshot_grid((256 << 20) // 16, 2, 132)
+    assert chunk * 16 <= 256 << 10 and -(-((128 << 20) // 16 // chunk) // blocks) == 4
+    # under a budget: one chunk per block, every block busy
+    for sms in (8, 12, 16, 24):
+        budgeted = AllReduceConfig(num_sms=sms)
+        nvec = (16 << 20) // 16
+        blocks, threads, chunk = budgeted.twoshot_grid(nvec, 2, sms, budgeted=True)
+        assert blocks == sms and blocks * chunk >= nvec // 2 > (blocks - 1) * chunk
+
+
 def test_allreduce_split_rule():
     """The one-shot's SM split: the measured table by world size, an explicit threshold,
     and never when the budget leaves no more reducing than pushing SMs."""
