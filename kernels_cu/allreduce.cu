@@ -1,6 +1,6 @@
 // Custom all-reduce over CUDA IPC: Lamport one-shot (for large messages with its SMs split
 // into pushers and reducers) and pipelined two-shot (protocol: allreduce.cuh). Kernels
-// allreduce_{oneshot,oneshot_split,twoshot}_{bf16,fp16,fp32} and fill_words take one
+// allreduce_{oneshot,oneshot_split,twoshot,twoshot_ce}_{bf16,fp16,fp32} and fill_words take one
 // argument struct (args.cuh).
 #include "allreduce.cuh"
 
@@ -129,7 +129,11 @@ __device__ __forceinline__ void for_chunk(size_t lo, size_t hi, Load load, Use u
 //  B. per chunk of the own segment: wait for the peers' copies, sum in rank order, write
 //     `out` and every peer's all-gather inbox, publish stage-1 flag;
 //  C. one chunk behind B: wait for the peers' reduced chunks, copy them to `out`.
-template <typename T>
+// With the copy engines (kCopyEngine), the host copies every peer's segment into its
+// inbox before the kernel and the gathered segments to `out` after it: A only publishes
+// (stream order has completed the copies), C only waits, and B canonicalizes the raw
+// inbox (the SM path sends canonical vectors), so both give the same bits.
+template <typename T, bool kCopyEngine>
 __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
   const ArWorkspace& ws = a.ws;
@@ -153,26 +157,36 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   const WaitContext w = wait_context(ws, config::kErrAllreduceTwoshot);
 
   uint32_t i = 0;
-  for (size_t j = blockIdx.x; j < nchunks; j += gridDim.x, ++i) {
-    for (int q = 1; q < world; ++q) {
-      const int p = rank + q < world ? rank + q : rank + q - world;
-      uint8_t* inbox = base(ws, p) + ws.rs_off + (size_t)rank * ws.rs_slot;
-      for_chunk(lo(p, j), hi(p, j), own, [&](size_t v, const Vec16& x) {
-        st_vec16(inbox + (v - p * seg) * 16, x);
-      });
+  if (kCopyEngine) {  // every chunk is in the peers' inboxes: one flag covers them all
+    const uint32_t mine = blockIdx.x < nchunks ? (nchunks - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    if (mine > 0) signal_peers(ws, 0, flag_value(call, mine - 1));
+  } else {
+    for (size_t j = blockIdx.x; j < nchunks; j += gridDim.x, ++i) {
+      for (int q = 1; q < world; ++q) {
+        const int p = rank + q < world ? rank + q : rank + q - world;
+        uint8_t* inbox = base(ws, p) + ws.rs_off + (size_t)rank * ws.rs_slot;
+        for_chunk(lo(p, j), hi(p, j), own, [&](size_t v, const Vec16& x) {
+          st_vec16(inbox + (v - p * seg) * 16, x);
+        });
+      }
+      signal_peers(ws, 0, flag_value(call, i));
     }
-    signal_peers(ws, 0, flag_value(call, i));
   }
   pdl_launch_dependents();
 
   const uint8_t* rs = base(ws, rank) + ws.rs_off;  // slot s: rs + s * rs_slot
   const uint8_t* ag = base(ws, rank) + ws.ag_off;
   auto copy_out = [&](size_t j) {
+    if (kCopyEngine) return;
     for (int q = 1; q < world; ++q) {
       const int p = rank + q < world ? rank + q : rank + q - world;
       for_chunk(lo(p, j), hi(p, j), [&](size_t v) { return ld_vec16_cg(ag + v * 16); },
                 [&](size_t v, const Vec16& x) { store_output(out, v, a.n, x); });
     }
+  };
+  auto inbox = [&](int s, size_t v) {
+    const Vec16 x = ld_vec16_cg(rs + s * ws.rs_slot + (v - rank * seg) * 16);
+    return kCopyEngine ? Lamport<T>::canonical(x) : x;
   };
   bool ok = true;
   i = 0;
@@ -182,9 +196,7 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
     for (size_t v = lo(rank, j) + threadIdx.x; v < hi(rank, j); v += blockDim.x) {
       float acc[K];
       for (int s = 0; s < world; ++s)
-        accumulate<T>(acc, s == rank ? own(v)
-                                      : ld_vec16_cg(rs + s * ws.rs_slot + (v - rank * seg) * 16),
-                      s == 0);
+        accumulate<T>(acc, s == rank ? own(v) : inbox(s, v), s == 0);
       const Vec16 r = round_pack<T>(acc);
       store_output(out, v, a.n, r);
       for (int q = 1; q < world; ++q) {
@@ -216,7 +228,11 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   }                                                                                      \
   extern "C" __global__ void __launch_bounds__(512)                                      \
       allreduce_twoshot_##SUFFIX(const AllReduceArgs a) {                                \
-    twoshot<T>(a);                                                                       \
+    twoshot<T, false>(a);                                                                \
+  }                                                                                      \
+  extern "C" __global__ void __launch_bounds__(512)                                      \
+      allreduce_twoshot_ce_##SUFFIX(const AllReduceArgs a) {                             \
+    twoshot<T, true>(a);                                                                 \
   }
 
 MOECOMM_AR_KERNELS(bf16, __nv_bfloat16)

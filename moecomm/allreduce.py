@@ -48,6 +48,7 @@ _DTYPES = (bfloat16, np.dtype(np.float16), np.dtype(np.float32))  # as error mes
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
 _STATE_WORDS = 8       # kStateWords in allreduce.cuh
+_MEMCPY_DEFAULT = 4    # cudaMemcpyDefault: the direction from the (unified) addresses
 _MAX_CHUNKS = 4095     # chunks of one block per call (kFlagChunkBits in allreduce.cuh)
 _FLAG_BYTES = 2 * AR_MAX_BLOCKS * AR_MAX_RANKS * 4
 
@@ -83,6 +84,11 @@ class AllReduceConfig:
         ``tuning.ALLREDUCE_SPLIT_MIN_BYTES`` for the group's size (no split where none is
         measured); a value above ``max_bytes`` turns it off. The split needs more than
         ``2 * split_push_sms`` SMs in the budget.
+    twoshot_copy_engine: two-shot moves each peer's share of the input into its inbox, and
+        the gathered shares into ``out``, with the copy engines (``cudaMemcpyAsync``
+        before and after the kernel) instead of the SMs, which then only reduce; the same
+        bits either way. None: under ``num_sms`` (the SMs a budget leaves the kernel are
+        bound by the latency of the bytes they move, the copy engines are not), else off.
     pdl: launch with programmatic dependent launch.
     num_sms: SMs the kernels (and ``allreduce_fusion``'s) may occupy (None: every SM):
         below the device's SMs every grid has at most ``num_sms`` blocks, one per SM (the
@@ -100,6 +106,7 @@ class AllReduceConfig:
     split_min_bytes: int | None = None
     split_push_sms: int = 12
     split_threads: int = 512
+    twoshot_copy_engine: bool | None = None
     pdl: bool = True
     num_sms: int | None = None
 
@@ -123,6 +130,9 @@ class AllReduceConfig:
             int_at_least("AllReduceConfig.oneshot_max_bytes", self.oneshot_max_bytes, 0)
         if self.num_sms is not None:
             int_at_least("AllReduceConfig.num_sms", self.num_sms)
+        if self.twoshot_copy_engine is not None and not isinstance(self.twoshot_copy_engine, bool):
+            raise TypeError(f"AllReduceConfig.twoshot_copy_engine must be a bool or None, not "
+                            f"{self.twoshot_copy_engine!r}")
 
     def budget(self, device_sms: int) -> int:
         """The SMs every grid may hold on a device of ``device_sms``."""
@@ -253,9 +263,13 @@ class AllReduceWorkspace(Op):
         suffix = _SUFFIX[self.dtype]
         self._geometry: dict = {}  # (bytes, algorithm) -> (grid, block, chunk vectors)
         self._launchers = {}
+        ce = self.config.twoshot_copy_engine
+        self.copy_engine = self.budgeted if ce is None else bool(ce)
         for algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
-            launcher = Launcher(kernels.get_kernel("allreduce.cu", f"allreduce_{algo.value}_{suffix}"),
-                                AllReduceArgs, pdl=self.config.pdl)
+            ce_suffix = "_ce" if self.copy_engine and algo == Algorithm.TWOSHOT else ""
+            launcher = Launcher(kernels.get_kernel(
+                "allreduce.cu", f"allreduce_{algo.value}{ce_suffix}_{suffix}"),
+                AllReduceArgs, pdl=self.config.pdl)
             launcher.args.ws = self.kernel_workspace
             self._launchers[algo] = launcher
         # The one-shot split by SM role: from split_from bytes, one block per SM, which
@@ -340,7 +354,30 @@ class AllReduceWorkspace(Op):
         launcher = self._launchers[algorithm]
         args = launcher.args
         args.in_, args.out, args.n, args.chunk_vecs = x_ptr, out_ptr, n, geometry[2]
+        if algorithm == Algorithm.TWOSHOT and self.copy_engine:
+            self._copy_segments(x_ptr, nbytes, stream_ptr, into_inboxes=True)
+            launcher(geometry[0], geometry[1], stream_ptr)
+            self._copy_segments(out_ptr, nbytes, stream_ptr, into_inboxes=False)
+            return
         launcher(geometry[0], geometry[1], stream_ptr)
+
+    def _copy_segments(self, ptr: int, nbytes: int, stream_ptr: int, *, into_inboxes: bool):
+        """The copy-engine two-shot's copies (``AllReduceConfig.twoshot_copy_engine``):
+        segment p of the input at ``ptr`` into peer p's inbox (``into_inboxes``), or every
+        peer's segment from the all-gather inbox to the output at ``ptr``. Segments are
+        ``ceil(nbytes / 16 / world)`` vectors of 16 bytes, as the kernel splits them."""
+        seg = -(-(-(-nbytes // 16)) // self.world) * 16
+        ws, ptrs = self.kernel_workspace, self.buffer.ptrs
+        for q in range(1, self.world):
+            p = (ws.rank + q) % self.world
+            size = min(seg, nbytes - p * seg)
+            if size <= 0:
+                continue
+            if into_inboxes:
+                dst, src = ptrs[p] + ws.rs_off + ws.rank * ws.rs_slot, ptr + p * seg
+            else:
+                dst, src = ptr + p * seg, self.buffer.ptr + ws.ag_off + p * seg
+            cupy.cuda.runtime.memcpyAsync(dst, src, size, _MEMCPY_DEFAULT, stream_ptr)
 
     def _release(self) -> None:
         if self._nccl is not None:

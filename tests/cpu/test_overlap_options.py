@@ -168,6 +168,8 @@ def test_twoshot_chunks_are_balanced():
     # 256 MiB of bf16 on 132 SMs: chunks of at most 256 KiB, the same count per block
     blocks, _, chunk = cfg.twoshot_grid((256 << 20) // 16, 2, 132)
     assert chunk * 16 <= 256 << 10 and -(-((128 << 20) // 16 // chunk) // blocks) == 4
+    with pytest.raises(TypeError, match="twoshot_copy_engine must be a bool or None"):
+        AllReduceConfig(twoshot_copy_engine=1)
     # under a budget: one chunk per block, every block busy
     for sms in (8, 12, 16, 24):
         budgeted = AllReduceConfig(num_sms=sms)

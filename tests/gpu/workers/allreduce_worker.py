@@ -1,9 +1,9 @@
 """all_reduce on every rank against the NumPy reference, bit for bit.
 
 Per dtype, in sequence on one workspace: sizes x algorithms (poisoned outputs, in place),
-the one-shot split into pushing and reducing SMs (workspaces of its own), rotation over
-many calls, graph replay, bad input, the NCCL algorithm (one rank per GPU
-only), closing. Then a group spanning declared nodes (NCCL, one-shot refused). In jobs of
+the one-shot split into pushing and reducing SMs and the copy-engine two-shot (workspaces
+of their own), rotation over many calls, graph replay, bad input, the NCCL algorithm (one
+rank per GPU only), closing. Then a group spanning declared nodes (NCCL, one-shot refused). In jobs of
 their own: a rank that skips a call (the others time out naming it), and MOECOMM_DEBUG=1
 catching arguments that differ across ranks.
 """
@@ -129,6 +129,53 @@ def oneshot_split(ctx, dtype):
                 stream.synchronize()
                 for out, d, n in zip(outs, data, sizes):
                     check_exact(ctx, out, d, f"split graph replay {replay} n={n}")
+            ws.check(stream)
+
+
+@case(dtypes=DTYPES)
+def twoshot_copy_engine(ctx, dtype):
+    """Two-shot with the copy engines moving the shares (forced with every SM, and the
+    default under num_sms): ragged sizes (a last segment short or empty), three calls each
+    alternating with one-shot, in place, then a graph of four calls replayed on new inputs;
+    bit for bit against the reference."""
+    item = dtype.itemsize
+    sizes = ((4 << 20) // item, 300_001, (1 << 18) + 3, 3 * 1001, 127, 1)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for config in (AllReduceConfig(twoshot_copy_engine=True), AllReduceConfig(num_sms=8)):
+        with create_allreduce_workspace(ctx.group, max_bytes=4 << 20, dtype=dtype,
+                                        max_oneshot_bytes=64 << 10, config=config) as ws:
+            assert ws.copy_engine, config
+            for n in sizes:
+                for call in range(3):
+                    xs = reduce_inputs(ctx, (n,), dtype)
+                    out = poisoned((n,), dtype)
+                    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out,
+                               algorithm=Algorithm.TWOSHOT)
+                    check_exact(ctx, out, xs, f"copy engine {config} n={n} call {call}")
+                    if n * item <= 64 << 10:  # the inboxes' users alternate
+                        out = all_reduce(cupy.asarray(xs[ctx.rank]), ws,
+                                         algorithm=Algorithm.ONESHOT)
+                        check_exact(ctx, out, xs, f"one-shot between, n={n}")
+                inplace = cupy.asarray(xs[ctx.rank])
+                all_reduce(inplace, ws, out=inplace, algorithm=Algorithm.TWOSHOT)
+                check_exact(ctx, inplace, xs, f"copy engine in place n={n}")
+            ins = [cupy.empty((n,), dtype) for n in sizes[:4]]
+            outs = [cupy.empty((n,), dtype) for n in sizes[:4]]
+            with stream:
+                stream.begin_capture()
+                for x, out in zip(ins, outs):
+                    all_reduce(x, ws, out=out, algorithm=Algorithm.TWOSHOT, stream=stream)
+                graph = stream.end_capture()
+            for replay in range(2):
+                data = [reduce_inputs(ctx, (n,), dtype) for n in sizes[:4]]
+                for x, out, d in zip(ins, outs, data):
+                    x.set(d[ctx.rank])
+                    out.fill(np.nan)
+                cupy.cuda.runtime.deviceSynchronize()
+                graph.launch(stream)
+                stream.synchronize()
+                for out, d, n in zip(outs, data, sizes):
+                    check_exact(ctx, out, d, f"copy engine graph replay {replay} n={n}")
             ws.check(stream)
 
 
