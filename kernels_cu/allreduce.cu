@@ -1,7 +1,7 @@
 // Custom all-reduce over CUDA IPC: Lamport one-shot (for large messages with its SMs split
 // into pushers and reducers) and pipelined two-shot (protocol: allreduce.cuh). Kernels
-// allreduce_{oneshot,oneshot_split,twoshot,twoshot_ce}_{bf16,fp16,fp32} and fill_words take one
-// argument struct (args.cuh).
+// allreduce_{oneshot,oneshot_split,twoshot,twoshot_ce}_{bf16,fp16,fp32} and fill_words take
+// one argument struct (args.cuh).
 #include "allreduce.cuh"
 
 using namespace moecomm;

@@ -16,7 +16,12 @@
 // call k - 1 used: every peer wrote it before we could finish call k - 1, and no peer
 // writes it again before call k + 2, which a peer can only start once it has our data of
 // call k + 1. Two-shot flags carry the value ((k + 1) << 12) + chunk + 1, monotonic (mod
-// 2^32) over calls and chunks, so they never need resetting.
+// 2^32) over calls and chunks, so they never need resetting. The inboxes are reused by
+// the next two-shot call: a block ends only after the peers' stage-1 flags of its chunks,
+// which they publish after reading their rs inbox, and a peer writes our ag inbox only
+// after our stage-0 flag of the next call. With the copy engines (allreduce.cu) the same
+// holds: our copy into a peer's rs inbox follows our previous kernel in stream order, our
+// copy out of the ag inbox precedes the next kernel, which publishes stage 0.
 //
 // Reductions sum the ranks in order 0, 1, ... in fp32 and round once: every rank and both
 // algorithms produce the same bits. Writers turn -0.0 into +0.0.
