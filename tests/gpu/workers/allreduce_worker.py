@@ -58,6 +58,28 @@ def oneshot_calls(ctx, ws, dtype, sizes, what, calls=3):
             check_exact(ctx, out, xs, f"{what} n={n} call {call}")
 
 
+def graph_replays(ctx, ws, dtype, sizes, algorithm, stream, what, replays=2):
+    """One call per size captured in a graph on ``stream``, replayed ``replays`` times on
+    fresh inputs into poisoned outputs, each checked against the reference."""
+    ins = [cupy.empty((n,), dtype) for n in sizes]
+    outs = [cupy.empty((n,), dtype) for n in sizes]
+    with stream:
+        stream.begin_capture()
+        for x, out in zip(ins, outs):
+            all_reduce(x, ws, out=out, algorithm=algorithm, stream=stream)
+        graph = stream.end_capture()
+    for replay in range(replays):
+        data = [reduce_inputs(ctx, (n,), dtype) for n in sizes]
+        for x, out, d in zip(ins, outs, data):
+            x.set(d[ctx.rank])
+            out.fill(np.nan)
+        cupy.cuda.runtime.deviceSynchronize()
+        graph.launch(stream)
+        stream.synchronize()
+        for out, d, n in zip(outs, data, sizes):
+            check_exact(ctx, out, d, f"{what} graph replay {replay} n={n}")
+
+
 @case(dtypes=DTYPES)
 def exact(ctx, dtype):
     """Odd sizes, one past the one-shot limit, the largest; every algorithm; in place."""
@@ -112,23 +134,7 @@ def oneshot_split(ctx, dtype):
         with create_allreduce_workspace(ctx.group, max_bytes=4 << 20, dtype=dtype,
                                         max_oneshot_bytes=4 << 20, config=config) as ws:
             oneshot_calls(ctx, ws, dtype, sizes, f"split {config}")
-            ins = [cupy.empty((n,), dtype) for n in sizes[:4]]
-            outs = [cupy.empty((n,), dtype) for n in sizes[:4]]
-            with stream:
-                stream.begin_capture()
-                for x, out in zip(ins, outs):
-                    all_reduce(x, ws, out=out, algorithm=Algorithm.ONESHOT, stream=stream)
-                graph = stream.end_capture()
-            for replay in range(2):
-                data = [reduce_inputs(ctx, (n,), dtype) for n in sizes[:4]]
-                for x, out, d in zip(ins, outs, data):
-                    x.set(d[ctx.rank])
-                    out.fill(np.nan)
-                cupy.cuda.runtime.deviceSynchronize()
-                graph.launch(stream)
-                stream.synchronize()
-                for out, d, n in zip(outs, data, sizes):
-                    check_exact(ctx, out, d, f"split graph replay {replay} n={n}")
+            graph_replays(ctx, ws, dtype, sizes[:4], Algorithm.ONESHOT, stream, "split")
             ws.check(stream)
 
 
@@ -159,23 +165,7 @@ def twoshot_copy_engine(ctx, dtype):
                 inplace = cupy.asarray(xs[ctx.rank])
                 all_reduce(inplace, ws, out=inplace, algorithm=Algorithm.TWOSHOT)
                 check_exact(ctx, inplace, xs, f"copy engine in place n={n}")
-            ins = [cupy.empty((n,), dtype) for n in sizes[:4]]
-            outs = [cupy.empty((n,), dtype) for n in sizes[:4]]
-            with stream:
-                stream.begin_capture()
-                for x, out in zip(ins, outs):
-                    all_reduce(x, ws, out=out, algorithm=Algorithm.TWOSHOT, stream=stream)
-                graph = stream.end_capture()
-            for replay in range(2):
-                data = [reduce_inputs(ctx, (n,), dtype) for n in sizes[:4]]
-                for x, out, d in zip(ins, outs, data):
-                    x.set(d[ctx.rank])
-                    out.fill(np.nan)
-                cupy.cuda.runtime.deviceSynchronize()
-                graph.launch(stream)
-                stream.synchronize()
-                for out, d, n in zip(outs, data, sizes):
-                    check_exact(ctx, out, d, f"copy engine graph replay {replay} n={n}")
+            graph_replays(ctx, ws, dtype, sizes[:4], Algorithm.TWOSHOT, stream, "copy engine")
             ws.check(stream)
 
 
