@@ -130,7 +130,7 @@ class AllReduceConfig:
             int_at_least("AllReduceConfig.oneshot_max_bytes", self.oneshot_max_bytes, 0)
         if self.num_sms is not None:
             int_at_least("AllReduceConfig.num_sms", self.num_sms)
-        if self.twoshot_copy_engine is not None and not isinstance(self.twoshot_copy_engine, bool):
+        if not isinstance(self.twoshot_copy_engine, (bool, type(None))):
             raise TypeError(f"AllReduceConfig.twoshot_copy_engine must be a bool or None, not "
                             f"{self.twoshot_copy_engine!r}")
 
@@ -366,7 +366,8 @@ class AllReduceWorkspace(Op):
         segment p of the input at ``ptr`` into peer p's inbox (``into_inboxes``), or every
         peer's segment from the all-gather inbox to the output at ``ptr``. Segments are
         ``ceil(nbytes / 16 / world)`` vectors of 16 bytes, as the kernel splits them."""
-        seg = -(-(-(-nbytes // 16)) // self.world) * 16
+        nvec = -(-nbytes // 16)
+        seg = -(-nvec // self.world) * 16
         ws, ptrs = self.kernel_workspace, self.buffer.ptrs
         for q in range(1, self.world):
             p = (ws.rank + q) % self.world

@@ -3,9 +3,9 @@
 Per dtype, in sequence on one workspace: sizes x algorithms (poisoned outputs, in place),
 the one-shot split into pushing and reducing SMs and the copy-engine two-shot (workspaces
 of their own), rotation over many calls, graph replay, bad input, the NCCL algorithm (one
-rank per GPU only), closing. Then a group spanning declared nodes (NCCL, one-shot refused). In jobs of
-their own: a rank that skips a call (the others time out naming it), and MOECOMM_DEBUG=1
-catching arguments that differ across ranks.
+rank per GPU only), closing. Then a group spanning declared nodes (NCCL, one-shot
+refused). In jobs of their own: a rank that skips a call (the others time out naming it),
+and MOECOMM_DEBUG=1 catching arguments that differ across ranks.
 """
 
 import re
