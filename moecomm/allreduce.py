@@ -48,7 +48,6 @@ _DTYPES = (bfloat16, np.dtype(np.float16), np.dtype(np.float32))  # as error mes
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
 _STATE_WORDS = 8       # kStateWords in allreduce.cuh
-_MEMCPY_DEFAULT = 4    # cudaMemcpyDefault: the direction from the (unified) addresses
 _MAX_CHUNKS = 4095     # chunks of one block per call (kFlagChunkBits in allreduce.cuh)
 _FLAG_BYTES = 2 * AR_MAX_BLOCKS * AR_MAX_RANKS * 4
 
@@ -378,7 +377,8 @@ class AllReduceWorkspace(Op):
                 dst, src = ptrs[p] + ws.rs_off + ws.rank * ws.rs_slot, ptr + p * seg
             else:
                 dst, src = ptr + p * seg, self.buffer.ptr + ws.ag_off + p * seg
-            cupy.cuda.runtime.memcpyAsync(dst, src, size, _MEMCPY_DEFAULT, stream_ptr)
+            cupy.cuda.runtime.memcpyAsync(dst, src, size, cupy.cuda.runtime.memcpyDefault,
+                                          stream_ptr)
 
     def _release(self) -> None:
         if self._nccl is not None:

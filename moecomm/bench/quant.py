@@ -78,7 +78,7 @@ def _copy_GBps(nbytes: int, iters: int, stream) -> float:
     src = cupy.empty(nbytes, np.uint8)
     dst = cupy.empty_like(src)
     us = graph_median_us(lambda: cupy.cuda.runtime.memcpyAsync(
-        dst.data.ptr, src.data.ptr, nbytes, 3, stream.ptr),  # device to device
+        dst.data.ptr, src.data.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr),
         iters=iters, stream=stream)
     return 2 * nbytes / us / 1e3
 
