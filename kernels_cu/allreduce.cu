@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kUnroll = 4;  // 16-byte vectors a thread has in flight in the copy loops
 constexpr int kReduceUnroll = 4;  // vectors a split one-shot reducer takes at once
+constexpr int kReduceGroup = 2;   // ranks' vectors a two-shot reducer loads at once
 
 // One-shot: every thread pushes its vectors into slot `rank` of every peer's Lamport
 // buffer, clears its share of the previous buffer, then polls its vectors' peer slots and
@@ -185,8 +186,7 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
     }
   };
   auto inbox = [&](int s, size_t v) {
-    const Vec16 x = ld_vec16_cg(rs + s * ws.rs_slot + (v - rank * seg) * 16);
-    return kCopyEngine ? Lamport<T>::canonical(x) : x;
+    return ld_vec16_cg(rs + s * ws.rs_slot + (v - rank * seg) * 16);
   };
   bool ok = true;
   i = 0;
@@ -194,9 +194,22 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   for (size_t j = blockIdx.x; j < nchunks; j += gridDim.x, ++i) {
     if (!(ok = wait_peers(ws, 0, flag_value(call, i), w))) break;
     for (size_t v = lo(rank, j) + threadIdx.x; v < hi(rank, j); v += blockDim.x) {
+      // kReduceGroup ranks' vectors loaded at once, then canonicalized (the copy engines
+      // move raw vectors) and summed in rank order.
+      const Vec16 mine = load_input(in, v, a.n);
       float acc[K];
-      for (int s = 0; s < world; ++s)
-        accumulate<T>(acc, s == rank ? own(v) : inbox(s, v), s == 0);
+#pragma unroll
+      for (int s0 = 0; s0 < kArMaxRanks; s0 += kReduceGroup) {
+        if (s0 >= world) break;
+        Vec16 x[kReduceGroup];
+#pragma unroll
+        for (int g = 0; g < kReduceGroup; ++g)
+          if (s0 + g < world && s0 + g != rank) x[g] = inbox(s0 + g, v);
+#pragma unroll
+        for (int g = 0; g < kReduceGroup; ++g)
+          if (s0 + g < world)
+            accumulate<T>(acc, Lamport<T>::canonical(s0 + g == rank ? mine : x[g]), s0 + g == 0);
+      }
       const Vec16 r = round_pack<T>(acc);
       store_output(out, v, a.n, r);
       for (int q = 1; q < world; ++q) {
@@ -226,11 +239,11 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
       allreduce_oneshot_split_##SUFFIX(const AllReduceArgs a) {                          \
     oneshot_split<T>(a);                                                                 \
   }                                                                                      \
-  extern "C" __global__ void __launch_bounds__(512)                                      \
+  extern "C" __global__ void __launch_bounds__(1024)                                     \
       allreduce_twoshot_##SUFFIX(const AllReduceArgs a) {                                \
     twoshot<T, false>(a);                                                                \
   }                                                                                      \
-  extern "C" __global__ void __launch_bounds__(512)                                      \
+  extern "C" __global__ void __launch_bounds__(1024)                                     \
       allreduce_twoshot_ce_##SUFFIX(const AllReduceArgs a) {                             \
     twoshot<T, true>(a);                                                                 \
   }

@@ -68,7 +68,8 @@ class AllReduceConfig:
 
     oneshot_threads / oneshot_blocks_per_sm: block size and most blocks per SM of the
         one-shot kernel (each thread takes one 16-byte vector until the grid is full).
-    twoshot_threads / twoshot_blocks_per_sm: the same for two-shot.
+    twoshot_threads / twoshot_blocks_per_sm: the same for two-shot (by default one block
+        of 1024 threads per SM: a two-shot block is bound by the bytes it has in flight).
     twoshot_chunk_bytes: most bytes a two-shot block moves per pipelined chunk with every
         SM; each block gets the same number of equal chunks. Under ``num_sms`` every block
         moves its share as one chunk: a chunk's flags cost its block a drain of its remote
@@ -98,7 +99,7 @@ class AllReduceConfig:
 
     oneshot_threads: int = 128
     oneshot_blocks_per_sm: int = 4
-    twoshot_threads: int = 512
+    twoshot_threads: int = 1024
     twoshot_blocks_per_sm: int = 1
     twoshot_chunk_bytes: int = 256 << 10
     oneshot_max_bytes: int | None = None
@@ -110,7 +111,7 @@ class AllReduceConfig:
     num_sms: int | None = None
 
     def __post_init__(self):
-        for name, most in (("oneshot_threads", 1024), ("twoshot_threads", 512),
+        for name, most in (("oneshot_threads", 1024), ("twoshot_threads", 1024),
                            ("split_threads", 1024)):
             threads = int_at_least(f"AllReduceConfig.{name}", getattr(self, name), 32)
             if threads % 32 or threads > most:
