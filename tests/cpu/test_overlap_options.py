@@ -170,6 +170,8 @@ def test_twoshot_chunks_are_balanced():
     assert chunk * 16 <= 256 << 10 and -(-((128 << 20) // 16 // chunk) // blocks) == 4
     with pytest.raises(TypeError, match="twoshot_copy_engine must be a bool or None"):
         AllReduceConfig(twoshot_copy_engine=1)
+    # a two-shot block is alone on its SM: by default it takes a full SM's 1024 threads
+    assert cfg.twoshot_threads == 1024 and cfg.twoshot_blocks_per_sm == 1
     # under a budget: one chunk per block, every block busy
     for sms in (8, 12, 16, 24):
         budgeted = AllReduceConfig(num_sms=sms)
@@ -198,7 +200,8 @@ def test_allreduce_split_rule():
     assert AllReduceConfig(num_sms=16).measured_crossover(2, 16, fused=True) == 4 << 20
     assert AllReduceConfig(num_sms=16).budget(132) == 16 and AllReduceConfig().budget(132) == 132
     for bad in (dict(split_push_sms=0), dict(split_threads=48), dict(split_threads=2048),
-                dict(split_min_bytes=-1)):
+                dict(split_min_bytes=-1), dict(twoshot_threads=2048),
+                dict(twoshot_chunk_bytes=24 << 10)):
         with pytest.raises(ValueError):
             AllReduceConfig(**bad)
 
