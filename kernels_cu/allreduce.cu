@@ -132,8 +132,8 @@ __device__ __forceinline__ void for_chunk(size_t lo, size_t hi, Load load, Use u
 //  C. one chunk behind B: wait for the peers' reduced chunks, copy them to `out`.
 // With the copy engines (kCopyEngine), the host copies every peer's segment into its
 // inbox before the kernel and the gathered segments to `out` after it: A only publishes
-// (stream order has completed the copies), C only waits, and B canonicalizes the raw
-// inbox (the SM path sends canonical vectors), so both give the same bits.
+// (stream order has completed the copies) and C only waits. B canonicalizes every vector
+// it sums (the copy engines move raw ones), so both give the same bits.
 template <typename T, bool kCopyEngine>
 __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   constexpr int K = Pack16<T>::kLanes;
@@ -194,8 +194,8 @@ __device__ __forceinline__ void twoshot(const AllReduceArgs& a) {
   for (size_t j = blockIdx.x; j < nchunks; j += gridDim.x, ++i) {
     if (!(ok = wait_peers(ws, 0, flag_value(call, i), w))) break;
     for (size_t v = lo(rank, j) + threadIdx.x; v < hi(rank, j); v += blockDim.x) {
-      // kReduceGroup ranks' vectors loaded at once, then canonicalized (the copy engines
-      // move raw vectors) and summed in rank order.
+      // kReduceGroup ranks' vectors loaded at once, then canonicalized and summed in rank
+      // order.
       const Vec16 mine = load_input(in, v, a.n);
       float acc[K];
 #pragma unroll
