@@ -7,7 +7,9 @@
 // buffers, prefetches gamma and the residual, then polls, reduces and runs the epilogue
 // row by row. Two-shot: the rows are split into world segments, reduce-scattered through
 // the inboxes and all-gathered, with block-level flags (protocol: allreduce.cuh). The
-// `local` kernels run the epilogue alone on rows already reduced (rmsnorm_fusion).
+// `local` kernels run the epilogue alone on rows already reduced (rmsnorm_fusion). A
+// swizzled NVFP4 scale array's padding rows are zeroed by blocks past the rows' where the
+// host adds them (one-shot and local, few tokens), else by every thread.
 //
 // Rounding points: moecomm.reference (each intermediate rounded to the I/O dtype where the
 // unfused ops round; quantizers read the rounded norm output). Quantizers, fp32, every
@@ -96,7 +98,9 @@ struct RowSlice {
   int first, end;  // vectors of a row
 
   __device__ explicit RowSlice(int hvec) {
-    const int len = hvec / (int)cluster_size();
+    // clusters of 1, 2, 4 or 8 blocks: a shift, not an integer division (about 25
+    // instructions ahead of the first push)
+    const int len = hvec >> (31 - __clz((int)cluster_size()));
     first = (int)cluster_rank() * len;
     end = first + len;
   }
@@ -174,8 +178,10 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
 
   // norm_out = io((r * rstd) * (gamma + weight_bias)); quantizers read the rounded value
   float amax_row = 0.f;
+  float amax_vec[V];  // per vector (NVFP4: two make a block); 0 where inactive
 #pragma unroll
   for (int k = 0; k < V; ++k) {
+    amax_vec[k] = 0.f;
     const int v = sl.vec(k);
     if (v >= sl.end) continue;
     Pack16<T> g, n;
@@ -185,8 +191,9 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
       const float w = __fadd_rn(to_float(g.lane[i]), a.weight_bias);
       n.lane[i] = from_float<T>(__fmul_rn(__fmul_rn(r[k][i], rstd), w));
       r[k][i] = to_float(n.lane[i]);
-      amax_row = fmaxf(amax_row, fabsf(r[k][i]));
+      amax_vec[k] = fmaxf(amax_vec[k], fabsf(r[k][i]));
     }
+    amax_row = fmaxf(amax_row, amax_vec[k]);
     if (a.norm_out != nullptr) st_vec16(static_cast<T*>(a.norm_out) + base + v * 8, n.vec);
   }
 
@@ -219,10 +226,7 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
     for (int k = 0; k < V; ++k) {
       const int v = sl.vec(k);
       const bool active = v < sl.end;  // every lane of the warp runs the shuffle
-      float amax = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(active ? r[k][i] : 0.f));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      const float amax = fmaxf(amax_vec[k], __shfl_xor_sync(0xffffffffu, amax_vec[k], 1));
       if (!active) continue;
       const uint8_t sf = e4m3_encode(__fmul_rn(gs, __fmul_rn(amax, 1.f / 6.f)));
       const float sf_val = e4m3_decode(sf);
@@ -233,7 +237,7 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
       const uint32_t packed = e2m1_pack8(p);
       *reinterpret_cast<uint32_t*>(a.quant_out + (base + v * 8) / 2) = packed;
       if ((v & 1) == 0) {
-        const size_t kb = v / 2;
+        const uint32_t kb = (uint32_t)v / 2;
         const size_t off = a.swizzled ? nvfp4_swizzled_offset(row, kb, a.hidden)
                                       : row * blocks_per_row + kb;
         static_cast<uint8_t*>(a.scale_out)[off] = sf;
@@ -311,6 +315,20 @@ __device__ __forceinline__ void zero_sf_padding(const FusionArgs& a) {
   zero_sf_padding(a, (uint32_t)global_thread_id(), (uint32_t)global_thread_count());
 }
 
+// Where the host added blocks past the rows' clusters (moecomm/fusion.py, _padding_grid),
+// those blocks alone zero the padding, so that the rows' warps, whose chain of dependent
+// instructions sets a small call's time, do none of it; else every thread shares it.
+__device__ __forceinline__ void zero_sf_padding_aside(const FusionArgs& a) {
+  const uint32_t row_blocks =
+      (uint32_t)min((uint64_t)cluster_count(), a.tokens) * cluster_size();
+  if (gridDim.x <= row_blocks) {
+    zero_sf_padding(a);
+  } else if (blockIdx.x >= row_blocks) {
+    zero_sf_padding(a, (blockIdx.x - row_blocks) * blockDim.x + threadIdx.x,
+                    (gridDim.x - row_blocks) * blockDim.x);
+  }
+}
+
 // The split one-shot's pushers (push_blocks > 0): every row's contributions, walked flat
 // (vector i of the walk is vector i % hvec of row i / hvec, advanced without a division),
 // kPushUnroll vectors in flight per thread.
@@ -376,7 +394,12 @@ __device__ __forceinline__ void oneshot(const FusionArgs& a) {
   const uint32_t tid = (blockIdx.x - pushers) * blockDim.x + threadIdx.x;
   const uint32_t nthreads = (gridDim.x - pushers) * blockDim.x;
   clear_previous<T>(ws, call, tid, nthreads);
-  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a, tid, nthreads);
+  if (Q == kQuantNvfp4 && a.swizzled) {
+    if (pushers == 0)
+      zero_sf_padding_aside(a);
+    else
+      zero_sf_padding(a, tid, nthreads);
+  }
 
   const WaitContext w = wait_context(ws, config::kErrAllreduceOneshot);
   for (size_t row = sl.first_row() - pushers; row < a.tokens; row += sl.row_step() - pushers) {
@@ -468,7 +491,7 @@ __device__ __forceinline__ void local(const FusionArgs& a) {
   const RowSlice sl(hvec);
   pdl_wait();
   const Prefetch<V> f = prefetch<T, Q, V>(a, sl);
-  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding(a);
+  if (Q == kQuantNvfp4 && a.swizzled) zero_sf_padding_aside(a);
   for (size_t row = sl.first_row(); row < a.tokens; row += sl.row_step()) {
     RowVecs<V> res, x;
     if (a.residual_in != nullptr) load_row<T, V>(a.residual_in, row, hvec, sl, res);

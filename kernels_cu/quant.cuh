@@ -103,11 +103,13 @@ __device__ __forceinline__ float ue8m0_decode(uint32_t e) {
   return __uint_as_float(e << 23);  // e >= 1
 }
 
-// Byte offset of NVFP4 scale (row m, 16-element block k) in the 128x4 swizzled layout
-// for rows of `cols` elements.
-__device__ __forceinline__ size_t nvfp4_swizzled_offset(size_t m, size_t k, size_t cols) {
-  const size_t kt = (cols + 63) / 64;
-  return (m / 128) * (kt * 512) + (k / 4) * 512 + (m % 32) * 16 + ((m % 128) / 32) * 4 + k % 4;
+// Byte offset of NVFP4 scale (row m, 16-element block k) in the 128x4 swizzled layout,
+// for rows of `cols` elements. Only the band term needs 64 bits (k < 2^25, cols < 2^31).
+__device__ __forceinline__ size_t nvfp4_swizzled_offset(size_t m, uint32_t k, size_t cols) {
+  const uint32_t band_bytes = (((uint32_t)cols + 63u) >> 6) << 9;  // 512 per 4 blocks
+  const uint32_t lo = (uint32_t)m;
+  return (m >> 7) * band_bytes +
+         (((k >> 2) << 9) | ((lo & 31u) << 4) | (((lo >> 5) & 3u) << 2) | (k & 3u));
 }
 
 }  // namespace moecomm

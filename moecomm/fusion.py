@@ -139,6 +139,17 @@ def _row_plan(hidden: int, tokens: int, sms: int, clusters: bool) -> _RowPlan:
     return _RowPlan("v2", 2, 1, -(-hvec // 64) * 32)
 
 
+def _padding_grid(grid: int, plan: _RowPlan, tokens: int, hidden: int, limit: int) -> int:
+    """``grid`` blocks and, for a swizzled NVFP4 scale array with padding rows, whole
+    clusters past the rows' that zero the padding alone (fusion.cu, zero_sf_padding_aside;
+    up to ``limit`` blocks in all, one 16-byte chunk a thread): the rows' warps, whose
+    chain of dependent instructions sets a small call's time, then do none of it."""
+    if tokens % 128 == 0:
+        return grid
+    chunks = -(-hidden // 64) * 32  # of the last 128-row band
+    return min(limit, grid + -(-chunks // (plan.block * plan.cluster)) * plan.cluster)
+
+
 def _check_hidden(hidden: int, name: str) -> None:
     if hidden <= 0 or hidden % 16 or hidden > FUSION_MAX_HIDDEN:
         raise ValueError(f"{name}: hidden size {hidden} must be a positive multiple of 16, at "
@@ -193,14 +204,16 @@ class AllReduceFusionWorkspace(Op):
     def world_size(self) -> int:
         return self.allreduce.world
 
-    def launcher(self, algorithm: Algorithm, quant: Quant, tokens: int) -> tuple:
+    def launcher(self, algorithm: Algorithm, quant: Quant, tokens: int,
+                 swizzled: bool = False) -> tuple:
         """(launcher, grid, block, cluster, push blocks, shared memory) of a call over
         ``tokens`` rows, made on first use: one-shot spreads a decode row over a cluster
         where the device has them, and from the all-reduce's ``split_from`` bytes splits
         the SMs by role (one block per SM, ``split_push_sms`` of them pushing); every block
         is resident at once (blocks wait for peers). Under an SM budget a grid has at most
-        one block per budgeted SM (at least one cluster)."""
-        key = (algorithm, quant, tokens)
+        one block per budgeted SM (at least one cluster). A one-shot writing a swizzled
+        NVFP4 scale array may add blocks for its padding (``_padding_grid``)."""
+        key = (algorithm, quant, tokens, swizzled)
         entry = self._geometry.get(key)
         if entry is None:
             sms = self.allreduce.sms
@@ -228,6 +241,9 @@ class AllReduceFusionWorkspace(Op):
                 resident = max(1, grid_limit(sms, per_sm, ar.budgeted) // plan.cluster)
                 rows = tokens if oneshot else -(-tokens // self.world_size)
                 grid = max(1, min(rows, resident)) * plan.cluster
+                if oneshot and swizzled:
+                    grid = _padding_grid(grid, plan, tokens, self.hidden_dim,
+                                         resident * plan.cluster)
                 entry = (launcher, grid, plan.block, plan.cluster, 0, 0)
             if len(self._geometry) > 1024:
                 self._geometry.clear()
@@ -410,8 +426,8 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
         async_op = events.issue(handle, previous_event, async_op, owner=ws,
                                 op="allreduce_fusion")
     if tokens:
-        launcher, grid, block, cluster, pushers, shared_mem = ws.launcher(algo, spec.quant,
-                                                                          tokens)
+        launcher, grid, block, cluster, pushers, shared_mem = ws.launcher(
+            algo, spec.quant, tokens, bool(fields.get("swizzled")))
         _fill(launcher.args, fields)
         launcher.args.push_blocks = pushers
         launcher(grid, block, handle, shared_mem, cluster=cluster)
@@ -465,8 +481,11 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
         launcher = cache[key] = Launcher(_kernel("local", spec.quant, x.dtype, plan.variant),
                                          FusionArgs)
     _fill(launcher.args, fields)
-    launcher(min(tokens, 4 * facts.sms // plan.cluster) * plan.cluster, plan.block,
-             stream_handle(stream), cluster=plan.cluster)
+    limit = 4 * facts.sms // plan.cluster * plan.cluster
+    grid = min(tokens * plan.cluster, limit)
+    if fields.get("swizzled"):
+        grid = _padding_grid(grid, plan, tokens, hidden, limit)
+    launcher(grid, plan.block, stream_handle(stream), cluster=plan.cluster)
     return outputs
 
 
