@@ -207,14 +207,12 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
     for (int k = 0; k < V; ++k) {
       const int v = sl.vec(k);
       if (v >= sl.end) continue;
-      uint32_t lo = 0, hi = 0;
+      float q[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float q = Q == kQuantFp8 ? __fmul_rn(r[k][i], f.scale) : __fdiv_rn(r[k][i], s);
-        const uint32_t c = e4m3_encode(q);
-        if (i < 4) lo |= c << (8 * i); else hi |= c << (8 * (i - 4));
-      }
-      *reinterpret_cast<uint2*>(a.quant_out + base + v * 8) = make_uint2(lo, hi);
+      for (int i = 0; i < 8; ++i)
+        q[i] = Q == kQuantFp8 ? __fmul_rn(r[k][i], f.scale) : __fdiv_rn(r[k][i], s);
+      *reinterpret_cast<uint2*>(a.quant_out + base + v * 8) =
+          make_uint2(e4m3x4_encode(q[0], q[1], q[2], q[3]), e4m3x4_encode(q[4], q[5], q[6], q[7]));
     }
   }
 
@@ -260,13 +258,11 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
       if (!active) continue;
       const uint32_t e = ue8m0_ceil(fmaxf(__fdiv_rn(amax, 448.f), 1e-10f));
       const float scale = ue8m0_decode(e);
-      uint32_t lo = 0, hi = 0;
+      float q[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t c = e4m3_encode(__fdiv_rn(r[k][i], scale));
-        if (i < 4) lo |= c << (8 * i); else hi |= c << (8 * (i - 4));
-      }
-      *reinterpret_cast<uint2*>(a.quant_out + base + v * 8) = make_uint2(lo, hi);
+      for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(r[k][i], scale);
+      *reinterpret_cast<uint2*>(a.quant_out + base + v * 8) =
+          make_uint2(e4m3x4_encode(q[0], q[1], q[2], q[3]), e4m3x4_encode(q[4], q[5], q[6], q[7]));
       const int group = v / lanes;
       if (v % lanes == 0) {
         // int32 word (row, group / 4) of the MN-major layout, byte group % 4

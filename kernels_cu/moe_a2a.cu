@@ -252,11 +252,9 @@ __device__ void copy_rows(const DispatchArgs& p, const CopyPayload* s_walk, int 
 
 // e4m3 codes of x.lane[i..i+3] * mul, packed little-endian.
 __device__ __forceinline__ uint32_t e4m3x4(const Pack16<__nv_bfloat16>& x, int i, float mul) {
-  uint32_t w = 0;
-#pragma unroll
-  for (int k = 0; k < 4; ++k)
-    w |= (uint32_t)e4m3_encode(__fmul_rn(to_float(x.lane[i + k]), mul)) << (8 * k);
-  return w;
+  return e4m3x4_encode(__fmul_rn(to_float(x.lane[i]), mul), __fmul_rn(to_float(x.lane[i + 1]), mul),
+                       __fmul_rn(to_float(x.lane[i + 2]), mul),
+                       __fmul_rn(to_float(x.lane[i + 3]), mul));
 }
 
 // FP8 quantization of n bf16 tokens of `hidden` elements (src 16-byte aligned), once per

@@ -22,11 +22,21 @@ using namespace moecomm;
 
 namespace {
 
-// E e4m3 codes of one vector (E = 8 or 4), packed little-endian: 8 or 4 bytes.
+// E e4m3 codes, packed little-endian four to a word: E = 8 or 4 for one 16-byte vector
+// of 16-bit or fp32 elements, 16 for a group's 16-element chunk.
 template <int E>
 struct Codes {
   uint32_t w[E / 4];
 };
+
+// The codes of E values, four to a word.
+template <int E>
+__device__ __forceinline__ Codes<E> pack_codes(const float (&y)[E]) {
+  Codes<E> c;
+#pragma unroll
+  for (int k = 0; k < E; k += 4) c.w[k / 4] = e4m3x4_encode(y[k], y[k + 1], y[k + 2], y[k + 3]);
+  return c;
+}
 
 template <int E>
 __device__ __forceinline__ void store_codes(uint8_t* dst, const Codes<E>& c) {
@@ -44,11 +54,10 @@ __device__ __forceinline__ void fp8_static(const QuantArgs& a) {
   for (size_t i = global_thread_id(); i < n; i += global_thread_count()) {
     Pack16<T> v;
     v.vec = ld_vec16(x + i * E);
-    Codes<E> c = {};
+    float y[E];
 #pragma unroll
-    for (int k = 0; k < E; ++k)
-      c.w[k / 4] |= (uint32_t)e4m3_encode(__fmul_rn(to_float(v.lane[k]), inv)) << (8 * (k % 4));
-    store_codes<E>(a.q + i * E, c);
+    for (int k = 0; k < E; ++k) y[k] = __fmul_rn(to_float(v.lane[k]), inv);
+    store_codes<E>(a.q + i * E, pack_codes<E>(y));
   }
 }
 
@@ -71,11 +80,10 @@ __device__ __forceinline__ void fp8_token(const QuantArgs& a) {
     for (uint32_t i = threadIdx.x; i < nv; i += blockDim.x) {
       Pack16<T> v;
       v.vec = ld_vec16(x + i * E);
-      Codes<E> c = {};
+      float y[E];
 #pragma unroll
-      for (int k = 0; k < E; ++k)
-        c.w[k / 4] |= (uint32_t)e4m3_encode(__fdiv_rn(to_float(v.lane[k]), s)) << (8 * (k % 4));
-      store_codes<E>(a.q + row * a.cols + i * E, c);
+      for (int k = 0; k < E; ++k) y[k] = __fdiv_rn(to_float(v.lane[k]), s);
+      store_codes<E>(a.q + row * a.cols + i * E, pack_codes<E>(y));
     }
     if (threadIdx.x == 0) static_cast<float*>(a.scale_out)[row] = s;
   }
@@ -92,8 +100,9 @@ struct GroupScale {
     div = ue8m0_decode(e);
     mul = __frcp_rn(s);
   }
-  __device__ __forceinline__ uint32_t code(float v, bool ue8m0) const {
-    return e4m3_encode(ue8m0 ? __fdiv_rn(v, div) : __fmul_rn(v, mul));
+  // v in units of the scale (its e4m3 code is e4m3_encode of this)
+  __device__ __forceinline__ float scaled(float v, bool ue8m0) const {
+    return ue8m0 ? __fdiv_rn(v, div) : __fmul_rn(v, mul);
   }
 };
 
@@ -107,15 +116,13 @@ template <typename T>
 __device__ __forceinline__ void group_chunk_codes(const Pack16<T> (&v)[16 / Pack16<T>::kLanes],
                                                   const GroupScale& gs, bool ue8m0, uint8_t* q) {
   constexpr int E = Pack16<T>::kLanes;
-  uint32_t w[4] = {0u, 0u, 0u, 0u};
+  float y[16];
 #pragma unroll
   for (int j = 0; j < 16 / E; ++j)
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int i = j * E + k;
-      w[i / 4] |= gs.code(to_float(v[j].lane[k]), ue8m0) << (8 * (i % 4));
-    }
-  st_vec16(q, Vec16{w[0], w[1], w[2], w[3]});
+    for (int k = 0; k < E; ++k) y[j * E + k] = gs.scaled(to_float(v[j].lane[k]), ue8m0);
+  const Codes<16> c = pack_codes<16>(y);
+  st_vec16(q, Vec16{c.w[0], c.w[1], c.w[2], c.w[3]});
 }
 
 // Groups of up to 512 elements with a power-of-two number L of 16-element chunks: one
