@@ -211,8 +211,7 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
 #pragma unroll
       for (int i = 0; i < 8; ++i)
         q[i] = Q == kQuantFp8 ? __fmul_rn(r[k][i], f.scale) : __fdiv_rn(r[k][i], s);
-      *reinterpret_cast<uint2*>(a.quant_out + base + v * 8) =
-          make_uint2(e4m3x4_encode(q[0], q[1], q[2], q[3]), e4m3x4_encode(q[4], q[5], q[6], q[7]));
+      store_codes<8>(a.quant_out + base + v * 8, pack_codes<8>(q));
     }
   }
 
@@ -261,8 +260,7 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
       float q[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(r[k][i], scale);
-      *reinterpret_cast<uint2*>(a.quant_out + base + v * 8) =
-          make_uint2(e4m3x4_encode(q[0], q[1], q[2], q[3]), e4m3x4_encode(q[4], q[5], q[6], q[7]));
+      store_codes<8>(a.quant_out + base + v * 8, pack_codes<8>(q));
       const int group = v / lanes;
       if (v % lanes == 0) {
         // int32 word (row, group / 4) of the MN-major layout, byte group % 4

@@ -22,28 +22,6 @@ using namespace moecomm;
 
 namespace {
 
-// E e4m3 codes, packed little-endian four to a word: E = 8 or 4 for one 16-byte vector
-// of 16-bit or fp32 elements, 16 for a group's 16-element chunk.
-template <int E>
-struct Codes {
-  uint32_t w[E / 4];
-};
-
-// The codes of E values, four to a word.
-template <int E>
-__device__ __forceinline__ Codes<E> pack_codes(const float (&y)[E]) {
-  Codes<E> c;
-#pragma unroll
-  for (int k = 0; k < E; k += 4) c.w[k / 4] = e4m3x4_encode(y[k], y[k + 1], y[k + 2], y[k + 3]);
-  return c;
-}
-
-template <int E>
-__device__ __forceinline__ void store_codes(uint8_t* dst, const Codes<E>& c) {
-  if (E == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(c.w[0], c.w[E / 8]);
-  else *reinterpret_cast<uint32_t*>(dst) = c.w[0];
-}
-
 // Static per-tensor FP8: one thread per vector.
 template <typename T>
 __device__ __forceinline__ void fp8_static(const QuantArgs& a) {

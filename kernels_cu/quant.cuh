@@ -41,6 +41,29 @@ __device__ __forceinline__ uint32_t e4m3x4_encode(float a, float b, float c, flo
   return lo | hi << 16;
 }
 
+// E e4m3 codes, packed little-endian four to a word: E = 8 or 4 for one 16-byte vector
+// of 16-bit or fp32 elements, 16 for a group's 16-element chunk.
+template <int E>
+struct Codes {
+  uint32_t w[E / 4];
+};
+
+// The codes of E values, four to a word.
+template <int E>
+__device__ __forceinline__ Codes<E> pack_codes(const float (&y)[E]) {
+  Codes<E> c;
+#pragma unroll
+  for (int k = 0; k < E; k += 4) c.w[k / 4] = e4m3x4_encode(y[k], y[k + 1], y[k + 2], y[k + 3]);
+  return c;
+}
+
+// One vector's codes (E = 8 or 4) to dst, 8- or 4-byte aligned, in one store.
+template <int E>
+__device__ __forceinline__ void store_codes(uint8_t* dst, const Codes<E>& c) {
+  if (E == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(c.w[0], c.w[E / 8]);
+  else *reinterpret_cast<uint32_t*>(dst) = c.w[0];
+}
+
 // Exact: the code's exponent and mantissa bits placed in an fp32 (a denormal for e = 0)
 // and rebased by 2^(127 - 7); 0x7F/0xFF decode as +-480 (the encoder saturates finite
 // values, so those codes only come from NaN).
