@@ -143,17 +143,16 @@ class AllReduceConfig:
         ``oneshot_max_bytes``, else the measured one (``measured_crossover``)."""
         if self.oneshot_max_bytes is not None:
             return self.oneshot_max_bytes
-        return self.measured_crossover(world, sms, fused=False)
+        return self.measured_crossover(world, sms)
 
-    def measured_crossover(self, world: int, sms: int, fused: bool) -> int:
-        """The measured one-shot limit of ``all_reduce`` (or ``allreduce_fusion``) in bytes:
-        the split one-shot's table where the split applies, else the plain one-shot's."""
-        plain, split = ((tuning.FUSION_ONESHOT_MAX_BYTES, tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES)
-                        if fused else (tuning.ALLREDUCE_ONESHOT_MAX_BYTES,
-                                       tuning.ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES))
+    def measured_crossover(self, world: int, sms: int) -> int:
+        """The measured one-shot limit of ``all_reduce`` in bytes: the split one-shot's
+        table where the split applies, else the plain one-shot's (``allreduce_fusion``
+        has its own rule, by rows: ``moecomm.fusion``)."""
+        split = tuning.ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES
         if self.split_from(world, sms) != float("inf") and world in split:
             return split[world]
-        return tuning.lookup(plain, world)
+        return tuning.lookup(tuning.ALLREDUCE_ONESHOT_MAX_BYTES, world)
 
     def split_from(self, world: int, sms: int) -> float:
         """Bytes from which a one-shot call splits the SMs by role (inf: never)."""

@@ -39,7 +39,7 @@ import cupy
 import numpy as np
 
 from . import group as _group
-from . import events, kernels
+from . import events, kernels, tuning
 from .allreduce import Algorithm, AllReduceConfig, AllReduceWorkspace
 from .constants import (FUSION_MAX_HIDDEN, GROUP_FP8_SIZES, PATTERNS, AllReduceFusionPattern,
                         PatternSpec, Quant, QuantizationSFLayout, Source)
@@ -150,6 +150,61 @@ def _padding_grid(grid: int, plan: _RowPlan, tokens: int, hidden: int, limit: in
     return min(limit, grid + -(-chunks // (plan.block * plan.cluster)) * plan.cluster)
 
 
+class _AutoRule(NamedTuple):
+    """How ``allreduce_fusion`` picks for ``hidden``-wide rows of ``row_bytes``
+    (``moecomm.tuning``): the one-shot splits the SMs by role from ``split_rows`` rows on
+    (each row is one block's chain of dependent instructions: once an SM holds two, the
+    split is faster); one-shot up to ``oneshot_max_bytes`` unsplit, up to
+    ``split_max_rows`` rows and ``split_max_bytes`` split; two-shot beyond."""
+
+    row_bytes: int
+    split_rows: float            # inf: never split
+    split_max_rows: float
+    split_max_bytes: int
+    plain_max_bytes: int
+    oneshot_max_bytes: int | None = None  # the caller's crossover, replacing the rule
+
+    @classmethod
+    def measured(cls, config: AllReduceConfig, world: int, sms: int,
+                 row_bytes: int) -> _AutoRule:
+        split_from = config.split_from(world, sms)
+        hvec = row_bytes // 16
+        split_rows = float("inf")
+        if split_from == float("inf"):
+            pass
+        elif config.split_min_bytes is not None:  # the caller's byte threshold
+            split_rows = max(1, -(-int(split_from) // row_bytes))
+        elif hvec >= tuning.FUSION_SPLIT_MIN_ROW_VECTORS.get(world, float("inf")):
+            split_rows = sms + 1
+        max_rows = next((rows for shorter, rows in tuning.FUSION_SPLIT_MAX_ROWS.get(world, ())
+                         if hvec < shorter), float("inf"))
+        return cls(row_bytes, split_rows, max_rows,
+                   tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES.get(world, 0),
+                   tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world))
+
+    def splits(self, tokens: int) -> bool:
+        """Whether a one-shot call over ``tokens`` rows splits the SMs by role."""
+        return tokens >= self.split_rows
+
+    def oneshot(self, tokens: int) -> bool:
+        """Whether ``auto`` runs ``tokens`` rows one-shot."""
+        nbytes = tokens * self.row_bytes
+        if self.oneshot_max_bytes is not None:
+            return nbytes <= self.oneshot_max_bytes
+        if self.splits(tokens):
+            return tokens <= self.split_max_rows and nbytes <= self.split_max_bytes
+        return nbytes <= self.plain_max_bytes
+
+    def largest_oneshot_bytes(self) -> int:
+        """The largest message ``auto`` runs one-shot (what the Lamport buffers hold)."""
+        if self.oneshot_max_bytes is not None:
+            return self.oneshot_max_bytes
+        if self.split_rows == float("inf"):
+            return self.plain_max_bytes
+        split = min(self.split_max_bytes, self.split_max_rows * self.row_bytes)
+        return int(max(self.plain_max_bytes, split))
+
+
 def _check_hidden(hidden: int, name: str) -> None:
     if hidden <= 0 or hidden % 16 or hidden > FUSION_MAX_HIDDEN:
         raise ValueError(f"{name}: hidden size {hidden} must be a positive multiple of 16, at "
@@ -165,11 +220,14 @@ class AllReduceFusionWorkspace(Op):
     """The all-reduce workspace sized for ``[max_token_num, hidden_dim]`` rows of ``dtype``.
 
     ``.allreduce`` is the underlying ``AllReduceWorkspace`` (plain ``all_reduce`` calls may
-    share it). ``oneshot_max_bytes``: the ``auto`` crossover (default: the measured tables
-    of ``moecomm.tuning``, ``FUSION_SPLIT_ONESHOT_MAX_BYTES`` where the config's one-shot
-    split applies, else ``FUSION_ONESHOT_MAX_BYTES``); it also sizes the Lamport buffers
-    (3 x world x min(its value, the largest message) per rank). Other options as for
-    ``AllReduceWorkspace``. Collective creation and ``close()``.
+    share it). ``oneshot_max_bytes``: the ``auto`` crossover in bytes (default: the measured
+    rule, by rows, of ``moecomm.tuning``'s ``FUSION_*`` tables: at 2 ranks rows of 384 or
+    more 16-byte vectors split the one-shot's SMs by role once they outnumber the SMs,
+    and take two-shot past ``FUSION_SPLIT_MAX_ROWS``; shorter rows take the plain
+    one-shot up to ``FUSION_ONESHOT_MAX_BYTES``); the largest one-shot message also sizes
+    the Lamport buffers (3 x world x min(it, the largest message) per rank). Other options
+    as for ``AllReduceWorkspace`` (an explicit ``AllReduceConfig.split_min_bytes`` splits
+    by bytes instead). Collective creation and ``close()``.
     """
 
     name = "AllReduceFusionWorkspace"
@@ -182,17 +240,17 @@ class AllReduceFusionWorkspace(Op):
         self.hidden_dim = int_at_least("hidden_dim", hidden_dim)
         _check_hidden(self.hidden_dim, "hidden_dim")
         group = default_group() if group is None else group
-        world = group.size
+        cfg = config_options(AllReduceConfig, config)
+        row = self.hidden_dim * self.dtype.itemsize
+        self._auto = _AutoRule.measured(cfg, group.size, cfg.budget(group_sms(group)), row)
         if oneshot_max_bytes is None:
-            cfg = config_options(AllReduceConfig, config)
-            self.crossover = cfg.measured_crossover(world, cfg.budget(group_sms(group)),
-                                                    fused=True)
+            self.crossover = self._auto.largest_oneshot_bytes()
         else:
             self.crossover = int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0)
-        row = self.hidden_dim * self.dtype.itemsize
+            self._auto = self._auto._replace(oneshot_max_bytes=self.crossover)
         max_bytes = self.max_token_num * row
         self.allreduce = AllReduceWorkspace(
-            group, max_bytes, self.dtype, segment_bytes=-(-self.max_token_num // world) * row,
+            group, max_bytes, self.dtype, segment_bytes=-(-self.max_token_num // group.size) * row,
             max_oneshot_bytes=options.pop("max_oneshot_bytes", min(max_bytes, self.crossover)),
             config=config, **options)
         self.group = group
@@ -231,8 +289,7 @@ class AllReduceFusionWorkspace(Op):
                 self._launchers[(algorithm, quant, plan.variant)] = launcher
             ar = self.allreduce
             # the split: rows of one block and one vector a thread (the variants tested)
-            if (oneshot and plan.cluster == 1 and plan.v == 1
-                    and tokens * self.hidden_dim * self.dtype.itemsize >= ar.split_from):
+            if oneshot and plan.cluster == 1 and plan.v == 1 and self._auto.splits(tokens):
                 ar.split_kernel(launcher.kernel)
                 entry = (launcher, sms, plan.block, 1, ar.config.split_push_sms,
                          ar.split_shared_mem)
@@ -250,11 +307,15 @@ class AllReduceFusionWorkspace(Op):
             self._geometry[key] = entry
         return entry
 
-    def choose(self, nbytes: int, use_oneshot: bool | None) -> Algorithm:
+    def choose(self, tokens: int, use_oneshot: bool | None = None) -> Algorithm:
+        """The algorithm a call over ``tokens`` rows takes (``use_oneshot`` None: the
+        measured rule, ``_AutoRule``)."""
         if not self.allreduce.ipc:
             raise ValueError("allreduce_fusion needs CUDA IPC; the group spans nodes")
+        nbytes = tokens * self.hidden_dim * self.dtype.itemsize
         if use_oneshot is None:
-            use_oneshot = nbytes <= min(self.crossover, self.allreduce.max_oneshot_bytes)
+            use_oneshot = (self._auto.oneshot(tokens)
+                           and nbytes <= self.allreduce.max_oneshot_bytes)
         return self.allreduce.choose(nbytes, Algorithm.ONESHOT if use_oneshot
                                      else Algorithm.TWOSHOT)
 
@@ -416,7 +477,7 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
     fields = _epilogue_fields(like.dtype, tokens, hidden, pattern, spec, options, outputs,
                               stream)
     fields.update(source_fields)
-    algo = ws.choose(tokens * hidden * ws.dtype.itemsize, options.use_oneshot)
+    algo = ws.choose(tokens, options.use_oneshot)
     if _group.DEBUG:
         ws.group.check_uniform("allreduce_fusion arguments (pattern, tokens, source, algorithm)",
                                (pattern.name, tokens, int(fields["source"]), algo.value))

@@ -32,18 +32,36 @@ ALLREDUCE_SPLIT_ONESHOT_MAX_BYTES = {2: 16 << 20}
 # not measured, no split.
 ALLREDUCE_SPLIT_MIN_BYTES = {2: 2 << 20}
 
+# allreduce_fusion splits the one-shot's SMs by role by rows, not bytes: each row is one
+# block's chain of dependent instructions, so the plain one-shot slows by 10-20% as soon as
+# one SM holds two rows' blocks of 384 threads or more. 2 ranks, kARResidualRMSNorm, graph
+# replay (bench/results/fusion-crossover-2xH200-20261130T2305.txt), plain / split us:
+# hidden 4096 x 132 tokens 7.43 / 7.92, x 133 8.28 / 7.89, x 192 10.27 / 9.40; hidden 3072
+# x 133 7.24 / 7.13; hidden 7168 x 128 10.76 / 11.39, x 136 13.27 / 11.67. Rows of up to 256
+# vectors (hidden <= 2048 in 16-bit) run several blocks per SM at no such cost, and there
+# the split (one block per SM) is slower at every size: hidden 2048 x 512 11.79 against
+# 14.68, hidden 1024 x 1024 11.66 against 23.50. So: split once the rows outnumber the
+# SMs, for rows of at least this many 16-byte vectors.
+FUSION_SPLIT_MIN_ROW_VECTORS = {2: 384}
+
+# Most rows the split one-shot takes before two-shot is faster (same file), by row length:
+# (rows shorter than this many vectors, most rows); longer rows: the byte bound below.
+# hidden 3072 x 1536 46.2 / two-shot 46.8 us, x 2048 61.0 / 59.6; hidden 3584 x 3072 95.1 /
+# 95.3, x 4096 126.1 / 124.5; hidden 4096 x 4096 134.4 / 140.7.
+FUSION_SPLIT_MAX_ROWS = {2: ((448, 1536), (512, 3072))}
+
 # Largest message (bytes, tokens x hidden x itemsize) that allreduce_fusion "auto" runs
-# one-shot where the one-shot splits the SMs by role (AllReduceConfig.split_min_bytes, the
-# same threshold as all_reduce's). 2 ranks:
-# bench/results/fusion-r2-2xNVIDIA_H200-20261130T084629.json (one-shot allowed up to
-# 32 MiB): the split one-shot is faster than two-shot at every size, 2048 x 7168 bf16
-# = 28 MiB included (95.4 vs 124.2 us); 32 MiB bounds the Lamport buffers.
+# as the split one-shot. 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261130T084629.json
+# (one-shot allowed up to 32 MiB): the split one-shot is faster than two-shot at every
+# size, 2048 x 7168 bf16 = 28 MiB included (95.4 vs 124.2 us); 32 MiB bounds the Lamport
+# buffers.
 FUSION_SPLIT_ONESHOT_MAX_BYTES = {2: 32 << 20}
 
-# The same where the split does not apply (other world sizes, small SM budgets). 2 ranks:
-# bench/results/fusion-r2-2xNVIDIA_H200-20261129T212806.json: one-shot faster at
-# 512 x 4096 bf16 = 4 MiB (21.0 vs 24.2 us), two-shot at 512 x 7168 = 7 MiB
-# (36.3 vs 37.1 us) and above. 4 and 8 ranks: byte model.
+# The same where the split does not apply (rows too short or too few, other world sizes,
+# small SM budgets). 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261129T212806.json:
+# one-shot faster at 512 x 4096 bf16 = 4 MiB (21.0 vs 24.2 us), two-shot at 512 x 7168 =
+# 7 MiB (36.3 vs 37.1 us) and above; short rows (fusion-crossover-*T2305.txt): hidden 2048
+# x 1024 = 4 MiB 20.96 vs 24.32, x 2048 43.19 vs 41.26. 4 and 8 ranks: byte model.
 FUSION_ONESHOT_MAX_BYTES = {2: 4 << 20, 4: 1 << 20, 8: 512 << 10, 16: 256 << 10}
 
 

@@ -103,7 +103,7 @@ def run(args) -> int:
                     "pattern": pattern.name, "hidden": hidden, "tokens": tokens,
                     "oneshot_us": times.get("oneshot"), "twoshot_us": times["twoshot"],
                     "auto_us": times["auto"],
-                    "auto_runs": ws.choose(x.nbytes, None).value,
+                    "auto_runs": ws.choose(tokens).value,
                     "nccl_plus_norm_us": unfused, "nccl_alone_us": nccl_alone,
                     "vs_best_baseline": times["auto"] / min(others) if others else None,
                 })

@@ -229,6 +229,32 @@ def oneshot_split(ctx, hidden):
         ws.close()
 
 
+@case
+def auto_rule(ctx):
+    """auto's measured rule (moecomm.tuning) around its boundaries, hidden 3072: the
+    plain one-shot while the rows fit the SMs, the split one-shot from one row more, and
+    two-shot past the split's most rows; every call equal to the reference (and so to
+    the others), FP8 too."""
+    from moecomm.allreduce import Algorithm
+
+    hidden = 3072
+    ws = create_allreduce_fusion_workspace(ctx.group, 1600, hidden, bfloat16)
+    sms = ws.allreduce.sms
+    expect = {sms: (Algorithm.ONESHOT, False), sms + 1: (Algorithm.ONESHOT, True),
+              1537: (Algorithm.TWOSHOT, False)}
+    for tokens, (algo, split) in expect.items():
+        if ctx.world == 2:  # the measured world size (others: the byte model, no split)
+            assert ws.choose(tokens) == algo, f"{tokens} rows: {ws.choose(tokens)}, want {algo}"
+            pushers = ws.launcher(algo, Quant.NONE, tokens)[4]
+            assert (pushers > 0) == split, f"{tokens} rows: {pushers} pushing blocks"
+        inputs = Inputs(ctx, tokens, hidden, bfloat16, weight_bias=0.0)
+        for pattern in (P.kARResidualRMSNorm, P.kARResidualRMSNormOutFP8Quant):
+            outs = inputs.run(ws, pattern, None)
+            inputs.check(pattern, outs, f"auto {tokens}x{hidden} {pattern.name}")
+    ws.check()
+    ws.close()
+
+
 @case(dtypes=("bf16", "fp16"))
 def rmsnorm_epilogue(ctx, dtype):
     """The epilogue alone (rmsnorm_fusion) on rows that are already reduced."""
