@@ -151,36 +151,41 @@ def _padding_grid(grid: int, plan: _RowPlan, tokens: int, hidden: int, limit: in
 
 
 class _AutoRule(NamedTuple):
-    """How ``allreduce_fusion`` picks for ``hidden``-wide rows of ``row_bytes``
-    (``moecomm.tuning``): the one-shot splits the SMs by role from ``split_rows`` rows on
-    (each row is one block's chain of dependent instructions: once an SM holds two, the
-    split is faster); one-shot up to ``oneshot_max_bytes`` unsplit, up to
-    ``split_max_rows`` rows and ``split_max_bytes`` split; two-shot beyond."""
+    """How ``allreduce_fusion`` picks for rows of ``row_bytes`` (``moecomm.tuning``): the
+    one-shot splits the SMs by role from ``split_rows`` rows on (a row is one block's
+    chain of dependent instructions: once an SM holds two, the split is faster); ``auto``
+    runs one-shot up to ``plain_max_bytes`` unsplit, up to ``split_max_rows`` rows and
+    ``split_max_bytes`` split, two-shot beyond, or, where the caller gave one, up to
+    ``oneshot_max_bytes``."""
 
     row_bytes: int
     split_rows: float            # inf: never split
     split_max_rows: float
     split_max_bytes: int
     plain_max_bytes: int
-    oneshot_max_bytes: int | None = None  # the caller's crossover, replacing the rule
+    oneshot_max_bytes: int | None = None
 
     @classmethod
-    def measured(cls, config: AllReduceConfig, world: int, sms: int,
-                 row_bytes: int) -> _AutoRule:
+    def measured(cls, config: AllReduceConfig, world: int, sms: int, row_bytes: int,
+                 oneshot_max_bytes: int | None = None) -> _AutoRule:
+        """The rule of ``world`` ranks on an SM budget of ``sms``: by rows as measured, by
+        bytes where ``config.split_min_bytes`` is given, never split where the all-reduce's
+        split does not apply (``AllReduceConfig.split_from``)."""
         split_from = config.split_from(world, sms)
         hvec = row_bytes // 16
-        split_rows = float("inf")
         if split_from == float("inf"):
-            pass
-        elif config.split_min_bytes is not None:  # the caller's byte threshold
+            split_rows = float("inf")
+        elif config.split_min_bytes is not None:
             split_rows = max(1, -(-int(split_from) // row_bytes))
         elif hvec >= tuning.FUSION_SPLIT_MIN_ROW_VECTORS.get(world, float("inf")):
             split_rows = sms + 1
+        else:
+            split_rows = float("inf")
         max_rows = next((rows for shorter, rows in tuning.FUSION_SPLIT_MAX_ROWS.get(world, ())
                          if hvec < shorter), float("inf"))
         return cls(row_bytes, split_rows, max_rows,
                    tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES.get(world, 0),
-                   tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world))
+                   tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world), oneshot_max_bytes)
 
     def splits(self, tokens: int) -> bool:
         """Whether a one-shot call over ``tokens`` rows splits the SMs by role."""
@@ -242,12 +247,11 @@ class AllReduceFusionWorkspace(Op):
         group = default_group() if group is None else group
         cfg = config_options(AllReduceConfig, config)
         row = self.hidden_dim * self.dtype.itemsize
-        self._auto = _AutoRule.measured(cfg, group.size, cfg.budget(group_sms(group)), row)
-        if oneshot_max_bytes is None:
-            self.crossover = self._auto.largest_oneshot_bytes()
-        else:
-            self.crossover = int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0)
-            self._auto = self._auto._replace(oneshot_max_bytes=self.crossover)
+        if oneshot_max_bytes is not None:
+            oneshot_max_bytes = int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0)
+        self._auto = _AutoRule.measured(cfg, group.size, cfg.budget(group_sms(group)), row,
+                                        oneshot_max_bytes)
+        self.crossover = self._auto.largest_oneshot_bytes()
         max_bytes = self.max_token_num * row
         self.allreduce = AllReduceWorkspace(
             group, max_bytes, self.dtype, segment_bytes=-(-self.max_token_num // group.size) * row,

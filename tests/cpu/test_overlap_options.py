@@ -213,7 +213,7 @@ def test_fusion_auto_rule():
     # explicit threshold: by bytes; explicit crossover: bytes only
     r = rule(2048, AllReduceConfig(split_min_bytes=1 << 20))
     assert r.splits(256) and not r.splits(255)
-    r = rule(4096)._replace(oneshot_max_bytes=1000)
+    r = _AutoRule.measured(AllReduceConfig(), 2, 132, 8192, oneshot_max_bytes=1000)
     assert r.oneshot(0) and not r.oneshot(1) and r.largest_oneshot_bytes() == 1000
 
 
