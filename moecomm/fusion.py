@@ -173,16 +173,20 @@ class _AutoRule(NamedTuple):
         split does not apply (``AllReduceConfig.split_from``)."""
         split_from = config.split_from(world, sms)
         hvec = row_bytes // 16
+
+        def by_row(table):  # the entry of the first bound above hvec, else None
+            return next((v for shorter, v in table.get(world, ()) if hvec < shorter), None)
+
+        per_sm = by_row(tuning.FUSION_SPLIT_ROWS_PER_SM)
         if split_from == float("inf"):
             split_rows = float("inf")
         elif config.split_min_bytes is not None:
             split_rows = max(1, -(-int(split_from) // row_bytes))
-        elif hvec >= tuning.FUSION_SPLIT_MIN_ROW_VECTORS.get(world, float("inf")):
-            split_rows = sms + 1
+        elif per_sm is not None:
+            split_rows = per_sm * sms + 1
         else:
             split_rows = float("inf")
-        max_rows = next((rows for shorter, rows in tuning.FUSION_SPLIT_MAX_ROWS.get(world, ())
-                         if hvec < shorter), float("inf"))
+        max_rows = by_row(tuning.FUSION_SPLIT_MAX_ROWS) or float("inf")
         return cls(row_bytes, split_rows, max_rows,
                    tuning.FUSION_SPLIT_ONESHOT_MAX_BYTES.get(world, 0),
                    tuning.lookup(tuning.FUSION_ONESHOT_MAX_BYTES, world), oneshot_max_bytes)
@@ -228,8 +232,9 @@ class AllReduceFusionWorkspace(Op):
     share it). ``oneshot_max_bytes``: the ``auto`` crossover in bytes (default: the measured
     rule, by rows, of ``moecomm.tuning``'s ``FUSION_*`` tables: at 2 ranks rows of 384 or
     more 16-byte vectors split the one-shot's SMs by role once they outnumber the SMs,
-    and take two-shot past ``FUSION_SPLIT_MAX_ROWS``; shorter rows take the plain
-    one-shot up to ``FUSION_ONESHOT_MAX_BYTES``); the largest one-shot message also sizes
+    rows of 320-383 once they are five times the SMs, and take two-shot past
+    ``FUSION_SPLIT_MAX_ROWS``; otherwise the plain one-shot up to
+    ``FUSION_ONESHOT_MAX_BYTES``); the largest one-shot message also sizes
     the Lamport buffers (3 x world x min(it, the largest message) per rank). Other options
     as for ``AllReduceWorkspace`` (an explicit ``AllReduceConfig.split_min_bytes`` splits
     by bytes instead). Collective creation and ``close()``.

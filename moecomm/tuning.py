@@ -37,18 +37,22 @@ ALLREDUCE_SPLIT_MIN_BYTES = {2: 2 << 20}
 # one SM holds two rows' blocks of 384 threads or more. 2 ranks, kARResidualRMSNorm, graph
 # replay (bench/results/fusion-crossover-2xH200-20261130T2305.txt), plain / split us:
 # hidden 4096 x 132 tokens 7.43 / 7.92, x 133 8.28 / 7.89, x 192 10.27 / 9.40; hidden 3072
-# x 133 7.24 / 7.13; hidden 7168 x 128 10.76 / 11.39, x 136 13.27 / 11.67. Rows of up to 256
-# vectors (hidden <= 2048 in 16-bit) run several blocks per SM at no such cost, and there
+# x 133 7.24 / 7.13; hidden 7168 x 128 10.76 / 11.39, x 136 13.27 / 11.67. Rows of up to 288
+# vectors (hidden <= 2304 in 16-bit) run several blocks per SM at no such cost, and there
 # the split (one block per SM) is slower at every size: hidden 2048 x 512 11.79 against
-# 14.68, hidden 1024 x 1024 11.66 against 23.50. So: split once the rows outnumber the
-# SMs, for rows of at least this many 16-byte vectors.
-FUSION_SPLIT_MIN_ROW_VECTORS = {2: 384}
+# 14.68, hidden 1024 x 1024 11.66 against 23.50, hidden 2304 x 768 21.15 against 22.02.
+# Rows of 320-383 vectors are in between: plain faster at 256-512 rows (hidden 2816 x 384
+# 12.79 / 13.37), split from 768 (2816 x 768 23.73 / 22.46, 2560 x 1024 29.81 / 28.74).
+# Table: (rows shorter than this many 16-byte vectors, split once the rows exceed this
+# many per SM of the budget; None: never).
+FUSION_SPLIT_ROWS_PER_SM = {2: ((320, None), (384, 5), (1 << 30, 1))}
 
 # Most rows the split one-shot takes before two-shot is faster (same file), by row length:
 # (rows shorter than this many vectors, most rows); longer rows: the byte bound below.
-# hidden 3072 x 1536 46.2 / two-shot 46.8 us, x 2048 61.0 / 59.6; hidden 3584 x 3072 95.1 /
-# 95.3, x 4096 126.1 / 124.5; hidden 4096 x 4096 134.4 / 140.7.
-FUSION_SPLIT_MAX_ROWS = {2: ((448, 1536), (512, 3072))}
+# hidden 2560 x 1024 28.7 / two-shot 30.1 us, x 1280 36.0 / 34.9; hidden 3072 x 1536 46.2 /
+# 46.8, x 2048 61.0 / 59.6; hidden 3584 x 3072 95.1 / 95.3, x 4096 126.1 / 124.5; hidden
+# 4096 x 4096 134.4 / 140.7.
+FUSION_SPLIT_MAX_ROWS = {2: ((384, 1024), (448, 1536), (512, 3072))}
 
 # Largest message (bytes, tokens x hidden x itemsize) that allreduce_fusion "auto" runs
 # as the split one-shot. 2 ranks: bench/results/fusion-r2-2xNVIDIA_H200-20261130T084629.json

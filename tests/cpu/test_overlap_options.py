@@ -182,9 +182,9 @@ def test_twoshot_chunks_are_balanced():
 
 def test_fusion_auto_rule():
     """allreduce_fusion's measured rule (moecomm.tuning): at 2 ranks rows of >= 384
-    vectors split once they outnumber the SMs, and take two-shot past the row table;
-    shorter rows never split and take one-shot up to 4 MiB; an explicit split threshold
-    or crossover replaces the rule."""
+    vectors split once they outnumber the SMs, rows of 320-383 from 5 x the SMs, and take
+    two-shot past the row table; shorter rows never split and take one-shot up to 4 MiB;
+    an explicit split threshold or crossover replaces the rule."""
     from moecomm.fusion import _AutoRule
 
     def rule(hidden, config=AllReduceConfig(), world=2, sms=132):
@@ -197,11 +197,17 @@ def test_fusion_auto_rule():
     assert rule(3584).oneshot(3072) and not rule(3584).oneshot(3073)
     assert rule(4096).oneshot(4096) and not rule(4096).oneshot(4097)  # 32 MiB bound
     assert rule(7168).oneshot(2048) and not rule(7168).oneshot(2341)
-    for hidden, most in ((1024, 2048), (2048, 1024), (2560, 819)):
+    for hidden, most in ((1024, 2048), (2048, 1024), (2304, 910)):
         r = rule(hidden)
         assert not any(r.splits(t) for t in (133, 512, 4096))
         assert r.oneshot(most) and not r.oneshot(most + 1)
         assert r.largest_oneshot_bytes() == 4 << 20
+    # rows of 320-383 vectors: plain one-shot up to 5 x the SMs, split beyond, to 1024 rows
+    for hidden in (2560, 3056):
+        r = rule(hidden)
+        assert not r.splits(660) and r.splits(661) and r.oneshot(660) and r.oneshot(661)
+        assert r.oneshot(1024) and not r.oneshot(1025)
+    assert rule(2560).largest_oneshot_bytes() == 1024 * 5120
     assert rule(3072).largest_oneshot_bytes() == 1536 * 6144
     assert rule(4096).largest_oneshot_bytes() == 32 << 20
     # no split under a budget of 24 SMs, nor where none is measured (4 ranks)

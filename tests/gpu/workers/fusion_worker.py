@@ -231,28 +231,29 @@ def oneshot_split(ctx, hidden):
 
 @case
 def auto_rule(ctx):
-    """auto's measured rule (moecomm.tuning) around its boundaries, hidden 3072: the
-    plain one-shot while the rows fit the SMs, the split one-shot from one row more, and
-    two-shot past the split's most rows; every call equal to the reference (and so to
-    the others), FP8 too."""
+    """auto's measured rule (moecomm.tuning) around its boundaries, at hidden 3072 (384
+    vectors: split from SMs + 1 rows, two-shot past 1536) and 2560 (320 vectors: split from
+    5 x SMs + 1, two-shot past 1024): the plain one-shot, then the split one-shot, then
+    two-shot, every call equal to the reference (and so to the others), FP8 too."""
     from moecomm.allreduce import Algorithm
 
-    hidden = 3072
-    ws = create_allreduce_fusion_workspace(ctx.group, 1600, hidden, bfloat16)
-    sms = ws.allreduce.sms
-    expect = {sms: (Algorithm.ONESHOT, False), sms + 1: (Algorithm.ONESHOT, True),
-              1537: (Algorithm.TWOSHOT, False)}
-    for tokens, (algo, split) in expect.items():
-        if ctx.world == 2:  # the measured world size (others: the byte model, no split)
-            assert ws.choose(tokens) == algo, f"{tokens} rows: {ws.choose(tokens)}, want {algo}"
-            pushers = ws.launcher(algo, Quant.NONE, tokens)[4]
-            assert (pushers > 0) == split, f"{tokens} rows: {pushers} pushing blocks"
-        inputs = Inputs(ctx, tokens, hidden, bfloat16, weight_bias=0.0)
-        for pattern in (P.kARResidualRMSNorm, P.kARResidualRMSNormOutFP8Quant):
-            outs = inputs.run(ws, pattern, None)
-            inputs.check(pattern, outs, f"auto {tokens}x{hidden} {pattern.name}")
-    ws.check()
-    ws.close()
+    for hidden, per_sm, most in ((3072, 1, 1536), (2560, 5, 1024)):
+        ws = create_allreduce_fusion_workspace(ctx.group, most + 1, hidden, bfloat16)
+        first = per_sm * ws.allreduce.sms + 1
+        expect = {first - 1: (Algorithm.ONESHOT, False), first: (Algorithm.ONESHOT, True),
+                  most + 1: (Algorithm.TWOSHOT, False)}
+        for tokens, (algo, split) in expect.items():
+            what = f"auto {tokens}x{hidden}"
+            if ctx.world == 2:  # the measured world size (others: the byte model, no split)
+                assert ws.choose(tokens) == algo, f"{what}: {ws.choose(tokens)}, want {algo}"
+                pushers = ws.launcher(algo, Quant.NONE, tokens)[4]
+                assert (pushers > 0) == split, f"{what}: {pushers} pushing blocks"
+            inputs = Inputs(ctx, tokens, hidden, bfloat16, weight_bias=0.0)
+            for pattern in (P.kARResidualRMSNorm, P.kARResidualRMSNormOutFP8Quant):
+                outs = inputs.run(ws, pattern, None)
+                inputs.check(pattern, outs, f"{what} {pattern.name}")
+        ws.check()
+        ws.close()
 
 
 @case(dtypes=("bf16", "fp16"))
