@@ -256,11 +256,11 @@ class AllReduceFusionWorkspace(Op):
             oneshot_max_bytes = int_at_least("oneshot_max_bytes", oneshot_max_bytes, 0)
         self._auto = _AutoRule.measured(cfg, group.size, cfg.budget(group_sms(group)), row,
                                         oneshot_max_bytes)
-        self.crossover = self._auto.largest_oneshot_bytes()
         max_bytes = self.max_token_num * row
         self.allreduce = AllReduceWorkspace(
             group, max_bytes, self.dtype, segment_bytes=-(-self.max_token_num // group.size) * row,
-            max_oneshot_bytes=options.pop("max_oneshot_bytes", min(max_bytes, self.crossover)),
+            max_oneshot_bytes=options.pop("max_oneshot_bytes",
+                                          min(max_bytes, self._auto.largest_oneshot_bytes())),
             config=config, **options)
         self.group = group
         self._launchers: dict = {}

@@ -180,49 +180,6 @@ def test_twoshot_chunks_are_balanced():
         assert blocks == sms and blocks * chunk >= nvec // 2 > (blocks - 1) * chunk
 
 
-def test_fusion_auto_rule():
-    """allreduce_fusion's measured rule (moecomm.tuning): at 2 ranks rows of >= 384
-    vectors split once they outnumber the SMs, rows of 320-383 from 5 x the SMs, and take
-    two-shot past the row table; shorter rows never split and take one-shot up to 4 MiB;
-    an explicit split threshold or crossover replaces the rule."""
-    from moecomm.fusion import _AutoRule
-
-    def rule(hidden, config=AllReduceConfig(), world=2, sms=132):
-        return _AutoRule.measured(config, world, sms, hidden * 2)
-
-    for hidden in (3072, 4096, 7168, 8192):
-        r = rule(hidden)
-        assert not r.splits(132) and r.splits(133) and r.oneshot(132) and r.oneshot(133)
-    assert rule(3072).oneshot(1536) and not rule(3072).oneshot(1537)
-    assert rule(3584).oneshot(3072) and not rule(3584).oneshot(3073)
-    assert rule(4096).oneshot(4096) and not rule(4096).oneshot(4097)  # 32 MiB bound
-    assert rule(7168).oneshot(2048) and not rule(7168).oneshot(2341)
-    for hidden, most in ((1024, 2048), (2048, 1024), (2304, 910)):
-        r = rule(hidden)
-        assert not any(r.splits(t) for t in (133, 512, 4096))
-        assert r.oneshot(most) and not r.oneshot(most + 1)
-        assert r.largest_oneshot_bytes() == 4 << 20
-    # rows of 320-383 vectors: plain one-shot up to 5 x the SMs, split beyond, to 1024 rows
-    for hidden in (2560, 3056):
-        r = rule(hidden)
-        assert not r.splits(660) and r.splits(661) and r.oneshot(660) and r.oneshot(661)
-        assert r.oneshot(1024) and not r.oneshot(1025)
-    assert rule(2560).largest_oneshot_bytes() == 1024 * 5120
-    assert rule(3072).largest_oneshot_bytes() == 1536 * 6144
-    assert rule(4096).largest_oneshot_bytes() == 32 << 20
-    # no split under a budget of 24 SMs, nor where none is measured (4 ranks)
-    assert not rule(4096, AllReduceConfig(num_sms=24), sms=24).splits(1000)
-    assert not rule(4096, world=4).splits(1000) and rule(4096, world=4).oneshot(128)
-    assert not rule(4096, world=4).oneshot(129)  # the byte model's 1 MiB
-    # a budget of 64 SMs splits from 65 rows
-    assert rule(4096, AllReduceConfig(num_sms=64), sms=64).splits(65)
-    # explicit threshold: by bytes; explicit crossover: bytes only
-    r = rule(2048, AllReduceConfig(split_min_bytes=1 << 20))
-    assert r.splits(256) and not r.splits(255)
-    r = _AutoRule.measured(AllReduceConfig(), 2, 132, 8192, oneshot_max_bytes=1000)
-    assert r.oneshot(0) and not r.oneshot(1) and r.largest_oneshot_bytes() == 1000
-
-
 def test_allreduce_split_rule():
     """The one-shot's SM split: the measured table by world size, an explicit threshold,
     and never when the budget leaves no more reducing than pushing SMs."""
