@@ -235,7 +235,8 @@ def combine(ctx, variant):
     o_out, st_out = ws.alltoall(o, st, stream=ctx.stream)
     check_exchange(ctx, (o_out, st_out), os_, sts, f"{fmt.name} exchange")
     want_o, want_st = reference.dcp_alltoall(os_, sts)
-    out = poisoned((*lead, d), dtype)
+    with ctx.stream:  # poisoned on the op's stream, not the unordered default one
+        out = poisoned((*lead, d), dtype)
     got, lse = lse_combine(o_out, st_out, fmt, out=out, return_lse=True, stream=ctx.stream)
     assert got is out
     check_combine(ctx, got, lse, want_o[ctx.rank], want_st[ctx.rank], fmt, dtype, fmt.name)
