@@ -52,11 +52,16 @@ __device__ __forceinline__ uint32_t read_state(const A2aWorkspace& ws, int word)
   return *(volatile const uint32_t*)&ws.state[word];
 }
 
-// Every thread reads local state word `word`, then the block arrives.
+// The block reads local state word `word` (< 4) and arrives (grid_read_and_arrive: the
+// first four words in one load, no warp held by the arrival), through shared `slot`.
+__device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word, Vec16& slot) {
+  const Vec16 s = grid_read_and_arrive(ws.state, &ws.state[kStateArrived], slot);
+  return word == 0 ? s.x : word == 1 ? s.y : word == 2 ? s.z : s.w;
+}
+
 __device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {
-  const uint32_t value = read_state(ws, word);
-  grid_arrive(&ws.state[kStateArrived]);
-  return value;
+  __shared__ Vec16 slot;
+  return begin(ws, word, slot);
 }
 
 __device__ __forceinline__ void end(const A2aWorkspace& ws, int word, uint32_t value) {

@@ -34,11 +34,11 @@ namespace allreduce {
 using config::kArMaxBlocks;
 using config::kArMaxRanks;
 
-// Local control words.
-constexpr int kStateCall = 0;          // calls completed
-constexpr int kStateArrived = 1;       // blocks of the running call that read kStateCall
-constexpr int kStateAbort = 2;         // raised by a wait that gave up (common.cuh)
-constexpr int kStateLamportBytes = 4;  // [4 + b]: bytes per slot the last user of Lamport
+// Local control words; words 4-7 are read as one vector.
+constexpr int kStateArrived = 0;       // blocks of the running call that read words 4-7
+constexpr int kStateAbort = 1;         // raised by a wait that gave up (common.cuh)
+constexpr int kStateCall = 4;          // calls completed
+constexpr int kStateLamportBytes = 5;  // [5 + b]: bytes per slot the last user of Lamport
                                        // buffer b wrote (what the next-but-one call clears)
 constexpr int kStateWords = 8;
 
@@ -61,14 +61,13 @@ struct Call {
   uint32_t clear_bytes;  // bytes per slot of Lamport buffer (k + 2) % 3 to clear
 };
 
-// Every thread reads the call number and the clear size (a broadcast from L2), then the
-// block arrives (grid_arrive) so block 0 may change them. Issue the first input loads
-// before calling: their latency overlaps.
+// The block reads the call number and the three buffers' sizes in one load, and arrives
+// (grid_read_and_arrive) so block 0 may change them. Issue the first input loads before
+// calling: their latency overlaps.
 __device__ __forceinline__ Call begin_call(const ArWorkspace& ws) {
-  const uint32_t k = *(volatile const uint32_t*)&ws.state[kStateCall];
-  const Call call{k, *(volatile const uint32_t*)&ws.state[kStateLamportBytes + (k + 2) % 3]};
-  grid_arrive(&ws.state[kStateArrived]);
-  return call;
+  const Vec16 s = grid_read_and_arrive(&ws.state[kStateCall], &ws.state[kStateArrived]);
+  const uint32_t prev = (s.x + 2) % 3;
+  return Call{s.x, prev == 0 ? s.y : prev == 1 ? s.z : s.w};
 }
 
 // Block 0, after its own work: once every block has arrived, advance the call number and

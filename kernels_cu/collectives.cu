@@ -135,9 +135,7 @@ __device__ __forceinline__ bool wait_peer(const VcWorkspace& ws, uint32_t value,
 }
 
 __device__ __forceinline__ uint32_t begin_call(const VcWorkspace& ws) {
-  const uint32_t k = *(volatile const uint32_t*)&ws.state[kStateCall];
-  grid_arrive(&ws.state[kStateArrived]);
-  return k;
+  return grid_read_and_arrive(ws.state, &ws.state[kStateArrived]).x;  // word kStateCall
 }
 
 __device__ __forceinline__ void end_call(const VcWorkspace& ws, uint32_t k) {

@@ -168,9 +168,24 @@ __device__ __forceinline__ void red_add_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// No value comes back, so the issuing thread does not wait for the round trip.
+// No value comes back, so the issuing thread does not wait for the round trip. The
+// release costs the issuing warp a wait for every memory operation it has in flight.
 __device__ __forceinline__ void red_add_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Four words at once (p 16-byte aligned); no later memory operation of the thread passes it.
+__device__ __forceinline__ Vec16 ld_acquire_gpu_v4(const uint32_t* p) {
+  Vec16 v;
+  asm volatile("ld.acquire.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
 }
 
 // Returns the old value; acquires what earlier adds released (a release sequence).
@@ -222,13 +237,30 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---------------------------------------------------------------- grid arrival
 // A kernel whose block 0 updates local state words at its end, that every block reads at
-// its start: each block, once all its threads have read them, arrives (a release
-// reduction that returns nothing, so no thread waits), and block 0 updates only when
-// every block has arrived. No fence: the next kernel of the stream sees the update at the
-// kernel boundary. `thread` arrives for the block (its warp alone waits for the release).
+// its start: each block, once all its threads have read them, arrives (a reduction that
+// returns nothing, so no thread waits), and block 0 updates only when every block has
+// arrived. No fence: the next kernel of the stream sees the update at the kernel boundary.
+// grid_arrive: `thread` arrives for the block with a release, which holds its warp until
+// that warp's memory operations in flight are done.
 __device__ __forceinline__ void grid_arrive(uint32_t* arrived, unsigned thread = 0) {
   __syncthreads();
   if (threadIdx.x == thread) red_add_release_gpu(arrived, 1u);
+}
+
+// The same for state words that fit one 16-byte vector (`words`, 16-byte aligned): thread
+// 0 reads them with one acquire load, so its arrival, a relaxed reduction, cannot pass
+// the read and holds no warp; the block gets the words through shared memory (`slot`).
+__device__ __forceinline__ Vec16 grid_read_and_arrive(const uint32_t* words, uint32_t* arrived,
+                                                      Vec16& slot) {
+  if (threadIdx.x == 0) slot = ld_acquire_gpu_v4(words);
+  __syncthreads();
+  if (threadIdx.x == 0) red_add_relaxed_gpu(arrived, 1u);
+  return slot;
+}
+
+__device__ __forceinline__ Vec16 grid_read_and_arrive(const uint32_t* words, uint32_t* arrived) {
+  __shared__ Vec16 slot;
+  return grid_read_and_arrive(words, arrived, slot);
 }
 
 // Block 0, thread 0, at its end: waits until every block has arrived, resets the count

@@ -580,13 +580,14 @@ __device__ __forceinline__ void combine(const CombineArgs& p) {
   //      Without staging the signal goes first, ahead of the call-number read and the
   //      block's arrive, whose latencies it would otherwise add to every peer's wait.
   if (!p.stage) signal_ready(ws, kCombineCountOff);
-  const uint32_t seen = begin(ws, kStateCombineSeen);
+  // the ring kernel's shared words for the state and the claim: the ring's first two (the
+  // ring fills after the wait below); a static shared variable would halve its speed
+  // (measured: blocks with static and dynamic shared memory)
+  extern __shared__ __align__(16) Vec16 s_dynamic[];
+  const uint32_t seen = kRing ? begin(ws, kStateCombineSeen, s_dynamic[1])
+                              : begin(ws, kStateCombineSeen);
   if (p.stage) {
-    // the claim's shared word: the ring's first (the ring fills after the wait below); a
-    // static shared variable would halve the ring kernel's speed (measured: blocks with
-    // static and dynamic shared memory)
     if constexpr (kRing) {
-      extern __shared__ __align__(16) Vec16 s_dynamic[];
       stage(p, *reinterpret_cast<uint32_t*>(s_dynamic));
     } else {
       __shared__ uint32_t s_unit;
