@@ -55,8 +55,7 @@ __device__ __forceinline__ uint32_t read_state(const A2aWorkspace& ws, int word)
 // The block reads local state word `word` (< 4) and arrives (grid_read_and_arrive: the
 // first four words in one load, no warp held by the arrival), through shared `slot`.
 __device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word, Vec16& slot) {
-  const Vec16 s = grid_read_and_arrive(ws.state, &ws.state[kStateArrived], slot);
-  return word == 0 ? s.x : word == 1 ? s.y : word == 2 ? s.z : s.w;
+  return word_of(grid_read_and_arrive(ws.state, &ws.state[kStateArrived], slot), word);
 }
 
 __device__ __forceinline__ uint32_t begin(const A2aWorkspace& ws, int word) {

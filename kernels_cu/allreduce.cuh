@@ -65,9 +65,9 @@ struct Call {
 // (grid_read_and_arrive) so block 0 may change them. Issue the first input loads before
 // calling: their latency overlaps.
 __device__ __forceinline__ Call begin_call(const ArWorkspace& ws) {
+  static_assert(kStateLamportBytes == kStateCall + 1, "words 4-7: the call, then the sizes");
   const Vec16 s = grid_read_and_arrive(&ws.state[kStateCall], &ws.state[kStateArrived]);
-  const uint32_t prev = (s.x + 2) % 3;
-  return Call{s.x, prev == 0 ? s.y : prev == 1 ? s.z : s.w};
+  return Call{s.x, word_of(s, 1 + (s.x + 2) % 3)};
 }
 
 // Block 0, after its own work: once every block has arrived, advance the call number and

@@ -135,7 +135,7 @@ __device__ __forceinline__ bool wait_peer(const VcWorkspace& ws, uint32_t value,
 }
 
 __device__ __forceinline__ uint32_t begin_call(const VcWorkspace& ws) {
-  return grid_read_and_arrive(ws.state, &ws.state[kStateArrived]).x;  // word kStateCall
+  return word_of(grid_read_and_arrive(ws.state, &ws.state[kStateArrived]), kStateCall);
 }
 
 __device__ __forceinline__ void end_call(const VcWorkspace& ws, uint32_t k) {

@@ -34,6 +34,11 @@ struct alignas(16) Vec16 {
   uint32_t x, y, z, w;
 };
 
+// Word i (0-3) of v.
+__device__ __forceinline__ uint32_t word_of(const Vec16& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
 __device__ __forceinline__ Vec16 ld_vec16(const void* p) {
   return *reinterpret_cast<const Vec16*>(p);
 }
