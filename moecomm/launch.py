@@ -4,8 +4,9 @@ Every kernel takes a single argument, a struct declared once in ``kernels_cu/arg
 and mirrored once in ``moecomm.kernel_args`` (a CPU test compares the two). A ``Launcher``
 owns one instance of that struct; an op fills the fixed fields when it is built, patches
 the few that change per call, and launches through the driver's ``cuLaunchKernelEx``
-with a preallocated launch configuration, so an eager call costs one driver call and no
-Python boxing (CuPy's ``RawKernel.__call__`` costs about 1 us per argument).
+with a launch configuration built once per geometry and stream, so an eager call costs
+one driver call and no Python boxing (CuPy's ``RawKernel.__call__`` costs about 1 us per
+argument).
 
 With ``pdl=True`` the kernel is launched with programmatic stream serialization: it may
 start while the previous kernel on the stream finishes, and must execute
@@ -20,6 +21,7 @@ from functools import lru_cache
 
 _ATTR_CLUSTER_DIMENSION = 4                  # CU_LAUNCH_ATTRIBUTE_..., cuda.h
 _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_MAX_CONFIGS = 64  # launch configurations kept per Launcher (geometry x stream)
 
 
 class _LaunchAttribute(ctypes.Structure):
@@ -71,15 +73,7 @@ class Launcher:
         self.pdl = bool(pdl)
         self._fn = ctypes.c_void_p(kernel.kernel.ptr)
         self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
-        # attrs[0]: programmatic serialization (when pdl), then the cluster dimension
-        self._attrs = (_LaunchAttribute * 2)()
-        self._attrs[0].id, self._attrs[0].value[0] = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1
-        self._cluster = self._attrs[1 if pdl else 0]
-        self._cluster.id = _ATTR_CLUSTER_DIMENSION
-        self._cluster.value[1] = self._cluster.value[2] = 1
-        self._config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1,
-                                     attrs=self._attrs, numAttrs=int(self.pdl))
-        self._config_ref = ctypes.byref(self._config)
+        self._configs: dict[tuple, tuple] = {}
         self._launch = _launch_kernel_ex()
 
     def __call__(self, grid: int, block: int, stream: int, shared_mem: int = 0,
@@ -87,15 +81,33 @@ class Launcher:
         """Launch ``grid`` blocks of ``block`` threads on ``stream`` (a raw handle); with
         ``cluster`` > 1 (sm_90+), in thread block clusters of that many blocks (``grid``
         a multiple of it)."""
-        config = self._config
-        config.gridDimX = grid
-        config.blockDimX = block
-        config.sharedMemBytes = shared_mem
-        config.hStream = stream
-        self._cluster.value[0] = cluster
-        config.numAttrs = int(self.pdl) + (cluster > 1)
-        status = self._launch(self._config_ref, self._fn, self._params, None)
+        key = (grid, block, stream, shared_mem, cluster)
+        config = self._configs.get(key)
+        if config is None:
+            config = self._config(*key)
+        status = self._launch(config[0], self._fn, self._params, None)
         if status:
             from cupy_backends.cuda.api.driver import CUDADriverError
 
             raise CUDADriverError(status)
+
+    def _config(self, grid: int, block: int, stream: int, shared_mem: int, cluster: int):
+        """The launch configuration of one geometry and stream, built once: filling a
+        ctypes struct per call costs about as much as a quarter of the launch itself."""
+        attrs = (_LaunchAttribute * 2)()
+        used = 0
+        if self.pdl:
+            attrs[0].id, attrs[0].value[0] = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, 1
+            used = 1
+        if cluster > 1:
+            attrs[used].id = _ATTR_CLUSTER_DIMENSION
+            attrs[used].value[0], attrs[used].value[1], attrs[used].value[2] = cluster, 1, 1
+            used += 1
+        config = _LaunchConfig(gridDimX=grid, gridDimY=1, gridDimZ=1, blockDimX=block,
+                               blockDimY=1, blockDimZ=1, sharedMemBytes=shared_mem,
+                               hStream=stream, attrs=attrs, numAttrs=used)
+        if len(self._configs) >= _MAX_CONFIGS:
+            self._configs.clear()
+        entry = self._configs[(grid, block, stream, shared_mem, cluster)] = (
+            ctypes.byref(config), config, attrs)
+        return entry
