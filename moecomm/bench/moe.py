@@ -288,7 +288,7 @@ class Case:
         if not hasattr(self, "_compact_out"):
             self._compact_out = cupy.empty((self.T, self.H), bfloat16)
         weights = getattr(self, "scales", None)
-        _, _, layout = layer.dispatch(_bf16(self.hidden), self.ids, weights, stream=self.stream,
+        _, _, layout = layer.dispatch(self.payloads[0], self.ids, weights, stream=self.stream,
                                       runtime_max_tokens_per_rank=self.T)
         layer.combine(layer.get_combine_input_tensor_in_workspace(), layout, stream=self.stream,
                       out=self._compact_out)
