@@ -71,6 +71,27 @@ __device__ __forceinline__ Vec16 ld_vec16_cg(const void* p) {
   return v;
 }
 
+// ---------------------------------------------------------------- division by an invariant
+// floor(x / d) for 0 <= x <= max_x, d >= 1, without the ~20-instruction division sequence
+// per use: umulhi(x, floor((2^32 - 1) / d) + 1) is exact whenever x * d <= 2^32 (for d a
+// power of two the factor is 2^32 / d; otherwise the product overshoots x / d by less than
+// x / 2^32 < 1 / d). d = 1 (the factor wraps to 0) gives x; where x * d may exceed 2^32,
+// the plain quotient. One division when made, a multiply per use.
+struct Divider {
+  uint32_t d;
+  uint32_t factor;
+  bool exact;
+
+  __device__ __forceinline__ Divider(uint32_t divisor, uint64_t max_x)
+      : d(divisor), factor(0xFFFFFFFFu / divisor + 1u),
+        exact(max_x * divisor <= (1ull << 32)) {}
+
+  __device__ __forceinline__ uint32_t operator()(uint32_t x) const {
+    if (factor == 0u) return x;
+    return exact ? __umulhi(x, factor) : x / d;
+  }
+};
+
 // ---------------------------------------------------------------- element conversion
 template <typename T>
 struct Convert;

@@ -118,21 +118,13 @@ struct Word<Vec16> {
 // The rank owning a valid expert id x (0 <= x < num_experts), x / experts_per_rank,
 // without a division per id: every block maps every id of every token in its layout pass,
 // and the divisions took about 3 of that pass's 14 us at 4096 tokens, top-8.
-// floor(x / d) = umulhi(x, floor((2^32 - 1) / d) + 1) whenever x * d < 2^32; else (and for
-// d = 1, where the factor wraps to 0) the plain quotient.
 struct ExpertOwner {
-  uint32_t factor;
-  int epr;
-  bool exact;
+  Divider div;
 
   __device__ __forceinline__ explicit ExpertOwner(const DispatchArgs& p)
-      : factor(0xFFFFFFFFu / (uint32_t)p.experts_per_rank + 1u), epr(p.experts_per_rank),
-        exact((uint64_t)p.num_experts * (uint32_t)p.experts_per_rank < (1ull << 32)) {}
+      : div((uint32_t)p.experts_per_rank, (uint64_t)p.num_experts) {}
 
-  __device__ __forceinline__ int operator()(int x) const {
-    if (factor == 0u) return x;
-    return exact ? (int)__umulhi((uint32_t)x, factor) : x / epr;
-  }
+  __device__ __forceinline__ int operator()(int x) const { return (int)div((uint32_t)x); }
 };
 
 // Bit r set: token t has a valid expert on rank r. The ids are read as 16-byte vectors

@@ -311,14 +311,33 @@ __device__ void write_layout(const DispatchParams& p, const int32_t* s_tot, cons
     p.stats[kStatRows] = stored;
     p.stats[kStatNeeded] = needed;
     p.stats[kStatDropped] = dropped;
-    p.stats[kStatMaxNeeded] = max(p.stats[kStatMaxNeeded], needed);
-    p.stats[kStatMaxDropped] = max(p.stats[kStatMaxDropped], dropped);
+    // reductions, not read-modify-writes: no load for the block's thread 0 to wait on
+    atomicMax(&p.stats[kStatMaxNeeded], needed);
+    atomicMax(&p.stats[kStatMaxDropped], dropped);
   }
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------- dispatch side
+// The expand's copy: vectors b, b + blockDim.x, ... (kUnroll of them, < total) of the
+// tile's rows, row r = flat row s_flat[r] of the received x. A tile holds at most
+// kTile / k rows, so its vector indices fit 32 bits for any row the workspace can hold.
+constexpr int kUnroll = 4;
+
+__device__ __forceinline__ void load_vectors(const DispatchParams& p, const int64_t* s_flat,
+                                             const Divider& by_vec, uint32_t b, uint32_t total,
+                                             Vec16 (&v)[kUnroll]) {
+#pragma unroll
+  for (int i = 0; i < kUnroll; ++i) {
+    const uint32_t u = b + i * blockDim.x;
+    if (u < total) {
+      const uint32_t r = by_vec(u);
+      v[i] = ld_vec16(p.x + s_flat[r] * p.row_bytes + (int64_t)(u - r * by_vec.d) * 16);
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const DispatchParams p) {
   __shared__ int32_t s_pref[kMaxRanks + 1];
   __shared__ int32_t s_tot[kMaxExperts];  // entries of each local expert, all rows
@@ -329,6 +348,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   __shared__ int16_t s_list[kTile];       // the tile's stored entries, in order
   __shared__ int64_t s_flat[kTile];       // received row (s * rmax + i) of each tile row
   __shared__ int32_t s_src[kTile];        // its source rank
+  __shared__ int32_t s_tok[kTile];        // its token index at the source
+  __shared__ float s_w[kTile];            // each entry's weight
   __shared__ int s_count;
   const int ep = (int)p.ep_size;
   const int epr = (int)p.experts_per_rank;
@@ -338,8 +359,26 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tile_rows = kTile / k;
+  // Divisions by invariants, once: entries q < kTile of a tile by k, vectors u of a
+  // tile's rows by the vectors of a row.
+  const Divider by_k((uint32_t)k, kTile);
+  const int64_t nvec = p.row_bytes / 16;
+  const Divider by_vec((uint32_t)nvec, (uint64_t)tile_rows * nvec);
   pdl_wait();  // the dispatch's receive tensors and counts
   pdl_launch_dependents();
+  // Where the whole received id space [ep, rmax, k] fits kSpec ids a thread, the ids are
+  // loaded before the counts that say which of them are valid: the two loads overlap.
+  constexpr int kSpec = 4;
+  const int64_t space = (int64_t)ep * p.runtime_max * k;
+  const bool one_pass = space <= (int64_t)kSpec * blockDim.x;
+  int32_t spec[kSpec];
+  if (one_pass) {
+#pragma unroll
+    for (int i = 0; i < kSpec; ++i) {
+      const int64_t f = threadIdx.x + (int64_t)i * blockDim.x;
+      spec[i] = f < space ? p.ids[f] : -1;
+    }
+  }
   load_prefix(p.recv_counts, ep, p.runtime_max, s_pref);
   for (int e = threadIdx.x; e < epr; e += blockDim.x) s_tot[e] = s_run[e] = 0;
   if (p.ids_copy != nullptr)
@@ -350,7 +389,23 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   block_rows(s_pref, ep, v0, v1);
 
   // 1. Count. Source s's received ids are contiguous: [s * rmax * k, + rows_s * k).
-  for (int s = 0; s < ep; ++s) {
+  if (one_pass) {
+    const int64_t per_source = p.runtime_max * k;
+    const Divider by_source((uint32_t)per_source, (uint64_t)space);
+#pragma unroll
+    for (int i = 0; i < kSpec; ++i) {
+      const int64_t f = threadIdx.x + (int64_t)i * blockDim.x;
+      if (f >= space) break;
+      const int s = (int)by_source((uint32_t)f);
+      const int64_t q = f - s * per_source;
+      const int64_t n = (int64_t)(s_pref[s + 1] - s_pref[s]) * k;
+      const int e = local_expert(spec[i], lo, epr);
+      if (q >= n || e < 0) continue;
+      atomicAdd(&s_tot[e], 1);
+      if (q < max((int64_t)0, (v0 - s_pref[s]) * k)) atomicAdd(&s_run[e], 1);
+    }
+  }
+  for (int s = 0; s < ep && !one_pass; ++s) {
     const int32_t* ids = p.ids + (int64_t)s * p.runtime_max * k;
     const int64_t n = (int64_t)(s_pref[s + 1] - s_pref[s]) * k;
     const int64_t before = min(n, max((int64_t)0, (v0 - s_pref[s]) * k));
@@ -370,7 +425,6 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   __syncthreads();
 
   const int64_t row = p.row_bytes;
-  const int64_t nvec = row / 16;
   for (int64_t r0 = v0; r0 < v1; r0 += tile_rows) {
     const int nrows = (int)min((int64_t)tile_rows, v1 - r0);
     const int nent = nrows * k;
@@ -383,12 +437,28 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
 
     // 2. Warp 0 ranks the tile's entries in order: equal experts within 32 entries are
     //    found with match_any, earlier lanes first, then the expert's counter advances.
+    //    Meanwhile every thread loads its first vectors of the tile's rows (step 4) and
+    //    the other warps fetch the rows' token indices and the entries' weights (steps 3
+    //    and 4), so that those loads are in flight while warp 0 works.
+    const uint32_t total = (uint32_t)(nrows * nvec);
+    Vec16 v[kUnroll];
+    load_vectors(p, s_flat, by_vec, threadIdx.x, total, v);
+    if (warp != 0) {
+      for (int q = threadIdx.x - 32; q < nent; q += blockDim.x - 32) {
+        const int r = (int)by_k(q);
+        s_w[q] = p.w[s_flat[r] * k + (q - r * k)];
+        if (q - r * k == 0) s_tok[r] = p.tok[s_flat[r]];
+      }
+    }
     if (warp == 0) {
       int n = 0;
       for (int q0 = 0; q0 < nent; q0 += 32) {
         const int q = q0 + lane;
         int e = -1;
-        if (q < nent) e = local_expert(p.ids[s_flat[q / k] * k + q % k], lo, epr);
+        if (q < nent) {
+          const int r = (int)by_k(q);
+          e = local_expert(p.ids[s_flat[r] * k + (q - r * k)], lo, epr);
+        }
         const uint32_t peers = __match_any_sync(~0u, e);
         const int before = __popc(peers & ((1u << lane) - 1u));
         const int32_t pos = e >= 0 ? s_run[e] + before : -1;
@@ -409,46 +479,36 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
     // 3. Where every (s, i, j) of the tile went, for combine.
     if (p.inv != nullptr)
       for (int q = threadIdx.x; q < nent; q += blockDim.x)
-        p.inv[s_flat[q / k] * k + q % k] = s_pos[q];
+        p.inv[s_flat[by_k(q)] * k + (q - (int)by_k(q) * k)] = s_pos[q];
     if (p.codes_off >= 0)
       for (int q = threadIdx.x; q < nent; q += blockDim.x) {
         const int32_t pos = s_pos[q];
         if (pos == -1) continue;  // the slot's owner is another rank (or none)
-        const int r = q / k;
+        const int r = (int)by_k(q);
         int32_t* codes = reinterpret_cast<int32_t*>(p.peers[s_src[r]] + p.codes_off);
-        codes[(int64_t)p.tok[s_flat[r]] * k + (q - r * k)] = pos >= 0 ? pos + 1 : 0;
+        codes[(int64_t)s_tok[r] * k + (q - r * k)] = pos >= 0 ? pos + 1 : 0;
       }
 
     // 4. Each stored entry's source, weight and hidden row; a row's vector is read once
     //    and stored to every entry of the row.
     for (int n = threadIdx.x; n < stored; n += blockDim.x) {
       const int q = s_list[n];
-      const int r = q / k, j = q - r * k;
+      const int r = (int)by_k(q), j = q - r * k;
       const int32_t pos = s_pos[q];
       p.src[3 * (size_t)pos] = s_src[r];
-      p.src[3 * (size_t)pos + 1] = p.tok[s_flat[r]];
+      p.src[3 * (size_t)pos + 1] = s_tok[r];
       p.src[3 * (size_t)pos + 2] = j;
-      p.recv_w[pos] = p.w[s_flat[r] * k + j];
+      p.recv_w[pos] = s_w[q];
     }
     if (stored) {
-      constexpr int kUnroll = 4;
-      const int64_t total = (int64_t)nrows * nvec;
-      for (int64_t b = threadIdx.x; b < total; b += kUnroll * blockDim.x) {
-        Vec16 v[kUnroll];
+      for (uint32_t b = threadIdx.x; b < total; b += kUnroll * blockDim.x) {
+        if (b != threadIdx.x) load_vectors(p, s_flat, by_vec, b, total, v);
 #pragma unroll
         for (int i = 0; i < kUnroll; ++i) {
-          const int64_t u = b + i * blockDim.x;
-          if (u < total) {
-            const int64_t r = u / nvec;
-            v[i] = ld_vec16(p.x + s_flat[r] * row + (u - r * nvec) * 16);
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kUnroll; ++i) {
-          const int64_t u = b + i * blockDim.x;
+          const uint32_t u = b + i * blockDim.x;
           if (u >= total) break;
-          const int64_t r = u / nvec;
-          const int64_t col = (u - r * nvec) * 16;
+          const uint32_t r = by_vec(u);
+          const int64_t col = (int64_t)(u - r * by_vec.d) * 16;
           for (int j = 0; j < k; ++j) {
             const int32_t pos = s_pos[r * k + j];
             if (pos >= 0) st_vec16(p.recv_x + (int64_t)pos * row + col, v[i]);
