@@ -404,16 +404,17 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
       atomicAdd(&s_tot[e], 1);
       if (q < max((int64_t)0, (v0 - s_pref[s]) * k)) atomicAdd(&s_run[e], 1);
     }
-  }
-  for (int s = 0; s < ep && !one_pass; ++s) {
-    const int32_t* ids = p.ids + (int64_t)s * p.runtime_max * k;
-    const int64_t n = (int64_t)(s_pref[s + 1] - s_pref[s]) * k;
-    const int64_t before = min(n, max((int64_t)0, (v0 - s_pref[s]) * k));
-    for (int64_t q = threadIdx.x; q < n; q += blockDim.x) {
-      const int e = local_expert(ids[q], lo, epr);
-      if (e < 0) continue;
-      atomicAdd(&s_tot[e], 1);
-      if (q < before) atomicAdd(&s_run[e], 1);
+  } else {
+    for (int s = 0; s < ep; ++s) {
+      const int32_t* ids = p.ids + (int64_t)s * p.runtime_max * k;
+      const int64_t n = (int64_t)(s_pref[s + 1] - s_pref[s]) * k;
+      const int64_t before = min(n, max((int64_t)0, (v0 - s_pref[s]) * k));
+      for (int64_t q = threadIdx.x; q < n; q += blockDim.x) {
+        const int e = local_expert(ids[q], lo, epr);
+        if (e < 0) continue;
+        atomicAdd(&s_tot[e], 1);
+        if (q < before) atomicAdd(&s_run[e], 1);
+      }
     }
   }
   __syncthreads();
@@ -478,8 +479,10 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
 
     // 3. Where every (s, i, j) of the tile went, for combine.
     if (p.inv != nullptr)
-      for (int q = threadIdx.x; q < nent; q += blockDim.x)
-        p.inv[s_flat[by_k(q)] * k + (q - (int)by_k(q) * k)] = s_pos[q];
+      for (int q = threadIdx.x; q < nent; q += blockDim.x) {
+        const int r = (int)by_k(q);
+        p.inv[s_flat[r] * k + (q - r * k)] = s_pos[q];
+      }
     if (p.codes_off >= 0)
       for (int q = threadIdx.x; q < nent; q += blockDim.x) {
         const int32_t pos = s_pos[q];
