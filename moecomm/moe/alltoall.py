@@ -99,7 +99,7 @@ from ..launch import Launcher
 from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, grid_limit, group_sms,
                   int_at_least, options, round_up)
 from ..symmetric import SymmetricBuffer
-from ..tensors import as_array, as_stream, bfloat16, import_array, stream_handle
+from ..tensors import DeviceArray, as_array, as_stream, bfloat16, import_array, stream_handle
 
 __all__ = [
     "MoeAlltoAll", "MoeAlltoAllConfig", "DispatchPlan", "plan_dispatch",
@@ -609,6 +609,26 @@ class MoeAlltoAll(Op):
             raise ValueError(f"token_selected_experts: {T} tokens exceed "
                              f"runtime_max_tokens_per_rank={rmax}")
         payloads = self._payloads(input_payloads, T, stream_ptr)
+        prepared = self._prepared(rmax, payloads, invalid_token_expert_id,
+                                  expert_id_payload_index, quantize)
+        route = self._route(handle, return_handle, token_selected_experts, T, stream)
+        if previous_event is not None or async_op or _group.DEBUG:
+            async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
+                                    op="MoeAlltoAll.dispatch")
+        self._send(prepared, ids, payloads, stream_ptr, route)
+        result = list(prepared.views)
+        if return_handle:
+            result = (result, route)
+        if not async_op:
+            return result
+        return events.finish(result, stream_ptr, True, owner=self, op="MoeAlltoAll.dispatch",
+                             keep=(token_selected_experts, input_payloads))
+
+    def _prepared(self, rmax: int, payloads: list, invalid_token_expert_id: int | None = None,
+                  expert_id_payload_index: int | None = None,
+                  quantize: Fp8Dispatch | None = None) -> _Prepared:
+        """The launch of a dispatch of these payloads' dtypes and row shapes, prepared
+        once (checks the options; raises before anything is launched)."""
         key = (rmax, invalid_token_expert_id, expert_id_payload_index, quantize,
                *((a.dtype, a.shape[1:]) for a in payloads))
         prepared = self._prepared_dispatch.get(key)
@@ -618,10 +638,14 @@ class MoeAlltoAll(Op):
             if len(self._prepared_dispatch) >= _PLAN_CACHE:
                 self._prepared_dispatch.clear()
             self._prepared_dispatch[key] = prepared
-        route = self._route(handle, return_handle, token_selected_experts, T, stream)
-        if previous_event is not None or async_op or _group.DEBUG:
-            async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
-                                    op="MoeAlltoAll.dispatch")
+        return prepared
+
+    def _send(self, prepared: _Prepared, ids: DeviceArray, payloads: list, stream_ptr: int,
+              route: RoutingHandle | None = None) -> None:
+        """Launch ``prepared`` on checked arrays: ``dispatch`` after its checks, or a layer
+        on this exchange that checked its own arrays (``prepared.views`` are then the
+        receive tensors)."""
+        T = ids.shape[0]
         a = prepared.launcher.args
         a.experts, a.num_tokens = ids.ptr, T
         for i, x in enumerate(payloads):
@@ -635,13 +659,6 @@ class MoeAlltoAll(Op):
         prepared.launcher(prepared.grid, prepared.block, stream_ptr, prepared.shared_mem,
                           prepared.cluster)
         self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
-        result = list(prepared.views)
-        if return_handle:
-            result = (result, route)
-        if not async_op:
-            return result
-        return events.finish(result, stream_ptr, True, owner=self, op="MoeAlltoAll.dispatch",
-                             keep=(token_selected_experts, input_payloads))
 
     def routing_handle(self) -> RoutingHandle:
         """An empty ``RoutingHandle`` for this object (allocates; not inside a capture):

@@ -67,10 +67,10 @@ from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceAr
                            CompactStageArgs)
 from ..kernels import get_kernel
 from ..launch import Launcher
-from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, int_at_least, out_array,
+from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, int_at_least,
                   round_up)
 from ..symmetric import SymmetricBuffer
-from ..tensors import as_array, as_stream, bfloat16, stream_handle
+from ..tensors import DeviceArray, as_stream, bfloat16, import_array, stream_handle
 from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
 
 __all__ = [
@@ -107,8 +107,8 @@ class CapacityError(RuntimeError):
 class _PrefixViews(NamedTuple):
     """The first T rows of an ``EPAllToAll``'s constant buffers."""
 
-    tokens: cupy.ndarray  # int32 [T]: token indices 0..T-1 (a dispatch payload)
-    ones: cupy.ndarray  # fp32 [T, k]: unit weights, when dispatch is given none
+    tokens: DeviceArray  # int32 [T]: token indices 0..T-1 (a dispatch payload)
+    ones: DeviceArray  # fp32 [T, k]: unit weights, when dispatch is given none
 
 
 class EPDispatchOutput(NamedTuple):
@@ -478,7 +478,10 @@ class EPAllToAll(Op):
             if rmax > self.max_num_tokens:
                 raise ValueError(f"runtime_max_tokens_per_rank={rmax} exceeds max_num_tokens="
                                  f"{self.max_num_tokens}")
-        ids = as_array(topk_ids, "topk_ids", dtype=np.int32, ndim=2, stream=stream)
+        stream_ptr = stream_handle(stream)
+        dev = self.device_id
+        ids = import_array(topk_ids, "topk_ids", dtype=np.int32, ndim=2, device=dev,
+                           stream=stream_ptr)
         T, k = ids.shape
         if k != self.top_k:
             raise ValueError(f"topk_ids: {k} experts per token, the layer was made for "
@@ -487,24 +490,28 @@ class EPAllToAll(Op):
             raise ValueError(f"topk_ids: {T} tokens exceed max_num_tokens={self.max_num_tokens}")
         if T > rmax:
             raise ValueError(f"topk_ids: {T} tokens exceed runtime_max_tokens_per_rank={rmax}")
-        xa = as_array(x, "x", dtype=self.dtype, shape=(T, self.hidden), stream=stream)
+        xa = import_array(x, "x", dtype=self.dtype, shape=(T, self.hidden), device=dev,
+                          stream=stream_ptr)
         prefix = self._prefix_views(T)
         if weights is None:
             w = prefix.ones
         else:
-            w = as_array(weights, "weights", dtype=np.float32, shape=(T, k), stream=stream)
-
-        stream_ptr = stream_handle(stream)
+            w = import_array(weights, "weights", dtype=np.float32, shape=(T, k), device=dev,
+                             stream=stream_ptr)
+        for name, a in (("topk_ids", ids), ("x", xa), ("weights", w)):
+            if a.ptr % 4:
+                raise ValueError(f"{name}: address 0x{a.ptr:x} is not 4-byte aligned")
+        a2a = self._a2a
+        payloads = [xa, ids, prefix.tokens, w]
+        prepared = a2a._prepared(rmax, payloads)
+        route = a2a._route(handle, return_handle, topk_ids, T, stream)
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(stream_ptr, previous_event, async_op, owner=self,
                                     op="EPAllToAll.dispatch")
-        recv = self._a2a.dispatch(ids, [xa, ids, prefix.tokens, w], rmax, stream=stream,
-                                  handle=handle, return_handle=return_handle)
-        if return_handle:
-            recv, route = recv
+        a2a._send(prepared, ids, payloads, stream_ptr, route)
         args = self._expand.args
-        args.x, args.ids, args.tok, args.w = (a.data.ptr for a in recv)
-        args.runtime_max, args.ids_in, args.num_tokens = rmax, ids.data.ptr, T
+        args.x, args.ids, args.tok, args.w = (a.data.ptr for a in prepared.views)
+        args.runtime_max, args.ids_in, args.num_tokens = rmax, ids.ptr, T
         # One received row per block while rows are few: the copy, not the count, sets
         # the time (every block counts all rows).
         self._expand(max(1, min(self._max_grid, self.ep_size * rmax)), _DISPATCH_THREADS,
@@ -515,7 +522,9 @@ class EPAllToAll(Op):
         result = EPDispatchOutput(self._recv_x, self._recv_w, self._layout)
         if return_handle:
             result = (result, route)
-        return events.finish(result, stream_ptr, async_op, owner=self, op="EPAllToAll.dispatch",
+        if not async_op:
+            return result
+        return events.finish(result, stream_ptr, True, owner=self, op="EPAllToAll.dispatch",
                              keep=(x, topk_ids, weights))
 
     # -- combine ----------------------------------------------------------------------
@@ -537,15 +546,17 @@ class EPAllToAll(Op):
         """Bring the expert outputs back and sum them per token.
 
         Args:
-            y: ``[capacity, H]`` of combine_dtype: row i is the expert output of recv_x
-                row i (rows past ``num_rows`` are never read).
+            y: ``[capacity, H]`` of combine_dtype, 16-byte aligned: row i is the expert
+                output of recv_x row i (rows past ``num_rows`` are never read).
             layout: the layout of the dispatch just before.
             apply_weights: multiply each row by its ``recv_weights`` entry first.
-            out: optional ``[T, H]`` combine_dtype array (pass it when capturing a graph).
+            out: optional ``[T, H]`` combine_dtype array, 16-byte aligned (pass it when
+                capturing a graph).
             previous_event, async_op: overlap options (``moecomm.events``).
 
-        Returns ``[T, H]``: per token the fp32 sum of its slots' rows in slot order, rounded
-        once (module doc; with ``local_combine`` the two-level sum).
+        Returns ``[T, H]`` (``out`` as passed, or a new ``cupy.ndarray``): per token the fp32
+        sum of its slots' rows in slot order, rounded once (module doc; with
+        ``local_combine`` the two-level sum).
         """
         self.usable("combine")
         if not isinstance(layout, EPLayout) or layout._owner is not self:
@@ -554,11 +565,20 @@ class EPAllToAll(Op):
             raise RuntimeError("EPAllToAll.combine needs the layout of the dispatch just before "
                                "(dispatch and combine alternate)")
         apply_weights = bool_option("apply_weights", apply_weights)
-        ya = as_array(y, "y", dtype=self.combine_dtype, shape=(self.capacity, self.hidden),
-                      stream=stream)
-        T, rmax = layout.num_tokens, self._rmax
-        out = out_array(out, "out", (T, self.hidden), self.combine_dtype, stream)
         handle = stream_handle(stream)
+        dev = self.device_id
+        ya = import_array(y, "y", dtype=self.combine_dtype, shape=(self.capacity, self.hidden),
+                          device=dev, stream=handle)
+        T, rmax = layout.num_tokens, self._rmax
+        if out is None:
+            out = empty((T, self.hidden), self.combine_dtype, handle)
+            out_ptr = out.data.ptr
+        else:
+            out_ptr = import_array(out, "out", dtype=self.combine_dtype, shape=(T, self.hidden),
+                                   device=dev, stream=handle).ptr
+        for name, ptr in (("y", ya.ptr), ("out", out_ptr)):
+            if ptr % 16:
+                raise ValueError(f"{name}: address 0x{ptr:x} is not 16-byte aligned")
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(handle, previous_event, async_op, owner=self,
                                     op="EPAllToAll.combine")
@@ -566,26 +586,28 @@ class EPAllToAll(Op):
             region = self._a2a.get_combine_payload_tensor_in_workspace(
                 rmax, self.hidden, self.combine_dtype)
             args = self._reduce.args
-            args.y, args.payload = ya.data.ptr, region.data.ptr
+            args.y, args.payload = ya.ptr, region.data.ptr
             args.runtime_max, args.apply_weights = rmax, int(apply_weights)
             units = self.ep_size * rmax * (self.hidden * self.combine_dtype.itemsize // 16)
             self._reduce(self._combine_grid(units), _COMBINE_THREADS, handle)
             self._a2a.combine(region, rmax, payload_in_workspace=True, stream=stream, out=out)
         else:
             y_region = self._sym.ptr + self._y_off
-            if ya.data.ptr != y_region:
-                if ya.data.ptr < y_region + ya.nbytes and y_region < ya.data.ptr + ya.nbytes:
+            if ya.ptr != y_region:
+                if ya.ptr < y_region + ya.nbytes and y_region < ya.ptr + ya.nbytes:
                     raise ValueError("y overlaps the layer's combine input buffer; pass the "
                                      "array of get_combine_input_tensor_in_workspace or a "
                                      "separate array")
-                self._stage.args.y = ya.data.ptr
+                self._stage.args.y = ya.ptr
                 units = ya.nbytes // 16
                 self._stage(self._combine_grid(units), _COMBINE_THREADS, handle)
             args = self._pull.args
-            args.out, args.num_tokens, args.apply_weights = out.data.ptr, T, int(apply_weights)
+            args.out, args.num_tokens, args.apply_weights = out_ptr, T, int(apply_weights)
             self._a2a.combine_with(self._pull, self._pull_grid(rmax), _COMBINE_THREADS, handle)
         self.phase = Phase.IDLE
-        return events.finish(out, handle, async_op, owner=self, op="EPAllToAll.combine",
+        if not async_op:
+            return out
+        return events.finish(out, handle, True, owner=self, op="EPAllToAll.combine",
                              keep=(y, out))
 
     def _prefix_views(self, T: int) -> _PrefixViews:
@@ -595,7 +617,9 @@ class EPAllToAll(Op):
         if views is None:
             if len(self._prefix) >= 64:
                 self._prefix.clear()
-            views = self._prefix[T] = _PrefixViews(self._iota[:T], self._ones[:T])
+            views = self._prefix[T] = _PrefixViews(
+                *(DeviceArray(a.data.ptr, (T, *a.shape[1:]), a.dtype, a)
+                  for a in (self._iota, self._ones)))
         return views
 
     def _combine_grid(self, units: int) -> int:

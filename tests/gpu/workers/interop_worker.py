@@ -19,7 +19,7 @@ from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,  # n
                             compute_fp4_swizzled_layout_sf_size,
                             create_allreduce_fusion_workspace)
 from moecomm.layouts import ue8m0_mn_major_storage_size  # noqa: E402
-from moecomm.moe import MoeAlltoAll  # noqa: E402
+from moecomm.moe import EPAllToAll, MoeAlltoAll  # noqa: E402
 from moecomm.tensors import (as_array, bfloat16, float8_e4m3fn, float8_e5m2,  # noqa: E402
                              float8_e8m0fnu)
 from tests.gpu.workers.common import main, zeros  # noqa: E402
@@ -240,6 +240,56 @@ def fp8_payload(ctx, name):
     cupy.cuda.runtime.deviceSynchronize()
     a2a.combine(payload, 8, stream=ctx.stream)  # dispatch and combine alternate
     ctx.stream.synchronize()
+
+
+@case(variants=FRAMEWORKS)
+def compact_layer(ctx, name):
+    """EPAllToAll given a framework's arrays (x, topk_ids, weights, y, and out= where the
+    framework has mutable arrays): the same bits as the same calls on CuPy arrays, and a
+    PyTorch ``out`` comes back as the tensor passed."""
+    fw = Framework(ctx, name)
+    n, k, h = ctx.world, 2, 256
+    layer = ctx.shared("compact", lambda: EPAllToAll(ctx.group, 8, k, 4 * n, h, np.float32))
+    r = ctx.rng
+    x = r.standard_normal((6, h)).astype(np.float32)
+    ids = r.integers(-1, 4 * n, (6, k)).astype(np.int32)
+    w = r.random((6, k)).astype(np.float32)
+    if name == "cupy":
+        put = cupy.asarray
+    elif name == "torch":
+        put = lambda a: fw.torch.from_numpy(a).to(f"cuda:{fw.dev}")  # noqa: E731
+    else:
+        put = lambda a: fw.jax.device_put(a, fw.jdev)  # noqa: E731
+
+    def pair(conv, out=None):
+        inputs = conv(x), conv(ids), conv(w)
+        cupy.cuda.runtime.deviceSynchronize()  # inputs made on other streams are ready
+        recv_x, recv_w, lay = layer.dispatch(*inputs, stream=ctx.stream)
+        rows = int(lay.num_rows_host(ctx.stream))
+        got = (cupy.asnumpy(recv_x[:rows]), cupy.asnumpy(recv_w[:rows]))
+        y = np.zeros(recv_x.shape, np.float32)  # a separate array: staged into the layer
+        y[:rows] = got[0] * 2
+        y = conv(y)
+        cupy.cuda.runtime.deviceSynchronize()
+        res = layer.combine(y, lay, apply_weights=True, stream=ctx.stream, out=out)
+        ctx.stream.synchronize()
+        return got, res
+
+    (want_x, want_w), want = pair(cupy.asarray)
+    want = cupy.asnumpy(want)
+    out = None
+    if name == "torch":
+        out = fw.torch.full((6, h), float("nan"), device=f"cuda:{fw.dev}")
+    (got_x, got_w), res = pair(put, out)
+    if out is not None:
+        assert res is out, "a PyTorch out= comes back as the tensor passed"
+    res = res.cpu().numpy() if out is not None else cupy.asnumpy(res)
+    for what, a, b in (("recv_x", got_x, want_x), ("recv_weights", got_w, want_w),
+                       ("combine", res, want)):
+        assert a.shape == b.shape, f"{name}: {what} shape {a.shape}, the CuPy call's {b.shape}"
+        bad = np.argwhere(a.view(np.uint32) != b.view(np.uint32))
+        assert bad.size == 0, (f"{name}: {what}: {len(bad)} of {a.size} values differ from the "
+                               f"CuPy call's, first at {bad[:3].tolist()}")
 
 
 def _host_arrays(name, fw):

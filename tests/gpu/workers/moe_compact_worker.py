@@ -203,6 +203,12 @@ def bad_calls_between(ctx, layer, out):
         with pytest.raises(ValueError, match="out: shape"):
             layer.combine(layer.get_combine_input_tensor_in_workspace(), lay,
                           out=zeros((lay.num_tokens + 1, H), yd))
+        big = zeros((cap + 1, H), yd)  # views 8 bytes into it are misaligned
+        with pytest.raises(ValueError, match="y: address .* not 16-byte aligned"):
+            layer.combine(cupy.ndarray((cap, H), yd, big.data + 8), lay)
+        with pytest.raises(ValueError, match="out: address .* not 16-byte aligned"):
+            layer.combine(layer.get_combine_input_tensor_in_workspace(), lay,
+                          out=cupy.ndarray((lay.num_tokens, H), yd, big.data + 8))
         if not layer.local_combine:  # a view 16 bytes into the exchange buffer
             part = layer.get_combine_input_tensor_in_workspace()
             shifted = cupy.ndarray((cap, H), yd, part.data + 16)
@@ -302,6 +308,9 @@ def exact_bad_dispatches(ctx):
             layer.dispatch(x, ids, runtime_max_tokens_per_rank=MAX_T + 1)
         with pytest.raises(ValueError, match="array is on cpu"):
             layer.dispatch(x, np.zeros((4, TOP_K), np.int32))
+        xb = zeros((5, H), dt)
+        with pytest.raises(ValueError, match="x: address .* not 4-byte aligned"):
+            layer.dispatch(cupy.ndarray((4, H), dt, xb.data + 2), ids)
         with pytest.raises(TypeError, match="EPLayout"):
             layer.combine(layer.recv_x, "layout")
 
