@@ -189,6 +189,7 @@ struct CompactDispatchArgs {
   int64_t runtime_max;
   int64_t capacity;
   int64_t row_bytes;           // a multiple of 16
+  int64_t slices;              // blocks per row chunk, each copying a slice of the columns
 };
 
 struct CompactPullArgs {

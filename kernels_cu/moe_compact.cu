@@ -5,17 +5,20 @@
 // its experts, block s of each receive tensor holding source s's tokens in token order.
 // The kernels here are local to a rank:
 //
-// expand  (grid G): the received rows (s, i) with i < recv_counts[s], flattened in (s, i)
-//         order, are cut into G equal chunks, one per block. Every block counts the local
-//         entries (s, i, j) of all rows per local expert (the expert offsets) and of the
-//         rows before its chunk (its chunk's start in each expert): a redundant read of
-//         the received ids instead of a grid-wide count pass and a second kernel. Block 0
-//         writes tokens_per_expert, the expert offsets and the overflow stats. Then each
-//         block walks its chunk in order: warp 0 gives each local entry its row pos =
-//         chunk start of e + entries of e before it (a stable counting sort: rows ordered
-//         by local expert, then source rank, token, k slot), and the block copies row
-//         (s, i) of the received x, read once, to recv_x[pos] of each of its entries, with
-//         the entry's (s, token, j) and weight. Rows at pos >= capacity are dropped
+// expand  (grid G = chunks x slices): the received rows (s, i) with i < recv_counts[s],
+//         flattened in (s, i) order, are cut into G / slices equal chunks; block b takes
+//         chunk b / slices and copies column slice b % slices of its rows (few rows: the
+//         copy spreads over more SMs; slice 0 alone writes the per-entry records). Every
+//         block counts the local entries (s, i, j) of all rows per local expert (the
+//         expert offsets) and of the rows before its chunk (its chunk's start in each
+//         expert): a redundant read of the received ids instead of a grid-wide count pass
+//         and a second kernel. Block 0 writes tokens_per_expert, the expert offsets and
+//         the overflow stats. Then each block walks its chunk in order: warp 0 gives each
+//         local entry its row pos = chunk start of e + entries of e before it (a stable
+//         counting sort: rows ordered by local expert, then source rank, token, k slot),
+//         and the block copies its slice of row (s, i) of the received x, read once, to
+//         recv_x[pos] of each of its entries, with the entry's (s, token, j) and weight
+//         (slice 0). Rows at pos >= capacity are dropped
 //         (counted, never written). It also records where each (s, i, j) went, for
 //         combine: `inv` (local combine), or, for the exact combine, pos + 1 (0: dropped)
 //         stored straight into source s's `codes` [token, j] (CUDA IPC); and it keeps a
@@ -80,12 +83,12 @@ __device__ __forceinline__ int source_of(int64_t v, const int32_t* s_pref) {
   return s;
 }
 
-// This block's rows [v0, v1) of V = s_pref[ep], cut into gridDim.x equal chunks.
-__device__ __forceinline__ void block_rows(const int32_t* s_pref, int ep, int64_t& v0,
-                                           int64_t& v1) {
+// Rows [v0, v1) of chunk c of V = s_pref[ep] rows cut into n equal chunks.
+__device__ __forceinline__ void chunk_rows(const int32_t* s_pref, int ep, uint32_t c, uint32_t n,
+                                           int64_t& v0, int64_t& v1) {
   const int64_t V = s_pref[ep];
-  const int64_t chunk = (V + gridDim.x - 1) / gridDim.x;
-  v0 = min(V, (int64_t)blockIdx.x * chunk);
+  const int64_t chunk = (V + n - 1) / n;
+  v0 = min(V, (int64_t)c * chunk);
   v1 = min(V, v0 + chunk);
 }
 
@@ -321,19 +324,20 @@ __device__ void write_layout(const DispatchParams& p, const int32_t* s_tot, cons
 
 // ---------------------------------------------------------------- dispatch side
 // The expand's copy: vectors b, b + blockDim.x, ... (kUnroll of them, < total) of the
-// tile's rows, row r = flat row s_flat[r] of the received x. A tile holds at most
-// kTile / k rows, so its vector indices fit 32 bits for any row the workspace can hold.
+// block's column slice [c0, c0 + by_vec.d) of the tile's rows, row r = flat row s_flat[r]
+// of the received x. A tile holds at most kTile / k rows, so its vector indices fit 32
+// bits for any row the workspace can hold.
 constexpr int kUnroll = 4;
 
 __device__ __forceinline__ void load_vectors(const DispatchParams& p, const int64_t* s_flat,
-                                             const Divider& by_vec, uint32_t b, uint32_t total,
-                                             Vec16 (&v)[kUnroll]) {
+                                             const Divider& by_vec, uint32_t c0, uint32_t b,
+                                             uint32_t total, Vec16 (&v)[kUnroll]) {
 #pragma unroll
   for (int i = 0; i < kUnroll; ++i) {
     const uint32_t u = b + i * blockDim.x;
     if (u < total) {
       const uint32_t r = by_vec(u);
-      v[i] = ld_vec16(p.x + s_flat[r] * p.row_bytes + (int64_t)(u - r * by_vec.d) * 16);
+      v[i] = ld_vec16(p.x + s_flat[r] * p.row_bytes + (int64_t)(c0 + u - r * by_vec.d) * 16);
     }
   }
 }
@@ -359,11 +363,18 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tile_rows = kTile / k;
-  // Divisions by invariants, once: entries q < kTile of a tile by k, vectors u of a
-  // tile's rows by the vectors of a row.
+  // Block b = chunk b / slices of the rows, copying column slice b % slices of them (the
+  // host makes gridDim.x a multiple of slices, and slices <= the vectors of a row).
+  const uint32_t slices = (uint32_t)p.slices;
+  const uint32_t slice = blockIdx.x % slices;
+  const uint32_t nvec = (uint32_t)(p.row_bytes / 16);
+  const uint32_t width = (nvec + slices - 1) / slices;
+  const uint32_t c0 = min(nvec, slice * width);
+  const uint32_t w = min(nvec, c0 + width) - c0;  // the slice's columns (0: none)
+  // Divisions by invariants, once: entries q < kTile of a tile by k, vectors u of the
+  // slice of a tile's rows by the slice's width.
   const Divider by_k((uint32_t)k, kTile);
-  const int64_t nvec = p.row_bytes / 16;
-  const Divider by_vec((uint32_t)nvec, (uint64_t)tile_rows * nvec);
+  const Divider by_vec(max(w, 1u), (uint64_t)tile_rows * width);
   pdl_wait();  // the dispatch's receive tensors and counts
   pdl_launch_dependents();
   // Where the whole received id space [ep, rmax, k] fits kSpec ids a thread, the ids are
@@ -386,7 +397,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
       p.ids_copy[q] = p.ids_in[q];
   __syncthreads();
   int64_t v0, v1;
-  block_rows(s_pref, ep, v0, v1);
+  chunk_rows(s_pref, ep, blockIdx.x / slices, gridDim.x / slices, v0, v1);
 
   // 1. Count. Source s's received ids are contiguous: [s * rmax * k, + rows_s * k).
   if (one_pass) {
@@ -441,9 +452,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
     //    Meanwhile every thread loads its first vectors of the tile's rows (step 4) and
     //    the other warps fetch the rows' token indices and the entries' weights (steps 3
     //    and 4), so that those loads are in flight while warp 0 works.
-    const uint32_t total = (uint32_t)(nrows * nvec);
+    const uint32_t total = (uint32_t)nrows * w;
     Vec16 v[kUnroll];
-    load_vectors(p, s_flat, by_vec, threadIdx.x, total, v);
+    load_vectors(p, s_flat, by_vec, c0, threadIdx.x, total, v);
     if (warp != 0) {
       for (int q = threadIdx.x - 32; q < nent; q += blockDim.x - 32) {
         const int r = (int)by_k(q);
@@ -477,13 +488,13 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
     __syncthreads();
     const int stored = s_count;
 
-    // 3. Where every (s, i, j) of the tile went, for combine.
-    if (p.inv != nullptr)
+    // 3. Where every (s, i, j) of the tile went, for combine (slice 0 of the chunk).
+    if (p.inv != nullptr && slice == 0)
       for (int q = threadIdx.x; q < nent; q += blockDim.x) {
         const int r = (int)by_k(q);
         p.inv[s_flat[r] * k + (q - r * k)] = s_pos[q];
       }
-    if (p.codes_off >= 0)
+    if (p.codes_off >= 0 && slice == 0)
       for (int q = threadIdx.x; q < nent; q += blockDim.x) {
         const int32_t pos = s_pos[q];
         if (pos == -1) continue;  // the slot's owner is another rank (or none)
@@ -492,9 +503,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
         codes[(int64_t)s_tok[r] * k + (q - r * k)] = pos >= 0 ? pos + 1 : 0;
       }
 
-    // 4. Each stored entry's source, weight and hidden row; a row's vector is read once
-    //    and stored to every entry of the row.
-    for (int n = threadIdx.x; n < stored; n += blockDim.x) {
+    // 4. Each stored entry's source and weight (slice 0) and its hidden row's slice; a
+    //    row's vector is read once and stored to every entry of the row.
+    for (int n = threadIdx.x; slice == 0 && n < stored; n += blockDim.x) {
       const int q = s_list[n];
       const int r = (int)by_k(q), j = q - r * k;
       const int32_t pos = s_pos[q];
@@ -505,13 +516,13 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
     }
     if (stored) {
       for (uint32_t b = threadIdx.x; b < total; b += kUnroll * blockDim.x) {
-        if (b != threadIdx.x) load_vectors(p, s_flat, by_vec, b, total, v);
+        if (b != threadIdx.x) load_vectors(p, s_flat, by_vec, c0, b, total, v);
 #pragma unroll
         for (int i = 0; i < kUnroll; ++i) {
           const uint32_t u = b + i * blockDim.x;
           if (u >= total) break;
           const uint32_t r = by_vec(u);
-          const int64_t col = (int64_t)(u - r * by_vec.d) * 16;
+          const int64_t col = (int64_t)(c0 + u - r * by_vec.d) * 16;
           for (int j = 0; j < k; ++j) {
             const int32_t pos = s_pos[r * k + j];
             if (pos >= 0) st_vec16(p.recv_x + (int64_t)pos * row + col, v[i]);

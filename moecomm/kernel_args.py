@@ -85,7 +85,7 @@ class CompactDispatchArgs(ctypes.Structure):
         ("ids tok x w recv_counts recv_x recv_w src inv", _ptr), ("peers", _u64 * A2A_MAX_RANKS),
         ("codes_off", _i64), ("ids_in ids_copy", _ptr), ("num_tokens", _i64),
         ("stats tokens_per_expert offsets", _ptr),
-        ("ep_size rank experts_per_rank top_k runtime_max capacity row_bytes", _i64))
+        ("ep_size rank experts_per_rank top_k runtime_max capacity row_bytes slices", _i64))
 
 
 class CompactPullArgs(ctypes.Structure):

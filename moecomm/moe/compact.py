@@ -89,6 +89,7 @@ MAX_TOP_K = COMPACT_MAX_TOP_K  # one row's k entries fit an expand tile
 MAX_CAPACITY = COMPACT_MAX_CAPACITY
 _SOURCE = "moe_compact.cu"
 _DISPATCH_THREADS = 512
+_EXPAND_SLICES = 4  # most blocks copying one received row (each a slice of its columns)
 _COMBINE_THREADS = COMPACT_COMBINE_THREADS
 _PULL_PIECE = 32 * COMPACT_PULL_UNITS  # 16-byte columns of a pull warp's piece of a row
 _SUFFIX = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}
@@ -313,6 +314,7 @@ class EPAllToAll(Op):
         try:
             # the expand's and the combine's most blocks: 2 and 4 per SM of the budget
             self._max_grid = self._a2a.max_blocks(2)
+            self._row_vecs = row_x // 16
             self._max_combine_grid = self._a2a.max_blocks(4)
             self._y_view = None  # the combine input array, made on first use
             self._prefix: dict[int, _PrefixViews] = {}  # by token count
@@ -512,10 +514,8 @@ class EPAllToAll(Op):
         args = self._expand.args
         args.x, args.ids, args.tok, args.w = (a.data.ptr for a in prepared.views)
         args.runtime_max, args.ids_in, args.num_tokens = rmax, ids.ptr, T
-        # One received row per block while rows are few: the copy, not the count, sets
-        # the time (every block counts all rows).
-        self._expand(max(1, min(self._max_grid, self.ep_size * rmax)), _DISPATCH_THREADS,
-                     stream_ptr)
+        grid, args.slices = self._expand_grid(self.ep_size * rmax)
+        self._expand(grid, _DISPATCH_THREADS, stream_ptr)
         self._epoch += 1
         self.phase, self._rmax = Phase.DISPATCHED, rmax
         self._layout = EPLayout(self, self._epoch, T, rmax)
@@ -621,6 +621,14 @@ class EPAllToAll(Op):
                 *(DeviceArray(a.data.ptr, (T, *a.shape[1:]), a.dtype, a)
                   for a in (self._iota, self._ones)))
         return views
+
+    def _expand_grid(self, rows: int) -> tuple[int, int]:
+        """(grid, slices) of the expand for up to ``rows`` received rows: one row per block
+        while rows are few (the copy, not the count, sets the time: every block counts all
+        rows), and while the grid has room, up to _EXPAND_SLICES blocks per row, each
+        copying a slice of its columns."""
+        slices = max(1, min(_EXPAND_SLICES, self._max_grid // max(1, rows), self._row_vecs))
+        return slices * max(1, min(self._max_grid // slices, rows)), slices
 
     def _combine_grid(self, units: int) -> int:
         return max(1, min(self._max_combine_grid, -(-units // _COMBINE_THREADS)))
