@@ -47,6 +47,31 @@ def test_capacity_rules():
         big._capacity(8, None, None)
 
 
+def test_expand_grid_rules():
+    """Up to _EXPAND_SLICES blocks per received row while the grid has room; one row per
+    block at most otherwise; the grid a multiple of the slices, within its limit."""
+    obj = _bare()
+    obj._max_grid, obj._row_vecs = 264, 896  # 2 blocks per SM of an H200; 7168 bf16
+    most = compact._EXPAND_SLICES
+    assert obj._expand_grid(1) == (most, most)
+    assert obj._expand_grid(128) == (256, 2)
+    assert obj._expand_grid(264) == (264, 1)
+    assert obj._expand_grid(4096) == (264, 1)
+    obj._max_grid = 8  # an SM budget: one block per budgeted SM
+    assert obj._expand_grid(4) == (8, 2)
+    assert obj._expand_grid(1) == (most, most)
+    obj._max_grid, obj._row_vecs = 264, 2  # rows of two vectors: at most two slices
+    assert obj._expand_grid(1) == (2, 2)
+    for max_grid in (1, 7, 132, 264):
+        for vecs in (1, 3, 896):
+            obj._max_grid, obj._row_vecs = max_grid, vecs
+            for rows in (1, 2, 5, 33, 131, 132, 133, 264, 1 << 20):
+                grid, slices = obj._expand_grid(rows)
+                assert 1 <= slices <= min(most, vecs) and grid % slices == 0
+                assert slices <= grid <= max(max_grid, slices)
+                assert grid // slices == max(1, min(rows, max_grid // slices))
+
+
 def test_constructor_checks_before_any_collective():
     # Argument errors are raised before the group is touched (none exists here).
     with pytest.raises(ValueError, match="top_k=300 exceeds"):
