@@ -420,11 +420,21 @@ extern "C" __global__ void __launch_bounds__(1024) moe_compact_expand(const Disp
       const int32_t* ids = p.ids + (int64_t)s * p.runtime_max * k;
       const int64_t n = (int64_t)(s_pref[s + 1] - s_pref[s]) * k;
       const int64_t before = min(n, max((int64_t)0, (v0 - s_pref[s]) * k));
-      for (int64_t q = threadIdx.x; q < n; q += blockDim.x) {
-        const int e = local_expert(ids[q], lo, epr);
-        if (e < 0) continue;
-        atomicAdd(&s_tot[e], 1);
-        if (q < before) atomicAdd(&s_run[e], 1);
+      // kSpec ids a thread loaded at once, then counted: the loads of a batch overlap
+      for (int64_t q0 = threadIdx.x; q0 < n; q0 += kSpec * blockDim.x) {
+        int32_t id[kSpec];
+#pragma unroll
+        for (int i = 0; i < kSpec; ++i) {
+          const int64_t q = q0 + (int64_t)i * blockDim.x;
+          id[i] = q < n ? ids[q] : -1;
+        }
+#pragma unroll
+        for (int i = 0; i < kSpec; ++i) {
+          const int e = local_expert(id[i], lo, epr);
+          if (e < 0) continue;
+          atomicAdd(&s_tot[e], 1);
+          if (q0 + (int64_t)i * blockDim.x < before) atomicAdd(&s_run[e], 1);
+        }
       }
     }
   }

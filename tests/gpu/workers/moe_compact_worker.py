@@ -370,14 +370,16 @@ def exact_no_tokens_then_graph_replay(ctx):
 
 @case
 def exact_wide_top_k(ctx):
-    """top_k 40: the pull reads a token's slots 32 at a time, 8 loads per round, the last
-    round partial; experts repeat within a token (3 per rank)."""
-    n, k = ctx.group.local_size, 40
-    with EPAllToAll(ctx.group, MAX_T, k, EPR * n, H) as layer:
-        seed = ctx.new_seed()
-        for i, mode in enumerate(("random", "zero")):
-            run_pair(ctx, layer, Exchange(ctx, seed + i, mode=mode, top_k=k), apply=i == 0,
-                     zero_copy=i == 1)
+    """top_k 40 and 72: the pull reads a token's slots 32 at a time, 8 loads per round,
+    the last round partial; experts repeat within a token (3 per rank). At 72 a source's
+    ids (up to 40 x 72) take the expand's count two batches of loads."""
+    n = ctx.group.local_size
+    for k in (40, 72):
+        with EPAllToAll(ctx.group, MAX_T, k, EPR * n, H) as layer:
+            seed = ctx.new_seed()
+            for i, mode in enumerate(("random", "zero")):
+                run_pair(ctx, layer, Exchange(ctx, seed + i, mode=mode, top_k=k), apply=i == 0,
+                         zero_copy=i == 1)
 
 
 @case(own_job=True)
