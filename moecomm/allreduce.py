@@ -38,8 +38,8 @@ from .errors import ErrorWord, timeout_ns
 from .group import ProcessGroup, default_group
 from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
 from .launch import Launcher
-from .op import (Op, device_facts, empty, grid_limit, group_sms, int_at_least, options, round_up,
-                 supported_dtype)
+from .op import (Op, device_facts, empty, grid_limit, group_sms, int_at_least, options,
+                 require_aligned, round_up, supported_dtype)
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
@@ -440,9 +440,8 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
         out_ptr = import_array(out, "out", dtype=xa.dtype, shape=xa.shape, device=ws.device_id,
                                stream=handle).ptr
     if algo != Algorithm.NCCL:
-        for name, ptr in (("x", xa.ptr), ("out", out_ptr)):
-            if ptr % 16:
-                raise ValueError(f"{name}: address 0x{ptr:x} is not 16-byte aligned")
+        require_aligned("x", xa.ptr)
+        require_aligned("out", out_ptr)
     if previous_event is not None or async_op or _group.DEBUG:
         async_op = events.issue(handle, previous_event, async_op, owner=ws, op="all_reduce")
     if algo == Algorithm.NCCL:

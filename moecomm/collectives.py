@@ -70,7 +70,7 @@ from .group import ProcessGroup, default_group
 from .kernel_args import (AllGathervArgs, ArWorkspace, FillArgs, ReduceScattervArgs,
                           StackReduceArgs, VcWorkspace)
 from .launch import Launcher
-from .op import Op, empty, group_sms, int_at_least, options, round_up
+from .op import Op, empty, group_sms, int_at_least, options, require_aligned, round_up
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, import_array, stream_handle
 
@@ -443,8 +443,7 @@ class VCollectiveWorkspace(Op):
         row = a.itemsize * math.prod(a.shape[1:])
         if row % 16:
             raise ValueError(f"x: {row} bytes per row; reduce_scatterv needs a multiple of 16")
-        if a.ptr % 16:
-            raise ValueError(f"x: address 0x{a.ptr:x} is not 16-byte aligned")
+        require_aligned("x", a.ptr)
         shape = (sizes[self.rank], *a.shape[1:])
         if out is None:
             result = empty(shape, a.dtype, handle)
@@ -452,8 +451,7 @@ class VCollectiveWorkspace(Op):
         else:
             o = import_array(out, "out", dtype=a.dtype, shape=shape, device=self.device_id,
                              stream=handle)
-            if o.ptr % 16:
-                raise ValueError(f"out: address 0x{o.ptr:x} is not 16-byte aligned")
+            require_aligned("out", o.ptr)
             result, out_ptr = o.obj, o.ptr
         need = scatter_bytes(sizes, row)
         if need > self.max_bytes:

@@ -43,7 +43,8 @@ from .group import ProcessGroup, default_group
 from .kernel_args import ArWorkspace, DcpArgs, DcpCombineArgs, FillArgs
 from .launch import Launcher
 from .mapping import Mapping
-from .op import Op, device_facts, empty, enum_member, int_at_least, options, round_up
+from .op import (Op, device_facts, empty, enum_member, int_at_least, options, require_aligned,
+                 round_up)
 from .symmetric import SymmetricBuffer
 from .tensors import bfloat16, import_array, stream_handle
 
@@ -259,9 +260,8 @@ class DcpAlltoAll(Op):
             so = import_array(out[1], "out[1] (stats_out)", dtype=st.dtype, shape=st.shape,
                               device=self.device_id, stream=handle)
             result, o_ptr, st_ptr = (oo.obj, so.obj), oo.ptr, so.ptr
-        for name, ptr in (("partial_o", o.ptr), ("out[0] (o_out)", o_ptr)):
-            if ptr % VECTOR_BYTES:
-                raise ValueError(f"{name}: address 0x{ptr:x} is not {VECTOR_BYTES}-byte aligned")
+        require_aligned("partial_o", o.ptr)
+        require_aligned("out[0] (o_out)", o_ptr)
         if shape.rows:
             self._launch(shape, o.ptr, st.ptr, o_ptr, st_ptr, handle)
         return result
@@ -351,9 +351,8 @@ def lse_combine(partial_o, softmax_stats, stats_format: StatsFormat | int = Stat
     elif return_lse:
         lse = empty(o.shape[:-2], _STATS_DTYPE, handle)
         lse_ptr = lse.data.ptr
-    for name, ptr in (("partial_o", o.ptr), ("out", out_ptr)):
-        if ptr % VECTOR_BYTES:
-            raise ValueError(f"{name}: address 0x{ptr:x} is not {VECTOR_BYTES}-byte aligned")
+    require_aligned("partial_o", o.ptr)
+    require_aligned("out", out_ptr)
     n = shape.rows * shape.o_vecs
     if n:
         launcher = _combiner(device, o.dtype, config.pdl)

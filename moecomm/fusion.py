@@ -393,7 +393,7 @@ def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
                       dtype=tok.dtype, shape=(None, tokens, hidden), stream=stream)
     scale = as_array(scale_input, "scale_input", dtype=np.float32,
                      shape=(active.shape[0], tokens), stream=stream)
-    require_aligned("active_experts_token_input", active)
+    require_aligned("active_experts_token_input", active.data.ptr)
     moe = dict(source=Source.MOE_REDUCTION, moe_rows=active.data.ptr, moe_scale=scale.data.ptr,
                moe_extra=tok.data.ptr, moe_count=active.shape[0])
     return _run(workspace, tokens, tok, pattern, spec, options, outputs, stream, moe,
@@ -428,7 +428,7 @@ def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
                    dtype=np.int32, ndim=2, stream=stream)
     tokens, top_k = idx.shape
     hidden = rows.shape[1]
-    require_aligned("allreduce_in", rows)
+    require_aligned("allreduce_in", rows.data.ptr)
     moe = dict(source=Source.MOE_FINALIZE, moe_rows=rows.data.ptr, moe_index=idx.data.ptr,
                moe_count=top_k, routed_scaling=float(routed_scaling_factor))
     if expert_scale_factor is not None:
@@ -439,7 +439,7 @@ def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
     if shared_expert_output is not None:
         shared = as_array(shared_expert_output, "shared_expert_output", dtype=rows.dtype,
                           shape=(tokens, hidden), stream=stream)
-        require_aligned("shared_expert_output", shared)
+        require_aligned("shared_expert_output", shared.data.ptr)
         moe.update(moe_extra=shared.data.ptr)
     return _run(workspace, tokens, rows, pattern, spec, options, outputs, stream, moe,
                 (previous_event, async_op, (allreduce_in, expanded_idx_to_permuted_idx,
@@ -482,7 +482,7 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
     if tokens > ws.max_token_num:
         raise ValueError(f"input: token_num {tokens} exceeds the workspace's max_token_num "
                          f"{ws.max_token_num}")
-    require_aligned("input", like)
+    require_aligned("input", like.data.ptr)
     fields = _epilogue_fields(like.dtype, tokens, hidden, pattern, spec, options, outputs,
                               stream)
     fields.update(source_fields)
@@ -535,7 +535,7 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
     x = as_array(input, "input", dtype=tuple(_SUFFIX), ndim=2, stream=stream)
     tokens, hidden = x.shape
     _check_hidden(hidden, "input")
-    require_aligned("input", x)
+    require_aligned("input", x.data.ptr)
     fields = _epilogue_fields(x.dtype, tokens, hidden, pattern, spec, options, outputs, stream)
     fields.update(source=Source.INPUT, input=x.data.ptr)
     if tokens == 0:
@@ -578,7 +578,7 @@ def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPa
 
     def array(value, name, **check):
         arr = as_array(value, name, stream=stream, **check)
-        require_aligned(name, arr)
+        require_aligned(name, arr.data.ptr)
         return arr
 
     row = dict(dtype=dtype, shape=(tokens, hidden))
@@ -624,7 +624,7 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
             raise ValueError(f"outputs.scale_out: {sf.size} bytes, the "
                              f"{'swizzled' if swizzled else 'linear'} layout needs {need}")
         if swizzled:
-            require_aligned("outputs.scale_out", sf, 4)
+            require_aligned("outputs.scale_out", sf.data.ptr, 4)
         fields["swizzled"] = int(swizzled)
     else:
         q = array(outputs.quant_out, "outputs.quant_out", dtype=CODE_DTYPES,
@@ -637,7 +637,7 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
                                  f"{GROUP_FP8_SIZES} and divide hidden {hidden}")
             sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=UE8M0_DTYPES,
                           stream=stream)  # int32 words, or their bytes
-            require_aligned("outputs.scale_out", sf, 4)
+            require_aligned("outputs.scale_out", sf.data.ptr, 4)
             need = ue8m0_mn_major_storage_size(tokens, hidden // g)
             if sf.nbytes < 4 * need:
                 raise ValueError(f"outputs.scale_out: {sf.nbytes // 4} int32 words, the "

@@ -74,9 +74,11 @@ def int_at_least(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def require_aligned(name: str, arr: cupy.ndarray, alignment: int = VECTOR_BYTES) -> None:
-    if arr.data.ptr % alignment:
-        raise ValueError(f"{name}: address 0x{arr.data.ptr:x} is not {alignment}-byte aligned")
+def require_aligned(name: str, ptr: int, alignment: int = VECTOR_BYTES) -> None:
+    """Raise ValueError (naming ``name``) unless device address ``ptr`` is a multiple of
+    ``alignment`` bytes."""
+    if ptr % alignment:
+        raise ValueError(f"{name}: address 0x{ptr:x} is not {alignment}-byte aligned")
 
 
 def round_up(n: int, a: int) -> int:
@@ -99,7 +101,7 @@ def out_array(out, name: str, shape, dtype, stream=None,
     if out is None:
         return empty(shape, dtype, stream)
     arr = as_array(out, name, dtype=dtype, shape=shape, stream=stream)
-    require_aligned(name, arr, alignment)
+    require_aligned(name, arr.data.ptr, alignment)
     return arr
 
 

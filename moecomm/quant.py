@@ -63,7 +63,7 @@ from .kernel_args import QuantArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, pad_up, ue8m0_mn_major_storage_size, \
     ue8m0_words_per_row
-from .op import bool_option, device_facts, empty
+from .op import bool_option, device_facts, empty, require_aligned
 from .tensors import FLOAT_DTYPES, DeviceArray, import_array, stream_handle
 
 __all__ = ["QuantDtype", "ScaleFormat", "quantize", "nvfp4_block_scale_interleave",
@@ -155,11 +155,6 @@ def _group_size(block_shape, cols: int) -> int:
     return g
 
 
-def _aligned(name: str, arr: DeviceArray, alignment: int = VECTOR_BYTES) -> None:
-    if arr.ptr % alignment:
-        raise ValueError(f"{name}: address 0x{arr.ptr:x} is not {alignment}-byte aligned")
-
-
 def _view(arr: DeviceArray, shape, dtype, strides=None) -> cupy.ndarray:
     """A cupy.ndarray over ``arr``'s memory (``arr.obj`` itself when it already is one of
     that shape and dtype), keeping the caller's object alive."""
@@ -183,7 +178,7 @@ def _output(value, name: str, shape, dtypes, h: int, dtype=None,
     if value is None:
         return _wrap(empty(shape, dtype or dtypes[0], h))
     arr = import_array(value, name, dtype=dtypes, shape=shape, stream=h)
-    _aligned(name, arr, alignment)
+    require_aligned(name, arr.ptr, alignment)
     return arr
 
 
@@ -196,7 +191,7 @@ def _sized_output(value, name: str, need: int, dtypes, h: int, alignment: int,
     if arr.size < need or (exact and arr.size != need):
         raise ValueError(f"{name}: {arr.size} elements, the layout needs "
                          f"{'exactly ' if exact else 'at least '}{need}")
-    _aligned(name, arr, alignment)
+    require_aligned(name, arr.ptr, alignment)
     return arr
 
 
@@ -297,7 +292,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
     rows, cols = xa.shape
     if cols <= 0 or cols % NVFP4_BLOCK:
         raise ValueError(f"x: K={cols} elements per row must be a positive multiple of 16")
-    _aligned("x", xa)
+    require_aligned("x", xa.ptr)
     suffix = _SUFFIX[xa.dtype]
     if fmt != ScaleFormat.FP32 and (qd != QuantDtype.FP8 or block_shape is None):
         raise ValueError(f"scale_format={fmt.value!r} applies to per-token-group FP8 only "
@@ -366,7 +361,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             if sf.shape not in ((rows,), (rows, 1)):
                 raise ValueError(f"scale_out: expected fp32 [{rows}, 1] or [{rows}], got "
                                  f"shape {sf.shape}")
-            _aligned("scale_out", sf, 4)
+            require_aligned("scale_out", sf.ptr, 4)
         _launch(f"quant_fp8_token_{suffix}", _fields(xa.ptr, q.ptr, sf.ptr, 0, rows, cols),
                 rows, h, pdl)
         return _view(q, (rows, cols), _U8), _view(sf, sf.shape, _F32)

@@ -62,7 +62,7 @@ from .constants import AR_MAX_BLOCKS, AR_MAX_RANKS, VECTOR_BYTES
 from .group import ProcessGroup, default_group
 from .kernel_args import RegAllReduceArgs
 from .launch import Launcher
-from .op import Op, empty, int_at_least, supported_dtype
+from .op import Op, empty, int_at_least, require_aligned, supported_dtype
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
@@ -288,9 +288,8 @@ class CustomAllReduce(Op):
         else:
             out_ptr = import_array(out, "out", dtype=xa.dtype, shape=xa.shape,
                                    device=self.device_id, stream=handle).ptr
-        for name, ptr in (("inp", xa.ptr), ("out", out_ptr)):
-            if ptr % VECTOR_BYTES:
-                raise ValueError(f"{name}: address 0x{ptr:x} is not {VECTOR_BYTES}-byte aligned")
+        require_aligned("inp", xa.ptr)
+        require_aligned("out", out_ptr)
         nbytes = xa.nbytes
         copy_into = None
         if reg_buffer is not None:

@@ -97,7 +97,7 @@ from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
 from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, grid_limit, group_sms,
-                  int_at_least, options, round_up)
+                  int_at_least, options, require_aligned, round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import DeviceArray, as_array, as_stream, bfloat16, import_array, stream_handle
 
@@ -764,9 +764,7 @@ class MoeAlltoAll(Op):
             if a.ndim < 1 or a.shape[0] != T:
                 raise ValueError(f"input_payloads[{i}]: shape {tuple(a.shape)}, expected "
                                  f"[T={T}, ...] like token_selected_experts")
-            if a.ptr % 4:
-                raise ValueError(f"input_payloads[{i}]: address 0x{a.ptr:x} is not 4-byte "
-                                 "aligned")
+            require_aligned(f"input_payloads[{i}]", a.ptr, 4)
             arrays.append(a)
         return arrays
 
@@ -808,8 +806,7 @@ class MoeAlltoAll(Op):
         if a.ndim != 2:
             raise ValueError(f"{name}: shape {tuple(a.shape)}, expected [T, hidden]")
         quantize.scale_width(a.shape[1], name)
-        if a.ptr % 16:
-            raise ValueError(f"{name}: address 0x{a.ptr:x} is not 16-byte aligned")
+        require_aligned(name, a.ptr)
         return i, int(a.shape[1])
 
     def sanitize_expert_ids(self, expert_ids, invalid_expert_id: int, stream=None):
@@ -910,8 +907,7 @@ class MoeAlltoAll(Op):
             if payload_in_workspace:
                 raise ValueError("payload_in_workspace=True but payload is not the array of "
                                  "get_combine_payload_tensor_in_workspace")
-            if x.ptr % 16:
-                raise ValueError(f"payload: address 0x{x.ptr:x} is not 16-byte aligned")
+            require_aligned("payload", x.ptr)
             if _overlaps(x.ptr, x.nbytes, region, plan.combine_end(row) - plan.combine_off):
                 raise ValueError("payload overlaps the workspace's combine region; pass the "
                                  "array of get_combine_payload_tensor_in_workspace or a "
@@ -923,8 +919,7 @@ class MoeAlltoAll(Op):
         else:
             out_ptr = import_array(out, "out", dtype=x.dtype, shape=(T, x.shape[2]),
                                    device=self.device_id, stream=handle).ptr
-            if out_ptr % 16:
-                raise ValueError(f"out: address 0x{out_ptr:x} is not 16-byte aligned")
+            require_aligned("out", out_ptr)
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(handle, previous_event, async_op, owner=self,
                                     op="MoeAlltoAll.combine")

@@ -68,7 +68,7 @@ from ..kernel_args import (CompactDispatchArgs, CompactPullArgs, CompactReduceAr
 from ..kernels import get_kernel
 from ..launch import Launcher
 from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, int_at_least,
-                  round_up)
+                  require_aligned, round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import DeviceArray, as_stream, bfloat16, import_array, stream_handle
 from .alltoall import MoeAlltoAll, MoeAlltoAllConfig, moe_a2a_get_workspace_size_per_rank
@@ -501,8 +501,7 @@ class EPAllToAll(Op):
             w = import_array(weights, "weights", dtype=np.float32, shape=(T, k), device=dev,
                              stream=stream_ptr)
         for name, a in (("topk_ids", ids), ("x", xa), ("weights", w)):
-            if a.ptr % 4:
-                raise ValueError(f"{name}: address 0x{a.ptr:x} is not 4-byte aligned")
+            require_aligned(name, a.ptr, 4)
         a2a = self._a2a
         payloads = [xa, ids, prefix.tokens, w]
         prepared = a2a._prepared(rmax, payloads)
@@ -576,9 +575,8 @@ class EPAllToAll(Op):
         else:
             out_ptr = import_array(out, "out", dtype=self.combine_dtype, shape=(T, self.hidden),
                                    device=dev, stream=handle).ptr
-        for name, ptr in (("y", ya.ptr), ("out", out_ptr)):
-            if ptr % 16:
-                raise ValueError(f"{name}: address 0x{ptr:x} is not 16-byte aligned")
+        require_aligned("y", ya.ptr)
+        require_aligned("out", out_ptr)
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(handle, previous_event, async_op, owner=self,
                                     op="EPAllToAll.combine")
