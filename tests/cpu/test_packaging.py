@@ -33,6 +33,29 @@ def test_wheel_ships_every_kernel_source(wheel):
         assert f"moecomm/kernels_cu/{src.name}" in names, src.name
 
 
+def test_wheel_ships_every_module(wheel):
+    """Every Python file of the package is in the wheel (``moecomm.reference`` was not, so
+    every ``python -m moecomm.bench`` suite failed to import from a wheel install)."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in (ROOT / "moecomm").rglob("*.py"):
+        assert path.relative_to(ROOT).as_posix() in names, path
+
+
+def test_installed_wheel_imports_every_module(wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    code = ("import pkgutil, importlib, moecomm; "
+            "mods = [m.name for m in pkgutil.walk_packages(moecomm.__path__, 'moecomm.')]; "
+            "[importlib.import_module(m) for m in mods]; "
+            "assert moecomm.__file__.startswith(%r), moecomm.__file__; "
+            "assert 'moecomm.reference.moe' in mods and 'moecomm.bench.__main__' in mods; "
+            "print(len(mods))" % str(tmp_path / "site"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as z:
         z.extractall(tmp_path / "site")
