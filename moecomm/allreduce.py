@@ -39,7 +39,7 @@ from .group import ProcessGroup, default_group
 from .kernel_args import AllReduceArgs, ArWorkspace, FillArgs
 from .launch import Launcher
 from .op import (Op, device_facts, empty, grid_limit, group_sms, int_at_least, options,
-                 require_aligned, round_up, supported_dtype)
+                 overlaps, require_aligned, round_up, supported_dtype)
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
@@ -237,8 +237,10 @@ class AllReduceWorkspace(Op):
         crossover = self.config.crossover(self.world, self.sms)
         slot = round_up(min(self.max_bytes, crossover) if max_oneshot_bytes is None
                         else int_at_least("max_oneshot_bytes", max_oneshot_bytes, 0), 16)
-        rs_slot = round_up(segment_bytes if segment_bytes is not None
-                           else -(-round_up(self.max_bytes, 16) // self.world), 16)
+        # a two-shot of max_bytes sends every peer ceil(vectors / world) 16-byte vectors
+        rs_slot = round_up(-(-round_up(self.max_bytes, 16) // self.world), 16)
+        if segment_bytes is not None:
+            rs_slot = round_up(int_at_least("segment_bytes", segment_bytes, rs_slot), 16)
         lamport_off = round_up(_FLAG_BYTES, REGION_ALIGN)
         rs_off = round_up(lamport_off + AR_LAMPORT_BUFFERS * self.world * slot, REGION_ALIGN)
         ag_off = round_up(rs_off + self.world * rs_slot, REGION_ALIGN)
@@ -335,7 +337,11 @@ class AllReduceWorkspace(Op):
         """Launch the ``algorithm`` kernel over ``n`` elements at validated addresses
         (``all_reduce`` checks)."""
         nbytes = n * self.dtype.itemsize
-        if algorithm == Algorithm.ONESHOT and nbytes >= self.split_from:
+        # The split one-shot's reducers write vectors its pushers may not have read yet:
+        # in place (out overlapping x) the unsplit kernel runs, whose threads push a vector
+        # before they write it.
+        if (algorithm == Algorithm.ONESHOT and nbytes >= self.split_from
+                and not overlaps(x_ptr, nbytes, out_ptr, nbytes)):
             args = self._split.args
             args.in_, args.out, args.n = x_ptr, out_ptr, n
             self._split(self.sms, self.config.split_threads, stream_ptr, self.split_shared_mem)

@@ -41,14 +41,14 @@ import numpy as np
 from . import group as _group
 from . import events, kernels, tuning
 from .allreduce import Algorithm, AllReduceConfig, AllReduceWorkspace
-from .constants import (FUSION_MAX_HIDDEN, GROUP_FP8_SIZES, PATTERNS, AllReduceFusionPattern,
-                        PatternSpec, Quant, QuantizationSFLayout, Source)
+from .constants import (AR_MAX_BLOCKS, FUSION_MAX_HIDDEN, GROUP_FP8_SIZES, PATTERNS,
+                        AllReduceFusionPattern, PatternSpec, Quant, QuantizationSFLayout, Source)
 from .group import ProcessGroup, default_group
 from .kernel_args import FusionArgs
 from .launch import Launcher
 from .layouts import compute_fp4_swizzled_layout_sf_size, ue8m0_mn_major_storage_size
-from .op import (Op, device_facts, grid_limit, group_sms, int_at_least, require_aligned,
-                 supported_dtype)
+from .op import (Op, device_facts, grid_limit, group_sms, int_at_least, overlaps,
+                 require_aligned, supported_dtype)
 from .op import options as config_options
 from .tensors import (CODE_DTYPES, E4M3_SCALE_DTYPES, FP4_DTYPES, UE8M0_DTYPES, as_array,
                       bfloat16, dtype_name, stream_handle)
@@ -137,6 +137,17 @@ def _row_plan(hidden: int, tokens: int, sms: int, clusters: bool) -> _RowPlan:
     if hvec <= 1024:
         return _RowPlan("w1", 1, 1, -(-hvec // 32) * 32)
     return _RowPlan("v2", 2, 1, -(-hvec // 64) * 32)
+
+
+def _row_grid(rows: int, resident_blocks: int, plan: _RowPlan, oneshot: bool) -> int:
+    """Blocks of a call over ``rows`` rows (a rank's segment for two-shot) where
+    ``resident_blocks`` fit the device at once: a cluster per row up to that; two-shot
+    grids at most ``AR_MAX_BLOCKS`` blocks, the slots of its per-block flags (with 128-thread
+    blocks of hidden 1024, 8 a SM, an H200 holds 1056)."""
+    resident = max(1, resident_blocks // plan.cluster)
+    if not oneshot:
+        resident = min(resident, AR_MAX_BLOCKS // plan.cluster)
+    return max(1, min(rows, resident)) * plan.cluster
 
 
 def _padding_grid(grid: int, plan: _RowPlan, tokens: int, hidden: int, limit: int) -> int:
@@ -272,15 +283,16 @@ class AllReduceFusionWorkspace(Op):
         return self.allreduce.world
 
     def launcher(self, algorithm: Algorithm, quant: Quant, tokens: int,
-                 swizzled: bool = False) -> tuple:
+                 swizzled: bool = False, split: bool = True) -> tuple:
         """(launcher, grid, block, cluster, push blocks, shared memory) of a call over
         ``tokens`` rows, made on first use: one-shot spreads a decode row over a cluster
         where the device has them, and from the all-reduce's ``split_from`` bytes splits
         the SMs by role (one block per SM, ``split_push_sms`` of them pushing); every block
         is resident at once (blocks wait for peers). Under an SM budget a grid has at most
         one block per budgeted SM (at least one cluster). A one-shot writing a swizzled
-        NVFP4 scale array may add blocks for its padding (``_padding_grid``)."""
-        key = (algorithm, quant, tokens, swizzled)
+        NVFP4 scale array may add blocks for its padding (``_padding_grid``). ``split``
+        False: never split (an output overlaps what the pushers read)."""
+        key = (algorithm, quant, tokens, swizzled, split)
         entry = self._geometry.get(key)
         if entry is None:
             sms = self.allreduce.sms
@@ -298,18 +310,19 @@ class AllReduceFusionWorkspace(Op):
                 self._launchers[(algorithm, quant, plan.variant)] = launcher
             ar = self.allreduce
             # the split: rows of one block and one vector a thread (the variants tested)
-            if oneshot and plan.cluster == 1 and plan.v == 1 and self._auto.splits(tokens):
+            if (split and oneshot and plan.cluster == 1 and plan.v == 1
+                    and self._auto.splits(tokens)):
                 ar.split_kernel(launcher.kernel)
                 entry = (launcher, sms, plan.block, 1, ar.config.split_push_sms,
                          ar.split_shared_mem)
             else:
                 per_sm = device_facts().blocks_per_sm(launcher.kernel, plan.block)
-                resident = max(1, grid_limit(sms, per_sm, ar.budgeted) // plan.cluster)
+                resident = grid_limit(sms, per_sm, ar.budgeted)
                 rows = tokens if oneshot else -(-tokens // self.world_size)
-                grid = max(1, min(rows, resident)) * plan.cluster
+                grid = _row_grid(rows, resident, plan, oneshot)
                 if oneshot and swizzled:
                     grid = _padding_grid(grid, plan, tokens, self.hidden_dim,
-                                         resident * plan.cluster)
+                                         max(plan.cluster, resident // plan.cluster * plan.cluster))
                 entry = (launcher, grid, plan.block, plan.cluster, 0, 0)
             if len(self._geometry) > 1024:
                 self._geometry.clear()
@@ -363,9 +376,11 @@ def allreduce_fusion(input, workspace: AllReduceFusionWorkspace,
     CommHandle)``).
     """
     spec, pattern = _pattern(pattern, Source.INPUT, "allreduce_fusion")
+    _usable(workspace, "allreduce_fusion")
     x = as_array(input, "input", ndim=2, stream=stream)
     return _run(workspace, x.shape[0], x, pattern, spec, options, outputs, stream,
-                dict(source=Source.INPUT, input=x.data.ptr), (previous_event, async_op, input))
+                dict(source=Source.INPUT, input=x.data.ptr), [x],
+                (previous_event, async_op, input))
 
 
 def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
@@ -387,6 +402,7 @@ def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
         token_input: [T, H], the workspace's dtype.
     """
     spec, pattern = _pattern(pattern, Source.MOE_REDUCTION, "moe_allreduce_fusion")
+    _usable(workspace, "moe_allreduce_fusion")
     tok = as_array(token_input, "token_input", ndim=2, stream=stream)
     tokens, hidden = tok.shape
     active = as_array(active_experts_token_input, "active_experts_token_input",
@@ -397,6 +413,7 @@ def moe_allreduce_fusion(active_experts_token_input, scale_input, token_input,
     moe = dict(source=Source.MOE_REDUCTION, moe_rows=active.data.ptr, moe_scale=scale.data.ptr,
                moe_extra=tok.data.ptr, moe_count=active.shape[0])
     return _run(workspace, tokens, tok, pattern, spec, options, outputs, stream, moe,
+                [active, tok, scale],
                 (previous_event, async_op, (active_experts_token_input, scale_input, token_input)))
 
 
@@ -423,6 +440,7 @@ def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
         shared_expert_output: [T, H] or None.
     """
     spec, pattern = _pattern(pattern, Source.MOE_FINALIZE, "moe_finalize_allreduce_fusion")
+    _usable(workspace, "moe_finalize_allreduce_fusion")
     rows = as_array(allreduce_in, "allreduce_in", ndim=2, stream=stream)
     idx = as_array(expanded_idx_to_permuted_idx, "expanded_idx_to_permuted_idx",
                    dtype=np.int32, ndim=2, stream=stream)
@@ -431,17 +449,20 @@ def moe_finalize_allreduce_fusion(allreduce_in, expanded_idx_to_permuted_idx,
     require_aligned("allreduce_in", rows.data.ptr)
     moe = dict(source=Source.MOE_FINALIZE, moe_rows=rows.data.ptr, moe_index=idx.data.ptr,
                moe_count=top_k, routed_scaling=float(routed_scaling_factor))
+    reads = [rows, idx]
     if expert_scale_factor is not None:
         esf = as_array(expert_scale_factor, "expert_scale_factor",
                        dtype=(np.dtype(np.float32), rows.dtype), shape=(tokens, top_k),
                        stream=stream)
         moe.update(moe_scale=esf.data.ptr, moe_scale_fp32=int(esf.dtype == np.float32))
+        reads.append(esf)
     if shared_expert_output is not None:
         shared = as_array(shared_expert_output, "shared_expert_output", dtype=rows.dtype,
                           shape=(tokens, hidden), stream=stream)
         require_aligned("shared_expert_output", shared.data.ptr)
         moe.update(moe_extra=shared.data.ptr)
-    return _run(workspace, tokens, rows, pattern, spec, options, outputs, stream, moe,
+        reads.append(shared)
+    return _run(workspace, tokens, rows, pattern, spec, options, outputs, stream, moe, reads,
                 (previous_event, async_op, (allreduce_in, expanded_idx_to_permuted_idx,
                                             expert_scale_factor, shared_expert_output)))
 
@@ -463,13 +484,23 @@ def _pattern(pattern, source: Source, entry: str) -> tuple[PatternSpec, AllReduc
     return spec, pattern
 
 
+def _usable(ws, entry: str) -> None:
+    """``ws`` is an open fusion workspace, and its GPU current: before any argument is
+    imported, so that they are checked against that GPU."""
+    if not isinstance(ws, AllReduceFusionWorkspace):
+        raise TypeError(f"workspace: expected an AllReduceFusionWorkspace, got "
+                        f"{type(ws).__name__}")
+    ws.usable(entry)
+
+
 def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern, spec,
-         options, outputs, stream, source_fields: dict,
+         options, outputs, stream, source_fields: dict, sources: list,
          overlap: tuple = (None, False, None)) -> AllReduceFusionOutputs:
     """Validate against the workspace, fill the launcher's FusionArgs and launch (shared
-    by every entry). ``like``: an array with the I/O dtype and hidden size. ``overlap``:
-    (previous_event, async_op, the inputs a CommHandle keeps alive)."""
-    ws.usable("allreduce_fusion")
+    by every entry). ``like``: an array with the I/O dtype and hidden size; ``sources``:
+    the arrays each rank's contribution is read from. ``overlap``:
+    (previous_event, async_op, the inputs a CommHandle keeps alive). The entry made
+    ``ws`` usable (``_usable``) before importing anything."""
     options = options or AllReduceFusionOptions()
     outputs = outputs or AllReduceFusionOutputs()
     hidden = like.shape[-1]
@@ -483,9 +514,12 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
         raise ValueError(f"input: token_num {tokens} exceeds the workspace's max_token_num "
                          f"{ws.max_token_num}")
     require_aligned("input", like.data.ptr)
-    fields = _epilogue_fields(like.dtype, tokens, hidden, pattern, spec, options, outputs,
-                              stream)
+    fields, written = _epilogue_fields(like.dtype, tokens, hidden, pattern, spec, options,
+                                       outputs, stream)
     fields.update(source_fields)
+    # The split one-shot pushes the contributions from blocks other than those writing the
+    # outputs: an output overlapping a source (in place) takes the unsplit kernel.
+    split = not any(overlaps(w, nw, s.data.ptr, s.nbytes) for w, nw in written for s in sources)
     algo = ws.choose(tokens, options.use_oneshot)
     if _group.DEBUG:
         ws.group.check_uniform("allreduce_fusion arguments (pattern, tokens, source, algorithm)",
@@ -497,7 +531,7 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
                                 op="allreduce_fusion")
     if tokens:
         launcher, grid, block, cluster, pushers, shared_mem = ws.launcher(
-            algo, spec.quant, tokens, bool(fields.get("swizzled")))
+            algo, spec.quant, tokens, bool(fields.get("swizzled")), split)
         _fill(launcher.args, fields)
         launcher.args.push_blocks = pushers
         launcher(grid, block, handle, shared_mem, cluster=cluster)
@@ -536,7 +570,8 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
     tokens, hidden = x.shape
     _check_hidden(hidden, "input")
     require_aligned("input", x.data.ptr)
-    fields = _epilogue_fields(x.dtype, tokens, hidden, pattern, spec, options, outputs, stream)
+    fields = _epilogue_fields(x.dtype, tokens, hidden, pattern, spec, options, outputs,
+                              stream)[0]
     fields.update(source=Source.INPUT, input=x.data.ptr)
     if tokens == 0:
         return outputs
@@ -560,9 +595,10 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
 
 
 def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPattern,
-                     spec: PatternSpec, options, outputs, stream) -> dict:
+                     spec: PatternSpec, options, outputs, stream) -> tuple[dict, list]:
     """Validate every array the epilogue of ``pattern`` reads or writes; its FusionArgs
-    fields (all 16-byte aligned: the kernel uses vector accesses)."""
+    fields (all 16-byte aligned: the kernel uses vector accesses) and the (address,
+    bytes) of every output."""
     if not options.fp32_acc:
         raise ValueError("fp32_acc=False is not supported: peers are summed in fp32")
     fields = dict(tokens=tokens, hidden=hidden, eps=float(options.rms_eps),
@@ -576,9 +612,13 @@ def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPa
             raise ValueError(f"pattern {pattern.name} does not write outputs.{name}"
                              + ("; use the Out variant" if name == "norm_out" else ""))
 
-    def array(value, name, **check):
+    written = []
+
+    def array(value, name, alignment=16, **check):
         arr = as_array(value, name, stream=stream, **check)
-        require_aligned(name, arr.data.ptr)
+        require_aligned(name, arr.data.ptr, alignment)
+        if name.startswith("outputs."):
+            written.append((arr.data.ptr, arr.nbytes))
         return arr
 
     row = dict(dtype=dtype, shape=(tokens, hidden))
@@ -598,7 +638,7 @@ def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPa
     if spec.quant != Quant.NONE:
         fields.update(_quant_fields(spec.quant, pattern, options, outputs, tokens, hidden,
                                     stream, array))
-    return fields
+    return fields, written
 
 
 def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, stream, array) -> dict:
@@ -616,15 +656,13 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
         q = array(outputs.quant_out, "outputs.quant_out", dtype=FP4_DTYPES,
                   shape=(tokens, hidden // 2))
         swizzled = QuantizationSFLayout(options.layout) == QuantizationSFLayout.SWIZZLED_128x4
-        sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=E4M3_SCALE_DTYPES,
-                      stream=stream)
+        sf = array(outputs.scale_out, "outputs.scale_out", alignment=4 if swizzled else 1,
+                   dtype=E4M3_SCALE_DTYPES)
         need = (compute_fp4_swizzled_layout_sf_size(tokens, hidden // 16) if swizzled
                 else tokens * (hidden // 16))
         if (swizzled and sf.size < need) or (not swizzled and sf.size != need):
             raise ValueError(f"outputs.scale_out: {sf.size} bytes, the "
                              f"{'swizzled' if swizzled else 'linear'} layout needs {need}")
-        if swizzled:
-            require_aligned("outputs.scale_out", sf.data.ptr, 4)
         fields["swizzled"] = int(swizzled)
     else:
         q = array(outputs.quant_out, "outputs.quant_out", dtype=CODE_DTYPES,
@@ -635,17 +673,15 @@ def _quant_fields(quant: Quant, pattern, options, outputs, tokens, hidden, strea
             if g not in GROUP_FP8_SIZES or hidden % g:
                 raise ValueError(f"options.block_quant_group_size={g} must be one of "
                                  f"{GROUP_FP8_SIZES} and divide hidden {hidden}")
-            sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=UE8M0_DTYPES,
-                          stream=stream)  # int32 words, or their bytes
-            require_aligned("outputs.scale_out", sf.data.ptr, 4)
+            sf = array(outputs.scale_out, "outputs.scale_out", alignment=4,
+                       dtype=UE8M0_DTYPES)  # int32 words, or their bytes
             need = ue8m0_mn_major_storage_size(tokens, hidden // g)
             if sf.nbytes < 4 * need:
                 raise ValueError(f"outputs.scale_out: {sf.nbytes // 4} int32 words, the "
                                  f"MN-major layout of {tokens} tokens needs {need}")
             fields["group_size"] = g
         elif quant == Quant.DYNAMIC_FP8:
-            sf = as_array(outputs.scale_out, "outputs.scale_out", dtype=np.float32,
-                          stream=stream)
+            sf = array(outputs.scale_out, "outputs.scale_out", alignment=1, dtype=np.float32)
             if sf.size != tokens:
                 raise ValueError(f"outputs.scale_out: expected {tokens} fp32 scales, got "
                                  f"shape {sf.shape}")

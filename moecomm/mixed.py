@@ -62,8 +62,8 @@ from .constants import AR_MAX_RANKS, VECTOR_BYTES, MixedCommOp
 from .group import ProcessGroup, default_group
 from .kernel_args import MixedArgs
 from .launch import Launcher
-from .op import (Op, device_facts, empty, enum_member, int_at_least, options, require_aligned,
-                 supported_dtype)
+from .op import (Op, device_facts, empty, enum_member, int_at_least, options, overlaps,
+                 require_aligned, supported_dtype)
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
 __all__ = ["MixedCommOp", "MixedCommMode", "MixedCommConfig", "MixedLayout",
@@ -485,7 +485,7 @@ class MixedCommHandler(Op):
                                    device=self.device_id, stream=handle).ptr
         require_aligned("x_in", xa.ptr)
         require_aligned("x_out", out_ptr)
-        if out_ptr < xa.ptr + xa.nbytes and xa.ptr < out_ptr + out_nbytes:
+        if overlaps(out_ptr, out_nbytes, xa.ptr, xa.nbytes):
             raise ValueError("x_out: overlaps x_in (the op reads x_in while writing x_out)")
         if xa.size == 0:
             return out

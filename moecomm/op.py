@@ -81,6 +81,11 @@ def require_aligned(name: str, ptr: int, alignment: int = VECTOR_BYTES) -> None:
         raise ValueError(f"{name}: address 0x{ptr:x} is not {alignment}-byte aligned")
 
 
+def overlaps(a: int, na: int, b: int, nb: int) -> bool:
+    """Whether the byte ranges ``[a, a + na)`` and ``[b, b + nb)`` share a byte."""
+    return a < b + nb and b < a + na
+
+
 def round_up(n: int, a: int) -> int:
     return -(-n // a) * a
 

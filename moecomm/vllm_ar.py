@@ -62,7 +62,7 @@ from .constants import AR_MAX_BLOCKS, AR_MAX_RANKS, VECTOR_BYTES
 from .group import ProcessGroup, default_group
 from .kernel_args import RegAllReduceArgs
 from .launch import Launcher
-from .op import Op, empty, int_at_least, require_aligned, supported_dtype
+from .op import Op, empty, int_at_least, overlaps, require_aligned, supported_dtype
 from .symmetric import SymmetricBuffer
 from .tensors import FLOAT_DTYPES, bfloat16, dtype_name, import_array, stream_handle
 
@@ -301,6 +301,9 @@ class CustomAllReduce(Op):
             row, size, _ = entry
             if nbytes > size:
                 raise ValueError(f"inp: {nbytes} bytes exceed the registered buffer's {size}")
+            if overlaps(out_ptr, nbytes, own, nbytes):
+                raise ValueError("out: overlaps reg_buffer, where inp is staged for the peers "
+                                 "to read")
             offset, copy_into = 0, own
         else:
             found = self._registered(xa.ptr, nbytes)
@@ -315,7 +318,7 @@ class CustomAllReduce(Op):
                 raise ValueError(f"inp: 0x{xa.ptr:x} is not in a registered buffer; pass "
                                  "reg_buffer=, register_buffer() it, or capture the call "
                                  "in a CUDA graph and register_graph_buffers() after")
-            if out_ptr < xa.ptr + nbytes and xa.ptr < out_ptr + nbytes:
+            if overlaps(out_ptr, nbytes, xa.ptr, nbytes):
                 raise ValueError("out: overlaps inp, which the peers read in place")
         if _group.DEBUG:
             self.group.check_uniform("CustomAllReduce.all_reduce arguments (shape, dtype, "

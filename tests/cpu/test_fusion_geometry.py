@@ -2,7 +2,8 @@
 the measured rule of ``auto``."""
 
 from moecomm.allreduce import AllReduceConfig
-from moecomm.fusion import _AutoRule, _padding_grid, _row_plan
+from moecomm.constants import AR_MAX_BLOCKS
+from moecomm.fusion import _AutoRule, _padding_grid, _row_grid, _row_plan
 
 
 def test_row_plans():
@@ -11,6 +12,21 @@ def test_row_plans():
     assert tuple(_row_plan(7168, 1, 132, True)) == ("v1", 1, 4, 224)
     assert tuple(_row_plan(7168, 512, 132, True)) == ("w1", 1, 1, 896)
     assert tuple(_row_plan(16384, 512, 132, False)) == ("v2", 2, 1, 1024)
+
+
+def test_row_grids():
+    """A block (or cluster) per row up to the resident grid; two-shot never past the flag
+    slots: hidden 1024 is 128-thread blocks, 8 a SM, 1056 on 132 SMs, and 2 ranks x 2050
+    tokens give 1025 rows a rank (block 1024's flags were block 0's next stage's)."""
+    row = _row_plan(1024, 2050, 132, True)
+    assert _row_grid(1025, 132 * 8, row, oneshot=False) == AR_MAX_BLOCKS
+    assert _row_grid(1025, 132 * 8, row, oneshot=True) == 1025
+    assert _row_grid(7, 132 * 8, row, oneshot=False) == 7
+    assert _row_grid(0, 132, row, oneshot=True) == 1
+    cluster = _row_plan(7168, 1, 132, True)  # 4 blocks a row
+    assert _row_grid(3, 132, cluster, oneshot=True) == 12
+    assert _row_grid(100, 132, cluster, oneshot=True) == 132
+    assert _row_grid(100, 2, cluster, oneshot=True) == 4  # at least one cluster
 
 
 def test_padding_blocks_follow_the_swizzled_band():

@@ -124,7 +124,8 @@ def oneshot_split(ctx, dtype):
     """The one-shot with its SMs split into pushers and reducers (forced from 0 bytes): the
     default split, and 3 pushers of 64 threads (many vectors per thread, every unrolled
     tail); ragged sizes, three calls each, then a graph of four calls replayed on new
-    inputs."""
+    inputs; then in place (where a reducer would overwrite inputs the pushers had yet to
+    send: the unsplit kernel serves those calls)."""
     item = dtype.itemsize
     configs = (AllReduceConfig(split_min_bytes=0),
                AllReduceConfig(split_min_bytes=0, split_push_sms=3, split_threads=64))
@@ -135,6 +136,11 @@ def oneshot_split(ctx, dtype):
                                         max_oneshot_bytes=4 << 20, config=config) as ws:
             oneshot_calls(ctx, ws, dtype, sizes, f"split {config}")
             graph_replays(ctx, ws, dtype, sizes[:4], Algorithm.ONESHOT, stream, "split")
+            for n in sizes[:3]:
+                xs = reduce_inputs(ctx, (n,), dtype)
+                inplace = cupy.asarray(xs[ctx.rank])
+                all_reduce(inplace, ws, out=inplace, algorithm=Algorithm.ONESHOT)
+                check_exact(ctx, inplace, xs, f"split {config} in place n={n}")
             ws.check(stream)
 
 
@@ -228,6 +234,10 @@ def bad_input(ctx, dtype):
         all_reduce(x, ws, out=cupy.ones(15, dtype))
     with pytest.raises(ValueError, match="'fastest' is not a valid Algorithm"):
         all_reduce(x, ws, algorithm="fastest")
+    # a two-shot inbox smaller than a peer's segment of max_bytes (raised on every rank)
+    need = -(-(1 << 20) // ctx.world // 16) * 16
+    with pytest.raises(ValueError, match=f"segment_bytes must be >= {need}, got 4096"):
+        create_allreduce_workspace(ctx.group, 1 << 20, dtype, segment_bytes=4096)
 
 
 @case(dtypes=DTYPES)

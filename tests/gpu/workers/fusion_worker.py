@@ -195,7 +195,9 @@ def patterns(ctx, shape):
 def oneshot_split(ctx, hidden):
     """The one-shot with its SMs split into pushers and reducers (forced from 0 bytes):
     every plain pattern at 1, 7 and MAX_TOKENS tokens, twice each (the Lamport buffers
-    rotate), with the default split and with 3 pushers; the MoE reduction source too."""
+    rotate), with the default split and with 3 pushers; the MoE reduction source too; in
+    place as vLLM calls it (norm_out = input, residual_out = residual), where reducers
+    would overwrite rows the pushers had yet to send (the unsplit kernel serves those)."""
     for config in (AllReduceConfig(split_min_bytes=0),
                    AllReduceConfig(split_min_bytes=0, split_push_sms=3)):
         ws = create_allreduce_fusion_workspace(ctx.group, MAX_TOKENS, hidden, bfloat16,
@@ -225,6 +227,20 @@ def oneshot_split(ctx, hidden):
                              cupy.asarray(tokens_in[ctx.rank]), ws, P.kARResidualRMSNorm,
                              opts, outs)
         inputs.check(P.kARResidualRMSNorm, outs, f"split moe_allreduce_fusion {hidden}")
+        for tokens in (7, MAX_TOKENS):
+            inputs = Inputs(ctx, tokens, hidden, bfloat16, weight_bias=0.0)
+            x, res = inputs.d_x.copy(), inputs.d_res.copy()
+            outs = AllReduceFusionOutputs(residual_out=res, norm_out=x)
+            allreduce_fusion(x, ws, P.kARResidualRMSNorm,
+                             AllReduceFusionOptions(residual=res, rms_gamma=inputs.d_gamma,
+                                                    rms_eps=1e-5, use_oneshot=True), outs)
+            what = f"split in place {tokens}x{hidden}"
+            assert np.array_equal(bits(res), bits(inputs.ref["residual_out"])), \
+                f"{what}: residual_out"
+            got = reference.to_float32(cupy.asnumpy(x))
+            want = reference.to_float32(inputs.ref["norm_out"])
+            err = np.abs(got - want) / np.maximum(np.abs(want), 1e-3)
+            assert np.all(err <= 2 * 2.0 ** -7), f"{what}: norm_out off by {err.max()}"
         ws.check()
         ws.close()
 
@@ -254,6 +270,38 @@ def auto_rule(ctx):
                 inputs.check(pattern, outs, f"{what} {pattern.name}")
         ws.check()
         ws.close()
+
+
+@case
+def twoshot_past_flag_slots(ctx):
+    """Two-shot over more rows a rank than it has flag slots (1024 blocks): at hidden 1024
+    a 128-thread block, several a SM, so the resident grid passes 1024; the grid stops
+    there and its blocks loop. Twice (the next call's flags), then one-shot calls (the
+    Lamport buffers, which a block past the slots used to write its flags into)."""
+    from moecomm.allreduce import Algorithm
+    from moecomm.op import device_facts
+
+    hidden, tokens = 1024, ctx.world * 1025
+    ws = create_allreduce_fusion_workspace(ctx.group, tokens, hidden, bfloat16)
+    launcher, grid, block = ws.launcher(Algorithm.TWOSHOT, Quant.NONE, tokens)[:3]
+    resident = device_facts().blocks_per_sm(launcher.kernel, block) * ws.allreduce.sms
+    if resident <= 1024:
+        pytest.skip(f"{resident} resident blocks of {block} threads: no grid past the slots")
+    assert grid == 1024, grid
+    for call in range(2):
+        inputs = Inputs(ctx, tokens, hidden, bfloat16, weight_bias=0.0)
+        for pattern in (P.kAllReduce, P.kARResidualRMSNorm):
+            what = f"two-shot {tokens}x{hidden} {pattern.name} call {call}"
+            outs = inputs.run(ws, pattern, False)
+            agree = ctx.ranks_agree(written(outs))  # collective: before any assertion
+            inputs.check(pattern, outs, what)
+            assert agree, f"{what}: ranks differ"
+    for call in range(3):
+        inputs = Inputs(ctx, 7, hidden, bfloat16, weight_bias=0.0)
+        outs = inputs.run(ws, P.kARResidualRMSNorm, True)
+        inputs.check(P.kARResidualRMSNorm, outs, f"one-shot 7x{hidden} after, call {call}")
+    ws.check()
+    ws.close()
 
 
 @case(dtypes=("bf16", "fp16"))
