@@ -26,6 +26,7 @@ from cupy.cuda import nccl
 from . import events
 from . import group as _group
 from .group import ProcessGroup, default_group
+from .op import out_array
 from .tensors import as_array, bfloat16, stream_handle
 
 _NCCL_TYPES = {
@@ -60,17 +61,21 @@ def _op(op: str) -> int:
 
 
 def _out(out, name: str, shape, dtype, stream) -> cupy.ndarray:
-    if out is None:
-        return cupy.empty(shape, dtype)
-    return as_array(out, name, dtype=dtype, shape=shape, stream=stream)
+    """The caller's ``out`` checked, or a new array allocated on ``stream`` (CuPy's pool is
+    stream-ordered: one allocated on another stream could be handed out again while NCCL
+    still writes it)."""
+    return out_array(out, name, shape, dtype, stream, alignment=1)
 
 
 def _overlap(method):
-    """Adds the overlap options (``previous_event``, ``async_op``) to a collective."""
+    """Adds the overlap options (``previous_event``, ``async_op``) to a collective, which
+    runs with the communicator's GPU current."""
     op = f"NcclCommunicator.{method.__name__}"
 
     @functools.wraps(method)
     def call(self, *args, stream=None, previous_event=None, async_op=False, **kwargs):
+        if cupy.cuda.runtime.getDevice() != self.device_id:  # e.g. JAX switched it
+            cupy.cuda.runtime.setDevice(self.device_id)
         if previous_event is None and not async_op and not _group.DEBUG:
             return method(self, *args, stream=stream, **kwargs)
         handle = stream_handle(stream)
@@ -93,6 +98,7 @@ class NcclCommunicator:
         self.rank = self.group.rank
         self.size = self.group.size
         device = cupy.cuda.Device()
+        self.device_id = device.id  # the GPU of the communicator, current in every call
         where = (self.group.host, device.pci_bus_id)
         placements = self.group.allgather(where)
         owners: dict = {}

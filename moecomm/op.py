@@ -199,6 +199,8 @@ class Op:
     device_id: int | None = None  # the GPU the op was made on
 
     def _open(self, error: ErrorWord | None) -> None:
+        if self.device_id is None:  # an op is made on its GPU
+            self.device_id = _runtime.getDevice()
         self.error = error
         self.phase = Phase.IDLE
 

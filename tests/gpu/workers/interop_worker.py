@@ -344,5 +344,51 @@ def devices(ctx, name):
     assert np.array_equal(cupy.asnumpy(y), np.full(1024, ctx.world, np.float32))
 
 
+@case
+def other_gpu_current(ctx):
+    """Ops made on this rank's GPU run there while another GPU is current (JAX's start
+    leaves its last GPU current): all_reduce, allreduce_fusion, MoeAlltoAll and EPAllToAll
+    accept this GPU's arrays, give the bits the same calls give with this GPU current, and
+    leave it current."""
+    count = cupy.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip("one GPU: no other GPU to make current")
+    dev, other = ctx.group.device_id, (ctx.group.device_id + 1) % count
+    n = ctx.group.local_size
+    ar = ctx.shared("ar_ws", lambda: create_allreduce_workspace(ctx.group, 1 << 16, np.float32))
+    fws, fx, res, gamma = fusion_case(ctx)
+    a2a = ctx.shared("a2a_h256", lambda: MoeAlltoAll(ctx.group, 8, 2, 4 * n, hidden_size=256))
+    layer = ctx.shared("compact", lambda: EPAllToAll(ctx.group, 8, 2, 4 * n, 256, np.float32))
+    r = ctx.rng
+    x = cupy.asarray(r.standard_normal(1024).astype(np.float32))
+    ids = cupy.asarray(r.integers(-1, 4 * n, (6, 2)).astype(np.int32))
+    rows = cupy.asarray(r.standard_normal((6, 256)).astype(np.float32))
+    half = cupy.asarray(r.standard_normal((6, 256)).astype(bfloat16).view(np.uint16))
+    half = cupy.ndarray(half.shape, bfloat16, half.data)  # the exchange's sizing: bf16 rows
+
+    def calls():
+        got = [all_reduce(x, ar, stream=ctx.stream)]
+        outs = AllReduceFusionOutputs(residual_out=zeros((T, H), bfloat16),
+                                      norm_out=zeros((T, H), bfloat16))
+        allreduce_fusion(fx, fws, P.kARResidualRMSNorm,
+                         AllReduceFusionOptions(residual=res, rms_gamma=gamma), outs,
+                         stream=ctx.stream)
+        got += [outs.residual_out, outs.norm_out]
+        (recv,) = a2a.dispatch(ids, [half], 8, stream=ctx.stream)
+        got.append(a2a.combine(recv, 8, stream=ctx.stream))
+        recv_x, _, lay = layer.dispatch(rows, ids, stream=ctx.stream)
+        got.append(layer.combine(recv_x, lay, stream=ctx.stream))
+        ctx.stream.synchronize()
+        return [cupy.asnumpy(a).view(np.uint8) for a in got]
+
+    want = calls()
+    for step in range(2):
+        cupy.cuda.runtime.setDevice(other)
+        got = calls()
+        assert cupy.cuda.runtime.getDevice() == dev, "the op's GPU is current after its call"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert np.array_equal(g, w), f"call {i} differs with cuda:{other} current"
+
+
 if __name__ == "__main__":
     main()
