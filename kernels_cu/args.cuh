@@ -341,7 +341,7 @@ struct A2aPlanArgs {
   const int32_t* ids;                  // gathered [sum(rows), top_k]
   int32_t* inv;                        // [sum(rows)] out: received row of each, or -1
   int32_t* src_row;                    // [ep * runtime_max] out: gathered row, -1 = padding
-  int64_t rows[MOECOMM_VC_MAX_RANKS];  // tokens of every rank
+  int64_t rows[MOECOMM_A2A_PLAN_MAX_RANKS];  // tokens of every rank
   int64_t top_k;
   int64_t num_experts;
   int64_t experts_per_rank;

@@ -866,7 +866,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_a2a_dispatch(const Dispat
   dispatch<false>(p);
 }
 
-// At most 512 threads (the host launches 256): the quantizer needs more than 64 registers.
+// At most 512 threads (the host launches MoeAlltoAllConfig.dispatch_threads, 512 by
+// default): the quantizer needs more than 64 registers.
 extern "C" __global__ void __launch_bounds__(512) moe_a2a_dispatch_fp8(const DispatchArgs p) {
   dispatch<true>(p);
 }

@@ -30,6 +30,9 @@ A2A_DISPATCH_SUB = 128   # tokens a dispatch block gives slots at once (32 per w
 A2A_COMBINE_UNITS = 4    # 16-byte columns a combine lane sums at once (a warp: 32x that)
 A2A_COMBINE_GROUP = 2    # ranks whose columns a combine lane copies at once
 A2A_COMBINE_DEPTH = 2    # such copies in flight per combine lane (shared-memory ring)
+# ranks of the all-to-all-v path across nodes (moecomm.moe.prepare_finalize): its plan
+# kernel takes every rank's token count by value
+A2A_PLAN_MAX_RANKS = 256
 
 BARRIER_MAX_RANKS = 32  # ranks of a device-side barrier (moecomm.barrier)
 # ------------------------------------------------------------------------ v-collectives
@@ -259,6 +262,7 @@ def kernel_defines() -> dict[str, int]:
         "MOECOMM_A2A_COMBINE_UNITS": A2A_COMBINE_UNITS,
         "MOECOMM_A2A_COMBINE_GROUP": A2A_COMBINE_GROUP,
         "MOECOMM_A2A_COMBINE_DEPTH": A2A_COMBINE_DEPTH,
+        "MOECOMM_A2A_PLAN_MAX_RANKS": A2A_PLAN_MAX_RANKS,
         "MOECOMM_BARRIER_MAX_RANKS": BARRIER_MAX_RANKS,
         "MOECOMM_VC_MAX_RANKS": VC_MAX_RANKS,
         "MOECOMM_VC_MAX_TENSORS": VC_MAX_TENSORS,

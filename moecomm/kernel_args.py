@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ctypes
 
-from .constants import (A2A_MAX_PAYLOADS, A2A_MAX_RANKS, AR_MAX_RANKS, BARRIER_MAX_RANKS,
-                        VC_MAX_RANKS, VC_MAX_TENSORS)
+from .constants import (A2A_MAX_PAYLOADS, A2A_MAX_RANKS, A2A_PLAN_MAX_RANKS, AR_MAX_RANKS,
+                        BARRIER_MAX_RANKS, VC_MAX_RANKS, VC_MAX_TENSORS)
 
 _ptr = ctypes.c_void_p
 _u64, _i64 = ctypes.c_uint64, ctypes.c_int64
@@ -148,7 +148,7 @@ class ScaleRowsArgs(ctypes.Structure):
 
 
 class A2aPlanArgs(ctypes.Structure):
-    _fields_ = _fields(("ids inv src_row", _ptr), ("rows", _i64 * VC_MAX_RANKS),
+    _fields_ = _fields(("ids inv src_row", _ptr), ("rows", _i64 * A2A_PLAN_MAX_RANKS),
                        ("top_k num_experts experts_per_rank rank runtime_max", _i64))
 
 

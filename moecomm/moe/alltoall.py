@@ -97,7 +97,7 @@ from ..kernel_args import CombineArgs, DispatchArgs, SanitizeArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
 from ..op import (Op, Phase, bool_option, device_facts, empty, ep_group, grid_limit, group_sms,
-                  int_at_least, options, require_aligned, round_up)
+                  int_at_least, options, overlaps, require_aligned, round_up)
 from ..symmetric import SymmetricBuffer
 from ..tensors import DeviceArray, as_array, as_stream, bfloat16, import_array, stream_handle
 
@@ -152,8 +152,8 @@ _COMBINE_RING_BYTES_PER_THREAD = A2A_COMBINE_DEPTH * A2A_COMBINE_UNITS * A2A_COM
 
 
 def _combine_threads(wanted: int | None, ring: bool) -> int:
-    """The combine's block size: ``wanted`` (None: 256 through the ring, 512 without), or
-    fewer warps where the device's shared memory per block cannot hold their rings."""
+    """The combine's block size: ``wanted`` (None: 512), or through the ring fewer warps
+    where the device's shared memory per block cannot hold their rings."""
     if not ring:
         return wanted or 512
     most = device_facts().max_shared_per_block // _COMBINE_RING_BYTES_PER_THREAD // 32 * 32
@@ -327,12 +327,15 @@ def moe_a2a_sanitize_expert_ids(expert_ids, recv_counts, ep_rank: int, experts_p
     invalid = int(invalid_expert_id)
     if not -(1 << 31) <= invalid < (1 << 31):
         raise ValueError(f"invalid_expert_id {invalid} does not fit int32")
+    epr = int_at_least("experts_per_rank", experts_per_rank)
+    lo = int_at_least("ep_rank", ep_rank, 0) * epr
+    if lo + epr >= 1 << 31:
+        raise ValueError(f"ep_rank={ep_rank} x experts_per_rank={epr}: expert ids past int32")
     if ids.size:
         launcher = Launcher(get_kernel(_SOURCE, "moe_a2a_sanitize"), SanitizeArgs)
         a = launcher.args
-        lo = int(ep_rank) * int(experts_per_rank)
         a.ids, a.counts, a.ep_size, a.runtime_max = ids.data.ptr, counts.data.ptr, ep, rmax
-        a.width, a.lo, a.hi, a.invalid = math.prod(ids.shape[2:]), lo, lo + experts_per_rank, invalid
+        a.width, a.lo, a.hi, a.invalid = math.prod(ids.shape[2:]), lo, lo + epr, invalid
         launcher(max(1, min(1024, -(-ids.size // 256))), 256, stream_handle(stream))
     return ids
 
@@ -428,6 +431,7 @@ class MoeAlltoAll(Op):
         if workspace_size_per_rank is None and hidden_size is None:
             raise ValueError("pass workspace_size_per_rank or hidden_size")
         group, owned = ep_group(group)
+        self._ws = error = None
         try:
             if group.spans_nodes:
                 raise ValueError(
@@ -453,44 +457,49 @@ class MoeAlltoAll(Op):
             combine_threads = min(group.local_comm.allgather(
                 _combine_threads(self.config.combine_threads, ring)))
             self._ws = SymmetricBuffer(group, size)
-        except BaseException:
+            self._group, self._owns_group = group, owned
+            self.ep_rank, self.ep_size = group.local_rank, ep
+            self.experts_per_rank = self.num_experts // ep
+            self.workspace_size_per_rank = size
+            self.num_sms = min(sms, self.config.num_sms or sms)
+            self.budgeted = self.num_sms < sms  # then one block per SM (MoeAlltoAllConfig.num_sms)
+            self.device_id = cupy.cuda.runtime.getDevice()
+            self._state = cupy.zeros(_STATE_WORDS, np.uint32)
+            self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
+            self._recv_counts = cupy.zeros(ep, np.int32)
+            # the dispatch blocks' tagged counts, [grid, ep] (kernels_cu/moe_a2a.cu, step 1)
+            self._chunk_counts = cupy.zeros(
+                self.num_sms * self.config.dispatch_blocks_per_sm * ep, np.uint64)
+            error = ErrorWord(ranks)
+            self._kernel_workspace = dict(state=self._state.data.ptr, error_word=error.ptr,
+                                          timeout_ns=self._timeout_ns, rank=self.ep_rank,
+                                          ep_size=ep)
+            self._dispatch_kernels = {False: get_kernel(_SOURCE, "moe_a2a_dispatch"),
+                                      True: get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")}
+            path = "moe_a2a_combine_ring_" if ring else "moe_a2a_combine_"
+            self._combine_kernels = {dt: get_kernel(_SOURCE, path + suffix)
+                                     for dt, suffix in _COMBINE_KERNELS.items()}
+            self._combine_ring, self._combine_threads = bool(ring), combine_threads
+            self._combine_smem = combine_threads * _COMBINE_RING_BYTES_PER_THREAD if ring else 0
+            for k in self._combine_kernels.values():
+                if k.max_dynamic_shared_size_bytes < self._combine_smem:
+                    k.max_dynamic_shared_size_bytes = self._combine_smem
+            self._combine_blocks_per_sm = min(
+                device_facts().blocks_per_sm(k, combine_threads, self._combine_smem)
+                for k in self._combine_kernels.values())
+            self._prepared_dispatch: dict = {}
+            self._prepared_combine: dict = {}
+            self._dispatched: _Prepared | None = None
+            self._num_tokens = 0
+            cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
+        except BaseException:  # collective, as construction is
+            if error is not None:
+                error.close()
+            if self._ws is not None:
+                self._ws.close()
             if owned:
                 group.close()
             raise
-        self._group, self._owns_group = group, owned
-        self.ep_rank, self.ep_size = group.local_rank, ep
-        self.experts_per_rank = self.num_experts // ep
-        self.workspace_size_per_rank = size
-        self.num_sms = min(sms, self.config.num_sms or sms)
-        self.budgeted = self.num_sms < sms  # then one block per SM (MoeAlltoAllConfig.num_sms)
-        self.device_id = cupy.cuda.runtime.getDevice()
-        self._state = cupy.zeros(_STATE_WORDS, np.uint32)
-        self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
-        self._recv_counts = cupy.zeros(ep, np.int32)
-        # the dispatch blocks' tagged counts, [grid, ep] (kernels_cu/moe_a2a.cu, step 1)
-        self._chunk_counts = cupy.zeros(
-            self.num_sms * self.config.dispatch_blocks_per_sm * ep, np.uint64)
-        error = ErrorWord(ranks)
-        self._kernel_workspace = dict(state=self._state.data.ptr, error_word=error.ptr,
-                                      timeout_ns=self._timeout_ns, rank=self.ep_rank, ep_size=ep)
-        self._dispatch_kernels = {False: get_kernel(_SOURCE, "moe_a2a_dispatch"),
-                                  True: get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")}
-        path = "moe_a2a_combine_ring_" if ring else "moe_a2a_combine_"
-        self._combine_kernels = {dt: get_kernel(_SOURCE, path + suffix)
-                                 for dt, suffix in _COMBINE_KERNELS.items()}
-        self._combine_ring, self._combine_threads = bool(ring), combine_threads
-        self._combine_smem = combine_threads * _COMBINE_RING_BYTES_PER_THREAD if ring else 0
-        for k in self._combine_kernels.values():
-            if k.max_dynamic_shared_size_bytes < self._combine_smem:
-                k.max_dynamic_shared_size_bytes = self._combine_smem
-        self._combine_blocks_per_sm = min(
-            device_facts().blocks_per_sm(k, combine_threads, self._combine_smem)
-            for k in self._combine_kernels.values())
-        self._prepared_dispatch: dict = {}
-        self._prepared_combine: dict = {}
-        self._dispatched: _Prepared | None = None
-        self._num_tokens = 0
-        cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
         self._open(error)
 
     def _new_launcher(self, kernel, args_type) -> Launcher:
@@ -638,6 +647,9 @@ class MoeAlltoAll(Op):
             if len(self._prepared_dispatch) >= _PLAN_CACHE:
                 self._prepared_dispatch.clear()
             self._prepared_dispatch[key] = prepared
+        if quantize is not None:  # per call: the cached layout holds no address
+            i = quantize.payload_index
+            require_aligned(f"input_payloads[{i}] (fp8 dispatch)", payloads[i].ptr)
         return prepared
 
     def _send(self, prepared: _Prepared, ids: DeviceArray, payloads: list, stream_ptr: int,
@@ -655,9 +667,10 @@ class MoeAlltoAll(Op):
         else:
             a.route_slot, a.route_total = route._slot.data.ptr, route._total.data.ptr
             a.route_mode = _ROUTE_REPLAY if route.recorded else _ROUTE_RECORD
-            route.num_tokens = T
         prepared.launcher(prepared.grid, prepared.block, stream_ptr, prepared.shared_mem,
                           prepared.cluster)
+        if route is not None:  # recorded once its launch is in
+            route.num_tokens = T
         self.phase, self._dispatched, self._num_tokens = Phase.DISPATCHED, prepared, T
 
     def routing_handle(self) -> RoutingHandle:
@@ -806,7 +819,6 @@ class MoeAlltoAll(Op):
         if a.ndim != 2:
             raise ValueError(f"{name}: shape {tuple(a.shape)}, expected [T, hidden]")
         quantize.scale_width(a.shape[1], name)
-        require_aligned(name, a.ptr)
         return i, int(a.shape[1])
 
     def sanitize_expert_ids(self, expert_ids, invalid_expert_id: int, stream=None):
@@ -908,7 +920,7 @@ class MoeAlltoAll(Op):
                 raise ValueError("payload_in_workspace=True but payload is not the array of "
                                  "get_combine_payload_tensor_in_workspace")
             require_aligned("payload", x.ptr)
-            if _overlaps(x.ptr, x.nbytes, region, plan.combine_end(row) - plan.combine_off):
+            if overlaps(x.ptr, x.nbytes, region, plan.combine_end(row) - plan.combine_off):
                 raise ValueError("payload overlaps the workspace's combine region; pass the "
                                  "array of get_combine_payload_tensor_in_workspace or a "
                                  "separate array")
@@ -1013,6 +1025,3 @@ class MoeAlltoAll(Op):
 def _row_bytes(a: cupy.ndarray) -> int:
     return a.itemsize * math.prod(a.shape[1:])
 
-
-def _overlaps(a: int, na: int, b: int, nb: int) -> bool:
-    return a < b + nb and b < a + na

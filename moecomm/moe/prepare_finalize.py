@@ -75,13 +75,13 @@ import numpy as np
 
 from .. import group as _group
 from ..collectives import VCollectiveWorkspace, check_sizes, gather_layout, scatter_bytes
-from ..constants import A2A_MAX_PAYLOADS, NVFP4_BLOCK
+from ..constants import A2A_MAX_PAYLOADS, A2A_PLAN_MAX_RANKS, NVFP4_BLOCK
 from ..group import ProcessGroup, default_group
 from ..kernel_args import A2aPlanArgs, A2aPutRowsArgs, A2aTakeRowsArgs, MapIdsArgs, ScaleRowsArgs
 from ..kernels import get_kernel
 from ..launch import Launcher
 from ..layouts import compute_fp4_swizzled_layout_sf_size
-from ..op import empty, int_at_least
+from ..op import Phase, empty, int_at_least, require_aligned
 from ..tensors import FLOAT_DTYPES, as_array, bfloat16, import_array, stream_handle
 from .alltoall import MoeAlltoAll, moe_a2a_get_workspace_size_per_rank
 
@@ -441,7 +441,6 @@ class FlashInferAllGatherMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFin
         if not self.use_dp:
             return PrepareResult(a1q, a1q_scale, None, _cupy(x.ids, handle),
                                  _cupy(x.weights, handle))
-        self.local_tokens, self.local_sizes = x.T, sizes
         tensors = [_cupy(x.weights, handle), _cupy(x.ids, handle), a1q]
         gather_scale = a1q_scale is not None and not quant_config.per_tensor
         if gather_scale:
@@ -450,6 +449,7 @@ class FlashInferAllGatherMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFin
         outs = [self._buffer(f"gathered{i}", (total, *t.shape[1:]), t.dtype, handle)
                 for i, t in enumerate(tensors)]
         self.workspace.all_gatherv(tensors, sizes, outs=outs, stream=handle)
+        self.local_tokens, self.local_sizes = x.T, sizes  # what finalize reuses
         w, ids, q = outs[:3]
         scale = outs[3] if gather_scale else a1q_scale
         if quant_config.quant_dtype == "nvfp4":
@@ -525,6 +525,9 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         self.experts_per_rank = self.num_experts // ep
         per = _workspace_bytes(self.max_num_tokens, self.top_k, hidden)
         if self.group.spans_nodes:
+            if ep > A2A_PLAN_MAX_RANKS:
+                raise ValueError(f"group of {ep} ranks: the all-to-all-v path across nodes "
+                                 f"serves up to {A2A_PLAN_MAX_RANKS}")
             sizes = [self.max_num_tokens] * ep
             need = max(gather_layout(sizes, per)[1], scatter_bytes(sizes, 4 * hidden))
             self.workspace = VCollectiveWorkspace(self.group, need, timeout_s=timeout_s)
@@ -565,6 +568,7 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if qc.quant_dtype is None and (x.H * x.a1.itemsize) % 4:
             raise ValueError(f"a1: {x.H * x.a1.itemsize} bytes per token, not a multiple of 4")
         sizes = self._sizes(x.T, sizes)
+        self._check_exchange(sizes)  # before a1 is scaled in place
         self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
         a1q, a1q_scale = self._quantize(x, qc, swizzled=False, handle=handle)
         tensors = [a1q] + ([a1q_scale] if a1q_scale is not None else []) + [
@@ -607,7 +611,20 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if expert_map is not None:
             import_array(expert_map, "expert_map", dtype=np.int32, shape=(self.num_experts,),
                          device=self.device_id, stream=handle)
-        return self._dispatch(ids, arrays, self._sizes(T, sizes), expert_map, handle)
+        sizes = self._sizes(T, sizes)
+        self._check_exchange(sizes)
+        return self._dispatch(ids, arrays, sizes, expert_map, handle)
+
+    def _check_exchange(self, sizes) -> None:
+        """What the exchange would refuse, before anything is launched: a rank's tokens
+        past max_num_tokens, a dispatch whose combine has not run."""
+        if max(sizes) > self.max_num_tokens:
+            raise ValueError(f"sizes: {max(sizes)} tokens on rank {sizes.index(max(sizes))} "
+                             f"exceed max_num_tokens={self.max_num_tokens}")
+        manager = self.all2all_manager
+        if manager is not None and manager.phase == Phase.DISPATCHED:
+            raise RuntimeError("prepare / dispatch called twice without finalize / combine "
+                               "(they alternate)")
 
     def _dispatch(self, ids, tensors: list, sizes, expert_map, handle: int):
         """``tensors`` and the ids along the plan (validated arguments)."""
@@ -693,6 +710,7 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         row = y.shape[1] * y.itemsize
         if row % 16:
             raise ValueError(f"fused_expert_output: {row} bytes per row, not a multiple of 16")
+        require_aligned("fused_expert_output", y.data.ptr)
         if self.all2all_manager is not None:
             return self.all2all_manager.combine(y.reshape(ep, rmax, y.shape[1]), rmax,
                                                 stream=handle, out=out)

@@ -486,6 +486,20 @@ def test_alltoall_across_nodes_wiring(fakes, monkeypatch):
         obj.finalize(out, Arr((9, 128), BF16), w, ids, False)
 
 
+def test_alltoall_across_nodes_plan_takes_every_rank(fakes, monkeypatch):
+    """More ranks than an IPC v-collective serves (16): the plan kernel gets every rank's
+    token count (its argument holds A2A_PLAN_MAX_RANKS), one block per source rank."""
+    monkeypatch.setattr(pf, "_quant", lambda: FakeQuant())
+    obj = alltoall_over_fakes(FakeGroup(32, 5, spans_nodes=True), None, RecordingCollectives())
+    obj.experts_per_rank = 8
+    sizes = [(3 * r) % 7 for r in range(32)]
+    a1, w, ids = inputs(T=sizes[5])
+    obj.prepare(a1, w, ids, 256, None, False, pf.FusedMoEQuantConfig(None), sizes=sizes)
+    (plan,) = [(grid, a) for k, grid, _, a in fakes if k == "a2a_plan"]
+    assert plan[0] == 32 and list(plan[1].rows[:32]) == sizes
+    assert (plan[1].rank, plan[1].runtime_max) == (5, 6)
+
+
 def test_alltoall_across_nodes_finalize_keeps_the_plan(fakes, monkeypatch):
     """finalize puts rows back with the map prepare's plan wrote, even when the buffer
     cache is dropped in between (it holds at most 64 arrays; ragged sizes fill it with new
@@ -510,16 +524,18 @@ class RecordingMoeAlltoAll:
     """MoeAlltoAll as the all-to-all-v path calls it inside a node."""
 
     def __init__(self, ep):
-        self.ep, self.calls = ep, []
+        self.ep, self.calls, self.phase = ep, [], op.Phase.IDLE
 
     def dispatch(self, ids, payloads, rmax, invalid_token_expert_id=None,
                  expert_id_payload_index=None, stream=None):
         self.calls.append(("dispatch", ids, [p.shape for p in payloads], rmax,
                            invalid_token_expert_id, expert_id_payload_index))
+        self.phase = op.Phase.DISPATCHED
         return [Arr((self.ep, rmax, *p.shape[1:]), p.dtype) for p in payloads]
 
     def combine(self, payload, rmax, stream=None, *, out=None):
         self.calls.append(("combine", payload.shape, rmax, out))
+        self.phase = op.Phase.IDLE
         return out
 
 
@@ -541,3 +557,23 @@ def test_alltoall_inside_a_node_rides_on_moe_alltoall(fakes, monkeypatch):
     out = Arr((6, 128), BF16)
     obj.finalize(out, Arr((12, 128), BF16), w, ids, False)
     assert obj.all2all_manager.calls[-1] == ("combine", (2, 6, 128), 6, out)
+
+
+def test_alltoall_refuses_before_any_launch(fakes, monkeypatch):
+    """What the exchange would refuse is refused before a1 is scaled in place (top_k 1,
+    apply_router_weight_on_input) or anything is quantized: another rank's tokens past
+    max_num_tokens, a second prepare before finalize."""
+    q = FakeQuant()
+    monkeypatch.setattr(pf, "_quant", lambda: q)
+    obj = alltoall_over_fakes(FakeGroup(2, 0), RecordingMoeAlltoAll(2), None)
+    obj.top_k = 1
+    a1, w, ids = inputs(T=6, k=1)
+    qc = pf.FusedMoEQuantConfig(None)
+    with pytest.raises(ValueError, match="17 tokens on rank 1 exceed max_num_tokens=16"):
+        obj.prepare(a1, w, ids, 256, None, True, qc, sizes=[6, 17])
+    assert fakes == [] and q.calls == [] and obj.all2all_manager.calls == []
+    obj.prepare(a1, w, ids, 256, None, True, qc, sizes=[6, 2])
+    launched = len(fakes)
+    with pytest.raises(RuntimeError, match="called twice without finalize"):
+        obj.prepare(a1, w, ids, 256, None, True, qc, sizes=[6, 2])
+    assert len(fakes) == launched and len(obj.all2all_manager.calls) == 1

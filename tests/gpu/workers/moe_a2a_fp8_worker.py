@@ -239,6 +239,12 @@ def bad_fp8_dispatches(ctx):
             a2a.dispatch(ids, [bf16((4, 256))] * 8, 8, quantize=q0)
         with pytest.raises(ValueError, match="is not 16-byte aligned"):
             a2a.dispatch(ids, [bf16((4, 256), offset=4)], 8, quantize=q0)
+        # the same layout again, once prepared: the address is still checked per call
+        a2a.dispatch(ids, [bf16((4, 256))], 8, quantize=q0)
+        a2a.combine(bf16((ctx.group.local_size, 8, 256)), 8)
+        with pytest.raises(ValueError, match=re.escape(
+                "input_payloads[0] (fp8 dispatch): address")):
+            a2a.dispatch(ids, [bf16((4, 256), offset=8)], 8, quantize=q0)
 
 
 @case(variants=PAIRS)
