@@ -1,9 +1,10 @@
 """Custom all-reduce over CUDA IPC: Lamport one-shot, pipelined two-shot, and NCCL.
 
 ``all_reduce(x, workspace)`` sums ``x`` (bf16, fp16 or fp32, any shape, any element
-count) over the workspace's group. Every rank gets bitwise the same result whatever the
-algorithm: peers are summed in rank order in fp32 and rounded once (an input -0.0 counts
-as +0.0, the Lamport sentinel).
+count) over the workspace's group. With one-shot and two-shot every rank gets bitwise the
+same result, whichever of the two runs: peers are summed in rank order in fp32 and
+rounded once (an input -0.0 counts as +0.0, the Lamport sentinel). ``nccl`` (and every
+call of a group spanning nodes) gives NCCL's sum, whose order and precision NCCL picks.
 
 - one-shot: each rank writes its whole input into its slot of every rank's Lamport
   buffer; readers spin until no -0.0 sentinel is left and sum. One kernel, no barrier;

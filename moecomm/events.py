@@ -28,9 +28,10 @@ Lifetimes: a handle keeps the arrays of its call alive until it is dropped, so a
 freed by the caller right after the call is not handed to another allocation (CuPy's pool
 is per stream) while the communication kernel still reads it. Pass ``out=`` arrays made on
 the consumer's stream: an output the op allocates belongs to the communication stream's
-pool, which may hand it out again while the consumer still reads it. An event recorded
-outside a graph capture and waited inside it becomes a node of the graph: keep it alive
-as long as the graph (events recorded inside the capture become plain edges).
+pool, which may hand it out again while the consumer still reads it. Inside a capture,
+``previous_event`` must be recorded in the same capture (it becomes a plain edge): CUDA
+refuses a wait on an event recorded outside it (``cudaErrorStreamCaptureIsolation``, and
+the capture is invalidated).
 
 Debug (``MOECOMM_DEBUG=1``): every handle must be consumed (``wait``, ``synchronize``,
 ``done`` or reading ``event``) before the next call of the same op, and before it is
