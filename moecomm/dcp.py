@@ -30,6 +30,7 @@ whose rows fit its bytes per peer is served (``decode_cp_a2a_workspace_size``).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import cupy
@@ -181,40 +182,54 @@ class DcpAlltoAll(Op):
             group, self._own_group = parent.split(group.cp_group), True
         elif not isinstance(group, ProcessGroup):
             raise TypeError(f"group: expected a ProcessGroup or Mapping, got {type(group).__name__}")
-        self.group = group
-        self.cp_size, self.cp_rank = group.size, group.rank
-        if self.cp_size > DCP_MAX_RANKS:
-            raise ValueError(f"CP group of {self.cp_size} ranks exceeds the {DCP_MAX_RANKS} supported")
-        self.max_rows = int_at_least("max_rows", max_rows)
-        self.nbytes = decode_cp_a2a_workspace_size(self.cp_size, self.max_rows, head_dim,
-                                                   stats_dim, dtype)
-        self.slot_bytes = self.nbytes // (3 * self.cp_size)
-        if self.slot_bytes >= 1 << 32:
-            raise ValueError(f"max_rows={max_rows}: {self.slot_bytes} bytes per peer exceed 4 GiB")
-        self.device_id = cupy.cuda.runtime.getDevice()
-        self.timeout_ns = timeout_ns(timeout_s)
-        self.buffer = SymmetricBuffer(group, self.nbytes)  # refuses a group spanning nodes
-        self.state = cupy.zeros(_STATE_WORDS, np.uint32)
-        self.error = ErrorWord(group.local_comm.allgather(group.rank))
-        ws = ArWorkspace(state=self.state.data.ptr, error_word=self.error.ptr,
-                         timeout_ns=self.timeout_ns, lamport_off=0, lamport_slot=self.slot_bytes,
-                         rank=group.local_rank, world=self.cp_size)
-        ws.peers[:self.cp_size] = self.buffer.ptrs
-        self._launchers = {}
-        for dt, suffix in _SUFFIX.items():
-            launcher = Launcher(kernels.get_kernel("dcp.cu", f"dcp_alltoall_{suffix}"), DcpArgs,
-                                pdl=self.config.pdl)
-            launcher.args.ws = ws
-            self._launchers[dt] = launcher
-            _combiner(self.device_id, dt, self.config.pdl)  # loaded now, not inside a capture
-        facts = device_facts(self.device_id)
-        self._most_blocks = facts.sms * min(self.config.blocks_per_sm, facts.blocks_per_sm(
-            self._launchers[bfloat16].kernel, self.config.threads))
-        fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
-        fill.args.dst, fill.args.nbytes, fill.args.word = self.buffer.ptr, self.nbytes, DCP_SENTINEL_WORD
-        fill(min(facts.sms * 4, -(-self.nbytes // (16 * 256))), 256, 0)
-        cupy.cuda.runtime.deviceSynchronize()
-        group.barrier()  # every sentinel is in place before any peer writes
+        self.buffer = None
+        try:  # collective, as construction is: free what was made if any step fails
+            self.group = group
+            self.cp_size, self.cp_rank = group.size, group.rank
+            if self.cp_size > DCP_MAX_RANKS:
+                raise ValueError(f"CP group of {self.cp_size} ranks exceeds the {DCP_MAX_RANKS} "
+                                 "supported")
+            self.max_rows = int_at_least("max_rows", max_rows)
+            self.nbytes = decode_cp_a2a_workspace_size(self.cp_size, self.max_rows, head_dim,
+                                                       stats_dim, dtype)
+            self.slot_bytes = self.nbytes // (3 * self.cp_size)
+            if self.slot_bytes >= 1 << 32:
+                raise ValueError(f"max_rows={max_rows}: {self.slot_bytes} bytes per peer exceed "
+                                 "4 GiB")
+            self.device_id = cupy.cuda.runtime.getDevice()
+            self.timeout_ns = timeout_ns(timeout_s)
+            self.buffer = SymmetricBuffer(group, self.nbytes)  # refuses a group spanning nodes
+            self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+            self.error = ErrorWord(group.local_comm.allgather(group.rank))
+            ws = ArWorkspace(state=self.state.data.ptr, error_word=self.error.ptr,
+                             timeout_ns=self.timeout_ns, lamport_off=0,
+                             lamport_slot=self.slot_bytes, rank=group.local_rank,
+                             world=self.cp_size)
+            ws.peers[:self.cp_size] = self.buffer.ptrs
+            self._launchers = {}
+            for dt, suffix in _SUFFIX.items():
+                launcher = Launcher(kernels.get_kernel("dcp.cu", f"dcp_alltoall_{suffix}"),
+                                    DcpArgs, pdl=self.config.pdl)
+                launcher.args.ws = ws
+                self._launchers[dt] = launcher
+                _combiner(self.device_id, dt, self.config.pdl)  # loaded now, not in a capture
+            facts = device_facts(self.device_id)
+            self._most_blocks = facts.sms * min(self.config.blocks_per_sm, facts.blocks_per_sm(
+                self._launchers[bfloat16].kernel, self.config.threads))
+            fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
+            fill.args.dst, fill.args.nbytes = self.buffer.ptr, self.nbytes
+            fill.args.word = DCP_SENTINEL_WORD
+            fill(min(facts.sms * 4, -(-self.nbytes // (16 * 256))), 256, 0)
+            cupy.cuda.runtime.deviceSynchronize()
+            group.barrier()  # every sentinel is in place before any peer writes
+        except BaseException:
+            if self.error is not None:
+                self.error.close()
+            if self.buffer is not None:
+                self.buffer.close()
+            if self._own_group:
+                group.close()
+            raise
         self._open(self.error)
 
     def check(self, stream=None) -> None:
@@ -297,14 +312,18 @@ def decode_cp_a2a_alltoall(partial_o, softmax_stats, workspace: DcpAlltoAll, out
 
 
 # ------------------------------------------------------------------------ LSE combine
-_combiners: dict[tuple[int, np.dtype, bool], Launcher] = {}
+_local = threading.local()  # the combine's launchers, one set per thread (a Launcher's
+                            # argument struct is filled, then launched: not thread-safe)
 
 
 def _combiner(device_id: int, dtype: np.dtype, pdl: bool) -> Launcher:
+    combiners = getattr(_local, "combiners", None)
+    if combiners is None:
+        combiners = _local.combiners = {}
     key = (device_id, dtype, pdl)
-    launcher = _combiners.get(key)
+    launcher = combiners.get(key)
     if launcher is None:
-        launcher = _combiners[key] = Launcher(
+        launcher = combiners[key] = Launcher(
             kernels.get_kernel("dcp.cu", f"dcp_combine_{_SUFFIX[dtype]}"), DcpCombineArgs, pdl=pdl)
     return launcher
 

@@ -81,13 +81,14 @@ class ProcessGroup:
             host.Free()
             if gpus_per_node is None:
                 gpus_per_node = _env_gpus_per_node()
-            if gpus_per_node is not None and gpus_per_node < 1:
-                raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
             declared = gpus_per_node if gpus_per_node is not None else host_size
-            agreed = self.comm.allgather(declared)
+            agreed = self.comm.allgather(declared)  # first: every rank then raises alike
             if len(set(agreed)) != 1:
                 self.comm.Free()
                 raise ValueError(f"gpus_per_node differs across ranks: {agreed}")
+            if declared < 1:
+                self.comm.Free()
+                raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
             self.gpus_per_node = declared
             # A node is (host, slice of gpus_per_node ranks of that host); the host is
             # named by its lowest rank.

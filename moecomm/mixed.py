@@ -318,26 +318,33 @@ class MixedCommHandler(Op):
         self.device_id = cupy.cuda.runtime.getDevice()
         self.tp_group = g.split(self.layout.tp_groups()[self.dp_rank])
         self.dp_group = g.split(self.layout.dp_groups()[self.tp_rank])
-        self.workspace = None
-        if not g.spans_nodes:
-            self.workspace = AllReduceWorkspace(g, self.max_bytes, self.dtype,
-                                                max_oneshot_bytes=self.max_bytes,
-                                                timeout_s=timeout_s,
-                                                config=self.config.allreduce)
-            if not self.workspace.ipc:  # CUDA IPC refused: NCCL modes only
+        try:  # collective, as construction is: free what was made if any step fails
+            self.workspace = None
+            if not g.spans_nodes:
+                self.workspace = AllReduceWorkspace(g, self.max_bytes, self.dtype,
+                                                    max_oneshot_bytes=self.max_bytes,
+                                                    timeout_s=timeout_s,
+                                                    config=self.config.allreduce)
+                if not self.workspace.ipc:  # CUDA IPC refused: NCCL modes only
+                    self.workspace.close()
+                    self.workspace = None
+            self._nccl = None  # (world, tp, dp) communicators and staging, on first use
+            self._plans: dict = {}
+            suffix = _SUFFIX[self.dtype]
+            self._launchers = {kind: Launcher(_kernel(f"mixed_{kind}_{suffix}"), MixedArgs,
+                                              pdl=self.config.allreduce.pdl)
+                               for kind in ("oneshot", "reduce")}
+            if self.workspace is not None:
+                self._launchers["oneshot"].args.ws = self.workspace.kernel_workspace
+                self.sms = self.workspace.sms
+            else:
+                self.sms = device_facts().sms
+        except BaseException:
+            if self.workspace is not None:
                 self.workspace.close()
-                self.workspace = None
-        self._nccl = None  # (world, tp, dp) communicators and staging, on first use
-        self._plans: dict = {}
-        suffix = _SUFFIX[self.dtype]
-        self._launchers = {kind: Launcher(_kernel(f"mixed_{kind}_{suffix}"), MixedArgs,
-                                          pdl=self.config.allreduce.pdl)
-                           for kind in ("oneshot", "reduce")}
-        if self.workspace is not None:
-            self._launchers["oneshot"].args.ws = self.workspace.kernel_workspace
-            self.sms = self.workspace.sms
-        else:
-            self.sms = device_facts().sms
+            self.tp_group.close()
+            self.dp_group.close()
+            raise
         self._open(None if self.workspace is None else self.workspace.error)
 
     # -- choices -------------------------------------------------------------------------

@@ -52,11 +52,11 @@ class SymmetricBuffer:
                 "use NcclCommunicator across nodes"
             )
         nbytes = int(nbytes)
-        if nbytes <= 0:
-            raise ValueError(f"SymmetricBuffer: nbytes must be > 0, got {nbytes}")
-        sizes = group.allgather(nbytes)
+        sizes = group.allgather(nbytes)  # first: every rank then raises alike
         if len(set(sizes)) != 1:
             raise ValueError(f"SymmetricBuffer: nbytes differs across ranks: {sizes}")
+        if nbytes <= 0:
+            raise ValueError(f"SymmetricBuffer: nbytes must be > 0, got {nbytes}")
 
         self.group = group
         self.nbytes = nbytes
@@ -93,6 +93,10 @@ class SymmetricBuffer:
                 error = exc
         failed = [r for r, ok in enumerate(group.local_comm.allgather(error is None)) if not ok]
         if failed:
+            for p in self._opened:
+                runtime.ipcCloseMemHandle(p)
+            self._opened = []
+            group.local_barrier()  # no peer holds our memory open when it is freed
             self._release()
             raise RuntimeError(
                 f"SymmetricBuffer of {nbytes} bytes failed on local rank(s) {failed}"

@@ -60,6 +60,13 @@ except ValueError as exc:
     assert "gpus_per_node differs" in str(exc)
 else:
     assert size == 1, "mismatched gpus_per_node went unnoticed"
+# An invalid value on one rank too: checked after the exchange, so every rank raises.
+try:
+    ProcessGroup(gpus_per_node=0 if rank == 0 else 1)
+except ValueError as exc:
+    assert ("must be >= 1" if size == 1 else "gpus_per_node differs") in str(exc), exc
+else:
+    raise AssertionError("gpus_per_node=0 went unnoticed")
 
 report_pass(rank)
 sys.exit(0)
