@@ -84,6 +84,10 @@ if bfloat16 is not None:
     _SUFFIX[bfloat16] = "bf16"
 _STATE_WORDS = 4  # kState* in collectives.cu
 _FLAG_BYTES = VC_MAX_BLOCKS * VC_MAX_RANKS * 4
+# Items of one tensor in a block's share: a flag holds the call in its high 16 bits and
+# the block's item count over every tensor in the low 16 (collectives.cu, flag_value), so
+# the items of VC_MAX_TENSORS tensors must stay below 2^16.
+_MAX_ITEMS = (1 << 16) // VC_MAX_TENSORS - 1
 _CACHE = 64       # prepared launches kept per workspace
 _LAMPORT_STATE_WORDS = 8         # kStateWords in allreduce.cuh
 LINE_VECS, LINE_BYTES = 31, 512  # all_gatherv Lamport line: 31 payload vectors + a mask
@@ -143,7 +147,8 @@ class VCollectiveConfig:
         whole GPU. Every block must be resident: every block waits for its peers.
     item_bytes: a block moves its share in items of this many bytes (a multiple of 16),
         raising a flag per item, so its pushes overlap the peers' items in flight and
-        their copy out (larger when a block's share would need more than 60000 items).
+        their copy out (larger when a block's share of one tensor would need more than
+        ``_MAX_ITEMS`` items).
     pdl: launch with programmatic dependent launch.
     lamport_max_bytes: calls in which a rank receives at most this many bytes (on
         average: ``received_bytes``) take the Lamport path, if the workspace's Lamport
@@ -189,7 +194,7 @@ class VCollectiveConfig:
     def items(self, segment_bytes: int, grid: int) -> int:
         """Item bytes for segments of up to ``segment_bytes`` over ``grid`` blocks."""
         share = -(-segment_bytes // grid)
-        return max(self.item_bytes, round_up(-(-share // 60000), 16))
+        return max(self.item_bytes, round_up(-(-share // _MAX_ITEMS), 16))
 
 
 def check_sizes(sizes, world: int, name: str = "sizes") -> tuple[int, ...]:

@@ -122,7 +122,16 @@ def test_all_gatherv_large_share_raises_item_size(fakes):
     ((_, grid, _, a),) = fakes
     assert grid == 132
     share = -(-(1 << 32) // grid)
-    assert a.item_bytes % 16 == 0 and -(-share // a.item_bytes) <= 60000
+    assert a.item_bytes % 16 == 0 and -(-share // a.item_bytes) <= collectives._MAX_ITEMS
+
+
+def test_all_gatherv_items_of_every_tensor_fit_a_flag():
+    """A flag counts a block's items over every tensor in 16 bits: with the smallest
+    items and the most tensors, their sum stays below 2^16 (it reached 8 x 60000)."""
+    config = collectives.VCollectiveConfig(item_bytes=16)
+    for share in (16, 1 << 20, 1 << 30):
+        item = config.items(share * 132, 132)
+        assert collectives.VC_MAX_TENSORS * -(-share // item) < 1 << 16, (share, item)
 
 
 def test_all_gatherv_errors_before_launch(fakes):
