@@ -517,10 +517,11 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
     fields, written = _epilogue_fields(like.dtype, tokens, hidden, pattern, spec, options,
                                        outputs, stream)
     fields.update(source_fields)
+    algo = ws.choose(tokens, options.use_oneshot)
     # The split one-shot pushes the contributions from blocks other than those writing the
     # outputs: an output overlapping a source (in place) takes the unsplit kernel.
-    split = not any(overlaps(w, nw, s.data.ptr, s.nbytes) for w, nw in written for s in sources)
-    algo = ws.choose(tokens, options.use_oneshot)
+    split = not (algo == Algorithm.ONESHOT and ws._auto.splits(tokens)) or not any(
+        overlaps(w, nw, s.data.ptr, s.nbytes) for w, nw in written for s in sources)
     if _group.DEBUG:
         ws.group.check_uniform("allreduce_fusion arguments (pattern, tokens, source, algorithm)",
                                (pattern.name, tokens, int(fields["source"]), algo.value))
