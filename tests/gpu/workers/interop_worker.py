@@ -366,26 +366,30 @@ def other_gpu_current(ctx):
     half = cupy.asarray(r.standard_normal((6, 256)).astype(bfloat16).view(np.uint16))
     half = cupy.ndarray(half.shape, bfloat16, half.data)  # the exchange's sizing: bf16 rows
 
-    def calls():
-        got = [all_reduce(x, ar, stream=ctx.stream)]
+    def calls(current):
+        """Every op, each called with ``current`` made the current GPU first."""
+        def call(fn, *args, **kw):
+            cupy.cuda.runtime.setDevice(current)
+            result = fn(*args, stream=ctx.stream, **kw)
+            assert cupy.cuda.runtime.getDevice() == dev, f"{fn.__name__}: cuda:{dev} current after"
+            return result
+
         outs = AllReduceFusionOutputs(residual_out=zeros((T, H), bfloat16),
                                       norm_out=zeros((T, H), bfloat16))
-        allreduce_fusion(fx, fws, P.kARResidualRMSNorm,
-                         AllReduceFusionOptions(residual=res, rms_gamma=gamma), outs,
-                         stream=ctx.stream)
+        got = [call(all_reduce, x, ar)]
+        call(allreduce_fusion, fx, fws, P.kARResidualRMSNorm,
+             AllReduceFusionOptions(residual=res, rms_gamma=gamma), outs)
         got += [outs.residual_out, outs.norm_out]
-        (recv,) = a2a.dispatch(ids, [half], 8, stream=ctx.stream)
-        got.append(a2a.combine(recv, 8, stream=ctx.stream))
-        recv_x, _, lay = layer.dispatch(rows, ids, stream=ctx.stream)
-        got.append(layer.combine(recv_x, lay, stream=ctx.stream))
+        (recv,) = call(a2a.dispatch, ids, [half], 8)
+        got.append(call(a2a.combine, recv, 8))
+        recv_x, _, lay = call(layer.dispatch, rows, ids)
+        got.append(call(layer.combine, recv_x, lay))
         ctx.stream.synchronize()
         return [cupy.asnumpy(a).view(np.uint8) for a in got]
 
-    want = calls()
+    want = calls(dev)
     for step in range(2):
-        cupy.cuda.runtime.setDevice(other)
-        got = calls()
-        assert cupy.cuda.runtime.getDevice() == dev, "the op's GPU is current after its call"
+        got = calls(other)
         for i, (g, w) in enumerate(zip(got, want)):
             assert np.array_equal(g, w), f"call {i} differs with cuda:{other} current"
 
