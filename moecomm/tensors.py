@@ -260,7 +260,11 @@ def _parse(capsule, name: str) -> DLPackInfo:
     info.strides = None
     if strides and ndim:
         itemsize = info.dtype.itemsize
-        info.strides = tuple(s * itemsize for s in _int64s(strides, ndim))
+        # A dimension of extent 1 (or an empty array) never steps: its stride, whatever
+        # its sign, is taken as 0.
+        empty = 0 in info.shape
+        info.strides = tuple(0 if empty or n == 1 else s * itemsize
+                             for n, s in zip(info.shape, _int64s(strides, ndim)))
         if any(s < 0 for s in info.strides):
             raise ValueError(f"{name}: negative strides {info.strides}; pass a contiguous copy")
     info.read_only, info.versioned, info.managed, info.deleter = read_only, versioned, managed, deleter
@@ -467,11 +471,9 @@ def _torch_ref(x, name: str, device: int | None, stream) -> DeviceArray | None:
     a fraction of its cost). None for anything else (not torch, on the CPU, an unmapped
     dtype): the DLPack path takes it."""
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(x, torch.Tensor):
-        return None
-    on = x.get_device()  # -1 on the CPU
-    if on < 0:
-        return None
+    if torch is None or not isinstance(x, torch.Tensor) or not x.is_cuda:
+        return None  # XPU and MPS tensors have device indices too: only CUDA is read here
+    on = x.get_device()
     if device is None:
         device = cupy.cuda.runtime.getDevice()
     if on != device:

@@ -243,6 +243,21 @@ def test_consume_elementwise_strides():
     assert arr.strides == (8, 2) and not arr.flags.c_contiguous
 
 
+def test_steps_of_unit_and_empty_dims_are_ignored():
+    """A negative stride where the extent is 1 (or the array empty) never steps: such
+    views (a [::-1] of one row, say) import as contiguous; a real negative step does not."""
+    raw = np.zeros((4, 8), np.uint8)
+    arr = tensors._consume(_Capsule(raw, 1, 8, 1, (1, 4), strides=(-4, 1)).capsule, "q",
+                           None, cuda=False)
+    assert arr.shape == (1, 4) and arr.flags.c_contiguous
+    arr = tensors._consume(_Capsule(raw, 1, 8, 1, (0, 4), strides=(-4, -1)).capsule, "q",
+                           None, cuda=False)
+    assert arr.size == 0
+    with pytest.raises(ValueError, match="negative strides"):
+        tensors._consume(_Capsule(raw, 1, 8, 1, (2, 4), strides=(-4, 1)).capsule, "q",
+                         None, cuda=False)
+
+
 def test_empty_capsule():
     c = _Capsule(np.zeros(1, np.uint8), 10, 8, 1, (0, 16))
     arr = tensors._consume(c.capsule, "q", None, cuda=False)
@@ -381,9 +396,10 @@ class _FakeTorch:
         torch = self
 
         class Tensor:
-            def __init__(self, shape, dtype, device=0, contiguous=True, ptr=4096):
+            def __init__(self, shape, dtype, device=0, contiguous=True, ptr=4096, kind="cuda"):
                 self.shape, self.dtype, self._device = shape, f"torch.{dtype}", device
                 self._contiguous, self._ptr = contiguous, ptr
+                self.is_cuda = kind == "cuda" and device >= 0
 
             def get_device(self):
                 return self._device
@@ -457,6 +473,18 @@ def test_torch_cpu_tensor_goes_to_dlpack_and_is_refused(fake_torch):
 
     with pytest.raises(ValueError, match=r"^x: array is on cpu, expected cuda:0$"):
         tensors.import_array(CpuTensor((2,), "float32", device=-1), "x", device=0, stream=0)
+
+
+def test_torch_xpu_tensor_is_not_read_as_cuda(fake_torch):
+    """An XPU (or MPS) tensor has a device index too (0 here): it is not taken for a
+    CUDA tensor, and the DLPack path refuses it naming its device."""
+    class XpuTensor(fake_torch.Tensor):
+        def __dlpack_device__(self):
+            return (14, 0)  # kDLOneAPI
+
+    with pytest.raises(ValueError, match=r"^x: array is on .*, expected cuda:0$"):
+        tensors.import_array(XpuTensor((2,), "float32", device=0, kind="xpu"), "x", device=0,
+                             stream=0)
 
 
 def test_torch_stream_order_only_when_streams_differ(fake_torch):
