@@ -117,6 +117,19 @@ def _cuda_include_dir() -> str:
     return str(found)
 
 
+@lru_cache(maxsize=1)
+def _headers_digest() -> str:
+    """Hash of the CUDA headers whose conversions the kernels use (cuda_bf16, cuda_fp16,
+    cuda_fp8), so a new runtime wheel's headers invalidate the cache."""
+    h = hashlib.sha256()
+    folder = Path(_cuda_include_dir())
+    for stem in ("cuda_bf16", "cuda_fp16", "cuda_fp8"):
+        for path in (folder / f"{stem}.h", folder / f"{stem}.hpp"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes() if path.is_file() else b"-")
+    return h.hexdigest()
+
+
 def _nvrtc():
     from . import _nvrtc
 
@@ -372,7 +385,8 @@ def _compile_timed(source: str, arch: str, defines, cache_folder: Path) -> tuple
 
 def _cache_key(source: str, arch: str, defines: Mapping[str, int] | None) -> str:
     return hashlib.sha256(
-        repr((_tree_digest(), source, _key_options(arch, defines), nvrtc_version())).encode()
+        repr((_tree_digest(), _headers_digest(), source, _key_options(arch, defines),
+              nvrtc_version())).encode()
     ).hexdigest()[:32]
 
 

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+from moecomm import kernels
 from tests.mpi import ROOT
 
 
@@ -43,3 +44,11 @@ def test_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "missing.cu" in proc.stderr
     proc = _precompile(tmp_path, "--arch", "hopper")
     assert proc.returncode == 2 and "hopper" in proc.stderr
+
+
+def test_cache_key_covers_the_cuda_headers(monkeypatch):
+    """A cubin compiled against other CUDA headers (a new runtime wheel) is not reused."""
+    key = kernels._cache_key("symmetric.cu", "sm_90", None)
+    assert kernels._cache_key("symmetric.cu", "sm_90", None) == key
+    monkeypatch.setattr(kernels, "_headers_digest", lambda: "headers of another release")
+    assert kernels._cache_key("symmetric.cu", "sm_90", None) != key
