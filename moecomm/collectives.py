@@ -379,11 +379,22 @@ class VCollectiveWorkspace(Op):
         launcher(grid, self.config.threads, handle)
         return results
 
-    def _prepare_gather(self, sizes, row_bytes):
+    def check_gather(self, sizes, row_bytes: Sequence[int]) -> None:
+        """Raise the ValueError an ``all_gatherv`` of ``sizes`` rows of ``row_bytes`` (one
+        int per tensor) would, launching nothing: for callers that change state first."""
+        if self.ipc:
+            self._gather_layout(check_sizes(sizes, self.world), row_bytes)
+
+    def _gather_layout(self, sizes, row_bytes) -> list:
+        """The offsets of every tensor's region in the workspace (raises past max_bytes)."""
         offs, need = gather_layout(sizes, row_bytes)
         if need > self.max_bytes:
             raise ValueError(f"all_gatherv of {need} bytes (sizes={list(sizes)}, row bytes "
                              f"{row_bytes}) exceeds the workspace's max_bytes {self.max_bytes}")
+        return offs
+
+    def _prepare_gather(self, sizes, row_bytes):
+        offs = self._gather_layout(sizes, row_bytes)
         lamport = self.gather_path(sizes, row_bytes) == "lamport"
         kernel = self._gather_lamport if lamport else self._gather_kernel
         launcher = Launcher(kernel, AllGathervArgs, pdl=self.config.pdl)

@@ -244,7 +244,25 @@ class FlashInferCutlassMoEPrepareAndFinalize:
             if quant_config.a1_gscale is not None:
                 import_array(quant_config.a1_gscale, "quant_config.a1_gscale", dtype=np.float32,
                              device=self.device_id, stream=handle)
+        if quant_config.quant_dtype == "fp8" and quant_config.block_shape is not None:
+            group = quant_config.block_shape[-1]
+            if group <= 0 or H % group:
+                raise ValueError(f"quant_config.block_shape={quant_config.block_shape}: the "
+                                 f"group size must divide the hidden size {H}")
         return _Inputs(a, w, ids, T, H, ids.shape[1])
+
+    @staticmethod
+    def _quant_rows(inputs: _Inputs, qc: FusedMoEQuantConfig) -> tuple[int, int | None]:
+        """Bytes per token of ``_quantize``'s codes and of its linear scales (None: no
+        per-token scales: unquantized, or one static FP8 scale)."""
+        H = inputs.H
+        if qc.quant_dtype is None:
+            return H * inputs.a1.dtype.itemsize, None
+        if qc.quant_dtype == "nvfp4":
+            return H // 2, H // NVFP4_BLOCK
+        if qc.block_shape is not None:
+            return H, 4 * (H // qc.block_shape[-1])
+        return H, None if qc.a1_gscale is not None else 4
 
     def _sizes(self, T: int, sizes) -> tuple:
         if not self.use_dp:
@@ -285,11 +303,8 @@ class FlashInferCutlassMoEPrepareAndFinalize:
                                      is_fp4_scale_swizzled=swizzled, out=q, scale_out=sf,
                                      stream=handle)
         q = self._buffer("a1q", (T, H), np.uint8, handle)
-        if qc.block_shape is not None:   # per-token-group scales, computed
+        if qc.block_shape is not None:   # per-token-group scales, computed (group checked)
             group = qc.block_shape[-1]
-            if group <= 0 or H % group:
-                raise ValueError(f"quant_config.block_shape={qc.block_shape}: the group size "
-                                 f"must divide the hidden size {H}")
             scale, per_token = None, False
             sf = self._buffer("a1q_scale", (T, H // group), np.float32, handle)
         elif qc.a1_gscale is not None:   # static per-tensor
@@ -436,6 +451,10 @@ class FlashInferAllGatherMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFin
         x = self._inputs(a1, topk_weights, topk_ids, num_experts, expert_map,
                          apply_router_weight_on_input, quant_config, handle)
         sizes = self._sizes(x.T, sizes)
+        if self.use_dp:  # what all_gatherv would refuse, before a1 is scaled in place
+            q_row, sf_row = self._quant_rows(x, quant_config)
+            self.workspace.check_gather(sizes, [4 * x.top_k, 4 * x.top_k, q_row]
+                                        + ([sf_row] if sf_row is not None else []))
         self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
         a1q, a1q_scale = self._quantize(x, quant_config, swizzled=not self.use_dp, handle=handle)
         if not self.use_dp:

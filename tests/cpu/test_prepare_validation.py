@@ -392,6 +392,33 @@ def test_router_weight_launch(fakes, monkeypatch):
     assert gather == "vc_all_gatherv"
 
 
+@pytest.mark.parametrize("qc, rows", [
+    (pf.FusedMoEQuantConfig(None), [4, 4, 256]),
+    (pf.FusedMoEQuantConfig("nvfp4", a1_gscale=Arr((1,), np.float32)), [4, 4, 64, 8]),
+    (pf.FusedMoEQuantConfig("fp8", block_shape=(1, 64)), [4, 4, 128, 8]),
+    (pf.FusedMoEQuantConfig("fp8", per_act_token_quant=True), [4, 4, 128, 4]),
+    (pf.FusedMoEQuantConfig("fp8", a1_gscale=Arr((1,), np.float32)), [4, 4, 128])])
+def test_allgather_refusals_before_a1_is_scaled(fakes, monkeypatch, qc, rows):
+    """An exchange past the workspace, and a block shape that does not divide the hidden
+    size, are refused before a1 is scaled in place (top_k 1) or quantized; the rows the
+    check assumes are those the exchange then gathers."""
+    obj, q = allgather(fakes, monkeypatch)
+    a1, w, ids = inputs(k=1)
+    room = obj.workspace.max_bytes // sum(rows)
+    with pytest.raises(ValueError, match="exceeds the workspace's max_bytes"):
+        obj.prepare(a1, w, ids, 256, None, True, qc, sizes=[4, room])
+    assert fakes == [] and q.calls == []
+    obj.prepare(a1, w, ids, 256, None, True, qc, sizes=[4, 4])
+    (gather,) = [a for k, _, _, a in fakes if k == "vc_all_gatherv"]
+    assert list(gather.row_bytes[:gather.num_tensors]) == rows
+    fakes.clear()
+    if qc.block_shape is not None:
+        with pytest.raises(ValueError, match="group size must divide the hidden size 128"):
+            obj.prepare(a1, w, ids, 256, None, True,
+                        pf.FusedMoEQuantConfig("fp8", block_shape=(1, 48)), sizes=[4, 4])
+        assert fakes == []
+
+
 def test_alltoall_refusals(fakes, monkeypatch):
     obj = pf.FlashInferAllToAllMoEPrepareAndFinalize.__new__(
         pf.FlashInferAllToAllMoEPrepareAndFinalize)
