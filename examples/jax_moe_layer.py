@@ -119,9 +119,8 @@ def compare(got, want, magnitude):
 
 
 stream = cupy.cuda.Stream(non_blocking=True)
-a2a = MoeAlltoAll(group, MAX_T, TOP_K, E, workspace_size_per_rank=(
-    MoeAlltoAll.get_moe_workspace_size_per_rank(world, TOP_K, MAX_T, H,
-                                                extra_payload_bytes_per_token=8 * TOP_K)))
+# bf16 hidden states, int32 ids and fp32 weights: what the default sizing counts
+a2a = MoeAlltoAll(group, MAX_T, TOP_K, E, hidden_size=H)
 if rank == 0:
     print(f"jax_moe_layer: {E} experts (top-{TOP_K}) over {world} ranks, hidden {H}, "
           f"tokens per rank {T}")

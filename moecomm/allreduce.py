@@ -220,6 +220,8 @@ class AllReduceWorkspace(Op):
         self.device_id = cupy.cuda.runtime.getDevice()
         self.timeout_ns = timeout_ns(timeout_s)
         self.ipc = not self.group.spans_nodes
+        # why the custom kernels cannot serve (empty while they can)
+        self.no_ipc_reason = "" if self.ipc else f"the group spans {self.group.num_nodes} nodes"
         if self.ipc and self.world > AR_MAX_RANKS:
             raise ValueError(f"group of {self.world} ranks exceeds the {AR_MAX_RANKS} supported")
         self._nccl = None
@@ -252,6 +254,7 @@ class AllReduceWorkspace(Op):
             warnings.warn(f"CUDA IPC is unavailable ({exc}); all_reduce goes through NCCL",
                           RuntimeWarning, stacklevel=3)
             self.ipc = False
+            self.no_ipc_reason = f"CUDA IPC was refused ({exc})"
             return
         try:  # collective, as construction is: free what was made if any step fails
             self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
@@ -316,8 +319,7 @@ class AllReduceWorkspace(Op):
                              f"{self.max_bytes}")
         if not self.ipc:
             if algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
-                raise ValueError(f"{algo.value} needs CUDA IPC, but the group spans "
-                                 f"{self.group.num_nodes} nodes")
+                raise ValueError(f"{algo.value} needs CUDA IPC, but {self.no_ipc_reason}")
             return Algorithm.NCCL
         if algo == Algorithm.AUTO:
             return Algorithm.ONESHOT if nbytes <= self._auto_limit else Algorithm.TWOSHOT

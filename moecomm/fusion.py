@@ -333,7 +333,8 @@ class AllReduceFusionWorkspace(Op):
         """The algorithm a call over ``tokens`` rows takes (``use_oneshot`` None: the
         measured rule, ``_AutoRule``)."""
         if not self.allreduce.ipc:
-            raise ValueError("allreduce_fusion needs CUDA IPC; the group spans nodes")
+            raise ValueError(f"allreduce_fusion needs CUDA IPC, but "
+                             f"{self.allreduce.no_ipc_reason}")
         nbytes = tokens * self.hidden_dim * self.dtype.itemsize
         if use_oneshot is None:
             use_oneshot = (self._auto.oneshot(tokens)

@@ -154,7 +154,8 @@ def environment(group) -> dict:
 
 
 def write_result(out_dir: str, name: str, env: dict, rows: list[dict], **extra) -> Path:
-    """Write ``{env, rows, extra}`` as ``<out_dir>/<name>-<gpus>x<device>-<date>.json``."""
+    """Write ``{env, rows, extra}`` as
+    ``<out_dir>/<name>-r<ranks>-<gpus>x<device>-<date>.json``."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     device = env["device"].replace(" ", "_")

@@ -6,7 +6,8 @@ back-to-back eager calls, the device synchronised at the end, median of ``--repe
 (the rows' batches interleaved: round r times every row once); ``best_us`` is the fastest
 batch (host noise only adds time: the cost the code itself sets, as ``timeit`` advises).
 Rows: ``x`` a CuPy array, a PyTorch tensor and a JAX array, with a new output per call
-(``out`` False) or, in one row per framework, a preallocated ``out=``; ``s`` omitted, a
+(``out`` False) or, in one row for CuPy and one for PyTorch, a preallocated ``out=`` (a
+JAX array is immutable, never an output); ``s`` omitted, a
 ``torch.cuda.Stream`` (made torch's current stream for the torch rows, as torch code
 runs), its raw handle, or a ``cupy.cuda.Stream`` (torch's current stream is then another
 one, so the torch rows include the event that orders it first). ``delta_us`` is the

@@ -97,7 +97,11 @@ def run(args) -> int:
                     group.barrier()
                     unfused = graph_median_us(two_kernels, iters=args.iters, stream=stream)
                 ws.check(stream)
-                times = {k: max(v) for k, v in zip(times, zip(*group.allgather(list(times.values()))))}
+                # every column the slowest rank's, the baselines' too
+                *fused, unfused, nccl_alone = (max(v) for v in zip(*group.allgather(
+                    [*times.values(), unfused or 0.0, nccl_alone or 0.0])))
+                times = dict(zip(times, fused))
+                unfused, nccl_alone = (unfused or None), (nccl_alone or None)
                 others = [t for t in (unfused, nccl_alone) if t is not None]
                 rows.append({
                     "pattern": pattern.name, "hidden": hidden, "tokens": tokens,
