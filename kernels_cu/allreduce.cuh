@@ -16,7 +16,10 @@
 // call k - 1 used: every peer wrote it before we could finish call k - 1, and no peer
 // writes it again before call k + 2, which a peer can only start once it has our data of
 // call k + 1. Two-shot flags carry the value ((k + 1) << 12) + chunk + 1, monotonic (mod
-// 2^32) over calls and chunks, so they never need resetting. The inboxes are reused by
+// 2^32) over calls and chunks, so they never need resetting; a wait takes a slot's value
+// only within [value, value + 2^13), since a slot of a block past the recent grids may be
+// any number of calls old (with a ">=" compare, one 2^19 calls old read as ahead). A
+// value exactly a multiple of 2^20 calls old still aliases. The inboxes are reused by
 // the next two-shot call: a block ends only after the peers' stage-1 flags of its chunks,
 // which they publish after reading their rs inbox, and a peer writes our ag inbox only
 // after our stage-0 flag of the next call. With the copy engines (allreduce.cu) the same
@@ -197,14 +200,16 @@ __device__ __forceinline__ void signal_peers(const ArWorkspace& ws, int stage, u
     st_release_sys(flag(ws, threadIdx.x, stage, blockIdx.x, ws.rank), value);
 }
 
-// Wait until every peer's block blockIdx.x published `value` for `stage`. Block-uniform;
-// false if a wait gave up.
+// Wait until every peer's block blockIdx.x published `value` (or a later chunk) for
+// `stage`; a slot may hold a value from any older call (its block was past the grids
+// since), which must not pass (the window also admits a call ahead, which the protocol
+// never produces). Block-uniform; false if a wait gave up.
 __device__ __forceinline__ bool wait_peers(const ArWorkspace& ws, int stage, uint32_t value,
                                            const WaitContext& w) {
   bool ok = true;
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank)
-    ok = wait_flag_geq(flag(ws, ws.rank, stage, blockIdx.x, threadIdx.x), value, w,
-                       threadIdx.x);
+    ok = wait_flag_in(flag(ws, ws.rank, stage, blockIdx.x, threadIdx.x), value,
+                      2u << kFlagChunkBits, w, threadIdx.x);
   return __syncthreads_and(ok);
 }
 

@@ -19,9 +19,12 @@
 //     (bounded), and copy (all_gatherv) or sum in rank order (reduce_scatterv) those items
 //     from its own buffer k % 2.
 // So pushing item t overlaps the peers' items t - 1 in flight and their copy out.
-// value(k, t) = ((k + 1) << 16) + t + 1 grows within a call and from call to call (wrapping
-// compare). A block with nothing to send a peer still raises value(k, 0) once, and one with
-// nothing to receive still waits for it: every block hears from every peer every call.
+// value(k, t) = ((k + 1) << 16) + t + 1 grows within a call and from call to call; a wait
+// takes a value within [value(k, t), value(k + 2, t)) only: a peer may be a call ahead,
+// and a slot of a block past the recent grids may be any number of calls old (one a
+// multiple of 2^16 calls old still aliases). A block with nothing to send a peer still
+// raises value(k, 0) once, and one with nothing to receive still waits for it: every
+// block hears from every peer every call.
 // That makes reuse of buffer k % 2 by call k + 2 safe: a rank enters call k + 2 after its
 // call k + 1 heard from every peer, which raises its flags only after pdl_wait(), i.e.
 // once its call k (the last reader of buffer k % 2) has completed.
@@ -69,8 +72,10 @@ __device__ __forceinline__ void item_range(uint64_t n, uint64_t item_bytes, uint
   hi = min(c1, lo + item_bytes);
 }
 
+constexpr int kFlagItemBits = 16;  // flag value: ((call + 1) << 16) + item + 1
+
 __device__ __forceinline__ uint32_t flag_value(uint32_t k, uint32_t t) {
-  return ((k + 1) << 16) + t + 1;
+  return ((k + 1) << kFlagItemBits) + t + 1;
 }
 
 // The block copies n bytes from src to each of dst[0..ndst): 16-byte vectors (kUnroll
@@ -124,13 +129,16 @@ __device__ __forceinline__ void signal_peer(const VcWorkspace& ws, uint32_t valu
     st_release_sys(flag(ws, threadIdx.x, blockIdx.x, ws.rank), value);
 }
 
-// Step 3: thread s waits for flag[b][s] >= value if `from_s`. Block-uniform; false if a
-// wait gave up.
+// Step 3: thread s waits for flag[b][s] to reach value if `from_s`: an item at or past it
+// of this call, or of the next (a peer may be a call ahead, never two), not a value of
+// an older call (the slot's block may have been past the grids since). Block-uniform;
+// false if a wait gave up.
 __device__ __forceinline__ bool wait_peer(const VcWorkspace& ws, uint32_t value, bool from_s,
                                           const WaitContext& w) {
   bool ok = true;
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank && from_s)
-    ok = wait_flag_geq(flag(ws, ws.rank, blockIdx.x, threadIdx.x), value, w, threadIdx.x);
+    ok = wait_flag_in(flag(ws, ws.rank, blockIdx.x, threadIdx.x), value,
+                      2u << kFlagItemBits, w, threadIdx.x);
   return __syncthreads_and(ok);
 }
 

@@ -373,6 +373,20 @@ __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t tar
   return true;
 }
 
+// Spins until *flag is in [target, target + window) (mod 2^32), acquire at system scope:
+// for a flag slot that not every call writes (a block past a smaller call's grid), whose
+// value may be any number of calls old. A ">=" compare of 32-bit values takes a value
+// 2^31 behind for one ahead; no value outside the window is ever taken for the target's.
+// False when the wait gave up (see SpinTimer).
+__device__ __forceinline__ bool wait_flag_in(const uint32_t* flag, uint32_t target,
+                                             uint32_t window, const WaitContext& w, int peer) {
+  SpinTimer timer;
+  while (ld_acquire_sys(flag) - target >= window) {
+    if (timer.give_up(w, peer)) return false;
+  }
+  return true;
+}
+
 // Re-polls the Lamport vector at p (x: its value as last loaded) until no word of it is
 // pending, i.e. peer `peer` wrote it. False when the wait gave up (see SpinTimer).
 template <typename T>

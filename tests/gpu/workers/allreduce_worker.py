@@ -103,6 +103,33 @@ def exact(ctx, dtype):
         assert cupy.array_equal(mine, cupy.asarray(xs[ctx.rank])), "input was modified"
 
 
+@case
+def twoshot_after_many_calls(ctx):
+    """Two-shot after the call counter moved on by 2^19 and more (a decode loop of one-shot
+    calls between prefills): flag slots written long ago, or never (blocks past the earlier
+    grids), must not pass for the new call's; a ">=" compare of 32-bit values took them
+    for values ahead. The counter is set as that many calls would leave it (same on every
+    rank); a small grid first, then a large one, each checked."""
+    ws = create_allreduce_workspace(ctx.group, max_bytes=1 << 20, dtype=np.float32)
+    xs = reduce_inputs(ctx, (4096,), np.float32)
+    out = poisoned((4096,), np.float32)
+    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out, algorithm="twoshot")
+    check_exact(ctx, out, xs, "two-shot before")
+    for start in ((1 << 19) + 3, (1 << 20) - 1, 3 << 19):
+        ctx.stream.synchronize()
+        cupy.cuda.runtime.deviceSynchronize()
+        ws.state[4] = start  # kStateCall (kernels_cu/allreduce.cuh)
+        cupy.cuda.runtime.deviceSynchronize()
+        ctx.group.barrier()
+        for n in (4096, (1 << 20) // 4):
+            xs = reduce_inputs(ctx, (n,), np.float32)
+            out = poisoned((n,), np.float32)
+            all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out, algorithm="twoshot")
+            check_exact(ctx, out, xs, f"two-shot of {n} after call {start}")
+    ws.check()
+    ws.close()
+
+
 @case(dtypes=DTYPES)
 def oneshot_more_vectors_than_threads(ctx, dtype):
     """One-shot messages with more 16-byte vectors than the grid has threads (half of each

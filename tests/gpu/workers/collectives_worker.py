@@ -336,6 +336,26 @@ def alternating_calls(ctx, path):
             check_gather(ctx, ws, sizes, xs)
 
 
+@case
+def pipelined_after_many_calls(ctx):
+    """The pipelined path after the call counter moved on by 2^15 and more: flag slots of
+    blocks past the recent grids (or never written) must not pass for the new call's. The
+    counter is set as that many calls would leave it (same on every rank); each call is
+    checked."""
+    ws = workspace(ctx, path="pipelined")
+    sizes, xs = gather_inputs(ctx)
+    check_gather(ctx, ws, sizes, xs)
+    for start in ((1 << 15) + 3, (1 << 16) - 1, 3 << 15):
+        ctx.stream.synchronize()
+        cupy.cuda.runtime.deviceSynchronize()
+        ws.state[0] = start  # kStateCall (kernels_cu/collectives.cu)
+        cupy.cuda.runtime.deviceSynchronize()
+        ctx.group.barrier()
+        for mode in ("even", None):
+            sizes, xs = gather_inputs(ctx, mode)
+            check_gather(ctx, ws, sizes, xs)
+
+
 @case(variants={p: p for p in PATHS})
 def graph_replay(ctx, path):
     """all_gatherv + reduce_scatterv captured once with fixed sizes, replayed on new data
