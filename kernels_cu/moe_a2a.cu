@@ -685,6 +685,7 @@ __device__ __forceinline__ void dispatch(const DispatchArgs& p) {
   }
   plan_copy<Vec16>(p, vec_payloads, s_vec_walk);
   plan_copy<uint32_t>(p, word_payloads, s_word_walk);
+  __syncthreads();  // the counters are zero before any warp adds to them in step 1
   pdl_wait();
   // the call's target count (a2a.cuh); the block arrives once step 1 is done, by its last
   // warp, so that the arrive's fence does not hold up the first warp's tokens
