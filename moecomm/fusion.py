@@ -518,11 +518,19 @@ def _run(ws: AllReduceFusionWorkspace, tokens: int, like: cupy.ndarray, pattern,
     fields, written = _epilogue_fields(like.dtype, tokens, hidden, pattern, spec, options,
                                        outputs, stream)
     fields.update(source_fields)
+    if source_fields["source"] == Source.MOE_FINALIZE:
+        # a token's rows are gathered through the permutation: any block may read any
+        # row of allreduce_in while another writes its outputs
+        rows = sources[0]
+        for name, w, nw in written:
+            if overlaps(w, nw, rows.data.ptr, rows.nbytes):
+                raise ValueError(f"{name}: overlaps allreduce_in, whose rows every token may "
+                                 "read (through expanded_idx_to_permuted_idx)")
     algo = ws.choose(tokens, options.use_oneshot)
     # The split one-shot pushes the contributions from blocks other than those writing the
     # outputs: an output overlapping a source (in place) takes the unsplit kernel.
     split = not (algo == Algorithm.ONESHOT and ws._auto.splits(tokens)) or not any(
-        overlaps(w, nw, s.data.ptr, s.nbytes) for w, nw in written for s in sources)
+        overlaps(w, nw, s.data.ptr, s.nbytes) for _, w, nw in written for s in sources)
     if _group.DEBUG:
         ws.group.check_uniform("allreduce_fusion arguments (pattern, tokens, source, algorithm)",
                                (pattern.name, tokens, int(fields["source"]), algo.value))
@@ -599,7 +607,7 @@ def rmsnorm_fusion(input, pattern: AllReduceFusionPattern | int,
 def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPattern,
                      spec: PatternSpec, options, outputs, stream) -> tuple[dict, list]:
     """Validate every array the epilogue of ``pattern`` reads or writes; its FusionArgs
-    fields (all 16-byte aligned: the kernel uses vector accesses) and the (address,
+    fields (all 16-byte aligned: the kernel uses vector accesses) and the (name, address,
     bytes) of every output."""
     if not options.fp32_acc:
         raise ValueError("fp32_acc=False is not supported: peers are summed in fp32")
@@ -620,7 +628,7 @@ def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPa
         arr = as_array(value, name, stream=stream, **check)
         require_aligned(name, arr.data.ptr, alignment)
         if name.startswith("outputs."):
-            written.append((arr.data.ptr, arr.nbytes))
+            written.append((name, arr.data.ptr, arr.nbytes))
         return arr
 
     row = dict(dtype=dtype, shape=(tokens, hidden))

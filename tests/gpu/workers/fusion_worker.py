@@ -391,6 +391,15 @@ def moe_bad_input(ctx):
     with pytest.raises(TypeError, match="expanded_idx_to_permuted_idx"):
         moe_finalize_allreduce_fusion(cupy.zeros((5, 1024), bfloat16),
                                       cupy.zeros((7, 4), np.int64), ws)
+    # an output over allreduce_in: every token may read any of its rows
+    rows = cupy.zeros((28, 1024), bfloat16)
+    outs = AllReduceFusionOutputs(residual_out=cupy.zeros((7, 1024), bfloat16),
+                                  norm_out=rows[7:14])
+    opts = AllReduceFusionOptions(residual=cupy.zeros((7, 1024), bfloat16),
+                                  rms_gamma=cupy.ones(1024, bfloat16))
+    with pytest.raises(ValueError, match="outputs.norm_out: overlaps allreduce_in"):
+        moe_finalize_allreduce_fusion(rows, cupy.zeros((7, 4), np.int32), ws,
+                                      P.kARResidualRMSNorm, opts, outs)
 
 
 # ---------------------------------------------------------------- graphs, bad input
