@@ -19,7 +19,7 @@
 // 2^32) over calls and chunks, so they never need resetting; a wait takes a slot's value
 // only within [value, value + 2^13), since a slot of a block past the recent grids may be
 // any number of calls old (with a ">=" compare, one 2^19 calls old read as ahead). A
-// value exactly a multiple of 2^20 calls old still aliases. The inboxes are reused by
+// value whose age is within a call of a multiple of 2^20 calls still aliases. The inboxes are reused by
 // the next two-shot call: a block ends only after the peers' stage-1 flags of its chunks,
 // which they publish after reading their rs inbox, and a peer writes our ag inbox only
 // after our stage-0 flag of the next call. With the copy engines (allreduce.cu) the same

@@ -21,10 +21,10 @@
 // So pushing item t overlaps the peers' items t - 1 in flight and their copy out.
 // value(k, t) = ((k + 1) << 16) + t + 1 grows within a call and from call to call; a wait
 // takes a value within [value(k, t), value(k + 2, t)) only: a peer may be a call ahead,
-// and a slot of a block past the recent grids may be any number of calls old (one a
-// multiple of 2^16 calls old still aliases). A block with nothing to send a peer still
-// raises value(k, 0) once, and one with nothing to receive still waits for it: every
-// block hears from every peer every call.
+// and a slot of a block past the recent grids may be any number of calls old (one whose
+// age is within a call of a multiple of 2^16 calls still aliases). A block with nothing
+// to send a peer still raises value(k, 0) once, and one with nothing to receive still
+// waits for it: every block hears from every peer every call.
 // That makes reuse of buffer k % 2 by call k + 2 safe: a rank enters call k + 2 after its
 // call k + 1 heard from every peer, which raises its flags only after pdl_wait(), i.e.
 // once its call k (the last reader of buffer k % 2) has completed.

@@ -9,6 +9,7 @@ and MOECOMM_DEBUG=1 catching arguments that differ across ranks.
 """
 
 import re
+import time
 
 import cupy
 import numpy as np
@@ -109,7 +110,8 @@ def twoshot_after_many_calls(ctx):
     calls between prefills): flag slots written long ago, or never (blocks past the earlier
     grids), must not pass for the new call's; a ">=" compare of 32-bit values took them
     for values ahead. The counter is set as that many calls would leave it (same on every
-    rank); a small grid first, then a large one, each checked."""
+    rank); a small grid first, then a large one, each checked. Rank 0 starts each call
+    late, so a wait passed early reads stale data."""
     ws = create_allreduce_workspace(ctx.group, max_bytes=1 << 20, dtype=np.float32)
     xs = reduce_inputs(ctx, (4096,), np.float32)
     out = poisoned((4096,), np.float32)
@@ -124,7 +126,11 @@ def twoshot_after_many_calls(ctx):
         for n in (4096, (1 << 20) // 4):
             xs = reduce_inputs(ctx, (n,), np.float32)
             out = poisoned((n,), np.float32)
-            all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out, algorithm="twoshot")
+            x = cupy.asarray(xs[ctx.rank])
+            cupy.cuda.runtime.deviceSynchronize()
+            if ctx.rank == 0:
+                time.sleep(0.05)
+            all_reduce(x, ws, out=out, algorithm="twoshot")
             check_exact(ctx, out, xs, f"two-shot of {n} after call {start}")
     ws.check()
     ws.close()

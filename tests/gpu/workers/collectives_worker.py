@@ -341,18 +341,20 @@ def pipelined_after_many_calls(ctx):
     """The pipelined path after the call counter moved on by 2^15 and more: flag slots of
     blocks past the recent grids (or never written) must not pass for the new call's. The
     counter is set as that many calls would leave it (same on every rank); each call is
-    checked."""
-    ws = workspace(ctx, path="pipelined")
+    checked. Rank 0 starts each call late, so a wait passed early reads stale data."""
+    ws = workspace(ctx, key="vc_counter", path="pipelined")  # its own counter
     sizes, xs = gather_inputs(ctx)
     check_gather(ctx, ws, sizes, xs)
-    for start in ((1 << 15) + 3, (1 << 16) - 1, 3 << 15):
+    for jump in ((1 << 15) + 3, (1 << 16) - 7, 3 << 15):
         ctx.stream.synchronize()
         cupy.cuda.runtime.deviceSynchronize()
-        ws.state[0] = start  # kStateCall (kernels_cu/collectives.cu)
+        ws.state[0] = int(ws.state[0]) + jump  # kStateCall (kernels_cu/collectives.cu)
         cupy.cuda.runtime.deviceSynchronize()
         ctx.group.barrier()
         for mode in ("even", None):
             sizes, xs = gather_inputs(ctx, mode)
+            if ctx.rank == 0:
+                time.sleep(0.05)
             check_gather(ctx, ws, sizes, xs)
 
 
