@@ -320,9 +320,9 @@ class AllReduceFusionWorkspace(Op):
                 resident = grid_limit(sms, per_sm, ar.budgeted)
                 rows = tokens if oneshot else -(-tokens // self.world_size)
                 grid = _row_grid(rows, resident, plan, oneshot)
-                if oneshot and swizzled:
-                    grid = _padding_grid(grid, plan, tokens, self.hidden_dim,
-                                         max(plan.cluster, resident // plan.cluster * plan.cluster))
+                if oneshot and swizzled:  # within the resident whole clusters
+                    limit = max(1, resident // plan.cluster) * plan.cluster
+                    grid = _padding_grid(grid, plan, tokens, self.hidden_dim, limit)
                 entry = (launcher, grid, plan.block, plan.cluster, 0, 0)
             if len(self._geometry) > 1024:
                 self._geometry.clear()
