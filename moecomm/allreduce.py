@@ -217,7 +217,6 @@ class AllReduceWorkspace(Op):
         self.max_bytes = int_at_least("max_bytes", max_bytes)
         self.config = options(AllReduceConfig, config)
         self.world, self.rank = self.group.size, self.group.rank
-        self.device_id = cupy.cuda.runtime.getDevice()
         self.timeout_ns = timeout_ns(timeout_s)
         self.ipc = not self.group.spans_nodes
         # why the custom kernels cannot serve (empty while they can)

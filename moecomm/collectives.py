@@ -258,7 +258,6 @@ class VCollectiveWorkspace(Op):
         self.max_bytes = round_up(int_at_least("max_bytes", max_bytes), REGION_ALIGN)
         self.config = options(VCollectiveConfig, config)
         self.world, self.rank = self.group.size, self.group.rank
-        self.device_id = cupy.cuda.runtime.getDevice()
         self.ipc = not self.group.spans_nodes
         if self.ipc and self.world > VC_MAX_RANKS:
             raise ValueError(f"group of {self.world} ranks exceeds the {VC_MAX_RANKS} an IPC "

@@ -315,7 +315,6 @@ class MixedCommHandler(Op):
             inter_tp_size=inter_tp_size, inter_dp_size=inter_dp_size)
         self.rank = g.rank
         self.tp_rank, self.dp_rank = self.layout.coords(self.rank)
-        self.device_id = cupy.cuda.runtime.getDevice()
         self.tp_group = g.split(self.layout.tp_groups()[self.dp_rank])
         self.dp_group = g.split(self.layout.dp_groups()[self.tp_rank])
         try:  # collective, as construction is: free what was made if any step fails

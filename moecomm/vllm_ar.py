@@ -127,7 +127,6 @@ class CustomAllReduce(Op):
             raise ValueError(f"CustomAllReduce needs CUDA IPC, but the group spans "
                              f"{self.group.num_nodes} nodes")
         self.world, self.rank = self.group.size, self.group.rank
-        self.device_id = cupy.cuda.runtime.getDevice()
         # The workspace's flags, call counter and error word; no data regions.
         self.workspace = AllReduceWorkspace(self.group, VECTOR_BYTES, self.dtype,
                                             max_oneshot_bytes=0, timeout_s=timeout_s,

@@ -463,7 +463,6 @@ class MoeAlltoAll(Op):
             self.workspace_size_per_rank = size
             self.num_sms = min(sms, self.config.num_sms or sms)
             self.budgeted = self.num_sms < sms  # then one block per SM (MoeAlltoAllConfig.num_sms)
-            self.device_id = cupy.cuda.runtime.getDevice()
             self._state = cupy.zeros(_STATE_WORDS, np.uint32)
             self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
             self._recv_counts = cupy.zeros(ep, np.int32)
