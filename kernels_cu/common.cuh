@@ -362,17 +362,6 @@ struct SpinTimer {
   }
 };
 
-// Spins until *flag >= target (wrapping compare), acquire at system scope. False when
-// the wait gave up (see SpinTimer).
-__device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t target,
-                                              const WaitContext& w, int peer) {
-  SpinTimer timer;
-  while ((int32_t)(ld_acquire_sys(flag) - target) < 0) {
-    if (timer.give_up(w, peer)) return false;
-  }
-  return true;
-}
-
 // Spins until *flag is in [target, target + window) (mod 2^32), acquire at system scope:
 // for a flag slot that not every call writes (a block past a smaller call's grid), whose
 // value may be any number of calls old. A ">=" compare of 32-bit values takes a value
@@ -385,6 +374,13 @@ __device__ __forceinline__ bool wait_flag_in(const uint32_t* flag, uint32_t targ
     if (timer.give_up(w, peer)) return false;
   }
   return true;
+}
+
+// Spins until *flag >= target (wrapping compare: within 2^31 ahead), for counters every
+// call advances. False when the wait gave up.
+__device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t target,
+                                              const WaitContext& w, int peer) {
+  return wait_flag_in(flag, target, 1u << 31, w, peer);
 }
 
 // Re-polls the Lamport vector at p (x: its value as last loaded) until no word of it is
