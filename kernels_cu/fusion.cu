@@ -265,8 +265,18 @@ __device__ __forceinline__ void epilogue(const FusionArgs& a, size_t row, const 
       const int group = v / lanes;
       if (v % lanes == 0) {
         // int32 word (row, group / 4) of the MN-major layout, byte group % 4
+        uint8_t* sf = static_cast<uint8_t*>(a.scale_out);
         const size_t word = (size_t)(group / 4) * mn + row;
-        static_cast<uint8_t*>(a.scale_out)[word * 4 + group % 4] = (uint8_t)e;
+        sf[word * 4 + group % 4] = (uint8_t)e;
+        // The storage's padding is written 0, as the reference and quant.cu write it:
+        // the missing groups of a row's last word, and this group's byte in the rows
+        // tokens..mn-1 of every word column but the last (which the storage lacks).
+        const int groups = (int)(a.hidden / a.group_size);
+        if (group == groups - 1)
+          for (int b = group % 4 + 1; b < 4; ++b) sf[word * 4 + b] = 0;
+        if (row + 1 == a.tokens && group / 4 < (groups - 1) / 4)
+          for (size_t pad = a.tokens; pad < mn; ++pad)
+            sf[((size_t)(group / 4) * mn + pad) * 4 + group % 4] = 0;
       }
     }
   }

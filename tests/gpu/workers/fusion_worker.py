@@ -138,9 +138,11 @@ class Inputs:
         elif quant == Quant.GROUP_FP8:
             wq, wsf = reference.quant_fp8_per_token_group(norm32, group_size)
             assert np.array_equal(q, wq), f"{what}: group fp8 codes"
-            got = reference.ue8m0_from_mn_major_storage(cupy.asnumpy(outs.scale_out),
-                                                        self.tokens, self.hidden // group_size)
-            assert np.array_equal(got, wsf), f"{what}: group fp8 scales"
+            # the whole storage: its padding (missing groups of a row's last word, rows up
+            # to a multiple of 4) is written 0, as the reference writes it
+            assert np.array_equal(cupy.asnumpy(outs.scale_out),
+                                  reference.ue8m0_to_mn_major_storage(wsf)), \
+                f"{what}: group fp8 scales"
         else:
             wq, wsf = reference.quant_fp8_dynamic_per_token(norm32)
             assert np.array_equal(q, wq), f"{what}: dynamic fp8 codes"
@@ -187,6 +189,32 @@ def patterns(ctx, shape):
                              group_size=64)
             inputs.check(P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant, g64, "group 64",
                          group_size=64)
+    ws.check()
+    ws.close()
+
+
+@case
+def group_fp8_padding(ctx):
+    """Per-token-group FP8 where a row's groups do not fill its last UE8M0 word (hidden
+    2880: 45 groups of 64, 90 of 32) and the token count is not a multiple of 4: the
+    storage's padding bytes, poisoned first, come out 0, one-shot and two-shot."""
+    hidden = 2880
+    ws = create_allreduce_fusion_workspace(ctx.group, MAX_TOKENS, hidden, bfloat16)
+    for tokens in (1, 7, MAX_TOKENS):
+        inputs = Inputs(ctx, tokens, hidden, bfloat16, 0.0)
+        for oneshot in (True, False):
+            if oneshot and tokens * hidden * 2 > ws.allreduce.max_oneshot_bytes:
+                continue
+            for group_size in (64, 32):
+                done = None  # the Out variant first: the other is compared with it
+                for pattern in (P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant,
+                                P.kARResidualRMSNormPerTokenGroupFP8PackedQuant):
+                    what = f"{tokens}x{hidden} g{group_size} {pattern.name} oneshot={oneshot}"
+                    outs = inputs.run(ws, pattern, oneshot, group_size=group_size)
+                    agree = ctx.ranks_agree(written(outs))
+                    inputs.check(pattern, outs, what, group_size=group_size, out_variant=done)
+                    assert agree, f"{what}: ranks differ"
+                    done = outs
     ws.check()
     ws.close()
 
