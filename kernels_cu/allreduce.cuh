@@ -5,7 +5,7 @@
 //   Lamport buffers [3][world][lamport_slot]: one-shot inboxes, slot s written by rank s,
 //     holding -0.0 ("not yet written") between uses;
 //   rs inbox [world][rs_slot], ag inbox [max bytes]: two-shot reduce-scatter / all-gather;
-//   flags u32 [2 stages][kArMaxBlocks][kArMaxRanks]: two-shot, entry (stage, b, s) written
+//   flags u64 [2 stages][kArMaxBlocks][kArMaxRanks]: two-shot, entry (stage, b, s) written
 //     by block b of rank s.
 // Local control words (state, not shared): see kState* below.
 //
@@ -15,11 +15,12 @@
 // One-shot call k pushes into Lamport buffer k % 3 and clears buffer (k + 2) % 3, the one
 // call k - 1 used: every peer wrote it before we could finish call k - 1, and no peer
 // writes it again before call k + 2, which a peer can only start once it has our data of
-// call k + 1. Two-shot flags carry the value ((k + 1) << 12) + chunk + 1, monotonic (mod
-// 2^32) over calls and chunks, so they never need resetting; a wait takes a slot's value
-// only within [value, value + 2^13), since a slot of a block past the recent grids may be
-// any number of calls old (with a ">=" compare, one 2^19 calls old read as ahead). A
-// value whose age is within a call of a multiple of 2^20 calls still aliases. The inboxes are reused by
+// call k + 1. Two-shot flags carry the 64-bit value ((k + 1) << 32) + chunk + 1, monotonic
+// over calls and chunks, so they never need resetting; a wait takes a slot's value only
+// from this call (that chunk or a later one) or the next, since a slot of a block past
+// the recent grids may be any number of calls old: only a value 2^32 calls old (within
+// one call) would alias, where 32-bit values with the call in their upper 20 bits aliased
+// at every 2^20 calls. The inboxes are reused by
 // the next two-shot call: a block ends only after the peers' stage-1 flags of its chunks,
 // which they publish after reading their rs inbox, and a peer writes our ag inbox only
 // after our stage-0 flag of the next call. With the copy engines (allreduce.cu) the same
@@ -45,7 +46,6 @@ constexpr int kStateLamportBytes = 5;  // [5 + b]: bytes per slot the last user 
                                        // buffer b wrote (what the next-but-one call clears)
 constexpr int kStateWords = 8;
 
-constexpr int kFlagChunkBits = 12;  // two-shot flag value: ((call + 1) << 12) + chunk + 1
 
 __device__ __forceinline__ uint8_t* base(const ArWorkspace& ws, int r) {
   return reinterpret_cast<uint8_t*>(ws.peers[r]);
@@ -181,20 +181,21 @@ __device__ __forceinline__ bool reduce_lamport(const ArWorkspace& ws, int buf, s
 }
 
 // Two-shot flag of (stage, block b, source rank s) in rank r's buffer.
-__device__ __forceinline__ uint32_t* flag(const ArWorkspace& ws, int r, int stage, int b, int s) {
-  return reinterpret_cast<uint32_t*>(base(ws, r) + ws.flag_off) +
+__device__ __forceinline__ uint64_t* flag(const ArWorkspace& ws, int r, int stage, int b, int s) {
+  return reinterpret_cast<uint64_t*>(base(ws, r) + ws.flag_off) +
          ((size_t)stage * kArMaxBlocks + b) * kArMaxRanks + s;
 }
 
-__device__ __forceinline__ uint32_t flag_value(const Call& call, uint32_t chunk) {
-  return ((call.index + 1) << kFlagChunkBits) + chunk + 1;
+// Two-shot flag of `chunk` of this call: the call number above, the chunk below.
+__device__ __forceinline__ uint64_t flag_value(const Call& call, uint32_t chunk) {
+  return ((uint64_t)(call.index + 1) << 32) + chunk + 1;
 }
 
 // After this block's writes to every peer: publish (stage, blockIdx.x) = value to them.
 // The barrier makes every thread's writes part of what the signalling thread has observed,
 // and its system-scope release is cumulative: a peer that acquires the flag sees them all.
 // No thread waits for its own writes to drain before the block moves on.
-__device__ __forceinline__ void signal_peers(const ArWorkspace& ws, int stage, uint32_t value) {
+__device__ __forceinline__ void signal_peers(const ArWorkspace& ws, int stage, uint64_t value) {
   __syncthreads();
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank)
     st_release_sys(flag(ws, threadIdx.x, stage, blockIdx.x, ws.rank), value);
@@ -204,12 +205,12 @@ __device__ __forceinline__ void signal_peers(const ArWorkspace& ws, int stage, u
 // `stage`; a slot may hold a value from any older call (its block was past the grids
 // since), which must not pass (the window also admits a call ahead, which the protocol
 // never produces). Block-uniform; false if a wait gave up.
-__device__ __forceinline__ bool wait_peers(const ArWorkspace& ws, int stage, uint32_t value,
+__device__ __forceinline__ bool wait_peers(const ArWorkspace& ws, int stage, uint64_t value,
                                            const WaitContext& w) {
   bool ok = true;
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank)
     ok = wait_flag_in(flag(ws, ws.rank, stage, blockIdx.x, threadIdx.x), value,
-                      2u << kFlagChunkBits, w, threadIdx.x);
+                      uint64_t{2} << 32, w, threadIdx.x);
   return __syncthreads_and(ok);
 }
 

@@ -23,7 +23,7 @@ struct ArWorkspace {
   uint64_t rs_off;                       // two-shot reduce-scatter inbox [world][rs_slot]
   uint64_t rs_slot;                      // bytes per rank slot
   uint64_t ag_off;                       // two-shot all-gather inbox [max bytes]
-  uint64_t flag_off;                     // two-shot flags u32 [2][AR_MAX_BLOCKS][AR_MAX_RANKS]
+  uint64_t flag_off;                     // two-shot flags u64 [2][AR_MAX_BLOCKS][AR_MAX_RANKS]
   int32_t rank;
   int32_t world;
 };

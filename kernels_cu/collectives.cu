@@ -1,7 +1,7 @@
 // Variable-size collectives over CUDA IPC: all_gatherv and reduce_scatterv, one kernel per
 // call (moecomm.collectives), and the local stacked reduction of their NCCL path.
 //
-// Workspace (one SymmetricBuffer per rank): flags u32 [kVcMaxBlocks][kVcMaxRanks] at offset
+// Workspace (one SymmetricBuffer per rank): flags u64 [kVcMaxBlocks][kVcMaxRanks] at offset
 // 0, then two data buffers of buffer_bytes; call k uses buffer k % 2; then the Lamport
 // buffers of the small-call path (see "Lamport path" below). State words (local): the
 // call counter, the grid-arrival count, the abort word of the bounded waits.
@@ -19,10 +19,10 @@
 //     (bounded), and copy (all_gatherv) or sum in rank order (reduce_scatterv) those items
 //     from its own buffer k % 2.
 // So pushing item t overlaps the peers' items t - 1 in flight and their copy out.
-// value(k, t) = ((k + 1) << 16) + t + 1 grows within a call and from call to call; a wait
-// takes a value within [value(k, t), value(k + 2, t)) only: a peer may be a call ahead,
-// and a slot of a block past the recent grids may be any number of calls old (one whose
-// age is within a call of a multiple of 2^16 calls still aliases). A block with nothing
+// value(k, t) = ((k + 1) << 32) + t + 1 (64 bits) grows within a call and from call to
+// call; a wait takes a value within [value(k, t), value(k + 2, 0)) only: a peer may be a
+// call ahead, and a slot of a block past the recent grids may be any number of calls old
+// (only one 2^32 calls old, within a call, would alias). A block with nothing
 // to send a peer still raises value(k, 0) once, and one with nothing to receive still
 // waits for it: every block hears from every peer every call.
 // That makes reuse of buffer k % 2 by call k + 2 safe: a rank enters call k + 2 after its
@@ -44,8 +44,8 @@ __device__ __forceinline__ uint8_t* data(const VcWorkspace& ws, int r, uint32_t 
   return reinterpret_cast<uint8_t*>(ws.peers[r]) + ws.data_off + (size_t)(call & 1u) * ws.buffer_bytes;
 }
 
-__device__ __forceinline__ uint32_t* flag(const VcWorkspace& ws, int r, int b, int s) {
-  return reinterpret_cast<uint32_t*>(ws.peers[r]) + (size_t)b * config::kVcMaxRanks + s;
+__device__ __forceinline__ uint64_t* flag(const VcWorkspace& ws, int r, int b, int s) {
+  return reinterpret_cast<uint64_t*>(ws.peers[r]) + (size_t)b * config::kVcMaxRanks + s;
 }
 
 // Bytes [lo, hi) of a segment of n bytes that this block moves.
@@ -72,10 +72,11 @@ __device__ __forceinline__ void item_range(uint64_t n, uint64_t item_bytes, uint
   hi = min(c1, lo + item_bytes);
 }
 
-constexpr int kFlagItemBits = 16;  // flag value: ((call + 1) << 16) + item + 1
-
-__device__ __forceinline__ uint32_t flag_value(uint32_t k, uint32_t t) {
-  return ((k + 1) << kFlagItemBits) + t + 1;
+// Flag of item t of call k: the call number in the high word, the item in the low one
+// (wait_flag_in, common.cuh: a slot of a block past the recent grids may be any number of
+// calls old).
+__device__ __forceinline__ uint64_t flag_value(uint32_t k, uint32_t t) {
+  return ((uint64_t)(k + 1) << 32) + t + 1;
 }
 
 // The block copies n bytes from src to each of dst[0..ndst): 16-byte vectors (kUnroll
@@ -123,7 +124,7 @@ __device__ __forceinline__ WaitContext wait_context(const VcWorkspace& ws, uint3
 }
 
 // Step 2: a block barrier, then thread p raises flag[b][rank] = value at peer p if `to_p`.
-__device__ __forceinline__ void signal_peer(const VcWorkspace& ws, uint32_t value, bool to_p) {
+__device__ __forceinline__ void signal_peer(const VcWorkspace& ws, uint64_t value, bool to_p) {
   __syncthreads();
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank && to_p)
     st_release_sys(flag(ws, threadIdx.x, blockIdx.x, ws.rank), value);
@@ -133,12 +134,12 @@ __device__ __forceinline__ void signal_peer(const VcWorkspace& ws, uint32_t valu
 // of this call, or of the next (a peer may be a call ahead, never two), not a value of
 // an older call (the slot's block may have been past the grids since). Block-uniform;
 // false if a wait gave up.
-__device__ __forceinline__ bool wait_peer(const VcWorkspace& ws, uint32_t value, bool from_s,
+__device__ __forceinline__ bool wait_peer(const VcWorkspace& ws, uint64_t value, bool from_s,
                                           const WaitContext& w) {
   bool ok = true;
   if (threadIdx.x < ws.world && threadIdx.x != ws.rank && from_s)
     ok = wait_flag_in(flag(ws, ws.rank, blockIdx.x, threadIdx.x), value,
-                      2u << kFlagItemBits, w, threadIdx.x);
+                      uint64_t{2} << 32, w, threadIdx.x);
   return __syncthreads_and(ok);
 }
 

@@ -190,6 +190,16 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   return v;
 }
 
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void red_add_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -362,13 +372,17 @@ struct SpinTimer {
   }
 };
 
-// Spins until *flag is in [target, target + window) (mod 2^32), acquire at system scope:
-// for a flag slot that not every call writes (a block past a smaller call's grid), whose
-// value may be any number of calls old. A ">=" compare of 32-bit values takes a value
-// 2^31 behind for one ahead; no value outside the window is ever taken for the target's.
+// Spins until *flag is in [target, target + window) (modulo 2^32 or 2^64: U is uint32_t
+// or uint64_t), acquire at system scope. A ">=" compare would take a value 2^31 behind
+// for one ahead; no value outside the window is ever taken for the target's. The 64-bit
+// flags serve slots that not every call writes (a block past a smaller call's grid),
+// whose value may be any number of calls old: they carry the 32-bit call number in their
+// high word (flag_value in allreduce.cuh and collectives.cu), so a stale value passes
+// only when its call number is this call's or the next one's, 2^32 calls later.
 // False when the wait gave up (see SpinTimer).
-__device__ __forceinline__ bool wait_flag_in(const uint32_t* flag, uint32_t target,
-                                             uint32_t window, const WaitContext& w, int peer) {
+template <typename U>
+__device__ __forceinline__ bool wait_flag_in(const U* flag, U target, U window,
+                                             const WaitContext& w, int peer) {
   SpinTimer timer;
   while (ld_acquire_sys(flag) - target >= window) {
     if (timer.give_up(w, peer)) return false;
@@ -380,7 +394,7 @@ __device__ __forceinline__ bool wait_flag_in(const uint32_t* flag, uint32_t targ
 // call advances. False when the wait gave up.
 __device__ __forceinline__ bool wait_flag_geq(const uint32_t* flag, uint32_t target,
                                               const WaitContext& w, int peer) {
-  return wait_flag_in(flag, target, 1u << 31, w, peer);
+  return wait_flag_in<uint32_t>(flag, target, 1u << 31, w, peer);
 }
 
 // Re-polls the Lamport vector at p (x: its value as last loaded) until no word of it is

@@ -449,7 +449,7 @@ __device__ __forceinline__ void twoshot(const FusionArgs& a) {
   const int rank = ws.rank, world = ws.world;
   pdl_wait();
   const Call call = begin_call(ws);
-  const uint32_t value = flag_value(call, 0);
+  const uint64_t value = flag_value(call, 0);
   const WaitContext w = wait_context(ws, config::kErrAllreduceTwoshot);
 
   // 1. rows of segment p go to rank p's reduce-scatter inbox, slot `rank`

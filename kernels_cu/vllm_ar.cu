@@ -39,7 +39,7 @@ __device__ __forceinline__ void registered(const RegAllReduceArgs& a) {
   const Call call = begin_call(ws);
   clear_previous<T>(ws, call);
   const WaitContext w = wait_context(ws, config::kErrAllreduceRegistered);
-  const uint32_t value = flag_value(call, 0);
+  const uint64_t value = flag_value(call, 0);
   signal_peers(ws, 0, value);
   bool ok = wait_peers(ws, 0, value, w);
   if (ok) {

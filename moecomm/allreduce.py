@@ -50,7 +50,7 @@ _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
 _STATE_WORDS = 8       # kStateWords in allreduce.cuh
 _MAX_CHUNKS = 4095     # chunks of one block per call (kFlagChunkBits in allreduce.cuh)
-_FLAG_BYTES = 2 * AR_MAX_BLOCKS * AR_MAX_RANKS * 4
+_FLAG_BYTES = 2 * AR_MAX_BLOCKS * AR_MAX_RANKS * 8  # u64 two-shot flags (allreduce.cuh)
 
 
 class Algorithm(str, enum.Enum):
@@ -202,7 +202,7 @@ class AllReduceWorkspace(Op):
             fused all-reduce splits by whole rows and needs ``ceil(rows / world)`` rows).
         config: ``AllReduceConfig`` (launch sizes, crossover, PDL).
 
-    Memory per rank: ``3 * world * max_oneshot_bytes + 2 * max_bytes`` plus 128 KiB of
+    Memory per rank: ``3 * world * max_oneshot_bytes + 2 * max_bytes`` plus 256 KiB of
     flags. Creation and ``close()`` are collective. If the buffers cannot be shared (CUDA
     IPC refused on some rank), the workspace warns and serves every call through NCCL.
     """

@@ -83,10 +83,10 @@ _SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
 if bfloat16 is not None:
     _SUFFIX[bfloat16] = "bf16"
 _STATE_WORDS = 4  # kState* in collectives.cu
-_FLAG_BYTES = VC_MAX_BLOCKS * VC_MAX_RANKS * 4
-# Items of one tensor in a block's share: a flag holds the call in its high 16 bits and
-# the block's item count over every tensor in the low 16 (collectives.cu, flag_value), so
-# the items of VC_MAX_TENSORS tensors must stay below 2^16.
+_FLAG_BYTES = VC_MAX_BLOCKS * VC_MAX_RANKS * 8  # u64 flags (collectives.cu, flag_value)
+# Items of one tensor in a block's share. A flag holds the call in its high 32 bits and
+# the item over every tensor in the low 32; the items of VC_MAX_TENSORS tensors are kept
+# below 2^16, the sizing the pipelined path was measured with.
 _MAX_ITEMS = (1 << 16) // VC_MAX_TENSORS - 1
 _CACHE = 64       # prepared launches kept per workspace
 _LAMPORT_STATE_WORDS = 8         # kStateWords in allreduce.cuh
@@ -243,7 +243,7 @@ class VCollectiveWorkspace(Op):
         timeout_s: bound of every wait for a peer (None: ``MOECOMM_TIMEOUT_S`` or 10 s).
         config: ``VCollectiveConfig``.
 
-    Memory per rank (IPC): ``2 * max_bytes`` plus 32 KiB of flags, plus the Lamport
+    Memory per rank (IPC): ``2 * max_bytes`` plus 64 KiB of flags, plus the Lamport
     buffers ``3 * world * lamport_slot`` (``lamport_slot_bytes``: about
     ``min(max_bytes, 2 * lamport_max_bytes)`` for 2 ranks); NCCL path: one
     ``max_bytes`` staging buffer for reduce_scatterv. Creation and ``close()`` are

@@ -16,7 +16,7 @@ NAMES = {  # vLLM / FlashInfer name -> CustomAllReduce method
 
 def test_meta_size_is_the_flag_region():
     assert vllm_ar.vllm_meta_size() == vllm_ar.meta_size() == \
-        2 * constants.AR_MAX_BLOCKS * constants.AR_MAX_RANKS * 4
+        2 * constants.AR_MAX_BLOCKS * constants.AR_MAX_RANKS * 8  # u64 flags
 
 
 def test_every_vllm_function_forwards():

@@ -109,7 +109,8 @@ def twoshot_after_many_calls(ctx):
     """Two-shot after the call counter moved on by 2^19 and more (a decode loop of one-shot
     calls between prefills): flag slots written long ago, or never (blocks past the earlier
     grids), must not pass for the new call's; a ">=" compare of 32-bit values took them
-    for values ahead. The counter is set as that many calls would leave it (same on every
+    for values ahead, and 32-bit values with 20 bits of call number equalled them at
+    exactly 2^20 calls. The counter is set as that many calls would leave it (same on every
     rank); a small grid first, then a large one, each checked. Rank 0 starts each call
     late, so a wait passed early reads stale data."""
     ws = create_allreduce_workspace(ctx.group, max_bytes=1 << 20, dtype=np.float32)
@@ -132,6 +133,23 @@ def twoshot_after_many_calls(ctx):
                 time.sleep(0.05)
             all_reduce(x, ws, out=out, algorithm="twoshot")
             check_exact(ctx, out, xs, f"two-shot of {n} after call {start}")
+    # Exactly 2^20 calls after the last one: every flag slot that call wrote would equal
+    # the new call's value if the flags held the call in 20 bits.
+    for _ in range(2):
+        ctx.stream.synchronize()
+        cupy.cuda.runtime.deviceSynchronize()
+        ws.state[4] = int(ws.state[4]) - 1 + (1 << 20)
+        cupy.cuda.runtime.deviceSynchronize()
+        ctx.group.barrier()
+        n = (1 << 20) // 4
+        xs = reduce_inputs(ctx, (n,), np.float32)
+        out = poisoned((n,), np.float32)
+        x = cupy.asarray(xs[ctx.rank])
+        cupy.cuda.runtime.deviceSynchronize()
+        if ctx.rank == 0:
+            time.sleep(0.05)
+        all_reduce(x, ws, out=out, algorithm="twoshot")
+        check_exact(ctx, out, xs, "two-shot 2^20 calls after the last")
     ws.check()
     ws.close()
 

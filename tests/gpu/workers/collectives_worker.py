@@ -94,9 +94,10 @@ def sentinel_rich(rng, rows, dtype, shape):
     return x
 
 
-def gather_inputs(ctx, mode=None):
+def gather_inputs(ctx, mode=None, sizes=None):
+    """Fresh random row counts (or ``sizes``) and each rank's payloads."""
     rngs = ctx.rank_rngs()
-    sizes = make_sizes(rngs[0], ctx.world, mode)
+    sizes = make_sizes(rngs[0], ctx.world, mode) if sizes is None else sizes
     xs = [[sentinel_rich(rngs[r], sizes[r], dt, shape) for dt, shape in PAYLOADS]
           for r in range(ctx.world)]
     return sizes, xs
@@ -356,6 +357,18 @@ def pipelined_after_many_calls(ctx):
             if ctx.rank == 0:
                 time.sleep(0.05)
             check_gather(ctx, ws, sizes, xs)
+    # Exactly 2^16 calls after the last one, the same sizes: every flag slot that call
+    # wrote would equal the new call's value if the flags held the call in 16 bits.
+    for _ in range(2):
+        ctx.stream.synchronize()
+        cupy.cuda.runtime.deviceSynchronize()
+        ws.state[0] = int(ws.state[0]) - 1 + (1 << 16)
+        cupy.cuda.runtime.deviceSynchronize()
+        ctx.group.barrier()
+        sizes, xs = gather_inputs(ctx, sizes=sizes)  # new data, the last call's grid
+        if ctx.rank == 0:
+            time.sleep(0.05)
+        check_gather(ctx, ws, sizes, xs)
 
 
 @case(variants={p: p for p in PATHS})
