@@ -255,44 +255,48 @@ class AllReduceWorkspace(Op):
             self.ipc = False
             self.no_ipc_reason = f"CUDA IPC was refused ({exc})"
             return
+        ranks = self.group.local_comm.allgather(self.rank)
         try:  # collective, as construction is: free what was made if any step fails
-            self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
-            self.state = cupy.zeros(_STATE_WORDS, np.uint32)
-            self.error = ErrorWord(self.group.local_comm.allgather(self.rank))
-            # The workspace as kernels see it; copied into every launcher's argument struct.
-            self.kernel_workspace = ArWorkspace(
-                state=self.state.data.ptr, error_word=self.error.ptr, timeout_ns=self.timeout_ns,
-                lamport_off=lamport_off, lamport_slot=slot, rs_off=rs_off, rs_slot=rs_slot,
-                ag_off=ag_off, flag_off=0, rank=self.group.local_rank, world=self.world)
-            self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
-            suffix = _SUFFIX[self.dtype]
-            self._geometry: dict = {}  # (bytes, algorithm) -> (grid, block, chunk vectors)
-            self._launchers = {}
-            ce = self.config.twoshot_copy_engine
-            self.copy_engine = self.budgeted if ce is None else bool(ce)
-            for algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
-                ce_suffix = "_ce" if self.copy_engine and algo == Algorithm.TWOSHOT else ""
-                launcher = Launcher(kernels.get_kernel(
-                    "allreduce.cu", f"allreduce_{algo.value}{ce_suffix}_{suffix}"),
+            with self.group.all_or_none("AllReduceWorkspace"):  # local steps
+                self.max_oneshot_bytes, self._auto_limit = slot, min(slot, crossover)
+                self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+                self.error = ErrorWord(ranks)
+                # The workspace as kernels see it; copied into every launcher's arguments.
+                self.kernel_workspace = ArWorkspace(
+                    state=self.state.data.ptr, error_word=self.error.ptr,
+                    timeout_ns=self.timeout_ns, lamport_off=lamport_off, lamport_slot=slot,
+                    rs_off=rs_off, rs_slot=rs_slot, ag_off=ag_off, flag_off=0,
+                    rank=self.group.local_rank, world=self.world)
+                self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
+                suffix = _SUFFIX[self.dtype]
+                self._geometry: dict = {}  # (bytes, algorithm) -> (grid, block, chunk vecs)
+                self._launchers = {}
+                ce = self.config.twoshot_copy_engine
+                self.copy_engine = self.budgeted if ce is None else bool(ce)
+                for algo in (Algorithm.ONESHOT, Algorithm.TWOSHOT):
+                    ce_suffix = "_ce" if self.copy_engine and algo == Algorithm.TWOSHOT else ""
+                    launcher = Launcher(kernels.get_kernel(
+                        "allreduce.cu", f"allreduce_{algo.value}{ce_suffix}_{suffix}"),
+                        AllReduceArgs, pdl=self.config.pdl)
+                    launcher.args.ws = self.kernel_workspace
+                    self._launchers[algo] = launcher
+                # The one-shot split by SM role: from split_from bytes, one block per SM,
+                # which split_shared_mem bytes of (unused) shared memory ensure.
+                self.split_from = self.config.split_from(self.world, self.sms)
+                self.split_shared_mem = device_facts().max_shared_per_block // 2 + 1024
+                self._split = Launcher(self.split_kernel(
+                    kernels.get_kernel("allreduce.cu", f"allreduce_oneshot_split_{suffix}")),
                     AllReduceArgs, pdl=self.config.pdl)
-                launcher.args.ws = self.kernel_workspace
-                self._launchers[algo] = launcher
-            # The one-shot split by SM role: from split_from bytes, one block per SM, which
-            # split_shared_mem bytes of (unused) shared memory ensure.
-            self.split_from = self.config.split_from(self.world, self.sms)
-            self.split_shared_mem = device_facts().max_shared_per_block // 2 + 1024
-            self._split = Launcher(self.split_kernel(
-                kernels.get_kernel("allreduce.cu", f"allreduce_oneshot_split_{suffix}")),
-                AllReduceArgs, pdl=self.config.pdl)
-            self._split.args.ws = self.kernel_workspace
-            self._split.args.push_blocks = self.config.split_push_sms
-            lamport_bytes = AR_LAMPORT_BUFFERS * self.world * slot
-            if lamport_bytes:
-                fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
-                fill.args.dst, fill.args.nbytes = self.buffer.ptr + lamport_off, lamport_bytes
-                fill.args.word = _SENTINEL[self.dtype]
-                fill(min(self.sms * 4, -(-lamport_bytes // (16 * 256))), 256, 0)
-            cupy.cuda.runtime.deviceSynchronize()
+                self._split.args.ws = self.kernel_workspace
+                self._split.args.push_blocks = self.config.split_push_sms
+                lamport_bytes = AR_LAMPORT_BUFFERS * self.world * slot
+                if lamport_bytes:
+                    fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
+                    fill.args.dst = self.buffer.ptr + lamport_off
+                    fill.args.nbytes = lamport_bytes
+                    fill.args.word = _SENTINEL[self.dtype]
+                    fill(min(self.sms * 4, -(-lamport_bytes // (16 * 256))), 256, 0)
+                cupy.cuda.runtime.deviceSynchronize()
         except BaseException:
             if self.error is not None:
                 self.error.close()

@@ -67,16 +67,24 @@ class DeviceBarrier(Op):
                              f"{BARRIER_MAX_RANKS} supported")
         ns = timeout_ns(timeout_s)
         ranks = self.group.local_comm.allgather(self.group.rank)
-        kernel = get_kernel("barrier.cu", "device_barrier")
         self.buffer = SymmetricBuffer(self.group, 4 * BARRIER_MAX_RANKS)
-        self.state = cupy.zeros(_STATE_WORDS, np.uint32)
-        error = ErrorWord(ranks)
-        self._launch = Launcher(kernel, BarrierArgs)
-        a = self._launch.args
-        a.peers[:self.world] = self.buffer.ptrs
-        a.state, a.error_word, a.timeout_ns = self.state.data.ptr, error.ptr, ns
-        a.rank, a.world = self.group.local_rank, self.world
-        cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
+        error = None
+        try:  # collective, as construction is: free what was made if any step fails
+            with self.group.all_or_none("DeviceBarrier"):  # local steps
+                kernel = get_kernel("barrier.cu", "device_barrier")
+                self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+                error = ErrorWord(ranks)
+                self._launch = Launcher(kernel, BarrierArgs)
+                a = self._launch.args
+                a.peers[:self.world] = self.buffer.ptrs
+                a.state, a.error_word, a.timeout_ns = self.state.data.ptr, error.ptr, ns
+                a.rank, a.world = self.group.local_rank, self.world
+                cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
+        except BaseException:
+            if error is not None:
+                error.close()
+            self.buffer.close()
+            raise
         self._open(error)
 
     def __call__(self, stream=None, *, previous_event=None, async_op: bool = False):

@@ -274,35 +274,48 @@ class VCollectiveWorkspace(Op):
                                                    self.world)
             lamport_off = _FLAG_BYTES + 2 * self.max_bytes
             lamport_bytes = 3 * self.world * self.lamport_slot
-            self.buffer = SymmetricBuffer(self.group, lamport_off + lamport_bytes)
+            ranks = self.group.local_comm.allgather(self.rank)
             self.sms = group_sms(self.group)
-            self.state = cupy.zeros(_STATE_WORDS, np.uint32)
-            self.lamport_state = cupy.zeros(_LAMPORT_STATE_WORDS, np.uint32)
-            error = ErrorWord(self.group.local_comm.allgather(self.rank))
-            wait_ns = timeout_ns(timeout_s)
-            self.kernel_workspace = VcWorkspace(
-                state=self.state.data.ptr, error_word=error.ptr, timeout_ns=wait_ns,
-                data_off=_FLAG_BYTES, buffer_bytes=self.max_bytes, rank=self.group.local_rank,
-                world=self.world)
-            self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
-            self.lamport_workspace = ArWorkspace(
-                state=self.lamport_state.data.ptr, error_word=error.ptr, timeout_ns=wait_ns,
-                lamport_off=lamport_off, lamport_slot=self.lamport_slot,
-                rank=self.group.local_rank, world=self.world)
-            self.lamport_workspace.peers[:self.world] = self.buffer.ptrs
-            self._gather_kernel = kernels.get_kernel(_SOURCE, "vc_all_gatherv")
-            self._gather_lamport = kernels.get_kernel(_SOURCE, "vc_all_gatherv_lamport")
-            self._scatter_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_{s}")
-                                     for dt, s in _SUFFIX.items()}
-            self._scatter_lamport = {
-                dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_lamport_{s}")
-                for dt, s in _SUFFIX.items()}
-            if lamport_bytes:  # every word the sentinel before any peer writes
-                fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
-                fill.args.dst, fill.args.nbytes = self.buffer.ptr + lamport_off, lamport_bytes
-                fill.args.word = DCP_SENTINEL_WORD
-                fill(max(1, min(self.sms * 4, -(-lamport_bytes // (16 * 256)))), 256, 0)
-            cupy.cuda.runtime.deviceSynchronize()
+            self.buffer = SymmetricBuffer(self.group, lamport_off + lamport_bytes)
+            try:  # collective, as construction is: free what was made if any step fails
+                with self.group.all_or_none("VCollectiveWorkspace"):  # local steps
+                    self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+                    self.lamport_state = cupy.zeros(_LAMPORT_STATE_WORDS, np.uint32)
+                    error = ErrorWord(ranks)
+                    wait_ns = timeout_ns(timeout_s)
+                    self.kernel_workspace = VcWorkspace(
+                        state=self.state.data.ptr, error_word=error.ptr, timeout_ns=wait_ns,
+                        data_off=_FLAG_BYTES, buffer_bytes=self.max_bytes,
+                        rank=self.group.local_rank, world=self.world)
+                    self.kernel_workspace.peers[:self.world] = self.buffer.ptrs
+                    self.lamport_workspace = ArWorkspace(
+                        state=self.lamport_state.data.ptr, error_word=error.ptr,
+                        timeout_ns=wait_ns, lamport_off=lamport_off,
+                        lamport_slot=self.lamport_slot, rank=self.group.local_rank,
+                        world=self.world)
+                    self.lamport_workspace.peers[:self.world] = self.buffer.ptrs
+                    self._gather_kernel = kernels.get_kernel(_SOURCE, "vc_all_gatherv")
+                    self._gather_lamport = kernels.get_kernel(_SOURCE,
+                                                              "vc_all_gatherv_lamport")
+                    self._scatter_kernels = {
+                        dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_{s}")
+                        for dt, s in _SUFFIX.items()}
+                    self._scatter_lamport = {
+                        dt: kernels.get_kernel(_SOURCE, f"vc_reduce_scatterv_lamport_{s}")
+                        for dt, s in _SUFFIX.items()}
+                    if lamport_bytes:  # every word the sentinel before any peer writes
+                        fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"),
+                                        FillArgs)
+                        fill.args.dst = self.buffer.ptr + lamport_off
+                        fill.args.nbytes = lamport_bytes
+                        fill.args.word = DCP_SENTINEL_WORD
+                        fill(max(1, min(self.sms * 4, -(-lamport_bytes // (16 * 256)))), 256, 0)
+                    cupy.cuda.runtime.deviceSynchronize()
+            except BaseException:
+                if error is not None:
+                    error.close()
+                self.buffer.close()
+                raise
             self.group.barrier()
         else:
             from .nccl import NcclCommunicator

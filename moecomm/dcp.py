@@ -198,29 +198,32 @@ class DcpAlltoAll(Op):
                                  "4 GiB")
             self.device_id = cupy.cuda.runtime.getDevice()
             self.timeout_ns = timeout_ns(timeout_s)
+            ranks = group.local_comm.allgather(group.rank)
             self.buffer = SymmetricBuffer(group, self.nbytes)  # refuses a group spanning nodes
-            self.state = cupy.zeros(_STATE_WORDS, np.uint32)
-            self.error = ErrorWord(group.local_comm.allgather(group.rank))
-            ws = ArWorkspace(state=self.state.data.ptr, error_word=self.error.ptr,
-                             timeout_ns=self.timeout_ns, lamport_off=0,
-                             lamport_slot=self.slot_bytes, rank=group.local_rank,
-                             world=self.cp_size)
-            ws.peers[:self.cp_size] = self.buffer.ptrs
-            self._launchers = {}
-            for dt, suffix in _SUFFIX.items():
-                launcher = Launcher(kernels.get_kernel("dcp.cu", f"dcp_alltoall_{suffix}"),
-                                    DcpArgs, pdl=self.config.pdl)
-                launcher.args.ws = ws
-                self._launchers[dt] = launcher
-                _combiner(self.device_id, dt, self.config.pdl)  # loaded now, not in a capture
-            facts = device_facts(self.device_id)
-            self._most_blocks = facts.sms * min(self.config.blocks_per_sm, facts.blocks_per_sm(
-                self._launchers[bfloat16].kernel, self.config.threads))
-            fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
-            fill.args.dst, fill.args.nbytes = self.buffer.ptr, self.nbytes
-            fill.args.word = DCP_SENTINEL_WORD
-            fill(min(facts.sms * 4, -(-self.nbytes // (16 * 256))), 256, 0)
-            cupy.cuda.runtime.deviceSynchronize()
+            with group.all_or_none("DcpAlltoAll"):  # local steps
+                self.state = cupy.zeros(_STATE_WORDS, np.uint32)
+                self.error = ErrorWord(ranks)
+                ws = ArWorkspace(state=self.state.data.ptr, error_word=self.error.ptr,
+                                 timeout_ns=self.timeout_ns, lamport_off=0,
+                                 lamport_slot=self.slot_bytes, rank=group.local_rank,
+                                 world=self.cp_size)
+                ws.peers[:self.cp_size] = self.buffer.ptrs
+                self._launchers = {}
+                for dt, suffix in _SUFFIX.items():
+                    launcher = Launcher(kernels.get_kernel("dcp.cu", f"dcp_alltoall_{suffix}"),
+                                        DcpArgs, pdl=self.config.pdl)
+                    launcher.args.ws = ws
+                    self._launchers[dt] = launcher
+                    _combiner(self.device_id, dt, self.config.pdl)  # now, not in a capture
+                facts = device_facts(self.device_id)
+                self._most_blocks = facts.sms * min(
+                    self.config.blocks_per_sm,
+                    facts.blocks_per_sm(self._launchers[bfloat16].kernel, self.config.threads))
+                fill = Launcher(kernels.get_kernel("allreduce.cu", "fill_words"), FillArgs)
+                fill.args.dst, fill.args.nbytes = self.buffer.ptr, self.nbytes
+                fill.args.word = DCP_SENTINEL_WORD
+                fill(min(facts.sms * 4, -(-self.nbytes // (16 * 256))), 256, 0)
+                cupy.cuda.runtime.deviceSynchronize()
             group.barrier()  # every sentinel is in place before any peer writes
         except BaseException:
             if self.error is not None:

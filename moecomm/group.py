@@ -15,6 +15,7 @@ several ranks may share one GPU (CUDA IPC works between processes on one device)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -149,6 +150,25 @@ class ProcessGroup:
         if any(v != values[0] for v in values):
             detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
             raise ValueError(f"{what} differ across ranks ({detail})")
+
+    @contextlib.contextmanager
+    def all_or_none(self, what: str):
+        """Collective: a block of local steps (allocations, kernel loads; no collective
+        inside) that fails on every rank when it fails on one. After the block the ranks
+        compare outcomes; a rank whose block raised re-raises its exception, the others
+        raise ``RuntimeError`` naming the failed ranks. Constructors then free what they
+        made with collective calls that every rank reaches, instead of one rank's cleanup
+        waiting for peers that went on (a hang)."""
+        error = None
+        try:
+            yield
+        except BaseException as exc:  # reported collectively below
+            error = exc
+        failed = [r for r, ok in enumerate(self.comm.allgather(error is None)) if not ok]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"{what} failed on rank(s) {failed} of this group")
 
     def split(self, ranks: Sequence[int]) -> "ProcessGroup | None":
         """A new group of ``ranks`` (world ranks of this group, in this order).

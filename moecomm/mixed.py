@@ -319,25 +319,29 @@ class MixedCommHandler(Op):
         self.dp_group = g.split(self.layout.dp_groups()[self.tp_rank])
         try:  # collective, as construction is: free what was made if any step fails
             self.workspace = None
+            # why FUSED cannot serve (empty while it can)
+            self.no_fused_reason = f"the group spans {g.num_nodes} nodes" if g.spans_nodes else ""
             if not g.spans_nodes:
                 self.workspace = AllReduceWorkspace(g, self.max_bytes, self.dtype,
                                                     max_oneshot_bytes=self.max_bytes,
                                                     timeout_s=timeout_s,
                                                     config=self.config.allreduce)
                 if not self.workspace.ipc:  # CUDA IPC refused: NCCL modes only
+                    self.no_fused_reason = self.workspace.no_ipc_reason
                     self.workspace.close()
                     self.workspace = None
             self._nccl = None  # (world, tp, dp) communicators and staging, on first use
             self._plans: dict = {}
             suffix = _SUFFIX[self.dtype]
-            self._launchers = {kind: Launcher(_kernel(f"mixed_{kind}_{suffix}"), MixedArgs,
-                                              pdl=self.config.allreduce.pdl)
-                               for kind in ("oneshot", "reduce")}
-            if self.workspace is not None:
-                self._launchers["oneshot"].args.ws = self.workspace.kernel_workspace
-                self.sms = self.workspace.sms
-            else:
-                self.sms = device_facts().sms
+            with g.all_or_none("MixedCommHandler"):  # local steps
+                self._launchers = {kind: Launcher(_kernel(f"mixed_{kind}_{suffix}"), MixedArgs,
+                                                  pdl=self.config.allreduce.pdl)
+                                   for kind in ("oneshot", "reduce")}
+                if self.workspace is not None:
+                    self._launchers["oneshot"].args.ws = self.workspace.kernel_workspace
+                    self.sms = self.workspace.sms
+                else:
+                    self.sms = device_facts().sms
         except BaseException:
             if self.workspace is not None:
                 self.workspace.close()
@@ -365,8 +369,8 @@ class MixedCommHandler(Op):
             both = self.layout.tp_size > 1 and self.layout.dp_size > 1
             return MixedCommMode.NCCL_TP_DP if both else MixedCommMode.NCCL_ONE
         if mode == MixedCommMode.FUSED and not self.fused:
-            raise ValueError(f"mode FUSED needs CUDA IPC inside one node, but the group spans "
-                             f"{self.group.num_nodes} nodes")
+            raise ValueError(f"mode FUSED needs CUDA IPC inside one node, but "
+                             f"{self.no_fused_reason}")
         return mode
 
     def output_shape(self, op: MixedCommOp, shape: tuple) -> tuple:

@@ -134,23 +134,24 @@ class CustomAllReduce(Op):
         if not self.workspace.ipc:
             self.workspace.close()
             raise ValueError("CustomAllReduce needs CUDA IPC, which this group refused")
-        try:  # free the workspace if a later step fails
-            self.config = self.workspace.config
-            self._table_host = np.zeros((self.max_buffers, AR_MAX_RANKS), np.uint64)
-            self._table = cupy.zeros((self.max_buffers, AR_MAX_RANKS), np.uint64)
-            self._buffers: dict[int, tuple[int, int, SymmetricBuffer | None]] = {}
-            # own base -> (row, bytes, buffer)
-            # Inputs captured since the last register_graph_buffers: address -> row, in
-            # capture order. Registration empties it: an address captured again later gets a
-            # new row, since its peers' allocations may have changed.
-            self._graph: dict[int, int] = {}
-            self._graph_rows = 0
-            self._opened: dict[tuple[int, bytes], int] = {}  # (peer, handle) -> opened base
-            self._rows = 0
-            self._launcher = Launcher(
-                kernels.get_kernel("vllm_ar.cu", f"allreduce_registered_{_SUFFIX[self.dtype]}"),
-                RegAllReduceArgs, pdl=self.config.pdl)
-            self._launcher.args.ws = self.workspace.kernel_workspace
+        try:  # free the workspace if a later step fails (on every rank: close is collective)
+            with self.group.all_or_none("CustomAllReduce"):  # local steps
+                self.config = self.workspace.config
+                self._table_host = np.zeros((self.max_buffers, AR_MAX_RANKS), np.uint64)
+                self._table = cupy.zeros((self.max_buffers, AR_MAX_RANKS), np.uint64)
+                self._buffers: dict[int, tuple[int, int, SymmetricBuffer | None]] = {}
+                # own base -> (row, bytes, buffer)
+                # Inputs captured since the last register_graph_buffers: address -> row, in
+                # capture order. Registration empties it: an address captured again later
+                # gets a new row, since its peers' allocations may have changed.
+                self._graph: dict[int, int] = {}
+                self._graph_rows = 0
+                self._opened: dict[tuple[int, bytes], int] = {}  # (peer, handle) -> base
+                self._rows = 0
+                kernel = f"allreduce_registered_{_SUFFIX[self.dtype]}"
+                self._launcher = Launcher(kernels.get_kernel("vllm_ar.cu", kernel),
+                                          RegAllReduceArgs, pdl=self.config.pdl)
+                self._launcher.args.ws = self.workspace.kernel_workspace
         except BaseException:
             self.workspace.close()
             raise

@@ -457,40 +457,42 @@ class MoeAlltoAll(Op):
             combine_threads = min(group.local_comm.allgather(
                 _combine_threads(self.config.combine_threads, ring)))
             self._ws = SymmetricBuffer(group, size)
-            self._group, self._owns_group = group, owned
-            self.ep_rank, self.ep_size = group.local_rank, ep
-            self.experts_per_rank = self.num_experts // ep
-            self.workspace_size_per_rank = size
-            self.num_sms = min(sms, self.config.num_sms or sms)
-            self.budgeted = self.num_sms < sms  # then one block per SM (MoeAlltoAllConfig.num_sms)
-            self._state = cupy.zeros(_STATE_WORDS, np.uint32)
-            self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
-            self._recv_counts = cupy.zeros(ep, np.int32)
-            # the dispatch blocks' tagged counts, [grid, ep] (kernels_cu/moe_a2a.cu, step 1)
-            self._chunk_counts = cupy.zeros(
-                self.num_sms * self.config.dispatch_blocks_per_sm * ep, np.uint64)
-            error = ErrorWord(ranks)
-            self._kernel_workspace = dict(state=self._state.data.ptr, error_word=error.ptr,
-                                          timeout_ns=self._timeout_ns, rank=self.ep_rank,
-                                          ep_size=ep)
-            self._dispatch_kernels = {False: get_kernel(_SOURCE, "moe_a2a_dispatch"),
-                                      True: get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")}
-            path = "moe_a2a_combine_ring_" if ring else "moe_a2a_combine_"
-            self._combine_kernels = {dt: get_kernel(_SOURCE, path + suffix)
-                                     for dt, suffix in _COMBINE_KERNELS.items()}
-            self._combine_ring, self._combine_threads = bool(ring), combine_threads
-            self._combine_smem = combine_threads * _COMBINE_RING_BYTES_PER_THREAD if ring else 0
-            for k in self._combine_kernels.values():
-                if k.max_dynamic_shared_size_bytes < self._combine_smem:
-                    k.max_dynamic_shared_size_bytes = self._combine_smem
-            self._combine_blocks_per_sm = min(
-                device_facts().blocks_per_sm(k, combine_threads, self._combine_smem)
-                for k in self._combine_kernels.values())
-            self._prepared_dispatch: dict = {}
-            self._prepared_combine: dict = {}
-            self._dispatched: _Prepared | None = None
-            self._num_tokens = 0
-            cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
+            with group.all_or_none("MoeAlltoAll"):  # local steps
+                self._group, self._owns_group = group, owned
+                self.ep_rank, self.ep_size = group.local_rank, ep
+                self.experts_per_rank = self.num_experts // ep
+                self.workspace_size_per_rank = size
+                self.num_sms = min(sms, self.config.num_sms or sms)
+                self.budgeted = self.num_sms < sms  # one block per SM (MoeAlltoAllConfig)
+                self._state = cupy.zeros(_STATE_WORDS, np.uint32)
+                self._send_slot = cupy.full(max(1, self.max_num_tokens * ep), -1, np.int32)
+                self._recv_counts = cupy.zeros(ep, np.int32)
+                # the dispatch blocks' tagged counts, [grid, ep] (moe_a2a.cu, step 1)
+                self._chunk_counts = cupy.zeros(
+                    self.num_sms * self.config.dispatch_blocks_per_sm * ep, np.uint64)
+                error = ErrorWord(ranks)
+                self._kernel_workspace = dict(state=self._state.data.ptr, error_word=error.ptr,
+                                              timeout_ns=self._timeout_ns, rank=self.ep_rank,
+                                              ep_size=ep)
+                self._dispatch_kernels = {False: get_kernel(_SOURCE, "moe_a2a_dispatch"),
+                                          True: get_kernel(_SOURCE, "moe_a2a_dispatch_fp8")}
+                path = "moe_a2a_combine_ring_" if ring else "moe_a2a_combine_"
+                self._combine_kernels = {dt: get_kernel(_SOURCE, path + suffix)
+                                         for dt, suffix in _COMBINE_KERNELS.items()}
+                self._combine_ring, self._combine_threads = bool(ring), combine_threads
+                self._combine_smem = (combine_threads * _COMBINE_RING_BYTES_PER_THREAD
+                                      if ring else 0)
+                for k in self._combine_kernels.values():
+                    if k.max_dynamic_shared_size_bytes < self._combine_smem:
+                        k.max_dynamic_shared_size_bytes = self._combine_smem
+                self._combine_blocks_per_sm = min(
+                    device_facts().blocks_per_sm(k, combine_threads, self._combine_smem)
+                    for k in self._combine_kernels.values())
+                self._prepared_dispatch: dict = {}
+                self._prepared_combine: dict = {}
+                self._dispatched: _Prepared | None = None
+                self._num_tokens = 0
+                cupy.cuda.runtime.deviceSynchronize()  # zeroed state visible to any stream
         except BaseException:  # collective, as construction is
             if error is not None:
                 error.close()

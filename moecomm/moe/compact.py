@@ -312,75 +312,81 @@ class EPAllToAll(Op):
         self.ep_rank, self.ep_size = self._a2a.ep_rank, self._a2a.ep_size
         self._sym = None
         try:
-            # the expand's and the combine's most blocks: 2 and 4 per SM of the budget
-            self._max_grid = self._a2a.max_blocks(2)
-            self._row_vecs = row_x // 16
-            self._max_combine_grid = self._a2a.max_blocks(4)
-            self._y_view = None  # the combine input array, made on first use
-            self._prefix: dict[int, _PrefixViews] = {}  # by token count
-            # One spare row past the capacity in recv_x / src / recv_weights: nothing may
-            # ever be written there (tests poison and check it).
-            self._recv_x_buf = empty((cap + 1, H), self.dtype)
-            self._src_buf = cupy.zeros((cap + 1, 3), np.int32)
-            if self.local_combine:
-                self._recv_w_buf = cupy.zeros(cap + 1, np.float32)
-                self._inv = cupy.full(ep * self.max_num_tokens * k, -1, np.int32)
-            else:  # symmetric: y [cap, H], weights [cap + 1], codes i32 [max_num_tokens, k]
-                self._y_off = 0
-                self._w_off = round_up(cap * row_y, 256)
-                self._codes_off = self._w_off + round_up(4 * (cap + 1), 256)
+            with group.all_or_none("EPAllToAll"):  # local steps
+                # the expand's and the combine's most blocks: 2 and 4 per SM of the budget
+                self._max_grid = self._a2a.max_blocks(2)
+                self._row_vecs = row_x // 16
+                self._max_combine_grid = self._a2a.max_blocks(4)
+                self._y_view = None  # the combine input array, made on first use
+                self._prefix: dict[int, _PrefixViews] = {}  # by token count
+                # One spare row past the capacity in recv_x / src / recv_weights: nothing may
+                # ever be written there (tests poison and check it).
+                self._recv_x_buf = empty((cap + 1, H), self.dtype)
+                self._src_buf = cupy.zeros((cap + 1, 3), np.int32)
+                if self.local_combine:
+                    self._recv_w_buf = cupy.zeros(cap + 1, np.float32)
+                    self._inv = cupy.full(ep * self.max_num_tokens * k, -1, np.int32)
+                else:  # symmetric: y [cap, H], weights [cap + 1], codes i32 [tokens, k]
+                    self._y_off = 0
+                    self._w_off = round_up(cap * row_y, 256)
+                    self._codes_off = self._w_off + round_up(4 * (cap + 1), 256)
+            if not self.local_combine:
                 self._sym = SymmetricBuffer(
                     group, self._codes_off + round_up(4 * self.max_num_tokens * k, 256))
-                self._recv_w_buf = self._sym.view(np.float32, (cap + 1,), offset=self._w_off)
-                self._codes = self._sym.view(np.int32, (self.max_num_tokens, k),
-                                             offset=self._codes_off)
-                self._ids_copy = cupy.zeros((self.max_num_tokens, k), np.int32)
-            self._stats = cupy.zeros(8, np.int32)
-            self._tpe = cupy.zeros(epr, np.int32)
-            self._offsets = cupy.zeros(epr + 1, np.int32)
-            self._iota = cupy.arange(self.max_num_tokens, dtype=np.int32)
-            self._ones = cupy.ones((self.max_num_tokens, k), np.float32)
-            self._recv_x, self._src = self._recv_x_buf[:cap], self._src_buf[:cap]
-            self._recv_w = self._recv_w_buf[:cap]
+            with group.all_or_none("EPAllToAll"):  # local steps
+                if not self.local_combine:
+                    self._recv_w_buf = self._sym.view(np.float32, (cap + 1,),
+                                                      offset=self._w_off)
+                    self._codes = self._sym.view(np.int32, (self.max_num_tokens, k),
+                                                 offset=self._codes_off)
+                    self._ids_copy = cupy.zeros((self.max_num_tokens, k), np.int32)
+                self._stats = cupy.zeros(8, np.int32)
+                self._tpe = cupy.zeros(epr, np.int32)
+                self._offsets = cupy.zeros(epr + 1, np.int32)
+                self._iota = cupy.arange(self.max_num_tokens, dtype=np.int32)
+                self._ones = cupy.ones((self.max_num_tokens, k), np.float32)
+                self._recv_x, self._src = self._recv_x_buf[:cap], self._src_buf[:cap]
+                self._recv_w = self._recv_w_buf[:cap]
 
-            self._expand = Launcher(get_kernel(_SOURCE, "moe_compact_expand"),
-                                    CompactDispatchArgs, pdl=self._a2a.config.pdl)
-            d = self._expand.args
-            d.recv_counts, d.recv_x = self._a2a.recv_counts.data.ptr, self._recv_x_buf.data.ptr
-            d.recv_w, d.src = self._recv_w_buf.data.ptr, self._src_buf.data.ptr
-            d.inv = self._inv.data.ptr if self.local_combine else None
-            d.codes_off = -1 if self.local_combine else self._codes_off
-            if not self.local_combine:
-                d.peers[:ep] = self._sym.ptrs
-                d.ids_copy = self._ids_copy.data.ptr
-            d.stats = self._stats.data.ptr
-            d.tokens_per_expert, d.offsets = self._tpe.data.ptr, self._offsets.data.ptr
-            d.ep_size, d.rank, d.experts_per_rank, d.top_k = ep, self.ep_rank, epr, k
-            d.capacity, d.row_bytes = cap, row_x
-            suffix = _SUFFIX[self.combine_dtype]
-            if self.local_combine:
-                self._reduce = Launcher(get_kernel(_SOURCE, f"moe_compact_reduce_{suffix}"),
-                                        CompactReduceArgs)
-                r = self._reduce.args
-                r.recv_w, r.inv = self._recv_w_buf.data.ptr, self._inv.data.ptr
-                r.recv_counts, r.ep_size, r.top_k = self._a2a.recv_counts.data.ptr, ep, k
-                r.row_bytes, r.capacity = row_y, cap
-            else:
-                kernel = get_kernel(_SOURCE, f"moe_compact_pull_{suffix}")
-                self._pull = self._a2a.combine_launcher(kernel, CompactPullArgs)
-                # At most the blocks the SMs hold at once (more would only run in turns).
-                self._pull_blocks = self._a2a.max_blocks(
-                    device_facts().blocks_per_sm(kernel, _COMBINE_THREADS))
-                q = self._pull.args
-                q.peers[:ep] = self._sym.ptrs
-                q.ids, q.codes = self._ids_copy.data.ptr, self._codes.data.ptr
-                q.y_off, q.w_off, q.top_k, q.experts_per_rank = self._y_off, self._w_off, k, epr
-                q.row_bytes, q.capacity = row_y, cap
-                self._stage = Launcher(get_kernel(_SOURCE, "moe_compact_stage"), CompactStageArgs)
-                g = self._stage.args
-                g.dst, g.stats = self._sym.ptr + self._y_off, self._stats.data.ptr
-                g.row_bytes, g.capacity = row_y, cap
-            cupy.cuda.runtime.deviceSynchronize()  # zeroed buffers visible to any stream
+                self._expand = Launcher(get_kernel(_SOURCE, "moe_compact_expand"),
+                                        CompactDispatchArgs, pdl=self._a2a.config.pdl)
+                d = self._expand.args
+                d.recv_counts, d.recv_x = self._a2a.recv_counts.data.ptr, self._recv_x_buf.data.ptr
+                d.recv_w, d.src = self._recv_w_buf.data.ptr, self._src_buf.data.ptr
+                d.inv = self._inv.data.ptr if self.local_combine else None
+                d.codes_off = -1 if self.local_combine else self._codes_off
+                if not self.local_combine:
+                    d.peers[:ep] = self._sym.ptrs
+                    d.ids_copy = self._ids_copy.data.ptr
+                d.stats = self._stats.data.ptr
+                d.tokens_per_expert, d.offsets = self._tpe.data.ptr, self._offsets.data.ptr
+                d.ep_size, d.rank, d.experts_per_rank, d.top_k = ep, self.ep_rank, epr, k
+                d.capacity, d.row_bytes = cap, row_x
+                suffix = _SUFFIX[self.combine_dtype]
+                if self.local_combine:
+                    self._reduce = Launcher(get_kernel(_SOURCE, f"moe_compact_reduce_{suffix}"),
+                                            CompactReduceArgs)
+                    r = self._reduce.args
+                    r.recv_w, r.inv = self._recv_w_buf.data.ptr, self._inv.data.ptr
+                    r.recv_counts, r.ep_size, r.top_k = self._a2a.recv_counts.data.ptr, ep, k
+                    r.row_bytes, r.capacity = row_y, cap
+                else:
+                    kernel = get_kernel(_SOURCE, f"moe_compact_pull_{suffix}")
+                    self._pull = self._a2a.combine_launcher(kernel, CompactPullArgs)
+                    # At most the blocks the SMs hold at once (more would only run in turns).
+                    self._pull_blocks = self._a2a.max_blocks(
+                        device_facts().blocks_per_sm(kernel, _COMBINE_THREADS))
+                    q = self._pull.args
+                    q.peers[:ep] = self._sym.ptrs
+                    q.ids, q.codes = self._ids_copy.data.ptr, self._codes.data.ptr
+                    q.y_off, q.w_off, q.top_k, q.experts_per_rank = self._y_off, self._w_off, k, epr
+                    q.row_bytes, q.capacity = row_y, cap
+                    self._stage = Launcher(get_kernel(_SOURCE, "moe_compact_stage"),
+                                           CompactStageArgs)
+                    g = self._stage.args
+                    g.dst, g.stats = self._sym.ptr + self._y_off, self._stats.data.ptr
+                    g.row_bytes, g.capacity = row_y, cap
+                cupy.cuda.runtime.deviceSynchronize()  # zeroed buffers visible to any stream
         except BaseException:
             if self._sym is not None:
                 self._sym.close()

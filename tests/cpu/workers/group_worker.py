@@ -40,6 +40,23 @@ with ProcessGroup() as g:
         else:
             raise AssertionError("differing values went unnoticed")
 
+    # all_or_none: a block that raises on the last rank only raises on every rank (its
+    # own error there, one naming it elsewhere), and the collective after it still meets.
+    last = size - 1
+    try:
+        with g.all_or_none("setup"):
+            if rank == last:
+                raise MemoryError("out of memory here")
+    except MemoryError as exc:
+        assert rank == last and "out of memory here" in str(exc), exc
+    except RuntimeError as exc:
+        assert rank != last and f"setup failed on rank(s) [{last}] of this group" in str(exc), exc
+    else:
+        raise AssertionError("a failed block went unnoticed")
+    with g.all_or_none("nothing fails"):
+        pass
+    assert g.allgather(rank) == list(range(size))
+
     # Subgroups of even and odd ranks keep node membership of the parent.
     parity = [r for r in range(size) if r % 2 == rank % 2]
     sub = g.split(parity)

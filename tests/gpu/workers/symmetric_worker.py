@@ -120,6 +120,59 @@ def no_leak(ctx):
     assert free_before - free_after < n * (64 << 20) // 2, (free_before, free_after)
 
 
+def _injected(*args, **kwargs):
+    raise MemoryError("injected failure")
+
+
+@case
+def construction_fails_on_one_rank(ctx):
+    """A local step of a constructor that fails on one rank only (an error word or a
+    launcher it cannot make) raises on every rank, that rank its own error and the others
+    one naming it, instead of leaving them in a collective; what was made is freed
+    collectively and the next construction succeeds."""
+    import importlib
+
+    from moecomm.allreduce import create_allreduce_workspace
+    from moecomm.barrier import DeviceBarrier
+    from moecomm.collectives import VCollectiveWorkspace
+    from moecomm.dcp import DcpAlltoAll
+    from moecomm.mixed import MixedCommHandler
+    from moecomm.moe import EPAllToAll, MoeAlltoAll
+    from moecomm.vllm_ar import CustomAllReduce
+
+    g, n = ctx.group, ctx.group.size
+    bad = n - 1
+    makers = [
+        ("moecomm.allreduce", "ErrorWord", lambda: create_allreduce_workspace(g, 1 << 16,
+                                                                              np.float32)),
+        ("moecomm.barrier", "ErrorWord", lambda: DeviceBarrier(g)),
+        ("moecomm.collectives", "ErrorWord", lambda: VCollectiveWorkspace(g, 1 << 16)),
+        ("moecomm.dcp", "ErrorWord", lambda: DcpAlltoAll(g, 64)),
+        ("moecomm.vllm_ar", "Launcher", lambda: CustomAllReduce(g)),
+        ("moecomm.mixed", "Launcher", lambda: MixedCommHandler(g, 1 << 16, tp_size=n)),
+        ("moecomm.moe.alltoall", "ErrorWord", lambda: MoeAlltoAll(g, 8, 2, 4 * n,
+                                                                  hidden_size=256)),
+        ("moecomm.moe.compact", "Launcher", lambda: EPAllToAll(g, 8, 2, 4 * n, 256,
+                                                               np.float32)),
+    ]
+    for module, name, make in makers:
+        mod = importlib.import_module(module)
+        real = getattr(mod, name)
+        if g.rank == bad:
+            setattr(mod, name, _injected)
+        try:
+            if g.rank == bad:
+                with pytest.raises(MemoryError, match="injected failure"):
+                    make()
+            else:
+                with pytest.raises(RuntimeError, match=rf"failed on rank\(s\) \[{bad}\]"):
+                    make()
+        finally:
+            setattr(mod, name, real)
+        g.barrier()
+        make().close()  # every rank is in step: the next one is made and closed
+
+
 @case
 def spanning_group_refused(ctx):
     """A group that spans (declared) nodes cannot use CUDA IPC."""
