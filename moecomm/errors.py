@@ -65,6 +65,8 @@ class ErrorWord:
         With ``synchronize`` the stream (a ``cupy.cuda.Stream``) is waited for first, so
         every launch so far is accounted for.
         """
+        if not self.ptr:
+            raise RuntimeError("ErrorWord.check: the error word is closed")
         if synchronize and stream is not None:
             stream.synchronize()
         word = self._word.value
@@ -79,5 +81,6 @@ class ErrorWord:
 
     def close(self) -> None:
         if self.ptr:
+            self._word = None  # no read of freed host memory
             runtime.freeHost(self.ptr)
             self.ptr = 0

@@ -8,6 +8,7 @@ call before any launch.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass
@@ -208,13 +209,17 @@ class Op:
     def closed(self) -> bool:
         return self.phase == Phase.CLOSED
 
+    def require_open(self, what: str) -> None:
+        """Raise ``RuntimeError`` naming ``what`` once the op is closed."""
+        if self.phase == Phase.CLOSED:
+            raise RuntimeError(f"{self.name}.{what}: {self.name} is closed")
+
     def usable(self, what: str) -> None:
         """Raise unless the op is open and no wait of it has timed out (no sync); make the
         op's GPU the calling thread's current device again if something switched it (JAX's
         GPU backend, for one, leaves the last GPU it initialised current), so that the
         call's launches and allocations happen on the op's device."""
-        if self.phase == Phase.CLOSED:
-            raise RuntimeError(f"{self.name}.{what}: {self.name} is closed")
+        self.require_open(what)
         if self.device_id is not None and _runtime.getDevice() != self.device_id:
             _runtime.setDevice(self.device_id)
         if self.error is not None:
@@ -222,7 +227,8 @@ class Op:
 
     def check_error(self, stream=None, *, synchronize: bool = False) -> None:
         """Raise ``PeerTimeoutError`` if a wait of this op timed out (with ``synchronize``,
-        after waiting for ``stream``)."""
+        after waiting for ``stream``). Raises ``RuntimeError`` once the op is closed."""
+        self.require_open("check")
         if self.error is not None:
             self.error.check(as_stream(stream) if synchronize else None,
                              synchronize=synchronize)
@@ -232,7 +238,8 @@ class Op:
         if self.phase == Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
-        self._release()
+        with contextlib.nullcontext() if self.device_id is None else cupy.cuda.Device(self.device_id):
+            self._release()  # frees and waits on the op's GPU, whichever is current
         if self.error is not None:
             self.error.close()
 

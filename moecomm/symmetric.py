@@ -62,6 +62,7 @@ class SymmetricBuffer:
         self.nbytes = nbytes
         self.rank = group.local_rank
         self.world_size = group.local_size
+        self.device_id = runtime.getDevice()  # where the memory lives; close() works there
         self._opened: list[int] = []
         self._closed = False
         self.ptr = 0
@@ -123,7 +124,8 @@ class SymmetricBuffer:
                 f"view of {count * dtype.itemsize} bytes at offset {offset} exceeds the "
                 f"buffer's {self.nbytes} bytes"
             )
-        mem = cupy.cuda.UnownedMemory(self.ptrs[rank] + offset, count * dtype.itemsize, self)
+        mem = cupy.cuda.UnownedMemory(self.ptrs[rank] + offset, count * dtype.itemsize, self,
+                                      device_id=self.device_id)
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
 
     def strided_view(self, dtype, segment_size: int, segment_stride: int, num_segments: int, *,
@@ -140,7 +142,7 @@ class SymmetricBuffer:
             raise ValueError(f"strided view of {extent} bytes at offset {offset} exceeds the "
                              f"buffer's {self.nbytes} bytes")
         return pack_strided_memory(self.ptrs[rank] + offset, segment_size, segment_stride,
-                                   num_segments, dtype, runtime.getDevice(), owner=self)
+                                   num_segments, dtype, self.device_id, owner=self)
 
     def peer_view(self, dtype, shape, *, offset: int = 0) -> cupy.ndarray:
         """``[world_size, *shape]``: every rank's ``shape`` at byte ``offset`` of its
@@ -168,7 +170,7 @@ class SymmetricBuffer:
                 f"({', '.join(hex(p) for p in self.ptrs)}): CUDA IPC maps each peer where the "
                 "driver chooses; use view(rank=r) per rank or strided_view within one buffer")
         flat = pack_strided_memory(self.ptrs[0] + offset, size, stride, self.world_size, dtype,
-                                   runtime.getDevice(), owner=self)
+                                   self.device_id, owner=self)
         return flat.reshape(self.world_size, *shape)
 
     def _check_open(self):
@@ -185,17 +187,19 @@ class SymmetricBuffer:
             self.ptr = 0
 
     def close(self) -> None:
-        """Collective: barrier, close peer handles, barrier, free own memory."""
+        """Collective: barrier, close peer handles, barrier, free own memory. Works on the
+        buffer's GPU whichever is current (its kernels are the ones waited for)."""
         if self._closed:
             return
         self._closed = True
-        runtime.deviceSynchronize()
-        self.group.local_barrier()  # no peer still reads or writes our memory
-        for p in self._opened:
-            runtime.ipcCloseMemHandle(p)
-        self._opened = []
-        self.group.local_barrier()  # every peer has closed its handle to our memory
-        self._release()
+        with cupy.cuda.Device(self.device_id):
+            runtime.deviceSynchronize()
+            self.group.local_barrier()  # no peer still reads or writes our memory
+            for p in self._opened:
+                runtime.ipcCloseMemHandle(p)
+            self._opened = []
+            self.group.local_barrier()  # every peer has closed its handle to our memory
+            self._release()
 
     def __enter__(self) -> "SymmetricBuffer":
         return self

@@ -408,6 +408,7 @@ class EPAllToAll(Op):
 
     def check_error(self, stream=None, *, synchronize: bool = False) -> None:
         """Raise ``PeerTimeoutError`` if a wait for a peer timed out."""
+        self.require_open("check")
         self._a2a.check_error(stream, synchronize=synchronize)
 
     def check_capacity(self, stream=None) -> None:

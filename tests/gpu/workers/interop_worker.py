@@ -20,6 +20,7 @@ from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,  # n
                             create_allreduce_fusion_workspace)
 from moecomm.layouts import ue8m0_mn_major_storage_size  # noqa: E402
 from moecomm.moe import EPAllToAll, MoeAlltoAll  # noqa: E402
+from moecomm.symmetric import SymmetricBuffer  # noqa: E402
 from moecomm.tensors import (as_array, bfloat16, float8_e4m3fn, float8_e5m2,  # noqa: E402
                              float8_e8m0fnu)
 from tests.gpu.workers.common import main, zeros  # noqa: E402
@@ -392,6 +393,33 @@ def other_gpu_current(ctx):
         got = calls(other)
         for i, (g, w) in enumerate(zip(got, want)):
             assert np.array_equal(g, w), f"call {i} differs with cuda:{other} current"
+
+
+@case
+def close_with_other_gpu_current(ctx):
+    """A SymmetricBuffer's views name its GPU, and it and an all-reduce workspace close on
+    their GPU, with another GPU current (JAX's start leaves its last GPU current): the
+    kernels waited for are theirs, and the current GPU stays the caller's."""
+    count = cupy.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip("one GPU: no other GPU to make current")
+    dev, other = ctx.group.device_id, (ctx.group.device_id + 1) % count
+    buf = SymmetricBuffer(ctx.group, 1 << 16)
+    ws = create_allreduce_workspace(ctx.group, 1 << 16, np.float32)
+    x = cupy.ones(1024, np.float32)
+    cupy.cuda.runtime.setDevice(other)
+    views = [buf.view(np.float32, (16,)), buf.strided_view(np.float32, 64, 128, 4),
+             buf.peer_view(np.float32, (16,)) if ctx.group.local_size == 1 else None]
+    for v in views:
+        if v is not None:
+            assert v.device.id == dev and v.__dlpack_device__() == (2, dev), v.device
+    y = all_reduce(x, ws, stream=ctx.stream)  # leaves this rank's GPU current
+    cupy.cuda.runtime.setDevice(other)
+    ws.close()
+    buf.close()
+    assert cupy.cuda.runtime.getDevice() == other, "close() changed the current GPU"
+    cupy.cuda.runtime.setDevice(dev)
+    assert float(y[0]) == ctx.group.local_size
 
 
 if __name__ == "__main__":

@@ -448,6 +448,10 @@ def barrier_orders_ranks(ctx):
         bar.check(stream)
         h = bar(stream, async_op=True)
         h.synchronize()
+    # closed (its error word freed): every entry refuses, check() included
+    for call in (bar, bar.check):
+        with pytest.raises(RuntimeError, match="DeviceBarrier.* is closed"):
+            call()
     # the function form keeps one barrier per group
     barrier(group, stream)
     barrier(group, stream)
