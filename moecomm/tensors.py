@@ -49,6 +49,7 @@ import ctypes
 import operator
 import struct
 import sys
+import threading
 from typing import Iterable, Sequence
 
 import cupy
@@ -397,16 +398,21 @@ class DeviceArray:
 
 
 class _StreamOrder:
-    """Orders torch's current stream before an op's stream with one event per device
-    (a record and a wait, ~2 us), instead of a DLPack capsule exchange per tensor."""
+    """Orders torch's current stream before an op's stream with one event per device and
+    thread (a record and a wait, ~2 us), instead of a DLPack capsule exchange per tensor.
+    Per thread: a wait takes the event's latest record, which another thread's record
+    between ours and the wait would replace."""
 
-    events: dict[int, cupy.cuda.Event] = {}
+    _local = threading.local()
 
     @classmethod
     def after(cls, producer: int, consumer: int, device: int) -> None:
-        event = cls.events.get(device)
+        events = getattr(cls._local, "events", None)
+        if events is None:
+            events = cls._local.events = {}
+        event = events.get(device)
         if event is None:
-            event = cls.events[device] = cupy.cuda.Event(block=False, disable_timing=True)
+            event = events[device] = cupy.cuda.Event(block=False, disable_timing=True)
         _event_record(event.ptr, producer)
         _stream_wait_event(consumer, event.ptr, 0)
 

@@ -5,6 +5,7 @@ for the float8 / fp4 codes NumPy does not export)."""
 import ctypes
 import gc
 import sys
+import threading
 import weakref
 
 import ml_dtypes
@@ -429,6 +430,31 @@ def fake_torch(monkeypatch):
     torch.orders = orders
     return torch
 
+
+
+def test_stream_order_event_per_thread(monkeypatch):
+    """Each thread records and waits on its own event: with one event per device, a
+    record by another thread between ours and our wait would be the one waited for."""
+    made = iter(range(100, 200))
+
+    class FakeEvent:
+        def __init__(self, **kw):
+            self.ptr = next(made)
+
+    calls = []
+    monkeypatch.setattr(tensors.cupy.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(tensors, "_event_record", lambda e, s: calls.append(("record", e, s)))
+    monkeypatch.setattr(tensors, "_stream_wait_event",
+                        lambda s, e, f: calls.append(("wait", e, s)))
+    monkeypatch.setattr(tensors._StreamOrder, "_local", threading.local())
+    tensors._StreamOrder.after(1, 2, 0)
+    tensors._StreamOrder.after(1, 2, 0)  # the same thread reuses its event
+    other = threading.Thread(target=tensors._StreamOrder.after, args=(3, 4, 0))
+    other.start()
+    other.join()
+    mine, theirs = {e for _, e, s in calls if s in (1, 2)}, {e for _, e, s in calls if s in (3, 4)}
+    assert len(mine) == 1 and len(theirs) == 1 and mine != theirs
+    assert [c[0] for c in calls] == ["record", "wait"] * 3
 
 
 @pytest.mark.parametrize("name, dtype", [
