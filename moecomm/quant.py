@@ -138,7 +138,7 @@ def _scale_format(value) -> ScaleFormat:
                          f"ScaleFormat.UE8M0, 'fp32' or 'ue8m0'") from None
 
 
-def _group_size(block_shape, cols: int) -> int:
+def block_group_size(block_shape, cols: int) -> int:
     """G of ``block_shape=[bn, G]`` (checked: two positive ints, 16 | G, G | K)."""
     try:
         dims = [int(d) for d in block_shape]
@@ -292,6 +292,8 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
     rows, cols = xa.shape
     if cols <= 0 or cols % NVFP4_BLOCK:
         raise ValueError(f"x: K={cols} elements per row must be a positive multiple of 16")
+    if cols >= _MAX_UNITS:  # the kernels' row length is 32-bit
+        raise ValueError(f"x: K={cols} elements per row is too large (at most {_MAX_UNITS - 16})")
     require_aligned("x", xa.ptr)
     suffix = _SUFFIX[xa.dtype]
     if fmt != ScaleFormat.FP32 and (qd != QuantDtype.FP8 or block_shape is None):
@@ -332,7 +334,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
             raise ValueError("FP8: per_act_token_quant and block_shape exclude each other")
         if scale is not None:
             raise ValueError("FP8 per-token-group scales are computed: scale must be None")
-        g = _group_size(block_shape, cols)
+        g = block_group_size(block_shape, cols)
         groups = cols // g
         q = _output(out, "out", (rows, cols), _CODE_DTYPES, h)
         if fmt == ScaleFormat.UE8M0:

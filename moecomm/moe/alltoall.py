@@ -719,6 +719,18 @@ class MoeAlltoAll(Op):
             return 1
         return max(c for c in range(1, _BUDGET_CLUSTER + 1) if grid % c == 0)
 
+    def dispatch_plan(self, rmax: int, row_bytes: Sequence[int]) -> DispatchPlan:
+        """The receive layout of payloads of ``row_bytes`` bytes per token (the FP8 scales
+        as their own last row) at ``rmax`` tokens per rank; raises the ValueError a
+        dispatch would (rows, payload count, workspace size), launching nothing."""
+        plan = plan_dispatch(self.ep_size, rmax, row_bytes)
+        if plan.combine_off > self._ws.nbytes:
+            raise ValueError(
+                f"input_payloads: {plan.combine_off} workspace bytes needed at "
+                f"runtime_max_tokens_per_rank={rmax}, the workspace has {self._ws.nbytes} "
+                "(size it with get_moe_workspace_size_per_rank)")
+        return plan
+
     def _prepare_dispatch(self, rmax: int, payloads, invalid, id_index, quantize) -> _Prepared:
         """Validate the options of a new payload layout; its launcher, grid and views."""
         id_payload, invalid = self._sanitize_option(invalid, id_index, payloads)
@@ -727,12 +739,7 @@ class MoeAlltoAll(Op):
         if quant is not None:
             rows[quant[0]] = quant[1]  # codes; the scales go last
             rows.append(quantize.bytes_per_token(quant[1]) - quant[1])
-        plan = plan_dispatch(self.ep_size, rmax, rows)
-        if plan.combine_off > self._ws.nbytes:
-            raise ValueError(
-                f"input_payloads: {plan.combine_off} workspace bytes needed at "
-                f"runtime_max_tokens_per_rank={rmax}, the workspace has {self._ws.nbytes} "
-                "(size it with get_moe_workspace_size_per_rank)")
+        plan = self.dispatch_plan(rmax, rows)
         kernel = self._dispatch_kernels[quant is not None]
         launcher = self._new_launcher(kernel, DispatchArgs)
         a = launcher.args

@@ -237,18 +237,23 @@ class FlashInferCutlassMoEPrepareAndFinalize:
         if apply_router_weight_on_input and ids.shape[1] != 1:
             raise ValueError(f"apply_router_weight_on_input needs top_k == 1, got top_k="
                              f"{ids.shape[1]}")
+        # What the quantizer would refuse, refused before a1 is scaled in place.
         if quant_config.quant_dtype is not None:
             if H % NVFP4_BLOCK:
                 raise ValueError(f"a1: hidden size {H} is not a multiple of {NVFP4_BLOCK}, as "
                                  f"{quant_config.quant_dtype.upper()} needs")
+            require_aligned("a1", a.ptr)
             if quant_config.a1_gscale is not None:
-                import_array(quant_config.a1_gscale, "quant_config.a1_gscale", dtype=np.float32,
-                             device=self.device_id, stream=handle)
+                gs = import_array(quant_config.a1_gscale, "quant_config.a1_gscale",
+                                  dtype=np.float32, device=self.device_id, stream=handle)
+                if gs.size != 1:
+                    raise ValueError(f"quant_config.a1_gscale: expected a one-element fp32 "
+                                     f"array, got shape {gs.shape}")
         if quant_config.quant_dtype == "fp8" and quant_config.block_shape is not None:
-            group = quant_config.block_shape[-1]
-            if group <= 0 or H % group:
-                raise ValueError(f"quant_config.block_shape={quant_config.block_shape}: the "
-                                 f"group size must divide the hidden size {H}")
+            try:
+                _quant().block_group_size(quant_config.block_shape, H)
+            except ValueError as exc:
+                raise ValueError(f"quant_config.{exc}") from None
         return _Inputs(a, w, ids, T, H, ids.shape[1])
 
     @staticmethod
@@ -587,7 +592,9 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if qc.quant_dtype is None and (x.H * x.a1.itemsize) % 4:
             raise ValueError(f"a1: {x.H * x.a1.itemsize} bytes per token, not a multiple of 4")
         sizes = self._sizes(x.T, sizes)
-        self._check_exchange(sizes)  # before a1 is scaled in place
+        codes, scales = self._quant_rows(x, qc)
+        rows = [codes] + ([scales] if scales is not None else []) + [4 * x.top_k] * 2
+        self._check_exchange(sizes, rows)  # before a1 is scaled in place
         self._apply_router_weight_on_input(x, apply_router_weight_on_input, handle)
         a1q, a1q_scale = self._quantize(x, qc, swizzled=False, handle=handle)
         tensors = [a1q] + ([a1q_scale] if a1q_scale is not None else []) + [
@@ -631,19 +638,25 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
             import_array(expert_map, "expert_map", dtype=np.int32, shape=(self.num_experts,),
                          device=self.device_id, stream=handle)
         sizes = self._sizes(T, sizes)
-        self._check_exchange(sizes)
+        rows = [a.itemsize * math.prod(a.shape[1:]) for a in arrays] + [4 * k]
+        self._check_exchange(sizes, rows)  # nothing is changed before this: a clear error
         return self._dispatch(ids, arrays, sizes, expert_map, handle)
 
-    def _check_exchange(self, sizes) -> None:
+    def _check_exchange(self, sizes, row_bytes) -> None:
         """What the exchange would refuse, before anything is launched: a rank's tokens
-        past max_num_tokens, a dispatch whose combine has not run."""
+        past max_num_tokens, a dispatch whose combine has not run, rows of ``row_bytes``
+        (one int per tensor, the ids last) the workspace cannot hold."""
         if max(sizes) > self.max_num_tokens:
             raise ValueError(f"sizes: {max(sizes)} tokens on rank {sizes.index(max(sizes))} "
                              f"exceed max_num_tokens={self.max_num_tokens}")
         manager = self.all2all_manager
-        if manager is not None and manager.phase == Phase.DISPATCHED:
-            raise RuntimeError("prepare / dispatch called twice without finalize / combine "
-                               "(they alternate)")
+        if manager is not None:
+            if manager.phase == Phase.DISPATCHED:
+                raise RuntimeError("prepare / dispatch called twice without finalize / "
+                                   "combine (they alternate)")
+            manager.dispatch_plan(max(1, max(sizes)), row_bytes)
+        else:
+            self.workspace.check_gather(sizes, row_bytes)
 
     def _dispatch(self, ids, tensors: list, sizes, expert_map, handle: int):
         """``tensors`` and the ids along the plan (validated arguments)."""
@@ -716,13 +729,15 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         target ranks produced, in rank order, rounded once (+0 for a token routed nowhere).
         Top-k weights are not applied: the rows come weighted. Returns ``out`` ``[T, H]``
         (or a new array); padding rows are never read."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
         handle = stream_handle(stream)
         info = self.alltoall_info
         if info is None:
             raise RuntimeError("combine / finalize needs a prepare first (or a dispatch)")
         ep, rmax = self.group.size, info.runtime_max
         y = as_array(expert_rows, "fused_expert_output", dtype=FLOAT_DTYPES, ndim=2,
-                     stream=handle)
+                     device=self.device_id, stream=handle)
         if y.shape[0] != ep * rmax:
             raise ValueError(f"fused_expert_output: shape {tuple(y.shape)}, expected "
                              f"[ep_size * runtime_max = {ep * rmax}, hidden]")
@@ -733,6 +748,11 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if self.all2all_manager is not None:
             return self.all2all_manager.combine(y.reshape(ep, rmax, y.shape[1]), rmax,
                                                 stream=handle, out=out)
+        if out is not None:  # what reduce_scatterv would refuse, before the put launches
+            o = import_array(out, "out", dtype=y.dtype,
+                             shape=(info.sizes[self.group.rank], y.shape[1]),
+                             device=self.device_id, stream=handle)
+            require_aligned("out", o.ptr)
         total = sum(info.sizes)
         z = self._buffer("put_back", (total, y.shape[1]), y.dtype, handle)
         put = self._launcher("a2a_put_rows", A2aPutRowsArgs)

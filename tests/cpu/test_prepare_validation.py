@@ -10,7 +10,8 @@ import pytest
 collectives = pytest.importorskip("moecomm.collectives", reason="CuPy is not installed")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from moecomm import kernel_args, op  # noqa: E402
+from moecomm import kernel_args, op, quant  # noqa: E402
+from moecomm.moe import alltoall as a2a  # noqa: E402
 from moecomm.moe import prepare_finalize as pf  # noqa: E402
 from moecomm.tensors import DeviceArray, check_meta  # noqa: E402
 
@@ -297,6 +298,8 @@ class FakeQuant:
         self.calls.append(("interleave", sf.shape))
         return out
 
+    block_group_size = staticmethod(quant.block_group_size)  # a pure check
+
 
 def allgather(fakes, monkeypatch, world=2, rank=0):
     q = FakeQuant()
@@ -412,11 +415,26 @@ def test_allgather_refusals_before_a1_is_scaled(fakes, monkeypatch, qc, rows):
     (gather,) = [a for k, _, _, a in fakes if k == "vc_all_gatherv"]
     assert list(gather.row_bytes[:gather.num_tensors]) == rows
     fakes.clear()
+    q.calls.clear()
     if qc.block_shape is not None:
-        with pytest.raises(ValueError, match="group size must divide the hidden size 128"):
-            obj.prepare(a1, w, ids, 256, None, True,
-                        pf.FusedMoEQuantConfig("fp8", block_shape=(1, 48)), sizes=[4, 4])
-        assert fakes == []
+        # what the quantizer would refuse: a group size that does not divide the hidden
+        # size or is not a multiple of 16, a block shape of one entry
+        for shape, msg in (((1, 48), r"quant_config.block_shape=\(1, 48\): the group size "
+                                     "G=48 must be a multiple of 16 that divides K=128"),
+                           ((1, 8), "G=8 must be a multiple of 16"),
+                           ((128,), r"block_shape=\(128,\): expected \[rows, G\]")):
+            with pytest.raises(ValueError, match=msg):
+                obj.prepare(a1, w, ids, 256, None, True,
+                            pf.FusedMoEQuantConfig("fp8", block_shape=shape), sizes=[4, 4])
+        assert fakes == [] and q.calls == []
+    if qc.quant_dtype is not None:  # a scale of two elements, an unaligned a1
+        bad = pf.FusedMoEQuantConfig(qc.quant_dtype, a1_gscale=Arr((2,), np.float32))
+        with pytest.raises(ValueError, match="a1_gscale: expected a one-element"):
+            obj.prepare(a1, w, ids, 256, None, True, bad, sizes=[4, 4])
+        with pytest.raises(ValueError, match="a1: address .* not 16-byte aligned"):
+            obj.prepare(Arr(a1.shape, a1.dtype, a1.ptr + 2), w, ids, 256, None, True, qc,
+                        sizes=[4, 4])
+        assert fakes == [] and q.calls == []
 
 
 def test_alltoall_refusals(fakes, monkeypatch):
@@ -473,6 +491,9 @@ class RecordingCollectives:
     def reduce_scatterv(self, x, sizes, *, out=None, stream=None):
         self.calls.append(("reduce_scatterv", x.shape, tuple(sizes), out.shape))
         return out
+
+    def check_gather(self, sizes, row_bytes):
+        self.checked = (tuple(sizes), list(row_bytes))
 
 
 def alltoall_over_fakes(group, manager, workspace):
@@ -556,11 +577,40 @@ def test_alltoall_across_nodes_finalize_keeps_the_plan(fakes, monkeypatch):
     assert fakes[-1][3].inv == plan.inv
 
 
+def test_alltoall_across_nodes_combine_refuses_before_any_launch(fakes, monkeypatch):
+    """The cross-node combine checks ``out`` before it puts rows back, and refuses after
+    close()."""
+    monkeypatch.setattr(pf, "_quant", lambda: FakeQuant())
+    obj = alltoall_over_fakes(FakeGroup(2, 1, spans_nodes=True), None, RecordingCollectives())
+    a1, w, ids = inputs(T=5)
+    obj.prepare(a1, w, ids, 256, None, False, pf.FusedMoEQuantConfig(None), sizes=[3, 5])
+    fakes.clear()
+    rows = Arr((10, 128), BF16)
+    with pytest.raises(ValueError, match=r"out: shape \(4, 128\)"):
+        obj.combine(rows, Arr((4, 128), BF16))
+    with pytest.raises(ValueError, match="out: address .* not 16-byte aligned"):
+        obj.combine(rows, Arr((5, 128), BF16, (1 << 20) + 4))
+    assert fakes == [] and obj.workspace.calls[-1][0] == "all_gatherv"
+    obj._closed = True
+    with pytest.raises(RuntimeError, match="is closed"):
+        obj.combine(rows, Arr((5, 128), BF16))
+    assert fakes == []
+
+
 class RecordingMoeAlltoAll:
     """MoeAlltoAll as the all-to-all-v path calls it inside a node."""
 
-    def __init__(self, ep):
+    def __init__(self, ep, workspace_bytes=1 << 30):
         self.ep, self.calls, self.phase = ep, [], op.Phase.IDLE
+        self.workspace_bytes, self.planned = workspace_bytes, None
+
+    def dispatch_plan(self, rmax, row_bytes):
+        """The real plan and size check, against ``workspace_bytes``."""
+        self.planned = (rmax, list(row_bytes))
+        plan = a2a.plan_dispatch(self.ep, rmax, row_bytes)
+        if plan.combine_off > self.workspace_bytes:
+            raise ValueError(f"input_payloads: {plan.combine_off} workspace bytes needed")
+        return plan
 
     def dispatch(self, ids, payloads, rmax, invalid_token_expert_id=None,
                  expert_id_payload_index=None, stream=None):

@@ -556,6 +556,11 @@ def bad_input(ctx):
         quantize(x, "nvfp4", scale=gs, scale_out=cupy.zeros(511, np.uint8))
     with pytest.raises(ValueError, match="divides K=64"):
         quantize(x, "fp8", block_shape=[1, 128])
+    # a row of 2^31 elements (a view over 32 bytes: refused before anything reads it)
+    huge = cupy.ndarray((1, 1 << 31), np.float16, cupy.zeros(16, np.float16).data)
+    for kw in ({"scale": gs}, {"per_act_token_quant": True}, {"block_shape": [1, 128]}):
+        with pytest.raises(ValueError, match="K=2147483648 elements per row is too large"):
+            quantize(huge, "fp8", **kw)
     with pytest.raises(ValueError, match="sf_linear: expected 2"):
         nvfp4_block_scale_interleave(cupy.zeros(16, np.uint8))
     with pytest.raises(TypeError, match="enable_pdl must be a bool"):
