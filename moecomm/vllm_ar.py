@@ -309,6 +309,8 @@ class CustomAllReduce(Op):
                 raise ValueError("out: overlaps reg_buffer, where inp is staged for the peers "
                                  "to read")
             offset, copy_into = 0, own
+        elif xa.size == 0:  # nothing to read in place (an empty array's address may be 0)
+            return out
         else:
             found = self._registered(xa.ptr, nbytes)
             if found is not None:

@@ -105,9 +105,9 @@ def registered_inputs(ctx, dtype):
 
 @case(dtypes=DTYPES)
 def graph_buffers(ctx, dtype):
-    """Calls captured on plain arrays (one input used twice), their IPC metadata exchanged
-    after capture (by the caller, as vLLM does), replayed three times on new inputs; a
-    second capture registered with the exchange done inside."""
+    """Calls captured on plain arrays (one input used twice, one empty), their IPC metadata
+    exchanged after capture (by the caller, as vLLM does), replayed three times on new
+    inputs; a second capture registered with the exchange done inside."""
     s = setup(ctx, dtype)
     stream = cupy.cuda.Stream(non_blocking=True)
     for round_ in range(2):
@@ -121,6 +121,8 @@ def graph_buffers(ctx, dtype):
             for i in range(5):
                 vllm_all_reduce(s.fa, ins[i], outs[i], stream=stream)
             vllm_all_reduce(s.fa, ins[0], twice, stream=stream)
+            empty = cupy.empty(0, dtype)  # nothing to register: no table row
+            vllm_all_reduce(s.fa, empty, empty, stream=stream)
             graph = stream.end_capture()
         handles, offsets = vllm_get_graph_buffer_ipc_meta(s.fa)
         assert len(offsets) == 5 and len(handles) == 5 * 64, "one entry per distinct input"
