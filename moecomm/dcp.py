@@ -44,8 +44,8 @@ from .group import ProcessGroup, default_group
 from .kernel_args import ArWorkspace, DcpArgs, DcpCombineArgs, FillArgs
 from .launch import Launcher
 from .mapping import Mapping
-from .op import (Op, device_facts, empty, enum_member, int_at_least, options, require_aligned,
-                 round_up)
+from .op import (Op, device_facts, empty, enum_member, int_at_least, options, overlaps,
+                 require_aligned, round_up)
 from .symmetric import SymmetricBuffer
 from .tensors import bfloat16, import_array, stream_handle
 
@@ -142,8 +142,16 @@ def decode_cp_a2a_workspace_size(cp_size: int, max_rows: int, head_dim: int = 12
     three Lamport buffers of ``cp_size`` slots of ``max_rows`` message rows."""
     cp_size = int_at_least("cp_size", cp_size)
     max_rows = int_at_least("max_rows", max_rows)
-    shape = dcp_shape((cp_size, int_at_least("head_dim", head_dim)), dtype,
-                      (cp_size, int_at_least("stats_dim", stats_dim)), np.float32, cp_size)
+    head_dim, stats_dim = int_at_least("head_dim", head_dim), int_at_least("stats_dim", stats_dim)
+    dtype = np.dtype(dtype)
+    if dtype not in _SUFFIX:  # named as this function's arguments, not dcp_shape's
+        raise TypeError(f"dtype: {dtype.name} is not supported, expected float16 or bfloat16")
+    if head_dim * dtype.itemsize % VECTOR_BYTES:
+        raise ValueError(f"head_dim={head_dim} x {dtype.itemsize} bytes is not a multiple of "
+                         f"{VECTOR_BYTES} bytes")
+    if stats_dim % 2:
+        raise ValueError(f"stats_dim={stats_dim} must be even and >= 2")
+    shape = dcp_shape((cp_size, head_dim), dtype, (cp_size, stats_dim), np.float32, cp_size)
     return 3 * cp_size * round_up(max_rows * shape.row_bytes, REGION_ALIGN)
 
 
@@ -278,6 +286,15 @@ class DcpAlltoAll(Op):
             so = import_array(out[1], "out[1] (stats_out)", dtype=st.dtype, shape=st.shape,
                               device=self.device_id, stream=handle)
             result, o_ptr, st_ptr = (oo.obj, so.obj), oo.ptr, so.ptr
+            # In place is an output at its own input's address (each thread writes the
+            # items it read); any other overlap lets a write land on an unsent input.
+            o_bytes, st_bytes = o.size * o.itemsize, st.size * st.itemsize
+            for name, ptr, nbytes, own in (("out[0] (o_out)", o_ptr, o_bytes, o.ptr),
+                                           ("out[1] (stats_out)", st_ptr, st_bytes, st.ptr)):
+                if nbytes and ptr != own and (overlaps(ptr, nbytes, o.ptr, o_bytes)
+                                              or overlaps(ptr, nbytes, st.ptr, st_bytes)):
+                    raise ValueError(f"{name}: overlaps the inputs other than in place (an "
+                                     "output at its own input's address)")
         require_aligned("partial_o", o.ptr)
         require_aligned("out[0] (o_out)", o_ptr)
         if shape.rows:
@@ -349,7 +366,7 @@ def lse_combine(partial_o, softmax_stats, stats_format: StatsFormat | int = Stat
     Returns ``out``, or ``(out, lse_out)`` when ``lse_out`` is given or ``return_lse``.
     Arithmetic: ``moecomm.reference.dcp.lse_combine``.
     """
-    config = DcpConfig() if config is None else config
+    config = options(DcpConfig, config)
     fmt = enum_member(StatsFormat, stats_format, "stats_format")
     handle = stream_handle(stream)
     device = cupy.cuda.runtime.getDevice()
@@ -375,6 +392,14 @@ def lse_combine(partial_o, softmax_stats, stats_format: StatsFormat | int = Stat
         lse_ptr = lse.data.ptr
     require_aligned("partial_o", o.ptr)
     require_aligned("out", out_ptr)
+    # every thread reads all cp partials of its row while others write: no overlap at all
+    o_bytes, st_bytes = o.size * o.itemsize, st.size * st.itemsize
+    for name, ptr, nbytes in (("out", out_ptr, shape.rows * o.shape[-1] * o.itemsize),
+                              ("lse_out", lse_ptr, 4 * shape.rows)):
+        if ptr and (overlaps(ptr, nbytes, o.ptr, o_bytes)
+                    or overlaps(ptr, nbytes, st.ptr, st_bytes)):
+            raise ValueError(f"{name}: overlaps partial_o or softmax_stats, which the combine "
+                             "reads while it writes")
     n = shape.rows * shape.o_vecs
     if n:
         launcher = _combiner(device, o.dtype, config.pdl)

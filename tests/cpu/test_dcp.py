@@ -164,8 +164,13 @@ def test_workspace_size():
     # 3 Lamport buffers x cp slots x max_rows rows of (256 B output + 16 B stats), 256-aligned
     assert dcp.decode_cp_a2a_workspace_size(2, 100, 128, 2, BF16) == 3 * 2 * 27392
     assert dcp.decode_cp_a2a_workspace_size(4, 1, 64, 8, np.float16) == 3 * 4 * 256
-    with pytest.raises(ValueError, match="S=3"):
+    # errors name this function's arguments
+    with pytest.raises(ValueError, match="stats_dim=3 must be even"):
         dcp.decode_cp_a2a_workspace_size(2, 16, 128, 3)
+    with pytest.raises(ValueError, match="head_dim=100 x 2 bytes"):
+        dcp.decode_cp_a2a_workspace_size(2, 16, head_dim=100)
+    with pytest.raises(TypeError, match="dtype: float32 is not supported"):
+        dcp.decode_cp_a2a_workspace_size(2, 16, dtype=np.float32)
     with pytest.raises(ValueError, match="max_rows must be >= 1"):
         dcp.decode_cp_a2a_workspace_size(2, 0)
 

@@ -283,6 +283,18 @@ def bad_input(ctx):
         lse_combine(o, st, out=zeros((4, 64), bfloat16))
     with pytest.raises(ValueError, match="lse_out"):
         lse_combine(o, st, lse_out=zeros((5,), np.float32))
+    # outputs overlapping the inputs other than in place (one row off), and a combine
+    # writing over what it reads
+    buf = zeros((5, cp, 128), bfloat16)
+    with pytest.raises(ValueError, match=r"out\[0\] \(o_out\): overlaps the inputs"):
+        ws.alltoall(buf[:4], st, out=(buf[1:], zeros((4, cp, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"out\[1\] \(stats_out\): overlaps the inputs"):
+        over_o = o.reshape(-1).view(np.float32)[:4 * cp * 2].reshape(4, cp, 2)
+        ws.alltoall(o, st, out=(zeros((4, cp, 128), bfloat16), over_o))
+    with pytest.raises(ValueError, match="out: overlaps partial_o"):
+        lse_combine(o, st, out=o.reshape(-1)[:4 * 128].reshape(4, 128))
+    with pytest.raises(TypeError, match="config"):
+        lse_combine(o, st, config=object())
     os_, sts = fresh_inputs(ctx, (4,), 128, 2, bfloat16)
     got = ws.alltoall(*device_pair(ctx, os_[ctx.rank], sts[ctx.rank]), stream=ctx.stream)
     check_exchange(ctx, got, os_, sts, "after refused calls")
