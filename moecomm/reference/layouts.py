@@ -116,7 +116,7 @@ def unpack_ue8m0(packed: Any, num_groups: int) -> np.ndarray:
     """Inverse of :func:`pack_ue8m0`: int32 [M, K4] -> UE8M0 bytes [M, num_groups]."""
     p = _contig(packed, np.int32)
     m = p.shape[0]
-    b = p.astype("<i4").view(np.uint8).reshape(m, -1)
+    b = p.astype("<i4").view(np.uint8).reshape(m, 4 * p.shape[1])  # m may be 0
     return b[:, :num_groups].copy()
 
 

@@ -45,6 +45,9 @@ def test_ue8m0_packing():
     assert p[0, 0] == 0x04030201 and p[0, 1] == 0x00000605
     assert int(p[1, 0]) & 0xFF == 250
     np.testing.assert_array_equal(ref.unpack_ue8m0(p, 6), e)
+    # zero rows round-trip too (the quantizers accept M = 0)
+    empty = ref.unpack_ue8m0(ref.pack_ue8m0(np.zeros((0, 6), np.uint8)), 6)
+    assert empty.shape == (0, 6) and empty.dtype == np.uint8
     # MN-major TMA-aligned storage: M=2 -> align 4; size = 2 + 1*4
     st = ref.ue8m0_to_mn_major_storage(p)
     assert ref.ue8m0_mn_major_storage_size(2, 6) == st.size == 6
