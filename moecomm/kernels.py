@@ -356,7 +356,6 @@ def _write_atomic(target: Path, data: bytes) -> None:
 def _compile_timed(source: str, arch: str, defines, cache_folder: Path) -> tuple[bytes, float]:
     """``nvrtc_compile`` that warns (once per process) while a compile runs past
     SLOW_COMPILE_S."""
-    global _warned_slow
     timer = None
     if not _warned_slow:
         def warn():
