@@ -34,13 +34,6 @@ FP8_SCALE = np.float32(0.0625)
 FP8_GROUP = 64
 
 
-def need_quant():
-    try:
-        from moecomm import quant  # noqa: F401
-    except ImportError:
-        pytest.skip("moecomm.quant (the quantizers) is not part of this build")
-
-
 # ---------------------------------------------------------------- inputs and reference
 class Layer:
     """Every rank's tokens, routing and the expert scales; ``world`` ranks, EPR experts
@@ -98,7 +91,6 @@ def config(ctx, quant):
     (dynamic per-token), fp8grp (per-token groups of FP8_GROUP)."""
     if quant is None:
         return FusedMoEQuantConfig(None)
-    need_quant()
     if quant == "fp8tok":
         return FusedMoEQuantConfig("fp8", per_act_token_quant=True)
     if quant == "fp8grp":
@@ -360,12 +352,7 @@ def factory(ctx):
 def graph_replay(ctx, path):
     """prepare and finalize captured once each (fixed sizes), replayed on new routings and
     activations; the experts run on the host in between."""
-    quant = None
-    try:
-        need_quant()
-        quant = "nvfp4"
-    except pytest.skip.Exception:
-        pass
+    quant = "nvfp4"
     stream, r = ctx.stream, ctx.rank
     base = Layer(ctx.new_seed(), ctx.world)
     pf = allgather(ctx) if path == "ag" else alltoall(ctx)
@@ -538,12 +525,7 @@ def across_nodes(ctx):
     assert ctx.group.spans_nodes
     ag, a2a = allgather(ctx), alltoall(ctx)
     assert ag.workspace.path == "nccl" and a2a.all2all_manager is None
-    quants = [None]
-    try:
-        need_quant()
-        quants.append("nvfp4")
-    except pytest.skip.Exception:
-        pass
+    quants = [None, "nvfp4"]
     for quant in quants:
         for mode in (None, "zero", "one_rank"):
             run_allgather(ctx, ag, Layer(ctx.new_seed(), ctx.world, mode), quant, np.float32)
