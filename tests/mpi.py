@@ -340,9 +340,11 @@ def _details(exc: BaseException) -> dict:
     return {"error": error[:2000], "where": where, "traceback": text[-3000:]}
 
 
-def _close_shared(job: _JobState) -> None:
-    """Close the job's shared objects, newest first (collective, like their close())."""
+def _close_shared(job: _JobState) -> list[str]:
+    """Close the job's shared objects, newest first (collective, like their close());
+    what failed to close, as messages."""
     faulthandler.dump_traceback_later(DEFAULT_CASE_TIMEOUT, exit=True)
+    failures = []
     while job.shared:
         key, obj = job.shared.popitem()
         try:
@@ -350,9 +352,10 @@ def _close_shared(job: _JobState) -> None:
             if close is not None:
                 close()
         except BaseException as exc:  # noqa: BLE001 - report and go on closing the rest
-            _emit(f"[rank {job.rank}] closing shared {key!r}: {type(exc).__name__}: {exc}",
-                  sys.stderr)
+            failures.append(f"closing shared {key!r}: {type(exc).__name__}: {exc}")
+            _emit(f"[rank {job.rank}] {failures[-1]}", sys.stderr)
     faulthandler.cancel_dump_traceback_later()
+    return failures
 
 
 def _select(cases: list[Case], argv: list[str]) -> list[Case]:
@@ -429,7 +432,11 @@ def run_cases(*, setup: Callable[[], dict] | None = None, context: type = CaseCo
             failed_anywhere.append(c.name)
             _close_shared(job)  # the next case starts from fresh objects
 
-    _close_shared(job)
+    for failure in _close_shared(job):  # a close that fails fails the job
+        _emit(f"<CLOSE-FAIL {rank} {json.dumps(failure)}>")
+        failed_anywhere.append("closing the shared objects")
+    if any(comm.allgather(bool(failed_anywhere))):
+        failed_anywhere = failed_anywhere or ["closing the shared objects (another rank)"]
     _emit(f"<END {rank} passed={counts['PASS']} failed={counts['FAIL']} "
           f"skipped={counts['SKIP']}>")
     if not failed_anywhere:
@@ -499,6 +506,7 @@ class Outcome:
 
 _CASE_LINE = re.compile(r"<CASE ([^\s<>\"]+) (\d+) (PASS|FAIL|SKIP) ([0-9.]+)s")
 _END_LINE = re.compile(r"<END (\d+) passed=(\d+) failed=(\d+) skipped=(\d+)>")
+_CLOSE_LINE = re.compile(r'<CLOSE-FAIL (\d+) (".*")>$', re.M)
 _JOB_LINE = re.compile(r"<JOB seed=(\d+) ranks=(\d+) cases=([^\s<>]*)>")
 
 
@@ -555,6 +563,9 @@ class JobResult:
         if missing:
             return (f"ranks {missing} never reached the end{during} (exit status "
                     f"{self.returncode})")
+        closing = _CLOSE_LINE.search(self.stdout)
+        if closing:
+            return f"rank {closing.group(1)} failed at the end, {json.loads(closing.group(2))}"
         failed = any(self.ended.values())
         if self.returncode != (1 if failed else 0):
             return f"exit status {self.returncode} after every rank reached the end"

@@ -25,7 +25,7 @@ DEFAULT = ["passes", "typed[bf16]", "typed[fp16]", "typed[fp32]", "variant[one]"
 PASSING = ["passes", "typed[bf16]", "typed[fp16]", "typed[fp32]", "variant[one]",
            "variant[two-and-a-half]", "shared_kept",
            "after_failure_fresh", "pytest_raises_matches", "still_in_step"]
-OWN_JOB = ["needs_env", "hangs", "exits", "sleeps"]
+OWN_JOB = ["needs_env", "hangs", "exits", "close_fails", "sleeps"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_params_one_job_per_rank_count_and_per_own_job_case():
     ids = [p.id for p in params]
     assert ids == ([f"2-{n}" for n in DEFAULT] + [f"4-{n}" for n in DEFAULT]
                    + ["2-needs_env", "3-needs_env", "2-hangs", "4-hangs", "2-exits", "4-exits",
-                      "2-sleeps", "4-sleeps"])
+                      "2-close_fails", "4-close_fails", "2-sleeps", "4-sleeps"])
     by_id = {p.id: p.values[0] for p in params}
     assert all(p.values[1] == p.id.split("-", 1)[1] for p in params)
     # Every ordinary case of a rank count shares one job: the fixture runs it once.
@@ -89,7 +89,8 @@ def test_list_option_needs_no_mpi():
     lines = out.stdout.splitlines()
     assert lines[:len(DEFAULT)] == DEFAULT
     assert lines[len(DEFAULT)] == "needs_env  (own job; ranks 2,3; HARNESS_FLAG=on)"
-    assert lines[len(DEFAULT) + 1:] == ["hangs  (own job)", "exits  (own job)", "sleeps  (own job)"]
+    assert lines[len(DEFAULT) + 1:] == ["hangs  (own job)", "exits  (own job)",
+                                        "close_fails  (own job)", "sleeps  (own job)"]
 
 
 def test_bad_declarations():
@@ -233,6 +234,17 @@ def test_hang_fails_every_case_of_the_job():
     text = failure(result, "passes")  # passed on every rank, yet the job crashed
     assert "rank 0: PASS" in text and "rank 1: PASS" in text
     assert "never reached the end during case hangs" in text
+
+
+def test_a_shared_object_that_fails_to_close_fails_the_job():
+    """The case passed everywhere, but closing its shared object raised on one rank at
+    the end: the job fails (exit 1, no <PASS>), saying so, and so does the case."""
+    result = run_job(Job(WORKER, 2, ("close_fails",), timeout=120))
+    assert result.returncode == 1 and "<PASS" not in result.stdout
+    assert result.problem == ("rank 1 failed at the end, closing shared 'leaky': "
+                              "RuntimeError: handles still open"), result.problem
+    text = failure(result, "close_fails")
+    assert "rank 0: PASS" in text and "handles still open" in text
 
 
 def test_dead_rank_fails_the_job():

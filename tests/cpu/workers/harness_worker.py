@@ -123,6 +123,22 @@ def exits(ctx):
     ctx.barrier()
 
 
+class FailsToClose:
+    """A shared object whose close() raises on the last rank."""
+
+    def __init__(self, rank, world):
+        self.last = rank == world - 1
+
+    def close(self):
+        if self.last:
+            raise RuntimeError("handles still open")
+
+
+@case(own_job=True)
+def close_fails(ctx):
+    ctx.shared("leaky", lambda: FailsToClose(ctx.rank, ctx.world))
+
+
 @case(own_job=True, timeout=600)
 def sleeps(ctx):
     print(f"<PID {ctx.rank} {os.getpid()}>", flush=True)
