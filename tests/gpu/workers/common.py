@@ -9,15 +9,55 @@ the workers to list their cases, also on machines without one.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import cupy
 import numpy as np
+import pytest
 
 import moecomm
 from moecomm.tensors import bfloat16
 from tests.mpi import CaseContext, run_cases
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def unavailable(what: str):
+    """Skip a case for a framework (or one of its dtypes) this host lacks, saying what; on
+    the GPU check (``MOECOMM_REQUIRE_GPU=1``, set by bench/gpu_suite.sh) fail instead:
+    there every case must run, and a skip would count as a pass."""
+    if os.environ.get("MOECOMM_REQUIRE_GPU") == "1":
+        pytest.fail(f"{what}; MOECOMM_REQUIRE_GPU=1: the GPU check runs every case")
+    pytest.skip(what)
+
+
+def cuda_torch():
+    """PyTorch with CUDA (``unavailable`` otherwise)."""
+    try:
+        import torch
+    except ImportError:
+        unavailable("PyTorch is not installed")
+    if not torch.cuda.is_available():
+        unavailable("PyTorch sees no CUDA device")
+    return torch
+
+
+def gpu_jax(device: int):
+    """``(jax, jax.numpy, the JAX device of GPU device)`` (``unavailable`` otherwise).
+    CuPy's current GPU is set back to ``device``: JAX's start leaves its last one current."""
+    try:
+        import jax
+        import jax.dlpack  # noqa: F401 - the cases use it
+        import jax.numpy as jnp
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    except Exception as exc:  # not installed, or no GPU backend (jax raises then)
+        unavailable(f"no JAX with a GPU backend here ({type(exc).__name__}: {exc})")
+    cupy.cuda.Device(device).use()
+    mine = [d for d in gpus if d.id == device]
+    if not mine:
+        unavailable(f"JAX sees no GPU {device}")
+    return jax, jnp, mine[0]
 
 
 def bits(a) -> np.ndarray:

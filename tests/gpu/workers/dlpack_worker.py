@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moecomm.tensors import as_array, bfloat16
-from tests.gpu.workers.common import main
+from tests.gpu.workers.common import cuda_torch, gpu_jax, main
 from tests.mpi import case
 
 
@@ -26,13 +26,6 @@ def cupy_arrays(ctx):
         as_array(c, "c", ndim=3)
     with pytest.raises(ValueError, match="C-contiguous"):
         as_array(c.T, "c")
-
-
-def cuda_torch():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch sees no CUDA device")
-    return torch
 
 
 @case(dtypes=("bf16", "fp16", "fp32", "int32", "uint8"))
@@ -82,23 +75,12 @@ def torch_errors_and_streams(ctx):
 @case
 def jax_arrays(ctx):
     """jax -> cupy and cupy -> jax, zero-copy."""
-    try:
-        import jax
-        import jax.dlpack
-        import jax.numpy as jnp
-
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    except Exception as exc:  # not installed, or no GPU backend (jax raises then)
-        pytest.skip(f"no JAX with a GPU backend here ({type(exc).__name__}: {exc})")
-    if not gpus:
-        pytest.skip("JAX sees no GPU")
-    dev = ctx.group.device_id
-    mine = [d for d in gpus if d.id == dev] or gpus[:1]
-    j = jax.device_put(jnp.arange(24, dtype=jnp.bfloat16).reshape(4, 6), mine[0])
-    a = as_array(j, "j", dtype=bfloat16, shape=(4, 6), device=mine[0].id)
+    jax, jnp, mine = gpu_jax(ctx.group.device_id)
+    j = jax.device_put(jnp.arange(24, dtype=jnp.bfloat16).reshape(4, 6), mine)
+    a = as_array(j, "j", dtype=bfloat16, shape=(4, 6), device=mine.id)
     assert a.data.ptr == j.unsafe_buffer_pointer(), "jax -> cupy copied"
     assert np.array_equal(cupy.asnumpy(a).astype(np.float32), np.arange(24).reshape(4, 6))
-    with cupy.cuda.Device(mine[0].id):
+    with cupy.cuda.Device(mine.id):
         out = cupy.arange(10, dtype=np.float32) * 3
         jj = jax.dlpack.from_dlpack(out)
         assert np.array_equal(np.asarray(jj), np.arange(10) * 3)

@@ -1,7 +1,8 @@
 """allreduce_fusion on every rank against moecomm.reference.
 
-allreduce_out and residual_out must match bit for bit; norm_out within one or two units in
-the last place (the GPU sums squares in another order); the quantized bytes and scales
+allreduce_out and residual_out must match bit for bit; norm_out within one unit in the last
+place, in at most one element in 1000 (the GPU sums squares in another order,
+``check_norm``); the quantized bytes and scales
 must equal the reference quantizer applied to the kernel's own norm_out, and a pattern
 without norm_out must give the same bytes as its Out variant. Patterns are named, never
 numbered; what each computes comes from ``moecomm.constants.PATTERNS``.
@@ -109,11 +110,7 @@ class Inputs:
             f"{what}: residual_out"
         quant = spec(pattern).quant
         if outs.norm_out is not None:
-            got = reference.to_float32(cupy.asnumpy(outs.norm_out))
-            want = reference.to_float32(ref["norm_out"])
-            ulp = 2.0 ** (-7 if self.dtype == bfloat16 else -10)
-            err = np.abs(got - want) / np.maximum(np.abs(want), 1e-3)
-            assert np.all(err <= 2 * ulp), f"{what}: norm_out off by {err.max()}"
+            check_norm(outs.norm_out, ref["norm_out"], what)
         if quant == Quant.NONE:
             return
         if out_variant is not None:  # same bytes as the Out variant on the same inputs
@@ -147,6 +144,24 @@ class Inputs:
             wq, wsf = reference.quant_fp8_dynamic_per_token(norm32)
             assert np.array_equal(q, wq), f"{what}: dynamic fp8 codes"
             assert np.array_equal(cupy.asnumpy(outs.scale_out), wsf), f"{what}: dynamic scales"
+
+
+def check_norm(got, want, what):
+    """norm_out against the reference: every element within one unit in the last place
+    (the GPU sums a row's squares in another order, so its rstd may differ by an fp32
+    ulp), and only a few elements differ at all."""
+    g, w = _ordered(bits(got)), _ordered(bits(want))
+    diff = np.abs(g - w)
+    assert g.shape == w.shape and diff.max(initial=0) <= 1, \
+        f"{what}: norm_out off by {diff.max(initial=0)} units in the last place"
+    assert np.count_nonzero(diff) <= max(4, diff.size // 1000), \
+        f"{what}: norm_out differs in {np.count_nonzero(diff)} of {diff.size} elements"
+
+
+def _ordered(b: np.ndarray) -> np.ndarray:
+    """16-bit float bit patterns as integers in the order of their values (-0 = +0)."""
+    i = b.astype(np.int64)
+    return np.where(i & 0x8000, -(i & 0x7FFF), i)
 
 
 def written(outs):
@@ -265,10 +280,7 @@ def oneshot_split(ctx, hidden):
             what = f"split in place {tokens}x{hidden}"
             assert np.array_equal(bits(res), bits(inputs.ref["residual_out"])), \
                 f"{what}: residual_out"
-            got = reference.to_float32(cupy.asnumpy(x))
-            want = reference.to_float32(inputs.ref["norm_out"])
-            err = np.abs(got - want) / np.maximum(np.abs(want), 1e-3)
-            assert np.all(err <= 2 * 2.0 ** -7), f"{what}: norm_out off by {err.max()}"
+            check_norm(x, inputs.ref["norm_out"], what)
         ws.check()
         ws.close()
 

@@ -43,8 +43,11 @@ def handler(ctx, name, dtype=bfloat16):
     """The layout's handler; where NCCL cannot run (ranks share a GPU), AUTO stays FUSED."""
     sizes = layout_sizes(ctx, name)
     config = MixedCommConfig() if ctx.exclusive else MixedCommConfig(fused_max_bytes=MAX_BYTES)
-    return ctx.shared(("mixed", name, np.dtype(dtype).name), lambda: MixedCommHandler(
+    h = ctx.shared(("mixed", name, np.dtype(dtype).name), lambda: MixedCommHandler(
         ctx.group, MAX_BYTES, dtype, config=config, **sizes))
+    # one node: FUSED must be there (else every case would test the NCCL modes only)
+    assert h.fused or ctx.group.spans_nodes, h.no_fused_reason
+    return h
 
 
 def modes(ctx, h):
@@ -213,10 +216,13 @@ def bad_input(ctx):
         MixedCommHandler(ctx.group, 1 << 16, tp_size=ctx.world, dp_size=2)
     with pytest.raises(ValueError, match="does not divide"):
         MixedCommHandler(ctx.group, 1 << 16, tp_size=3)
-    cupy.cuda.runtime.deviceSynchronize()  # x is zeroed on the default stream
-    out = run_mixed_comm(MixedCommOp.ALLREDUCE, h, x, mode=FUSED, stream=ctx.stream)
+    xs = reduce_inputs(ctx, (2 * D, 64), bfloat16)  # fresh data into a poisoned output
+    with ctx.stream:
+        out = cupy.full((2 * D, 64), np.nan, bfloat16)
+        run_mixed_comm(MixedCommOp.ALLREDUCE, h, cupy.asarray(xs[ctx.rank]), out, mode=FUSED,
+                       stream=ctx.stream)
     ctx.stream.synchronize()
-    assert not cupy.any(out.view(np.uint16)), "usable after refused calls"
+    check(ctx, h, out, expected(h, MixedCommOp.ALLREDUCE, xs), "usable after refused calls")
 
 
 @case

@@ -24,6 +24,7 @@ from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs, allr
 from moecomm.moe import EPAllToAll, MoeAlltoAll
 from moecomm.moe.alltoall import MoeAlltoAllConfig
 from moecomm.moe.alltoall import RoutingHandle
+from moecomm.op import device_facts
 from moecomm.symmetric import SymmetricBuffer
 from moecomm.tensors import bfloat16
 from tests.gpu.workers.common import bits, main
@@ -242,7 +243,10 @@ def a2a_handle_async(ctx, num_sms):
     op, stream = a2a(ctx, num_sms), ctx.stream
     compute, comm = streams()
     n, r = op.ep_size, op.ep_rank
-    assert op.num_sms == (num_sms or op.num_sms)
+    if num_sms is None:  # every SM, no budget
+        assert op.num_sms == device_facts().sms and not op.budgeted, (op.num_sms, op.budgeted)
+    else:
+        assert op.num_sms == num_sms and op.budgeted, (op.num_sms, op.budgeted)
     T = [int(v) for v in np.random.default_rng(ctx.new_seed()).integers(0, MAX_T + 1, n)]
     ids, _ = routing(ctx, MAX_T)
     ids = [i[:t] for i, t in zip(ids, T)]
@@ -482,14 +486,15 @@ def graph_event_ordering(ctx):
     ws = ar_workspace(ctx)
     main_s, comm = streams()
     n = 50000
+    algos = ("oneshot", "twoshot")
     src = cupy.zeros(n, np.float32)
     x = cupy.zeros(n, np.float32)
-    out = cupy.zeros(n, np.float32)
-    seen = cupy.zeros(n, np.float32)
+    out = {a: cupy.zeros(n, np.float32) for a in algos}  # each algorithm's own, checked
+    seen = {a: cupy.zeros(n, np.float32) for a in algos}
     with main_s:  # every kernel loaded before the capture
         spin(main_s, 0.0)
         x[...] = src
-        cupy.multiply(out, 2, out=seen)
+        cupy.multiply(out["oneshot"], 2, out=seen["oneshot"])
     main_s.synchronize()
     with main_s:
         main_s.begin_capture()
@@ -497,23 +502,27 @@ def graph_event_ordering(ctx):
         x[...] = src
         ev = cupy.cuda.Event(disable_timing=True)
         ev.record(main_s)
-        for algo in ("oneshot", "twoshot"):
-            _, h = all_reduce(x, ws, out=out, algorithm=algo, stream=comm, previous_event=ev,
-                              async_op=True)
+        for algo in algos:
+            _, h = all_reduce(x, ws, out=out[algo], algorithm=algo, stream=comm,
+                              previous_event=ev, async_op=True)
             h.wait(main_s)
-            cupy.multiply(out, 2, out=seen)
+            cupy.multiply(out[algo], 2, out=seen[algo])
             ev = cupy.cuda.Event(disable_timing=True)
             ev.record(main_s)
         graph = main_s.end_capture()
     for replay in range(3):
         xs = inputs(ctx, (n,))
         src.set(xs[ctx.rank])
-        out.fill(np.nan)
+        for algo in algos:
+            out[algo].fill(np.nan)
+            seen[algo].fill(np.nan)
         cupy.cuda.runtime.deviceSynchronize()
         graph.launch(main_s)
         main_s.synchronize()
         want = ref.all_reduce(xs)
-        exact(seen.get(), (want * np.float32(2)).astype(np.float32), f"graph replay {replay}")
+        for algo in algos:
+            exact(seen[algo].get(), (want * np.float32(2)).astype(np.float32),
+                  f"graph replay {replay} {algo}")
     ws.check(main_s)
 
 

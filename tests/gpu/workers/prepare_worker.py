@@ -115,13 +115,28 @@ def as_out(values32, dtype):
     return ref.cast_from_float32(values32, dtype)
 
 
+def warm_and_poison(ctx, pf, prepare, tokens, out_dtype, w, ids):
+    """One prepare / finalize of the checked call's shapes first, so that every buffer the
+    checked call uses exists, then every buffer poisoned (``poison`` fills the kept
+    buffers only: a new shape would otherwise get fresh, unpoisoned memory)."""
+    res = prepare()
+    dt = bfloat16 if out_dtype == np.uint16 else out_dtype
+    pf.finalize(zeros((tokens, H), dt), zeros((res.a1q.shape[0], H), dt), w, ids, False,
+                stream=ctx.stream)
+    ctx.poison(pf)
+
+
 # ---------------------------------------------------------------- the all-gather path
 def run_allgather(ctx, pf, layer, quant, out_dtype, *, check_layer=True):
     r, sizes, n = ctx.rank, layer.T, layer.world
     a1, w, ids = device_inputs(ctx, layer)
-    ctx.poison(pf)
-    res = pf.prepare(a1, w, ids, layer.E, None, False, config(ctx, quant), sizes=sizes,
-                     stream=ctx.stream)
+
+    def prepare():
+        return pf.prepare(a1, w, ids, layer.E, None, False, config(ctx, quant), sizes=sizes,
+                          stream=ctx.stream)
+
+    warm_and_poison(ctx, pf, prepare, sizes[r], out_dtype, w, ids)
+    res = prepare()
     per = [layer.quantized(quant, s) for s in range(n)]
     tensors = [[layer.w[s], layer.ids[s], per[s][0]] + ([per[s][1]] if per[s][1] is not None
                                                          else []) for s in range(n)]
@@ -179,9 +194,14 @@ def run_alltoall(ctx, pf, layer, quant, out_dtype, *, expert_map=False, check_la
     a1, w, ids = device_inputs(ctx, layer)
     maps = [np.where(layer.owned(q), np.arange(layer.E) - q * EPR, -1).astype(np.int32)
             for q in range(n)] if expert_map else None
-    ctx.poison(pf)
-    res = pf.prepare(a1, w, ids, layer.E, ctx.device(maps[r]) if maps else None, False,
-                     config(ctx, quant), sizes=layer.T, stream=ctx.stream)
+    d_map = ctx.device(maps[r]) if maps else None
+
+    def prepare():
+        return pf.prepare(a1, w, ids, layer.E, d_map, False, config(ctx, quant),
+                          sizes=layer.T, stream=ctx.stream)
+
+    warm_and_poison(ctx, pf, prepare, layer.T[r], out_dtype, w, ids)
+    res = prepare()
     per = [layer.quantized(quant, s) for s in range(n)]
     payloads = [[p[0]] + ([p[1]] if quant == "nvfp4" else []) for p in per]
     plan, recv = ref.a2a_prepare(layer.ids, layer.w, payloads, layer.E, expert_maps=maps)
@@ -301,8 +321,10 @@ def router_weight_on_input(ctx, path):
         else:
             _, recv = ref.a2a_prepare(layer.ids, layer.w, [[x] for x in scaled], layer.E)
             got = ctx.host(res.a1q)
-            ok = ctx.host(res.topk_ids)[:, 0] >= 0
-            assert np.array_equal(got[ok], recv[ctx.rank][0][ok])
+            want_ids = recv[ctx.rank][-2]
+            assert np.array_equal(ctx.host(res.topk_ids), want_ids), "received ids"
+            ok = want_ids[:, 0] >= 0  # the received rows, from the reference
+            assert np.array_equal(got[ok], recv[ctx.rank][0][ok]), "received scaled rows"
             pf.finalize(zeros((layer.T[ctx.rank], H), bfloat16),
                         zeros((got.shape[0], H), bfloat16), w, ids, True, stream=ctx.stream)
         with pytest.raises(ValueError, match="top_k == 1"):
@@ -392,6 +414,11 @@ def graph_replay(ctx, path):
             gids = np.concatenate(layer.ids)
             assert np.array_equal(ctx.host(res.topk_ids), gids), f"replay {i}: ids"
             assert np.array_equal(ctx.host(res.a1q), np.concatenate([p[0] for p in per]))
+            assert np.array_equal(ctx.host(res.topk_weights), np.concatenate(layer.w)), \
+                f"replay {i}: gathered weights"
+            assert np.array_equal(ctx.host(res.a1q_scale),
+                                  ref.swizzle_sf(np.concatenate([p[1] for p in per]), H)), \
+                f"replay {i}: gathered scales"
             y = ref.scaled_experts(vals, gids, np.concatenate(layer.w), layer.scale,
                                    layer.owned(r))
         else:
