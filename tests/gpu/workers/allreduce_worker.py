@@ -115,34 +115,15 @@ def twoshot_after_many_calls(ctx):
     rank); a small grid first, then a large one, each checked. Rank 0 starts each call
     late, so a wait passed early reads stale data."""
     ws = create_allreduce_workspace(ctx.group, max_bytes=1 << 20, dtype=np.float32)
-    xs = reduce_inputs(ctx, (4096,), np.float32)
-    out = poisoned((4096,), np.float32)
-    all_reduce(cupy.asarray(xs[ctx.rank]), ws, out=out, algorithm="twoshot")
-    check_exact(ctx, out, xs, "two-shot before")
-    for start in ((1 << 19) + 3, (1 << 20) - 1, 3 << 19):
+
+    def set_counter(value):  # kStateCall (kernels_cu/allreduce.cuh), the same on every rank
         ctx.stream.synchronize()
         cupy.cuda.runtime.deviceSynchronize()
-        ws.state[4] = start  # kStateCall (kernels_cu/allreduce.cuh)
+        ws.state[4] = value
         cupy.cuda.runtime.deviceSynchronize()
         ctx.group.barrier()
-        for n in (4096, (1 << 20) // 4):
-            xs = reduce_inputs(ctx, (n,), np.float32)
-            out = poisoned((n,), np.float32)
-            x = cupy.asarray(xs[ctx.rank])
-            cupy.cuda.runtime.deviceSynchronize()
-            if ctx.rank == 0:
-                time.sleep(0.05)
-            all_reduce(x, ws, out=out, algorithm="twoshot")
-            check_exact(ctx, out, xs, f"two-shot of {n} after call {start}")
-    # Exactly 2^20 calls after the last one: every flag slot that call wrote would equal
-    # the new call's value if the flags held the call in 20 bits.
-    for _ in range(2):
-        ctx.stream.synchronize()
-        cupy.cuda.runtime.deviceSynchronize()
-        ws.state[4] = int(ws.state[4]) - 1 + (1 << 20)
-        cupy.cuda.runtime.deviceSynchronize()
-        ctx.group.barrier()
-        n = (1 << 20) // 4
+
+    def late_twoshot(n, what):  # rank 0 starts late: a wait passed early reads stale data
         xs = reduce_inputs(ctx, (n,), np.float32)
         out = poisoned((n,), np.float32)
         x = cupy.asarray(xs[ctx.rank])
@@ -150,7 +131,18 @@ def twoshot_after_many_calls(ctx):
         if ctx.rank == 0:
             time.sleep(0.05)
         all_reduce(x, ws, out=out, algorithm="twoshot")
-        check_exact(ctx, out, xs, "two-shot 2^20 calls after the last")
+        check_exact(ctx, out, xs, what)
+
+    late_twoshot(4096, "two-shot before")
+    for start in ((1 << 19) + 3, (1 << 20) - 1, 3 << 19):
+        set_counter(start)
+        for n in (4096, (1 << 20) // 4):
+            late_twoshot(n, f"two-shot of {n} after call {start}")
+    # Exactly 2^20 calls after the last one: every flag slot that call wrote would equal
+    # the new call's value if the flags held the call in 20 bits.
+    for _ in range(2):
+        set_counter(int(ws.state[4]) - 1 + (1 << 20))
+        late_twoshot((1 << 20) // 4, "two-shot 2^20 calls after the last")
     ws.check()
     ws.close()
 
