@@ -238,7 +238,9 @@ class Op:
         if self.phase == Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
-        with contextlib.nullcontext() if self.device_id is None else cupy.cuda.Device(self.device_id):
+        here = (contextlib.nullcontext() if self.device_id is None
+                else cupy.cuda.Device(self.device_id))
+        with here:
             self._release()  # frees and waits on the op's GPU, whichever is current
         if self.error is not None:
             self.error.close()
