@@ -49,7 +49,7 @@ _DTYPES = (bfloat16, np.dtype(np.float16), np.dtype(np.float32))  # as error mes
 _SENTINEL = {np.dtype(np.float32): 0x80000000, np.dtype(np.float16): 0x80008000,
              bfloat16: 0x80008000}
 _STATE_WORDS = 8       # kStateWords in allreduce.cuh
-_MAX_CHUNKS = 4095     # chunks of one block per call (kFlagChunkBits in allreduce.cuh)
+_MAX_CHUNKS = 4095     # chunks of one block per call (the sizing the two-shot was measured with)
 _FLAG_BYTES = 2 * AR_MAX_BLOCKS * AR_MAX_RANKS * 8  # u64 two-shot flags (allreduce.cuh)
 
 

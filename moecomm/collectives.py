@@ -265,8 +265,9 @@ class VCollectiveWorkspace(Op):
         self._nccl = None
         self.buffer = None
         self._prepared: dict = {}
-        self._stack_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_stack_reduce_{s}")
-                               for dt, s in _SUFFIX.items()}
+        with self.group.all_or_none("VCollectiveWorkspace"):  # nothing made yet to free
+            self._stack_kernels = {dt: kernels.get_kernel(_SOURCE, f"vc_stack_reduce_{s}")
+                                   for dt, s in _SUFFIX.items()}
         error = None
         self.lamport_slot = 0
         if self.ipc:

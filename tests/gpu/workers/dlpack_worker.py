@@ -1,7 +1,10 @@
 """DLPack boundary on a GPU: zero-copy round trips with CuPy, PyTorch and JAX, clear
 errors. The PyTorch and JAX cases skip, saying so, where those are not installed."""
 
+import os
 import re
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside CuPy's pool
 
 import cupy
 import numpy as np
