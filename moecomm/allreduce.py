@@ -456,7 +456,7 @@ def all_reduce(x, workspace: AllReduceWorkspace, out=None,
         out_ptr = out.data.ptr
     else:
         out_ptr = import_array(out, "out", dtype=xa.dtype, shape=xa.shape, device=ws.device_id,
-                               stream=handle).ptr
+                               stream=handle, writable=True).ptr
     if algo != Algorithm.NCCL:
         require_aligned("x", xa.ptr)
         require_aligned("out", out_ptr)

@@ -364,7 +364,7 @@ class VCollectiveWorkspace(Op):
             if not isinstance(outs, (list, tuple)) or len(outs) != len(arrays):
                 raise ValueError(f"outs: expected a list of {len(arrays)} arrays")
             outs = [import_array(o, f"outs[{i}]", dtype=a.dtype, shape=(total, *a.shape[1:]),
-                                 device=self.device_id, stream=handle)
+                                 device=self.device_id, stream=handle, writable=True)
                     for i, (o, a) in enumerate(zip(outs, arrays))]
         if _group.DEBUG:
             self.group.check_uniform("all_gatherv sizes and (dtype, row shape) of xs",
@@ -479,7 +479,7 @@ class VCollectiveWorkspace(Op):
             out_ptr = result.data.ptr
         else:
             o = import_array(out, "out", dtype=a.dtype, shape=shape, device=self.device_id,
-                             stream=handle)
+                             stream=handle, writable=True)
             require_aligned("out", o.ptr)
             result, out_ptr = o.obj, o.ptr
         need = scatter_bytes(sizes, row)

@@ -282,9 +282,9 @@ class DcpAlltoAll(Op):
             if not isinstance(out, (tuple, list)) or len(out) != 2:
                 raise TypeError("out: expected a pair (o_out, stats_out)")
             oo = import_array(out[0], "out[0] (o_out)", dtype=o.dtype, shape=o.shape,
-                              device=self.device_id, stream=handle)
+                              device=self.device_id, stream=handle, writable=True)
             so = import_array(out[1], "out[1] (stats_out)", dtype=st.dtype, shape=st.shape,
-                              device=self.device_id, stream=handle)
+                              device=self.device_id, stream=handle, writable=True)
             result, o_ptr, st_ptr = (oo.obj, so.obj), oo.ptr, so.ptr
             # In place is an output at its own input's address (each thread writes the
             # items it read); any other overlap lets a write land on an unsent input.
@@ -380,12 +380,13 @@ def lse_combine(partial_o, softmax_stats, stats_format: StatsFormat | int = Stat
         result = empty(out_shape, o.dtype, handle)
         out_ptr = result.data.ptr
     else:
-        ref = import_array(out, "out", dtype=o.dtype, shape=out_shape, device=device, stream=handle)
+        ref = import_array(out, "out", dtype=o.dtype, shape=out_shape, device=device, stream=handle,
+                           writable=True)
         result, out_ptr = ref.obj, ref.ptr
     lse_ptr, lse = 0, None
     if lse_out is not None:
         ref = import_array(lse_out, "lse_out", dtype=_STATS_DTYPE, shape=o.shape[:-2],
-                           device=device, stream=handle)
+                           device=device, stream=handle, writable=True)
         lse, lse_ptr = ref.obj, ref.ptr
     elif return_lse:
         lse = empty(o.shape[:-2], _STATS_DTYPE, handle)

@@ -625,7 +625,8 @@ def _epilogue_fields(dtype, tokens: int, hidden: int, pattern: AllReduceFusionPa
     written = []
 
     def array(value, name, alignment=16, **check):
-        arr = as_array(value, name, stream=stream, **check)
+        arr = as_array(value, name, stream=stream, writable=name.startswith("outputs."),
+                       **check)
         require_aligned(name, arr.data.ptr, alignment)
         if name.startswith("outputs."):
             written.append((name, arr.data.ptr, arr.nbytes))

@@ -492,7 +492,7 @@ class MixedCommHandler(Op):
         else:
             out = x_out
             out_ptr = import_array(x_out, "x_out", dtype=self.dtype, shape=out_shape,
-                                   device=self.device_id, stream=handle).ptr
+                                   device=self.device_id, stream=handle, writable=True).ptr
         require_aligned("x_in", xa.ptr)
         require_aligned("x_out", out_ptr)
         if overlaps(out_ptr, out_nbytes, xa.ptr, xa.nbytes):

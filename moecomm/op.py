@@ -106,7 +106,7 @@ def out_array(out, name: str, shape, dtype, stream=None,
     """The caller's ``out`` checked against ``shape``/``dtype``/alignment, or a new array."""
     if out is None:
         return empty(shape, dtype, stream)
-    arr = as_array(out, name, dtype=dtype, shape=shape, stream=stream)
+    arr = as_array(out, name, dtype=dtype, shape=shape, stream=stream, writable=True)
     require_aligned(name, arr.data.ptr, alignment)
     return arr
 

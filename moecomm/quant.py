@@ -177,7 +177,7 @@ def _output(value, name: str, shape, dtypes, h: int, dtype=None,
     """The caller's output checked for dtype, shape and alignment, or a new array."""
     if value is None:
         return _wrap(empty(shape, dtype or dtypes[0], h))
-    arr = import_array(value, name, dtype=dtypes, shape=shape, stream=h)
+    arr = import_array(value, name, dtype=dtypes, shape=shape, stream=h, writable=True)
     require_aligned(name, arr.ptr, alignment)
     return arr
 
@@ -187,7 +187,7 @@ def _sized_output(value, name: str, need: int, dtypes, h: int, alignment: int,
     """A flat output of at least ``need`` elements (exactly, with ``exact``), any shape."""
     if value is None:
         return _wrap(empty((need,), dtypes[0], h))
-    arr = import_array(value, name, dtype=dtypes, stream=h)
+    arr = import_array(value, name, dtype=dtypes, stream=h, writable=True)
     if arr.size < need or (exact and arr.size != need):
         raise ValueError(f"{name}: {arr.size} elements, the layout needs "
                          f"{'exactly ' if exact else 'at least '}{need}")
@@ -359,7 +359,7 @@ def quantize(x, quant_dtype, *, scale=None, per_act_token_quant=False, block_sha
         if scale_out is None:
             sf = _wrap(empty((rows, 1), _F32, h))
         else:
-            sf = import_array(scale_out, "scale_out", dtype=_F32, stream=h)
+            sf = import_array(scale_out, "scale_out", dtype=_F32, stream=h, writable=True)
             if sf.shape not in ((rows,), (rows, 1)):
                 raise ValueError(f"scale_out: expected fp32 [{rows}, 1] or [{rows}], got "
                                  f"shape {sf.shape}")

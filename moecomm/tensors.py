@@ -290,15 +290,21 @@ class _DLPackOwner:
                 pass
 
 
-def _consume(capsule, name: str, device: int | None, *, cuda: bool = True) -> cupy.ndarray:
+def _consume(capsule, name: str, device: int | None, *, cuda: bool = True,
+             writable: bool = False) -> cupy.ndarray:
     """A ``cupy.ndarray`` viewing a DLPack capsule, which this takes ownership of. The
-    capsule's device must be CUDA device ``device`` (``cuda=False``, for tests: any)."""
+    capsule's device must be CUDA device ``device`` (``cuda=False``, for tests: any);
+    with ``writable`` (the op writes the array) a capsule flagged read-only is refused,
+    and stays with its producer."""
     info = _parse(capsule, name)
     if cuda:
         if info.device_type not in (_KDL_CUDA, _KDL_CUDA_MANAGED):
             raise _wrong_device(name, _where(info.device_type, info.device_id), device)
         if device is not None and info.device_id != device:
             raise _wrong_device(name, _where(info.device_type, info.device_id), device)
+    if writable and info.read_only:
+        raise ValueError(f"{name}: the array is read-only (its DLPack export says so) and "
+                         f"the op writes it; pass a writable array")
     if _capsule_rename(capsule, _USED_V if info.versioned else _USED):
         raise BufferError(f"{name}: could not take the DLPack capsule")  # pragma: no cover
     owner = _DLPackOwner(info.managed, info.deleter)
@@ -312,7 +318,7 @@ def _dlpack_stream(handle: int) -> int:
     return 1 if handle == 0 else handle
 
 
-def _from_dlpack(x, name: str, device: int | None, stream) -> cupy.ndarray:
+def _from_dlpack(x, name: str, device: int | None, stream, writable: bool) -> cupy.ndarray:
     """Import any DLPack producer (see the module doc); device checked before export."""
     kind, on = _device_of(x, name, device)  # before any CUDA call: a host array fails here
     if device is None:
@@ -328,7 +334,7 @@ def _from_dlpack(x, name: str, device: int | None, stream) -> cupy.ndarray:
     except (BufferError, TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name}: {type(x).__name__} refused to export it through DLPack "
                         f"({type(exc).__name__}: {exc})") from exc
-    return _consume(capsule, name, device)
+    return _consume(capsule, name, device, writable=writable)
 
 
 # ------------------------------------------------------------------ imports
@@ -341,6 +347,7 @@ def as_array(
     ndim: int | None = None,
     device: int | None = None,
     stream=None,
+    writable: bool = False,
 ) -> cupy.ndarray:
     """Import ``x`` zero-copy as a C-contiguous ``cupy.ndarray`` on ``device``.
 
@@ -352,6 +359,7 @@ def as_array(
         ndim: required number of dimensions (implied by ``shape``).
         device: required CUDA device id (default: CuPy's current device).
         stream: the stream the caller will use ``x`` on (passed to the producer).
+        writable: the op writes ``x``: a DLPack export flagged read-only is refused.
     """
     if isinstance(x, cupy.ndarray):
         arr = x
@@ -362,7 +370,7 @@ def as_array(
     else:
         arr = _torch_view(x, name, device, stream)
         if arr is None:
-            arr = _from_dlpack(x, name, device, stream)
+            arr = _from_dlpack(x, name, device, stream, writable)
     check(arr, name, dtype=dtype, shape=shape, ndim=ndim)
     return arr
 
@@ -422,7 +430,7 @@ _stream_wait_event = cupy.cuda.runtime.streamWaitEvent
 
 
 def import_array(x, name: str, *, dtype=None, shape=None, ndim=None, device: int | None = None,
-                 stream=None) -> DeviceArray:
+                 stream=None, writable: bool = False) -> DeviceArray:
     """Import ``x`` for one op call without building a CuPy array (the hot paths' version
     of ``as_array``, with the same checks and error messages).
 
@@ -443,7 +451,8 @@ def import_array(x, name: str, *, dtype=None, shape=None, ndim=None, device: int
     if arr is not None:
         check_meta(arr.shape, arr.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
         return arr
-    arr = as_array(x, name, dtype=dtype, shape=shape, ndim=ndim, device=device, stream=stream)
+    arr = as_array(x, name, dtype=dtype, shape=shape, ndim=ndim, device=device, stream=stream,
+                   writable=writable)
     return DeviceArray(arr.data.ptr, arr.shape, arr.dtype, arr)
 
 

@@ -291,7 +291,7 @@ class CustomAllReduce(Op):
             out_ptr = out.data.ptr
         else:
             out_ptr = import_array(out, "out", dtype=xa.dtype, shape=xa.shape,
-                                   device=self.device_id, stream=handle).ptr
+                                   device=self.device_id, stream=handle, writable=True).ptr
         require_aligned("inp", xa.ptr)
         require_aligned("out", out_ptr)
         nbytes = xa.nbytes

@@ -319,7 +319,7 @@ def moe_a2a_sanitize_expert_ids(expert_ids, recv_counts, ep_rank: int, experts_p
     (ep_rank+1)*experts_per_rank)``) and every id of the padding rows (index >=
     ``recv_counts[s]`` in block s; ``recv_counts`` int32 ``[ep_size]`` on the device)
     become ``invalid_expert_id``. Returns ``expert_ids`` (as a cupy array)."""
-    ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream)
+    ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream, writable=True)
     if ids.ndim < 2:
         raise ValueError(f"expert_ids: expected [ep_size, runtime_max, ...], got {ids.shape}")
     ep, rmax = ids.shape[0], ids.shape[1]
@@ -833,7 +833,7 @@ class MoeAlltoAll(Op):
         """``moe_a2a_sanitize_expert_ids`` for this rank and the last dispatch's counts
         (in place on a received id tensor ``[ep_size, runtime_max, ...]`` int32)."""
         self.usable("sanitize_expert_ids")
-        ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream)
+        ids = as_array(expert_ids, "expert_ids", dtype=np.int32, stream=stream, writable=True)
         if ids.ndim < 2 or ids.shape[0] != self.ep_size:
             raise ValueError(f"expert_ids: shape {tuple(ids.shape)}, expected "
                              f"[ep_size={self.ep_size}, runtime_max, ...]")
@@ -938,7 +938,7 @@ class MoeAlltoAll(Op):
             out_ptr = out.data.ptr
         else:
             out_ptr = import_array(out, "out", dtype=x.dtype, shape=(T, x.shape[2]),
-                                   device=self.device_id, stream=handle).ptr
+                                   device=self.device_id, stream=handle, writable=True).ptr
             require_aligned("out", out_ptr)
         if previous_event is not None or async_op or _group.DEBUG:
             async_op = events.issue(handle, previous_event, async_op, owner=self,

@@ -581,7 +581,7 @@ class EPAllToAll(Op):
             out_ptr = out.data.ptr
         else:
             out_ptr = import_array(out, "out", dtype=self.combine_dtype, shape=(T, self.hidden),
-                                   device=dev, stream=handle).ptr
+                                   device=dev, stream=handle, writable=True).ptr
         require_aligned("y", ya.ptr)
         require_aligned("out", out_ptr)
         if previous_event is not None or async_op or _group.DEBUG:

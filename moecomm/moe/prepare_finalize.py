@@ -223,7 +223,8 @@ class FlashInferCutlassMoEPrepareAndFinalize:
             raise TypeError(f"quant_config: expected a FusedMoEQuantConfig, got "
                             f"{type(quant_config).__name__}")
         int_at_least("num_experts", num_experts)
-        a = import_array(a1, "a1", dtype=FLOAT_DTYPES, ndim=2, device=self.device_id, stream=handle)
+        a = import_array(a1, "a1", dtype=FLOAT_DTYPES, ndim=2, device=self.device_id, stream=handle,
+                         writable=bool(apply_router_weight_on_input))  # scaled in place
         T, H = a.shape
         ids = import_array(topk_ids, "topk_ids", dtype=np.int32, ndim=2, device=self.device_id,
                            stream=handle)
@@ -371,7 +372,7 @@ class FlashInferCutlassMoEPrepareAndFinalize:
         src = import_array(fused_expert_output, "fused_expert_output", dtype=FLOAT_DTYPES,
                            device=self.device_id, stream=handle)
         dst = import_array(output, "output", dtype=src.dtype, shape=src.shape,
-                           device=self.device_id, stream=handle)
+                           device=self.device_id, stream=handle, writable=True)
         if src.nbytes and src.ptr != dst.ptr:
             cupy.cuda.runtime.memcpyAsync(dst.ptr, src.ptr, src.nbytes,
                                           cupy.cuda.runtime.memcpyDeviceToDevice, handle)
@@ -753,7 +754,7 @@ class FlashInferAllToAllMoEPrepareAndFinalize(FlashInferCutlassMoEPrepareAndFina
         if out is not None:  # what reduce_scatterv would refuse, before the put launches
             o = import_array(out, "out", dtype=y.dtype,
                              shape=(info.sizes[self.group.rank], y.shape[1]),
-                             device=self.device_id, stream=handle)
+                             device=self.device_id, stream=handle, writable=True)
             require_aligned("out", o.ptr)
         total = sum(info.sizes)
         z = self._buffer("put_back", (total, y.shape[1]), y.dtype, handle)

@@ -21,20 +21,24 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 class Arr:
     """A device array as the fakes see it."""
 
-    def __init__(self, shape, dtype, ptr=1 << 20):
+    def __init__(self, shape, dtype, ptr=1 << 20, read_only=False):
         self.shape, self.dtype, self.ptr = tuple(shape), np.dtype(dtype), ptr
+        self.read_only = read_only  # as a DLPack export flagged read-only
         self.itemsize = self.dtype.itemsize
         self.size = int(np.prod(self.shape))
         self.nbytes = self.size * self.itemsize
         self.data = SimpleNamespace(ptr=ptr)
 
     def reshape(self, *shape):
-        return Arr(shape, self.dtype, self.ptr)
+        return Arr(shape, self.dtype, self.ptr, self.read_only)
 
 
-def fake_import(x, name, *, dtype=None, shape=None, ndim=None, device=None, stream=None):
+def fake_import(x, name, *, dtype=None, shape=None, ndim=None, device=None, stream=None,
+                writable=False):
     if not isinstance(x, Arr):
         raise TypeError(f"{name}: expected an array with __dlpack__, got {type(x).__name__}")
+    if writable and x.read_only:
+        raise ValueError(f"{name}: the array is read-only")
     check_meta(x.shape, x.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
     return DeviceArray(x.ptr, x.shape, x.dtype, x)
 
@@ -156,7 +160,10 @@ def test_all_gatherv_errors_before_launch(fakes):
         ws.all_gatherv([Arr((3, 1 << 20), np.float32)], [3, 3])
     with pytest.raises(TypeError, match="__dlpack__"):
         ws.all_gatherv([np.zeros((3, 8))], [3, 3])
+    with pytest.raises(ValueError, match=r"^outs\[0\]: the array is read-only"):
+        ws.all_gatherv([x], [3, 3], outs=[Arr((6, 8), np.float32, read_only=True)])
     assert fakes == []
+    ws.all_gatherv([Arr((3, 8), np.float32, read_only=True)], [3, 3])  # inputs may be
 
 
 def test_lamport_crossover_model_and_override():
@@ -272,6 +279,8 @@ def test_reduce_scatterv_launch_and_errors(fakes):
         ws.reduce_scatterv(Arr((7, 64), BF16, ptr=(1 << 20) + 4), [3, 4])
     with pytest.raises(ValueError, match="out: shape"):
         ws.reduce_scatterv(x, [3, 4], out=Arr((3, 64), BF16))
+    with pytest.raises(ValueError, match="^out: the array is read-only"):
+        ws.reduce_scatterv(x, [3, 4], out=Arr((4, 64), BF16, read_only=True))
     with pytest.raises(ValueError, match="max_bytes"):
         ws.reduce_scatterv(Arr((7, 1 << 18), np.float32), [3, 4])
     assert len(fakes) == 1
@@ -393,6 +402,14 @@ def test_router_weight_launch(fakes, monkeypatch):
     (kernel, _, _, a), (gather, *_) = fakes
     assert kernel == "scale_rows_bf16" and (a.x, a.w, a.tokens, a.cols) == (a1.ptr, w.ptr, 4, 128)
     assert gather == "vc_all_gatherv"
+    # a1 is scaled in place: refused where its export is read-only, accepted unscaled
+    fakes.clear()
+    a1.read_only = True
+    with pytest.raises(ValueError, match="^a1: the array is read-only"):
+        obj.prepare(a1, w, ids, 256, None, True, pf.FusedMoEQuantConfig(None), sizes=[4, 4])
+    assert fakes == []
+    obj.prepare(a1, w, ids, 256, None, False, pf.FusedMoEQuantConfig(None), sizes=[4, 4])
+    assert [f[0] for f in fakes] == ["vc_all_gatherv"]
 
 
 @pytest.mark.parametrize("qc, rows", [

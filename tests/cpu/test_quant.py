@@ -22,8 +22,9 @@ QD, SF = quant.QuantDtype, quant.ScaleFormat
 class Arr:
     """A device array as the fakes see it: shape, dtype, address."""
 
-    def __init__(self, shape, dtype, ptr=1 << 20):
+    def __init__(self, shape, dtype, ptr=1 << 20, read_only=False):
         self.shape, self.dtype, self.ptr = tuple(shape), np.dtype(dtype), ptr
+        self.read_only = read_only  # as a DLPack export flagged read-only
 
 
 @pytest.fixture
@@ -32,9 +33,12 @@ def launches(monkeypatch):
     outputs are fake arrays, launches and views are recorded."""
     calls = []
 
-    def fake_import(x, name, *, dtype=None, shape=None, ndim=None, device=None, stream=None):
+    def fake_import(x, name, *, dtype=None, shape=None, ndim=None, device=None, stream=None,
+                    writable=False):
         if not isinstance(x, Arr):
             raise TypeError(f"{name}: expected an array with __dlpack__, got {type(x).__name__}")
+        if writable and x.read_only:
+            raise ValueError(f"{name}: the array is read-only")
         check_meta(x.shape, x.dtype, name, dtype=dtype, shape=shape, ndim=ndim)
         return DeviceArray(x.ptr, x.shape, x.dtype, x)
 
@@ -248,6 +252,16 @@ ERRORS = [
      "per-token-group FP8 only"),
     (dict(quant_dtype="nvfp4", scale=True, enable_pdl=None), TypeError,
      "enable_pdl must be a bool"),
+    (dict(quant_dtype="fp8", scale=True, out=Arr((4, 32), np.uint8, read_only=True)),
+     ValueError, "out: the array is read-only"),
+    (dict(quant_dtype="fp8", per_act_token_quant=True,
+          scale_out=Arr((4, 1), np.float32, read_only=True)), ValueError,
+     "scale_out: the array is read-only"),
+    (dict(quant_dtype="fp8", block_shape=[1, 16],
+          scale_out=Arr((4, 2), np.float32, read_only=True)), ValueError,
+     "scale_out: the array is read-only"),
+    (dict(quant_dtype="nvfp4", scale=True, scale_out=Arr((512,), np.uint8, read_only=True)),
+     ValueError, "scale_out: the array is read-only"),
 ]
 
 

@@ -123,6 +123,20 @@ def test_read_only_flag_of_versioned_capsule():
     assert tensors._parse(a.__dlpack__(max_version=(1, 0)), "a").read_only
 
 
+def test_read_only_capsule_refused_where_written():
+    a = np.arange(4, dtype=np.uint8)
+    a.flags.writeable = False
+    cap = a.__dlpack__(max_version=(1, 0))
+    with pytest.raises(ValueError, match=r"^out: the array is read-only .* pass a writable"):
+        tensors._consume(cap, "out", None, cuda=False, writable=True)
+    assert tensors._parse(cap, "out").ptr == a.ctypes.data  # refused: still unconsumed
+    arr = tensors._consume(cap, "x", None, cuda=False)  # an input may be read-only
+    assert arr.data.ptr == a.ctypes.data
+    w = np.zeros(4, np.uint8)
+    assert tensors._consume(w.__dlpack__(max_version=(1, 0)), "out", None, cuda=False,
+                            writable=True).data.ptr == w.ctypes.data
+
+
 @pytest.mark.parametrize("versioned", [False, True])
 def test_consume_owns_the_producer_until_the_last_view_is_gone(versioned):
     a = np.arange(10, dtype=np.int32)

@@ -1,6 +1,7 @@
 """DLPack boundary on a GPU: zero-copy round trips with CuPy, PyTorch and JAX, clear
 errors. The PyTorch and JAX cases skip, saying so, where those are not installed."""
 
+import ctypes
 import os
 import re
 
@@ -10,6 +11,8 @@ import cupy
 import numpy as np
 import pytest
 
+from moecomm import quant
+from moecomm.allreduce import all_reduce, create_allreduce_workspace
 from moecomm.tensors import as_array, bfloat16
 from tests.gpu.workers.common import cuda_torch, gpu_jax, main
 from tests.mpi import case
@@ -87,6 +90,56 @@ def jax_arrays(ctx):
         out = cupy.arange(10, dtype=np.float32) * 3
         jj = jax.dlpack.from_dlpack(out)
         assert np.array_equal(np.asarray(jj), np.arange(10) * 3)
+
+
+_get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_get_pointer.restype = ctypes.c_void_p
+
+
+class ReadOnly:
+    """A CuPy array exported as a versioned DLPack capsule flagged read-only."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+    def __dlpack__(self, stream=None, max_version=None, **kw):
+        cap = self.a.__dlpack__(stream=stream, max_version=(1, 0))
+        managed = _get_pointer(cap, b"dltensor_versioned")
+        flags = ctypes.c_uint64.from_address(managed + 24)  # after version, ctx, deleter
+        flags.value |= 1  # DLPACK_FLAG_BITMASK_READ_ONLY
+        return cap
+
+
+@case
+def read_only_exports(ctx):
+    """A DLPack export flagged read-only is read zero-copy as an input, and refused as an
+    output before anything is launched: the array keeps its bytes."""
+    host = np.random.default_rng(7).standard_normal(4096).astype(bfloat16)  # same on every rank
+    x = cupy.ndarray(host.shape, bfloat16, cupy.asarray(host.view(np.uint16)).data)
+    assert as_array(ReadOnly(x), "x").data.ptr == x.data.ptr
+    with pytest.raises(ValueError, match="^w: the array is read-only"):
+        as_array(ReadOnly(x), "w", writable=True)
+    ws = ctx.shared("ar_ws", lambda: create_allreduce_workspace(ctx.group, max_bytes=1 << 16))
+    out = cupy.full(4096 // 2, 0x7FC1_7FC1, np.uint32)  # bf16 NaN pairs
+    poisoned = out.copy()
+    with pytest.raises(ValueError, match="^out: the array is read-only"):
+        all_reduce(x, ws, out=ReadOnly(cupy.ndarray((4096,), bfloat16, out.data)))
+    got = all_reduce(ReadOnly(x), ws)  # an input: read in place
+    cupy.cuda.runtime.deviceSynchronize()
+    assert bool((out == poisoned).all()), "a refused output was written"
+    want = (host.astype(np.float32) * ctx.world).astype(bfloat16)  # exact: a power of 2
+    assert np.array_equal(cupy.asnumpy(got.view(np.uint16)), want.view(np.uint16))
+    codes = cupy.full((16, 64), 0xA5, np.uint8)
+    scale = cupy.ones(1, np.float32)
+    xs = cupy.ndarray((16, 64), bfloat16, x.data)
+    with pytest.raises(ValueError, match="^out: the array is read-only"):
+        quant.quantize(xs, "fp8", scale=scale, out=ReadOnly(codes))
+    cupy.cuda.runtime.deviceSynchronize()
+    assert bool((codes == 0xA5).all()), "a refused output was written"
 
 
 if __name__ == "__main__":
