@@ -27,7 +27,10 @@ Timing (microseconds; CUDA events, medians after warm-up; each figure the slowes
 * ``compact_graph_us``: the compact expert-major layer (``EPAllToAll``) at the same
   routing, graph-replayed pairs of ``dispatch(hidden, ids, scales as weights)`` and
   ``combine`` of its workspace-backed expert outputs; ``compact_vs_static`` is its ratio
-  to ``graph_us`` (``--no-compact`` skips it).
+  to ``graph_us``. ``compact_local_graph_us`` / ``compact_local_vs_static``: the same layer
+  built with ``local_combine=True`` (each rank sums its rows of a token before the
+  exchange: one row per token and rank on the links, other rounding). ``--no-compact``
+  skips both.
 * Combine takes the zero-copy path (expert outputs already in
   ``get_combine_payload_tensor_in_workspace``, ``payload_in_workspace=True``, ``out=``).
 * ``GBps``: effective bandwidth = (bytes of token rows dispatched to OTHER ranks + bytes
@@ -514,8 +517,12 @@ def run(args) -> int:
         nccl = NcclCommunicator(group)
     kernels = Kernels(stream)
     ep = a2a.ep_size
-    compact = None if args.no_compact else EPAllToAll(
-        group, max(tokens), args.top_k, args.experts, args.hidden, bfloat16)
+    compact = compact_local = None
+    if not args.no_compact:
+        compact = EPAllToAll(group, max(tokens), args.top_k, args.experts, args.hidden,
+                             bfloat16)
+        compact_local = EPAllToAll(group, max(tokens), args.top_k, args.experts, args.hidden,
+                                   bfloat16, local_combine=True)
     rows = []
     with stream:
         for kind in routings:
@@ -542,11 +549,13 @@ def run(args) -> int:
                      times["nccl_eager_us"]) = _eager_us(case.nccl_dispatch, case.nccl_combine,
                                                          kernels.spin, stream, args.iters)
                 if compact is not None:
-                    group.barrier()
-                    times["compact_graph_us"] = graph_median_us(
-                        functools.partial(case.compact_pair, compact), calls=calls, iters=args.iters,
-                        stream=stream)
-                    compact.check_error(stream, synchronize=True)
+                    for key, layer in (("compact_graph_us", compact),
+                                       ("compact_local_graph_us", compact_local)):
+                        group.barrier()
+                        times[key] = graph_median_us(
+                            functools.partial(case.compact_pair, layer), calls=calls,
+                            iters=args.iters, stream=stream)
+                        layer.check_error(stream, synchronize=True)
                 a2a.check_error(stream, synchronize=True)
                 slowest = {key: max(t[key] for t in group.allgather(times)) for key in times}
                 remote = float(np.mean(case.remote_rows))
@@ -557,8 +566,10 @@ def run(args) -> int:
                                                   "graph_us")},
                        "GBps": mean_bytes / (slowest["graph_us"] * 1e-6) / 1e9}
                 if compact is not None:
-                    row["compact_graph_us"] = slowest["compact_graph_us"]
-                    row["compact_vs_static"] = slowest["compact_graph_us"] / slowest["graph_us"]
+                    for name in ("compact", "compact_local"):
+                        row[f"{name}_graph_us"] = slowest[f"{name}_graph_us"]
+                        row[f"{name}_vs_static"] = (slowest[f"{name}_graph_us"]
+                                                    / slowest["graph_us"])
                 if nccl is not None:
                     row.update({k: slowest[k] for k in ("nccl_dispatch_us", "nccl_combine_us",
                                                         "nccl_eager_us", "nccl_graph_us")})
@@ -578,6 +589,7 @@ def run(args) -> int:
     a2a.close()
     if compact is not None:
         compact.close()
+        compact_local.close()
     if nccl is not None:
         nccl.close()
     if group.rank == 0:
@@ -588,7 +600,7 @@ def run(args) -> int:
         columns = ["routing", "tokens", "remote_rows", "MB", "dispatch_us", "combine_us",
                    "eager_us", "graph_us", "GBps"]
         if compact is not None:
-            columns += ["compact_graph_us", "compact_vs_static"]
+            columns += ["compact_graph_us", "compact_vs_static", "compact_local_vs_static"]
         if exclusive:
             columns += ["nccl_dispatch_us", "nccl_combine_us", "nccl_graph_us", "nccl_GBps",
                         "vs_nccl"]
