@@ -13,6 +13,9 @@ import pytest
 
 from moecomm import quant
 from moecomm.allreduce import all_reduce, create_allreduce_workspace
+from moecomm.fusion import (AllReduceFusionOptions, AllReduceFusionOutputs,
+                            AllReduceFusionPattern, allreduce_fusion,
+                            create_allreduce_fusion_workspace)
 from moecomm.tensors import as_array, bfloat16
 from tests.gpu.workers.common import cuda_torch, gpu_jax, main
 from tests.mpi import case
@@ -138,8 +141,30 @@ def read_only_exports(ctx):
     xs = cupy.ndarray((16, 64), bfloat16, x.data)
     with pytest.raises(ValueError, match="^out: the array is read-only"):
         quant.quantize(xs, "fp8", scale=scale, out=ReadOnly(codes))
+    fws = ctx.shared("fusion_ws", lambda: create_allreduce_fusion_workspace(
+        ctx.group, max_token_num=16, hidden_dim=64))
+    res = cupy.full(16 * 64 // 2, 0x7FC1_7FC1, np.uint32)
+    norm = res.copy()
+    options = AllReduceFusionOptions(residual=ReadOnly(xs), rms_gamma=ReadOnly(xs[0]),
+                                     scale_factor=ReadOnly(scale))  # read-only inputs
+    bf = lambda a: cupy.ndarray((16, 64), bfloat16, a.data)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^outputs.norm_out: the array is read-only"):
+        allreduce_fusion(ReadOnly(xs), fws, AllReduceFusionPattern.kARResidualRMSNormOutFP8Quant,
+                         options, AllReduceFusionOutputs(
+                             residual_out=bf(res), norm_out=ReadOnly(bf(norm)),
+                             quant_out=codes))
     cupy.cuda.runtime.deviceSynchronize()
     assert bool((codes == 0xA5).all()), "a refused output was written"
+    assert bool((res == poisoned[:res.size]).all()) and bool((norm == res).all()), \
+        "a refused call wrote its outputs"
+    allreduce_fusion(ReadOnly(xs), fws, AllReduceFusionPattern.kARResidualRMSNormOutFP8Quant,
+                     options, AllReduceFusionOutputs(residual_out=bf(res), norm_out=bf(norm),
+                                                     quant_out=codes))
+    cupy.cuda.runtime.deviceSynchronize()
+    rows = host[:16 * 64].astype(np.float32)
+    want = ((rows * ctx.world).astype(bfloat16).astype(np.float32) + rows).astype(bfloat16)
+    assert np.array_equal(cupy.asnumpy(res).view(np.uint16), want.view(np.uint16)), \
+        "residual_out from read-only inputs"
 
 
 if __name__ == "__main__":
