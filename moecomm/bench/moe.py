@@ -65,7 +65,8 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   max(``host_us``, the GPU's eager time per pair). Rows: CuPy arrays with the stream omitted
   (CuPy's current stream), given as a CuPy stream and as a raw handle; torch tensors (when
   torch is importable) with the stream omitted, a torch Stream and a raw handle; and the
-  compact ``EPAllToAll`` pair with CuPy arrays on a CuPy stream.
+  compact ``EPAllToAll`` pair, exact and with ``local_combine``, with CuPy arrays on a CuPy
+  stream.
 * ``host_speed``: each rank's bare launch and allocation cost in this run (the host's
   state; ``bench.common.host_speed``), next to the ``host`` rows it explains.
 
@@ -443,8 +444,9 @@ def _wall_us(fn, group, calls: int, spin) -> tuple[float, float, float]:
     return float(np.median(walls)), float(np.median(hosts)), float(min(walls))
 
 
-def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
-    """Eager wall time per dispatch+combine pair as a user calls it (see the module doc)."""
+def _host_cost(args, group, a2a, layers: dict, kernels, stream) -> list[dict]:
+    """Eager wall time per dispatch+combine pair as a user calls it (see the module doc);
+    ``layers``: the compact layers to time too, by the name their rows carry."""
     T = min(args.host_tokens, a2a.max_num_tokens)
     case = Case(args, "uniform", T, group, a2a, None, kernels, stream)
     _validate(group, case.check(), "host cost")
@@ -456,9 +458,10 @@ def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
         comb = a2a.get_combine_payload_tensor_in_workspace(T, H, bfloat16)
         a2a.combine(comb, T, payload_in_workspace=True, stream=stream, out=out)
 
-    ways = [("cupy", "omitted", lambda: pair(case.ids, case.payloads, out)),
-            ("cupy", "cupy Stream", lambda: pair(case.ids, case.payloads, out, stream)),
-            ("cupy", "raw handle", lambda: pair(case.ids, case.payloads, out, stream.ptr))]
+    op = "MoeAlltoAll"
+    ways = [(op, "cupy", "omitted", lambda: pair(case.ids, case.payloads, out)),
+            (op, "cupy", "cupy Stream", lambda: pair(case.ids, case.payloads, out, stream)),
+            (op, "cupy", "raw handle", lambda: pair(case.ids, case.payloads, out, stream.ptr))]
     try:
         import torch
     except ImportError:
@@ -468,23 +471,21 @@ def _host_cost(args, group, a2a, compact, kernels, stream) -> list[dict]:
         tpay = [torch.from_dlpack(p) for p in case.payloads]
         tout = torch.from_dlpack(out)
         ts = torch.cuda.ExternalStream(stream.ptr)
-        ways += [("torch", "omitted", lambda: pair(tids, tpay, tout)),
-                 ("torch", "torch Stream", lambda: pair(tids, tpay, tout, ts)),
-                 ("torch", "raw handle", lambda: pair(tids, tpay, tout, ts.cuda_stream))]
-    if compact is not None:
-        ways.append(("cupy", "EPAllToAll, cupy Stream", functools.partial(case.compact_pair, compact)))
+        ways += [(op, "torch", "omitted", lambda: pair(tids, tpay, tout)),
+                 (op, "torch", "torch Stream", lambda: pair(tids, tpay, tout, ts)),
+                 (op, "torch", "raw handle", lambda: pair(tids, tpay, tout, ts.cuda_stream))]
+    ways += [(name, "cupy", "cupy Stream", functools.partial(case.compact_pair, layer))
+             for name, layer in layers.items()]
     rows = []
     with stream:  # "omitted" runs on CuPy's current stream, this one
-        for framework, given, fn in ways:
+        for op, framework, given, fn in ways:
             if framework == "torch":
                 with torch.cuda.stream(ts):  # torch's current stream is the same stream
                     times = _wall_us(fn, group, args.host_calls, kernels.spin)
             else:
                 times = _wall_us(fn, group, args.host_calls, kernels.spin)
             slow = group.allgather(times)
-            rows.append({"op": "EPAllToAll" if "EPAllToAll" in given else "MoeAlltoAll",
-                         "arrays": framework, "stream": given.replace("EPAllToAll, ", ""),
-                         "tokens": T, "wall_us": max(t[0] for t in slow),
+            rows.append({"op": op, "arrays": framework, "stream": given, "tokens": T, "wall_us": max(t[0] for t in slow),
                          "host_us": max(t[1] for t in slow),
                          "best_wall_us": max(t[2] for t in slow)})
     a2a.check_error(stream, synchronize=True)
@@ -581,7 +582,9 @@ def run(args) -> int:
                 del case
         extras = {}
         if exclusive and not args.no_extras:
-            extras["host"] = _host_cost(args, group, a2a, compact, kernels, stream)
+            layers = {} if compact is None else {
+                "EPAllToAll": compact, "EPAllToAll(local_combine)": compact_local}
+            extras["host"] = _host_cost(args, group, a2a, layers, kernels, stream)
             extras["host_speed"] = host_speed(group)
             extras["fp8"] = _fp8_dispatch(args, group, a2a, kernels, stream)
             extras["sms"] = _sms_sweep(args, group, kernels, stream, calls)
