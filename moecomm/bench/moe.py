@@ -60,7 +60,8 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   over ``--host-calls`` (500) back-to-back pairs at ``--host-tokens`` (128), one
   synchronisation at the end, the slowest rank's; ``host_us`` is the host time alone: the
   enqueue time per pair of 100 pairs issued while the GPU runs a 40 ms spin kernel (no
-  launch waits for the GPU). Both are medians of 5 batches; ``best_wall_us`` is the
+  launch waits for the GPU). Both are medians of 5 batches, each row's batches taken in
+  turn with the other rows' (a drift of the host moves every row alike); ``best_wall_us`` is the
   fastest batch's wall (host noise only adds time). ``wall_us`` is about
   max(``host_us``, the GPU's eager time per pair). Rows: CuPy arrays with the stream omitted
   (CuPy's current stream), given as a CuPy stream and as a raw handle; torch tensors (when
@@ -81,6 +82,7 @@ processes, each cross-process wait costs milliseconds) and NCCL is left out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import cupy
@@ -422,26 +424,22 @@ def _fp8_dispatch(args, group, a2a, kernels, stream) -> dict:
             "speedup": slowest["bf16_dispatch_us"] / slowest["fp8_dispatch_us"]}
 
 
-def _wall_us(fn, group, calls: int, spin) -> tuple[float, float, float]:
-    """(wall, host, best wall) microseconds per ``fn()``: medians of ``BATCHES`` batches of
-    wall = ``calls`` back-to-back calls and one synchronisation, and of host = enqueue time
-    per call of ``HOST_CALLS`` calls issued while the GPU runs a long spin kernel (no launch
-    waits for the GPU); best wall = the fastest batch's wall."""
+def _wall_batch(fn, group, calls: int, spin) -> tuple[float, float]:
+    """One batch of the host-cost measurement, microseconds per ``fn()``: (wall of
+    ``calls`` back-to-back calls and one synchronisation, host enqueue time per call of
+    ``HOST_CALLS`` calls issued while the GPU runs a long spin kernel, so that no launch
+    waits for the GPU)."""
     import time
 
-    for _ in range(EAGER_WARMUP):
+    wall = batch_wall_us(fn, calls, group.barrier)
+    group.barrier()
+    spin(HOST_SPIN_US)
+    t0 = time.perf_counter()
+    for _ in range(HOST_CALLS):
         fn()
-    walls, hosts = [], []
-    for _ in range(BATCHES):
-        walls.append(batch_wall_us(fn, calls, group.barrier))
-        group.barrier()
-        spin(HOST_SPIN_US)
-        t0 = time.perf_counter()
-        for _ in range(HOST_CALLS):
-            fn()
-        hosts.append((time.perf_counter() - t0) / HOST_CALLS * 1e6)
-        cupy.cuda.runtime.deviceSynchronize()
-    return float(np.median(walls)), float(np.median(hosts)), float(min(walls))
+    host = (time.perf_counter() - t0) / HOST_CALLS * 1e6
+    cupy.cuda.runtime.deviceSynchronize()
+    return wall, host
 
 
 def _host_cost(args, group, a2a, layers: dict, kernels, stream) -> list[dict]:
@@ -476,18 +474,30 @@ def _host_cost(args, group, a2a, layers: dict, kernels, stream) -> list[dict]:
                  (op, "torch", "raw handle", lambda: pair(tids, tpay, tout, ts.cuda_stream))]
     ways += [(name, "cupy", "cupy Stream", functools.partial(case.compact_pair, layer))
              for name, layer in layers.items()]
-    rows = []
+
+    def scope(framework):  # torch code runs on its current stream, the same stream
+        return torch.cuda.stream(ts) if framework == "torch" else contextlib.nullcontext()
+
+    # Every way warmed first, then its batches interleaved with the other ways' (round r
+    # times each way once), so that a drift of the host over the run moves every row alike.
+    batches = [[] for _ in ways]
     with stream:  # "omitted" runs on CuPy's current stream, this one
-        for op, framework, given, fn in ways:
-            if framework == "torch":
-                with torch.cuda.stream(ts):  # torch's current stream is the same stream
-                    times = _wall_us(fn, group, args.host_calls, kernels.spin)
-            else:
-                times = _wall_us(fn, group, args.host_calls, kernels.spin)
-            slow = group.allgather(times)
-            rows.append({"op": op, "arrays": framework, "stream": given, "tokens": T, "wall_us": max(t[0] for t in slow),
-                         "host_us": max(t[1] for t in slow),
-                         "best_wall_us": max(t[2] for t in slow)})
+        for _, framework, _, fn in ways:
+            with scope(framework):
+                for _ in range(EAGER_WARMUP):
+                    fn()
+        for _ in range(BATCHES):
+            for (_, framework, _, fn), b in zip(ways, batches):
+                with scope(framework):
+                    b.append(_wall_batch(fn, group, args.host_calls, kernels.spin))
+    rows = []
+    for (op, framework, given, _), b in zip(ways, batches):
+        walls, hosts = np.array(b).T
+        slow = group.allgather((float(np.median(walls)), float(np.median(hosts)),
+                                float(walls.min())))
+        rows.append({"op": op, "arrays": framework, "stream": given, "tokens": T,
+                     "wall_us": max(t[0] for t in slow), "host_us": max(t[1] for t in slow),
+                     "best_wall_us": max(t[2] for t in slow)})
     a2a.check_error(stream, synchronize=True)
     return rows
 
