@@ -61,8 +61,8 @@ Three more sections (one rank per GPU only; ``--no-extras`` skips them), at
   synchronisation at the end, the slowest rank's; ``host_us`` is the host time alone: the
   enqueue time per pair of 100 pairs issued while the GPU runs a 40 ms spin kernel (no
   launch waits for the GPU). Both are medians of 5 batches, each row's batches taken in
-  turn with the other rows' (a drift of the host moves every row alike); ``best_wall_us`` is the
-  fastest batch's wall (host noise only adds time). ``wall_us`` is about
+  turn with the other rows' (a drift of the host moves every row alike); ``best_wall_us``
+  is the fastest batch's wall (host noise only adds time). ``wall_us`` is about
   max(``host_us``, the GPU's eager time per pair). Rows: CuPy arrays with the stream omitted
   (CuPy's current stream), given as a CuPy stream and as a raw handle; torch tensors (when
   torch is importable) with the stream omitted, a torch Stream and a raw handle; and the
