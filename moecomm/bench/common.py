@@ -51,6 +51,27 @@ def median_us(fn: Callable[[], None], *, iters: int = 50, warmup: int = 10, stre
     return float(np.median(times))
 
 
+def in_turn(fns: list, rounds: int, measure: Callable, *, warm: Callable,
+            scopes: list | None = None) -> list[list]:
+    """``measure(fn)`` ``rounds`` times for each of ``fns``, every round taking each fn once
+    in turn, so that a drift of the host or a peer over the run moves every fn's results
+    alike (one fn after another would give the drift to whichever ran then). ``warm(fn)``
+    runs once per fn first; ``scopes[i]()``, if given, is a context entered around fn
+    i's calls. Returns one list of ``rounds`` results per fn."""
+    import contextlib
+
+    scopes = scopes or [contextlib.nullcontext] * len(fns)
+    for fn, scope in zip(fns, scopes):
+        with scope():
+            warm(fn)
+    results = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, scope, out in zip(fns, scopes, results):
+            with scope():
+                out.append(measure(fn))
+    return results
+
+
 def batch_wall_us(fn: Callable[[], None], calls: int, barrier=None) -> float:
     """Wall microseconds per call of ``calls`` back-to-back ``fn()`` calls, synchronised
     once at the end (the GPU drained first; ``barrier()``, if given, lines the ranks up)."""

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .common import (batch_wall_us, environment, host_speed, print_table, require_gpu,
+from .common import (batch_wall_us, environment, host_speed, in_turn, print_table, require_gpu,
                      write_result)
 
 NBYTES = 8192
@@ -159,9 +159,7 @@ def run(args) -> int:
         streams = {"omitted": None, "torch Stream": ts, "raw handle": ts.cuda_stream,
                    "cupy Stream": cs}
 
-    # Every row first, then its timed batches interleaved with the other rows' (round r
-    # times each row once), so that a drift of the host or the peer over the run moves
-    # every row alike and the deltas compare like with like.
+    # The rows' batches are taken in turn (in_turn), so the deltas compare like with like.
     cases = [_Case("cupy", mode, xc, stream) for mode, stream in streams.items()]
     cases.append(_Case("cupy", "omitted", xc, None, out=cupy.empty_like(xc)))
     if have_torch:
@@ -178,14 +176,9 @@ def run(args) -> int:
                 else contextlib.nullcontext())
 
     calls = [(lambda c=c: all_reduce(c.x, ws, out=c.out, stream=c.stream)) for c in cases]
-    batches = [[] for _ in cases]
-    for case, call in zip(cases, calls):
-        with scope(case):
-            _warm(call)
-    for _ in range(args.repeats):
-        for case, call, b in zip(cases, calls, batches):
-            with scope(case):
-                b.append(batch_wall_us(call, args.calls, group.barrier))
+    batches = in_turn(calls, args.repeats,
+                      lambda call: batch_wall_us(call, args.calls, group.barrier), warm=_warm,
+                      scopes=[(lambda c=c: scope(c)) for c in cases])
     rows, base = [], {}
     for case, call, b in zip(cases, calls, batches):
         handle = stream_handle(case.stream)

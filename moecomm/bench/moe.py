@@ -92,8 +92,8 @@ from ..kernels import get_kernel
 from ..moe import EPAllToAll, Fp8Dispatch, MoeAlltoAll, MoeAlltoAllConfig
 from ..reference import moe_a2a_target_ranks
 from ..tensors import bfloat16
-from .common import (batch_wall_us, environment, graph_median_us, host_speed, print_table,
-                     pyplot, require_gpu, write_result)
+from .common import (batch_wall_us, environment, graph_median_us, host_speed, in_turn,
+                     print_table, pyplot, require_gpu, write_result)
 
 TOKENS = [1, 32, 128, 512, 1024, 4096]
 ROUTINGS = ("uniform", "skewed")
@@ -478,18 +478,14 @@ def _host_cost(args, group, a2a, layers: dict, kernels, stream) -> list[dict]:
     def scope(framework):  # torch code runs on its current stream, the same stream
         return torch.cuda.stream(ts) if framework == "torch" else contextlib.nullcontext()
 
-    # Every way warmed first, then its batches interleaved with the other ways' (round r
-    # times each way once), so that a drift of the host over the run moves every row alike.
-    batches = [[] for _ in ways]
+    def warm(fn):
+        for _ in range(EAGER_WARMUP):
+            fn()
+
     with stream:  # "omitted" runs on CuPy's current stream, this one
-        for _, framework, _, fn in ways:
-            with scope(framework):
-                for _ in range(EAGER_WARMUP):
-                    fn()
-        for _ in range(BATCHES):
-            for (_, framework, _, fn), b in zip(ways, batches):
-                with scope(framework):
-                    b.append(_wall_batch(fn, group, args.host_calls, kernels.spin))
+        batches = in_turn([w[3] for w in ways], BATCHES,
+                          lambda fn: _wall_batch(fn, group, args.host_calls, kernels.spin),
+                          warm=warm, scopes=[functools.partial(scope, w[1]) for w in ways])
     rows = []
     for (op, framework, given, _), b in zip(ways, batches):
         walls, hosts = np.array(b).T
